@@ -6,27 +6,29 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use lode_format::chunk::seal_chunk_in_place;
 use lode_format::RootSalt;
+use lode_format::chunk::seal_chunk_in_place;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::{digest, hmac};
 
 const CHUNK: usize = 512 * 1024;
 
 fn chunk() -> Vec<u8> {
-    (0..CHUNK).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
+    (0..CHUNK)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13).to_le_bytes()[0])
+        .collect()
 }
 
 /// The primitives alone, on a buffer that is reused: SHA-256 of the plaintext, one HMAC,
 /// AES-256-GCM in place, SHA-256 of the ciphertext. No allocation, no copies.
-fn primitives(buf: &mut Vec<u8>, salt: &hmac::Key) {
+fn primitives(buf: &mut [u8], salt: &hmac::Key) {
     let d = digest::digest(&digest::SHA256, buf);
     let k = hmac::sign(salt, d.as_ref());
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k.as_ref()[..32]).unwrap());
     let tag = key
         .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), buf)
         .unwrap();
-    black_box(tag);
+    black_box(&tag);
     black_box(digest::digest(&digest::SHA256, buf));
 }
 

@@ -203,7 +203,10 @@ mod tests {
         bad[10] ^= 1;
         let err = open_chunk(&s.name, &s.key, &bad).unwrap_err();
         assert!(matches!(err, ChunkError::NameMismatch { .. }));
-        assert!(err.to_string().starts_with(&format!("chunk {} is corrupt", s.name)));
+        assert!(
+            err.to_string()
+                .starts_with(&format!("chunk {} is corrupt", s.name))
+        );
         // Past the name check (a caller that trusts its source), the tag still refuses it.
         let err = open_unverified(&s.name, &s.key, bad).unwrap_err();
         assert_eq!(err, ChunkError::Decrypt { chunk: s.name });
@@ -220,7 +223,13 @@ mod tests {
     fn short_ciphertext_is_refused() {
         let name = ChunkName::of(b"x");
         let err = open_chunk(&name, &ChunkKey::from_bytes([0; 32]), b"x").unwrap_err();
-        assert_eq!(err, ChunkError::TooShort { chunk: name, len: 1 });
+        assert_eq!(
+            err,
+            ChunkError::TooShort {
+                chunk: name,
+                len: 1
+            }
+        );
     }
 
     #[test]
@@ -231,7 +240,10 @@ mod tests {
             let mut v = vec![0u8; 524_288];
             v[pos] = 1;
             assert!(!is_zero(&v), "nonzero at {pos}");
-            assert!(!is_zero(&v[pos..]), "nonzero at start of unaligned slice {pos}");
+            assert!(
+                !is_zero(&v[pos..]),
+                "nonzero at start of unaligned slice {pos}"
+            );
         }
     }
 }

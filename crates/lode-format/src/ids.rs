@@ -240,7 +240,8 @@ impl ChunkSize {
 
     /// The byte offset where chunk `index` starts.
     pub const fn offset_of(self, index: ChunkIndex) -> ByteOffset {
-        ByteOffset(index.0 * self.0 as u64)
+        // Saturating: an index past any real device maps past its end, never wraps.
+        ByteOffset(index.0.saturating_mul(self.0 as u64))
     }
 
     /// The plaintext length of chunk `index` in a device of `device_size` bytes: the chunk

@@ -35,7 +35,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::chunk::TAG_LEN;
-use crate::ids::{ChunkIndex, ChunkKey, ChunkName, ChunkSize, DataKey, ImageDigest, ManifestId, RootId};
+use crate::ids::{
+    ChunkIndex, ChunkKey, ChunkName, ChunkSize, DataKey, ImageDigest, ManifestId, RootId,
+};
 
 /// The first eight bytes of every manifest.
 pub const MAGIC: [u8; 8] = *b"LODEMNFT";
@@ -73,7 +75,9 @@ pub enum ManifestError {
         what: String,
     },
     /// Written by a newer lode.
-    #[error("manifest is corrupt or from a newer lode: format version {found}, this lode reads {VERSION}")]
+    #[error(
+        "manifest is corrupt or from another lode: format version {found}, this lode reads {VERSION}"
+    )]
     UnsupportedVersion {
         /// The version found.
         found: u16,
@@ -184,6 +188,10 @@ pub struct Manifest {
 
 impl Manifest {
     /// Writes a manifest. `keys` holds the key of each stored chunk, in index order.
+    ///
+    /// `data_key` must be fresh (from [`DataKey::random`] or a KMS's generate-data-key):
+    /// the key table is encrypted under it with a fixed nonce, so reusing a data key for
+    /// two manifests would reuse a GCM key and nonce.
     pub fn seal(
         header: ManifestHeader,
         chunks: Vec<ChunkEntry>,
@@ -220,7 +228,11 @@ impl Manifest {
             )));
         }
         let mut config = Vec::new();
-        for list in [&header.config.entrypoint, &header.config.cmd, &header.config.env] {
+        for list in [
+            &header.config.entrypoint,
+            &header.config.cmd,
+            &header.config.env,
+        ] {
             put_u32(&mut config, len_u32(list.len())?);
             for s in list {
                 put_str(&mut config, s)?;
@@ -359,7 +371,10 @@ impl Manifest {
             .ok()
             .filter(|&n| n <= r.remaining() / NAME_LEN)
             .ok_or_else(|| {
-                corrupt(table_at, format!("chunk table of {count} rows overruns the manifest"))
+                corrupt(
+                    table_at,
+                    format!("chunk table of {count} rows overruns the manifest"),
+                )
             })?;
         let mut chunks = Vec::with_capacity(count);
         let mut stored = 0usize;
@@ -375,7 +390,10 @@ impl Manifest {
         let key_id_at = r.at;
         let key_id_len = usize::from(r.u16("KMS key id length")?);
         if key_id_len == 0 || key_id_len > MAX_KEY_ID_BYTES {
-            return Err(corrupt(key_id_at, format!("KMS key id length {key_id_len}")));
+            return Err(corrupt(
+                key_id_at,
+                format!("KMS key id length {key_id_len}"),
+            ));
         }
         let key_id = std::str::from_utf8(r.take(key_id_len, "KMS key id")?)
             .map_err(|_| corrupt(key_id_at + 2, "KMS key id is not UTF-8"))?
@@ -383,7 +401,10 @@ impl Manifest {
         let wrapped_at = r.at;
         let wrapped_len = r.u32("wrapped key length")? as usize;
         if wrapped_len == 0 || wrapped_len > MAX_WRAPPED_KEY_BYTES {
-            return Err(corrupt(wrapped_at, format!("wrapped key length {wrapped_len}")));
+            return Err(corrupt(
+                wrapped_at,
+                format!("wrapped key length {wrapped_len}"),
+            ));
         }
         let blob = r.take(wrapped_len, "wrapped key")?.to_vec();
         let key_table_at = r.at;
@@ -530,7 +551,10 @@ impl<'a> Reader<'a> {
         if n > self.remaining() {
             return Err(corrupt(
                 self.at,
-                format!("truncated {field}: need {n} bytes, {} left", self.remaining()),
+                format!(
+                    "truncated {field}: need {n} bytes, {} left",
+                    self.remaining()
+                ),
             ));
         }
         let s = &self.bytes[self.at..self.at + n];
@@ -615,7 +639,10 @@ mod tests {
             key_id: "default".into(),
             blob: vec![0xee; 60],
         };
-        (Manifest::seal(header, chunks, &keys, &dk, wrapped).unwrap(), dk)
+        (
+            Manifest::seal(header, chunks, &keys, &dk, wrapped).unwrap(),
+            dk,
+        )
     }
 
     #[test]
@@ -643,7 +670,9 @@ mod tests {
             bad[i] ^= 0x40;
             let err = match Manifest::parse(&bad) {
                 Err(e) => e,
-                Ok(p) => p.open_keys(&dk).expect_err(&format!("flip at {i} accepted")),
+                Ok(p) => p
+                    .open_keys(&dk)
+                    .expect_err(&format!("flip at {i} accepted")),
             };
             assert!(err.to_string().contains("corrupt"), "byte {i}: {err}");
         }
@@ -664,7 +693,10 @@ mod tests {
     fn truncation_is_refused_at_every_length() {
         let (m, _) = sample();
         for n in 0..m.bytes().len() {
-            assert!(Manifest::parse(&m.bytes()[..n]).is_err(), "prefix of {n} parsed");
+            assert!(
+                Manifest::parse(&m.bytes()[..n]).is_err(),
+                "prefix of {n} parsed"
+            );
         }
     }
 
@@ -680,10 +712,12 @@ mod tests {
         bad[8] = 2;
         assert_eq!(
             Manifest::parse(&bad).unwrap_err().to_string(),
-            "manifest is corrupt or from a newer lode: format version 2, this lode reads 1"
+            "manifest is corrupt or from another lode: format version 2, this lode reads 1"
         );
         assert_eq!(
-            Manifest::parse(b"not a manifest at all").unwrap_err().to_string(),
+            Manifest::parse(b"not a manifest at all")
+                .unwrap_err()
+                .to_string(),
             "manifest is corrupt: bad magic (not a lode manifest) at byte 0"
         );
     }
@@ -710,7 +744,10 @@ mod tests {
             m.wrapped_key().clone(),
         )
         .unwrap_err();
-        assert!(err.to_string().starts_with("cannot build manifest: 2 chunk entries"));
+        assert!(
+            err.to_string()
+                .starts_with("cannot build manifest: 2 chunk entries")
+        );
     }
 
     #[test]

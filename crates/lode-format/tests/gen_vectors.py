@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Generates tests/vectors.json: test vectors for lode's chunk sealing and manifest layout.
+
+Written from DESIGN.md ("Formats") and the layout drawn in src/manifest.rs, independently
+of the Rust code, so that `tests/vectors.rs` checks the Rust against a second reading of
+the format rather than against itself. Needs python3 and the `cryptography` package.
+
+    python3 crates/lode-format/tests/gen_vectors.py          # rewrite vectors.json
+    python3 crates/lode-format/tests/gen_vectors.py --dump   # also print the worked
+                                                             # example used in docs/format.md
+
+Chunk sealing (DESIGN.md):
+    digest     = SHA-256(plaintext)
+    key        = HMAC-SHA256(root_salt, digest)
+    ciphertext = AES-256-GCM(key, nonce = 12 zero bytes, no AAD, plaintext) || tag
+    name       = SHA-256(ciphertext)
+"""
+
+import hashlib
+import hmac
+import json
+import struct
+import sys
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+ZERO_NONCE = bytes(12)
+TAG_LEN = 16
+# Ciphertexts up to this length are stored inline as hex; longer ones by their SHA-256
+# (which is the chunk name), their first 32 bytes and their tag.
+INLINE_MAX = 4096 + TAG_LEN
+
+
+def sha256(b: bytes) -> bytes:
+    return hashlib.sha256(b).digest()
+
+
+def seal(salt: bytes, plaintext: bytes):
+    digest = sha256(plaintext)
+    key = hmac.new(salt, digest, hashlib.sha256).digest()
+    ciphertext = AESGCM(key).encrypt(ZERO_NONCE, plaintext, None)
+    assert len(ciphertext) == len(plaintext) + TAG_LEN
+    assert AESGCM(key).decrypt(ZERO_NONCE, ciphertext, None) == plaintext
+    return digest, key, ciphertext, sha256(ciphertext)
+
+
+def mul32(rule) -> bytes:
+    """byte[i] = (((i * mul + add) mod 2^32) >> shift) & 0xff, for i in 0..len."""
+    n, mul, add, shift = rule["len"], rule["mul"], rule["add"], rule["shift"]
+    return bytes(((((i * mul + add) & 0xFFFFFFFF) >> shift) & 0xFF) for i in range(n))
+
+
+SALTS = {
+    # 0x00, 0x01, ..., 0x1f
+    "counting": bytes(range(32)),
+    # SHA-256 of an ASCII string, so the salt looks like a real random one.
+    "hashed": sha256(b"lode test vector salt"),
+}
+
+# A 4 KiB chunk: text repeated, so it is recognisably not random.
+FOUR_K = (b"lode chunk vector, 4 KiB of text. " * 121)[:4096]
+assert len(FOUR_K) == 4096
+
+PLAINTEXTS = [
+    {"label": "one_byte", "hex": "01"},
+    {"label": "short", "hex": b"hello, lode\n".hex()},
+    {"label": "four_kib", "hex": FOUR_K.hex()},
+    {
+        # A full default-size (512 KiB) chunk.
+        "label": "full_512k",
+        "generator": {"kind": "mul32", "len": 512 * 1024, "mul": 2654435761, "add": 12345,
+                      "shift": 24},
+    },
+    {
+        # The short last chunk of a 700001-byte device cut into 512 KiB chunks:
+        # 700001 - 524288 = 175713 bytes.
+        "label": "short_last",
+        "generator": {"kind": "mul32", "len": 700001 - 512 * 1024, "mul": 40503,
+                      "add": 7, "shift": 8},
+    },
+]
+
+
+def plaintext_of(p) -> bytes:
+    if "hex" in p:
+        return bytes.fromhex(p["hex"])
+    assert p["generator"]["kind"] == "mul32"
+    return mul32(p["generator"])
+
+
+def chunk_vectors():
+    out = []
+    for p in PLAINTEXTS:
+        plain = plaintext_of(p)
+        for salt_label, salt in SALTS.items():
+            digest, key, ct, name = seal(salt, plain)
+            v = {"plaintext": p["label"], "salt": salt_label, "plaintext_len": len(plain),
+                 "digest": digest.hex(), "key": key.hex(), "ciphertext_len": len(ct)}
+            if len(ct) <= INLINE_MAX:
+                v["ciphertext"] = ct.hex()
+            else:
+                v["ciphertext_head"] = ct[:32].hex()
+                v["tag"] = ct[-TAG_LEN:].hex()
+            v["ciphertext_sha256"] = sha256(ct).hex()
+            v["name"] = name.hex()
+            out.append(v)
+    return out
+
+
+# ---- manifest, following the table in src/manifest.rs ------------------------------
+
+def u16(v):
+    return struct.pack("<H", v)
+
+
+def u32(v):
+    return struct.pack("<I", v)
+
+
+def u64(v):
+    return struct.pack("<Q", v)
+
+
+def enc_str(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return u32(len(b)) + b
+
+
+def enc_list(items) -> bytes:
+    return u32(len(items)) + b"".join(enc_str(s) for s in items)
+
+
+def build_manifest(m):
+    """Returns (bytes, fields) where fields lists (offset, length, description) in order."""
+    fields = []
+    out = bytearray()
+
+    def put(b, what):
+        fields.append((len(out), len(b), what))
+        out.extend(b)
+
+    cs, dev = m["chunk_size"], m["device_size"]
+    n = -(-dev // cs)  # ceil
+    assert n == len(m["chunks"])
+    put(b"LODEMNFT", "magic")
+    put(u16(1), "format version")
+    put(u16(0), "flags")
+    put(u32(m["root"]), "root id")
+    put(u32(cs), "chunk size")
+    put(u32(0), "reserved")
+    put(u64(dev), "device size")
+    put(bytes.fromhex(m["image_digest"]), "image digest")
+    put(u64(n), "chunk count N")
+    c = m["config"]
+    config = (enc_list(c["entrypoint"]) + enc_list(c["cmd"]) + enc_list(c["env"])
+              + enc_str(c["working_dir"]) + enc_str(c["user"]))
+    put(u32(len(config)), "config length C")
+    put(enc_list(c["entrypoint"]), "config: entrypoint")
+    put(enc_list(c["cmd"]), "config: cmd")
+    put(enc_list(c["env"]), "config: env")
+    put(enc_str(c["working_dir"]), "config: working dir")
+    put(enc_str(c["user"]), "config: user")
+    for i, name in enumerate(m["chunks"]):
+        put(bytes(32) if name is None else bytes.fromhex(name),
+            f"chunk table [{i}]" + (" zero" if name is None else ""))
+    key_id = m["key_id"].encode("utf-8")
+    put(u16(len(key_id)), "KMS key id length K")
+    put(key_id, "KMS key id")
+    blob = bytes.fromhex(m["wrapped_key"])
+    put(u32(len(blob)), "wrapped key length W")
+    put(blob, "wrapped data key")
+    key_table_at = len(out)
+    table = b"".join(bytes.fromhex(k) for k in m["keys"])
+    sealed = AESGCM(bytes.fromhex(m["data_key"])).encrypt(ZERO_NONCE, table, bytes(out))
+    fields.append((len(out), len(sealed) - TAG_LEN, f"key table ({len(m['keys'])} keys)"))
+    fields.append((len(out) + len(sealed) - TAG_LEN, TAG_LEN, "key table GCM tag"))
+    out.extend(sealed)
+    return bytes(out), key_table_at, fields
+
+
+def manifest_vector(chunks_by_label):
+    """A 4 KiB-chunk image of four chunks: the 4 KiB text, a zero chunk, the 4 KiB text
+    again (deduplicated: same name, same key), and a 12-byte short last chunk."""
+    a = chunks_by_label[("four_kib", "counting")]
+    b = chunks_by_label[("short", "counting")]
+    m = {
+        "root": 7,
+        "chunk_size": 4096,
+        "device_size": 3 * 4096 + 12,
+        "image_digest": sha256(b"lode worked example source").hex(),
+        "config": {
+            "entrypoint": ["/bin/sh", "-c"],
+            "cmd": ["echo héllo"],
+            "env": ["PATH=/usr/bin"],
+            "working_dir": "/srv",
+            "user": "1000:1000",
+        },
+        "chunks": [a["name"], None, a["name"], b["name"]],
+        "keys": [a["key"], a["key"], b["key"]],
+        "data_key": bytes(range(0x40, 0x60)).hex(),
+        "key_id": "default",
+        "wrapped_key": b"not-a-real-kms-blob".hex(),
+    }
+    raw, key_table_at, fields = build_manifest(m)
+    m["key_table_offset"] = key_table_at
+    m["bytes"] = raw.hex()
+    m["id"] = sha256(raw).hex()
+    return m, raw, fields
+
+
+def dump(chunks, manifest, raw, fields):
+    v = next(c for c in chunks if c["plaintext"] == "short" and c["salt"] == "counting")
+    print("== chunk: 'hello, lode\\n' under salt 00 01 .. 1f ==")
+    for k in ("plaintext_len", "digest", "key", "ciphertext", "name"):
+        print(f"{k:14} {v[k]}")
+    print()
+    print(f"== manifest ({len(raw)} bytes), id {manifest['id']} ==")
+    for off, ln, what in fields:
+        b = raw[off:off + ln]
+        h = b.hex(" ")
+        print(f"{off:5}  {ln:4}  {what:24} {h}")
+
+
+def main():
+    chunks = chunk_vectors()
+    by_label = {(c["plaintext"], c["salt"]): c for c in chunks}
+    manifest, raw, fields = manifest_vector(by_label)
+    doc = {
+        "comment": "Generated by gen_vectors.py from DESIGN.md and the layout in "
+                   "src/manifest.rs; do not edit by hand.",
+        "salts": {k: v.hex() for k, v in SALTS.items()},
+        "plaintexts": PLAINTEXTS,
+        "chunks": chunks,
+        "manifest": manifest,
+    }
+    path = Path(__file__).with_name("vectors.json")
+    path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if "--dump" in sys.argv[1:]:
+        dump(chunks, manifest, raw, fields)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+//! Key management for lode (DESIGN.md, "Manifest" and "Access").
+//!
+//! Every manifest's key table is encrypted under a fresh random data key, and that data
+//! key is wrapped by a KMS key; so is each root's salt. [`Kms`] is the small trait a key
+//! service implements: wrap and unwrap 32-byte secrets under a named key. The embedded
+//! default is [`Keyring`], a local file of named keys; a cloud KMS slots in behind the
+//! same trait. Whoever can unwrap can read images: a worker gets a KMS that unwraps only
+//! the images assigned to it.
+
+mod keyring;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use lode_format::{DataKey, Secret32, WrappedKey};
+use thiserror::Error;
+
+pub use keyring::Keyring;
+
+/// A key service failed or refused.
+#[derive(Debug, Error)]
+pub enum KmsError {
+    /// The keyring file could not be read or written.
+    #[error("keyring {path}: {source}")]
+    Io {
+        /// The keyring file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The keyring file is not a keyring.
+    #[error("keyring {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The keyring file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The keyring file can be read by others.
+    #[error("keyring {path} has mode {mode:o}: it must be readable by its owner only (chmod 600)")]
+    Exposed {
+        /// The keyring file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// No key by that name.
+    #[error("KMS key {key_id:?} is not in {kms}")]
+    UnknownKey {
+        /// The key asked for.
+        key_id: String,
+        /// Which KMS was asked.
+        kms: String,
+    },
+    /// A key by that name already exists.
+    #[error("KMS key {key_id:?} already exists in {kms}")]
+    KeyExists {
+        /// The key asked for.
+        key_id: String,
+        /// Which KMS was asked.
+        kms: String,
+    },
+    /// A key name that cannot be used.
+    #[error("KMS key name {key_id:?} is invalid: use 1 to 64 of A-Z a-z 0-9 . _ -")]
+    BadKeyName {
+        /// The name given.
+        key_id: String,
+    },
+    /// The wrapped secret did not open under the named key.
+    #[error(
+        "cannot unwrap with KMS key {key_id:?} of {kms}: the wrapped key is corrupt or was \
+         made under another key"
+    )]
+    Unwrap {
+        /// The key named by the wrapped secret.
+        key_id: String,
+        /// Which KMS was asked.
+        kms: String,
+    },
+    /// A KMS location that is not understood.
+    #[error("KMS {spec:?} is not supported: {reason}")]
+    Unsupported {
+        /// What was given.
+        spec: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// The OS random source failed.
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+/// A key service that wraps 32-byte secrets (data keys, root salts) under named keys.
+#[async_trait]
+pub trait Kms: Send + Sync + fmt::Debug {
+    /// Where this KMS is, for messages (a keyring path, a KMS endpoint).
+    fn describe(&self) -> String;
+
+    /// The key that wraps new secrets when none is named.
+    fn default_key_id(&self) -> String;
+
+    /// Wraps `secret` under key `key_id`.
+    async fn wrap(&self, key_id: &str, secret: &Secret32) -> Result<WrappedKey, KmsError>;
+
+    /// Unwraps a secret that [`Kms::wrap`] made.
+    async fn unwrap(&self, wrapped: &WrappedKey) -> Result<Secret32, KmsError>;
+
+    /// A fresh random data key and its wrapped form.
+    async fn generate_data_key(&self, key_id: &str) -> Result<(DataKey, WrappedKey), KmsError> {
+        let key = Secret32::random().map_err(|_| KmsError::Random)?;
+        let wrapped = self.wrap(key_id, &key).await?;
+        Ok((key, wrapped))
+    }
+}
+
+/// Opens the KMS a user named: a keyring file path (created on first use), or a URL of a
+/// service this build knows.
+pub fn open(spec: &str) -> Result<Box<dyn Kms>, KmsError> {
+    if let Some((scheme, _)) = spec.split_once("://") {
+        return Err(KmsError::Unsupported {
+            spec: spec.to_owned(),
+            reason: format!(
+                "{scheme}:// is not a KMS this build supports; give a keyring file path"
+            ),
+        });
+    }
+    Ok(Box::new(Keyring::open_or_create(PathBuf::from(spec))?))
+}
