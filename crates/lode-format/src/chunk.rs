@@ -61,6 +61,8 @@ pub enum ChunkError {
 /// ciphertext (for the store).
 #[derive(Debug)]
 pub struct SealedChunk {
+    /// SHA-256 of the plaintext (the input to key derivation).
+    pub digest: [u8; 32],
     /// SHA-256 of `ciphertext`.
     pub name: ChunkName,
     /// The key that decrypts `ciphertext`.
@@ -71,14 +73,16 @@ pub struct SealedChunk {
 
 /// `HMAC-SHA256(root_salt, SHA-256(plaintext))`.
 pub fn derive_key(salt: &RootSalt, plaintext: &[u8]) -> ChunkKey {
-    let digest = digest::digest(&digest::SHA256, plaintext);
-    let mac = hmac::sign(
-        &hmac::Key::new(hmac::HMAC_SHA256, salt.expose()),
-        digest.as_ref(),
-    );
+    derive_key_and_digest(salt, plaintext).0
+}
+
+fn derive_key_and_digest(salt: &RootSalt, plaintext: &[u8]) -> (ChunkKey, [u8; 32]) {
+    let mut d = [0u8; 32];
+    d.copy_from_slice(digest::digest(&digest::SHA256, plaintext).as_ref());
+    let mac = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, salt.expose()), &d);
     let mut key = [0u8; 32];
     key.copy_from_slice(mac.as_ref());
-    ChunkKey::from_bytes(key)
+    (ChunkKey::from_bytes(key), d)
 }
 
 fn aead_key(key: &ChunkKey) -> LessSafeKey {
@@ -100,13 +104,14 @@ pub fn seal_chunk(salt: &RootSalt, plaintext: &[u8]) -> SealedChunk {
 /// Seals a chunk, encrypting `buf` in place and appending the tag: the import path reads
 /// each chunk into a fresh buffer, so this spares a 512 KiB copy per chunk.
 pub fn seal_chunk_in_place(salt: &RootSalt, mut buf: Vec<u8>) -> SealedChunk {
-    let key = derive_key(salt, &buf);
+    let (key, digest) = derive_key_and_digest(salt, &buf);
     let tag = aead_key(&key)
         .seal_in_place_separate_tag(zero_nonce(), Aad::empty(), &mut buf)
         // ring fails only for inputs over ~64 GiB; chunks are at most 64 MiB.
         .expect("chunk within AES-GCM's length limit");
     buf.extend_from_slice(tag.as_ref());
     SealedChunk {
+        digest,
         name: ChunkName::of(&buf),
         key,
         ciphertext: buf,

@@ -1,0 +1,92 @@
+use std::path::PathBuf;
+
+use lode_format::{ChunkError, ChunkIndex, ManifestError, ManifestId};
+use lode_kms::KmsError;
+use lode_store::StoreError;
+use thiserror::Error;
+
+/// An image operation failed. Each variant names the file, manifest or chunk at fault.
+#[derive(Debug, Error)]
+pub enum ImageError {
+    /// The store failed or refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The KMS failed or refused.
+    #[error(transparent)]
+    Kms(#[from] KmsError),
+    /// A local file could not be read or written.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A manifest could not be built, parsed or opened.
+    #[error("manifest {id}: {source}")]
+    Manifest {
+        /// The manifest's id (or the id its bytes hash to).
+        id: ManifestId,
+        /// What is wrong.
+        source: ManifestError,
+    },
+    /// A manifest's data key could not be unwrapped.
+    #[error("manifest {id}: {source}")]
+    ManifestKey {
+        /// The manifest.
+        id: ManifestId,
+        /// What the KMS said.
+        source: KmsError,
+    },
+    /// A manifest could not be built.
+    #[error(transparent)]
+    Build(ManifestError),
+    /// A chunk failed its checks.
+    #[error("chunk {index} of manifest {id}: {source}")]
+    Chunk {
+        /// The manifest being read.
+        id: ManifestId,
+        /// The chunk's index in it.
+        index: ChunkIndex,
+        /// What is wrong.
+        source: ChunkError,
+    },
+    /// A chunk decrypted to the wrong number of bytes.
+    #[error(
+        "chunk {index} of manifest {id} decrypted to {got} bytes, the manifest says {expected}"
+    )]
+    ChunkLength {
+        /// The manifest being read.
+        id: ManifestId,
+        /// The chunk's index in it.
+        index: ChunkIndex,
+        /// What the manifest implies.
+        expected: usize,
+        /// What decryption gave.
+        got: usize,
+    },
+    /// A manifest that lists a chunk it has no key for (only a corrupt key table can).
+    #[error("manifest {id} has no key for chunk {index}")]
+    MissingKey {
+        /// The manifest.
+        id: ManifestId,
+        /// The chunk.
+        index: ChunkIndex,
+    },
+    /// A worker task died (a bug, reported rather than hidden).
+    #[error("internal task failed: {0}")]
+    Task(String),
+    /// An option a caller gave is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub(crate) fn io(
+    op: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> ImageError {
+    let path = path.to_owned();
+    move |source| ImageError::Io { op, path, source }
+}

@@ -1,0 +1,43 @@
+//! lode's image pipeline (DESIGN.md, "The flow", left column): an image file — a raw disk
+//! image today, the flattener's ext4 output next — is cut into chunks, all-zero chunks are
+//! dropped, the rest are sealed and put into the store if the store lacks them, and a
+//! manifest naming them is written under the active root. The way back (export), the
+//! integrity check (verify) and the store-wide accounting (stats) live here too, so the
+//! `lode` binary only parses arguments and prints.
+
+mod error;
+mod export;
+mod inspect;
+mod publish;
+mod reference;
+mod stats;
+mod verify;
+
+pub use error::ImageError;
+pub use export::{ExportStats, export};
+pub use inspect::ManifestView;
+pub use publish::{PublishOptions, PublishStats, Published, Publisher};
+pub use reference::{OpenedImage, open_image, resolve};
+pub use stats::{StoreStats, store_stats};
+pub use verify::{Problem, VerifyReport, verify};
+
+/// Reports progress of long work. Both calls may come from any thread.
+pub trait Progress: Send + Sync {
+    /// The total amount of work, in bytes.
+    fn set_total(&self, bytes: u64);
+    /// `bytes` more are done.
+    fn advance(&self, bytes: u64);
+}
+
+/// Progress that goes nowhere.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn set_total(&self, _: u64) {}
+    fn advance(&self, _: u64) {}
+}
+
+/// How many chunk operations run at once: enough to keep both the CPU (sealing) and a
+/// remote store (round trips) busy, bounded so memory stays at a few MiB per 512 KiB chunk.
+pub(crate) const CONCURRENCY: usize = 16;

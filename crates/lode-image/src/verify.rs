@@ -1,0 +1,180 @@
+//! Checking that an image is whole: every chunk it names is in the store and hashes to
+//! its name, and — with the key table — decrypts under its key to the right length.
+//! Unlike export, verify does not stop at the first fault: it reports every one.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use lode_format::chunk::open_unverified;
+use lode_format::{ChunkIndex, ChunkName, ManifestId};
+use lode_store::{Store, StoreError};
+use serde::Serialize;
+
+use crate::{CONCURRENCY, ImageError, OpenedImage, Progress};
+
+/// One fault found by [`verify`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Problem {
+    /// The chunk is not in the store.
+    Missing {
+        /// The first index that names it.
+        index: ChunkIndex,
+        /// The chunk.
+        chunk: ChunkName,
+    },
+    /// The chunk's bytes do not hash to its name.
+    Corrupt {
+        /// The first index that names it.
+        index: ChunkIndex,
+        /// The chunk.
+        chunk: ChunkName,
+        /// What its bytes hash to.
+        got: ChunkName,
+    },
+    /// The chunk does not decrypt under its key, or to the wrong length.
+    Undecryptable {
+        /// The first index that names it.
+        index: ChunkIndex,
+        /// The chunk.
+        chunk: ChunkName,
+        /// What failed.
+        detail: String,
+    },
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::Missing { index, chunk } => {
+                write!(f, "chunk {index} ({chunk}) is missing from the store")
+            }
+            Problem::Corrupt { index, chunk, got } => {
+                write!(
+                    f,
+                    "chunk {index} ({chunk}) is corrupt: its bytes hash to {got}"
+                )
+            }
+            Problem::Undecryptable {
+                index,
+                chunk,
+                detail,
+            } => {
+                write!(f, "chunk {index} ({chunk}) does not decrypt: {detail}")
+            }
+        }
+    }
+}
+
+/// What [`verify`] found.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    /// The manifest checked.
+    pub id: ManifestId,
+    /// Distinct chunks checked.
+    pub chunks_checked: u64,
+    /// Ciphertext bytes read.
+    pub bytes_checked: u64,
+    /// Whether chunks were also decrypted (the key table was available).
+    pub decrypted: bool,
+    /// Every fault, in index order.
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// True when nothing is wrong.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks every distinct chunk of `img`.
+pub async fn verify(
+    store: &Store,
+    img: &OpenedImage,
+    progress: Arc<dyn Progress>,
+) -> Result<VerifyReport, ImageError> {
+    let header = img.manifest.header();
+    let (cs, device_size) = (header.chunk_size, header.device_size);
+    let mut seen = HashSet::new();
+    let jobs: Vec<(ChunkIndex, ChunkName)> = img
+        .manifest
+        .chunks()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| e.name().map(|n| (ChunkIndex(i as u64), *n)))
+        .filter(|(_, n)| seen.insert(*n))
+        .collect();
+    progress.set_total(
+        jobs.iter()
+            .map(|(i, _)| cs.len_of(*i, device_size) as u64)
+            .sum(),
+    );
+    let mut results = futures::stream::iter(jobs)
+        .map(|(index, chunk)| {
+            let key = img.keys.as_ref().and_then(|k| k.get(index)).cloned();
+            let has_keys = img.keys.is_some();
+            let progress = Arc::clone(&progress);
+            async move {
+                let expected = cs.len_of(index, device_size);
+                let bytes = match store.get_chunk(img.root, &chunk).await {
+                    Ok(b) => b,
+                    Err(StoreError::NotFound { .. }) => {
+                        return Ok((0, Some(Problem::Missing { index, chunk })));
+                    }
+                    Err(StoreError::CorruptChunk { got, .. }) => {
+                        return Ok((0, Some(Problem::Corrupt { index, chunk, got })));
+                    }
+                    Err(e) => return Err(ImageError::Store(e)),
+                };
+                let size = bytes.len() as u64;
+                let problem =
+                    match (has_keys, key) {
+                        (false, _) => None,
+                        (true, None) => Some(Problem::Undecryptable {
+                            index,
+                            chunk,
+                            detail: "the key table has no key for it".into(),
+                        }),
+                        (true, Some(key)) => tokio::task::spawn_blocking(move || {
+                            match open_unverified(&chunk, &key, bytes.to_vec()) {
+                                Err(e) => Some(Problem::Undecryptable {
+                                    index,
+                                    chunk,
+                                    detail: e.to_string(),
+                                }),
+                                Ok(p) if p.len() != expected => Some(Problem::Undecryptable {
+                                    index,
+                                    chunk,
+                                    detail: format!(
+                                        "it decrypts to {} bytes, the manifest says {expected}",
+                                        p.len()
+                                    ),
+                                }),
+                                Ok(_) => None,
+                            }
+                        })
+                        .await
+                        .map_err(|e| ImageError::Task(e.to_string()))?,
+                    };
+                progress.advance(expected as u64);
+                Ok::<_, ImageError>((size, problem))
+            }
+        })
+        .buffered(CONCURRENCY);
+    let mut report = VerifyReport {
+        id: img.id,
+        chunks_checked: 0,
+        bytes_checked: 0,
+        decrypted: img.keys.is_some(),
+        problems: Vec::new(),
+    };
+    while let Some(r) = results.next().await {
+        let (size, problem) = r?;
+        report.chunks_checked += 1;
+        report.bytes_checked += size;
+        report.problems.extend(problem);
+    }
+    Ok(report)
+}

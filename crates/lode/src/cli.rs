@@ -1,0 +1,164 @@
+//! Command-line syntax. Every flag that names a store or a key also reads an environment
+//! variable, so a platform can set them once.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use lode_format::ChunkSize;
+
+/// lode loads container images and microVM snapshots on demand.
+///
+/// Images are cut into 512 KiB chunks, convergently encrypted (identical chunks are
+/// stored once across every image, while stores hold only ciphertext) and kept in an
+/// object store: a local directory by default, or S3.
+///
+/// Data lives under $LODE_HOME (default ~/.local/share/lode): the store in `store/`, the
+/// keyring that wraps every image's keys in `keyring.json` (mode 0600, created on first
+/// use; lose it and the images cannot be decrypted).
+#[derive(Debug, Parser)]
+#[command(name = "lode", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// Object store: a directory, file:///dir, or s3://bucket/prefix (endpoint and
+    /// credentials from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY). [default: $LODE_HOME/store]
+    #[arg(long, global = true, env = "LODE_STORE", value_name = "STORE")]
+    pub store: Option<String>,
+
+    /// Key service: the path of a keyring file. [default: $LODE_HOME/keyring.json]
+    #[arg(long, global = true, env = "LODE_KMS", value_name = "KMS")]
+    pub kms: Option<String>,
+
+    /// The KMS key that wraps new images' keys. [default: the keyring's default key]
+    #[arg(long, global = true, env = "LODE_KMS_KEY", value_name = "NAME")]
+    pub kms_key: Option<String>,
+
+    /// Print results as JSON on stdout (and no progress bars).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Import a raw disk image (ext4 or any block image) into the store.
+    ///
+    /// The file is cut into chunks; all-zero chunks are not stored; the rest are
+    /// sealed and uploaded only if the store lacks them. Prints the manifest id.
+    #[command(after_help = "Example:\n  lode import rootfs.ext4 --tag myapp:1.0")]
+    Import(ImportArgs),
+
+    /// Rebuild an image file byte for byte from the store.
+    ///
+    /// Every chunk is checked against its name and its key before it is written; the
+    /// output appears under OUT only when complete.
+    #[command(after_help = "Example:\n  lode export myapp:1.0 rootfs.ext4")]
+    Export(ExportArgs),
+
+    /// Print a manifest as JSON (never its keys).
+    Inspect(ImageArg),
+
+    /// Check that every chunk of an image is present, matches its name and decrypts.
+    ///
+    /// Reports every fault, not just the first; exits 2 if there is any.
+    Verify(VerifyArgs),
+
+    /// Store-wide figures.
+    #[command(subcommand)]
+    Store(StoreCommand),
+
+    /// Manage the local keyring.
+    #[command(subcommand)]
+    Kms(KmsCommand),
+
+    /// Show what lode does, end to end, on a generated image (no outside services).
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The image file (or block device) to import.
+    pub file: PathBuf,
+    /// Point this tag (e.g. `myapp:1.0`) at the new manifest.
+    #[arg(long, short)]
+    pub tag: Option<String>,
+    /// Chunk size in bytes: a power of two from 4096 to 67108864.
+    #[arg(long, default_value = "524288", value_parser = parse_chunk_size)]
+    pub chunk_size: ChunkSize,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A tag, or a manifest id (64 hex digits).
+    pub image: String,
+    /// Where to write the image (a file, or a block device written in place).
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ImageArg {
+    /// A tag, or a manifest id (64 hex digits).
+    pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A tag, or a manifest id (64 hex digits).
+    pub image: String,
+    /// Check names only, without the KMS (what a holder of ciphertext alone can check).
+    #[arg(long)]
+    pub no_decrypt: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Chunk count, stored bytes, logical bytes and the dedup ratio.
+    Stats,
+    /// List tags and the manifests they point at.
+    Tags,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KmsCommand {
+    /// List the keyring's keys.
+    List,
+    /// Create a new random key.
+    Create {
+        /// The key's name (1-64 of A-Z a-z 0-9 . _ -).
+        name: String,
+        /// Make it the key that wraps new images.
+        #[arg(long)]
+        default: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Size of the generated image, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub size_mib: u64,
+}
+
+fn parse_chunk_size(s: &str) -> Result<ChunkSize, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    ChunkSize::new(n).map_err(|e| e.to_string())
+}
+
+/// `$LODE_HOME`, else `~/.local/share/lode`.
+pub fn data_dir() -> Result<PathBuf> {
+    if let Some(h) = std::env::var_os("LODE_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(h));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .context("neither LODE_HOME nor HOME is set: set LODE_HOME to lode's data directory")?;
+    Ok(PathBuf::from(home).join(".local/share/lode"))
+}

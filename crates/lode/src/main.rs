@@ -1,0 +1,284 @@
+//! The `lode` command: parses arguments, builds the pieces from the library crates, and
+//! prints. No logic of its own lives here (STYLE.md 1).
+
+mod cli;
+mod demo;
+mod output;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use lode_image::{Progress, PublishOptions, Publisher};
+use lode_kms::Kms;
+use lode_store::Store;
+
+use crate::cli::{Cli, Command, KmsCommand, StoreCommand};
+use crate::output::{Bar, human_bytes, print_json};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lode: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(dispatch(cli))
+}
+
+/// The pieces every command may need, built from the global flags.
+struct Env {
+    cli_json: bool,
+    quiet: bool,
+    store_spec: String,
+    kms_spec: String,
+    kms_key: Option<String>,
+}
+
+impl Env {
+    fn store(&self) -> Result<Store> {
+        Ok(Store::open(&self.store_spec)?)
+    }
+
+    fn kms(&self) -> Result<Box<dyn Kms>> {
+        Ok(lode_kms::open(&self.kms_spec)?)
+    }
+
+    fn progress(&self, what: &str) -> Arc<Bar> {
+        Arc::new(Bar::new(what, self.quiet || self.cli_json))
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let home = cli::data_dir()?;
+    let env = Env {
+        cli_json: cli.json,
+        quiet: cli.quiet,
+        store_spec: cli
+            .store
+            .clone()
+            .unwrap_or_else(|| home.join("store").display().to_string()),
+        kms_spec: cli
+            .kms
+            .clone()
+            .unwrap_or_else(|| home.join("keyring.json").display().to_string()),
+        kms_key: cli.kms_key.clone(),
+    };
+    match cli.command {
+        Command::Import(a) => {
+            let store = env.store()?;
+            let kms = env.kms()?;
+            let key_id = env.kms_key.clone().unwrap_or_else(|| kms.default_key_id());
+            let opts = PublishOptions {
+                chunk_size: a.chunk_size,
+                tag: a.tag.clone(),
+                ..Default::default()
+            };
+            let bar = env.progress("importing");
+            let started = std::time::Instant::now();
+            let p = Publisher::new(&store, kms.as_ref(), key_id)
+                .publish_file(&a.file, &opts, bar.clone() as Arc<dyn Progress>)
+                .await
+                .with_context(|| format!("importing {}", a.file.display()))?;
+            bar.finish();
+            let secs = started.elapsed().as_secs_f64();
+            let s = &p.stats;
+            if env.cli_json {
+                print_json(&serde_json::json!({
+                    "id": p.id, "root": p.root, "tag": a.tag, "stats": s,
+                    "dedup_share": s.dedup_share(), "seconds": secs,
+                }))?;
+            } else {
+                println!("manifest  {}", p.id);
+                if let Some(t) = &a.tag {
+                    println!("tag       {t}");
+                }
+                println!(
+                    "image     {} in {} chunks of {}",
+                    human_bytes(s.device_size),
+                    s.chunks,
+                    human_bytes(p.manifest.header().chunk_size.bytes_u64())
+                );
+                println!(
+                    "chunks    {} zero (not stored), {} repeated within the image, \
+                     {} already in the store, {} uploaded ({})",
+                    s.zero_chunks,
+                    s.repeated_chunks,
+                    s.present_chunks,
+                    s.uploaded_chunks,
+                    human_bytes(s.uploaded_bytes)
+                );
+                println!(
+                    "dedup     {:.1}% of the non-zero chunks needed no upload",
+                    s.dedup_share() * 100.0
+                );
+                println!(
+                    "time      {secs:.2} s ({}/s)",
+                    human_bytes((s.device_size as f64 / secs.max(1e-9)) as u64)
+                );
+            }
+        }
+        Command::Export(a) => {
+            let store = env.store()?;
+            let kms = env.kms()?;
+            let img = lode_image::open_image(&store, Some(kms.as_ref()), &a.image).await?;
+            let bar = env.progress("exporting");
+            let st = lode_image::export(&store, &img, &a.out, bar.clone() as Arc<dyn Progress>)
+                .await
+                .with_context(|| format!("exporting {} to {}", a.image, a.out.display()))?;
+            bar.finish();
+            if env.cli_json {
+                print_json(&serde_json::json!({"id": img.id, "out": a.out, "stats": st}))?;
+            } else {
+                println!(
+                    "wrote {} ({}) to {}: {} chunks fetched, {} zero chunks left as holes",
+                    img.id,
+                    human_bytes(st.device_size),
+                    a.out.display(),
+                    st.fetched_chunks,
+                    st.zero_chunks
+                );
+            }
+        }
+        Command::Inspect(a) => {
+            let store = env.store()?;
+            let img = lode_image::open_image(&store, None, &a.image).await?;
+            print_json(&lode_image::ManifestView::new(&img.manifest))?;
+        }
+        Command::Verify(a) => {
+            let store = env.store()?;
+            let kms = if a.no_decrypt { None } else { Some(env.kms()?) };
+            let img = lode_image::open_image(&store, kms.as_deref(), &a.image).await?;
+            let bar = env.progress("verifying");
+            let report = lode_image::verify(&store, &img, bar.clone() as Arc<dyn Progress>).await?;
+            bar.finish();
+            if env.cli_json {
+                print_json(&serde_json::json!({"ok": report.ok(), "report": report}))?;
+            } else {
+                for p in &report.problems {
+                    println!("FAULT  {p}");
+                }
+                println!(
+                    "{} {}: {} distinct chunks ({}) checked{}, {} fault(s)",
+                    if report.ok() { "ok   " } else { "BAD  " },
+                    img.id,
+                    report.chunks_checked,
+                    human_bytes(report.bytes_checked),
+                    if report.decrypted {
+                        " against their names and keys"
+                    } else {
+                        " against their names"
+                    },
+                    report.problems.len()
+                );
+            }
+            if !report.ok() {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Store(StoreCommand::Stats) => {
+            let store = env.store()?;
+            let st = lode_image::store_stats(&store).await?;
+            if env.cli_json {
+                print_json(&st)?;
+            } else {
+                println!("store          {}", st.store);
+                println!("roots          {}", st.roots);
+                println!(
+                    "images         {} manifests, {} tags",
+                    st.manifests, st.tags
+                );
+                println!("chunks         {}", st.chunks);
+                println!(
+                    "stored bytes   {} ({})",
+                    st.stored_bytes,
+                    human_bytes(st.stored_bytes)
+                );
+                println!(
+                    "logical bytes  {} ({}) in non-zero chunks; images total {}",
+                    st.logical_bytes,
+                    human_bytes(st.logical_bytes),
+                    human_bytes(st.device_bytes)
+                );
+                println!("dedup ratio    {:.2}x", st.dedup_ratio);
+                if st.missing_chunks > 0 {
+                    println!(
+                        "MISSING        {} chunks named by manifests",
+                        st.missing_chunks
+                    );
+                }
+            }
+        }
+        Command::Store(StoreCommand::Tags) => {
+            let store = env.store()?;
+            let tags = store.list_tags().await?;
+            if env.cli_json {
+                let v: Vec<_> = tags
+                    .iter()
+                    .map(|(t, id)| serde_json::json!({"tag": t, "id": id}))
+                    .collect();
+                print_json(&v)?;
+            } else {
+                for (t, id) in tags {
+                    println!("{id}  {t}");
+                }
+            }
+        }
+        Command::Kms(KmsCommand::List) => {
+            let k = keyring(&env)?;
+            if env.cli_json {
+                print_json(&serde_json::json!({
+                    "keyring": k.path(), "default": lode_kms::Kms::default_key_id(&k),
+                    "keys": k.key_names(),
+                }))?;
+            } else {
+                let default = lode_kms::Kms::default_key_id(&k);
+                for name in k.key_names() {
+                    let mark = if name == default { " (default)" } else { "" };
+                    println!("{name}{mark}");
+                }
+            }
+        }
+        Command::Kms(KmsCommand::Create { name, default }) => {
+            let k = keyring(&env)?;
+            k.create_key(&name, default)?;
+            if !env.quiet {
+                println!("created key {name:?} in {}", k.path().display());
+            }
+        }
+        Command::Demo(a) => demo::run(&env_for_demo(&env), a).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn keyring(env: &Env) -> Result<lode_kms::Keyring> {
+    if env.kms_spec.contains("://") {
+        bail!(
+            "`lode kms` manages a local keyring file; {:?} is not one",
+            env.kms_spec
+        );
+    }
+    Ok(lode_kms::Keyring::open_or_create(
+        env.kms_spec.clone().into(),
+    )?)
+}
+
+fn env_for_demo(env: &Env) -> demo::DemoEnv {
+    demo::DemoEnv {
+        store_spec: env.store_spec.clone(),
+        kms_spec: env.kms_spec.clone(),
+        kms_key: env.kms_key.clone(),
+        json: env.cli_json,
+        quiet: env.quiet,
+    }
+}
