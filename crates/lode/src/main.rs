@@ -123,8 +123,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     s.dedup_share() * 100.0
                 );
                 println!(
-                    "time      {secs:.2} s ({}/s)",
-                    human_bytes((s.device_size as f64 / secs.max(1e-9)) as u64)
+                    "time      {secs:.2} s ({:.0} MiB/s)",
+                    s.device_size as f64 / secs.max(1e-9) / 1048576.0
                 );
             }
         }
