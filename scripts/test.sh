@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# lode's whole test suite, as CI runs it: installs the Debian packages the tests use when
+# they are missing, then checks formatting, lints, and runs every test in the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Tools the system tests drive: mkfs.ext4/e2fsck/debugfs (e2fsprogs), umoci and skopeo
+# (OCI reference unpacking), python3 for the test-vector generator.
+packages=(e2fsprogs umoci skopeo python3)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ]; then
+    echo "== installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  else
+    echo "== missing packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})"
+  fi
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked
