@@ -141,10 +141,12 @@ impl<'a> Publisher<'a> {
                 state: RootState::Active,
                 salt: self.kms.wrap(&self.key_id, &salt).await?,
             };
-            if self.store.create_root(&rec).await? == PutOutcome::Stored {
-                return Ok((rec.root, salt));
-            }
-            // Another publisher created it first: read theirs.
+            // Whether we won or another publisher did, read the root back and use what
+            // the store holds: on a backend whose create-if-absent is not atomic, two
+            // racing publishers may both "win", and the last write is the one that stays.
+            // (Even then nothing breaks: keys live in each manifest; only dedup between
+            // the two racers' first images would be lost.)
+            self.store.create_root(&rec).await?;
         }
         Err(ImageError::Invalid(format!(
             "store {}: the active root changed repeatedly while starting; try again",

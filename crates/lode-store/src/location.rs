@@ -6,7 +6,8 @@
 //!   credentials come from the usual AWS environment variables (`AWS_ENDPOINT_URL`,
 //!   `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`);
 //!   plain `http://` endpoints are allowed (a loopback test server, a private gateway);
-//! - `memory:`: an in-memory store that lives as long as the process (tests).
+//! - `memory:`: a new, empty in-memory store that lives as long as the `Store` and its
+//!   clones (tests).
 
 use std::fmt;
 use std::path::PathBuf;

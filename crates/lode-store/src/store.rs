@@ -12,8 +12,11 @@ use thiserror::Error;
 use crate::location::StoreLocation;
 use crate::root::{RootRecord, RootState};
 
-/// The longest tag lode accepts.
-pub const MAX_TAG_BYTES: usize = 256;
+/// The longest tag lode accepts, counted once encoded as an object name (each `/` and
+/// other reserved byte becomes `%XX`): a tag is one file name on a local store (255 bytes
+/// at most, and object_store stages it under a longer temporary name first), so the cap
+/// leaves room for both.
+pub const MAX_TAG_BYTES: usize = 160;
 /// The largest tag or root object lode reads.
 const MAX_SMALL_OBJECT: u64 = 64 * 1024;
 
@@ -390,6 +393,13 @@ impl Store {
     pub async fn get_tag(&self, tag: &str) -> Result<ManifestId, StoreError> {
         let path = self.tag_path(tag)?;
         let bytes = self.read(&path, "tag", format!("{tag:?}")).await?;
+        if bytes.len() as u64 > MAX_SMALL_OBJECT {
+            return Err(StoreError::CorruptObject {
+                store: self.label.clone(),
+                object: path.to_string(),
+                reason: format!("{} bytes is too large for a tag", bytes.len()),
+            });
+        }
         let text = std::str::from_utf8(&bytes).unwrap_or("");
         text.trim_end_matches('\n')
             .parse()
@@ -493,7 +503,7 @@ impl Store {
         if let (Some(a), Some(b)) = (&first, active.next()) {
             return Err(StoreError::CorruptObject {
                 store: self.label.clone(),
-                object: "roots/".into(),
+                object: self.path(["roots".into()]).to_string(),
                 reason: format!("roots {} and {} are both active", a.root, b.root),
             });
         }
@@ -515,8 +525,10 @@ fn check_tag(tag: &str) -> Result<(), StoreError> {
     if tag.is_empty() {
         return Err(bad("it is empty"));
     }
-    if tag.len() > MAX_TAG_BYTES {
-        return Err(bad("it is longer than 256 bytes"));
+    if PathPart::from(tag).as_ref().len() > MAX_TAG_BYTES {
+        return Err(bad(
+            "it is longer than 160 bytes once encoded ('/' counts 3)",
+        ));
     }
     if tag.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(bad("it contains whitespace or control characters"));
@@ -562,7 +574,10 @@ mod tests {
             "tag \"a b\" is invalid: it contains whitespace or control characters"
         );
         assert!(check_tag("").is_err());
-        assert!(check_tag(&"x".repeat(257)).is_err());
+        assert!(check_tag(&"x".repeat(160)).is_ok());
+        assert!(check_tag(&"x".repeat(161)).is_err());
+        assert!(check_tag(&"a/".repeat(40)).is_ok());
+        assert!(check_tag(&"a/".repeat(41)).is_err());
         assert!(check_tag("..").is_err());
     }
 

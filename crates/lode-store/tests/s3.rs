@@ -1,0 +1,226 @@
+//! The conformance suite against a real S3-protocol server: s3s-fs, in this process on
+//! 127.0.0.1, checking SigV4 signatures. lode finds the server through the AWS environment
+//! variables, which are process-global, so this binary holds a single test that sets them
+//! before it starts any other thread.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use common::{DirBackdoor, conformance};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use lode_format::{ChunkName, RootId};
+use lode_store::{PutOutcome, Store, StoreError};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
+
+const BUCKET: &str = "lode-test";
+const ACCESS_KEY: &str = "lode-test-access";
+const SECRET_KEY: &str = "lode-test-secret";
+
+#[test]
+fn s3s_fs_backend() {
+    let fs_root = tempfile::tempdir().unwrap();
+    // In s3s-fs a bucket is a directory under its root.
+    let bucket_dir = fs_root.path().join(BUCKET);
+    std::fs::create_dir(&bucket_dir).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+
+    let vars: Vec<String> = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("AWS_"))
+        .collect();
+    // SAFETY: this is the only test in this binary and no runtime has started yet, so no
+    // other thread of ours exists to read the environment while it changes.
+    unsafe {
+        for k in vars {
+            std::env::remove_var(k);
+        }
+        std::env::set_var("AWS_ENDPOINT_URL", &endpoint);
+        std::env::set_var("AWS_ACCESS_KEY_ID", ACCESS_KEY);
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+        std::env::set_var("AWS_REGION", "us-east-1");
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        tokio::spawn(serve(listener, fs_root.path().to_owned()));
+
+        let started = Instant::now();
+        let store = Store::open(&format!("s3://{BUCKET}/some/prefix")).unwrap();
+        assert_eq!(store.label(), "s3://lode-test/some/prefix");
+        let raw = DirBackdoor {
+            dir: bucket_dir.join("some/prefix"),
+            // s3s-fs checks If-None-Match and then writes: two racing creates can both win.
+            atomic_create: false,
+        };
+        conformance(&store, "some/prefix/", Some(&raw)).await;
+        eprintln!("s3s-fs conformance: {:?}", started.elapsed());
+
+        prefixes_are_separate_stores().await;
+        if_none_match_is_honoured(&endpoint).await;
+        racing_creates(&store).await;
+        bad_credentials_fail_naming_store_and_object(&endpoint).await;
+    });
+    rt.shutdown_background();
+}
+
+async fn serve(listener: tokio::net::TcpListener, root: PathBuf) {
+    let fs = s3s_fs::FileSystem::new(root).unwrap();
+    let mut b = S3ServiceBuilder::new(fs);
+    b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let service = b.build();
+    let http = ConnBuilder::new(TokioExecutor::new());
+    loop {
+        let (socket, _) = listener.accept().await.unwrap();
+        let conn = http
+            .serve_connection(TokioIo::new(socket), service.clone())
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+/// A store under one prefix sees nothing of another's, nor of the bucket's top.
+async fn prefixes_are_separate_stores() {
+    for spec in [
+        "s3://lode-test/other/prefix",
+        "s3://lode-test",
+        "s3://lode-test/some",
+    ] {
+        let s = Store::open(spec).unwrap();
+        assert_eq!(s.roots().await.unwrap(), vec![], "{spec}");
+        assert_eq!(s.list_tags().await.unwrap(), vec![], "{spec}");
+        assert_eq!(s.list_chunks(RootId(1)).await.unwrap(), vec![], "{spec}");
+    }
+}
+
+fn raw_client() -> Arc<dyn ObjectStore> {
+    // The same configuration lode builds from the environment.
+    Arc::new(
+        AmazonS3Builder::from_env()
+            .with_bucket_name(BUCKET)
+            .with_allow_http(true)
+            .build()
+            .unwrap(),
+    )
+}
+
+/// lode's never-overwrite rests on PutMode::Create (If-None-Match: *): s3s-fs answers an
+/// existing key with 412, which object_store reports as AlreadyExists.
+async fn if_none_match_is_honoured(endpoint: &str) {
+    let os = raw_client();
+    let p = Path::from("probe/if-none-match");
+    os.put_opts(
+        &p,
+        PutPayload::from_static(b"first"),
+        PutMode::Create.into(),
+    )
+    .await
+    .unwrap();
+    let e = os
+        .put_opts(
+            &p,
+            PutPayload::from_static(b"second"),
+            PutMode::Create.into(),
+        )
+        .await
+        .unwrap_err();
+    eprintln!("s3s-fs, second PutMode::Create at {endpoint}: {e:?}");
+    assert!(
+        matches!(e, object_store::Error::AlreadyExists { .. }),
+        "{e:?}"
+    );
+    let got = os.get(&p).await.unwrap().bytes().await.unwrap();
+    assert_eq!(got, "first");
+}
+
+/// How s3s-fs behaves under racing creates of one key (reported, not required: it checks
+/// If-None-Match and then writes, so more than one racer can store).
+async fn racing_creates(store: &Store) {
+    let os = raw_client();
+    let p = Path::from("probe/race");
+    let puts = (0..16).map(|i| {
+        let os = os.clone();
+        let p = p.clone();
+        async move {
+            os.put_opts(
+                &p,
+                PutPayload::from(vec![i; 64 * 1024]),
+                PutMode::Create.into(),
+            )
+            .await
+        }
+    });
+    let results = futures::future::join_all(puts).await;
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    for r in &results {
+        if let Err(e) = r {
+            assert!(
+                matches!(e, object_store::Error::AlreadyExists { .. }),
+                "{e:?}"
+            );
+        }
+    }
+    eprintln!("s3s-fs: {won} of 16 racing PutMode::Create calls succeeded");
+
+    let data = Bytes::from(vec![42u8; 256 * 1024]);
+    let name = ChunkName::of(&data);
+    let puts = (0..16).map(|_| store.put_chunk(RootId(20), &name, data.clone()));
+    let outcomes: Vec<PutOutcome> = futures::future::join_all(puts)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let stored = outcomes
+        .iter()
+        .filter(|o| **o == PutOutcome::Stored)
+        .count();
+    eprintln!("s3s-fs: {stored} of 16 racing put_chunk calls reported Stored");
+    assert!(stored >= 1);
+    assert_eq!(store.get_chunk(RootId(20), &name).await.unwrap(), data);
+}
+
+/// The server checks signatures, and lode names the store and object when it refuses.
+async fn bad_credentials_fail_naming_store_and_object(endpoint: &str) {
+    let os = AmazonS3Builder::new()
+        .with_endpoint(endpoint)
+        .with_bucket_name(BUCKET)
+        .with_region("us-east-1")
+        .with_access_key_id(ACCESS_KEY)
+        .with_secret_access_key("not-the-secret")
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    let label = "s3://lode-test/some/prefix".to_owned();
+    let store = Store::from_object_store(Arc::new(os), Path::from("some/prefix"), label.clone());
+    let data = Bytes::from_static(b"layout chunk");
+    let name = ChunkName::of(&data);
+    let hex = name.to_hex();
+    let key = format!("some/prefix/roots/1/chunks/{}/{hex}", &hex[..2]);
+    let e = store.get_chunk(RootId(1), &name).await.unwrap_err();
+    assert!(matches!(e, StoreError::Backend { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(&format!("store {label}: get {key} failed: ")),
+        "{msg}"
+    );
+    let e = store.put_chunk(RootId(1), &name, data).await.unwrap_err();
+    assert!(matches!(e, StoreError::Backend { .. }), "{e:?}");
+    assert!(e.to_string().contains(&key), "{e}");
+}
