@@ -78,6 +78,14 @@ pub enum ImageError {
     /// A worker task died (a bug, reported rather than hidden).
     #[error("internal task failed: {0}")]
     Task(String),
+    /// The OCI image could not be flattened.
+    #[error("flattening {image}: {source}")]
+    Flatten {
+        /// The source as the user named it.
+        image: String,
+        /// What went wrong, naming the layer and entry.
+        source: lode_oci::Error,
+    },
     /// An option a caller gave is out of range.
     #[error("{0}")]
     Invalid(String),

@@ -7,6 +7,7 @@
 
 mod error;
 mod export;
+mod flatten;
 mod inspect;
 mod publish;
 mod reference;
@@ -15,6 +16,9 @@ mod verify;
 
 pub use error::ImageError;
 pub use export::{ExportStats, export};
+pub use flatten::{
+    FlattenProgress, FlattenReport, FlattenRequest, default_work_dir, flatten_and_publish,
+};
 pub use inspect::ManifestView;
 pub use publish::{PublishOptions, PublishStats, Published, Publisher};
 pub use reference::{OpenedImage, open_image, resolve};

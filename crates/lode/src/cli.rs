@@ -54,6 +54,19 @@ pub enum Command {
     #[command(after_help = "Example:\n  lode import rootfs.ext4 --tag myapp:1.0")]
     Import(ImportArgs),
 
+    /// Flatten an OCI image into a deterministic ext4 image and publish it.
+    ///
+    /// SOURCE is `oci:DIR[:TAG]` (an OCI image layout, as skopeo and umoci write) or
+    /// `docker-archive:FILE` (as `docker save` writes). Layers are applied with OCI
+    /// semantics (whiteouts, opaque directories, hardlinks) onto one ext4 filesystem in
+    /// which each layer's files sit in their own chunk-aligned region, so images that
+    /// share a base layer share its chunks. Prints the manifest id and what deduplicated.
+    #[command(
+        after_help = "Examples:\n  lode flatten oci:./layout:latest --tag myapp:1.0\n  \
+                            lode flatten docker-archive:app.tar --tag myapp:1.0"
+    )]
+    Flatten(FlattenArgs),
+
     /// Rebuild an image file byte for byte from the store.
     ///
     /// Every chunk is checked against its name and its key before it is written; the
@@ -91,6 +104,24 @@ pub struct ImportArgs {
     /// Chunk size in bytes: a power of two from 4096 to 67108864.
     #[arg(long, default_value = "524288", value_parser = parse_chunk_size)]
     pub chunk_size: ChunkSize,
+}
+
+#[derive(Debug, Args)]
+pub struct FlattenArgs {
+    /// `oci:DIR[:TAG]` or `docker-archive:FILE`.
+    pub source: String,
+    /// Point this tag at the new manifest.
+    #[arg(long, short)]
+    pub tag: Option<String>,
+    /// Chunk size in bytes (also each layer region's alignment).
+    #[arg(long, default_value = "524288", value_parser = parse_chunk_size)]
+    pub chunk_size: ChunkSize,
+    /// Also keep the ext4 image at this path.
+    #[arg(long, value_name = "PATH")]
+    pub keep_image: Option<PathBuf>,
+    /// Scratch directory for the ext4 image while it is published. [default: $LODE_HOME/tmp]
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -146,6 +146,68 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 );
             }
         }
+        Command::Flatten(a) => {
+            let store = env.store()?;
+            let kms = env.kms()?;
+            let key_id = env.kms_key.clone().unwrap_or_else(|| kms.default_key_id());
+            let publisher = Publisher::new(&store, kms.as_ref(), key_id);
+            let req = lode_image::FlattenRequest {
+                source: a.source.clone(),
+                tag: a.tag.clone(),
+                chunk_size: a.chunk_size,
+                work_dir: a
+                    .work_dir
+                    .clone()
+                    .unwrap_or_else(|| lode_image::default_work_dir(&home)),
+                keep_image: a.keep_image.clone(),
+            };
+            let news = Arc::new(output::News::new(
+                env.progress("publishing"),
+                env.quiet || env.cli_json,
+            ));
+            let r = lode_image::flatten_and_publish(&publisher, &req, news.clone()).await?;
+            news.finish();
+            let s = &r.published.stats;
+            if env.cli_json {
+                print_json(&serde_json::json!({
+                    "id": r.published.id, "tag": a.tag, "image_digest": r.image_digest,
+                    "layers": r.layers, "image_size": r.image_size, "stats": s,
+                    "dedup_share": s.dedup_share(), "flatten_seconds": r.flatten_seconds,
+                    "publish_seconds": r.publish_seconds,
+                    "config": r.published.manifest.header().config,
+                }))?;
+            } else {
+                println!("manifest  {}", r.published.id);
+                if let Some(t) = &a.tag {
+                    println!("tag       {t}");
+                }
+                println!(
+                    "source    {} ({} layers, digest {})",
+                    a.source, r.layers, r.image_digest
+                );
+                println!(
+                    "image     {} ext4 in {} chunks",
+                    human_bytes(r.image_size),
+                    s.chunks
+                );
+                println!(
+                    "chunks    {} zero, {} repeated, {} already stored, {} uploaded ({})",
+                    s.zero_chunks,
+                    s.repeated_chunks,
+                    s.present_chunks,
+                    s.uploaded_chunks,
+                    human_bytes(s.uploaded_bytes)
+                );
+                println!(
+                    "dedup     {:.1}% of the non-zero chunks needed no upload",
+                    s.dedup_share() * 100.0
+                );
+                println!(
+                    "time      {:.2} s flatten + {:.2} s publish",
+                    r.flatten_seconds, r.publish_seconds
+                );
+            }
+        }
         Command::Export(a) => {
             let store = env.store()?;
             let kms = env.kms()?;

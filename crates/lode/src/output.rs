@@ -1,5 +1,6 @@
 //! Printing: progress bars on a terminal, human sizes, JSON.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -39,6 +40,33 @@ impl Progress for Bar {
     }
     fn advance(&self, bytes: u64) {
         self.0.inc(bytes);
+    }
+}
+
+/// Flattening's news lines and byte progress.
+pub struct News {
+    bar: Arc<Bar>,
+    quiet: bool,
+}
+
+impl News {
+    pub fn new(bar: Arc<Bar>, quiet: bool) -> News {
+        News { bar, quiet }
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish();
+    }
+}
+
+impl lode_image::FlattenProgress for News {
+    fn note(&self, line: String) {
+        if !self.quiet {
+            self.bar.0.suspend(|| eprintln!("  {line}"));
+        }
+    }
+    fn bytes(&self) -> Arc<dyn Progress> {
+        self.bar.clone()
     }
 }
 

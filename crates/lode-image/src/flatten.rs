@@ -1,0 +1,146 @@
+//! `lode flatten`: an OCI image (layout directory, docker-archive, registry) into a
+//! deterministic ext4 image (`lode-oci`, `lode-ext4`), then published as chunks and a
+//! manifest carrying the image's config. The ext4 image is written to a scratch file
+//! first and published only when flattening succeeded, so a failed flatten publishes no
+//! manifest and no tag.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use lode_format::{ChunkSize, ImageConfig, ImageDigest};
+use lode_oci::{FlattenOptions, ImageSource};
+use serde::Serialize;
+
+use crate::{ImageError, Progress, PublishOptions, Published, Publisher};
+
+/// What to flatten and where to work.
+#[derive(Clone, Debug)]
+pub struct FlattenRequest {
+    /// `oci:DIR[:TAG]` or `docker-archive:FILE`.
+    pub source: String,
+    /// A tag for the new manifest.
+    pub tag: Option<String>,
+    /// The chunk size, which is also the alignment of each layer's data region.
+    pub chunk_size: ChunkSize,
+    /// A directory for the scratch ext4 image (removed afterwards).
+    pub work_dir: PathBuf,
+    /// Keep the ext4 image here as well (for inspection, mounting, benchmarks).
+    pub keep_image: Option<PathBuf>,
+}
+
+/// What flattening and publishing did.
+#[derive(Debug, Serialize)]
+pub struct FlattenReport {
+    /// The published manifest.
+    #[serde(skip)]
+    pub published: Published,
+    /// The OCI manifest digest (docker-archive: the config digest).
+    pub image_digest: ImageDigest,
+    /// Layers in the image.
+    pub layers: usize,
+    /// Size of the ext4 image.
+    pub image_size: u64,
+    /// Seconds spent flattening (reading layers, writing ext4).
+    pub flatten_seconds: f64,
+    /// Seconds spent chunking, sealing and uploading.
+    pub publish_seconds: f64,
+}
+
+/// Phases reported to the caller's progress display.
+pub trait FlattenProgress: Send + Sync {
+    /// A line of news ("layer 2/5 …").
+    fn note(&self, line: String);
+    /// The byte progress of the current phase.
+    fn bytes(&self) -> Arc<dyn Progress>;
+}
+
+/// Flattens `req.source` and publishes the result.
+pub async fn flatten_and_publish(
+    publisher: &Publisher<'_>,
+    req: &FlattenRequest,
+    progress: Arc<dyn FlattenProgress>,
+) -> Result<FlattenReport, ImageError> {
+    let source: ImageSource = req
+        .source
+        .parse()
+        .map_err(|e: lode_oci::SourceError| ImageError::Invalid(e.to_string()))?;
+    std::fs::create_dir_all(&req.work_dir).map_err(crate::error::io("create", &req.work_dir))?;
+    let scratch = tempfile::Builder::new()
+        .prefix("flatten-")
+        .suffix(".ext4")
+        .tempfile_in(&req.work_dir)
+        .map_err(crate::error::io("create a scratch file in", &req.work_dir))?;
+    let out = scratch
+        .as_file()
+        .try_clone()
+        .map_err(crate::error::io("open", scratch.path()))?;
+    let opts = FlattenOptions {
+        chunk_size: req.chunk_size.bytes_u64(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let p = Arc::clone(&progress);
+    let flattened = tokio::task::spawn_blocking(move || {
+        lode_oci::flatten(&source, out, &opts, &|ev| note(p.as_ref(), ev))
+    })
+    .await
+    .map_err(|e| ImageError::Task(e.to_string()))?
+    .map_err(|source| ImageError::Flatten {
+        image: req.source.clone(),
+        source,
+    })?;
+    let flatten_seconds = started.elapsed().as_secs_f64();
+
+    if let Some(keep) = &req.keep_image {
+        std::fs::copy(scratch.path(), keep).map_err(crate::error::io("copy the image to", keep))?;
+    }
+    let c = &flattened.config;
+    let opts = PublishOptions {
+        chunk_size: req.chunk_size,
+        config: ImageConfig {
+            entrypoint: c.entrypoint.clone(),
+            cmd: c.cmd.clone(),
+            env: c.env.clone(),
+            working_dir: c.working_dir.clone(),
+            user: c.user.clone(),
+        },
+        image_digest: Some(ImageDigest::from_bytes(flattened.image_digest.0)),
+        tag: req.tag.clone(),
+    };
+    progress.note(format!(
+        "publishing {} ext4 image ({} layers)",
+        flattened.summary.image_size,
+        flattened.layers.len()
+    ));
+    let started = Instant::now();
+    let published = publisher
+        .publish_file(scratch.path(), &opts, progress.bytes())
+        .await?;
+    Ok(FlattenReport {
+        image_digest: ImageDigest::from_bytes(flattened.image_digest.0),
+        layers: flattened.layers.len(),
+        image_size: flattened.summary.image_size,
+        published,
+        flatten_seconds,
+        publish_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn note(p: &dyn FlattenProgress, ev: lode_oci::Progress) {
+    use lode_oci::Progress as P;
+    match ev {
+        P::Resolved {
+            image_digest,
+            layers,
+        } => p.note(format!("image {} with {layers} layers", image_digest.hex())),
+        P::LayerStarted { index, count, .. } => p.note(format!("layer {}/{count}", index + 1)),
+        _ => {}
+    }
+}
+
+/// The default scratch directory: `$LODE_HOME/tmp`, beside the store, so the scratch image
+/// is on a disk with room for images.
+pub fn default_work_dir(home: &Path) -> PathBuf {
+    home.join("tmp")
+}
