@@ -84,7 +84,7 @@ pub enum ImageError {
         /// The source as the user named it.
         image: String,
         /// What went wrong, naming the layer and entry.
-        source: lode_oci::Error,
+        source: Box<lode_oci::Error>,
     },
     /// An option a caller gave is out of range.
     #[error("{0}")]

@@ -88,7 +88,7 @@ pub async fn flatten_and_publish(
     .map_err(|e| ImageError::Task(e.to_string()))?
     .map_err(|source| ImageError::Flatten {
         image: req.source.clone(),
-        source,
+        source: Box::new(source),
     })?;
     let flatten_seconds = started.elapsed().as_secs_f64();
 
