@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Tools the system tests drive: mkfs.ext4/e2fsck/debugfs (e2fsprogs), umoci and skopeo
-# (OCI reference unpacking), python3 for the test-vector generator.
-packages=(e2fsprogs umoci skopeo python3)
+# (OCI reference unpacking), python3 for the test-vector generator, and the NBD clients
+# no one here wrote (nbdinfo, nbdcopy, nbdsh, qemu-img, fio's nbd engine, nbdkit).
+packages=(e2fsprogs umoci skopeo python3 nbdkit libnbd-bin python3-libnbd fio qemu-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

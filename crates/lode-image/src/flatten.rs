@@ -37,14 +37,31 @@ pub struct FlattenReport {
     pub published: Published,
     /// The OCI manifest digest (docker-archive: the config digest).
     pub image_digest: ImageDigest,
-    /// Layers in the image.
-    pub layers: usize,
+    /// Each layer and the byte range of its data region in the ext4 image.
+    pub layers: Vec<LayerReport>,
     /// Size of the ext4 image.
     pub image_size: u64,
     /// Seconds spent flattening (reading layers, writing ext4).
     pub flatten_seconds: f64,
     /// Seconds spent chunking, sealing and uploading.
     pub publish_seconds: f64,
+}
+
+/// One layer of a flattened image.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    /// The layer blob's digest, when the source names one.
+    pub digest: Option<String>,
+    /// SHA-256 of the uncompressed tar.
+    pub diff_id: String,
+    /// First byte of the layer's data region (chunk-aligned).
+    pub region_start: u64,
+    /// One past the last byte of the region.
+    pub region_end: u64,
+    /// Regular files whose contents the region holds.
+    pub files: u64,
+    /// Size of the uncompressed tar.
+    pub uncompressed_bytes: u64,
 }
 
 /// Phases reported to the caller's progress display.
@@ -117,9 +134,21 @@ pub async fn flatten_and_publish(
     let published = publisher
         .publish_file(scratch.path(), &opts, progress.bytes())
         .await?;
+    let layers = flattened
+        .layers
+        .iter()
+        .map(|l| LayerReport {
+            digest: l.layer.digest.map(|d| format!("sha256:{}", d.hex())),
+            diff_id: format!("sha256:{}", l.diff_id.hex()),
+            region_start: l.region.byte_range().start,
+            region_end: l.region.byte_range().end,
+            files: l.files,
+            uncompressed_bytes: l.uncompressed_bytes,
+        })
+        .collect();
     Ok(FlattenReport {
         image_digest: ImageDigest::from_bytes(flattened.image_digest.0),
-        layers: flattened.layers.len(),
+        layers,
         image_size: flattened.summary.image_size,
         published,
         flatten_seconds,

@@ -183,7 +183,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
                 println!(
                     "source    {} ({} layers, digest {})",
-                    a.source, r.layers, r.image_digest
+                    a.source,
+                    r.layers.len(),
+                    r.image_digest
                 );
                 println!(
                     "image     {} ext4 in {} chunks",

@@ -1,0 +1,1043 @@
+//! The NBD server: listeners, the fixed-newstyle handshake and the transmission phase.
+//!
+//! Each connection runs one reader task. It reads a request header, has
+//! [`proto::parse_request`] check it, takes a slot and a share of the connection's
+//! byte budget (so a client cannot make the server buffer more than
+//! `max_buffered_bytes` or run more than `max_in_flight` requests), reads a WRITE's
+//! payload, and spawns the request. Requests run concurrently and reply as they finish,
+//! in any order; the client matches replies by handle. Replies are written whole under
+//! one lock, so they never interleave.
+//!
+//! A device error, or a device that panics, becomes an error reply for that request;
+//! only a protocol violation that leaves the stream out of step (bad magic, an
+//! oversized WRITE payload) or an I/O error closes the connection, and nothing a client
+//! sends stops the server.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Mutex, Notify, Semaphore, mpsc, watch};
+
+use crate::device::{BlockDevice, DeviceError};
+use crate::exports::{Export, Exports};
+use crate::proto::{
+    self, ClientOption, Command, Errno, ExportLimits, Handle, InfoRequest, OptionHeaderError,
+    RequestError,
+};
+
+/// Builds a [`Server`]; [`build`](Self::build) checks the settings.
+pub struct ServerBuilder {
+    exports: Exports,
+    max_in_flight: usize,
+    max_buffered_bytes: usize,
+    handshake_timeout: Duration,
+    on_error: Option<ErrorHook>,
+}
+
+type ErrorHook = Arc<dyn Fn(&ConnectionError) + Send + Sync>;
+
+impl fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("exports", &self.exports)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_buffered_bytes", &self.max_buffered_bytes)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Upper bound for `max_in_flight`.
+pub const MAX_IN_FLIGHT_LIMIT: usize = 4096;
+
+/// A setting given to [`ServerBuilder`] is out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("max_in_flight must be between 1 and {MAX_IN_FLIGHT_LIMIT}, got {0}")]
+    MaxInFlight(usize),
+    #[error("max_buffered_bytes must be at least the {min}-byte maximum request, got {got}")]
+    MaxBufferedBytes { got: usize, min: u32 },
+    #[error("handshake_timeout must be positive")]
+    HandshakeTimeout,
+}
+
+impl ServerBuilder {
+    /// Requests one connection runs at once (default 64).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n;
+        self
+    }
+
+    /// Bytes of request and reply data one connection may hold at once (default
+    /// 64 MiB; at least 32 MiB, the largest request).
+    pub fn max_buffered_bytes(mut self, n: usize) -> Self {
+        self.max_buffered_bytes = n;
+        self
+    }
+
+    /// How long a client may take from connecting to choosing an export (default 30 s).
+    pub fn handshake_timeout(mut self, t: Duration) -> Self {
+        self.handshake_timeout = t;
+        self
+    }
+
+    /// Called with every error that ends a connection (for the embedder's log).
+    pub fn on_connection_error(
+        mut self,
+        hook: impl Fn(&ConnectionError) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_error = Some(Arc::new(hook));
+        self
+    }
+
+    pub fn build(self) -> Result<Server, ConfigError> {
+        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT_LIMIT {
+            return Err(ConfigError::MaxInFlight(self.max_in_flight));
+        }
+        if self.max_buffered_bytes < proto::MAX_PAYLOAD as usize
+            || self.max_buffered_bytes > u32::MAX as usize
+        {
+            return Err(ConfigError::MaxBufferedBytes {
+                got: self.max_buffered_bytes,
+                min: proto::MAX_PAYLOAD,
+            });
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(ConfigError::HandshakeTimeout);
+        }
+        let (tx, rx) = mpsc::channel(1);
+        Ok(Server {
+            inner: Arc::new(Inner {
+                exports: self.exports,
+                max_in_flight: self.max_in_flight,
+                max_buffered_bytes: self.max_buffered_bytes,
+                handshake_timeout: self.handshake_timeout,
+                on_error: self.on_error,
+                shutdown: watch::channel(false).0,
+                tracker_tx: std::sync::Mutex::new(Some(tx)),
+                tracker_rx: Mutex::new(rx),
+                stats: Stats::default(),
+            }),
+        })
+    }
+}
+
+/// Something went wrong while binding a listener.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on TCP {addr}")]
+    BindTcp {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on Unix socket {path}")]
+    BindUnix {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+/// Why a connection ended other than by the client's choice.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("connection I/O failed")]
+    Io(#[from] io::Error),
+    #[error("client sent unknown handshake flags {0:#x}")]
+    ClientFlags(u32),
+    #[error("bad option header")]
+    OptionHeader(#[from] OptionHeaderError),
+    #[error("client without fixed newstyle sent option {0}, which only fixed newstyle allows")]
+    NotFixedNewstyle(u32),
+    #[error("NBD_OPT_EXPORT_NAME for unknown export {0:?}")]
+    UnknownExport(String),
+    #[error("NBD_OPT_EXPORT_NAME with invalid data")]
+    BadExportName(#[source] proto::OptionDataError),
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("bad request")]
+    Request(#[source] RequestError),
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+/// Counters since the server started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    pub connections_accepted: u64,
+    pub connections_active: u64,
+    /// Connections ended by a [`ConnectionError`].
+    pub connection_errors: u64,
+    pub requests: u64,
+    /// Requests answered with an error (refused by the parser or failed by the device).
+    pub request_errors: u64,
+    /// Device calls that panicked (answered EIO).
+    pub device_panics: u64,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    accepted: AtomicU64,
+    closed: AtomicU64,
+    errors: AtomicU64,
+    requests: AtomicU64,
+    request_errors: AtomicU64,
+    panics: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+struct Inner {
+    exports: Exports,
+    max_in_flight: usize,
+    max_buffered_bytes: usize,
+    handshake_timeout: Duration,
+    on_error: Option<ErrorHook>,
+    shutdown: watch::Sender<bool>,
+    // Every connection and accept loop holds a clone of this sender; shutdown drops
+    // the original and waits for the receiver to see the channel close.
+    tracker_tx: std::sync::Mutex<Option<mpsc::Sender<()>>>,
+    tracker_rx: Mutex<mpsc::Receiver<()>>,
+    stats: Stats,
+}
+
+/// An NBD server. Cheap to clone; clones are the same server.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("exports", &self.inner.exports)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves when shutdown has been requested.
+async fn shutdown_requested(mut rx: watch::Receiver<bool>) {
+    // An error means the server was dropped, which is a shutdown too.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+impl Server {
+    /// A builder serving `exports` (which may change while the server runs).
+    pub fn builder(exports: Exports) -> ServerBuilder {
+        ServerBuilder {
+            exports,
+            max_in_flight: 64,
+            max_buffered_bytes: 64 << 20,
+            handshake_timeout: Duration::from_secs(30),
+            on_error: None,
+        }
+    }
+
+    pub fn exports(&self) -> &Exports {
+        &self.inner.exports
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        let s = &self.inner.stats;
+        let accepted = s.accepted.load(Ordering::Relaxed);
+        ServerStats {
+            connections_accepted: accepted,
+            connections_active: accepted.saturating_sub(s.closed.load(Ordering::Relaxed)),
+            connection_errors: s.errors.load(Ordering::Relaxed),
+            requests: s.requests.load(Ordering::Relaxed),
+            request_errors: s.request_errors.load(Ordering::Relaxed),
+            device_panics: s.panics.load(Ordering::Relaxed),
+        }
+    }
+
+    fn token(&self) -> Option<mpsc::Sender<()>> {
+        self.inner
+            .tracker_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Binds `addr` and serves it in the background; returns the bound address (useful
+    /// with port 0).
+    pub async fn listen_tcp(&self, addr: SocketAddr) -> Result<SocketAddr, ServerError> {
+        let bind_err = |source| ServerError::BindTcp { addr, source };
+        let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+        let local = listener.local_addr().map_err(bind_err)?;
+        self.serve_tcp(listener)?;
+        Ok(local)
+    }
+
+    /// Binds a Unix socket at `path` and serves it in the background. The caller owns
+    /// the path: an existing file makes this fail, and it is left behind at shutdown.
+    pub fn listen_unix(&self, path: impl AsRef<Path>) -> Result<(), ServerError> {
+        let path = path.as_ref();
+        let listener = UnixListener::bind(path).map_err(|source| ServerError::BindUnix {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.serve_unix(listener)
+    }
+
+    /// Serves connections from a bound TCP listener in the background.
+    pub fn serve_tcp(&self, listener: TcpListener) -> Result<(), ServerError> {
+        let token = self.token().ok_or(ServerError::ShuttingDown)?;
+        let server = self.clone();
+        tokio::spawn(async move {
+            let _token = token;
+            let stop = shutdown_requested(server.inner.shutdown.subscribe());
+            tokio::pin!(stop);
+            loop {
+                let accepted = tokio::select! {
+                    _ = &mut stop => break,
+                    r = listener.accept() => r,
+                };
+                match accepted {
+                    Ok((stream, _)) => {
+                        // Replies are written whole; Nagle would only add latency.
+                        let _ = stream.set_nodelay(true);
+                        server.spawn_connection(stream);
+                    }
+                    Err(_) => accept_failed().await,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Serves connections from a bound Unix listener in the background.
+    pub fn serve_unix(&self, listener: UnixListener) -> Result<(), ServerError> {
+        let token = self.token().ok_or(ServerError::ShuttingDown)?;
+        let server = self.clone();
+        tokio::spawn(async move {
+            let _token = token;
+            let stop = shutdown_requested(server.inner.shutdown.subscribe());
+            tokio::pin!(stop);
+            loop {
+                let accepted = tokio::select! {
+                    _ = &mut stop => break,
+                    r = listener.accept() => r,
+                };
+                match accepted {
+                    Ok((stream, _)) => server.spawn_connection(stream),
+                    Err(_) => accept_failed().await,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn spawn_connection<S>(&self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let server = self.clone();
+        tokio::spawn(async move {
+            // Errors were counted and passed to the hook inside.
+            let _ = server.serve_connection(stream).await;
+        });
+    }
+
+    /// Runs the protocol on one connected stream until the client leaves, the
+    /// connection fails, or the server shuts down.
+    pub async fn serve_connection<S>(&self, stream: S) -> Result<(), ConnectionError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let Some(token) = self.token() else {
+            return Err(ConnectionError::ShuttingDown);
+        };
+        let stats = &self.inner.stats;
+        bump(&stats.accepted);
+        let result = self.connection(stream).await;
+        bump(&stats.closed);
+        drop(token);
+        if let Err(e) = &result {
+            bump(&stats.errors);
+            if let Some(hook) = &self.inner.on_error {
+                hook(e);
+            }
+        }
+        result
+    }
+
+    async fn connection<S>(&self, stream: S) -> Result<(), ConnectionError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let mut stream = BufReader::with_capacity(64 * 1024, stream);
+        let timeout = self.inner.handshake_timeout;
+        let handshake = tokio::time::timeout(timeout, self.handshake(&mut stream));
+        let chosen = tokio::select! {
+            _ = shutdown_requested(self.inner.shutdown.subscribe()) => return Ok(()),
+            r = handshake => r.map_err(|_| ConnectionError::HandshakeTimeout(timeout))??,
+        };
+        let Some((export, structured)) = chosen else {
+            return Ok(());
+        };
+        self.transmission(stream, export, structured).await
+    }
+
+    /// Stops accepting, lets every connection finish the requests it has started,
+    /// and returns when all connections are closed. Requests not yet read are not
+    /// served. A device call that never returns holds this up; wrap it in a timeout
+    /// if that matters.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        self.inner
+            .tracker_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let mut rx = self.inner.tracker_rx.lock().await;
+        while rx.recv().await.is_some() {}
+    }
+
+    // -----------------------------------------------------------------------------
+    // Handshake.
+
+    /// Runs the option haggling. Returns the export and whether structured replies
+    /// were negotiated, or `None` if the client aborted.
+    async fn handshake<S>(&self, stream: &mut S) -> Result<Option<(Export, bool)>, ConnectionError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut hello = Vec::with_capacity(18);
+        hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        hello
+            .extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+        stream.write_all(&hello).await?;
+        stream.flush().await?;
+
+        let client_flags = stream.read_u32().await?;
+        let known = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
+        if client_flags & !known != 0 {
+            return Err(ConnectionError::ClientFlags(client_flags));
+        }
+        let fixed = client_flags & proto::FLAG_C_FIXED_NEWSTYLE != 0;
+        let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
+        let mut structured = false;
+
+        loop {
+            let mut header = [0u8; proto::OPTION_HEADER_LEN];
+            stream.read_exact(&mut header).await?;
+            let header = proto::parse_option_header(&header)?;
+            // Bounded by parse_option_header (64 KiB).
+            let mut data = vec![0u8; header.length as usize];
+            stream.read_exact(&mut data).await?;
+            let option = header.option;
+            if !fixed && option != proto::OPT_EXPORT_NAME {
+                // Without fixed newstyle there is no way to refuse an option but to
+                // hang up.
+                return Err(ConnectionError::NotFixedNewstyle(option));
+            }
+            let parsed = match proto::parse_option(option, &data) {
+                Ok(p) => p,
+                Err(e) if option == proto::OPT_EXPORT_NAME => {
+                    return Err(ConnectionError::BadExportName(e));
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    let reply = proto::option_reply(option, proto::REP_ERR_INVALID, msg.as_bytes());
+                    stream.write_all(&reply).await?;
+                    stream.flush().await?;
+                    continue;
+                }
+            };
+            let mut out = Vec::new();
+            match parsed {
+                ClientOption::ExportName(name) => {
+                    let Some((_, export)) = self.resolve(&name) else {
+                        return Err(ConnectionError::UnknownExport(name));
+                    };
+                    let device = export.device();
+                    out.extend_from_slice(&device.size().to_be_bytes());
+                    out.extend_from_slice(
+                        &transmission_flags(device.as_ref(), structured).to_be_bytes(),
+                    );
+                    if !no_zeroes {
+                        out.extend_from_slice(&[0u8; 124]);
+                    }
+                    stream.write_all(&out).await?;
+                    stream.flush().await?;
+                    return Ok(Some((export, structured)));
+                }
+                ClientOption::Abort => {
+                    // The client may already have gone; the ACK is a courtesy.
+                    let ack = proto::option_reply(option, proto::REP_ACK, &[]);
+                    let _ = stream.write_all(&ack).await;
+                    let _ = stream.flush().await;
+                    return Ok(None);
+                }
+                ClientOption::List => {
+                    for (name, description) in self.inner.exports.list() {
+                        let mut d = Vec::with_capacity(4 + name.len());
+                        d.extend_from_slice(&len_u32(name.len()).to_be_bytes());
+                        d.extend_from_slice(name.as_bytes());
+                        if let Some(desc) = description {
+                            d.extend_from_slice(desc.as_bytes());
+                        }
+                        out.extend(proto::option_reply(option, proto::REP_SERVER, &d));
+                    }
+                    out.extend(proto::option_reply(option, proto::REP_ACK, &[]));
+                }
+                ClientOption::Info(req) => {
+                    self.info_replies(option, &req, structured, &mut out);
+                }
+                ClientOption::Go(req) => {
+                    if let Some(export) = self.info_replies(option, &req, structured, &mut out) {
+                        stream.write_all(&out).await?;
+                        stream.flush().await?;
+                        return Ok(Some((export, structured)));
+                    }
+                }
+                ClientOption::StructuredReply => {
+                    structured = true;
+                    out.extend(proto::option_reply(option, proto::REP_ACK, &[]));
+                }
+                ClientOption::Unsupported(code) => {
+                    let msg = format!("option {code} is not supported");
+                    out.extend(proto::option_reply(
+                        option,
+                        proto::REP_ERR_UNSUP,
+                        msg.as_bytes(),
+                    ));
+                }
+            }
+            stream.write_all(&out).await?;
+            stream.flush().await?;
+        }
+    }
+
+    fn resolve(&self, name: &str) -> Option<(String, Export)> {
+        self.inner.exports.resolve(name)
+    }
+
+    /// Appends the replies to NBD_OPT_INFO or NBD_OPT_GO to `out`; returns the export
+    /// if there is one.
+    fn info_replies(
+        &self,
+        option: u32,
+        req: &InfoRequest,
+        structured: bool,
+        out: &mut Vec<u8>,
+    ) -> Option<Export> {
+        let Some((name, export)) = self.resolve(&req.name) else {
+            let msg = format!("no export named {:?}", req.name);
+            out.extend(proto::option_reply(
+                option,
+                proto::REP_ERR_UNKNOWN,
+                msg.as_bytes(),
+            ));
+            return None;
+        };
+        let device = export.device();
+        let mut info = Vec::with_capacity(12);
+        info.extend_from_slice(&proto::INFO_EXPORT.to_be_bytes());
+        info.extend_from_slice(&device.size().to_be_bytes());
+        info.extend_from_slice(&transmission_flags(device.as_ref(), structured).to_be_bytes());
+        out.extend(proto::option_reply(option, proto::REP_INFO, &info));
+
+        // Sent whether or not asked for: the minimum of 1 constrains nothing, and
+        // clients that did not ask may ignore it.
+        let mut info = Vec::with_capacity(14);
+        info.extend_from_slice(&proto::INFO_BLOCK_SIZE.to_be_bytes());
+        info.extend_from_slice(&proto::MIN_BLOCK.to_be_bytes());
+        info.extend_from_slice(&proto::PREFERRED_BLOCK.to_be_bytes());
+        info.extend_from_slice(&proto::MAX_PAYLOAD.to_be_bytes());
+        out.extend(proto::option_reply(option, proto::REP_INFO, &info));
+
+        if req.requests.contains(&proto::INFO_NAME) {
+            let mut info = proto::INFO_NAME.to_be_bytes().to_vec();
+            info.extend_from_slice(name.as_bytes());
+            out.extend(proto::option_reply(option, proto::REP_INFO, &info));
+        }
+        if let Some(desc) = export
+            .description()
+            .filter(|_| req.requests.contains(&proto::INFO_DESCRIPTION))
+        {
+            let mut info = proto::INFO_DESCRIPTION.to_be_bytes().to_vec();
+            info.extend_from_slice(desc.as_bytes());
+            out.extend(proto::option_reply(option, proto::REP_INFO, &info));
+        }
+        out.extend(proto::option_reply(option, proto::REP_ACK, &[]));
+        Some(export)
+    }
+
+    // -----------------------------------------------------------------------------
+    // Transmission.
+
+    async fn transmission<S>(
+        &self,
+        stream: BufReader<S>,
+        export: Export,
+        structured: bool,
+    ) -> Result<(), ConnectionError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (mut reader, writer) = tokio::io::split(stream);
+        let device = Arc::clone(export.device());
+        let conn = Arc::new(Conn {
+            writer: Mutex::new(writer),
+            device: Arc::clone(&device),
+            structured,
+            slots: Arc::new(Semaphore::new(self.inner.max_in_flight)),
+            bytes: Arc::new(Semaphore::new(self.inner.max_buffered_bytes)),
+            write_failed: Notify::new(),
+            server: Arc::clone(&self.inner),
+        });
+        let limits = ExportLimits {
+            size: device.size(),
+            read_only: device.read_only(),
+            structured_replies: structured,
+        };
+        let stop = shutdown_requested(self.inner.shutdown.subscribe());
+        tokio::pin!(stop);
+
+        let result = loop {
+            let next = tokio::select! {
+                biased;
+                _ = &mut stop => break Ok(()),
+                _ = conn.write_failed.notified() => break Ok(()),
+                r = next_request(&mut reader, &limits, &conn) => r,
+            };
+            match next {
+                Ok(Next::Eof | Next::Disconnect) => break Ok(()),
+                Ok(Next::Job(job)) => {
+                    bump(&self.inner.stats.requests);
+                    tokio::spawn(Arc::clone(&conn).run(job));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+
+        // The protocol asks that requests already received are answered before the
+        // connection closes; wait for every slot to come back.
+        let all = u32::try_from(self.inner.max_in_flight).unwrap_or(u32::MAX);
+        let _ = conn.slots.acquire_many(all).await;
+        let mut writer = conn.writer.lock().await;
+        let _ = writer.shutdown().await;
+        result
+    }
+}
+
+async fn accept_failed() {
+    // Out of file descriptors or a connection reset before accept: back off briefly
+    // rather than spin, and keep listening.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The transmission flags advertised for a device.
+fn transmission_flags(device: &dyn BlockDevice, structured: bool) -> u16 {
+    let mut flags = proto::TFLAG_HAS_FLAGS | proto::TFLAG_SEND_FLUSH | proto::TFLAG_SEND_CACHE;
+    if structured {
+        // A read is always answered in one chunk, so "don't fragment" costs nothing.
+        flags |= proto::TFLAG_SEND_DF;
+    }
+    if device.read_only() {
+        flags |= proto::TFLAG_READ_ONLY;
+    } else {
+        flags |= proto::TFLAG_SEND_FUA | proto::TFLAG_SEND_TRIM | proto::TFLAG_SEND_WRITE_ZEROES;
+    }
+    if device.can_multi_conn() {
+        flags |= proto::TFLAG_CAN_MULTI_CONN;
+    }
+    flags
+}
+
+/// One connection's shared state in transmission.
+struct Conn<W> {
+    writer: Mutex<W>,
+    device: Arc<dyn BlockDevice>,
+    structured: bool,
+    slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    write_failed: Notify,
+    server: Arc<Inner>,
+}
+
+/// A request ready to run, holding its share of the connection's limits.
+struct Job {
+    handle: Handle,
+    work: Work,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+enum Work {
+    Command(Command, Vec<u8>),
+    Refuse(Errno, String),
+}
+
+enum Next {
+    Eof,
+    Disconnect,
+    Job(Job),
+}
+
+/// Reads a request header, returning `false` on a clean end of stream before it.
+async fn read_header<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut [u8; proto::REQUEST_HEADER_LEN],
+) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = reader.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            if filled == 0 {
+                return Ok(false);
+            }
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        filled += n;
+    }
+    Ok(true)
+}
+
+/// Reads and checks the next request, with its payload.
+async fn next_request<R, W>(
+    reader: &mut R,
+    limits: &ExportLimits,
+    conn: &Conn<W>,
+) -> Result<Next, ConnectionError>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut header = [0u8; proto::REQUEST_HEADER_LEN];
+    if !read_header(reader, &mut header).await? {
+        return Ok(Next::Eof);
+    }
+    // The slot is taken before anything else so a client pipelining past the limit
+    // is simply not read from until a request finishes.
+    let slot = Arc::clone(&conn.slots)
+        .acquire_owned()
+        .await
+        .map_err(|_| io::Error::other("semaphore closed"))?;
+    let req = match proto::parse_request(&header, limits) {
+        Ok(req) => req,
+        Err(RequestError::Rejected {
+            handle,
+            errno,
+            discard,
+            reason,
+        }) => {
+            let mut payload = (&mut *reader).take(u64::from(discard));
+            tokio::io::copy(&mut payload, &mut tokio::io::sink()).await?;
+            return Ok(Next::Job(Job {
+                handle,
+                work: Work::Refuse(errno, reason.to_string()),
+                _slot: slot,
+                _bytes: None,
+            }));
+        }
+        Err(e) => return Err(ConnectionError::Request(e)),
+    };
+    let buffered = match req.command {
+        Command::Disconnect => return Ok(Next::Disconnect),
+        Command::Read { length, .. } | Command::Write { length, .. } => length,
+        _ => 0,
+    };
+    let bytes = if buffered > 0 {
+        // buffered <= MAX_PAYLOAD <= max_buffered_bytes, so this always completes.
+        let permit = Arc::clone(&conn.bytes)
+            .acquire_many_owned(buffered)
+            .await
+            .map_err(|_| io::Error::other("semaphore closed"))?;
+        Some(permit)
+    } else {
+        None
+    };
+    let mut data = Vec::new();
+    if let Command::Write { length, .. } = req.command {
+        data = vec![0u8; length as usize];
+        reader.read_exact(&mut data).await?;
+    }
+    let (handle, command) = (req.handle, req.command);
+    Ok(Next::Job(Job {
+        handle,
+        work: Work::Command(command, data),
+        _slot: slot,
+        _bytes: bytes,
+    }))
+}
+
+impl<W: AsyncWrite + Send + Unpin + 'static> Conn<W> {
+    async fn run(self: Arc<Self>, job: Job) {
+        let reply = match job.work {
+            Work::Refuse(errno, msg) => {
+                bump(&self.server.stats.request_errors);
+                self.error_reply(job.handle, errno, &msg)
+            }
+            Work::Command(command, data) => {
+                let run = std::panic::AssertUnwindSafe(self.execute(job.handle, command, data));
+                match run.catch_unwind().await {
+                    Ok(Ok(reply)) => reply,
+                    Ok(Err(e)) => {
+                        bump(&self.server.stats.request_errors);
+                        self.error_reply(job.handle, e.errno(), &e.to_string())
+                    }
+                    Err(_) => {
+                        bump(&self.server.stats.request_errors);
+                        bump(&self.server.stats.panics);
+                        self.error_reply(job.handle, Errno::EIO, "device panicked")
+                    }
+                }
+            }
+        };
+        let mut writer = self.writer.lock().await;
+        let sent = match writer.write_all(&reply).await {
+            Ok(()) => writer.flush().await,
+            Err(e) => Err(e),
+        };
+        drop(writer);
+        if sent.is_err() {
+            self.write_failed.notify_one();
+        }
+        // The job's permits are released here, after the reply is on the wire.
+        drop(job._slot);
+    }
+
+    async fn execute(
+        &self,
+        handle: Handle,
+        command: Command,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, DeviceError> {
+        let device = &self.device;
+        match command {
+            Command::Read { offset, length } => {
+                let header = if self.structured {
+                    proto::STRUCTURED_HEADER_LEN + 8
+                } else {
+                    proto::SIMPLE_REPLY_LEN
+                };
+                let mut buf = vec![0u8; header + length as usize];
+                device.read_at(offset, &mut buf[header..]).await?;
+                if self.structured {
+                    proto::put_structured_header(
+                        &mut buf,
+                        proto::REPLY_FLAG_DONE,
+                        proto::REPLY_TYPE_OFFSET_DATA,
+                        handle,
+                        length + 8,
+                    );
+                    buf[proto::STRUCTURED_HEADER_LEN..header]
+                        .copy_from_slice(&offset.to_be_bytes());
+                } else {
+                    proto::put_simple_reply(&mut buf, handle, Errno(0));
+                }
+                return Ok(buf);
+            }
+            Command::Write { offset, fua, .. } => {
+                device.write_at(offset, &data).await?;
+                if fua {
+                    device.flush().await?;
+                }
+            }
+            Command::Flush => device.flush().await?,
+            Command::Trim {
+                offset,
+                length,
+                fua,
+            } => {
+                device.trim(offset, u64::from(length)).await?;
+                if fua {
+                    device.flush().await?;
+                }
+            }
+            Command::WriteZeroes {
+                offset,
+                length,
+                fua,
+            } => {
+                device.write_zeroes(offset, u64::from(length)).await?;
+                if fua {
+                    device.flush().await?;
+                }
+            }
+            Command::Cache { offset, length } => device.prefetch(offset, u64::from(length)).await?,
+            // Handled by the reader; never spawned.
+            Command::Disconnect => {}
+        }
+        Ok(self.ok_reply(handle))
+    }
+
+    fn ok_reply(&self, handle: Handle) -> Vec<u8> {
+        if self.structured {
+            let mut out = vec![0u8; proto::STRUCTURED_HEADER_LEN];
+            proto::put_structured_header(
+                &mut out,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_NONE,
+                handle,
+                0,
+            );
+            out
+        } else {
+            let mut out = vec![0u8; proto::SIMPLE_REPLY_LEN];
+            proto::put_simple_reply(&mut out, handle, Errno(0));
+            out
+        }
+    }
+
+    fn error_reply(&self, handle: Handle, errno: Errno, message: &str) -> Vec<u8> {
+        if self.structured {
+            proto::structured_error(handle, errno, message)
+        } else {
+            let mut out = vec![0u8; proto::SIMPLE_REPLY_LEN];
+            proto::put_simple_reply(&mut out, handle, errno);
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::MemDevice;
+
+    #[test]
+    fn builder_names_the_bad_setting() {
+        let err = Server::builder(Exports::new())
+            .max_in_flight(0)
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "max_in_flight must be between 1 and 4096, got 0"
+        );
+        let err = Server::builder(Exports::new())
+            .max_buffered_bytes(1 << 20)
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "max_buffered_bytes must be at least the 33554432-byte maximum request, got 1048576"
+        );
+    }
+
+    async fn greet<S: AsyncRead + AsyncWrite + Unpin>(c: &mut S) {
+        let mut hello = [0u8; 18];
+        c.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        c.write_all(&3u32.to_be_bytes()).await.unwrap();
+    }
+
+    /// serve_connection over an in-memory pipe: EXPORT_NAME, a write, a read, DISC.
+    #[tokio::test]
+    async fn serves_any_stream() {
+        let exports = Exports::new();
+        let dev = Arc::new(MemDevice::new(8192));
+        exports.add("d", Export::new(dev.clone())).unwrap();
+        let server = Server::builder(exports).build().unwrap();
+        let (mut client, stream) = tokio::io::duplex(1 << 16);
+        let task = tokio::spawn({
+            let server = server.clone();
+            async move { server.serve_connection(stream).await }
+        });
+        greet(&mut client).await;
+        let mut opt = proto::IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&proto::OPT_EXPORT_NAME.to_be_bytes());
+        opt.extend_from_slice(&1u32.to_be_bytes());
+        opt.push(b'd');
+        client.write_all(&opt).await.unwrap();
+        let mut reply = [0u8; 10];
+        client.read_exact(&mut reply).await.unwrap();
+        assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), 8192);
+
+        let req = |kind: u16, handle: u64, offset: u64, len: u32| {
+            let mut b = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&kind.to_be_bytes());
+            b.extend_from_slice(&handle.to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+            b
+        };
+        let mut w = req(proto::CMD_WRITE, 1, 100, 5);
+        w.extend_from_slice(b"hello");
+        client.write_all(&w).await.unwrap();
+        let mut r = [0u8; 16];
+        client.read_exact(&mut r).await.unwrap();
+        assert_eq!(&r[4..8], &[0; 4]);
+        client
+            .write_all(&req(proto::CMD_READ, 2, 99, 7))
+            .await
+            .unwrap();
+        let mut r = [0u8; 16 + 7];
+        client.read_exact(&mut r).await.unwrap();
+        assert_eq!(u64::from_be_bytes(r[8..16].try_into().unwrap()), 2);
+        assert_eq!(&r[16..], b"\0hello\0");
+        client
+            .write_all(&req(proto::CMD_DISC, 3, 0, 0))
+            .await
+            .unwrap();
+        task.await.unwrap().unwrap();
+        assert_eq!(&dev.contents()[100..105], b"hello");
+    }
+
+    #[tokio::test]
+    async fn the_error_hook_hears_why_a_connection_ended() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let server = Server::builder(Exports::new())
+            .on_connection_error({
+                let seen = seen.clone();
+                move |e| {
+                    seen.lock()
+                        .unwrap()
+                        .push(format!("{e}: {}", e.source_text()))
+                }
+            })
+            .build()
+            .unwrap();
+        let (mut client, stream) = tokio::io::duplex(1 << 16);
+        let task = tokio::spawn({
+            let server = server.clone();
+            async move { server.serve_connection(stream).await }
+        });
+        greet(&mut client).await;
+        client.write_all(&[0u8; 16]).await.unwrap();
+        assert!(task.await.unwrap().is_err());
+        assert_eq!(
+            seen.lock().unwrap().as_slice(),
+            ["bad option header: option header has magic 0x0000000000000000, expected IHAVEOPT"]
+        );
+        assert_eq!(server.stats().connection_errors, 1);
+        server.shutdown().await;
+        let (_, stream) = tokio::io::duplex(64);
+        assert!(matches!(
+            server.serve_connection(stream).await,
+            Err(ConnectionError::ShuttingDown)
+        ));
+    }
+
+    trait SourceText {
+        fn source_text(&self) -> String;
+    }
+
+    impl SourceText for ConnectionError {
+        fn source_text(&self) -> String {
+            std::error::Error::source(self).map_or_else(String::new, |s| s.to_string())
+        }
+    }
+}
