@@ -165,8 +165,13 @@ impl<'a> Publisher<'a> {
         let meta = file.metadata().map_err(io("stat", path))?;
         let device_size = if meta.file_type().is_file() {
             meta.len()
-        } else {
+        } else if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
             block_device_size(&file).map_err(io("size", path))?
+        } else {
+            return Err(ImageError::Invalid(format!(
+                "{} is not a regular file or a block device",
+                path.display()
+            )));
         };
         let (root, salt) = self.active_root().await?;
         let cs = opts.chunk_size;
@@ -247,7 +252,7 @@ impl<'a> Publisher<'a> {
             chunks: count,
             ..Default::default()
         };
-        let mut entries = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+        let mut entries = Vec::with_capacity(usize::try_from(count.min(1 << 20)).unwrap_or(0));
         let mut keys = Vec::new();
         let mut image_hash = ring::digest::Context::new(&ring::digest::SHA256);
         while let Some(r) = results.next().await {

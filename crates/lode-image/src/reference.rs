@@ -41,10 +41,17 @@ pub async fn open_image(
     let keys = match kms {
         None => None,
         Some(kms) => {
-            let data_key = kms
-                .unwrap(manifest.wrapped_key())
-                .await
-                .map_err(|source| ImageError::ManifestKey { id, source })?;
+            let data_key = kms.unwrap(manifest.wrapped_key()).await.map_err(|source| {
+                match source {
+                    // The key id is part of the manifest: a name the KMS lacks means a
+                    // damaged manifest or one made under another KMS.
+                    lode_kms::KmsError::UnknownKey { key_id, kms } => ImageError::Invalid(format!(
+                        "manifest {id} names KMS key {key_id:?}, which {kms} lacks: the \
+                         manifest is corrupt or was made under another key"
+                    )),
+                    source => ImageError::ManifestKey { id, source },
+                }
+            })?;
             Some(
                 manifest
                     .open_keys(&data_key)

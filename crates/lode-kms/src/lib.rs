@@ -114,6 +114,23 @@ pub trait Kms: Send + Sync + fmt::Debug {
     }
 }
 
+/// Opens the KMS a user named for reading existing images: like [`open`], but a keyring
+/// file that does not exist is an error rather than a new, empty keyring — a fresh
+/// keyring could never unwrap the images already stored.
+pub fn open_existing(spec: &str) -> Result<Box<dyn Kms>, KmsError> {
+    if !spec.contains("://") && !std::path::Path::new(spec).exists() {
+        return Err(KmsError::Io {
+            path: PathBuf::from(spec),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no keyring here; it holds the keys of every stored image: point --kms or \
+                 LODE_KMS at the keyring the images were made with",
+            ),
+        });
+    }
+    open(spec)
+}
+
 /// Opens the KMS a user named: a keyring file path (created on first use), or a URL of a
 /// service this build knows.
 pub fn open(spec: &str) -> Result<Box<dyn Kms>, KmsError> {

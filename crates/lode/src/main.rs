@@ -68,8 +68,14 @@ impl Env {
         Ok(Store::open(&self.store_spec)?)
     }
 
+    /// The KMS for making images: a missing keyring is created.
     fn kms(&self) -> Result<Box<dyn Kms>> {
         Ok(lode_kms::open(&self.kms_spec)?)
+    }
+
+    /// The KMS for reading images: a missing keyring is an error.
+    fn kms_existing(&self) -> Result<Box<dyn Kms>> {
+        Ok(lode_kms::open_existing(&self.kms_spec)?)
     }
 
     fn progress(&self, what: &str) -> Arc<Bar> {
@@ -212,7 +218,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Export(a) => {
             let store = env.store()?;
-            let kms = env.kms()?;
+            let kms = env.kms_existing()?;
             let img = lode_image::open_image(&store, Some(kms.as_ref()), &a.image).await?;
             let bar = env.progress("exporting");
             let st = lode_image::export(&store, &img, &a.out, bar.clone() as Arc<dyn Progress>)
@@ -239,7 +245,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Verify(a) => {
             let store = env.store()?;
-            let kms = if a.no_decrypt { None } else { Some(env.kms()?) };
+            let kms = if a.no_decrypt {
+                None
+            } else {
+                Some(env.kms_existing()?)
+            };
             let img = lode_image::open_image(&store, kms.as_deref(), &a.image).await?;
             let bar = env.progress("verifying");
             let report = lode_image::verify(&store, &img, bar.clone() as Arc<dyn Progress>).await?;

@@ -1,0 +1,283 @@
+//! The OCI image layout being written: `oci-layout`, `index.json`, `blobs/sha256/HEX`.
+//!
+//! A blob reaches its digest name only whole and verified: it is streamed into a temporary
+//! file under `blobs/` (named `.lode-partial-*`, never a digest), hashed on the way, synced,
+//! and renamed into `blobs/sha256/` only when its size and sha256 match the descriptor. A
+//! failed or interrupted pull therefore leaves at most a partial file that no reader of the
+//! layout will take for a blob, and that is deleted when the write is dropped.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use crate::error::Error;
+use crate::manifest::{Descriptor, Digest};
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Layout {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// Creates (or opens) the layout at `root`.
+    pub(crate) fn create(root: &Path) -> Result<Self, Error> {
+        let blobs = root.join("blobs").join("sha256");
+        std::fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        let marker = root.join("oci-layout");
+        if !marker.exists() {
+            write_atomic(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        }
+        Ok(Layout {
+            root: root.to_owned(),
+        })
+    }
+
+    pub(crate) fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs").join("sha256").join(digest.hex())
+    }
+
+    /// True when the blob is already present with the right size and hash.
+    pub(crate) async fn has_blob(&self, desc: &Descriptor) -> Result<bool, Error> {
+        let path = self.blob_path(&desc.digest);
+        let want = desc.clone();
+        let check = move || -> std::io::Result<bool> {
+            let mut file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            if file.metadata()?.len() != want.size {
+                return Ok(false);
+            }
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                ctx.update(&buf[..n]);
+            }
+            Ok(Digest::from_sha256(ctx.finish().as_ref()) == want.digest)
+        };
+        let path = self.blob_path(&desc.digest);
+        tokio::task::spawn_blocking(check)
+            .await
+            .map_err(|e| Error::Layout {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(io_err(&path))
+    }
+
+    /// Stores bytes already held in memory (a manifest) under their digest.
+    pub(crate) fn put_small(&self, digest: &Digest, bytes: &[u8]) -> Result<(), Error> {
+        debug_assert_eq!(&Digest::of(bytes), digest);
+        write_atomic(&self.blob_path(digest), bytes)
+    }
+
+    /// Starts streaming a blob. Nothing appears under its digest until [`BlobWrite::finish`].
+    pub(crate) fn start_blob(&self) -> Result<BlobWrite, Error> {
+        let dir = self.root.join("blobs");
+        let temp = tempfile::Builder::new()
+            .prefix(".lode-partial-")
+            .tempfile_in(&dir)
+            .map_err(io_err(&dir))?;
+        let file = temp.as_file().try_clone().map_err(io_err(temp.path()))?;
+        Ok(BlobWrite {
+            temp,
+            file: tokio::fs::File::from_std(file),
+            hash: ring::digest::Context::new(&ring::digest::SHA256),
+            written: 0,
+        })
+    }
+
+    /// Points `tag` at `manifest` in `index.json`, replacing an earlier entry with that tag and
+    /// keeping every other entry.
+    pub(crate) fn set_tag(&self, tag: &str, manifest: &Descriptor) -> Result<(), Error> {
+        let path = self.root.join("index.json");
+        let mut index = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<Value>(&bytes).map_err(|e| Error::Layout {
+                path: path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                json!({"schemaVersion": 2, "mediaType": crate::manifest::OCI_INDEX, "manifests": []})
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let not_index = || Error::Layout {
+            path: path.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "index.json has no manifests array",
+            ),
+        };
+        let manifests = index
+            .get_mut("manifests")
+            .and_then(Value::as_array_mut)
+            .ok_or_else(not_index)?;
+        manifests.retain(|m| {
+            m.pointer("/annotations/org.opencontainers.image.ref.name") != Some(&Value::from(tag))
+        });
+        manifests.push(json!({
+            "mediaType": manifest.media_type,
+            "digest": manifest.digest.as_str(),
+            "size": manifest.size,
+            "annotations": { REF_NAME: tag },
+        }));
+        let bytes = serde_json::to_vec_pretty(&index).map_err(|e| Error::Layout {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        write_atomic(&path, &bytes)
+    }
+}
+
+/// A blob being streamed into the layout.
+pub(crate) struct BlobWrite {
+    temp: tempfile::NamedTempFile,
+    file: tokio::fs::File,
+    hash: ring::digest::Context,
+    written: u64,
+}
+
+impl std::fmt::Debug for BlobWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobWrite")
+            .field("temp", &self.temp.path())
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlobWrite {
+    pub(crate) async fn write(&mut self, chunk: &[u8]) -> Result<(), Error> {
+        self.hash.update(chunk);
+        self.written = self.written.saturating_add(chunk.len() as u64);
+        self.file
+            .write_all(chunk)
+            .await
+            .map_err(io_err(self.temp.path()))
+    }
+
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// The digest of what was written so far.
+    pub(crate) fn digest(&self) -> Digest {
+        Digest::from_sha256(self.hash.clone().finish().as_ref())
+    }
+
+    /// Renames the blob to `blobs/sha256/HEX` if it hashes to `digest`; returns the actual
+    /// digest otherwise (and the temporary file is removed).
+    pub(crate) async fn finish(
+        mut self,
+        layout: &Layout,
+        digest: &Digest,
+    ) -> Result<Result<(), Digest>, Error> {
+        let actual = self.digest();
+        if &actual != digest {
+            return Ok(Err(actual));
+        }
+        self.file.flush().await.map_err(io_err(self.temp.path()))?;
+        self.file
+            .sync_all()
+            .await
+            .map_err(io_err(self.temp.path()))?;
+        let target = layout.blob_path(digest);
+        self.temp
+            .persist(&target)
+            .map_err(|e| io_err(&target)(e.error))?;
+        Ok(Ok(()))
+    }
+}
+
+/// Writes `path` whole or not at all: temporary file beside it, fsync, rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut temp = tempfile::Builder::new()
+        .prefix(".lode-partial-")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    temp.write_all(bytes).map_err(io_err(path))?;
+    temp.as_file().sync_all().map_err(io_err(path))?;
+    temp.persist(path).map_err(|e| io_err(path)(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(bytes: &[u8]) -> Descriptor {
+        Descriptor {
+            media_type: "x".into(),
+            digest: Digest::of(bytes),
+            size: bytes.len() as u64,
+        }
+    }
+
+    #[tokio::test]
+    async fn verified_blob_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::create(dir.path()).unwrap();
+        let good = desc(b"hello");
+        assert!(!layout.has_blob(&good).await.unwrap());
+
+        let mut w = layout.start_blob().unwrap();
+        w.write(b"hellO").await.unwrap();
+        let actual = w.finish(&layout, &good.digest).await.unwrap().unwrap_err();
+        assert_eq!(actual, Digest::of(b"hellO"));
+        assert!(!layout.blob_path(&good.digest).exists());
+        // The partial file is gone too.
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("sha256")]);
+
+        let mut w = layout.start_blob().unwrap();
+        w.write(b"hel").await.unwrap();
+        w.write(b"lo").await.unwrap();
+        w.finish(&layout, &good.digest).await.unwrap().unwrap();
+        assert!(layout.has_blob(&good).await.unwrap());
+
+        // A corrupted copy on disk does not count as present.
+        std::fs::write(layout.blob_path(&good.digest), b"jello").unwrap();
+        assert!(!layout.has_blob(&good).await.unwrap());
+    }
+
+    #[test]
+    fn tags_replace_and_accumulate() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::create(dir.path()).unwrap();
+        layout.set_tag("a", &desc(b"1")).unwrap();
+        layout.set_tag("b", &desc(b"2")).unwrap();
+        layout.set_tag("a", &desc(b"3")).unwrap();
+        let index: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("index.json")).unwrap()).unwrap();
+        let m = index["manifests"].as_array().unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0]["annotations"][REF_NAME], "b");
+        assert_eq!(m[1]["annotations"][REF_NAME], "a");
+        assert_eq!(m[1]["digest"], Digest::of(b"3").as_str());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("oci-layout")).unwrap(),
+            r#"{"imageLayoutVersion":"1.0.0"}"#
+        );
+    }
+}
