@@ -86,6 +86,14 @@ pub enum ImageError {
         /// What went wrong, naming the layer and entry.
         source: Box<lode_oci::Error>,
     },
+    /// A registry image could not be pulled.
+    #[error("pulling {image}: {source}")]
+    Pull {
+        /// The reference as the user named it.
+        image: String,
+        /// What the registry or the layout said.
+        source: Box<lode_registry::Error>,
+    },
     /// An option a caller gave is out of range.
     #[error("{0}")]
     Invalid(String),

@@ -17,7 +17,7 @@ use crate::{ImageError, Progress, PublishOptions, Published, Publisher};
 /// What to flatten and where to work.
 #[derive(Clone, Debug)]
 pub struct FlattenRequest {
-    /// `oci:DIR[:TAG]` or `docker-archive:FILE`.
+    /// `oci:DIR[:TAG]`, `docker-archive:FILE` or `docker://HOST/REPO[:TAG|@DIGEST]`.
     pub source: String,
     /// A tag for the new manifest.
     pub tag: Option<String>,
@@ -27,6 +27,11 @@ pub struct FlattenRequest {
     pub work_dir: PathBuf,
     /// Keep the ext4 image here as well (for inspection, mounting, benchmarks).
     pub keep_image: Option<PathBuf>,
+    /// Where registry images are pulled to (an OCI layout reused across pulls, so a
+    /// blob already here is not fetched again).
+    pub registry_cache: PathBuf,
+    /// Credentials for `docker://` sources.
+    pub registry_auth: lode_registry::RegistryAuth,
 }
 
 /// What flattening and publishing did.
@@ -78,8 +83,12 @@ pub async fn flatten_and_publish(
     req: &FlattenRequest,
     progress: Arc<dyn FlattenProgress>,
 ) -> Result<FlattenReport, ImageError> {
-    let source: ImageSource = req
-        .source
+    let source_ref = if req.source.starts_with("docker://") {
+        pull(req, progress.as_ref()).await?
+    } else {
+        req.source.clone()
+    };
+    let source: ImageSource = source_ref
         .parse()
         .map_err(|e: lode_oci::SourceError| ImageError::Invalid(e.to_string()))?;
     std::fs::create_dir_all(&req.work_dir).map_err(crate::error::io("create", &req.work_dir))?;
@@ -154,6 +163,37 @@ pub async fn flatten_and_publish(
         flatten_seconds,
         publish_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Pulls a registry image into the layout cache; returns the `oci:DIR:TAG` to flatten.
+async fn pull(req: &FlattenRequest, progress: &dyn FlattenProgress) -> Result<String, ImageError> {
+    std::fs::create_dir_all(&req.registry_cache)
+        .map_err(crate::error::io("create", &req.registry_cache))?;
+    progress.note(format!("pulling {}", req.source));
+    let bytes = progress.bytes();
+    let pulled = lode_registry::pull_to_layout(
+        &req.source,
+        &req.registry_auth,
+        &lode_registry::PullOptions::default(),
+        &req.registry_cache,
+        &move |n| bytes.advance(n),
+    )
+    .await
+    .map_err(|source| ImageError::Pull {
+        image: req.source.clone(),
+        source: Box::new(source),
+    })?;
+    progress.note(format!(
+        "pulled {} ({} layers, {} bytes fetched)",
+        pulled.manifest.digest,
+        pulled.layers.len(),
+        pulled.bytes_fetched
+    ));
+    Ok(format!(
+        "oci:{}:{}",
+        req.registry_cache.display(),
+        pulled.tag_in_layout
+    ))
 }
 
 fn note(p: &dyn FlattenProgress, ev: lode_oci::Progress) {

@@ -20,6 +20,7 @@ pub use flatten::{
     FlattenProgress, FlattenReport, FlattenRequest, default_work_dir, flatten_and_publish,
 };
 pub use inspect::ManifestView;
+pub use lode_registry::RegistryAuth;
 pub use publish::{PublishOptions, PublishStats, Published, Publisher};
 pub use reference::{OpenedImage, open_image, resolve};
 pub use stats::{StoreStats, store_stats};

@@ -25,6 +25,7 @@
 pub mod digest;
 pub mod flatten;
 pub mod merge;
+pub mod sample;
 pub mod source;
 pub mod spec;
 pub mod tar;

@@ -56,8 +56,11 @@ pub enum Command {
 
     /// Flatten an OCI image into a deterministic ext4 image and publish it.
     ///
-    /// SOURCE is `oci:DIR[:TAG]` (an OCI image layout, as skopeo and umoci write) or
-    /// `docker-archive:FILE` (as `docker save` writes). Layers are applied with OCI
+    /// SOURCE is `oci:DIR[:TAG]` (an OCI image layout, as skopeo and umoci write),
+    /// `docker-archive:FILE` (as `docker save` writes) or `docker://HOST/REPO[:TAG]` (a
+    /// registry; plain HTTP only to loopback; credentials from LODE_REGISTRY_USER and
+    /// LODE_REGISTRY_PASSWORD, or LODE_REGISTRY_TOKEN; pulled blobs are kept under
+    /// $LODE_HOME/cache/registry). Layers are applied with OCI
     /// semantics (whiteouts, opaque directories, hardlinks) onto one ext4 filesystem in
     /// which each layer's files sit in their own chunk-aligned region, so images that
     /// share a base layer share its chunks. Prints the manifest id and what deduplicated.
@@ -108,7 +111,7 @@ pub struct ImportArgs {
 
 #[derive(Debug, Args)]
 pub struct FlattenArgs {
-    /// `oci:DIR[:TAG]` or `docker-archive:FILE`.
+    /// `oci:DIR[:TAG]`, `docker-archive:FILE` or `docker://HOST/REPO[:TAG|@sha256:…]`.
     pub source: String,
     /// Point this tag at the new manifest.
     #[arg(long, short)]

@@ -1,7 +1,8 @@
 //! `lode demo`: lode's main job on its embedded defaults, end to end, with no outside
-//! services. It generates two raw images that share most of their bytes (as two versions
-//! of one image do), imports both, exports the second and compares it with its source,
-//! verifies it, and prints what the store holds.
+//! services. It builds a sample OCI image layout (two images over one shared base layer),
+//! flattens and publishes both, exports one and compares it with the flattened image,
+//! verifies it, imports two raw disk images that share most of their bytes, and prints
+//! what the store holds and what deduplicated.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -89,9 +90,9 @@ fn say(env: &DemoEnv, line: String) {
     }
 }
 
-fn import_line(name: &str, s: &PublishStats, secs: f64) -> String {
+fn import_line(s: &PublishStats, secs: f64) -> String {
     format!(
-        "  {name}: {} chunks: {} zero (not stored), {} repeats within the image, {} already \
+        "{} chunks: {} zero (not stored), {} repeats within the image, {} already \
          stored, {} uploaded ({}); {:.1}% deduplicated; {:.2} s",
         s.chunks,
         s.zero_chunks,
@@ -113,12 +114,7 @@ pub async fn run(env: &DemoEnv, args: DemoArgs) -> Result<()> {
     let kms = lode_kms::open(&env.kms_spec)?;
     let key_id = env.kms_key.clone().unwrap_or_else(|| kms.default_key_id());
     let work = tempfile::tempdir().context("creating a scratch directory")?;
-    let chunks = args.size_mib * 2;
-    let (base, v2, back) = (
-        work.path().join("base.img"),
-        work.path().join("v2.img"),
-        work.path().join("v2-exported.img"),
-    );
+    let publisher = Publisher::new(&store, kms.as_ref(), key_id);
     say(
         env,
         format!(
@@ -127,23 +123,102 @@ pub async fn run(env: &DemoEnv, args: DemoArgs) -> Result<()> {
             env.kms_spec
         ),
     );
+
+    // Part one: container images, flattened.
+    let layout = work.path().join("sample-oci");
+    say(
+        env,
+        "1. building a sample OCI image layout: app1 and app2, two layers each over one \
+         shared base layer (whiteouts, an opaque dir, hardlinks, a setuid file, xattrs)"
+            .into(),
+    );
+    lode_oci::sample::write_sample_family(&layout).context("writing the sample image")?;
+    say(
+        env,
+        "2. flattening both into deterministic ext4 images and publishing them".into(),
+    );
+    let mut flattened = Vec::new();
+    for app in lode_oci::sample::SAMPLE_TAGS {
+        let keep = work.path().join(format!("{app}.ext4"));
+        let req = lode_image::FlattenRequest {
+            source: format!("oci:{}:{app}", layout.display()),
+            tag: Some(format!("demo/{app}")),
+            chunk_size: Default::default(),
+            work_dir: work.path().join("tmp"),
+            keep_image: Some(keep.clone()),
+            registry_cache: work.path().join("registry"),
+            registry_auth: lode_image::RegistryAuth::Anonymous,
+        };
+        let news = Arc::new(crate::output::News::new(
+            Arc::new(Bar::new("publishing", env.quiet || env.json)),
+            true,
+        ));
+        let r = lode_image::flatten_and_publish(&publisher, &req, news.clone()).await?;
+        news.finish();
+        let base = &r.layers[0];
+        say(
+            env,
+            format!(
+                "  demo/{app}: {} ext4, base layer region at {:.1}..{:.1} MiB; {}",
+                human_bytes(r.image_size),
+                base.region_start as f64 / 1048576.0,
+                base.region_end as f64 / 1048576.0,
+                import_line(&r.published.stats, r.flatten_seconds + r.publish_seconds)
+            ),
+        );
+        flattened.push((app, keep, r));
+    }
+
+    say(
+        env,
+        "3. exporting demo/app2 from the store and comparing it with the flattened image".into(),
+    );
+    let (_, kept, _) = &flattened[1];
+    let back = work.path().join("app2-exported.ext4");
+    let img = lode_image::open_image(&store, Some(kms.as_ref()), "demo/app2").await?;
+    let bar = Arc::new(Bar::new("exporting", env.quiet || env.json));
+    let ex = lode_image::export(&store, &img, &back, bar.clone() as Arc<dyn Progress>).await?;
+    bar.finish();
+    let (want, got) = (sha256_file(kept)?, sha256_file(&back)?);
+    ensure!(
+        want == got,
+        "exported image differs from the flattened one: sha256 {got}, flattened {want}"
+    );
     say(
         env,
         format!(
-            "1. generating two raw images of {} MiB: v2 rewrites a tenth of base and adds 4 MiB",
+            "  {} chunks fetched, checked and decrypted; sha256 {} matches byte for byte",
+            ex.fetched_chunks,
+            &got[..16]
+        ),
+    );
+    say(
+        env,
+        "4. verifying demo/app2 (every chunk present, named right, decrypts)".into(),
+    );
+    let bar = Arc::new(Bar::new("verifying", env.quiet || env.json));
+    let report = lode_image::verify(&store, &img, bar.clone() as Arc<dyn Progress>).await?;
+    bar.finish();
+    ensure!(report.ok(), "verify found faults: {:?}", report.problems);
+    say(
+        env,
+        format!("  {} distinct chunks, no faults", report.chunks_checked),
+    );
+
+    // Part two: a raw disk image and a new version of it, imported as they are.
+    let chunks = args.size_mib * 2;
+    let (base, v2) = (work.path().join("base.img"), work.path().join("v2.img"));
+    say(
+        env,
+        format!(
+            "5. importing raw disk images: {} MiB, and a v2 that rewrites a tenth and adds 4 MiB",
             args.size_mib
         ),
     );
     generate(&base, chunks, false, 0)?;
     generate(&v2, chunks, true, 8)?;
-
-    let publisher = Publisher::new(&store, kms.as_ref(), key_id);
     let mut imports = Vec::new();
-    say(
-        env,
-        "2. importing both (chunk, drop zeros, seal, upload what is new)".into(),
-    );
-    for (path, tag) in [(&base, "demo/base"), (&v2, "demo/v2")] {
+    for (path, tag) in [(&base, "demo/raw-base"), (&v2, "demo/raw-v2")] {
         let bar = Arc::new(Bar::new("importing", env.quiet || env.json));
         let t = Instant::now();
         let opts = PublishOptions {
@@ -155,49 +230,14 @@ pub async fn run(env: &DemoEnv, args: DemoArgs) -> Result<()> {
             .await?;
         bar.finish();
         let secs = t.elapsed().as_secs_f64();
-        say(env, import_line(tag, &p.stats, secs));
+        say(env, format!("  {tag}: {}", import_line(&p.stats, secs)));
         imports.push(serde_json::json!({
             "tag": tag, "id": p.id, "stats": p.stats, "seconds": secs,
             "dedup_share": p.stats.dedup_share(),
         }));
     }
 
-    say(
-        env,
-        "3. exporting demo/v2 from the store and comparing it with its source".into(),
-    );
-    let img = lode_image::open_image(&store, Some(kms.as_ref()), "demo/v2").await?;
-    let bar = Arc::new(Bar::new("exporting", env.quiet || env.json));
-    let ex = lode_image::export(&store, &img, &back, bar.clone() as Arc<dyn Progress>).await?;
-    bar.finish();
-    let (want, got) = (sha256_file(&v2)?, sha256_file(&back)?);
-    ensure!(
-        want == got,
-        "exported image differs from its source: sha256 {got}, source {want}"
-    );
-    say(
-        env,
-        format!(
-            "  {} chunks fetched and decrypted; sha256 {} matches the source byte for byte",
-            ex.fetched_chunks,
-            &got[..16]
-        ),
-    );
-
-    say(
-        env,
-        "4. verifying demo/v2 (every chunk present, named right, decrypts)".into(),
-    );
-    let bar = Arc::new(Bar::new("verifying", env.quiet || env.json));
-    let report = lode_image::verify(&store, &img, bar.clone() as Arc<dyn Progress>).await?;
-    bar.finish();
-    ensure!(report.ok(), "verify found faults: {:?}", report.problems);
-    say(
-        env,
-        format!("  {} distinct chunks, no faults", report.chunks_checked),
-    );
-
-    say(env, "5. the store".into());
+    say(env, "6. the store".into());
     let st = lode_image::store_stats(&store).await?;
     say(
         env,
@@ -213,13 +253,22 @@ pub async fn run(env: &DemoEnv, args: DemoArgs) -> Result<()> {
     );
     say(
         env,
-        "  next: `lode inspect demo/v2`, `lode store stats`, `lode import YOUR.img --tag NAME`"
-            .into(),
+        "  next: `lode inspect demo/app2`, `lode store stats`, `lode flatten oci:DIR:TAG`".into(),
     );
     if env.json {
+        let flat: Vec<_> = flattened
+            .iter()
+            .map(|(app, _, r)| {
+                serde_json::json!({
+                    "tag": format!("demo/{app}"), "id": r.published.id,
+                    "image_size": r.image_size, "layers": r.layers,
+                    "stats": r.published.stats, "dedup_share": r.published.stats.dedup_share(),
+                })
+            })
+            .collect();
         print_json(&serde_json::json!({
-            "imports": imports, "export": ex, "export_matches_source": true,
-            "verify": report, "store": st,
+            "flattened": flat, "imports": imports, "export": ex,
+            "export_matches_source": true, "verify": report, "store": st,
         }))?;
     }
     Ok(())

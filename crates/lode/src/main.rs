@@ -166,6 +166,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     .clone()
                     .unwrap_or_else(|| lode_image::default_work_dir(&home)),
                 keep_image: a.keep_image.clone(),
+                registry_cache: home.join("cache/registry"),
+                registry_auth: lode_image::RegistryAuth::from_env(),
             };
             let news = Arc::new(output::News::new(
                 env.progress("publishing"),
