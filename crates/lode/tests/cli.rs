@@ -1191,12 +1191,13 @@ fn flatten_is_deterministic_across_stores_and_dedups_the_base_layer() {
     let m2 = one.ok(&["inspect", "a2"]).json();
     let cs = u64_of(&m2["chunk_size"], "chunk_size");
     let base = &j["layers"][0];
+    let index = |v: u64| usize::try_from(v).expect("chunk index fits usize");
     let (lo, hi) = (
-        u64_of(&base["region_start"], "region_start") / cs,
-        u64_of(&base["region_end"], "region_end").div_ceil(cs),
+        index(u64_of(&base["region_start"], "region_start") / cs),
+        index(u64_of(&base["region_end"], "region_end").div_ceil(cs)),
     );
     let have: std::collections::HashSet<&Value> = t1["chunks"].as_array().unwrap().iter().collect();
-    let region: Vec<&Value> = m2["chunks"].as_array().unwrap()[lo as usize..hi as usize]
+    let region: Vec<&Value> = m2["chunks"].as_array().unwrap()[lo..hi]
         .iter()
         .filter(|c| !c.is_null())
         .collect();
@@ -1207,7 +1208,7 @@ fn flatten_is_deterministic_across_stores_and_dedups_the_base_layer() {
         "only {shared} of {} base-region chunks deduplicated",
         region.len()
     );
-    assert!(u64_of(&j["stats"]["present_chunks"], "present") as usize >= shared);
+    assert!(index(u64_of(&j["stats"]["present_chunks"], "present")) >= shared);
 }
 
 #[test]
