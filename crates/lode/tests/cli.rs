@@ -1012,11 +1012,8 @@ fn keyring_is_private_and_keys_are_named() {
 fn demo_runs_on_a_fresh_home() {
     let lode = Lode::new();
     let o = lode.ok(&["demo", "--size-mib", "8"]);
-    assert!(
-        o.stdout.contains("matches the source byte for byte"),
-        "{}",
-        o.stdout
-    );
+    assert!(o.stdout.contains("matches byte for byte"), "{}", o.stdout);
+    assert!(o.stdout.contains("demo/app2"), "{}", o.stdout);
     assert!(o.stdout.contains("dedup ratio"), "{}", o.stdout);
     assert!(lode.keyring().exists());
 
@@ -1026,6 +1023,13 @@ fn demo_runs_on_a_fresh_home() {
     assert_eq!(j["verify"]["problems"], serde_json::json!([]));
     assert!(j["store"]["dedup_ratio"].as_f64().unwrap() > 1.0, "{j}");
     assert_eq!(j["imports"].as_array().unwrap().len(), 2);
+    // The two flattened images share their base layer: app2 uploads less than app1.
+    let flat = j["flattened"].as_array().unwrap();
+    assert_eq!(flat.len(), 2, "{j}");
+    assert!(
+        u64_of(&flat[1]["stats"]["present_chunks"], "present") >= 40,
+        "app2 reused too little of app1: {j}"
+    );
 
     let o = lode.fails(&["demo", "--size-mib", "0"]);
     assert!(o.stderr.contains("--size-mib"), "{}", o.stderr);
@@ -1258,4 +1262,48 @@ fn a_failed_flatten_publishes_nothing_and_names_the_layer() {
         "scratch files left in {}",
         tmp.display()
     );
+}
+
+/// The registry harness of lode-registry's own tests: a real `docker-registry` on
+/// 127.0.0.1 and skopeo to push to it.
+#[path = "../../lode-registry/tests/common/mod.rs"]
+mod registry;
+
+#[test]
+fn flatten_pulls_from_a_registry_and_gets_the_same_image() {
+    let Some(reg) = registry::Registry::start(None) else {
+        return;
+    };
+    let lode = Lode::new();
+    let layout = sample_layout(&lode);
+    let oci = format!("oci:{}:app1", layout.display());
+    let remote = format!("docker://{}/sample/app:app1", reg.addr);
+    registry::skopeo_copy(&[], &oci, &remote);
+    let (from_oci, from_registry) = (lode.work("oci.ext4"), lode.work("registry.ext4"));
+    lode.ok(&["flatten", &oci, "--tag", "o", "--keep-image", s(&from_oci)]);
+    let j = lode
+        .ok(&[
+            "--json",
+            "flatten",
+            &remote,
+            "--tag",
+            "r",
+            "--keep-image",
+            s(&from_registry),
+        ])
+        .json();
+    // The same layers give the same ext4 bytes, whichever way they arrived.
+    assert!(fs::read(&from_oci).unwrap() == fs::read(&from_registry).unwrap());
+    assert_eq!(u64_of(&j["stats"]["uploaded_chunks"], "uploaded"), 0, "{j}");
+    assert_eq!(j["config"]["entrypoint"], serde_json::json!(["/app/run"]));
+    assert!(lode.home().join("cache/registry/index.json").exists());
+    // A tag the registry lacks is named in the error, and nothing is published.
+    let missing = format!("docker://{}/sample/app:nope", reg.addr);
+    let o = lode.fails(&["flatten", &missing, "--tag", "n"]);
+    assert!(
+        o.stderr.contains("sample/app") && o.stderr.contains(&reg.addr),
+        "{}",
+        o.stderr
+    );
+    assert!(!lode.ok(&["store", "tags"]).stdout.contains(" n\n"));
 }
