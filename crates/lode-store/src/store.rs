@@ -278,30 +278,40 @@ impl Store {
 
     /// Every chunk of a root, with its stored size.
     pub async fn list_chunks(&self, root: RootId) -> Result<Vec<(ChunkName, u64)>, StoreError> {
-        let prefix = self.path([
-            "roots".into(),
-            PathPart::from(root.to_string()),
-            "chunks".into(),
-        ]);
+        self.list_named(root, "chunks", "chunk").await
+    }
+
+    /// Lists `roots/<root>/<dir>/`, parsing each object's file name as an id: anything
+    /// else under a content-addressed prefix is corruption, named.
+    async fn list_named<T: std::str::FromStr<Err = lode_format::ids::ParseIdError>>(
+        &self,
+        root: RootId,
+        dir: &'static str,
+        what: &'static str,
+    ) -> Result<Vec<(T, u64)>, StoreError> {
+        let prefix = self.path(["roots".into(), PathPart::from(root.to_string()), dir.into()]);
         let metas: Vec<_> = self
             .os
             .list(Some(&prefix))
             .try_collect()
             .await
             .map_err(|e| self.backend("list", &prefix, e))?;
-        let mut out = Vec::with_capacity(metas.len());
-        for m in metas {
-            let file = m.location.filename().unwrap_or_default();
-            let name = file
-                .parse::<ChunkName>()
-                .map_err(|e| StoreError::CorruptObject {
-                    store: self.label.clone(),
-                    object: m.location.to_string(),
-                    reason: format!("not a chunk: {e}"),
-                })?;
-            out.push((name, m.size));
-        }
-        Ok(out)
+        metas
+            .into_iter()
+            .map(|m| {
+                let id = m
+                    .location
+                    .filename()
+                    .unwrap_or_default()
+                    .parse::<T>()
+                    .map_err(|e| StoreError::CorruptObject {
+                        store: self.label.clone(),
+                        object: m.location.to_string(),
+                        reason: format!("not a {what}: {e}"),
+                    })?;
+                Ok((id, m.size))
+            })
+            .collect()
     }
 
     /// Stores manifest bytes under their id; returns the id.
@@ -351,31 +361,8 @@ impl Store {
 
     /// Every manifest id in a root.
     pub async fn list_manifests(&self, root: RootId) -> Result<Vec<ManifestId>, StoreError> {
-        let prefix = self.path([
-            "roots".into(),
-            PathPart::from(root.to_string()),
-            "manifests".into(),
-        ]);
-        let metas: Vec<_> = self
-            .os
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| self.backend("list", &prefix, e))?;
-        metas
-            .into_iter()
-            .map(|m| {
-                m.location
-                    .filename()
-                    .unwrap_or_default()
-                    .parse::<ManifestId>()
-                    .map_err(|e| StoreError::CorruptObject {
-                        store: self.label.clone(),
-                        object: m.location.to_string(),
-                        reason: format!("not a manifest: {e}"),
-                    })
-            })
-            .collect()
+        let named = self.list_named(root, "manifests", "manifest").await?;
+        Ok(named.into_iter().map(|(id, _)| id).collect())
     }
 
     /// Points `tag` at a manifest, replacing what it pointed at (tags are mutable).

@@ -133,19 +133,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     s.chunks,
                     human_bytes(p.manifest.header().chunk_size.bytes_u64())
                 );
-                println!(
-                    "chunks    {} zero (not stored), {} repeated within the image, \
-                     {} already in the store, {} uploaded ({})",
-                    s.zero_chunks,
-                    s.repeated_chunks,
-                    s.present_chunks,
-                    s.uploaded_chunks,
-                    human_bytes(s.uploaded_bytes)
-                );
-                println!(
-                    "dedup     {:.1}% of the non-zero chunks needed no upload",
-                    s.dedup_share() * 100.0
-                );
+                print_publish_stats(s);
                 println!(
                     "time      {secs:.2} s ({:.0} MiB/s)",
                     s.device_size as f64 / secs.max(1e-9) / 1048576.0
@@ -200,18 +188,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     human_bytes(r.image_size),
                     s.chunks
                 );
-                println!(
-                    "chunks    {} zero, {} repeated, {} already stored, {} uploaded ({})",
-                    s.zero_chunks,
-                    s.repeated_chunks,
-                    s.present_chunks,
-                    s.uploaded_chunks,
-                    human_bytes(s.uploaded_bytes)
-                );
-                println!(
-                    "dedup     {:.1}% of the non-zero chunks needed no upload",
-                    s.dedup_share() * 100.0
-                );
+                print_publish_stats(s);
                 println!(
                     "time      {:.2} s flatten + {:.2} s publish",
                     r.flatten_seconds, r.publish_seconds
@@ -353,6 +330,23 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Demo(a) => demo::run(&env_for_demo(&env), a).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The chunk and dedup lines that import and flatten both print.
+fn print_publish_stats(s: &lode_image::PublishStats) {
+    println!(
+        "chunks    {} zero (not stored), {} repeated within the image, \
+         {} already in the store, {} uploaded ({})",
+        s.zero_chunks,
+        s.repeated_chunks,
+        s.present_chunks,
+        s.uploaded_chunks,
+        human_bytes(s.uploaded_bytes)
+    );
+    println!(
+        "dedup     {:.1}% of the non-zero chunks needed no upload",
+        s.dedup_share() * 100.0
+    );
 }
 
 fn keyring(env: &Env) -> Result<lode_kms::Keyring> {
