@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use lode_format::{ChunkSize, ImageConfig, ImageDigest};
@@ -73,8 +74,9 @@ pub struct LayerReport {
 pub trait FlattenProgress: Send + Sync {
     /// A line of news ("layer 2/5 …").
     fn note(&self, line: String);
-    /// The byte progress of the current phase.
-    fn bytes(&self) -> Arc<dyn Progress>;
+    /// Byte progress for a new phase ("pulling", "flattening", "publishing"); the
+    /// previous phase is over.
+    fn bytes(&self, phase: &str) -> Arc<dyn Progress>;
 }
 
 /// Flattens `req.source` and publishes the result.
@@ -108,7 +110,12 @@ pub async fn flatten_and_publish(
     let started = Instant::now();
     let p = Arc::clone(&progress);
     let flattened = tokio::task::spawn_blocking(move || {
-        lode_oci::flatten(&source, out, &opts, &|ev| note(p.as_ref(), ev))
+        let state = FlattenState {
+            bar: p.bytes("flattening"),
+            total: AtomicU64::new(0),
+            last: AtomicU64::new(0),
+        };
+        lode_oci::flatten(&source, out, &opts, &|ev| note(p.as_ref(), &state, ev))
     })
     .await
     .map_err(|e| ImageError::Task(e.to_string()))?
@@ -141,7 +148,7 @@ pub async fn flatten_and_publish(
     ));
     let started = Instant::now();
     let published = publisher
-        .publish_file(scratch.path(), &opts, progress.bytes())
+        .publish_file(scratch.path(), &opts, progress.bytes("publishing"))
         .await?;
     let layers = flattened
         .layers
@@ -170,7 +177,7 @@ async fn pull(req: &FlattenRequest, progress: &dyn FlattenProgress) -> Result<St
     std::fs::create_dir_all(&req.registry_cache)
         .map_err(crate::error::io("create", &req.registry_cache))?;
     progress.note(format!("pulling {}", req.source));
-    let bytes = progress.bytes();
+    let bytes = progress.bytes("pulling");
     let pulled = lode_registry::pull_to_layout(
         &req.source,
         &req.registry_auth,
@@ -196,15 +203,34 @@ async fn pull(req: &FlattenRequest, progress: &dyn FlattenProgress) -> Result<St
     ))
 }
 
-fn note(p: &dyn FlattenProgress, ev: lode_oci::Progress) {
+/// The flatten phase's bar: its total grows by each layer's blob size as the layer
+/// starts (sizes are known only then), and it advances by compressed bytes read.
+struct FlattenState {
+    bar: Arc<dyn Progress>,
+    total: AtomicU64,
+    last: AtomicU64,
+}
+
+fn note(p: &dyn FlattenProgress, st: &FlattenState, ev: lode_oci::Progress) {
     use lode_oci::Progress as P;
     match ev {
         P::Resolved {
             image_digest,
             layers,
         } => p.note(format!("image {} with {layers} layers", image_digest.hex())),
-        P::LayerStarted { index, count, .. } => p.note(format!("layer {}/{count}", index + 1)),
-        _ => {}
+        P::LayerStarted {
+            index, count, size, ..
+        } => {
+            let total = st.total.fetch_add(size.unwrap_or(0), Ordering::Relaxed);
+            st.bar.set_total(total + size.unwrap_or(0));
+            st.last.store(0, Ordering::Relaxed);
+            p.note(format!("layer {}/{count}", index + 1));
+        }
+        P::LayerBytes { compressed, .. } => {
+            let before = st.last.swap(compressed, Ordering::Relaxed);
+            st.bar.advance(compressed.saturating_sub(before));
+        }
+        P::LayerDone { .. } | P::Finishing => {}
     }
 }
 

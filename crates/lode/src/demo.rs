@@ -149,10 +149,7 @@ pub async fn run(env: &DemoEnv, args: DemoArgs) -> Result<()> {
             registry_cache: work.path().join("registry"),
             registry_auth: lode_image::RegistryAuth::Anonymous,
         };
-        let news = Arc::new(crate::output::News::new(
-            Arc::new(Bar::new("publishing", env.quiet || env.json)),
-            true,
-        ));
+        let news = Arc::new(crate::output::News::new(env.quiet || env.json, true));
         let r = lode_image::flatten_and_publish(&publisher, &req, news.clone()).await?;
         news.finish();
         let base = &r.layers[0];

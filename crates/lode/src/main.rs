@@ -158,7 +158,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 registry_auth: lode_image::RegistryAuth::from_env(),
             };
             let news = Arc::new(output::News::new(
-                env.progress("publishing"),
+                env.quiet || env.cli_json,
                 env.quiet || env.cli_json,
             ));
             let r = lode_image::flatten_and_publish(&publisher, &req, news.clone()).await?;

@@ -43,30 +43,44 @@ impl Progress for Bar {
     }
 }
 
-/// Flattening's news lines and byte progress.
+/// Flattening's news lines, and a progress bar per phase (pulling, flattening,
+/// publishing).
 pub struct News {
-    bar: Arc<Bar>,
+    bar: std::sync::Mutex<Arc<Bar>>,
+    hidden: bool,
     quiet: bool,
 }
 
 impl News {
-    pub fn new(bar: Arc<Bar>, quiet: bool) -> News {
-        News { bar, quiet }
+    /// `hidden`: no bars; `quiet`: no news lines either.
+    pub fn new(hidden: bool, quiet: bool) -> News {
+        News {
+            bar: std::sync::Mutex::new(Arc::new(Bar::new("", true))),
+            hidden,
+            quiet,
+        }
+    }
+
+    fn current(&self) -> Arc<Bar> {
+        self.bar.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn finish(&self) {
-        self.bar.finish();
+        self.current().finish();
     }
 }
 
 impl lode_image::FlattenProgress for News {
     fn note(&self, line: String) {
         if !self.quiet {
-            self.bar.0.suspend(|| eprintln!("  {line}"));
+            self.current().0.suspend(|| eprintln!("  {line}"));
         }
     }
-    fn bytes(&self) -> Arc<dyn Progress> {
-        self.bar.clone()
+    fn bytes(&self, phase: &str) -> Arc<dyn Progress> {
+        let mut bar = self.bar.lock().unwrap_or_else(|p| p.into_inner());
+        bar.finish();
+        *bar = Arc::new(Bar::new(phase, self.hidden));
+        bar.clone()
     }
 }
 
