@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # no one here wrote (nbdinfo, nbdcopy, nbdsh, qemu-img, fio's nbd engine, nbdkit), and a
 # real registry with htpasswd/token auth (docker-registry, apache2-utils, openssl).
 packages=(e2fsprogs umoci skopeo python3 nbdkit libnbd-bin python3-libnbd fio qemu-utils
-  docker-registry apache2-utils openssl)
+  docker-registry apache2-utils openssl fuse3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
