@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # Tools the system tests drive: mkfs.ext4/e2fsck/debugfs (e2fsprogs), umoci and skopeo
 # (OCI reference unpacking), python3 for the test-vector generator, and the NBD clients
 # no one here wrote (nbdinfo, nbdcopy, nbdsh, qemu-img, fio's nbd engine, nbdkit), and a
-# real registry with htpasswd/token auth (docker-registry, apache2-utils, openssl).
+# real registry with htpasswd/token auth (docker-registry, apache2-utils, openssl), and
+# fusermount3 for FUSE mounts when not root (fuse3).
 packages=(e2fsprogs umoci skopeo python3 nbdkit libnbd-bin python3-libnbd fio qemu-utils
   docker-registry apache2-utils openssl fuse3)
 missing=()
