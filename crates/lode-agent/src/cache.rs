@@ -1,0 +1,294 @@
+//! The worker-wide chunk cache: decrypted chunks in memory over a chain of ciphertext
+//! [`ChunkTier`]s, with single-flight misses (DESIGN.md, "The read path").
+//!
+//! ```text
+//!  plaintext(chunk, key)
+//!     │ decrypted LRU hit ───────────────────────────────────────────► bytes
+//!     │ fetch in flight for this name? join it (counted: joined_fetches)
+//!     ▼ else start one:
+//!  tiers[0] memory ─► tiers[1] disk ─► … ─► tiers[n] origin      (first that has it)
+//!     untrusted tier's bytes: SHA-256 == name? no → drop from that tier, count, next
+//!     found at tier i: fill trusted tiers above i now, the others in the background
+//!     decrypt (GCM) + length check → decrypted LRU → every waiter
+//! ```
+//!
+//! A chunk's name fixes its ciphertext, and so its plaintext, so both caches key by name
+//! alone and are shared by every attached image.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use lode_format::chunk::open_unverified;
+use lode_format::{ChunkIndex, ChunkKey, ChunkName};
+use tokio::task::JoinHandle;
+
+use crate::error::blocking;
+use crate::metrics::Metrics;
+use crate::tier::{ChunkRef, ChunkTier};
+use crate::{AgentError, Lru, MetricsSnapshot};
+
+type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, Arc<AgentError>>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section below leaves its map consistent before anything can panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Configures a [`ChunkCache`]; checked at [`build`](Self::build).
+#[derive(Debug, Default)]
+pub struct CacheBuilder {
+    decrypted_bytes: u64,
+    tiers: Vec<Arc<dyn ChunkTier>>,
+}
+
+impl CacheBuilder {
+    /// A builder with no tiers and a 256 MiB decrypted-chunk bound.
+    pub fn new() -> Self {
+        Self {
+            decrypted_bytes: 256 << 20,
+            tiers: Vec::new(),
+        }
+    }
+
+    /// Bounds the decrypted chunks kept in memory (0 keeps none).
+    pub fn decrypted_bytes(mut self, bytes: u64) -> Self {
+        self.decrypted_bytes = bytes;
+        self
+    }
+
+    /// Appends a ciphertext tier; tiers are asked in the order added, origin last.
+    pub fn tier(mut self, tier: Arc<dyn ChunkTier>) -> Self {
+        self.tiers.push(tier);
+        self
+    }
+
+    /// Checks the configuration and builds the cache.
+    pub fn build(self) -> Result<Arc<ChunkCache>, AgentError> {
+        if self.tiers.is_empty() {
+            return Err(AgentError::Config(
+                "a chunk cache needs at least one tier (the origin)".into(),
+            ));
+        }
+        let mut names: Vec<&'static str> = self.tiers.iter().map(|t| t.name()).collect();
+        names.sort_unstable();
+        if let Some(w) = names
+            .windows(2)
+            .find(|w| w[0] == w[1] || w[0] == "decrypted")
+        {
+            return Err(AgentError::Config(format!(
+                "two tiers are named {:?}",
+                w[0]
+            )));
+        }
+        let names: Vec<&'static str> = self.tiers.iter().map(|t| t.name()).collect();
+        Ok(Arc::new(ChunkCache {
+            decrypted: Mutex::new(Lru::new(self.decrypted_bytes)),
+            metrics: Metrics::new(&names),
+            tiers: self.tiers,
+            inflight: Mutex::new(HashMap::new()),
+            fills: Mutex::new(Vec::new()),
+        }))
+    }
+}
+
+/// Decrypted chunks in memory over a chain of ciphertext tiers; one per worker, shared
+/// by every attached image.
+#[derive(Debug)]
+pub struct ChunkCache {
+    decrypted: Mutex<Lru<ChunkName, Bytes>>,
+    tiers: Vec<Arc<dyn ChunkTier>>,
+    inflight: Mutex<HashMap<ChunkName, SharedFetch>>,
+    fills: Mutex<Vec<JoinHandle<()>>>,
+    metrics: Metrics,
+}
+
+impl ChunkCache {
+    /// A builder.
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder::new()
+    }
+
+    /// The decrypted chunk `chunk`, which is chunk `index` of an image and must open
+    /// under `key` to exactly `expected_len` bytes.
+    pub async fn plaintext(
+        self: &Arc<Self>,
+        chunk: ChunkRef,
+        index: ChunkIndex,
+        key: &ChunkKey,
+        expected_len: usize,
+    ) -> Result<Bytes, Arc<AgentError>> {
+        let started = Instant::now();
+        if let Some(b) = lock(&self.decrypted).get(&chunk.name) {
+            self.metrics.decrypted.hit(b.len(), started.elapsed());
+            return Ok(b);
+        }
+        let fetch = {
+            let mut inflight = lock(&self.inflight);
+            if let Some(f) = inflight.get(&chunk.name) {
+                self.metrics.joined();
+                f.clone()
+            } else if let Some(b) = lock(&self.decrypted).get(&chunk.name) {
+                // A fetch finished between the first look and taking the lock.
+                self.metrics.decrypted.hit(b.len(), started.elapsed());
+                return Ok(b);
+            } else {
+                self.metrics.decrypted.miss(started.elapsed());
+                let this = Arc::clone(self);
+                let key = key.clone();
+                let f = async move {
+                    let r = this.fetch_and_open(chunk, index, key, expected_len).await;
+                    let r = r.map_err(Arc::new);
+                    if let Ok(b) = &r {
+                        let len = b.len() as u64;
+                        lock(&this.decrypted).insert(chunk.name, b.clone(), len);
+                    }
+                    lock(&this.inflight).remove(&chunk.name);
+                    r
+                }
+                .boxed()
+                .shared();
+                inflight.insert(chunk.name, f.clone());
+                f
+            }
+        };
+        fetch.await
+    }
+
+    async fn fetch_and_open(
+        self: &Arc<Self>,
+        chunk: ChunkRef,
+        index: ChunkIndex,
+        key: ChunkKey,
+        expected_len: usize,
+    ) -> Result<Bytes, AgentError> {
+        let ciphertext = self.ciphertext(chunk).await?;
+        blocking(move || {
+            let plain = open_unverified(&chunk.name, &key, ciphertext.to_vec())
+                .map_err(|source| AgentError::Decrypt { index, source })?;
+            if plain.len() != expected_len {
+                return Err(AgentError::ChunkLength {
+                    chunk: chunk.name,
+                    index,
+                    expected: expected_len,
+                    got: plain.len(),
+                });
+            }
+            Ok(Bytes::from(plain))
+        })
+        .await
+    }
+
+    /// A chunk's ciphertext from the first tier that holds a copy that checks out,
+    /// filling the tiers above it.
+    pub async fn ciphertext(self: &Arc<Self>, chunk: ChunkRef) -> Result<Bytes, AgentError> {
+        let mut last_err = None;
+        for (i, tier) in self.tiers.iter().enumerate() {
+            let m = &self.metrics.tiers[i];
+            let started = Instant::now();
+            match tier.get(&chunk).await {
+                Ok(None) => m.miss(started.elapsed()),
+                Ok(Some(bytes)) => {
+                    if !tier.trusted() {
+                        let b = bytes.clone();
+                        let got = blocking(move || Ok(ChunkName::of(&b))).await?;
+                        if got != chunk.name {
+                            m.integrity_failure();
+                            tier.remove(&chunk).await;
+                            last_err = Some(AgentError::Corrupt {
+                                tier: tier.name(),
+                                chunk: chunk.name,
+                                got,
+                            });
+                            continue;
+                        }
+                    }
+                    m.hit(bytes.len(), started.elapsed());
+                    self.fill(i, chunk, &bytes).await;
+                    return Ok(bytes);
+                }
+                Err(e) => {
+                    if matches!(e, AgentError::Corrupt { .. }) {
+                        m.integrity_failure();
+                    } else {
+                        m.error();
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| AgentError::NotFound {
+            chunk: chunk.name,
+            tried: self
+                .tiers
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }))
+    }
+
+    /// Copies checked bytes into the tiers above `found_at`: memory at once (cheap, and
+    /// it lets the next miss find them), slower tiers in the background so the read
+    /// returns first.
+    async fn fill(&self, found_at: usize, chunk: ChunkRef, bytes: &Bytes) {
+        for tier in self.tiers[..found_at].iter().filter(|t| t.fillable()) {
+            if tier.trusted() {
+                tier.put(&chunk, bytes.clone()).await;
+            } else {
+                let tier = Arc::clone(tier);
+                let bytes = bytes.clone();
+                let h = tokio::spawn(async move { tier.put(&chunk, bytes).await });
+                let mut fills = lock(&self.fills);
+                fills.retain(|h| !h.is_finished());
+                fills.push(h);
+            }
+        }
+    }
+
+    /// Waits for background fills started so far (tests; a clean shutdown).
+    pub async fn settle(&self) {
+        let fills = std::mem::take(&mut *lock(&self.fills));
+        for h in fills {
+            let _ = h.await;
+        }
+    }
+
+    /// Forgets every chunk held in memory (decrypted and ciphertext); disk tiers keep
+    /// theirs. For tests and for measuring the disk tier cold-memory.
+    pub fn drop_memory(&self) {
+        lock(&self.decrypted).clear();
+        for t in &self.tiers {
+            t.drop_memory();
+        }
+    }
+
+    /// The ciphertext tiers, in lookup order.
+    pub fn tiers(&self) -> &[Arc<dyn ChunkTier>] {
+        &self.tiers
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Every counter, with each tier's current usage.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let mut s = self.metrics.snapshot();
+        {
+            let d = lock(&self.decrypted);
+            s.tiers[0].used_bytes = Some(d.used());
+            s.tiers[0].capacity_bytes = Some(d.capacity());
+        }
+        for (snap, tier) in s.tiers[1..].iter_mut().zip(&self.tiers) {
+            if let Some((used, cap)) = tier.usage() {
+                snap.used_bytes = Some(used);
+                snap.capacity_bytes = Some(cap);
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,103 @@
+//! What can go wrong on the read path. Every variant names the chunk, offset or path it
+//! is about; [`ImageDevice`](crate::ImageDevice) hands them to NBD as EIO with this
+//! message.
+
+use std::path::PathBuf;
+
+use lode_format::{ChunkError, ChunkIndex, ChunkName};
+use lode_store::StoreError;
+use thiserror::Error;
+
+/// A read-path failure.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// No tier, the origin included, holds the chunk.
+    #[error("chunk {chunk} is in no tier (tried {tried})")]
+    NotFound {
+        /// The chunk.
+        chunk: ChunkName,
+        /// The tiers asked, in order.
+        tried: String,
+    },
+    /// A tier returned bytes that do not hash to the chunk's name.
+    #[error("chunk {chunk} from tier {tier} is corrupt: its bytes hash to {got}")]
+    Corrupt {
+        /// The tier at fault.
+        tier: &'static str,
+        /// The chunk asked for.
+        chunk: ChunkName,
+        /// SHA-256 of what arrived.
+        got: ChunkName,
+    },
+    /// The origin store failed.
+    #[error("fetching chunk {chunk} from the origin: {source}")]
+    Store {
+        /// The chunk.
+        chunk: ChunkName,
+        /// What the store said (boxed: it is large, and rare).
+        source: Box<StoreError>,
+    },
+    /// The chunk's name checked out but it did not decrypt under the manifest's key.
+    #[error("opening chunk {index} of the image: {source}")]
+    Decrypt {
+        /// The chunk's index in the image.
+        index: ChunkIndex,
+        /// What failed.
+        source: ChunkError,
+    },
+    /// The chunk decrypted to the wrong length for its place in the image.
+    #[error("chunk {chunk} (index {index}) is {got} bytes of plaintext, expected {expected}")]
+    ChunkLength {
+        /// The chunk.
+        chunk: ChunkName,
+        /// Its index.
+        index: ChunkIndex,
+        /// Bytes expected there.
+        expected: usize,
+        /// Bytes it held.
+        got: usize,
+    },
+    /// The key table has no key for a stored chunk.
+    #[error("the key table has no key for stored chunk {index}")]
+    MissingKey {
+        /// The chunk's index.
+        index: ChunkIndex,
+    },
+    /// The image was opened without its key table.
+    #[error("image {0} was opened without its key table (open it with a KMS)")]
+    NoKeys(lode_format::ManifestId),
+    /// A local file (disk cache, overlay) could not be used.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A blocking task panicked or was cancelled.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+/// Wraps an I/O error with what was done to which path.
+pub(crate) fn io(
+    op: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> AgentError {
+    let path = path.into();
+    move |source| AgentError::Io { op, path, source }
+}
+
+/// Runs `f` on the blocking pool (hashing, decryption, file I/O).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))?
+}

@@ -1,0 +1,29 @@
+//! The worker agent's read path (DESIGN.md, "The read path").
+//!
+//! An attached image is an [`ImageDevice`]: a [`lode_nbd::BlockDevice`] whose reads
+//! consult the copy-on-write [`Overlay`] first, then fetch whole chunks through one
+//! worker-wide [`ChunkCache`]. The cache keeps decrypted chunks in memory and walks a
+//! list of [`ChunkTier`]s for ciphertext — [`MemoryTier`], [`DiskTier`], then
+//! [`OriginTier`] (the store) — checking every chunk that comes from outside the
+//! worker's memory against its name, dropping and counting what fails, and filling the
+//! tiers above on the way back. Concurrent misses for one chunk share one fetch.
+//! Everything is counted in [`Metrics`].
+//!
+//! The daemon, control API, FUSE file and `lode mount`/`lode run` are not here yet;
+//! see the README.
+
+mod cache;
+mod device;
+mod error;
+mod lru;
+mod metrics;
+mod overlay;
+mod tier;
+
+pub use cache::{CacheBuilder, ChunkCache};
+pub use device::ImageDevice;
+pub use error::AgentError;
+pub use lru::Lru;
+pub use metrics::{Histogram, LATENCY_BUCKETS_US, Metrics, MetricsSnapshot, TierSnapshot};
+pub use overlay::{BLOCK_SIZE, Overlay};
+pub use tier::{ChunkRef, ChunkTier, DiskTier, MemoryTier, OriginTier};
