@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Chunks and manifests are content-addressed: a put checks that the bytes hash to the
-//! name, never overwrites (the store's atomic create), and costs no upload when the name
+//! name, never overwrites a good object (the store's atomic create; an object of the
+//! wrong size under the name is damage and is replaced), and costs no upload when the name
 //! is already there. A get checks the bytes against the name before returning them.
 
 mod location;

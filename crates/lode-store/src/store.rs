@@ -196,11 +196,34 @@ impl Store {
         }
     }
 
-    /// Creates `path` with `bytes` unless it exists; never overwrites.
+    /// Creates `path` with `bytes` unless it exists; never overwrites a good object.
     async fn create(&self, path: &Path, bytes: Bytes) -> Result<PutOutcome, StoreError> {
         if self.exists(path).await? {
             return Ok(PutOutcome::AlreadyPresent);
         }
+        self.put_create(path, bytes).await
+    }
+
+    /// Like [`Store::create`] for a content-addressed object (chunk, manifest), whose
+    /// right size is known: an object of another size under the name is damage (a write
+    /// torn by a crash on a store without fsync, a truncated copy), so it is replaced
+    /// rather than trusted forever. Same-size damage is still caught by every read, which
+    /// checks the bytes against the name.
+    async fn create_addressed(&self, path: &Path, bytes: Bytes) -> Result<PutOutcome, StoreError> {
+        match self.os.head(path).await {
+            Ok(meta) if meta.size == bytes.len() as u64 => return Ok(PutOutcome::AlreadyPresent),
+            Ok(_) => self
+                .os
+                .delete(path)
+                .await
+                .map_err(|e| self.backend("delete damaged", path, e))?,
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(self.backend("head", path, e)),
+        }
+        self.put_create(path, bytes).await
+    }
+
+    async fn put_create(&self, path: &Path, bytes: Bytes) -> Result<PutOutcome, StoreError> {
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -252,7 +275,8 @@ impl Store {
                 got,
             });
         }
-        self.create(&self.chunk_path(root, name), ciphertext).await
+        self.create_addressed(&self.chunk_path(root, name), ciphertext)
+            .await
     }
 
     /// Fetches a chunk's ciphertext and checks it against its name.
@@ -321,7 +345,9 @@ impl Store {
         bytes: Bytes,
     ) -> Result<(ManifestId, PutOutcome), StoreError> {
         let id = ManifestId::of(&bytes);
-        let outcome = self.create(&self.manifest_path(root, &id), bytes).await?;
+        let outcome = self
+            .create_addressed(&self.manifest_path(root, &id), bytes)
+            .await?;
         Ok((id, outcome))
     }
 
