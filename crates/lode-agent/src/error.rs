@@ -79,6 +79,29 @@ pub enum AgentError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A control request was invalid.
+    #[error("{0}")]
+    Request(String),
+    /// The request conflicts with the agent's state (a name already attached).
+    #[error("{0}")]
+    Conflict(String),
+    /// No attachment has that name.
+    #[error("no attachment named {0:?}")]
+    NotAttached(String),
+    /// The image could not be opened.
+    #[error("opening image {image:?}: {source}")]
+    Image {
+        /// What was asked for.
+        image: String,
+        /// Why it failed.
+        source: Box<lode_image::ImageError>,
+    },
+    /// Nothing answers on the control socket.
+    #[error("no agent listening on {}: start `lode agent`", .0.display())]
+    NoAgent(PathBuf),
+    /// A listener could not be set up.
+    #[error("listening: {0}")]
+    Listen(String),
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(String),

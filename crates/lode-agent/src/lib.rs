@@ -9,10 +9,13 @@
 //! tiers above on the way back. Concurrent misses for one chunk share one fetch.
 //! Everything is counted in [`Metrics`].
 //!
-//! The daemon, control API, FUSE file and `lode mount`/`lode run` are not here yet;
-//! see the README.
+//! [`Agent`] is the `lode agent` daemon (attachments, NBD server, state directory) and
+//! [`control`] its HTTP control API. The FUSE file and `lode mount`/`lode run` are not
+//! here yet; see the README.
 
 mod cache;
+pub mod control;
+mod daemon;
 mod device;
 mod error;
 mod lru;
@@ -21,6 +24,7 @@ mod overlay;
 mod tier;
 
 pub use cache::{CacheBuilder, ChunkCache};
+pub use daemon::{Agent, AgentConfig, Attachment, MAX_NAME_LEN};
 pub use device::ImageDevice;
 pub use error::AgentError;
 pub use lru::Lru;

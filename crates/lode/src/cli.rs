@@ -95,6 +95,84 @@ pub enum Command {
 
     /// Show what lode does, end to end, on a generated image (no outside services).
     Demo(DemoArgs),
+
+    /// Run the worker agent in the foreground until SIGINT or SIGTERM.
+    ///
+    /// Attached images are served over NBD (a Unix socket, and TCP if asked) and read
+    /// lazily through one verified chunk cache (memory, then disk under the state
+    /// directory, then the store). Attachments are kept in the state directory and come
+    /// back when the agent restarts. The control socket takes HTTP/1.1 with JSON bodies.
+    #[command(
+        after_help = "Example:\n  lode agent &\n  lode attach myapp:1.0 --name app\n  \
+                            nbdcopy 'nbd+unix:///app?socket='$LODE_HOME/agent/nbd.sock out.img"
+    )]
+    Agent(AgentArgs),
+
+    /// Attach an image to the running agent (served as the NBD export NAME).
+    Attach(AttachArgs),
+
+    /// Detach an image from the running agent (its overlay is deleted unless kept).
+    Detach(DetachArgs),
+
+    /// List the running agent's attachments.
+    Ls(ControlArg),
+
+    /// The running agent's cache and read figures.
+    Stats(ControlArg),
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArg {
+    /// The agent's control socket. [default: $LODE_HOME/agent/control.sock]
+    #[arg(long, env = "LODE_AGENT_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// State directory: attachment table, disk cache, overlays. [default: $LODE_HOME/agent]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// NBD Unix socket. [default: STATE_DIR/nbd.sock]
+    #[arg(long, value_name = "PATH")]
+    pub nbd_unix: Option<PathBuf>,
+    /// Also serve NBD on this TCP address (e.g. 127.0.0.1:10809).
+    #[arg(long, value_name = "ADDR")]
+    pub nbd_tcp: Option<std::net::SocketAddr>,
+    /// Control socket. [default: STATE_DIR/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Ciphertext bytes cached in memory.
+    #[arg(long, default_value_t = 512 << 20, value_name = "BYTES")]
+    pub cache_memory: u64,
+    /// Ciphertext bytes cached on disk.
+    #[arg(long, default_value_t = 10 << 30, value_name = "BYTES")]
+    pub cache_disk: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// A tag, or a manifest id (64 hex digits).
+    pub image: String,
+    /// The attachment's name (and NBD export name). [default: IMAGE]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Accept writes, into an overlay file in the agent's state directory.
+    #[arg(long)]
+    pub rw: bool,
+    #[command(flatten)]
+    pub control: ControlArg,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// The attachment's name.
+    pub name: String,
+    /// Keep the overlay file instead of deleting it.
+    #[arg(long)]
+    pub keep_overlay: bool,
+    #[command(flatten)]
+    pub control: ControlArg,
 }
 
 #[derive(Debug, Args)]

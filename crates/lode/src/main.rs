@@ -1,6 +1,7 @@
 //! The `lode` command: parses arguments, builds the pieces from the library crates, and
 //! prints. No logic of its own lives here (STYLE.md 1).
 
+mod agent;
 mod cli;
 mod demo;
 mod output;
@@ -328,6 +329,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Demo(a) => demo::run(&env_for_demo(&env), a).await?,
+        Command::Agent(a) => agent::run(&env, &home, a).await?,
+        Command::Attach(a) => agent::attach(&env, &home, a)?,
+        Command::Detach(a) => agent::detach(&env, &home, a)?,
+        Command::Ls(a) => agent::ls(&env, &home, a)?,
+        Command::Stats(a) => agent::stats(&env, &home, a)?,
     }
     Ok(ExitCode::SUCCESS)
 }

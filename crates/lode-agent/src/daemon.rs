@@ -1,0 +1,356 @@
+//! The `lode agent` daemon: one worker-wide [`ChunkCache`], an NBD server, and a table of
+//! attachments persisted in a state directory and re-attached on start.
+//!
+//! State directory layout: `attachments.json` (the table, written temp + rename),
+//! `cache/` (the disk tier), `overlays/<hex of name>.overlay` (+ `.bitmap`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lode_kms::Kms;
+use lode_nbd::{Export, Exports, Server};
+use lode_store::Store;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::error::io;
+use crate::{AgentError, ChunkCache, DiskTier, ImageDevice, MemoryTier, OriginTier, Overlay};
+
+/// Longest attachment name accepted.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Where the agent keeps things and how big its caches are.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The state directory (attachment table, disk cache, overlays).
+    pub state_dir: PathBuf,
+    /// The NBD Unix socket.
+    pub nbd_unix: PathBuf,
+    /// An NBD TCP listener, if any.
+    pub nbd_tcp: Option<SocketAddr>,
+    /// Ciphertext bytes kept in memory.
+    pub cache_memory: u64,
+    /// Ciphertext bytes kept on disk.
+    pub cache_disk: u64,
+    /// Decrypted bytes kept in memory.
+    pub decrypted: u64,
+}
+
+impl AgentConfig {
+    /// Defaults under `state_dir`: sockets `nbd.sock`, 256 MiB decrypted, 512 MiB memory,
+    /// 10 GiB disk, no TCP.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        let state_dir = state_dir.into();
+        Self {
+            nbd_unix: state_dir.join("nbd.sock"),
+            state_dir,
+            nbd_tcp: None,
+            cache_memory: 512 << 20,
+            cache_disk: 10 << 30,
+            decrypted: 256 << 20,
+        }
+    }
+}
+
+/// One attached image, as persisted and as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The attachment's (and NBD export's) name.
+    pub name: String,
+    /// The manifest id.
+    pub id: String,
+    /// What the user asked for (a tag or an id).
+    pub image: String,
+    /// The device size in bytes.
+    pub size: u64,
+    /// Whether writes are accepted (into the overlay).
+    pub writable: bool,
+    /// The overlay file, when writable.
+    pub overlay: Option<PathBuf>,
+}
+
+struct Live {
+    att: Attachment,
+    dev: Arc<ImageDevice>,
+}
+
+/// The running agent.
+pub struct Agent {
+    store: Store,
+    kms: Arc<dyn Kms>,
+    cache: Arc<ChunkCache>,
+    exports: Exports,
+    server: Server,
+    config: AgentConfig,
+    nbd_tcp: Option<SocketAddr>,
+    table: Mutex<BTreeMap<String, Live>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("state_dir", &self.config.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn table_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("attachments.json")
+}
+
+fn hex_name(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn check_name(name: &str) -> Result<(), AgentError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::Request(format!(
+            "invalid attachment name {name:?}: 1-{MAX_NAME_LEN} of A-Z a-z 0-9 . _ : - @"
+        )))
+    }
+}
+
+impl Agent {
+    /// Builds the cache, starts the NBD listeners and re-attaches what the state directory
+    /// lists (an attachment that fails to come back is reported on stderr and dropped).
+    pub async fn start(
+        config: AgentConfig,
+        store: Store,
+        kms: Arc<dyn Kms>,
+    ) -> Result<Arc<Agent>, AgentError> {
+        let dir = &config.state_dir;
+        std::fs::create_dir_all(dir.join("overlays"))
+            .map_err(io("creating", dir.join("overlays")))?;
+        let cache = ChunkCache::builder()
+            .decrypted_bytes(config.decrypted)
+            .tier(Arc::new(MemoryTier::new(config.cache_memory)))
+            .tier(Arc::new(DiskTier::open(
+                dir.join("cache"),
+                config.cache_disk,
+            )?))
+            .tier(Arc::new(OriginTier::new(store.clone())))
+            .build()?;
+        let exports = Exports::new();
+        let server = Server::builder(exports.clone())
+            .build()
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        remove_stale_socket(&config.nbd_unix)?;
+        server
+            .listen_unix(&config.nbd_unix)
+            .map_err(|e| AgentError::Listen(e.to_string()))?;
+        let nbd_tcp = match config.nbd_tcp {
+            Some(a) => Some(
+                server
+                    .listen_tcp(a)
+                    .await
+                    .map_err(|e| AgentError::Listen(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let agent = Arc::new(Agent {
+            store,
+            kms,
+            cache,
+            exports,
+            server,
+            nbd_tcp,
+            table: Mutex::new(BTreeMap::new()),
+            config,
+        });
+        let saved = agent.load_table()?;
+        {
+            let mut table = agent.table.lock().await;
+            for att in saved {
+                match agent.open(&att.id, &att.name, att.writable).await {
+                    Ok(live) => {
+                        table.insert(att.name.clone(), live);
+                    }
+                    Err(e) => eprintln!("lode agent: could not re-attach {}: {e}", att.name),
+                }
+            }
+            agent.save_table(&table)?;
+        }
+        Ok(agent)
+    }
+
+    /// The NBD TCP address actually bound, if any.
+    pub fn nbd_tcp(&self) -> Option<SocketAddr> {
+        self.nbd_tcp
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// The worker-wide cache.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    fn load_table(&self) -> Result<Vec<Attachment>, AgentError> {
+        let path = table_path(&self.config.state_dir);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| AgentError::Config(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io("reading", path)(e)),
+        }
+    }
+
+    fn save_table(&self, table: &BTreeMap<String, Live>) -> Result<(), AgentError> {
+        let list: Vec<&Attachment> = table.values().map(|l| &l.att).collect();
+        let bytes = serde_json::to_vec_pretty(&list).expect("attachments serialise");
+        let path = table_path(&self.config.state_dir);
+        let tmp = path.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+            f.write_all(&bytes).map_err(io("writing", &tmp))?;
+            f.sync_all().map_err(io("syncing", &tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))
+    }
+
+    fn overlay_path(&self, name: &str) -> PathBuf {
+        self.config
+            .state_dir
+            .join("overlays")
+            .join(format!("{}.overlay", hex_name(name)))
+    }
+
+    async fn open(&self, image: &str, name: &str, writable: bool) -> Result<Live, AgentError> {
+        let opened = lode_image::open_image(&self.store, Some(self.kms.as_ref()), image)
+            .await
+            .map_err(|e| AgentError::Image {
+                image: image.to_string(),
+                source: Box::new(e),
+            })?;
+        let id = opened.id.to_string();
+        let mut dev = ImageDevice::new(self.cache.clone(), opened)?;
+        let size = lode_nbd::BlockDevice::size(&dev);
+        let overlay = if writable {
+            let p = self.overlay_path(name);
+            dev = dev.with_overlay(Overlay::open(&p, size)?)?;
+            Some(p)
+        } else {
+            None
+        };
+        let dev = Arc::new(dev);
+        self.exports
+            .add(
+                name,
+                Export::new(dev.clone() as Arc<dyn lode_nbd::BlockDevice>).with_description(&id),
+            )
+            .map_err(|e| AgentError::Request(e.to_string()))?;
+        Ok(Live {
+            att: Attachment {
+                name: name.to_string(),
+                id,
+                image: image.to_string(),
+                size,
+                writable,
+                overlay,
+            },
+            dev,
+        })
+    }
+
+    /// Attaches `image` (a tag or a manifest id) as `name` (default: `image`).
+    pub async fn attach(
+        &self,
+        image: &str,
+        name: Option<&str>,
+        writable: bool,
+    ) -> Result<Attachment, AgentError> {
+        let name = name.unwrap_or(image);
+        check_name(name)?;
+        let mut table = self.table.lock().await;
+        if table.contains_key(name) {
+            return Err(AgentError::Conflict(format!(
+                "an attachment named {name:?} already exists"
+            )));
+        }
+        let live = self.open(image, name, writable).await?;
+        let att = live.att.clone();
+        table.insert(name.to_string(), live);
+        if let Err(e) = self.save_table(&table) {
+            table.remove(name);
+            self.exports.remove(name);
+            return Err(e);
+        }
+        Ok(att)
+    }
+
+    /// Detaches `name`; its overlay is deleted unless `keep_overlay`.
+    pub async fn detach(&self, name: &str, keep_overlay: bool) -> Result<Attachment, AgentError> {
+        let mut table = self.table.lock().await;
+        let Some(live) = table.remove(name) else {
+            return Err(AgentError::NotAttached(name.to_string()));
+        };
+        self.exports.remove(name);
+        self.save_table(&table)?;
+        if let Some(ov) = live.dev.overlay() {
+            if keep_overlay {
+                ov.flush().await?;
+            } else {
+                let p = ov.path().to_path_buf();
+                for f in [p.clone(), PathBuf::from(format!("{}.bitmap", p.display()))] {
+                    match std::fs::remove_file(&f) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io("removing", f)(e)),
+                    }
+                }
+            }
+        }
+        Ok(live.att)
+    }
+
+    /// The attachments, by name.
+    pub async fn list(&self) -> Vec<Attachment> {
+        self.table
+            .lock()
+            .await
+            .values()
+            .map(|l| l.att.clone())
+            .collect()
+    }
+
+    /// Stops the NBD server and flushes every overlay.
+    pub async fn shutdown(&self) {
+        self.server.shutdown().await;
+        for live in self.table.lock().await.values() {
+            if let Some(ov) = live.dev.overlay()
+                && let Err(e) = ov.flush().await
+            {
+                eprintln!("lode agent: flushing {}: {e}", live.att.name);
+            }
+        }
+        self.cache.settle().await;
+        let _ = std::fs::remove_file(&self.config.nbd_unix);
+    }
+}
+
+/// Removes a Unix socket left by an agent that died; refuses if one still answers.
+pub(crate) fn remove_stale_socket(path: &Path) -> Result<(), AgentError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(AgentError::Listen(format!(
+            "{} is in use (is another agent running?)",
+            path.display()
+        )));
+    }
+    std::fs::remove_file(path).map_err(io("removing stale socket", path))
+}

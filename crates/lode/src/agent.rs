@@ -1,0 +1,222 @@
+//! `lode agent` and the commands that talk to it over its control socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use lode_agent::control;
+use serde_json::{Value, json};
+
+use crate::Env;
+use crate::cli::{AgentArgs, AttachArgs, ControlArg, DetachArgs};
+use crate::output::{human_bytes, print_json};
+
+fn agent_dir(home: &Path) -> PathBuf {
+    home.join("agent")
+}
+
+fn control_path(home: &Path, arg: &ControlArg) -> PathBuf {
+    arg.control
+        .clone()
+        .unwrap_or_else(|| agent_dir(home).join("control.sock"))
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let state_dir = a.state_dir.clone().unwrap_or_else(|| agent_dir(home));
+    let mut config = lode_agent::AgentConfig::new(&state_dir);
+    if let Some(p) = a.nbd_unix {
+        config.nbd_unix = p;
+    }
+    config.nbd_tcp = a.nbd_tcp;
+    config.cache_memory = a.cache_memory;
+    config.cache_disk = a.cache_disk;
+    let control = a
+        .control
+        .clone()
+        .unwrap_or_else(|| state_dir.join("control.sock"));
+    let store = env.store()?;
+    let kms: Arc<dyn lode_kms::Kms> = Arc::from(env.kms_existing()?);
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let agent = lode_agent::Agent::start(config, store, kms)
+        .await
+        .context("starting the agent")?;
+    let task =
+        control::serve_control(agent.clone(), &control).context("starting the control API")?;
+    let n = agent.list().await.len();
+    if !env.quiet {
+        let tcp = agent
+            .nbd_tcp()
+            .map(|a| format!(" and tcp {a}"))
+            .unwrap_or_default();
+        println!(
+            "lode agent: nbd on unix {}{tcp}; control on {}; state in {}; {n} attachment(s) restored",
+            agent.config().nbd_unix.display(),
+            control.display(),
+            state_dir.display()
+        );
+    }
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    task.abort();
+    let _ = std::fs::remove_file(&control);
+    agent.shutdown().await;
+    if !env.quiet {
+        println!("lode agent: stopped");
+    }
+    Ok(())
+}
+
+fn call(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    Ok(control::request(sock, method, path, body)?.json()?)
+}
+
+pub fn attach(env: &Env, home: &Path, a: AttachArgs) -> Result<()> {
+    let sock = control_path(home, &a.control);
+    let v = call(
+        &sock,
+        "POST",
+        "/attach",
+        Some(&json!({"image": a.image, "name": a.name, "writable": a.rw})),
+    )?;
+    if env.cli_json {
+        print_json(&v)?;
+    } else {
+        println!(
+            "attached {} as {} ({}, {}): nbd+unix:///{}?socket={}",
+            v["id"].as_str().unwrap_or_default(),
+            v["name"].as_str().unwrap_or_default(),
+            human_bytes(v["size"].as_u64().unwrap_or_default()),
+            if v["writable"].as_bool() == Some(true) {
+                "writable"
+            } else {
+                "read-only"
+            },
+            v["nbd_export"].as_str().unwrap_or_default(),
+            v["nbd_unix"].as_str().unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+pub fn detach(env: &Env, home: &Path, a: DetachArgs) -> Result<()> {
+    let sock = control_path(home, &a.control);
+    let v = call(
+        &sock,
+        "POST",
+        "/detach",
+        Some(&json!({"name": a.name, "keep_overlay": a.keep_overlay})),
+    )?;
+    if env.cli_json {
+        print_json(&v)?;
+    } else if !env.quiet {
+        println!("detached {}", a.name);
+    }
+    Ok(())
+}
+
+pub fn ls(env: &Env, home: &Path, a: ControlArg) -> Result<()> {
+    let v = call(&control_path(home, &a), "GET", "/ls", None)?;
+    if env.cli_json {
+        print_json(&v)?;
+    } else {
+        for att in v.as_array().into_iter().flatten() {
+            println!(
+                "{}  {}  {}  {}  {}",
+                att["name"].as_str().unwrap_or_default(),
+                att["id"].as_str().unwrap_or_default(),
+                human_bytes(att["size"].as_u64().unwrap_or_default()),
+                if att["writable"].as_bool() == Some(true) {
+                    "rw"
+                } else {
+                    "ro"
+                },
+                att["image"].as_str().unwrap_or_default(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The bucket bound under which `pct`% of the counts fall (µs), from a snapshot's histogram.
+fn percentile(bounds: &Value, counts: &Value, pct: u64) -> Option<String> {
+    let bounds: Vec<u64> = bounds
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    let counts: Vec<u64> = counts
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = (total * pct).div_ceil(100);
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return Some(match bounds.get(i) {
+                Some(b) => format!("≤{b} µs"),
+                None => format!(">{} µs", bounds.last().copied().unwrap_or(0)),
+            });
+        }
+    }
+    None
+}
+
+pub fn stats(env: &Env, home: &Path, a: ControlArg) -> Result<()> {
+    let v = call(&control_path(home, &a), "GET", "/stats", None)?;
+    if env.cli_json {
+        return print_json(&v);
+    }
+    println!(
+        "reads      {} ({}), {} failed, {} zero-chunk reads, {} joined fetches",
+        v["reads"],
+        human_bytes(v["read_bytes"].as_u64().unwrap_or_default()),
+        v["read_errors"],
+        v["zero_chunk_reads"],
+        v["joined_fetches"]
+    );
+    if let Some(p) = percentile(&v["read_latency_buckets_us"], &v["read_latency_counts"], 50) {
+        let p99 = percentile(&v["read_latency_buckets_us"], &v["read_latency_counts"], 99)
+            .unwrap_or_default();
+        println!("latency    p50 {p}, p99 {p99}");
+    }
+    println!(
+        "{:<10} {:>8} {:>8} {:>7} {:>10} {:>8} {:>10} {:>10}",
+        "tier", "hits", "misses", "hit%", "bytes", "corrupt", "p50", "p99"
+    );
+    for t in v["tiers"].as_array().into_iter().flatten() {
+        let hits = t["hits"].as_u64().unwrap_or_default();
+        let misses = t["misses"].as_u64().unwrap_or_default();
+        let rate = if hits + misses == 0 {
+            0.0
+        } else {
+            hits as f64 * 100.0 / (hits + misses) as f64
+        };
+        let p = |q| {
+            percentile(&t["latency_buckets_us"], &t["latency_counts"], q)
+                .unwrap_or_else(|| "-".into())
+        };
+        println!(
+            "{:<10} {:>8} {:>8} {:>6.1}% {:>10} {:>8} {:>10} {:>10}",
+            t["name"].as_str().unwrap_or_default(),
+            hits,
+            misses,
+            rate,
+            human_bytes(t["bytes"].as_u64().unwrap_or_default()),
+            t["integrity_failures"].as_u64().unwrap_or_default(),
+            p(50),
+            p(99)
+        );
+    }
+    Ok(())
+}
