@@ -12,6 +12,8 @@
 //!
 //! Errors are `{"error": "message"}` with 400 (malformed), 404 (unknown path or name),
 //! 405, 409 (name taken), 413 (too large) or 500.
+//!
+//! [`serve_metrics`] serves only `GET /metrics` on a TCP address, for Prometheus.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -19,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::AgentError;
 use crate::daemon::{Agent, remove_stale_socket};
@@ -53,7 +55,7 @@ pub fn serve_control(
                 Ok((stream, _)) => {
                     let agent = agent.clone();
                     tokio::spawn(async move {
-                        let _ = handle(agent, stream).await;
+                        let _ = handle(agent, stream, Scope::Control).await;
                     });
                 }
                 Err(e) => {
@@ -63,6 +65,46 @@ pub fn serve_control(
             }
         }
     }))
+}
+
+/// Serves `GET /metrics` (Prometheus text) on `addr` until the task is aborted; returns
+/// the address bound (port 0 picks one).
+pub async fn serve_metrics(
+    agent: Arc<Agent>,
+    addr: std::net::SocketAddr,
+) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), AgentError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| AgentError::Listen(format!("metrics on {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| AgentError::Listen(format!("metrics on {addr}: {e}")))?;
+    let task = tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let agent = agent.clone();
+                    tokio::spawn(async move {
+                        let _ = handle(agent, stream, Scope::Metrics).await;
+                    });
+                }
+                Err(e) => {
+                    eprintln!("lode agent: metrics accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok((bound, task))
+}
+
+/// Which requests a listener answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Everything (the 0600 Unix socket).
+    Control,
+    /// `GET /metrics` only (a TCP port anyone on the network may reach).
+    Metrics,
 }
 
 struct Reply {
@@ -95,10 +137,18 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn handle(agent: Arc<Agent>, mut stream: UnixStream) -> std::io::Result<()> {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    agent: Arc<Agent>,
+    mut stream: S,
+    scope: Scope,
+) -> std::io::Result<()> {
     let reply = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await {
         Err(_) => error(400, "request not received in time"),
         Ok(Err(r)) => r,
+        Ok(Ok(req)) if scope == Scope::Metrics && req.path != "/metrics" => error(
+            404,
+            format!("no such endpoint {} (only /metrics here)", req.path),
+        ),
         Ok(Ok(req)) => route(&agent, req).await,
     };
     let head = format!(
@@ -124,7 +174,7 @@ pub struct Request {
     pub body: Vec<u8>,
 }
 
-async fn read_request(stream: &mut UnixStream) -> Result<Request, Reply> {
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Request, Reply> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let head_end = loop {

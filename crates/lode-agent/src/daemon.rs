@@ -2,13 +2,15 @@
 //! attachments persisted in a state directory and re-attached on start.
 //!
 //! State directory layout: `attachments.json` (the table, written temp + rename),
-//! `cache/` (the disk tier), `overlays/<hex of name>.overlay` (+ `.bitmap`).
+//! `cache/` (the disk tier), `overlays/<hex of name>.overlay` (+ `.bitmap`), and by
+//! default `files/`, the FUSE mount holding one file per attachment.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use lode_fuse::{FuseMount, MountOptions};
 use lode_kms::Kms;
 use lode_nbd::{Export, Exports, Server};
 use lode_store::Store;
@@ -36,15 +38,18 @@ pub struct AgentConfig {
     pub cache_disk: u64,
     /// Decrypted bytes kept in memory.
     pub decrypted: u64,
+    /// Where the FUSE filesystem of attachment files is mounted, if anywhere.
+    pub files: Option<PathBuf>,
 }
 
 impl AgentConfig {
-    /// Defaults under `state_dir`: sockets `nbd.sock`, 256 MiB decrypted, 512 MiB memory,
-    /// 10 GiB disk, no TCP.
+    /// Defaults under `state_dir`: sockets `nbd.sock`, files in `files/`, 256 MiB
+    /// decrypted, 512 MiB memory, 10 GiB disk, no TCP.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         let state_dir = state_dir.into();
         Self {
             nbd_unix: state_dir.join("nbd.sock"),
+            files: Some(state_dir.join("files")),
             state_dir,
             nbd_tcp: None,
             cache_memory: 512 << 20,
@@ -69,6 +74,28 @@ pub struct Attachment {
     pub writable: bool,
     /// The overlay file, when writable.
     pub overlay: Option<PathBuf>,
+    /// The attachment's file in the agent's FUSE mount, if it has one.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// What the image runs (from its OCI config), for `lode run`.
+    #[serde(default)]
+    pub config: RunConfig,
+}
+
+/// The OCI config fields an image carries, as `lode run` needs them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunConfig {
+    /// The entrypoint argv.
+    pub entrypoint: Vec<String>,
+    /// The default arguments.
+    pub cmd: Vec<String>,
+    /// `KEY=value` strings.
+    pub env: Vec<String>,
+    /// The working directory, or empty.
+    pub working_dir: String,
+    /// `user[:group]`, or empty.
+    pub user: String,
 }
 
 struct Live {
@@ -85,6 +112,7 @@ pub struct Agent {
     server: Server,
     config: AgentConfig,
     nbd_tcp: Option<SocketAddr>,
+    files: std::sync::Mutex<Option<FuseMount>>,
     table: Mutex<BTreeMap<String, Live>>,
 }
 
@@ -106,6 +134,8 @@ fn hex_name(name: &str) -> String {
 
 fn check_name(name: &str) -> Result<(), AgentError> {
     let ok = !name.is_empty()
+        && name != "."
+        && name != ".."
         && name.len() <= MAX_NAME_LEN
         && name
             .bytes()
@@ -156,6 +186,10 @@ impl Agent {
             ),
             None => None,
         };
+        let files = match &config.files {
+            Some(dir) => Some(mount_files(dir)?),
+            None => None,
+        };
         let agent = Arc::new(Agent {
             store,
             kms,
@@ -163,6 +197,7 @@ impl Agent {
             exports,
             server,
             nbd_tcp,
+            files: std::sync::Mutex::new(files),
             table: Mutex::new(BTreeMap::new()),
             config,
         });
@@ -171,7 +206,8 @@ impl Agent {
             let mut table = agent.table.lock().await;
             for att in saved {
                 match agent.open(&att.id, &att.name, att.writable).await {
-                    Ok(live) => {
+                    Ok(mut live) => {
+                        live.att.image = att.image.clone();
                         table.insert(att.name.clone(), live);
                     }
                     Err(e) => eprintln!("lode agent: could not re-attach {}: {e}", att.name),
@@ -236,6 +272,14 @@ impl Agent {
                 source: Box::new(e),
             })?;
         let id = opened.id.to_string();
+        let c = &opened.manifest.header().config;
+        let config = RunConfig {
+            entrypoint: c.entrypoint.clone(),
+            cmd: c.cmd.clone(),
+            env: c.env.clone(),
+            working_dir: c.working_dir.clone(),
+            user: c.user.clone(),
+        };
         let mut dev = ImageDevice::new(self.cache.clone(), opened)?;
         let size = lode_nbd::BlockDevice::size(&dev);
         let overlay = if writable {
@@ -252,6 +296,13 @@ impl Agent {
                 Export::new(dev.clone() as Arc<dyn lode_nbd::BlockDevice>).with_description(&id),
             )
             .map_err(|e| AgentError::Request(e.to_string()))?;
+        let file = match self.add_file(name, &dev, writable) {
+            Ok(f) => f,
+            Err(e) => {
+                self.exports.remove(name);
+                return Err(e);
+            }
+        };
         Ok(Live {
             att: Attachment {
                 name: name.to_string(),
@@ -260,9 +311,36 @@ impl Agent {
                 size,
                 writable,
                 overlay,
+                file,
+                config,
             },
             dev,
         })
+    }
+
+    fn add_file(
+        &self,
+        name: &str,
+        dev: &Arc<ImageDevice>,
+        writable: bool,
+    ) -> Result<Option<PathBuf>, AgentError> {
+        let files = lock(&self.files);
+        let Some(m) = files.as_ref() else {
+            return Ok(None);
+        };
+        m.add(
+            name,
+            dev.clone() as Arc<dyn lode_nbd::BlockDevice>,
+            writable,
+        )
+        .map_err(|e| AgentError::Request(e.to_string()))?;
+        Ok(Some(m.path(name)))
+    }
+
+    fn remove_file(&self, name: &str) {
+        if let Some(m) = lock(&self.files).as_ref() {
+            let _ = m.remove(name);
+        }
     }
 
     /// Attaches `image` (a tag or a manifest id) as `name` (default: `image`).
@@ -286,6 +364,7 @@ impl Agent {
         if let Err(e) = self.save_table(&table) {
             table.remove(name);
             self.exports.remove(name);
+            self.remove_file(name);
             return Err(e);
         }
         Ok(att)
@@ -298,6 +377,7 @@ impl Agent {
             return Err(AgentError::NotAttached(name.to_string()));
         };
         self.exports.remove(name);
+        self.remove_file(name);
         self.save_table(&table)?;
         if let Some(ov) = live.dev.overlay() {
             if keep_overlay {
@@ -326,9 +406,19 @@ impl Agent {
             .collect()
     }
 
-    /// Stops the NBD server and flushes every overlay.
+    /// Stops the NBD server, unmounts the FUSE files (lazily, if a loop device still
+    /// holds one) and flushes every overlay.
     pub async fn shutdown(&self) {
         self.server.shutdown().await;
+        let files = lock(&self.files).take();
+        if let Some(m) = files {
+            let r = tokio::task::spawn_blocking(move || m.unmount()).await;
+            if let Ok(Err(e)) = r {
+                eprintln!(
+                    "lode agent: {e} (detached lazily; loop devices on it still work until released)"
+                );
+            }
+        }
         for live in self.table.lock().await.values() {
             if let Some(ov) = live.dev.overlay()
                 && let Err(e) = ov.flush().await
@@ -339,6 +429,32 @@ impl Agent {
         self.cache.settle().await;
         let _ = std::fs::remove_file(&self.config.nbd_unix);
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Mounts the FUSE filesystem of attachment files on `dir`, first clearing a mount
+/// left there by an agent that died (its files answer ENOTCONN).
+fn mount_files(dir: &Path) -> Result<FuseMount, AgentError> {
+    if let Err(e) = std::fs::metadata(dir)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| AgentError::Config(format!("{} has a NUL byte", dir.display())))?;
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(io("clearing the dead FUSE mount at", dir)(
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let options = MountOptions::new(tokio::runtime::Handle::current()).allow_other(root);
+    FuseMount::mount(dir, options).map_err(|e| AgentError::Listen(e.to_string()))
 }
 
 /// Removes a Unix socket left by an agent that died; refuses if one still answers.

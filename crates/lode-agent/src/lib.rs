@@ -9,11 +9,12 @@
 //! tiers above on the way back. Concurrent misses for one chunk share one fetch.
 //! Everything is counted in [`Metrics`].
 //!
-//! [`Agent`] is the `lode agent` daemon (attachments, NBD server, state directory) and
-//! [`control`] its HTTP control API. The FUSE file and `lode mount`/`lode run` are not
-//! here yet; see the README.
+//! [`Agent`] is the `lode agent` daemon (attachments, NBD server, a FUSE mount with one
+//! file per attachment, state directory), [`control`] its HTTP control API and metrics
+//! endpoint, and [`config`] its TOML configuration file.
 
 mod cache;
+pub mod config;
 pub mod control;
 mod daemon;
 mod device;
@@ -24,7 +25,7 @@ mod overlay;
 mod tier;
 
 pub use cache::{CacheBuilder, ChunkCache};
-pub use daemon::{Agent, AgentConfig, Attachment, MAX_NAME_LEN};
+pub use daemon::{Agent, AgentConfig, Attachment, MAX_NAME_LEN, RunConfig};
 pub use device::ImageDevice;
 pub use error::AgentError;
 pub use lru::Lru;

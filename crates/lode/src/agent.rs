@@ -15,7 +15,7 @@ fn agent_dir(home: &Path) -> PathBuf {
     home.join("agent")
 }
 
-fn control_path(home: &Path, arg: &ControlArg) -> PathBuf {
+pub(crate) fn control_path(home: &Path, arg: &ControlArg) -> PathBuf {
     arg.control
         .clone()
         .unwrap_or_else(|| agent_dir(home).join("control.sock"))
@@ -24,18 +24,45 @@ fn control_path(home: &Path, arg: &ControlArg) -> PathBuf {
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let state_dir = a.state_dir.clone().unwrap_or_else(|| agent_dir(home));
+    let file = match &a.config {
+        Some(p) => lode_agent::config::ConfigFile::read(p)?,
+        None => lode_agent::config::ConfigFile::default(),
+    };
+    let state_dir = a
+        .state_dir
+        .clone()
+        .or(file.state_dir)
+        .unwrap_or_else(|| agent_dir(home));
     let mut config = lode_agent::AgentConfig::new(&state_dir);
-    if let Some(p) = a.nbd_unix {
+    if let Some(p) = a.nbd_unix.or(file.nbd.unix) {
         config.nbd_unix = p;
     }
-    config.nbd_tcp = a.nbd_tcp;
-    config.cache_memory = a.cache_memory;
-    config.cache_disk = a.cache_disk;
+    config.nbd_tcp = a.nbd_tcp.or(file.nbd.tcp);
+    if a.no_files {
+        config.files = None;
+    } else if let Some(d) = a.files.or(file.files) {
+        config.files = (!d.as_os_str().is_empty()).then_some(d);
+    }
+    let c = &file.cache;
+    config.decrypted = a
+        .cache_decrypted
+        .or(c.decrypted)
+        .unwrap_or(config.decrypted);
+    config.cache_memory = a.cache_memory.or(c.memory).unwrap_or(config.cache_memory);
+    config.cache_disk = a.cache_disk.or(c.disk).unwrap_or(config.cache_disk);
+    let metrics = a.metrics.or(file.metrics.listen);
     let control = a
         .control
         .clone()
+        .or(file.control)
         .unwrap_or_else(|| state_dir.join("control.sock"));
+    let mut env = env.clone();
+    if let (false, Some(s)) = (env.store_given, file.store) {
+        env.store_spec = s;
+    }
+    if let (false, Some(k)) = (env.kms_given, file.kms) {
+        env.kms_spec = k;
+    }
     let store = env.store()?;
     let kms: Arc<dyn lode_kms::Kms> = Arc::from(env.kms_existing()?);
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
@@ -45,14 +72,28 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
         .context("starting the agent")?;
     let task =
         control::serve_control(agent.clone(), &control).context("starting the control API")?;
+    let metrics_task = match metrics {
+        Some(addr) => Some(control::serve_metrics(agent.clone(), addr).await?),
+        None => None,
+    };
     let n = agent.list().await.len();
     if !env.quiet {
         let tcp = agent
             .nbd_tcp()
             .map(|a| format!(" and tcp {a}"))
             .unwrap_or_default();
+        let files = agent
+            .config()
+            .files
+            .as_ref()
+            .map(|d| format!("; files in {}", d.display()))
+            .unwrap_or_default();
+        let metrics = metrics_task
+            .as_ref()
+            .map(|(a, _)| format!("; metrics on http://{a}/metrics"))
+            .unwrap_or_default();
         println!(
-            "lode agent: nbd on unix {}{tcp}; control on {}; state in {}; {n} attachment(s) restored",
+            "lode agent: nbd on unix {}{tcp}; control on {}{files}{metrics}; state in {}; {n} attachment(s) restored",
             agent.config().nbd_unix.display(),
             control.display(),
             state_dir.display()
@@ -63,6 +104,9 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
         _ = int.recv() => {}
     }
     task.abort();
+    if let Some((_, t)) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&control);
     agent.shutdown().await;
     if !env.quiet {
@@ -71,7 +115,7 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
     Ok(())
 }
 
-fn call(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+pub(crate) fn call(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
     Ok(control::request(sock, method, path, body)?.json()?)
 }
 

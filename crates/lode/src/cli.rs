@@ -119,6 +119,95 @@ pub enum Command {
 
     /// The running agent's cache and read figures.
     Stats(ControlArg),
+
+    /// Mount an image's ext4 on a directory, lazily loaded through the running agent.
+    ///
+    /// Attaches the image, sets up a loop device on its file in the agent's FUSE mount
+    /// and mounts it. Read-only unless --rw, which sends writes into an overlay (the
+    /// store is never written). Needs root. `lode umount DIR` undoes it all.
+    #[command(
+        after_help = "Example:\n  lode mount python:3.11 /mnt/py && ls /mnt/py/usr/bin\n  lode umount /mnt/py"
+    )]
+    Mount(MountArgs),
+
+    /// Unmount what `lode mount` mounted: unmount, release the loop device, detach.
+    Umount(UmountArgs),
+
+    /// Run a command inside an image, lazily loaded: mount, run, clean up.
+    ///
+    /// The command runs with the image config's environment, working directory and
+    /// user, in a writable overlay that is dropped afterwards. With crun on PATH it runs
+    /// in a container from a generated OCI bundle (own pid, mount, ipc and uts
+    /// namespaces); otherwise chrooted, with /proc and /dev mounted. Exits with the
+    /// command's status. Needs root and a running agent.
+    #[command(
+        after_help = "Example:\n  lode run python -- python3 -c 'import json; print(json.dumps([1]))'"
+    )]
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// A tag, or a manifest id (64 hex digits).
+    pub image: String,
+    /// An existing empty directory.
+    pub dir: PathBuf,
+    /// Accept writes, into an overlay in the agent's state directory.
+    #[arg(long)]
+    pub rw: bool,
+    /// The attachment's name. [default: mnt- and a hash of DIR]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Kernel readahead of the loop device, KiB. [default: the kernel's]
+    #[arg(long, value_name = "KIB")]
+    pub readahead_kb: Option<u32>,
+    #[command(flatten)]
+    pub control: ControlArg,
+}
+
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    /// The directory `lode mount` mounted on.
+    pub dir: PathBuf,
+    /// Keep the overlay of a --rw mount instead of deleting it.
+    #[arg(long)]
+    pub keep_overlay: bool,
+    #[command(flatten)]
+    pub control: ControlArg,
+}
+
+/// How `lode run` isolates the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Runtime {
+    /// crun if it is on PATH, else chroot.
+    Auto,
+    /// A container from a generated OCI bundle.
+    Crun,
+    /// chroot(2) with /proc and /dev mounted.
+    Chroot,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A tag, or a manifest id (64 hex digits).
+    pub image: String,
+    /// The command and its arguments. [default: the image's entrypoint and cmd]
+    #[arg(last = true)]
+    pub command: Vec<String>,
+    /// How to run it.
+    #[arg(long, value_enum, default_value_t = Runtime::Auto)]
+    pub runtime: Runtime,
+    /// Extra environment, KEY=VALUE (repeatable; wins over the image's).
+    #[arg(long, short, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Run as this user[:group] instead of the image's.
+    #[arg(long, short)]
+    pub user: Option<String>,
+    /// Kernel readahead of the loop device, KiB. [default: the kernel's]
+    #[arg(long, value_name = "KIB")]
+    pub readahead_kb: Option<u32>,
+    #[command(flatten)]
+    pub control: ControlArg,
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +219,9 @@ pub struct ControlArg {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    /// A TOML configuration file (see docs/agent.md); flags given here win over it.
+    #[arg(long, env = "LODE_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// State directory: attachment table, disk cache, overlays. [default: $LODE_HOME/agent]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -142,12 +234,25 @@ pub struct AgentArgs {
     /// Control socket. [default: STATE_DIR/control.sock]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
-    /// Ciphertext bytes cached in memory.
-    #[arg(long, default_value_t = 512 << 20, value_name = "BYTES")]
-    pub cache_memory: u64,
-    /// Ciphertext bytes cached on disk.
-    #[arg(long, default_value_t = 10 << 30, value_name = "BYTES")]
-    pub cache_disk: u64,
+    /// FUSE mount holding one file per attachment (for loop devices and VMMs).
+    /// [default: STATE_DIR/files]
+    #[arg(long, value_name = "DIR", conflicts_with = "no_files")]
+    pub files: Option<PathBuf>,
+    /// No FUSE mount (NBD only; `lode mount` and `lode run` then cannot work).
+    #[arg(long)]
+    pub no_files: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Decrypted chunks kept in memory (e.g. 256MiB). [default: 256MiB]
+    #[arg(long, value_name = "SIZE", value_parser = lode_agent::config::parse_size)]
+    pub cache_decrypted: Option<u64>,
+    /// Ciphertext cached in memory. [default: 512MiB]
+    #[arg(long, value_name = "SIZE", value_parser = lode_agent::config::parse_size)]
+    pub cache_memory: Option<u64>,
+    /// Ciphertext cached on local disk. [default: 10GiB]
+    #[arg(long, value_name = "SIZE", value_parser = lode_agent::config::parse_size)]
+    pub cache_disk: Option<u64>,
 }
 
 #[derive(Debug, Args)]

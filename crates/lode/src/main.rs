@@ -4,6 +4,7 @@
 mod agent;
 mod cli;
 mod demo;
+mod mount;
 mod output;
 
 use std::process::ExitCode;
@@ -56,11 +57,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// The pieces every command may need, built from the global flags.
+#[derive(Clone)]
 struct Env {
     cli_json: bool,
     quiet: bool,
     store_spec: String,
     kms_spec: String,
+    /// Whether --store or LODE_STORE named the store (a config file may name it otherwise).
+    store_given: bool,
+    /// Whether --kms or LODE_KMS named the key service.
+    kms_given: bool,
     kms_key: Option<String>,
 }
 
@@ -98,6 +104,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| home.join("keyring.json").display().to_string()),
         kms_key: cli.kms_key.clone(),
+        store_given: cli.store.is_some(),
+        kms_given: cli.kms.is_some(),
     };
     match cli.command {
         Command::Import(a) => {
@@ -334,6 +342,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Detach(a) => agent::detach(&env, &home, a)?,
         Command::Ls(a) => agent::ls(&env, &home, a)?,
         Command::Stats(a) => agent::stats(&env, &home, a)?,
+        Command::Mount(a) => mount::mount(&env, &home, a)?,
+        Command::Umount(a) => mount::umount(&env, &home, a)?,
+        Command::Run(a) => return mount::run(&env, &home, a),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,250 @@
+//! The agent's TOML configuration file and byte sizes written for people (`512MiB`).
+//!
+//! ```toml
+//! state_dir = "/var/lib/lode/agent"   # attachment table, disk cache, overlays
+//! store = "s3://images/prod"          # where chunks and manifests live
+//! kms = "/etc/lode/keyring.json"      # the keyring (or key service) for image keys
+//! control = "/run/lode/control.sock"  # the control API
+//! files = "/run/lode/files"           # FUSE mount: one file per attachment; "" = none
+//!
+//! [nbd]
+//! unix = "/run/lode/nbd.sock"
+//! tcp = "127.0.0.1:10809"
+//!
+//! [metrics]
+//! listen = "127.0.0.1:9464"           # Prometheus text at http://ADDR/metrics
+//!
+//! [cache]
+//! decrypted = "256MiB"                # decrypted chunks in memory
+//! memory = "512MiB"                   # ciphertext in memory
+//! disk = "10GiB"                      # ciphertext on local disk
+//! ```
+//!
+//! Every key is optional; unknown keys are refused by name so a typo is not silently
+//! ignored. Flags given on the command line win over the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::AgentError;
+
+/// Largest configuration file read.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The configuration file, as written.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// State directory.
+    pub state_dir: Option<PathBuf>,
+    /// Object store URL or directory.
+    pub store: Option<String>,
+    /// Key service (keyring path).
+    pub kms: Option<String>,
+    /// Control socket.
+    pub control: Option<PathBuf>,
+    /// FUSE mount directory; an empty string turns the FUSE files off.
+    pub files: Option<PathBuf>,
+    /// NBD listeners.
+    #[serde(default)]
+    pub nbd: NbdSection,
+    /// Metrics listener.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    /// Cache sizes.
+    #[serde(default)]
+    pub cache: CacheSection,
+}
+
+/// `[nbd]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdSection {
+    /// Unix socket path.
+    pub unix: Option<PathBuf>,
+    /// TCP address.
+    pub tcp: Option<SocketAddr>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// TCP address serving `/metrics`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[cache]`, in bytes.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// Decrypted chunks in memory.
+    #[serde(default, deserialize_with = "size_opt")]
+    pub decrypted: Option<u64>,
+    /// Ciphertext in memory.
+    #[serde(default, deserialize_with = "size_opt")]
+    pub memory: Option<u64>,
+    /// Ciphertext on disk.
+    #[serde(default, deserialize_with = "size_opt")]
+    pub disk: Option<u64>,
+}
+
+impl ConfigFile {
+    /// Parses configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, AgentError> {
+        toml::from_str(text).map_err(|e| {
+            AgentError::Config(format!(
+                "{}: {}",
+                origin.display(),
+                e.to_string().trim_end()
+            ))
+        })
+    }
+
+    /// Reads and parses the file at `path`.
+    pub fn read(path: &Path) -> Result<Self, AgentError> {
+        use std::io::Read;
+        let f = std::fs::File::open(path).map_err(crate::error::io("opening", path))?;
+        let mut text = String::new();
+        f.take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(crate::error::io("reading", path))?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(AgentError::Config(format!(
+                "{}: larger than {MAX_CONFIG_BYTES} bytes",
+                path.display()
+            )));
+        }
+        Self::parse(&text, path)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+fn size_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match RawSize::deserialize(d)? {
+        RawSize::Bytes(n) => Ok(Some(n)),
+        RawSize::Text(s) => parse_size(&s).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses a byte count: a number, optionally followed by `K`, `M`, `G` or `T` (with or
+/// without `iB`/`B`; all powers of 1024), e.g. `4096`, `512MiB`, `10G`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = t.split_at(digits);
+    if num.is_empty() {
+        return Err(format!(
+            "{text:?} is not a size (a number of bytes, optionally with K, M, G or T, e.g. 512MiB)"
+        ));
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is too large a size"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use K, M, G or T, powers of 1024)"
+            ));
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large a size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size(" 3 kb "), Ok(3 << 10));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("").unwrap_err().contains("not a size"));
+        assert!(parse_size("MiB").unwrap_err().contains("not a size"));
+        assert!(
+            parse_size("5 parsecs")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(
+            parse_size("99999999999T")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(
+            parse_size("99999999999999999999999")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let doc = include_str!("config.rs");
+        let example: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| format!("{}\n", l.trim_start_matches("//!").trim_start()))
+            .collect();
+        let c = ConfigFile::parse(&example, Path::new("example.toml")).unwrap();
+        assert_eq!(c.state_dir, Some(PathBuf::from("/var/lib/lode/agent")));
+        assert_eq!(c.store.as_deref(), Some("s3://images/prod"));
+        assert_eq!(c.nbd.tcp, Some("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.cache.decrypted, Some(256 << 20));
+        assert_eq!(c.cache.memory, Some(512 << 20));
+        assert_eq!(c.cache.disk, Some(10 << 30));
+        assert_eq!(c.files, Some(PathBuf::from("/run/lode/files")));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let p = Path::new("/etc/lode/agent.toml");
+        let e = ConfigFile::parse("stat_dir = \"/x\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/lode/agent.toml") && e.contains("stat_dir"),
+            "{e}"
+        );
+        let e = ConfigFile::parse("[cache]\nmemory = \"lots\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lots") && e.contains("not a size"), "{e}");
+        let e = ConfigFile::parse("[nbd]\ntcp = \"localhost\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tcp"), "{e}");
+        assert_eq!(
+            ConfigFile::parse("", p).unwrap(),
+            ConfigFile::default(),
+            "an empty file is all defaults"
+        );
+        assert_eq!(
+            ConfigFile::parse("[cache]\ndisk = 1048576\n", p)
+                .unwrap()
+                .cache
+                .disk,
+            Some(1 << 20)
+        );
+    }
+}
