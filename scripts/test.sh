@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 # (OCI reference unpacking), python3 for the test-vector generator, and the NBD clients
 # no one here wrote (nbdinfo, nbdcopy, nbdsh, qemu-img, fio's nbd engine, nbdkit), and a
 # real registry with htpasswd/token auth (docker-registry, apache2-utils, openssl), and
-# fusermount3 for FUSE mounts when not root (fuse3).
+# fusermount3 for FUSE mounts when not root (fuse3), and what `lode run` is tested with:
+# crun and a busybox-static root.
 packages=(e2fsprogs umoci skopeo python3 nbdkit libnbd-bin python3-libnbd fio qemu-utils
-  docker-registry apache2-utils openssl fuse3)
+  docker-registry apache2-utils openssl fuse3 crun busybox-static)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,388 @@
+//! System tests of `lode mount`, `lode umount` and `lode run` against a real agent, real
+//! loop devices and real ext4 mounts. The image is built with umoci (a busybox root with
+//! an image config that sets env, working dir and user), flattened by lode, and run
+//! through chroot and through crun. Needs root, /dev/fuse, loop devices, umoci,
+//! busybox-static and crun (scripts/test.sh installs them).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+/// The agent child process; killed and reaped on drop.
+struct AgentProc {
+    child: Child,
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        // SIGTERM first so it unmounts its FUSE files; then make sure.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Unmounts whatever a failed test left on a directory (best effort, then reports).
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(dir.to_str().expect("path")))
+}
+
+/// Loop devices whose backing file is under `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    let out = Command::new("losetup")
+        .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
+        .output()
+        .expect("losetup");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(dir.to_str().expect("path")))
+        .map(str::to_string)
+        .collect()
+}
+
+impl Home {
+    fn new() -> Home {
+        Home {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lode"));
+        cmd.args(args).env("LODE_HOME", self.home());
+        for var in [
+            "LODE_STORE",
+            "LODE_KMS",
+            "LODE_KMS_KEY",
+            "LODE_AGENT_CONTROL",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd(args).output().expect("run lode");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "lode {args:?} panicked:\n{err}");
+        out
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "lode {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8 stdout")
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "lode {args:?} succeeded");
+        String::from_utf8(out.stderr).expect("UTF-8 stderr")
+    }
+
+    fn ls(&self) -> Vec<String> {
+        let v: Value = serde_json::from_str(&self.ok(&["--json", "ls"])).expect("JSON");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|a| a["name"].as_str().expect("name").to_string())
+            .collect()
+    }
+
+    fn start_agent(&self) -> AgentProc {
+        let child = self
+            .cmd(&["agent"])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(self.path("agent.out")).expect("log"))
+            .stderr(fs::File::create(self.path("agent.err")).expect("log"))
+            .spawn()
+            .expect("spawn lode agent");
+        let mut agent = AgentProc { child };
+        let started = Instant::now();
+        while !self.run(&["ls"]).status.success() {
+            if let Some(st) = agent.child.try_wait().expect("wait") {
+                panic!(
+                    "lode agent exited ({st:?}):\n{}",
+                    fs::read_to_string(self.path("agent.err")).unwrap_or_default()
+                );
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "agent silent");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    /// A busybox image built with umoci, flattened as tag `bb`. Returns the bytes of
+    /// the data file put at /work/data.bin.
+    fn busybox_image(&self) -> Vec<u8> {
+        let layout = self.path("layout");
+        let bundle = self.path("bundle");
+        let image = format!("{}:t", layout.display());
+        let umoci = |args: &[&str]| {
+            let out = Command::new("umoci").args(args).output().expect("umoci");
+            assert!(
+                out.status.success(),
+                "umoci {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        umoci(&["init", "--layout", layout.to_str().expect("path")]);
+        umoci(&["new", "--image", &image]);
+        umoci(&["unpack", "--image", &image, bundle.to_str().expect("path")]);
+        let root = bundle.join("rootfs");
+        for d in ["bin", "etc", "work", "proc", "dev", "sys", "tmp"] {
+            fs::create_dir_all(root.join(d)).expect("mkdir");
+        }
+        fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+        for applet in ["sh", "id", "cat", "ls", "echo", "pwd"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("ln");
+        }
+        fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/work:/bin/sh\n",
+        )
+        .expect("passwd");
+        fs::write(root.join("etc/group"), "root:x:0:\napp:x:1001:\n").expect("group");
+        let data: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        fs::write(root.join("work/data.bin"), &data).expect("data");
+        // The working dir is writable by the image's user.
+        Command::new("chown")
+            .args(["1000:1001"])
+            .arg(root.join("work"))
+            .status()
+            .expect("chown");
+        umoci(&["repack", "--image", &image, bundle.to_str().expect("path")]);
+        umoci(&[
+            "config",
+            "--image",
+            &image,
+            "--config.env",
+            "GREETING=hello from the image",
+            "--config.workingdir",
+            "/work",
+            "--config.user",
+            "app",
+            "--config.cmd",
+            "/bin/cat",
+            "--config.cmd",
+            "/etc/group",
+        ]);
+        self.ok(&["flatten", &format!("oci:{image}"), "--tag", "bb", "-q"]);
+        data
+    }
+}
+
+fn root_with_loop_and_fuse() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root && Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists(),
+        "these tests need root, /dev/fuse and loop devices (CI runs as root)"
+    );
+    true
+}
+
+#[test]
+fn mount_reads_back_rw_goes_to_the_overlay_and_umount_cleans_up() {
+    assert!(root_with_loop_and_fuse());
+    let h = Home::new();
+    let data = h.busybox_image();
+    let original = h.path("original.img");
+    h.ok(&["export", "bb", original.to_str().expect("path")]);
+    let _agent = h.start_agent();
+    let mnt = h.path("mnt");
+    fs::create_dir(&mnt).expect("mkdir");
+    let _guard = MountGuard(mnt.clone());
+    let m = mnt.to_str().expect("path");
+
+    // Read-only: files read back, writes refused.
+    let out = h.ok(&["mount", "bb", m]);
+    assert!(out.contains("read-only via /dev/loop"), "{out}");
+    assert!(is_mounted(&mnt));
+    assert_eq!(fs::read(mnt.join("work/data.bin")).expect("read"), data);
+    assert_eq!(
+        fs::read(mnt.join("bin/busybox")).expect("read"),
+        fs::read("/bin/busybox").expect("read")
+    );
+    let err = fs::write(mnt.join("work/new"), b"x").expect_err("read-only mount");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    assert_eq!(h.ls().len(), 1);
+    let err = h.fails(&["mount", "bb", m]);
+    assert!(err.contains("already has /dev/loop"), "{err}");
+    h.ok(&["umount", m]);
+    assert!(!is_mounted(&mnt));
+    assert!(h.ls().is_empty(), "umount detaches");
+    assert!(
+        loops_under(&h.home()).is_empty(),
+        "umount releases the loop device"
+    );
+
+    // Read-write into an overlay, kept across umount with --keep-overlay.
+    h.ok(&["mount", "bb", m, "--rw", "--name", "scratch"]);
+    fs::write(mnt.join("work/new"), b"written through lode").expect("write");
+    fs::write(mnt.join("work/data.bin"), b"replaced").expect("overwrite");
+    h.ok(&["umount", m, "--keep-overlay"]);
+    h.ok(&["mount", "bb", m, "--rw", "--name", "scratch"]);
+    assert_eq!(
+        fs::read(mnt.join("work/new")).expect("kept"),
+        b"written through lode"
+    );
+    assert_eq!(
+        fs::read(mnt.join("work/data.bin")).expect("kept"),
+        b"replaced"
+    );
+    h.ok(&["umount", m]);
+    // Without --keep-overlay the writes are gone.
+    h.ok(&["mount", "bb", m, "--rw", "--name", "scratch"]);
+    assert!(!mnt.join("work/new").exists());
+    assert_eq!(fs::read(mnt.join("work/data.bin")).expect("read"), data);
+    h.ok(&["umount", m]);
+
+    // The store never changed: the image exports byte for byte as before and verifies.
+    let after = h.path("after.img");
+    h.ok(&["export", "bb", after.to_str().expect("path")]);
+    assert!(fs::read(&after).expect("read") == fs::read(&original).expect("read"));
+    h.ok(&["verify", "bb"]);
+    // e2fsck agrees the image is clean.
+    let st = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&after)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stdout)
+    );
+}
+
+#[test]
+fn run_uses_the_image_config_in_chroot_and_crun() {
+    assert!(root_with_loop_and_fuse());
+    let h = Home::new();
+    h.busybox_image();
+    let _agent = h.start_agent();
+    let script = "echo \"$GREETING\"; pwd; id -u; id -g; echo scratch > /work/out && cat /work/out";
+    for runtime in ["chroot", "crun"] {
+        let out = h.ok(&["run", "bb", "--runtime", runtime, "--", "sh", "-c", script]);
+        assert_eq!(
+            out, "hello from the image\n/work\n1000\n1001\nscratch\n",
+            "{runtime}"
+        );
+        // The image's own entrypoint/cmd when no command is given.
+        let out = h.ok(&["run", "bb", "--runtime", runtime]);
+        assert_eq!(out, "root:x:0:\napp:x:1001:\n", "{runtime}");
+        // The command's status is lode's; flags override the config.
+        let o = h.run(&[
+            "run",
+            "bb",
+            "--runtime",
+            runtime,
+            "-u",
+            "0",
+            "-e",
+            "GREETING=hi",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING $(id -u); exit 7",
+        ]);
+        assert_eq!(o.status.code(), Some(7), "{runtime}");
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "hi 0\n", "{runtime}");
+    }
+    // crun gives the command its own pid namespace.
+    let out = h.ok(&[
+        "run",
+        "bb",
+        "--runtime",
+        "crun",
+        "--",
+        "sh",
+        "-c",
+        "echo $$",
+    ]);
+    assert_eq!(out, "1\n");
+    // Nothing is left behind: no attachment, no loop device on the agent's files.
+    assert!(h.ls().is_empty(), "{:?}", h.ls());
+    assert!(loops_under(&h.home()).is_empty());
+    // The overlay was dropped: a new run does not see the last one's file.
+    let o = h.run(&["run", "bb", "--runtime", "chroot", "--", "cat", "/work/out"]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn mistakes_are_named_and_leave_nothing_behind() {
+    assert!(root_with_loop_and_fuse());
+    let h = Home::new();
+    h.busybox_image();
+    let mnt = h.path("mnt");
+    fs::create_dir(&mnt).expect("mkdir");
+    let err = h.fails(&["mount", "bb", mnt.to_str().expect("path")]);
+    assert!(err.contains("control.sock"), "no agent: {err}");
+    let _agent = h.start_agent();
+    let missing = h.path("missing");
+    let err = h.fails(&["mount", "bb", missing.to_str().expect("path")]);
+    assert!(
+        err.contains("mount point") && err.contains("missing"),
+        "{err}"
+    );
+    let empty = h.path("empty");
+    fs::create_dir(&empty).expect("mkdir");
+    let err = h.fails(&["umount", empty.to_str().expect("path")]);
+    assert!(err.contains("nothing is mounted on"), "{err}");
+    let err = h.fails(&["mount", "no-such-tag", empty.to_str().expect("path")]);
+    assert!(err.contains("no-such-tag"), "{err}");
+    let err = h.fails(&["run", "bb", "-u", "nobody", "--", "true"]);
+    assert!(
+        err.contains("nobody") && err.contains("/etc/passwd"),
+        "{err}"
+    );
+    let err = h.fails(&["run", "bb", "-e", "NOEQUALS", "--", "true"]);
+    assert!(err.contains("NOEQUALS"), "{err}");
+    assert!(h.ls().is_empty(), "{:?}", h.ls());
+    assert!(loops_under(&h.home()).is_empty());
+}
