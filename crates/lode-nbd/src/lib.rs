@@ -24,11 +24,13 @@
 //! Untrusted bytes are parsed in one module, [`proto`]; see its docs and the crate
 //! README for the protocol coverage and limits.
 
+mod client;
 mod device;
 mod exports;
 pub mod proto;
 mod server;
 
+pub use client::Client;
 pub use device::{BlockDevice, DeviceError, FileDevice, MemDevice, OpenError};
 pub use exports::{Export, ExportError, Exports};
 pub use proto::Errno;

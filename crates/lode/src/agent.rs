@@ -234,8 +234,15 @@ pub fn stats(env: &Env, home: &Path, a: ControlArg) -> Result<()> {
             .unwrap_or_default();
         println!("latency    p50 {p}, p99 {p99}");
     }
+    print_tiers(&v, "");
+    Ok(())
+}
+
+/// The per-tier table of a metrics snapshot (as JSON): hits, misses, hit rate, bytes,
+/// integrity failures, latency p50 and p99.
+pub(crate) fn print_tiers(v: &Value, indent: &str) {
     println!(
-        "{:<10} {:>8} {:>8} {:>7} {:>10} {:>8} {:>10} {:>10}",
+        "{indent}{:<10} {:>8} {:>8} {:>7} {:>10} {:>8} {:>10} {:>10}",
         "tier", "hits", "misses", "hit%", "bytes", "corrupt", "p50", "p99"
     );
     for t in v["tiers"].as_array().into_iter().flatten() {
@@ -251,7 +258,7 @@ pub fn stats(env: &Env, home: &Path, a: ControlArg) -> Result<()> {
                 .unwrap_or_else(|| "-".into())
         };
         println!(
-            "{:<10} {:>8} {:>8} {:>6.1}% {:>10} {:>8} {:>10} {:>10}",
+            "{indent}{:<10} {:>8} {:>8} {:>6.1}% {:>10} {:>8} {:>10} {:>10}",
             t["name"].as_str().unwrap_or_default(),
             hits,
             misses,
@@ -262,5 +269,4 @@ pub fn stats(env: &Env, home: &Path, a: ControlArg) -> Result<()> {
             p(99)
         );
     }
-    Ok(())
 }

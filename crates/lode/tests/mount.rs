@@ -186,7 +186,7 @@ impl Home {
         .expect("passwd");
         fs::write(root.join("etc/group"), "root:x:0:\napp:x:1001:\n").expect("group");
         let data: Vec<u8> = (0..3_000_000u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[1])
             .collect();
         fs::write(root.join("work/data.bin"), &data).expect("data");
         // The working dir is writable by the image's user.
