@@ -1,11 +1,17 @@
 //! System tests of `lode agent` and the commands that talk to it: each test has its own
 //! `$LODE_HOME`, runs the real binary as a child process (killed by a Drop guard), and
-//! reads attached images with `nbdcopy` (libnbd), a client no one here wrote. The tests
-//! skip with a printed reason only when `nbdcopy` is absent.
+//! reads attached images with clients no one here wrote: `nbdcopy`, libnbd's Python
+//! binding, `nbdfuse`, fio's nbd engine, and the kernel (a loop device and an ext4 mount).
+//! Each test skips with a printed reason only when a tool it drives is absent (or, for
+//! the kernel mounts, when not running as root).
+//!
+//! Everything a test sets up (processes, FUSE mounts, loop devices, ext4 mounts) has a
+//! guard declared after what it depends on, so a failing test releases it all in order.
 
 use std::fs;
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,15 +21,74 @@ struct Home {
     dir: tempfile::TempDir,
 }
 
-/// The agent child process; killed (SIGKILL) and reaped on drop.
+/// The agent child process; killed (SIGKILL) and reaped on drop, and the FUSE mount of
+/// attachment files it leaves behind (dead, answering ENOTCONN) detached lazily.
 struct AgentProc {
     child: Child,
+    /// Its FUSE mount of attachment files, to clear on drop; None once `kill_hard` ran.
+    files: Option<PathBuf>,
+}
+
+impl AgentProc {
+    /// `kill -9`, leaving the dead FUSE mount behind as a crash would, for the next agent
+    /// on the same state directory to clear; the guard returned clears it if none did.
+    #[must_use = "dropping the guard clears the dead mount at once"]
+    fn kill_hard(mut self) -> DeadMount {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        DeadMount(self.files.take())
+    }
+}
+
+/// A killed agent's FUSE mount; detached lazily on drop if it is still there and dead
+/// (ENOTCONN), not if a new agent has mounted over it.
+struct DeadMount(Option<PathBuf>);
+
+impl Drop for DeadMount {
+    fn drop(&mut self) {
+        if let Some(files) = &self.0
+            && fs::metadata(files).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN)
+        {
+            let _ = Command::new("umount").arg("-l").arg(files).status();
+        }
+    }
 }
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(files) = self.files.take()
+            && is_mounted(&files)
+        {
+            let _ = Command::new("umount").arg("-l").arg(&files).status();
+        }
+    }
+}
+
+/// Any other child process (a client, nbdfuse): killed and reaped on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl ChildGuard {
+    /// Waits at most `limit` for the child to exit; None if it is still running.
+    fn wait_for(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(st) = self.0.try_wait().expect("wait") {
+                return Some(st);
+            }
+            if started.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -97,17 +162,39 @@ impl Home {
 
     /// Starts `lode agent` and waits until `lode ls` answers.
     fn start_agent(&self) -> AgentProc {
+        self.start_agent_with(&["--cache-memory", "1048576"])
+    }
+
+    /// Starts `lode agent ARGS` on the default state directory and waits until `lode ls`
+    /// answers.
+    fn start_agent_with(&self, args: &[&str]) -> AgentProc {
+        self.spawn_agent(args, &self.home().join("agent"))
+    }
+
+    /// Starts `lode agent ARGS` whose state directory is `state` and waits until `lode ls`
+    /// answers on `state/control.sock`.
+    fn spawn_agent(&self, args: &[&str], state: &Path) -> AgentProc {
+        let mut a = vec!["agent"];
+        a.extend_from_slice(args);
         let child = self
-            .cmd(&["agent", "--cache-memory", "1048576"])
+            .cmd(&a)
             .stdin(Stdio::null())
             .stdout(fs::File::create(self.path("agent.out")).expect("log"))
             .stderr(fs::File::create(self.path("agent.err")).expect("log"))
             .spawn()
             .expect("spawn lode agent");
-        let mut agent = AgentProc { child };
+        let mut agent = AgentProc {
+            child,
+            files: Some(state.join("files")),
+        };
+        let control = state.join("control.sock");
         let started = Instant::now();
         loop {
-            if self.run(&["ls"]).status.success() {
+            if self
+                .run(&["ls", "--control", control.to_str().expect("path")])
+                .status
+                .success()
+            {
                 return agent;
             }
             if let Some(st) = agent.child.try_wait().expect("wait") {
@@ -126,31 +213,38 @@ impl Home {
 
     /// A 6 MiB raw image of pseudo-random bytes with zero stretches, imported as `tag`.
     fn import(&self, tag: &str) -> (String, PathBuf) {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut img = vec![0u8; 6 << 20];
-        for (i, b) in img.iter_mut().enumerate() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if !(1 << 20..2 << 20).contains(&i) && i < (5 << 20) + 1234 {
-                *b = x.to_le_bytes()[0];
-            }
-        }
+        let mut img = random_bytes(6 << 20, 0x9e37_79b9_7f4a_7c15);
+        img[1 << 20..2 << 20].fill(0);
+        img[(5 << 20) + 1234..].fill(0);
+        self.import_bytes(tag, &img)
+    }
+
+    /// `img` imported as `tag`; its manifest id, and `lode export`'s copy, checked equal.
+    fn import_bytes(&self, tag: &str, img: &[u8]) -> (String, PathBuf) {
         let raw = self.path("img.raw");
-        fs::write(&raw, &img).expect("write image");
+        fs::write(&raw, img).expect("write image");
         let v = self.json(&["import", raw.to_str().expect("path"), "--tag", tag]);
         let id = v["id"].as_str().expect("id").to_string();
         let exported = self.path("exported.img");
         self.ok(&["export", tag, exported.to_str().expect("path")]);
-        assert_eq!(fs::read(&exported).expect("read"), img);
+        assert!(fs::read(&exported).expect("read") == img, "export differs");
         (id, exported)
+    }
+
+    fn uri(&self, name: &str) -> String {
+        format!("nbd+unix:///{name}?socket={}", self.nbd_sock().display())
     }
 
     /// `nbdcopy` of export `name` into a file; its bytes.
     fn nbdcopy(&self, name: &str) -> Vec<u8> {
+        self.nbdcopy_at(&self.nbd_sock(), name)
+    }
+
+    /// `nbdcopy` of export `name` on the NBD socket `sock` into a file; its bytes.
+    fn nbdcopy_at(&self, sock: &Path, name: &str) -> Vec<u8> {
         let out = self.path("nbd.out");
         let _ = fs::remove_file(&out);
-        let uri = format!("nbd+unix:///{name}?socket={}", self.nbd_sock().display());
+        let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
         let st = Command::new("nbdcopy")
             .arg(&uri)
             .arg(&out)
@@ -159,6 +253,52 @@ impl Home {
         assert!(st.success(), "nbdcopy {uri} failed: {st:?}");
         fs::read(&out).expect("read nbdcopy output")
     }
+}
+
+/// `len` pseudo-random bytes (xorshift64 from `seed`).
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Whether something is mounted on `path` (per /proc/self/mountinfo).
+fn is_mounted(path: &Path) -> bool {
+    let want = path.to_string_lossy();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*want))
+}
+
+/// Whether `tool ARGS` runs and exits 0; if not, says the test is skipped and why.
+fn have(tool: &str, args: &[&str], package: &str) -> bool {
+    let ok = Command::new(tool)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED: {tool} ({package}) is not installed");
+    }
+    ok
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIPPED: loop devices and mounts need root");
+    }
+    root
 }
 
 fn have_nbdcopy() -> bool {
@@ -228,7 +368,7 @@ fn attach_read_restart_detach() {
     assert!(err.contains("already exists"), "{err}");
 
     // kill -9 and restart: the attachments come back and read the same.
-    drop(agent);
+    let _dead = agent.kill_hard();
     let err = h.fails(&["ls"]);
     assert!(err.contains("no agent listening on"), "{err}");
     let _agent = h.start_agent();
@@ -303,4 +443,676 @@ fn control_rejects_malformed() {
     assert!(m.starts_with("HTTP/1.1 200") && m.contains("lode_"), "{m}");
     // Still healthy.
     assert!(names(&h.json(&["ls"])).is_empty());
+}
+
+/// A Python 3 that can `import nbd` (python3-libnbd installs it for the system Python,
+/// which a pyenv or venv `python3` first on PATH does not see).
+fn python_with_nbd() -> Option<&'static str> {
+    let found = ["python3", "/usr/bin/python3"].into_iter().find(|py| {
+        Command::new(py)
+            .args(["-c", "import nbd"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if found.is_none() {
+        eprintln!("SKIPPED: no python3 with the nbd module (python3-libnbd)");
+    }
+    found
+}
+
+/// The reader of `kill_9_while_a_client_reads`: random 64 KiB reads through libnbd, each
+/// compared with the expected image; one line per read ("ok", "mismatch OFFSET" or
+/// "error MESSAGE"); it stops at the first mismatch or error, or after SECONDS.
+const READER_PY: &str = r#"
+import random, sys, time
+import nbd
+
+uri, expected, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+want = open(expected, "rb").read()
+h = nbd.NBD()
+try:
+    h.connect_uri(uri)
+    size = h.get_size()
+except nbd.Error as e:
+    print(f"error connecting: {e}", flush=True)
+    sys.exit(1)
+if size != len(want):
+    print(f"error size {size}, want {len(want)}", flush=True)
+    sys.exit(1)
+block = 64 << 10
+rng = random.Random(7)
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    off = rng.randrange(0, (size - block) // 4096 + 1) * 4096
+    try:
+        got = h.pread(block, off)
+    except nbd.Error as e:
+        print(f"error {e}", flush=True)
+        sys.exit(0)
+    if got != want[off:off + block]:
+        print(f"mismatch {off}", flush=True)
+        sys.exit(1)
+    print("ok", flush=True)
+print("timeout", flush=True)
+"#;
+
+/// kill -9 while a libnbd client reads: every block it got was right, it gets an error
+/// (not a hang), and a new agent on the same state directory (clearing the dead FUSE
+/// mount) serves the same bytes again.
+#[test]
+fn kill_9_while_a_client_reads() {
+    if !have_nbdcopy() {
+        return;
+    }
+    let Some(python) = python_with_nbd() else {
+        return;
+    };
+    let h = Home::new();
+    let (_, exported) = h.import("app:1");
+    let want = fs::read(&exported).expect("read export");
+    // Caches of one or two chunks, so reads keep going through the tiers to the store.
+    let agent = h.start_agent_with(&["--cache-decrypted", "1MiB", "--cache-memory", "1MiB"]);
+    h.ok(&["attach", "app:1", "--name", "app"]);
+
+    let script = h.path("reader.py");
+    fs::write(&script, READER_PY).expect("write reader");
+    let log = h.path("reader.log");
+    let child = Command::new(python)
+        .arg(&script)
+        .arg(h.uri("app"))
+        .arg(&exported)
+        .arg("60")
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&log).expect("log"))
+        .stderr(fs::File::create(h.path("reader.err")).expect("log"))
+        .spawn()
+        .expect("spawn the reader");
+    let mut reader = ChildGuard(child);
+    let lines = || fs::read_to_string(&log).unwrap_or_default();
+    let oks = |s: &str| s.lines().filter(|l| *l == "ok").count();
+    let started = Instant::now();
+    while oks(&lines()) < 50 {
+        if let Some(st) = reader.0.try_wait().expect("wait") {
+            panic!(
+                "the reader exited ({st:?}) before the kill:\n{}\n{}",
+                lines(),
+                fs::read_to_string(h.path("reader.err")).unwrap_or_default()
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "fewer than 50 reads in 30 s:\n{}",
+            lines()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let _dead = agent.kill_hard();
+    let killed = Instant::now();
+    let st = reader.wait_for(Duration::from_secs(10));
+    let out = lines();
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        st.is_some(),
+        "the reader still runs 10 s after kill -9 (hung); last line {last:?}"
+    );
+    let bad: Vec<&str> = out.lines().filter(|l| *l != "ok").collect();
+    assert!(
+        bad.len() == 1 && last.starts_with("error "),
+        "want reads then one error, got {} ok and {bad:?}\n{}",
+        oks(&out),
+        fs::read_to_string(h.path("reader.err")).unwrap_or_default()
+    );
+    eprintln!(
+        "{} good reads, then {last:?} {:?} after the kill",
+        oks(&out),
+        killed.elapsed()
+    );
+
+    // The dead agent's FUSE mount answers ENOTCONN until the next agent clears it.
+    let files = h.home().join("agent/files");
+    assert_eq!(
+        fs::metadata(&files).err().and_then(|e| e.raw_os_error()),
+        Some(libc::ENOTCONN),
+        "the killed agent's FUSE mount"
+    );
+    let _agent = h.start_agent();
+    assert_eq!(names(&h.json(&["ls"])), ["app"]);
+    assert!(h.nbdcopy("app") == want, "nbdcopy differs after restart");
+    assert!(
+        fs::read(files.join("app")).expect("read the FUSE file") == want,
+        "the FUSE file differs after restart"
+    );
+}
+
+/// `nbdfuse -r DIR URI` in the background: DIR/nbd is the export as a file. Dropped:
+/// unmounted with fusermount3 (lazily if still busy), then the process killed.
+struct NbdFuse {
+    dir: PathBuf,
+    child: ChildGuard,
+}
+
+impl NbdFuse {
+    /// Starts nbdfuse and waits until DIR/nbd has `size` bytes.
+    fn start(dir: &Path, uri: &str, size: u64, log: &Path) -> NbdFuse {
+        fs::create_dir_all(dir).expect("create nbdfuse dir");
+        let child = Command::new("nbdfuse")
+            .arg("-r")
+            .arg(dir)
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(log).expect("log"))
+            .spawn()
+            .expect("spawn nbdfuse");
+        let mut f = NbdFuse {
+            dir: dir.to_path_buf(),
+            child: ChildGuard(child),
+        };
+        let started = Instant::now();
+        while fs::metadata(dir.join("nbd")).map(|m| m.len()).ok() != Some(size) {
+            if let Some(st) = f.child.0.try_wait().expect("wait") {
+                panic!(
+                    "nbdfuse exited ({st:?}):\n{}",
+                    fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{}/nbd did not appear with {size} bytes in 10 s",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        f
+    }
+}
+
+impl Drop for NbdFuse {
+    fn drop(&mut self) {
+        if is_mounted(&self.dir) {
+            let ok = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("fusermount3")
+                    .args(["-u", "-z"])
+                    .arg(&self.dir)
+                    .status();
+            }
+        }
+    }
+}
+
+/// A read-only loop device over `file` with its ext4 mounted read-only on `dir`.
+/// Dropped: unmounted (lazily if busy) and the loop device released.
+struct LoopMount {
+    dev: String,
+    dir: PathBuf,
+}
+
+impl LoopMount {
+    fn new(file: &Path, dir: &Path) -> LoopMount {
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--read-only"])
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lm = LoopMount {
+            dev: String::from_utf8(out.stdout)
+                .expect("UTF-8")
+                .trim()
+                .to_string(),
+            dir: dir.to_path_buf(),
+        };
+        fs::create_dir_all(dir).expect("create mount dir");
+        let out = Command::new("mount")
+            .args(["-t", "ext4", "-o", "ro"])
+            .arg(&lm.dev)
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount {} on {}: {}",
+            lm.dev,
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lm
+    }
+
+    /// Whether the loop device still has a backing file.
+    fn bound(dev: &str) -> bool {
+        let name = dev.trim_start_matches("/dev/");
+        Path::new("/sys/block")
+            .join(name)
+            .join("loop/backing_file")
+            .exists()
+    }
+
+    /// Unmounts and releases, asserting both happened (within 5 s: a loop device
+    /// is let go asynchronously once its last user closes it).
+    fn release(self) {
+        let (dev, dir) = (self.dev.clone(), self.dir.clone());
+        drop(self);
+        assert!(!is_mounted(&dir), "{} still mounted", dir.display());
+        let started = Instant::now();
+        while Self::bound(&dev) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{dev} still bound 5 s after losetup -d"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.dir) {
+            let ok = Command::new("umount")
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+            }
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// Every file of `want` under `dir` reads back byte for byte, and the root holds exactly
+/// `top` (and mkfs's lost+found).
+fn check_tree(dir: &Path, want: &[(&str, Vec<u8>)], top: &[&str]) {
+    let mut found: Vec<String> = fs::read_dir(dir)
+        .expect("read the mounted root")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    let mut expected: Vec<String> = top.iter().map(|s| s.to_string()).collect();
+    expected.push("lost+found".into());
+    expected.sort();
+    assert_eq!(found, expected, "the root of {}", dir.display());
+    for (name, bytes) in want {
+        let got = fs::read(dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"));
+        assert!(
+            got == *bytes,
+            "{name} differs through {} ({} bytes, want {})",
+            dir.display(),
+            got.len(),
+            bytes.len()
+        );
+    }
+}
+
+/// An ext4 image read by the kernel: on a loop device over nbdfuse's file (libnbd's FUSE
+/// client of the NBD export), then on a loop device over the agent's own FUSE file.
+#[test]
+fn ext4_on_loop_over_nbdfuse_and_over_the_agent_file() {
+    if !have_nbdcopy()
+        || !have("nbdfuse", &["--version"], "nbdfuse")
+        || !have("mkfs.ext4", &["-V"], "e2fsprogs")
+        || !have("losetup", &["--version"], "util-linux")
+        || !have("fusermount3", &["-V"], "fuse3")
+        || !is_root()
+    {
+        return;
+    }
+    let h = Home::new();
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("big.bin", random_bytes(3 << 20, 42)),
+        ("hello.txt", b"hello from lode\n".to_vec()),
+        ("empty", Vec::new()),
+        ("dir/sub/odd.bin", random_bytes(12_345, 7)),
+    ];
+    let top = ["big.bin", "dir", "empty", "hello.txt"];
+    let src = h.path("src");
+    for (name, bytes) in &files {
+        let p = src.join(name);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        fs::write(&p, bytes).expect("write source file");
+    }
+    let img = h.path("fs.ext4");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .expect("run mkfs.ext4");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = fs::read(&img).expect("read image");
+    h.import_bytes("fs:1", &img);
+    let _agent = h.start_agent();
+    h.ok(&["attach", "fs:1", "--name", "fs"]);
+
+    let fuse_dir = h.path("nbdfuse");
+    let nbdfuse = NbdFuse::start(
+        &fuse_dir,
+        &h.uri("fs"),
+        img.len() as u64,
+        &h.path("nbdfuse.err"),
+    );
+    let lm = LoopMount::new(&fuse_dir.join("nbd"), &h.path("mnt-nbdfuse"));
+    check_tree(&lm.dir, &files, &top);
+    lm.release();
+    drop(nbdfuse);
+    assert!(!is_mounted(&fuse_dir), "nbdfuse still mounted");
+
+    let lm = LoopMount::new(&h.home().join("agent/files/fs"), &h.path("mnt-agent"));
+    check_tree(&lm.dir, &files, &top);
+    lm.release();
+}
+
+/// fio's nbd engine with `ARGS`, writing 16 MiB of checksummed 4 KiB blocks at random
+/// (then reading every one back to verify it): its exit status, its JSON report
+/// (Null if it wrote none) and its output.
+fn fio(h: &Home, name: &str, args: &[&str]) -> (bool, Value, String) {
+    let report = h.path("fio.json");
+    let _ = fs::remove_file(&report);
+    let out = Command::new("fio")
+        // fio saves a verify state file in its working directory.
+        .current_dir(h.dir.path())
+        .arg("--name=lode")
+        .arg("--ioengine=nbd")
+        .arg(format!("--uri={}", h.uri(name)))
+        .args([
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16m",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--output-format=json",
+        ])
+        .arg(format!("--output={}", report.display()))
+        .args(args)
+        .output()
+        .expect("run fio");
+    let text = fs::read_to_string(&report).unwrap_or_default();
+    // fio may put messages before the JSON, and after it.
+    let json = text
+        .find("{\n")
+        .and_then(|i| {
+            serde_json::Deserializer::from_str(&text[i..])
+                .into_iter::<Value>()
+                .next()
+        })
+        .and_then(Result::ok)
+        .unwrap_or(Value::Null);
+    let said = format!(
+        "{text}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), json, said)
+}
+
+/// fio verifies its own writes through a writable attachment's overlay, twice (once
+/// right after writing, once in a later run); the same check fails on a fresh overlay of
+/// the image, so it checks something; and the store is untouched by it all.
+#[test]
+fn fio_verifies_writes_through_the_overlay() {
+    if !have_nbdcopy() || !have("fio", &["--enghelp=nbd"], "fio with its nbd engine") {
+        return;
+    }
+    let h = Home::new();
+    let img = random_bytes(20 << 20, 0x5eed);
+    h.import_bytes("app:1", &img);
+    let store_before = h.json(&["store", "stats"]);
+    let _agent = h.start_agent();
+    let a = h.json(&["attach", "app:1", "--name", "app", "--rw"]);
+    assert_eq!(a["writable"], true);
+    h.ok(&["attach", "app:1", "--name", "fresh", "--rw"]);
+    let mib16 = 16u64 << 20;
+
+    let (ok, v, said) = fio(&h, "app", &[]);
+    let job = &v["jobs"][0];
+    assert!(ok && job["error"] == 0, "fio write+verify failed:\n{said}");
+    assert_eq!(job["write"]["io_bytes"], mib16, "{said}");
+    assert_eq!(job["read"]["io_bytes"], mib16, "verify reads: {said}");
+
+    let overlay = |what: &str| h.json(&["stats"])[what].as_u64().expect(what);
+    let written = overlay("overlay_written_blocks");
+    let read = overlay("overlay_read_blocks");
+    assert!(written > 0, "fio's writes did not reach the overlay");
+
+    // verify_only replays the job without writing (fio still counts the writes it
+    // skipped) and reads every block back.
+    let (ok, v, said) = fio(&h, "app", &["--verify_only"]);
+    let job = &v["jobs"][0];
+    assert!(ok && job["error"] == 0, "fio verify_only failed:\n{said}");
+    assert_eq!(job["read"]["io_bytes"], mib16, "{said}");
+    assert_eq!(
+        overlay("overlay_written_blocks"),
+        written,
+        "verify_only wrote"
+    );
+    assert!(
+        overlay("overlay_read_blocks") > read,
+        "verify_only read no overlay"
+    );
+
+    let (ok, v, said) = fio(&h, "fresh", &["--verify_only"]);
+    assert!(
+        !ok && v["jobs"][0]["error"] != 0 && said.contains("verify: bad magic header"),
+        "verify_only did not fail as it should on blocks fio never wrote:\n{said}"
+    );
+
+    // The writes are in the overlay only: the first 16 MiB changed, the rest did not,
+    // and the other attachment of the same image reads the image.
+    let got = h.nbdcopy("app");
+    assert_eq!(got.len(), img.len());
+    let cut = 16 << 20;
+    assert!(got[..cut] != img[..cut], "fio's writes are not visible");
+    assert!(got[cut..] == img[cut..], "bytes fio did not write changed");
+    assert!(h.nbdcopy("fresh") == img, "a fresh overlay differs");
+
+    h.ok(&["detach", "app"]);
+    h.ok(&["detach", "fresh"]);
+    h.ok(&["verify", "app:1"]);
+    let copy = h.path("after.img");
+    h.ok(&["export", "app:1", copy.to_str().expect("path")]);
+    assert!(
+        fs::read(&copy).expect("read export") == img,
+        "the image changed"
+    );
+    assert_eq!(
+        h.json(&["store", "stats"]),
+        store_before,
+        "the store changed"
+    );
+}
+
+/// `METHOD PATH` over plain HTTP/1.1 (the way a scraper asks, no half-close): the
+/// status and the body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send request");
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e} (no reply, or not closed)"));
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {out:?}"));
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A counter's value in Prometheus text.
+fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{series}: {e}"))
+}
+
+/// `lode agent --config FILE`: the state directory, metrics listener and cache sizes
+/// (written for people) come from the file; /metrics serves Prometheus text whose origin
+/// counter follows the reads, and nothing else on that port answers; a misspelt key
+/// fails naming the file and the key, before anything is created.
+#[test]
+fn config_file_and_metrics_endpoint() {
+    if !have_nbdcopy() {
+        return;
+    }
+    let h = Home::new();
+    let (_, exported) = h.import("app:1");
+    let want = fs::read(&exported).expect("read export");
+
+    let bad = h.path("bad.toml");
+    fs::write(&bad, "[cache]\nmemroy = \"64MiB\"\n").expect("write config");
+    let mut bad_agent = AgentProc {
+        child: h
+            .cmd(&["agent", "--config", bad.to_str().expect("path")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(h.path("bad.err")).expect("log"))
+            .spawn()
+            .expect("spawn lode agent"),
+        files: Some(h.home().join("agent/files")),
+    };
+    let started = Instant::now();
+    let st = loop {
+        if let Some(st) = bad_agent.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "lode agent with an unknown key in its config still runs after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(bad_agent);
+    let err = fs::read_to_string(h.path("bad.err")).expect("read stderr");
+    assert!(!st.success(), "{err}");
+    assert!(
+        err.contains(&*bad.to_string_lossy()) && err.contains("memroy"),
+        "{err}"
+    );
+    assert!(
+        !h.home().join("agent").exists(),
+        "a refused config still created the state directory"
+    );
+
+    let state = h.path("state");
+    let config = h.path("agent.toml");
+    fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n\
+             [cache]\ndecrypted = \"1MiB\"\nmemory = \"2MiB\"\ndisk = \"64MiB\"\n",
+            state.display()
+        ),
+    )
+    .expect("write config");
+    let _agent = h.spawn_agent(&["--config", config.to_str().expect("path")], &state);
+    let control = state.join("control.sock");
+    let ctl = control.to_str().expect("path");
+
+    // The startup line names the address bound for port 0.
+    let started = Instant::now();
+    let addr = loop {
+        let out = fs::read_to_string(h.path("agent.out")).unwrap_or_default();
+        if let Some(rest) = out.split("metrics on http://").nth(1) {
+            let addr = rest.split("/metrics").next().expect("address").to_string();
+            assert!(out.contains(&*state.to_string_lossy()), "{out}");
+            break addr;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no metrics address in the startup line: {out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
+
+    let stats = h.json(&["stats", "--control", ctl]);
+    let capacity = |tier: &str| {
+        stats["tiers"]
+            .as_array()
+            .expect("tiers")
+            .iter()
+            .find(|t| t["name"] == tier)
+            .unwrap_or_else(|| panic!("no tier {tier}: {stats}"))["capacity_bytes"]
+            .clone()
+    };
+    assert_eq!(capacity("decrypted"), 1u64 << 20);
+    assert_eq!(capacity("memory"), 2u64 << 20);
+    assert_eq!(capacity("disk"), 64u64 << 20);
+
+    let origin = "lode_tier_hits_total{tier=\"origin\"}";
+    let (status, text) = http(&addr, "GET", "/metrics", "");
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("# TYPE lode_tier_hits_total counter"),
+        "{text}"
+    );
+    assert_eq!(counter(&text, origin), 0, "nothing read yet");
+
+    h.ok(&["attach", "app:1", "--name", "app", "--control", ctl]);
+    assert!(
+        h.nbdcopy_at(&state.join("nbd.sock"), "app") == want,
+        "nbdcopy differs from lode export"
+    );
+    let (status, text) = http(&addr, "GET", "/metrics", "");
+    assert_eq!(status, 200, "{text}");
+    // The image has 9 chunks that are not all zeros, each fetched at least once.
+    let fetched = counter(&text, origin);
+    assert!(fetched >= 9, "{origin} {fetched} after reading the image");
+    let stats = h.json(&["stats", "--control", ctl]);
+    let hits = stats["tiers"]
+        .as_array()
+        .expect("tiers")
+        .iter()
+        .find(|t| t["name"] == "origin")
+        .expect("origin tier")["hits"]
+        .clone();
+    assert_eq!(hits, fetched, "/metrics and lode stats disagree");
+
+    // Only /metrics on the TCP port: the control API stays on its 0600 socket.
+    let (status, body) = http(&addr, "GET", "/ls", "");
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/attach",
+        r#"{"image":"app:1","name":"evil"}"#,
+    );
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(names(&h.json(&["ls", "--control", ctl])), ["app"]);
 }
