@@ -6,36 +6,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use serde_json::Value;
 
-struct Home {
-    dir: tempfile::TempDir,
-}
-
-/// The agent child process; killed and reaped on drop.
-struct AgentProc {
-    child: Child,
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        // SIGTERM first so it unmounts its FUSE files; then make sure.
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+#[path = "common/harness.rs"]
+mod harness;
+use harness::{Home, is_mounted};
 
 /// Unmounts whatever a failed test left on a directory (best effort, then reports).
 struct MountGuard(PathBuf);
@@ -46,14 +23,6 @@ impl Drop for MountGuard {
             let _ = Command::new("umount").arg("-l").arg(&self.0).status();
         }
     }
-}
-
-fn is_mounted(dir: &Path) -> bool {
-    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(dir.to_str().expect("path")))
 }
 
 /// Loop devices whose backing file is under `dir`.
@@ -69,59 +38,12 @@ fn loops_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-impl Home {
-    fn new() -> Home {
-        Home {
-            dir: tempfile::tempdir().expect("temp dir"),
-        }
-    }
+trait MountHome {
+    fn ls(&self) -> Vec<String>;
+    fn busybox_image(&self) -> Vec<u8>;
+}
 
-    fn home(&self) -> PathBuf {
-        self.dir.path().join("home")
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lode"));
-        cmd.args(args).env("LODE_HOME", self.home());
-        for var in [
-            "LODE_STORE",
-            "LODE_KMS",
-            "LODE_KMS_KEY",
-            "LODE_AGENT_CONTROL",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let out = self.cmd(args).output().expect("run lode");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!err.contains("panicked"), "lode {args:?} panicked:\n{err}");
-        out
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "lode {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("UTF-8 stdout")
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(!out.status.success(), "lode {args:?} succeeded");
-        String::from_utf8(out.stderr).expect("UTF-8 stderr")
-    }
-
+impl MountHome for Home {
     fn ls(&self) -> Vec<String> {
         let v: Value = serde_json::from_str(&self.ok(&["--json", "ls"])).expect("JSON");
         v.as_array()
@@ -129,29 +51,6 @@ impl Home {
             .iter()
             .map(|a| a["name"].as_str().expect("name").to_string())
             .collect()
-    }
-
-    fn start_agent(&self) -> AgentProc {
-        let child = self
-            .cmd(&["agent"])
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(self.path("agent.out")).expect("log"))
-            .stderr(fs::File::create(self.path("agent.err")).expect("log"))
-            .spawn()
-            .expect("spawn lode agent");
-        let mut agent = AgentProc { child };
-        let started = Instant::now();
-        while !self.run(&["ls"]).status.success() {
-            if let Some(st) = agent.child.try_wait().expect("wait") {
-                panic!(
-                    "lode agent exited ({st:?}):\n{}",
-                    fs::read_to_string(self.path("agent.err")).unwrap_or_default()
-                );
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "agent silent");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        agent
     }
 
     /// A busybox image built with umoci, flattened as tag `bb`. Returns the bytes of

@@ -1,0 +1,216 @@
+//! The harness the `lode` system tests share: a scratch `$LODE_HOME` per test, the real
+//! binary run as a child process, and guards that kill agents and clear the FUSE mounts
+//! they leave, so a failing test leaks nothing.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Home {
+    pub dir: tempfile::TempDir,
+}
+
+/// The agent child process; killed (SIGKILL) and reaped on drop, and the FUSE mount of
+/// attachment files it leaves behind (dead, answering ENOTCONN) detached lazily.
+pub struct AgentProc {
+    pub child: Child,
+    /// Its FUSE mount of attachment files, to clear on drop; None once `kill_hard` ran.
+    pub files: Option<PathBuf>,
+}
+
+impl AgentProc {
+    /// `kill -9`, leaving the dead FUSE mount behind as a crash would, for the next agent
+    /// on the same state directory to clear; the guard returned clears it if none did.
+    #[must_use = "dropping the guard clears the dead mount at once"]
+    pub fn kill_hard(mut self) -> DeadMount {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        DeadMount(self.files.take())
+    }
+}
+
+/// A killed agent's FUSE mount; detached lazily on drop if it is still there and dead
+/// (ENOTCONN), not if a new agent has mounted over it.
+pub struct DeadMount(pub Option<PathBuf>);
+
+impl Drop for DeadMount {
+    fn drop(&mut self) {
+        if let Some(files) = &self.0
+            && fs::metadata(files).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN)
+        {
+            let _ = Command::new("umount").arg("-l").arg(files).status();
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(files) = self.files.take()
+            && is_mounted(&files)
+        {
+            let _ = Command::new("umount").arg("-l").arg(&files).status();
+        }
+    }
+}
+
+/// Any other child process (a client, nbdfuse): killed and reaped on drop.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl ChildGuard {
+    /// Waits at most `limit` for the child to exit; None if it is still running.
+    pub fn wait_for(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(st) = self.0.try_wait().expect("wait") {
+                return Some(st);
+            }
+            if started.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Home {
+    pub fn new() -> Home {
+        Home {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn control(&self) -> PathBuf {
+        self.home().join("agent/control.sock")
+    }
+
+    pub fn nbd_sock(&self) -> PathBuf {
+        self.home().join("agent/nbd.sock")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lode"));
+        cmd.args(args).env("LODE_HOME", self.home());
+        for var in [
+            "LODE_STORE",
+            "LODE_KMS",
+            "LODE_KMS_KEY",
+            "LODE_AGENT_CONTROL",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd(args).output().expect("run lode");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "lode {args:?} panicked:\n{err}");
+        out
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "lode {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8 stdout")
+    }
+
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "lode {args:?} succeeded");
+        String::from_utf8(out.stderr).expect("UTF-8 stderr")
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let s = self.ok(&a);
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+    }
+
+    /// Starts `lode agent` and waits until `lode ls` answers.
+    pub fn start_agent(&self) -> AgentProc {
+        self.start_agent_with(&["--cache-memory", "1048576"])
+    }
+
+    /// Starts `lode agent ARGS` on the default state directory and waits until `lode ls`
+    /// answers.
+    pub fn start_agent_with(&self, args: &[&str]) -> AgentProc {
+        self.spawn_agent(args, &self.home().join("agent"))
+    }
+
+    /// Starts `lode agent ARGS` whose state directory is `state` and waits until `lode ls`
+    /// answers on `state/control.sock`.
+    pub fn spawn_agent(&self, args: &[&str], state: &Path) -> AgentProc {
+        let mut a = vec!["agent"];
+        a.extend_from_slice(args);
+        let child = self
+            .cmd(&a)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(self.path("agent.out")).expect("log"))
+            .stderr(fs::File::create(self.path("agent.err")).expect("log"))
+            .spawn()
+            .expect("spawn lode agent");
+        let mut agent = AgentProc {
+            child,
+            files: Some(state.join("files")),
+        };
+        let control = state.join("control.sock");
+        let started = Instant::now();
+        loop {
+            if self
+                .run(&["ls", "--control", control.to_str().expect("path")])
+                .status
+                .success()
+            {
+                return agent;
+            }
+            if let Some(st) = agent.child.try_wait().expect("wait") {
+                panic!(
+                    "lode agent exited ({st:?}):\n{}",
+                    fs::read_to_string(self.path("agent.err")).unwrap_or_default()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "agent did not answer in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Whether something is mounted on `path` (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let want = path.to_string_lossy();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*want))
+}
