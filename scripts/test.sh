@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 # no one here wrote (nbdinfo, nbdcopy, nbdsh, qemu-img, fio's nbd engine, nbdkit), and a
 # real registry with htpasswd/token auth (docker-registry, apache2-utils, openssl), and
 # fusermount3 for FUSE mounts when not root (fuse3), and what `lode run` is tested with:
-# crun and a busybox-static root.
+# crun and a busybox-static root; memcached and libmemcached-tools (memccp, memccat,
+# memccapable) for the AZ cache node's conformance suite and the AZ client's fleet tests.
 packages=(e2fsprogs umoci skopeo python3 nbdkit libnbd-bin python3-libnbd fio qemu-utils
-  docker-registry apache2-utils openssl fuse3 crun busybox-static)
+  docker-registry apache2-utils openssl fuse3 crun busybox-static memcached libmemcached-tools)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
