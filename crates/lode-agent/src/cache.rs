@@ -7,7 +7,9 @@
 //!     │ fetch in flight for this name? join it (counted: joined_fetches)
 //!     ▼ else start one:
 //!  tiers[0] memory ─► tiers[1] disk ─► … ─► tiers[n] origin      (first that has it)
-//!     untrusted tier's bytes: SHA-256 == name? no → drop from that tier, count, next
+//!     remote tier's bytes: SHA-256 == name? no → drop from that tier, count, next
+//!     local disk's bytes: authenticated by the GCM tag as they decrypt (one hop, no
+//!       hash: the disk is the worker's own); a failed tag → drop, count, next
 //!     found at tier i: fill trusted tiers above i now, the others in the background
 //!     decrypt (GCM) + length check → decrypted LRU → every waiter
 //! ```
@@ -30,6 +32,53 @@ use crate::error::blocking;
 use crate::metrics::Metrics;
 use crate::tier::{ChunkRef, ChunkTier};
 use crate::{AgentError, Lru, MetricsSnapshot};
+
+/// What opening a chunk needs: its place in the image, its key, its plaintext length.
+#[derive(Clone)]
+struct Open {
+    index: ChunkIndex,
+    key: ChunkKey,
+    expected_len: usize,
+}
+
+/// Checks a tier's copy of `chunk` (its name, when `check_name`) and, with `open`,
+/// decrypts it (which authenticates it) and checks the plaintext length.
+fn check_and_open(
+    tier: &'static str,
+    chunk: ChunkRef,
+    bytes: &Bytes,
+    check_name: bool,
+    open: Option<Open>,
+) -> Result<Option<Bytes>, AgentError> {
+    if check_name {
+        let got = ChunkName::of(bytes);
+        if got != chunk.name {
+            return Err(AgentError::Corrupt {
+                tier,
+                chunk: chunk.name,
+                got,
+            });
+        }
+    }
+    let Some(o) = open else {
+        return Ok(None);
+    };
+    let plain = open_unverified(&chunk.name, &o.key, bytes.to_vec()).map_err(|source| {
+        AgentError::Decrypt {
+            index: o.index,
+            source,
+        }
+    })?;
+    if plain.len() != o.expected_len {
+        return Err(AgentError::ChunkLength {
+            chunk: chunk.name,
+            index: o.index,
+            expected: o.expected_len,
+            got: plain.len(),
+        });
+    }
+    Ok(Some(Bytes::from(plain)))
+}
 
 type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, Arc<AgentError>>>>;
 
@@ -165,26 +214,34 @@ impl ChunkCache {
         key: ChunkKey,
         expected_len: usize,
     ) -> Result<Bytes, AgentError> {
-        let ciphertext = self.ciphertext(chunk).await?;
-        blocking(move || {
-            let plain = open_unverified(&chunk.name, &key, ciphertext.to_vec())
-                .map_err(|source| AgentError::Decrypt { index, source })?;
-            if plain.len() != expected_len {
-                return Err(AgentError::ChunkLength {
-                    chunk: chunk.name,
-                    index,
-                    expected: expected_len,
-                    got: plain.len(),
-                });
-            }
-            Ok(Bytes::from(plain))
-        })
-        .await
+        let open = Open {
+            index,
+            key,
+            expected_len,
+        };
+        match self.fetch(chunk, Some(open)).await? {
+            (_, Some(plain)) => Ok(plain),
+            (_, None) => unreachable!("fetch with an opener returns plaintext"),
+        }
     }
 
     /// A chunk's ciphertext from the first tier that holds a copy that checks out,
     /// filling the tiers above it.
     pub async fn ciphertext(self: &Arc<Self>, chunk: ChunkRef) -> Result<Bytes, AgentError> {
+        Ok(self.fetch(chunk, None).await?.0)
+    }
+
+    /// Walks the tiers for `chunk`. Bytes from a tier that is neither
+    /// [`trusted`](ChunkTier::trusted) nor [`local`](ChunkTier::local) are checked against
+    /// the chunk's name; a local tier's bytes, when `open` is given, are authenticated by
+    /// AES-GCM as they are decrypted instead (in the same blocking hop). A copy that fails
+    /// either check is dropped from its tier, counted, and the next tier is asked. With
+    /// `open`, returns the plaintext too.
+    async fn fetch(
+        self: &Arc<Self>,
+        chunk: ChunkRef,
+        open: Option<Open>,
+    ) -> Result<(Bytes, Option<Bytes>), AgentError> {
         let mut last_err = None;
         for (i, tier) in self.tiers.iter().enumerate() {
             let m = &self.metrics.tiers[i];
@@ -192,23 +249,37 @@ impl ChunkCache {
             match tier.get(&chunk).await {
                 Ok(None) => m.miss(started.elapsed()),
                 Ok(Some(bytes)) => {
-                    if !tier.trusted() {
-                        let b = bytes.clone();
-                        let got = blocking(move || Ok(ChunkName::of(&b))).await?;
-                        if got != chunk.name {
+                    let check_name = !tier.trusted() && !(tier.local() && open.is_some());
+                    let b = bytes.clone();
+                    let (o, name) = (open.clone(), tier.name());
+                    let checked =
+                        blocking(move || Ok(check_and_open(name, chunk, &b, check_name, o)))
+                            .await?;
+                    match checked {
+                        Ok(plain) => {
+                            m.hit(bytes.len(), started.elapsed());
+                            self.fill(i, chunk, &bytes).await;
+                            return Ok((bytes, plain));
+                        }
+                        Err(e @ AgentError::Corrupt { .. }) => {
+                            m.integrity_failure();
+                            tier.remove(&chunk).await;
+                            last_err = Some(e);
+                        }
+                        Err(AgentError::Decrypt { .. }) if tier.local() => {
+                            // Local bytes that do not authenticate have rotted.
                             m.integrity_failure();
                             tier.remove(&chunk).await;
                             last_err = Some(AgentError::Corrupt {
                                 tier: tier.name(),
                                 chunk: chunk.name,
-                                got,
+                                got: ChunkName::of(&bytes),
                             });
-                            continue;
                         }
+                        // The name checked out (or the tier is trusted) but the bytes do not
+                        // open under the manifest's key: no other copy can do better.
+                        Err(e) => return Err(e),
                     }
-                    m.hit(bytes.len(), started.elapsed());
-                    self.fill(i, chunk, &bytes).await;
-                    return Ok(bytes);
                 }
                 Err(e) => {
                     if matches!(e, AgentError::Corrupt { .. }) {

@@ -2,9 +2,9 @@
 //! and the origin later (DESIGN.md, "The read path", tiers 3–5).
 //!
 //! A tier only stores and returns bytes; checking them is the job of the
-//! [`ChunkCache`](crate::ChunkCache), which hashes whatever a tier that is not
-//! [`trusted`](ChunkTier::trusted) returns — the disk cache included, since a disk can
-//! rot.
+//! [`ChunkCache`](crate::ChunkCache): it hashes whatever a remote tier returns, and lets
+//! AES-GCM authenticate what the worker's own disk returns (a disk can rot; a failed tag
+//! is caught like a failed name).
 
 use std::fs;
 use std::io::Write;
@@ -52,6 +52,16 @@ pub trait ChunkTier: Send + Sync + std::fmt::Debug + 'static {
     /// Whether what this tier returns needs no check: true only for the worker's own
     /// memory, which holds only bytes that were checked on the way in.
     fn trusted(&self) -> bool {
+        false
+    }
+
+    /// Whether this tier holds only bytes this worker wrote after checking them (its
+    /// own disk). Such bytes are not hashed again when they are about to be decrypted:
+    /// AES-GCM's tag authenticates them under the manifest's key, and a copy that fails
+    /// it is treated like one that fails its name. Bytes from other machines (the AZ
+    /// cache, the origin) are always checked against the name, because a convergent key
+    /// is known to anyone who knows the plaintext, so only the name pins the ciphertext.
+    fn local(&self) -> bool {
         false
     }
 
@@ -185,6 +195,10 @@ impl DiskTier {
 impl ChunkTier for DiskTier {
     fn name(&self) -> &'static str {
         "disk"
+    }
+
+    fn local(&self) -> bool {
+        true
     }
 
     async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, AgentError> {

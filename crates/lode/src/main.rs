@@ -21,6 +21,13 @@ use crate::output::{Bar, human_bytes, print_json};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Agent(_)) {
+        // A command whose output goes to `head` should end quietly when the pipe closes,
+        // as other Unix tools do, not panic in println!. The agent keeps Rust's default
+        // (SIGPIPE ignored), so a client that hangs up never kills it.
+        // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

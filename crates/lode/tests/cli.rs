@@ -1307,3 +1307,36 @@ fn flatten_pulls_from_a_registry_and_gets_the_same_image() {
     );
     assert!(!lode.ok(&["store", "tags"]).stdout.contains(" n\n"));
 }
+
+#[test]
+fn a_closed_stdout_ends_quietly_instead_of_panicking() {
+    // `lode ... | head` closes the pipe early; the reader here is closed before lode
+    // starts, so its first write meets EPIPE every time.
+    let l = Lode::new();
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills the two-int array it is given.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fds[0] is the read end just created and owned by nobody else.
+    unsafe { libc::close(fds[0]) };
+    // SAFETY: fds[1] is the write end just created; the OwnedFd takes it over.
+    let write_end =
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+    let out = Command::new(env!("CARGO_BIN_EXE_lode"))
+        .args(["kms", "list"])
+        .env("LODE_HOME", l.home())
+        .env("LODE_KMS", l.dir.path().join("keyring.json"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run lode");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {err}",
+        out.status
+    );
+}
