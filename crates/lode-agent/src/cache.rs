@@ -249,7 +249,8 @@ impl ChunkCache {
             match tier.get(&chunk).await {
                 Ok(None) => m.miss(started.elapsed()),
                 Ok(Some(bytes)) => {
-                    let check_name = !tier.trusted() && !(tier.local() && open.is_some());
+                    let authenticated_later = tier.local() && open.is_some();
+                    let check_name = !(tier.trusted() || authenticated_later);
                     let b = bytes.clone();
                     let (o, name) = (open.clone(), tier.name());
                     let checked =

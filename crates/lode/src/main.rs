@@ -20,6 +20,7 @@ use crate::cli::{Cli, Command, KmsCommand, StoreCommand};
 use crate::output::{Bar, human_bytes, print_json};
 
 fn main() -> ExitCode {
+    tune_malloc();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Agent(_)) {
         // A command whose output goes to `head` should end quietly when the pipe closes,
@@ -34,6 +35,23 @@ fn main() -> ExitCode {
             eprintln!("lode: error: {}", render_error(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Keeps chunk-sized buffers (512 KiB) in malloc's heap instead of fresh mmaps.
+///
+/// glibc serves allocations of 128 KiB and up with mmap(2) by default, so every chunk
+/// read, copied or decrypted landed on untouched pages, and each 4 KiB page faulted on
+/// first touch: measured on the 2-core VM here, reading a cached 512 KiB file into a new
+/// buffer took 286 µs and copying it 258 µs, against 104 µs and 21 µs once the heap
+/// reuses freed buffers. That was most of a disk-cache hit's time. The caches above are
+/// bounded in bytes, so what the heap keeps is bounded too.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
 }
 
