@@ -427,8 +427,7 @@ fn run_chroot(root: &Path, p: &Process) -> Result<std::process::ExitStatus> {
             Ok(())
         });
     }
-    let status = cmd
-        .status()
+    let status = wait_forwarding(&mut cmd)
         .with_context(|| format!("starting {:?} in the image (chroot)", p.args[0]));
     for t in extra.iter().rev() {
         if tool(Command::new("umount").arg(t)).is_err() {
@@ -532,7 +531,51 @@ fn run_crun(root: &Path, p: &Process, id: &str) -> Result<std::process::ExitStat
             Ok(())
         });
     }
-    cmd.status().context("starting crun")
+    wait_forwarding(&mut cmd).context("starting crun")
+}
+
+/// The running command's pid, for the signal handler.
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = CHILD.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+extern "C" fn ignore(_: libc::c_int) {}
+
+/// Runs `cmd` to its end while lode stays alive to clean up: SIGTERM and SIGHUP sent to
+/// lode are passed on to the command, and SIGINT (which a terminal sends to the command
+/// too) is left to the command. Handlers, unlike ignored signals, reset to the default
+/// in the command at exec.
+fn wait_forwarding(cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
+    let install = |sig, handler: extern "C" fn(libc::c_int)| {
+        // SAFETY: the handlers only read an atomic and call kill(2), both async-signal-safe.
+        unsafe { libc::signal(sig, handler as libc::sighandler_t) }
+    };
+    let old: Vec<(libc::c_int, libc::sighandler_t)> = [
+        (libc::SIGTERM, forward as extern "C" fn(libc::c_int)),
+        (libc::SIGHUP, forward),
+        (libc::SIGINT, ignore),
+    ]
+    .into_iter()
+    .map(|(sig, h)| (sig, install(sig, h)))
+    .collect();
+    let result = cmd.spawn().and_then(|mut child| {
+        let pid = i32::try_from(child.id()).unwrap_or(0);
+        CHILD.store(pid, std::sync::atomic::Ordering::SeqCst);
+        let status = child.wait();
+        CHILD.store(0, std::sync::atomic::Ordering::SeqCst);
+        status
+    });
+    for (sig, h) in old {
+        // SAFETY: restores the disposition signal(2) returned for this signal.
+        unsafe { libc::signal(sig, h) };
+    }
+    result
 }
 
 fn have(program: &str) -> bool {

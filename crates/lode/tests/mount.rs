@@ -285,3 +285,42 @@ fn mistakes_are_named_and_leave_nothing_behind() {
     assert!(h.ls().is_empty(), "{:?}", h.ls());
     assert!(loops_under(&h.home()).is_empty());
 }
+
+#[test]
+fn sigterm_reaches_the_command_and_lode_still_cleans_up() {
+    use std::io::{BufRead, BufReader};
+    assert!(root_with_loop_and_fuse());
+    let h = Home::new();
+    h.busybox_image();
+    let _agent = h.start_agent();
+    for runtime in ["chroot", "crun"] {
+        let mut child = h
+            .cmd(&[
+                "run",
+                "bb",
+                "--runtime",
+                runtime,
+                "--",
+                "sh",
+                "-c",
+                "trap 'echo got TERM; exit 42' TERM; echo started; while true; do sleep 0.1; done",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn lode run");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read");
+        assert_eq!(line, "started\n", "{runtime}");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).expect("read");
+        let status = child.wait().expect("wait");
+        assert_eq!(rest, "got TERM\n", "{runtime}");
+        assert_eq!(status.code(), Some(42), "{runtime}");
+        assert!(h.ls().is_empty(), "{runtime}: {:?}", h.ls());
+        assert!(loops_under(&h.home()).is_empty(), "{runtime}");
+    }
+}
