@@ -621,7 +621,14 @@ impl Server {
                 Ok(Next::Eof | Next::Disconnect) => break Ok(()),
                 Ok(Next::Job(job)) => {
                     bump(&self.inner.stats.requests);
-                    tokio::spawn(Arc::clone(&conn).run(job));
+                    // A request the device answers at once (a cached read) is answered
+                    // here, saving a task spawn and the wake-up of an idle worker it can
+                    // cause; one that has to wait goes on in its own task, so the next
+                    // request is read at once and replies still go out of order.
+                    let mut run = Box::pin(Arc::clone(&conn).run(job));
+                    if futures::poll!(&mut run).is_pending() {
+                        tokio::spawn(run);
+                    }
                 }
                 Err(e) => break Err(e),
             }
