@@ -250,7 +250,8 @@ impl ChunkCache {
                 Ok(None) => m.miss(started.elapsed()),
                 Ok(Some(bytes)) => {
                     let authenticated_later = tier.local() && open.is_some();
-                    let check_name = !(tier.trusted() || authenticated_later);
+                    let check_name =
+                        !(tier.trusted() || tier.verifies_names() || authenticated_later);
                     let b = bytes.clone();
                     let (o, name) = (open.clone(), tier.name());
                     let checked =

@@ -18,6 +18,16 @@
 //! decrypted = "256MiB"                # decrypted chunks in memory
 //! memory = "512MiB"                   # ciphertext in memory
 //! disk = "10GiB"                      # ciphertext on local disk
+//!
+//! [az]                                # the AZ cache fleet (memcached protocol)
+//! nodes = ["10.0.1.5:11211", "10.0.2.5:11211", "10.0.3.5:11211",
+//!          "10.0.1.6:11211", "10.0.2.6:11211", "10.0.3.6:11211"]
+//! k = 4                               # data stripes; any k rebuild a chunk
+//! m = 2                               # parity stripes
+//! timeout_ms = 200                    # per node request
+//!
+//! [origin]
+//! concurrency = 64                    # chunk fetches from the store at once
 //! ```
 //!
 //! Every key is optional; unknown keys are refused by name so a typo is not silently
@@ -56,6 +66,50 @@ pub struct ConfigFile {
     /// Cache sizes.
     #[serde(default)]
     pub cache: CacheSection,
+    /// The AZ cache fleet.
+    pub az: Option<AzSection>,
+    /// The origin store.
+    #[serde(default)]
+    pub origin: OriginSection,
+}
+
+/// `[az]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzSection {
+    /// `host:port` of every node; every worker must list the same nodes.
+    pub nodes: Vec<String>,
+    /// Data stripes.
+    pub k: Option<usize>,
+    /// Parity stripes.
+    pub m: Option<usize>,
+    /// Per-node request timeout.
+    pub timeout_ms: Option<u64>,
+}
+
+impl AzSection {
+    /// The client configuration: these fields over the client's defaults.
+    pub fn to_config(&self) -> lode_az::AzConfig {
+        let mut c = lode_az::AzConfig::new(self.nodes.iter().cloned());
+        if let Some(k) = self.k {
+            c.k = k;
+        }
+        if let Some(m) = self.m {
+            c.m = m;
+        }
+        if let Some(t) = self.timeout_ms {
+            c.node_timeout = std::time::Duration::from_millis(t);
+        }
+        c
+    }
+}
+
+/// `[origin]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginSection {
+    /// Chunk fetches from the store at once.
+    pub concurrency: Option<usize>,
 }
 
 /// `[nbd]`.
@@ -214,6 +268,10 @@ mod tests {
         assert_eq!(c.cache.memory, Some(512 << 20));
         assert_eq!(c.cache.disk, Some(10 << 30));
         assert_eq!(c.files, Some(PathBuf::from("/run/lode/files")));
+        let az = c.az.expect("[az]").to_config();
+        assert_eq!((az.nodes.len(), az.k, az.m), (6, 4, 2));
+        assert_eq!(az.node_timeout, std::time::Duration::from_millis(200));
+        assert_eq!(c.origin.concurrency, Some(64));
     }
 
     #[test]

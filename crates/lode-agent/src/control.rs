@@ -317,11 +317,11 @@ async fn route(agent: &Agent, req: Request) -> Reply {
             }
         }
         ("GET", "/ls") => json(200, &agent.list().await),
-        ("GET", "/stats") => json(200, &agent.cache().snapshot()),
+        ("GET", "/stats") => json(200, &agent.stats_json()),
         ("GET", "/metrics") => Reply {
             status: 200,
             content_type: "text/plain; version=0.0.4",
-            body: agent.cache().snapshot().to_prometheus().into_bytes(),
+            body: agent.prometheus().into_bytes(),
         },
         (_, "/attach" | "/detach" | "/ls" | "/stats" | "/metrics") => {
             error(405, format!("{} not allowed on {}", req.method, req.path))

@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::error::io;
-use crate::{AgentError, ChunkCache, DiskTier, ImageDevice, MemoryTier, OriginTier, Overlay};
+use crate::{
+    AgentError, AzTier, ChunkCache, DiskTier, ImageDevice, MemoryTier, OriginTier, Overlay,
+};
 
 /// Longest attachment name accepted.
 pub const MAX_NAME_LEN: usize = 128;
@@ -40,6 +42,10 @@ pub struct AgentConfig {
     pub decrypted: u64,
     /// Where the FUSE filesystem of attachment files is mounted, if anywhere.
     pub files: Option<PathBuf>,
+    /// The AZ cache fleet, if any (between the disk cache and the origin).
+    pub az: Option<lode_az::AzConfig>,
+    /// Chunks fetched from the origin at once, at most.
+    pub origin_concurrency: usize,
 }
 
 impl AgentConfig {
@@ -50,6 +56,8 @@ impl AgentConfig {
         Self {
             nbd_unix: state_dir.join("nbd.sock"),
             files: Some(state_dir.join("files")),
+            az: None,
+            origin_concurrency: crate::DEFAULT_ORIGIN_CONCURRENCY,
             state_dir,
             nbd_tcp: None,
             cache_memory: 512 << 20,
@@ -113,6 +121,7 @@ pub struct Agent {
     config: AgentConfig,
     nbd_tcp: Option<SocketAddr>,
     files: std::sync::Mutex<Option<FuseMount>>,
+    az: Option<Arc<AzTier>>,
     table: Mutex<BTreeMap<String, Live>>,
 }
 
@@ -160,14 +169,25 @@ impl Agent {
         let dir = &config.state_dir;
         std::fs::create_dir_all(dir.join("overlays"))
             .map_err(io("creating", dir.join("overlays")))?;
-        let cache = ChunkCache::builder()
+        let az = match &config.az {
+            Some(c) => Some(Arc::new(AzTier::new(c.clone())?)),
+            None => None,
+        };
+        let mut cache = ChunkCache::builder()
             .decrypted_bytes(config.decrypted)
             .tier(Arc::new(MemoryTier::new(config.cache_memory)))
             .tier(Arc::new(DiskTier::open(
                 dir.join("cache"),
                 config.cache_disk,
-            )?))
-            .tier(Arc::new(OriginTier::new(store.clone())))
+            )?));
+        if let Some(az) = &az {
+            cache = cache.tier(az.clone());
+        }
+        let cache = cache
+            .tier(Arc::new(OriginTier::with_concurrency(
+                store.clone(),
+                config.origin_concurrency,
+            )))
             .build()?;
         let exports = Exports::new();
         let server = Server::builder(exports.clone())
@@ -198,6 +218,7 @@ impl Agent {
             server,
             nbd_tcp,
             files: std::sync::Mutex::new(files),
+            az,
             table: Mutex::new(BTreeMap::new()),
             config,
         });
@@ -231,6 +252,29 @@ impl Agent {
     /// The worker-wide cache.
     pub fn cache(&self) -> &Arc<ChunkCache> {
         &self.cache
+    }
+
+    /// The AZ cache client's counters, when the agent has a fleet.
+    pub fn az_metrics(&self) -> Option<lode_az::AzMetrics> {
+        self.az.as_ref().map(|a| a.metrics())
+    }
+
+    /// The metrics snapshot as JSON, with the AZ client's counters under `az`.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self.cache.snapshot()).expect("metrics serialise");
+        if let Some(m) = self.az_metrics() {
+            v["az"] = serde_json::to_value(m).expect("metrics serialise");
+        }
+        v
+    }
+
+    /// The metrics in Prometheus text, AZ counters included.
+    pub fn prometheus(&self) -> String {
+        let mut text = self.cache.snapshot().to_prometheus();
+        if let Some(m) = self.az_metrics() {
+            text.push_str(&crate::az::az_prometheus(&m));
+        }
+        text
     }
 
     fn load_table(&self) -> Result<Vec<Attachment>, AgentError> {

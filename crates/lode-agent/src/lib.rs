@@ -13,6 +13,7 @@
 //! file per attachment, state directory), [`control`] its HTTP control API and metrics
 //! endpoint, and [`config`] its TOML configuration file.
 
+mod az;
 mod cache;
 pub mod config;
 pub mod control;
@@ -24,6 +25,7 @@ mod metrics;
 mod overlay;
 mod tier;
 
+pub use az::AzTier;
 pub use cache::{CacheBuilder, ChunkCache};
 pub use daemon::{Agent, AgentConfig, Attachment, MAX_NAME_LEN, RunConfig};
 pub use device::ImageDevice;
@@ -31,4 +33,4 @@ pub use error::AgentError;
 pub use lru::Lru;
 pub use metrics::{Histogram, LATENCY_BUCKETS_US, Metrics, MetricsSnapshot, TierSnapshot};
 pub use overlay::{BLOCK_SIZE, Overlay};
-pub use tier::{ChunkRef, ChunkTier, DiskTier, MemoryTier, OriginTier};
+pub use tier::{ChunkRef, ChunkTier, DEFAULT_ORIGIN_CONCURRENCY, DiskTier, MemoryTier, OriginTier};

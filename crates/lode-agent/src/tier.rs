@@ -65,6 +65,13 @@ pub trait ChunkTier: Send + Sync + std::fmt::Debug + 'static {
         false
     }
 
+    /// Whether the tier itself returns only bytes that hash to the chunk's name (the
+    /// origin store and the AZ client check every chunk they return), so the cache need
+    /// not hash them again.
+    fn verifies_names(&self) -> bool {
+        false
+    }
+
     /// Whether chunks found further down should be copied here.
     fn fillable(&self) -> bool {
         true
@@ -269,16 +276,30 @@ impl ChunkTier for DiskTier {
 
 /// The origin store. [`Store::get_chunk`] already checks names; a corrupt chunk there
 /// is an [`AgentError::Corrupt`], which the cache counts and, as this is the last tier,
-/// returns as an error: a wrong byte is never served.
+/// returns as an error: a wrong byte is never served. At most
+/// [`concurrency`](Self::with_concurrency) fetches run at once, so an empty cache in
+/// front of it does not flood the store; the rest queue.
 #[derive(Debug)]
 pub struct OriginTier {
     store: Store,
+    permits: tokio::sync::Semaphore,
 }
 
+/// Concurrent origin fetches allowed by default.
+pub const DEFAULT_ORIGIN_CONCURRENCY: usize = 64;
+
 impl OriginTier {
-    /// The origin tier over `store`.
+    /// The origin tier over `store`, with [`DEFAULT_ORIGIN_CONCURRENCY`].
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self::with_concurrency(store, DEFAULT_ORIGIN_CONCURRENCY)
+    }
+
+    /// The origin tier over `store`, fetching at most `n` chunks at once (at least 1).
+    pub fn with_concurrency(store: Store, n: usize) -> Self {
+        Self {
+            store,
+            permits: tokio::sync::Semaphore::new(n.max(1)),
+        }
     }
 }
 
@@ -289,6 +310,11 @@ impl ChunkTier for OriginTier {
     }
 
     async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, AgentError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| AgentError::Task(e.to_string()))?;
         match self.store.get_chunk(chunk.root, &chunk.name).await {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::NotFound { .. }) => Ok(None),
@@ -305,6 +331,10 @@ impl ChunkTier for OriginTier {
     }
 
     async fn put(&self, _chunk: &ChunkRef, _ciphertext: Bytes) {}
+
+    fn verifies_names(&self) -> bool {
+        true
+    }
 
     fn fillable(&self) -> bool {
         false

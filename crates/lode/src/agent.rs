@@ -50,6 +50,18 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
         .unwrap_or(config.decrypted);
     config.cache_memory = a.cache_memory.or(c.memory).unwrap_or(config.cache_memory);
     config.cache_disk = a.cache_disk.or(c.disk).unwrap_or(config.cache_disk);
+    let mut az = file.az.clone().unwrap_or_default();
+    if !a.az_nodes.is_empty() {
+        az.nodes = a.az_nodes.clone();
+    }
+    az.k = a.az_k.or(az.k);
+    az.m = a.az_m.or(az.m);
+    if !az.nodes.is_empty() {
+        config.az = Some(az.to_config());
+    }
+    if let Some(n) = a.origin_concurrency.or(file.origin.concurrency) {
+        config.origin_concurrency = n;
+    }
     let metrics = a.metrics.or(file.metrics.listen);
     let control = a
         .control
@@ -235,7 +247,47 @@ pub fn stats(env: &Env, home: &Path, a: ControlArg) -> Result<()> {
         println!("latency    p50 {p}, p99 {p99}");
     }
     print_tiers(&v, "");
+    if v["az"].is_object() {
+        print_az(&v["az"], "");
+    }
     Ok(())
+}
+
+/// The AZ client's figures: the tier's totals, then one line per node.
+pub(crate) fn print_az(az: &Value, indent: &str) {
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or_default();
+    println!(
+        "{indent}az cache: {} gets, {} hits, {} misses, {} rebuilt from parity, {} failed the name check; {} puts ({} incomplete), {} read repairs",
+        n(az, "gets"),
+        n(az, "hits"),
+        n(az, "misses"),
+        n(az, "rebuilds"),
+        n(az, "integrity_failures"),
+        n(az, "puts"),
+        n(az, "incomplete_puts"),
+        n(az, "repairs")
+    );
+    println!(
+        "{indent}{:<22} {:>4} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "node", "up", "hits", "misses", "timeouts", "errors", "corrupt", "stores"
+    );
+    for node in az["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "{indent}{:<22} {:>4} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            node["node"].as_str().unwrap_or_default(),
+            if node["up"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            n(node, "hits"),
+            n(node, "misses"),
+            n(node, "timeouts"),
+            n(node, "errors"),
+            n(node, "integrity_failures"),
+            n(node, "stores")
+        );
+    }
 }
 
 /// The per-tier table of a metrics snapshot (as JSON): hits, misses, hit rate, bytes,

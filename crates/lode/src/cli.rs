@@ -133,6 +133,19 @@ pub enum Command {
     /// Unmount what `lode mount` mounted: unmount, release the loop device, detach.
     Umount(UmountArgs),
 
+    /// Run an AZ cache node: the memcached text protocol over memory and flash tiers.
+    ///
+    /// Workers (`lode agent --az-node ADDR ...`) keep erasure-coded stripes of chunks on a
+    /// fleet of these; plain memcached servers work too. Hot items stay in memory (a
+    /// tenth of the capacity by default), the rest on flash (files in --flash-dir); both
+    /// evict by LRU-K (K = 2), so a one-off scan does not flush the hot set. Runs until
+    /// SIGINT or SIGTERM.
+    #[command(
+        name = "cache-node",
+        after_help = "Example:\n  lode cache-node --listen 0.0.0.0:11211 --flash-dir /var/cache/lode --flash-size 100G"
+    )]
+    CacheNode(CacheNodeArgs),
+
     /// Run a command inside an image, lazily loaded: mount, run, clean up.
     ///
     /// The command runs with the image config's environment, working directory and
@@ -174,6 +187,29 @@ pub struct UmountArgs {
     pub keep_overlay: bool,
     #[command(flatten)]
     pub control: ControlArg,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheNodeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:11211", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// Bytes of the memory tier. [default: a tenth of memory + flash; 64MiB without flash]
+    #[arg(long, value_name = "SIZE", value_parser = lode_agent::config::parse_size)]
+    pub memory: Option<u64>,
+    /// Directory of the flash tier (one file per item). Without it the node keeps items in
+    /// memory only, like memcached.
+    #[arg(long, value_name = "DIR")]
+    pub flash_dir: Option<PathBuf>,
+    /// Bytes of the flash tier.
+    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = lode_agent::config::parse_size)]
+    pub flash_size: u64,
+    /// The largest value accepted (memcached's -I).
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = lode_agent::config::parse_size)]
+    pub item_size_limit: u64,
+    /// Eviction policy: lru-k (LRU-2) or lru.
+    #[arg(long, default_value = "lru-k", value_parser = ["lru-k", "lru"])]
+    pub policy: String,
 }
 
 /// How `lode run` isolates the command.
@@ -253,6 +289,19 @@ pub struct AgentArgs {
     /// Ciphertext cached on local disk. [default: 10GiB]
     #[arg(long, value_name = "SIZE", value_parser = lode_agent::config::parse_size)]
     pub cache_disk: Option<u64>,
+    /// An AZ cache node, host:port (repeat for each node of the fleet; replaces the
+    /// config file's list). Chunks are erasure-coded across the nodes.
+    #[arg(long = "az-node", value_name = "ADDR")]
+    pub az_nodes: Vec<String>,
+    /// AZ data stripes per chunk (any k rebuild it). [default: 4]
+    #[arg(long, value_name = "K")]
+    pub az_k: Option<usize>,
+    /// AZ parity stripes per chunk (nodes that may be lost). [default: 2]
+    #[arg(long, value_name = "M")]
+    pub az_m: Option<usize>,
+    /// Chunk fetches from the origin store at once. [default: 64]
+    #[arg(long, value_name = "N")]
+    pub origin_concurrency: Option<usize>,
 }
 
 #[derive(Debug, Args)]

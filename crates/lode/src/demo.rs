@@ -321,23 +321,18 @@ fn read_tree(fs: &ext4_view::Ext4, dir: &str, extra: &[String]) -> Result<(u64, 
     Ok((files, bytes))
 }
 
-/// Starts an agent in this process with empty caches, attaches demo/app1, reads its
-/// start-up files over NBD, and prints the share fetched and each tier's latency.
-async fn lazy_start(
-    env: &DemoEnv,
+/// One worker's lazy start of demo/app1: an agent in this process with empty local
+/// caches (sharing `fleet`, the AZ cache nodes), its start-up files read over NBD.
+/// Returns what it read and the agent's metrics.
+async fn one_start(
     store: &Store,
     kms: Arc<dyn lode_kms::Kms>,
-    work: &Path,
+    state: &Path,
+    fleet: &[String],
 ) -> Result<serde_json::Value> {
-    say(
-        env,
-        "5. a lazy start: a worker agent (in this process, every cache empty) attaches \
-         demo/app1 and serves it over NBD; its start-up files (entrypoint, cmd, /app) are \
-         read over NBD through an ext4 reader — `lode run` mounts and runs instead, as root"
-            .into(),
-    );
-    let mut config = lode_agent::AgentConfig::new(work.join("agent"));
+    let mut config = lode_agent::AgentConfig::new(state);
     config.files = None;
+    config.az = Some(lode_az::AzConfig::new(fleet.iter().cloned()));
     let agent = lode_agent::Agent::start(config, store.clone(), kms).await?;
     let att = agent.attach("demo/app1", Some("app1"), false).await?;
     let sock = agent.config().nbd_unix.clone();
@@ -360,34 +355,90 @@ async fn lazy_start(
     .await
     .context("the NBD reader")??;
     let secs = started.elapsed().as_secs_f64();
-    let snap = agent.cache().snapshot();
-    let v = serde_json::to_value(&snap)?;
-    let origin = v["tiers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|t| t["name"] == "origin")
-        .map(|t| t["bytes"].as_u64().unwrap_or(0))
-        .unwrap_or(0);
-    let share = origin as f64 / att.size as f64;
-    say(
-        env,
-        format!(
-            "  read {files} files ({}) in {:.0} ms; fetched {} of the {} image ({:.1}%) from the store",
-            human_bytes(bytes),
-            secs * 1000.0,
-            human_bytes(origin),
-            human_bytes(att.size),
-            share * 100.0
-        ),
-    );
-    if !env.quiet && !env.json {
-        crate::agent::print_tiers(&v, "  ");
-    }
+    // The chunks fetched from the origin go to the AZ cache in the background; let them
+    // land before the next worker starts.
+    agent.cache().settle().await;
+    let v = agent.stats_json();
+    let tier_bytes = |name: &str| {
+        v["tiers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["name"] == name)
+            .map(|t| t["bytes"].as_u64().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    let (origin, az) = (tier_bytes("origin"), tier_bytes("az"));
     agent.detach("app1", false).await?;
     agent.shutdown().await;
     Ok(serde_json::json!({
         "files": files, "bytes_read": bytes, "seconds": secs, "image_size": att.size,
-        "fetched_bytes": origin, "fetched_share": share, "metrics": v,
+        "fetched_bytes": origin, "fetched_share": origin as f64 / att.size as f64,
+        "az_bytes": az, "metrics": v,
     }))
+}
+
+/// Starts a local AZ cache fleet (six lode cache nodes on 127.0.0.1), then two workers
+/// one after the other, each with empty local caches: the first fetches from the store
+/// (and fills the fleet), the second, like a worker in the same AZ, from the fleet.
+async fn lazy_start(
+    env: &DemoEnv,
+    store: &Store,
+    kms: Arc<dyn lode_kms::Kms>,
+    work: &Path,
+) -> Result<serde_json::Value> {
+    say(
+        env,
+        "5. a lazy start: six AZ cache nodes (lode cache-node, memcached protocol) on \
+         127.0.0.1, and a worker agent in this process with every local cache empty \
+         attaches demo/app1 and serves it over NBD; its start-up files (entrypoint, cmd, \
+         /app) are read over NBD through an ext4 reader (`lode run` mounts and runs \
+         instead, as root). Then a second worker in the same AZ does the same."
+            .into(),
+    );
+    let mut nodes = Vec::new();
+    for _ in 0..6 {
+        let node = lode_cache_node::Node::start(lode_cache_node::NodeConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            memory_bytes: Some(64 << 20),
+            ..Default::default()
+        })
+        .await?;
+        nodes.push(node);
+    }
+    let fleet: Vec<String> = nodes.iter().map(|n| n.local_addr().to_string()).collect();
+    let mut runs = Vec::new();
+    for (i, who) in [
+        "worker 1, caches empty",
+        "worker 2, same AZ, local caches empty",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let state = work.join(format!("agent-{i}"));
+        let r = one_start(store, kms.clone(), &state, &fleet).await?;
+        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+        say(
+            env,
+            format!(
+                "  {who}: read {} files ({}) in {:.0} ms; fetched {} of the {} image ({:.1}%) \
+                 from the store, {} from the AZ cache",
+                n("files"),
+                human_bytes(n("bytes_read")),
+                r["seconds"].as_f64().unwrap_or(0.0) * 1000.0,
+                human_bytes(n("fetched_bytes")),
+                human_bytes(n("image_size")),
+                r["fetched_share"].as_f64().unwrap_or(0.0) * 100.0,
+                human_bytes(n("az_bytes")),
+            ),
+        );
+        if !env.quiet && !env.json {
+            crate::agent::print_tiers(&r["metrics"], "    ");
+        }
+        runs.push(r);
+    }
+    for node in nodes {
+        node.shutdown().await?;
+    }
+    Ok(serde_json::json!({ "fleet": fleet, "workers": runs }))
 }

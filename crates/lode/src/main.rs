@@ -22,7 +22,7 @@ use crate::output::{Bar, human_bytes, print_json};
 fn main() -> ExitCode {
     tune_malloc();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Agent(_)) {
+    if !matches!(cli.command, Command::Agent(_) | Command::CacheNode(_)) {
         // A command whose output goes to `head` should end quietly when the pipe closes,
         // as other Unix tools do, not panic in println!. The agent keeps Rust's default
         // (SIGPIPE ignored), so a client that hangs up never kills it.
@@ -370,11 +370,59 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Mount(a) => mount::mount(&env, &home, a)?,
         Command::Umount(a) => mount::umount(&env, &home, a)?,
         Command::Run(a) => return mount::run(&env, &home, a),
+        Command::CacheNode(a) => cache_node(&env, a).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// The chunk and dedup lines that import and flatten both print.
+/// `lode cache-node`: serves until SIGINT or SIGTERM, then prints what it did.
+async fn cache_node(env: &Env, a: cli::CacheNodeArgs) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let config = lode_cache_node::NodeConfig {
+        listen: a.listen,
+        memory_bytes: a.memory,
+        flash_dir: a.flash_dir.clone(),
+        flash_bytes: a.flash_size,
+        item_size_limit: usize::try_from(a.item_size_limit).unwrap_or(usize::MAX),
+        policy: if a.policy == "lru" {
+            lode_cache_node::Policy::Lru
+        } else {
+            lode_cache_node::Policy::LruK(2)
+        },
+        ..Default::default()
+    };
+    let tiers = config.tiers()?;
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let node = lode_cache_node::Node::start(config).await?;
+    if !env.quiet {
+        println!(
+            "lode cache-node: memcached protocol on {}; memory {}, flash {}{}",
+            node.local_addr(),
+            human_bytes(tiers.memory_bytes),
+            human_bytes(tiers.flash_bytes),
+            a.flash_dir
+                .as_ref()
+                .map(|d| format!(" in {}", d.display()))
+                .unwrap_or_default()
+        );
+    }
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    let s = node.stats();
+    node.shutdown().await?;
+    if !env.quiet {
+        println!(
+            "lode cache-node: stopped; {} gets ({} hits), {} sets, {} items in memory, {} on flash",
+            s.cmd_get, s.get_hits, s.cmd_set, s.memory.items, s.flash.items
+        );
+    }
+    Ok(())
+}
+
 fn print_publish_stats(s: &lode_image::PublishStats) {
     println!(
         "chunks    {} zero (not stored), {} repeated within the image, \

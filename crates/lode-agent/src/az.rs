@@ -1,0 +1,137 @@
+//! The AZ cache tier (DESIGN.md, "The read path" step 4): a thin [`ChunkTier`] over
+//! [`lode_az::AzClient`], which places each chunk's erasure-coded stripes on the fleet by
+//! rendezvous hashing, rebuilds from the first `k` to arrive and checks the rebuilt chunk
+//! against its name before returning it. A node that is slow, down or wrong makes a
+//! miss, never an error, so the cache goes on to the origin; after an origin fetch the
+//! cache writes the chunk here in the background.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use lode_az::{AzClient, AzConfig, AzMetrics};
+
+use crate::AgentError;
+use crate::tier::{ChunkRef, ChunkTier};
+
+/// The AZ cache fleet as a tier.
+#[derive(Debug)]
+pub struct AzTier {
+    client: AzClient,
+}
+
+impl AzTier {
+    /// A tier over the fleet `config` describes; a bad config is named.
+    pub fn new(config: AzConfig) -> Result<Self, AgentError> {
+        let client = AzClient::new(config).map_err(|e| AgentError::Config(e.to_string()))?;
+        Ok(Self { client })
+    }
+
+    /// The client's counters, per node and overall.
+    pub fn metrics(&self) -> AzMetrics {
+        self.client.metrics()
+    }
+}
+
+#[async_trait]
+impl ChunkTier for AzTier {
+    fn name(&self) -> &'static str {
+        "az"
+    }
+
+    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, AgentError> {
+        self.client
+            .get(&chunk.name)
+            .await
+            .map_err(|e| AgentError::Config(e.to_string()))
+    }
+
+    async fn put(&self, chunk: &ChunkRef, ciphertext: Bytes) {
+        // Best effort: a put that reaches fewer nodes shows in the client's metrics.
+        let _ = self.client.put(&chunk.name, ciphertext).await;
+    }
+
+    async fn remove(&self, chunk: &ChunkRef) {
+        self.client.remove(&chunk.name).await;
+    }
+
+    fn verifies_names(&self) -> bool {
+        true
+    }
+}
+
+/// The AZ client's counters in the Prometheus text format: per node (`node` label) and
+/// for the tier as a whole.
+pub fn az_prometheus(m: &AzMetrics) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let totals: [(&str, &str, u64); 8] = [
+        ("gets", "Chunk lookups in the AZ cache.", m.gets),
+        (
+            "hits",
+            "Lookups answered with a chunk that checked out.",
+            m.hits,
+        ),
+        ("misses", "Lookups that went on to the origin.", m.misses),
+        ("rebuilds", "Hits that needed parity stripes.", m.rebuilds),
+        (
+            "integrity_failures",
+            "Rebuilt chunks that failed their name check.",
+            m.integrity_failures,
+        ),
+        ("puts", "Chunks written to the AZ cache.", m.puts),
+        (
+            "incomplete_puts",
+            "Writes that stored fewer than k+m stripes.",
+            m.incomplete_puts,
+        ),
+        ("repairs", "Stripes written back by read repair.", m.repairs),
+    ];
+    for (name, help, v) in totals {
+        let _ = writeln!(out, "# HELP lode_az_{name}_total {help}");
+        let _ = writeln!(out, "# TYPE lode_az_{name}_total counter");
+        let _ = writeln!(out, "lode_az_{name}_total {v}");
+    }
+    type Field = fn(&lode_az::NodeMetrics) -> u64;
+    let per_node: [(&str, &str, Field); 6] = [
+        ("hits", "Valid stripes a node returned.", |n| n.hits),
+        (
+            "misses",
+            "Stripe gets a node answered with no value.",
+            |n| n.misses,
+        ),
+        ("timeouts", "Requests to a node that timed out.", |n| {
+            n.timeouts
+        }),
+        ("errors", "Requests to a node that failed otherwise.", |n| {
+            n.errors
+        }),
+        (
+            "integrity_failures",
+            "Invalid or wrong stripes from a node.",
+            |n| n.integrity_failures,
+        ),
+        ("stores", "Stripes a node stored.", |n| n.stores),
+    ];
+    for (name, help, f) in per_node {
+        let _ = writeln!(out, "# HELP lode_az_node_{name}_total {help}");
+        let _ = writeln!(out, "# TYPE lode_az_node_{name}_total counter");
+        for n in &m.nodes {
+            let _ = writeln!(
+                out,
+                "lode_az_node_{name}_total{{node=\"{}\"}} {}",
+                n.node,
+                f(n)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP lode_az_node_up Whether requests go to a node.");
+    let _ = writeln!(out, "# TYPE lode_az_node_up gauge");
+    for n in &m.nodes {
+        let _ = writeln!(
+            out,
+            "lode_az_node_up{{node=\"{}\"}} {}",
+            n.node,
+            u8::from(n.up)
+        );
+    }
+    out
+}

@@ -1,0 +1,497 @@
+//! The AZ cache client: tier 4 of the read path (DESIGN.md, "The read path").
+//!
+//! **Read.** The chunk's `k + m` nodes come from rendezvous hashing; every one that is
+//! up is asked for the chunk's key at once, each request in its own task with its own
+//! timeout. Each reply is checked as it arrives (stripe header, checksum, chunk name,
+//! code). As soon as `k` checked stripes with distinct indices are in, they are decoded
+//! (a concatenation when all are data stripes) and the result is hashed: the chunk is
+//! returned only if it matches its name. Slower nodes are not waited for; their
+//! requests finish in the background (so their connections stay pooled and their
+//! counters stay true). A read gives up as soon as too few nodes are left to reach `k`.
+//! If the name check fails, the read waits for the remaining replies and tries other
+//! combinations of stripes; stripes that disagree with the chunk that checks out are
+//! counted against their nodes. No combination that checks out is a miss.
+//!
+//! **Read repair.** After a hit, nodes that answered with no stripe, an invalid one or
+//! a wrong one get the right stripe written back, in the background (bounded: when too
+//! many repairs are running, one is skipped rather than queued).
+//!
+//! **Write.** `put` encodes the chunk and writes stripe `i` to the node ranked `i`,
+//! all at once; a node that is down is skipped.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lode_format::ChunkName;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::config::AzConfig;
+use crate::error::AzError;
+use crate::metrics::{AzMetrics, ClientCounters};
+use crate::node::{Failure, Node};
+use crate::placement::Rendezvous;
+use crate::stripe::{Codec, MAX_STRIPES, Rebuilt, Stripe};
+
+/// Background read repairs allowed at once; past that a repair is skipped (the next
+/// read of the chunk tries again).
+const MAX_REPAIRS_IN_FLIGHT: usize = 16;
+
+/// The memcached key all stripes of a chunk are stored under, on each of its nodes.
+///
+/// It holds the chunk's name and the code, not the stripe's index: a node holds one
+/// stripe of a chunk, and the index is in the stripe's header. So when the node list
+/// changes, every stripe left on a node that is still among the chunk's nodes stays
+/// readable under the same key (see `placement.rs`), and codes never share keys.
+pub fn chunk_key(name: &ChunkName, k: usize, m: usize) -> String {
+    format!("lode-az1:k{k}m{m}:{name}")
+}
+
+/// A client for a fleet of memcached-protocol AZ cache nodes. Cheap to clone; every
+/// clone shares the connections, health and counters.
+#[derive(Clone, Debug)]
+pub struct AzClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: Arc<AzConfig>,
+    codec: Arc<Codec>,
+    placement: Rendezvous,
+    nodes: Vec<Arc<Node>>,
+    counters: ClientCounters,
+    repairs: Semaphore,
+}
+
+/// What a node answered to a read.
+#[derive(Debug)]
+enum Answer {
+    /// A stripe that passed its checks.
+    Stripe(Stripe),
+    /// No value.
+    Miss,
+    /// A value that is not a valid stripe of this chunk and code.
+    Invalid,
+    /// No answer in time, or a failed request.
+    Failed,
+}
+
+/// The state of one read: what came back from whom.
+#[derive(Debug)]
+struct Gather {
+    k: usize,
+    /// Per rank: `None` while asked and not answered, or not asked (down).
+    answers: Vec<Option<Answer>>,
+    /// Checked stripes in arrival order, with the rank of the node each came from.
+    candidates: Vec<Stripe>,
+    ranks: Vec<usize>,
+    have: [bool; MAX_STRIPES],
+    distinct: usize,
+}
+
+impl Gather {
+    fn new(k: usize, total: usize) -> Self {
+        Self {
+            k,
+            answers: (0..total).map(|_| None).collect(),
+            candidates: Vec::new(),
+            ranks: Vec::new(),
+            have: [false; MAX_STRIPES],
+            distinct: 0,
+        }
+    }
+
+    fn add(&mut self, rank: usize, answer: Answer) {
+        if let Answer::Stripe(s) = &answer {
+            let seen = &mut self.have[s.index()];
+            if !*seen {
+                *seen = true;
+                self.distinct += 1;
+            }
+            self.candidates.push(s.clone());
+            self.ranks.push(rank);
+        }
+        if let Some(slot) = self.answers.get_mut(rank) {
+            *slot = Some(answer);
+        }
+    }
+
+    fn enough(&self) -> bool {
+        self.distinct >= self.k
+    }
+}
+
+impl AzClient {
+    /// A client for `config`, which is checked here: an error names the bad field.
+    /// Connects lazily; needs a tokio runtime only when used.
+    pub fn new(config: AzConfig) -> Result<Self, AzError> {
+        config.validate()?;
+        let codec = Codec::new(config.k, config.m).map_err(|e| AzError::Config {
+            key: "k".into(),
+            message: e.to_string(),
+        })?;
+        let cfg = Arc::new(config);
+        let nodes = cfg
+            .nodes
+            .iter()
+            .map(|a| Arc::new(Node::new(a.clone(), Arc::clone(&cfg))))
+            .collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                placement: Rendezvous::new(&cfg.nodes),
+                codec: Arc::new(codec),
+                nodes,
+                counters: ClientCounters::default(),
+                repairs: Semaphore::new(MAX_REPAIRS_IN_FLIGHT),
+                cfg,
+            }),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &AzConfig {
+        &self.inner.cfg
+    }
+
+    /// The nodes that hold chunk `name`'s stripes, in the order stripes are written
+    /// (stripe `i` to the `i`-th).
+    pub fn placement(&self, name: &ChunkName) -> Vec<&str> {
+        self.inner
+            .placement
+            .place(name, self.inner.codec.total())
+            .into_iter()
+            .map(|i| self.inner.nodes[i].addr.as_str())
+            .collect()
+    }
+
+    /// The key chunk `name`'s stripes are stored under.
+    pub fn key(&self, name: &ChunkName) -> String {
+        chunk_key(name, self.inner.codec.k(), self.inner.codec.m())
+    }
+
+    /// Chunk `name`'s ciphertext, rebuilt from the first `k` valid stripes to arrive and
+    /// checked against its name, or `None` (a miss: the caller goes on to the origin).
+    /// Takes at most about `node_timeout` plus the decode; nodes marked down cost
+    /// nothing. Never returns bytes that do not hash to `name`.
+    pub async fn get(&self, name: &ChunkName) -> Result<Option<Bytes>, AzError> {
+        let inner = &self.inner;
+        inner.counters.gets.inc();
+        let (k, m) = (inner.codec.k(), inner.codec.m());
+        let placed = inner.placement.place(name, k + m);
+        let key: Arc<str> = Arc::from(chunk_key(name, k, m));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut pending = 0usize;
+        for (rank, &n) in placed.iter().enumerate() {
+            let node = &inner.nodes[n];
+            if !node.available() {
+                continue;
+            }
+            pending += 1;
+            let (node, key, tx, name) = (Arc::clone(node), Arc::clone(&key), tx.clone(), *name);
+            tokio::spawn(async move {
+                let answer = fetch(&node, &key, &name, k, m).await;
+                // The read may be over already; the answer still counted on the node.
+                let _ = tx.send((rank, answer));
+            });
+        }
+        drop(tx);
+
+        let mut g = Gather::new(k, k + m);
+        // Wait for k distinct stripes, or until they cannot come.
+        while !g.enough() && g.distinct + pending >= k {
+            let Some((rank, answer)) = rx.recv().await else {
+                break;
+            };
+            pending -= 1;
+            g.add(rank, answer);
+        }
+        if !g.enough() {
+            inner.counters.misses.inc();
+            return Ok(None);
+        }
+        let (mut found, mut failed) = self.rebuild(name, &g.candidates, false).await?;
+        if found.is_none() {
+            // A stripe that passed its own checks is wrong. Hear from every node, then
+            // try the combinations the newcomers make possible.
+            let before = g.candidates.len();
+            while pending > 0 {
+                let Some((rank, answer)) = rx.recv().await else {
+                    break;
+                };
+                pending -= 1;
+                g.add(rank, answer);
+            }
+            if g.candidates.len() > before {
+                let (again, f) = self.rebuild(name, &g.candidates, true).await?;
+                (found, failed) = (again, failed + f);
+            }
+        }
+        if failed > 0 {
+            inner.counters.integrity_failures.inc();
+        }
+        let Some(rebuilt) = found else {
+            inner.counters.misses.inc();
+            return Ok(None);
+        };
+        inner.counters.hits.inc();
+        if rebuilt.from_parity {
+            inner.counters.rebuilds.inc();
+        }
+        for &bad in &rebuilt.bad {
+            let rank = g.ranks[bad];
+            inner.nodes[placed[rank]].counters.integrity_failures.inc();
+        }
+        let chunk = Bytes::from(rebuilt.chunk);
+        let something_to_fix = !rebuilt.bad.is_empty()
+            || g.answers
+                .iter()
+                .any(|a| matches!(a, Some(Answer::Miss | Answer::Invalid)));
+        // Replies still out may also call for repair; hear them in the background.
+        if inner.cfg.read_repair && (pending > 0 || something_to_fix) {
+            let bad_ranks: Vec<usize> = rebuilt.bad.iter().map(|&i| g.ranks[i]).collect();
+            let this = Arc::clone(inner);
+            let (name, chunk) = (*name, chunk.clone());
+            tokio::spawn(async move {
+                this.repair(name, chunk, placed, g, bad_ranks, rx, pending)
+                    .await;
+            });
+        }
+        Ok(Some(chunk))
+    }
+
+    /// Decodes and checks off the async threads.
+    async fn rebuild(
+        &self,
+        name: &ChunkName,
+        candidates: &[Stripe],
+        find_bad: bool,
+    ) -> Result<(Option<Rebuilt>, usize), AzError> {
+        let codec = Arc::clone(&self.inner.codec);
+        let (name, cands) = (*name, candidates.to_vec());
+        tokio::task::spawn_blocking(move || codec.rebuild(&name, &cands, find_bad))
+            .await
+            .map_err(|e| AzError::Task {
+                chunk: name,
+                what: "rebuild",
+                message: e.to_string(),
+            })
+    }
+
+    /// Stores chunk `name` (whose bytes the caller has checked): encodes it and writes
+    /// its `k + m` stripes to their nodes at once, skipping nodes marked down. An
+    /// [`AzError::Incomplete`] says how many stripes were stored (with at least `k`,
+    /// the chunk is readable).
+    pub async fn put(&self, name: &ChunkName, ciphertext: Bytes) -> Result<(), AzError> {
+        let inner = &self.inner;
+        inner.counters.puts.inc();
+        let codec = &inner.codec;
+        let stripe_len = codec.stripe_len(ciphertext.len());
+        if stripe_len > inner.cfg.max_value {
+            inner.counters.incomplete_puts.inc();
+            return Err(AzError::TooLarge {
+                chunk: *name,
+                len: ciphertext.len(),
+                stripe_len,
+                max_value: inner.cfg.max_value,
+            });
+        }
+        let stripes = self.encode(name, ciphertext).await?;
+        let placed = inner.placement.place(name, codec.total());
+        let key: Arc<str> = Arc::from(self.key(name));
+        let total = stripes.len();
+        let mut writes = JoinSet::new();
+        let mut reason = None;
+        for (&n, stripe) in placed.iter().zip(stripes) {
+            let node = &inner.nodes[n];
+            if !node.available() {
+                reason.get_or_insert_with(|| format!("node {} is down", node.addr));
+                continue;
+            }
+            let (node, key) = (Arc::clone(node), Arc::clone(&key));
+            writes.spawn(async move { store(&node, &key, &stripe).await });
+        }
+        let mut stored = 0;
+        while let Some(r) = writes.join_next().await {
+            match r {
+                Ok(Ok(())) => stored += 1,
+                Ok(Err(why)) => {
+                    reason.get_or_insert(why);
+                }
+                Err(e) => {
+                    reason.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+        if stored == total {
+            return Ok(());
+        }
+        inner.counters.incomplete_puts.inc();
+        Err(AzError::Incomplete {
+            chunk: *name,
+            stored,
+            total,
+            reason: reason.unwrap_or_default(),
+        })
+    }
+
+    async fn encode(&self, name: &ChunkName, ciphertext: Bytes) -> Result<Vec<Bytes>, AzError> {
+        let codec = Arc::clone(&self.inner.codec);
+        let name = *name;
+        tokio::task::spawn_blocking(move || codec.encode(&name, &ciphertext))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|message| AzError::Task {
+                chunk: name,
+                what: "encode",
+                message,
+            })
+    }
+
+    /// Deletes chunk `name`'s stripes from its nodes (best effort: nodes marked down
+    /// are skipped, failures ignored). For a chunk found wrong after the fact.
+    pub async fn remove(&self, name: &ChunkName) {
+        let inner = &self.inner;
+        let key: Arc<str> = Arc::from(self.key(name));
+        let mut deletes = JoinSet::new();
+        for n in inner.placement.place(name, inner.codec.total()) {
+            let node = &inner.nodes[n];
+            if node.available() {
+                let (node, key) = (Arc::clone(node), Arc::clone(&key));
+                deletes.spawn(async move { node.delete(&key).await });
+            }
+        }
+        while deletes.join_next().await.is_some() {}
+    }
+
+    /// The counters, overall and per node.
+    pub fn metrics(&self) -> AzMetrics {
+        let c = &self.inner.counters;
+        AzMetrics {
+            gets: c.gets.get(),
+            hits: c.hits.get(),
+            misses: c.misses.get(),
+            rebuilds: c.rebuilds.get(),
+            integrity_failures: c.integrity_failures.get(),
+            puts: c.puts.get(),
+            incomplete_puts: c.incomplete_puts.get(),
+            repairs: c.repairs.get(),
+            nodes: self.inner.nodes.iter().map(|n| n.metrics()).collect(),
+        }
+    }
+}
+
+/// One node's answer to a read of one chunk, counted on the node.
+async fn fetch(node: &Node, key: &str, name: &ChunkName, k: usize, m: usize) -> Answer {
+    match node.get(key).await {
+        Ok(Some(value)) => match Stripe::parse(value).and_then(|s| s.check(name, k, m).map(|()| s))
+        {
+            Ok(s) => {
+                node.counters.hits.inc();
+                Answer::Stripe(s)
+            }
+            Err(_) => {
+                node.counters.integrity_failures.inc();
+                Answer::Invalid
+            }
+        },
+        Ok(None) => {
+            node.counters.misses.inc();
+            Answer::Miss
+        }
+        // Counted by call().
+        Err(_) => Answer::Failed,
+    }
+}
+
+/// Writes one stripe to one node; the error is for the caller's message.
+async fn store(node: &Node, key: &str, stripe: &Bytes) -> Result<(), String> {
+    match node.set(key, stripe).await {
+        Ok(true) => {
+            node.counters.stores.inc();
+            Ok(())
+        }
+        Ok(false) => Err(format!("node {} answered NOT_STORED", node.addr)),
+        Err(Failure::Timeout) => Err(format!("node {} timed out", node.addr)),
+        Err(Failure::Error(e)) => Err(format!("node {}: {e}", node.addr)),
+    }
+}
+
+impl Inner {
+    /// Read repair: hears the rest of a read's answers, then writes the right stripe to
+    /// every node that answered without one or with a wrong one.
+    #[allow(clippy::too_many_arguments)]
+    async fn repair(
+        self: Arc<Self>,
+        name: ChunkName,
+        chunk: Bytes,
+        placed: Vec<usize>,
+        mut g: Gather,
+        bad_ranks: Vec<usize>,
+        mut rx: mpsc::UnboundedReceiver<(usize, Answer)>,
+        mut pending: usize,
+    ) {
+        while pending > 0 {
+            let Some((rank, answer)) = rx.recv().await else {
+                break;
+            };
+            pending -= 1;
+            g.add(rank, answer);
+        }
+        let total = self.codec.total();
+        // Indices known to be held (right, as far as anyone checked), and indices that
+        // nodes which did not answer were last given (their rank): leave both alone.
+        let mut taken = [false; MAX_STRIPES];
+        for (s, rank) in g.candidates.iter().zip(&g.ranks) {
+            if !bad_ranks.contains(rank) {
+                taken[s.index()] = true;
+            }
+        }
+        let mut targets = Vec::new();
+        for (rank, answer) in g.answers.iter().enumerate() {
+            match answer {
+                Some(Answer::Miss | Answer::Invalid) => targets.push(rank),
+                Some(Answer::Stripe(_)) if bad_ranks.contains(&rank) => targets.push(rank),
+                Some(Answer::Stripe(_)) => {}
+                None | Some(Answer::Failed) => taken[rank] = true,
+            }
+        }
+        if targets.is_empty() {
+            return;
+        }
+        let Ok(_permit) = self.repairs.try_acquire() else {
+            return;
+        };
+        let mut plan = Vec::new();
+        for rank in targets {
+            // A node gets the stripe a fresh put would give it, if no one holds it;
+            // otherwise any stripe no one holds.
+            let index = if !taken[rank] {
+                Some(rank)
+            } else {
+                (0..total).find(|&i| !taken[i])
+            };
+            if let Some(i) = index {
+                taken[i] = true;
+                plan.push((rank, i));
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let codec = Arc::clone(&self.codec);
+        let Ok(Ok(stripes)) =
+            tokio::task::spawn_blocking(move || codec.encode(&name, &chunk)).await
+        else {
+            return;
+        };
+        let key = chunk_key(&name, self.codec.k(), self.codec.m());
+        for (rank, index) in plan {
+            let node = &self.nodes[placed[rank]];
+            if store(node, &key, &stripes[index]).await.is_ok() {
+                self.counters.repairs.inc();
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! lode's AZ cache client (DESIGN.md, "The read path" step 4, and "AZ cache nodes").
+//!
+//! Between a worker's local cache and the origin store sits a fleet of cache nodes in
+//! the worker's availability zone, speaking the memcached text protocol (plain memcached
+//! works). A chunk's ciphertext is cut into `k` data stripes and `m` Reed-Solomon parity
+//! stripes, stored on `k + m` distinct nodes picked by rendezvous hashing; any `k`
+//! stripes rebuild it, so a read asks all `k + m` nodes at once and finishes with the
+//! first `k` valid stripes to arrive: one slow or dead node changes nothing.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), lode_az::AzError> {
+//! use bytes::Bytes;
+//! use lode_az::{AzClient, AzConfig};
+//! use lode_format::ChunkName;
+//!
+//! let az = AzClient::new(AzConfig::new([
+//!     "10.0.0.1:11211", "10.0.0.2:11211", "10.0.0.3:11211",
+//!     "10.0.0.4:11211", "10.0.0.5:11211", "10.0.0.6:11211",
+//! ]))?;
+//! let ciphertext = Bytes::from_static(b"a chunk's ciphertext");
+//! let name = ChunkName::of(&ciphertext);
+//! az.put(&name, ciphertext.clone()).await?;               // after an origin fetch
+//! assert_eq!(az.get(&name).await?, Some(ciphertext));     // checked against its name
+//! println!("{:?}", az.metrics());
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: [`placement`] (rendezvous hashing), [`stripe`] (the stripe format and the
+//! Reed-Solomon code), [`proto`] and [`memcache`] (the memcached protocol, the only
+//! parser of node bytes), and the client itself. The crate does not depend on the
+//! agent; an adapter there implements the agent's tier trait over [`AzClient`].
+
+mod client;
+mod config;
+mod error;
+pub mod memcache;
+mod metrics;
+mod node;
+pub mod placement;
+pub mod proto;
+pub mod stripe;
+
+pub use client::{AzClient, chunk_key};
+pub use config::AzConfig;
+pub use error::AzError;
+pub use metrics::{AzMetrics, NodeMetrics};
