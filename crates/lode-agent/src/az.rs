@@ -41,7 +41,10 @@ impl ChunkTier for AzTier {
         self.client
             .get(&chunk.name)
             .await
-            .map_err(|e| AgentError::Config(e.to_string()))
+            .map_err(|e| AgentError::Tier {
+                tier: "az",
+                message: e.to_string(),
+            })
     }
 
     async fn put(&self, chunk: &ChunkRef, ciphertext: Bytes) {

@@ -49,22 +49,42 @@ pub fn serve_control(
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(io("setting the mode of", path))?;
     }
-    Ok(tokio::spawn(async move {
+    let listener = Arc::new(listener);
+    Ok(accept_loop(agent, "control", Scope::Control, move || {
+        let l = Arc::clone(&listener);
+        async move { l.accept().await.map(|(s, _)| s) }
+    }))
+}
+
+/// Accepts connections from `accept` and serves each in its own task, as `scope`
+/// allows; an accept error is reported and retried after a pause.
+fn accept_loop<S, F, Fut>(
+    agent: Arc<Agent>,
+    what: &'static str,
+    scope: Scope,
+    mut accept: F,
+) -> tokio::task::JoinHandle<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<S>> + Send,
+{
+    tokio::spawn(async move {
         loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
+            match accept().await {
+                Ok(stream) => {
                     let agent = agent.clone();
                     tokio::spawn(async move {
-                        let _ = handle(agent, stream, Scope::Control).await;
+                        let _ = handle(agent, stream, scope).await;
                     });
                 }
                 Err(e) => {
-                    eprintln!("lode agent: control accept: {e}");
+                    eprintln!("lode agent: {what} accept: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
-    }))
+    })
 }
 
 /// Serves `GET /metrics` (Prometheus text) on `addr` until the task is aborted; returns
@@ -79,21 +99,10 @@ pub async fn serve_metrics(
     let bound = listener
         .local_addr()
         .map_err(|e| AgentError::Listen(format!("metrics on {addr}: {e}")))?;
-    let task = tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let agent = agent.clone();
-                    tokio::spawn(async move {
-                        let _ = handle(agent, stream, Scope::Metrics).await;
-                    });
-                }
-                Err(e) => {
-                    eprintln!("lode agent: metrics accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+    let listener = Arc::new(listener);
+    let task = accept_loop(agent, "metrics", Scope::Metrics, move || {
+        let l = Arc::clone(&listener);
+        async move { l.accept().await.map(|(s, _)| s) }
     });
     Ok((bound, task))
 }

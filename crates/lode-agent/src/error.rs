@@ -79,6 +79,14 @@ pub enum AgentError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A tier failed in a way that is not a plain miss (the message names the chunk).
+    #[error("tier {tier}: {message}")]
+    Tier {
+        /// The tier.
+        tier: &'static str,
+        /// What it said.
+        message: String,
+    },
     /// A control request was invalid.
     #[error("{0}")]
     Request(String),
