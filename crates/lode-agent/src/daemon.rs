@@ -169,26 +169,7 @@ impl Agent {
         let dir = &config.state_dir;
         std::fs::create_dir_all(dir.join("overlays"))
             .map_err(io("creating", dir.join("overlays")))?;
-        let az = match &config.az {
-            Some(c) => Some(Arc::new(AzTier::new(c.clone())?)),
-            None => None,
-        };
-        let mut cache = ChunkCache::builder()
-            .decrypted_bytes(config.decrypted)
-            .tier(Arc::new(MemoryTier::new(config.cache_memory)))
-            .tier(Arc::new(DiskTier::open(
-                dir.join("cache"),
-                config.cache_disk,
-            )?));
-        if let Some(az) = &az {
-            cache = cache.tier(az.clone());
-        }
-        let cache = cache
-            .tier(Arc::new(OriginTier::with_concurrency(
-                store.clone(),
-                config.origin_concurrency,
-            )))
-            .build()?;
+        let (cache, az) = build_cache(&config, store.clone())?;
         let exports = Exports::new();
         let server = Server::builder(exports.clone())
             .build()
@@ -473,6 +454,36 @@ impl Agent {
         self.cache.settle().await;
         let _ = std::fs::remove_file(&self.config.nbd_unix);
     }
+}
+
+/// The worker's chunk cache as `config` describes it: decrypted memory over ciphertext
+/// memory, disk (in `STATE_DIR/cache`), the AZ fleet when configured, and the origin
+/// `store`. Returns the AZ tier too, for its metrics.
+pub fn build_cache(
+    config: &AgentConfig,
+    store: Store,
+) -> Result<(Arc<ChunkCache>, Option<Arc<AzTier>>), AgentError> {
+    let az = match &config.az {
+        Some(c) => Some(Arc::new(AzTier::new(c.clone())?)),
+        None => None,
+    };
+    let mut cache = ChunkCache::builder()
+        .decrypted_bytes(config.decrypted)
+        .tier(Arc::new(MemoryTier::new(config.cache_memory)))
+        .tier(Arc::new(DiskTier::open(
+            config.state_dir.join("cache"),
+            config.cache_disk,
+        )?));
+    if let Some(az) = &az {
+        cache = cache.tier(az.clone());
+    }
+    let cache = cache
+        .tier(Arc::new(OriginTier::with_concurrency(
+            store,
+            config.origin_concurrency,
+        )))
+        .build()?;
+    Ok((cache, az))
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

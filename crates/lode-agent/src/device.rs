@@ -78,6 +78,34 @@ impl ImageDevice {
         self.id
     }
 
+    /// The root the image's chunks live under.
+    pub fn root(&self) -> RootId {
+        self.root
+    }
+
+    /// The image's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The image's chunk size.
+    pub fn chunk_size(&self) -> ChunkSize {
+        self.chunk_size
+    }
+
+    /// The image's key table.
+    pub fn keys(&self) -> &KeyTable {
+        &self.keys
+    }
+
+    /// Whether chunk `index` is all zeros (not stored; reading it fetches nothing).
+    pub fn is_zero_chunk(&self, index: u64) -> bool {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.chunks.get(i))
+            .is_none_or(|e| *e == ChunkEntry::Zero)
+    }
+
     /// The worker cache this device reads through.
     pub fn cache(&self) -> &Arc<ChunkCache> {
         &self.cache
@@ -108,7 +136,7 @@ impl ImageDevice {
     }
 
     /// The decrypted chunk `index`, or `None` for a zero chunk.
-    async fn chunk(&self, index: u64) -> Result<Option<(ChunkName, Bytes)>, AgentError> {
+    pub async fn chunk(&self, index: u64) -> Result<Option<(ChunkName, Bytes)>, AgentError> {
         let i = ChunkIndex(index);
         let entry = usize::try_from(index)
             .ok()

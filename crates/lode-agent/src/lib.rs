@@ -27,7 +27,7 @@ mod tier;
 
 pub use az::AzTier;
 pub use cache::{CacheBuilder, ChunkCache};
-pub use daemon::{Agent, AgentConfig, Attachment, MAX_NAME_LEN, RunConfig};
+pub use daemon::{Agent, AgentConfig, Attachment, MAX_NAME_LEN, RunConfig, build_cache};
 pub use device::ImageDevice;
 pub use error::AgentError;
 pub use lru::Lru;

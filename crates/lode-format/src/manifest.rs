@@ -173,6 +173,21 @@ impl KeyTable {
             .and_then(|i| self.keys.get(i))
             .and_then(Option::as_ref)
     }
+
+    /// A secret only holders of this table can compute: SHA-256 over `label` and every
+    /// key in index order. It seals data that travels with the image (a snapshot's
+    /// working-set record) without another KMS call. A table with no keys (an all-zero
+    /// image) gives a value anyone can compute; such an image has nothing to hide.
+    pub fn derive(&self, label: &[u8]) -> crate::Secret32 {
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+        h.update(label);
+        for k in self.keys.iter().flatten() {
+            h.update(k.expose());
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(h.finish().as_ref());
+        crate::Secret32::from_bytes(out)
+    }
 }
 
 /// A parsed (or freshly sealed) manifest. The key table stays encrypted until

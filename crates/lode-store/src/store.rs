@@ -166,6 +166,15 @@ impl Store {
         ])
     }
 
+    fn working_set_path(&self, root: RootId, id: &ManifestId) -> Path {
+        self.path([
+            "roots".into(),
+            PathPart::from(root.to_string()),
+            "worksets".into(),
+            PathPart::from(id.to_hex()),
+        ])
+    }
+
     fn root_path(&self, root: RootId) -> Path {
         self.path([
             "roots".into(),
@@ -383,6 +392,39 @@ impl Store {
             what: "manifest",
             key: id.to_hex(),
         })
+    }
+
+    /// Stores the working-set record of the snapshot `id` (sealed by the caller; see
+    /// lode-snap), replacing any earlier one. It lives in the manifest's root, so it goes
+    /// when that root is retired.
+    pub async fn put_working_set(
+        &self,
+        root: RootId,
+        id: &ManifestId,
+        bytes: Bytes,
+    ) -> Result<(), StoreError> {
+        let path = self.working_set_path(root, id);
+        self.os
+            .put(&path, PutPayload::from_bytes(bytes))
+            .await
+            .map_err(|e| self.backend("put", &path, e))?;
+        Ok(())
+    }
+
+    /// The working-set record of the snapshot `id`, if one was stored.
+    pub async fn get_working_set(
+        &self,
+        root: RootId,
+        id: &ManifestId,
+    ) -> Result<Option<Bytes>, StoreError> {
+        match self
+            .read(&self.working_set_path(root, id), "working set", id.to_hex())
+            .await
+        {
+            Ok(b) => Ok(Some(b)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Every manifest id in a root.

@@ -1,0 +1,785 @@
+//! The page-fault handler: Firecracker's UFFD handshake on a Unix socket, then one event
+//! loop per restore that serves faults from the worker's chunk cache.
+//!
+//! ```text
+//! accept ─► recvmsg: JSON + SCM_RIGHTS uffd ─► parse_mappings (refuse: error line, close)
+//!        ─► reply {"generation_id": …}, prefetch the recorded working set (background)
+//! loop:  uffd readable ─► parse_event ─► PageFault: outside every region → refuse, end
+//!                                         removed page → UFFDIO_ZEROPAGE
+//!                                         zero chunk → ZEROPAGE over the chunk's pages
+//!                                         else → join/start the chunk's fetch, wait
+//!                                       Remove/Unmap → those pages read zero from now on
+//!        chunk fetched ─► UFFDIO_COPY of every page of it in every region, skipping
+//!                         removed pages; EEXIST: present, wake and skip; EAGAIN: the
+//!                         address space is changing, retry after reading the events
+//!        client socket closed ─► end; store the working set (first restore by default)
+//! ```
+//!
+//! One loop owns every install, so an install never races a remove it has not seen: the
+//! kernel holds the madvise until its REMOVE event is read, and copies fail with EAGAIN
+//! meanwhile. Fetches run concurrently and single-flight in the cache; a chunk is fetched
+//! once per restore and all its pages installed together, so neighbouring pages do not
+//! fault at all.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::mapping::{self, Mapping, PAGE_SIZE};
+use crate::record::WorkingSet;
+use crate::socket::recv_handshake;
+use crate::uffd::{Event, Fill, MSG_SIZE, Uffd, parse_event};
+use crate::{SnapError, Snapshot};
+
+/// What to install ahead of demand.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prefetch {
+    /// The chunks of the stored working set, in fault order (REAP).
+    #[default]
+    Recorded,
+    /// Nothing: every page on demand.
+    None,
+    /// Every chunk of every region, in order (eager, for comparison).
+    All,
+}
+
+/// When to store the pages a restore faulted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordPolicy {
+    /// When the snapshot has no record yet (REAP's record-once).
+    #[default]
+    Auto,
+    /// After every restore, replacing the record.
+    Always,
+    /// Never.
+    Never,
+}
+
+/// How restores are served.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServeOptions {
+    /// What to install ahead of demand.
+    pub prefetch: Prefetch,
+    /// When to store the working set.
+    pub record: RecordPolicy,
+    /// Chunks prefetched at once.
+    pub prefetch_concurrency: usize,
+    /// Where in the snapshot (16 bytes, 16-aligned) each restore's generation id is
+    /// written, so the restored code can read it there; `None` writes it nowhere.
+    pub generation_id_offset: Option<u64>,
+    /// How long to wait for the handshake after a client connects.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            prefetch: Prefetch::Recorded,
+            record: RecordPolicy::Auto,
+            prefetch_concurrency: 16,
+            generation_id_offset: None,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What one restore did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SessionReport {
+    /// This restore's generation id (hex).
+    pub generation_id: String,
+    /// Regions the VMM sent.
+    pub regions: usize,
+    /// Page-fault events read.
+    pub faults: u64,
+    /// Faults answered with a zero page (zero chunk or removed page).
+    pub zero_faults: u64,
+    /// Chunks fetched because of a fault.
+    pub demand_chunks: u64,
+    /// Chunks installed ahead of demand.
+    pub prefetched_chunks: u64,
+    /// Pages installed by copy.
+    pub pages_copied: u64,
+    /// Pages installed as zero pages.
+    pub pages_zeroed: u64,
+    /// Pages already present when installed (EEXIST).
+    pub pages_present: u64,
+    /// Installs retried after EAGAIN.
+    pub retries: u64,
+    /// Pages removed by the VMM (balloon).
+    pub pages_removed: u64,
+    /// Pages in the working-set record used for prefetch (0 when none).
+    pub working_set_pages: u64,
+    /// Whether this restore's faults were stored as the working set.
+    pub recorded: bool,
+    /// Microseconds from reading each fault to its page being installed, in fault order.
+    pub fault_us: Vec<u32>,
+    /// Seconds from the handshake to the end.
+    pub seconds: f64,
+    /// Why the restore ended abnormally, if it did.
+    pub error: Option<String>,
+}
+
+impl SessionReport {
+    /// The `pct` percentile of fault service time in microseconds.
+    pub fn fault_percentile(&self, pct: f64) -> Option<u32> {
+        let mut v = self.fault_us.clone();
+        v.sort_unstable();
+        let i = ((v.len() as f64 - 1.0) * pct / 100.0).round();
+        v.get(i as usize).copied()
+    }
+}
+
+/// Serves restores of `snapshot` on `listener` until the task is dropped; each finished
+/// restore is passed to `on_report`.
+pub async fn serve(
+    listener: UnixListener,
+    snapshot: Arc<Snapshot>,
+    opts: ServeOptions,
+    on_report: Arc<dyn Fn(SessionReport) + Send + Sync>,
+) -> Result<(), SnapError> {
+    loop {
+        let (stream, _) = listener.accept().await.map_err(|source| SnapError::Io {
+            what: "accepting a VMM connection".into(),
+            source,
+        })?;
+        let (snapshot, opts, on_report) = (snapshot.clone(), opts.clone(), on_report.clone());
+        tokio::spawn(async move {
+            on_report(session(stream, snapshot, opts).await);
+        });
+    }
+}
+
+/// Binds `path` (replacing a stale socket file) for [`serve`].
+pub fn bind(path: &Path) -> Result<UnixListener, SnapError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(SnapError::Unsupported(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(SnapError::Unsupported(format!(
+                "{} is in use by another handler",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| SnapError::Io {
+        what: format!("binding {}", path.display()),
+        source,
+    })
+}
+
+/// One restore, from handshake to the client closing its socket.
+pub async fn session(stream: UnixStream, snapshot: Arc<Snapshot>, opts: ServeOptions) -> SessionReport {
+    let started = Instant::now();
+    let mut report = SessionReport::default();
+    let mut generation = [0u8; 16];
+    // SystemRandom only fails when the OS has no randomness at all.
+    let _ = SystemRandom::new().fill(&mut generation);
+    report.generation_id = hex(&generation);
+    let result = run_session(stream, &snapshot, &opts, generation, &mut report).await;
+    if let Err(e) = result {
+        report.error = Some(e.to_string());
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn handshake(
+    stream: UnixStream,
+    timeout: Duration,
+) -> Result<(std::os::unix::net::UnixStream, crate::socket::Handshake), SnapError> {
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |source| SnapError::Io { what, source }
+    };
+    let std = stream.into_std().map_err(io("taking the VMM connection"))?;
+    std.set_nonblocking(false).map_err(io("configuring the VMM connection"))?;
+    std.set_read_timeout(Some(timeout)).map_err(io("configuring the VMM connection"))?;
+    tokio::task::spawn_blocking(move || {
+        let h = recv_handshake(&std);
+        h.map(|h| (std, h))
+    })
+    .await
+    .map_err(|e| SnapError::Handshake(format!("handshake task failed: {e}")))?
+    .map_err(|source| match source.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => SnapError::Handshake(
+            format!("no handshake within {} s of connecting", timeout.as_secs()),
+        ),
+        _ => SnapError::Io {
+            what: "reading the handshake".into(),
+            source,
+        },
+    })
+}
+
+async fn run_session(
+    stream: UnixStream,
+    snapshot: &Arc<Snapshot>,
+    opts: &ServeOptions,
+    generation: [u8; 16],
+    report: &mut SessionReport,
+) -> Result<(), SnapError> {
+    let (std, h) = handshake(stream, opts.handshake_timeout).await?;
+    std.set_nonblocking(true).map_err(|source| SnapError::Io {
+        what: "configuring the VMM connection".into(),
+        source,
+    })?;
+    let mut stream = UnixStream::from_std(std).map_err(|source| SnapError::Io {
+        what: "registering the VMM connection".into(),
+        source,
+    })?;
+    let checked = check_handshake(h, snapshot.size());
+    let (uffd, mappings) = match checked {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = stream
+                .write_all(format!("{}\n", serde_json::json!({"error": e.to_string()})).as_bytes())
+                .await;
+            return Err(e);
+        }
+    };
+    report.regions = mappings.len();
+    let line = serde_json::json!({"generation_id": hex(&generation)});
+    // Firecracker does not read this; lode's client does. A failed write is not fatal.
+    let _ = stream.write_all(format!("{line}\n").as_bytes()).await;
+
+    let working_set = if opts.prefetch == Prefetch::Recorded || opts.record == RecordPolicy::Auto {
+        match snapshot.working_set().await {
+            Ok(ws) => ws,
+            Err(e) => {
+                eprintln!("lode snapshot serve: ignoring the working-set record: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut s = Session::new(snapshot.clone(), uffd, mappings, opts, generation)?;
+    let prefetch_order = match opts.prefetch {
+        Prefetch::None => Vec::new(),
+        Prefetch::Recorded => working_set
+            .as_ref()
+            .map(|ws| {
+                report.working_set_pages = ws.pages.len() as u64;
+                s.chunks_of_pages(&ws.pages)
+            })
+            .unwrap_or_default(),
+        Prefetch::All => s.all_chunks(),
+    };
+    let result = s.run(&mut stream, prefetch_order, opts.prefetch_concurrency, report).await;
+    let store = match opts.record {
+        RecordPolicy::Never => false,
+        RecordPolicy::Always => true,
+        RecordPolicy::Auto => working_set.is_none(),
+    };
+    if store && result.is_ok() && !s.recorded.is_empty() {
+        let ws = WorkingSet {
+            pages: std::mem::take(&mut s.recorded),
+        };
+        match snapshot.store_working_set(&ws).await {
+            Ok(()) => report.recorded = true,
+            Err(e) => eprintln!("lode snapshot serve: could not store the working set: {e}"),
+        }
+    }
+    if let Err(e) = &result {
+        let _ = stream
+            .write_all(format!("{}\n", serde_json::json!({"error": e.to_string()})).as_bytes())
+            .await;
+    }
+    result
+}
+
+/// Checks the handshake's descriptors and mappings.
+fn check_handshake(
+    h: crate::socket::Handshake,
+    snapshot_size: u64,
+) -> Result<(Uffd, Vec<Mapping>), SnapError> {
+    if h.body.is_empty() && h.fds.is_empty() {
+        return Err(SnapError::Handshake("the VMM closed the connection before the handshake".into()));
+    }
+    if h.truncated {
+        return Err(SnapError::Handshake(
+            "the handshake carried more descriptors than one userfaultfd".into(),
+        ));
+    }
+    let mut fds = h.fds;
+    if fds.len() != 1 {
+        return Err(SnapError::Handshake(format!(
+            "the handshake carried {} file descriptors; it must carry exactly one, the \
+             userfaultfd (sent with SCM_RIGHTS)",
+            fds.len()
+        )));
+    }
+    let mappings = mapping::parse_mappings(&h.body, snapshot_size)?;
+    let fd = fds.remove(0);
+    // A userfaultfd answers UFFDIO_WAKE on a registered or unregistered range alike;
+    // any other descriptor refuses the ioctl, which catches a wrong fd up front.
+    let uffd = Uffd::from_fd(fd);
+    uffd.wake(mappings[0].base, PAGE_SIZE).map_err(|e| {
+        SnapError::Handshake(format!("the descriptor sent is not a userfaultfd ({e})"))
+    })?;
+    Ok((uffd, mappings))
+}
+
+const IDLE: u8 = 0;
+const FETCHING: u8 = 1;
+const INSTALLED: u8 = 2;
+
+/// An install waiting to be (re)tried.
+struct Install {
+    chunk: u64,
+    data: Option<Bytes>,
+}
+
+struct UffdFd(Uffd);
+impl AsRawFd for UffdFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+struct Session {
+    snapshot: Arc<Snapshot>,
+    uffd: AsyncFd<UffdFd>,
+    mappings: Vec<Mapping>,
+    chunk_size: u64,
+    state: Arc<Vec<AtomicU8>>,
+    /// Pages (snapshot page numbers) that read as zero from now on.
+    removed: Vec<u64>,
+    /// Pages already recorded.
+    seen: Vec<u64>,
+    recorded: Vec<u64>,
+    /// Faults waiting on a chunk: (page address, when read).
+    waiting: HashMap<u64, Vec<(u64, Instant)>>,
+    retry: VecDeque<Install>,
+    generation: Option<(u64, [u8; 16])>,
+}
+
+fn bit(v: &[u64], i: u64) -> bool {
+    v.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+fn set_bit(v: &mut [u64], i: u64) -> bool {
+    match v.get_mut((i / 64) as usize) {
+        Some(w) => {
+            let was = *w & (1 << (i % 64)) != 0;
+            *w |= 1 << (i % 64);
+            !was
+        }
+        None => false,
+    }
+}
+
+enum Step {
+    Event(Result<(), SnapError>),
+    Fetched(u64, Result<Option<Bytes>, String>, bool),
+    ClientGone,
+    Retry,
+}
+
+impl Session {
+    fn new(
+        snapshot: Arc<Snapshot>,
+        uffd: Uffd,
+        mappings: Vec<Mapping>,
+        opts: &ServeOptions,
+        generation: [u8; 16],
+    ) -> Result<Session, SnapError> {
+        let chunk_size = snapshot.chunk_size().bytes_u64();
+        let chunks = snapshot.size().div_ceil(chunk_size);
+        let pages = snapshot.size().div_ceil(PAGE_SIZE);
+        let words = usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX);
+        let generation = match opts.generation_id_offset {
+            None => None,
+            Some(off) if off % 16 == 0 && off.checked_add(16).is_some_and(|e| e <= snapshot.size()) => {
+                Some((off, generation))
+            }
+            Some(off) => {
+                return Err(SnapError::Unsupported(format!(
+                    "generation id offset {off} must be 16-aligned and inside the {}-byte snapshot",
+                    snapshot.size()
+                )));
+            }
+        };
+        // SAFETY: `UffdFd` owns its descriptor (an `OwnedFd` inside `Uffd`), closes it
+        // only when dropped, and always returns the same one.
+        let uffd = unsafe { AsyncFd::register_with_interest(UffdFd(uffd), Interest::READABLE) }
+            .map_err(|e| SnapError::Io {
+                what: "registering the userfaultfd".into(),
+                source: std::io::Error::from(e),
+            })?;
+        Ok(Session {
+            snapshot,
+            uffd,
+            mappings,
+            chunk_size,
+            state: Arc::new((0..chunks).map(|_| AtomicU8::new(IDLE)).collect()),
+            removed: vec![0; words],
+            seen: vec![0; words],
+            recorded: Vec::new(),
+            waiting: HashMap::new(),
+            retry: VecDeque::new(),
+            generation,
+        })
+    }
+
+    /// The chunks holding `pages`, first appearance first, limited to mapped memory.
+    fn chunks_of_pages(&self, pages: &[u64]) -> Vec<u64> {
+        let mut seen = std::collections::HashSet::new();
+        pages
+            .iter()
+            .map(|p| p * PAGE_SIZE)
+            .filter(|off| self.mappings.iter().any(|m| *off >= m.offset && *off - m.offset < m.size))
+            .map(|off| off / self.chunk_size)
+            .filter(|c| seen.insert(*c))
+            .collect()
+    }
+
+    /// Every chunk that overlaps a region, in snapshot order.
+    fn all_chunks(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .mappings
+            .iter()
+            .flat_map(|m| m.offset / self.chunk_size..(m.offset + m.size).div_ceil(self.chunk_size))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    async fn run(
+        &mut self,
+        stream: &mut UnixStream,
+        prefetch: Vec<u64>,
+        concurrency: usize,
+        report: &mut SessionReport,
+    ) -> Result<(), SnapError> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Result<Option<Bytes>, String>, bool)>();
+        let prefetcher = self.spawn_prefetch(prefetch, concurrency.max(1), tx.clone());
+        let mut buf = [0u8; 64 * MSG_SIZE];
+        let mut sink = [0u8; 256];
+        let result = loop {
+            let step = tokio::select! {
+                biased;
+                r = self.uffd.readable() => {
+                    match r {
+                        Ok(mut guard) => {
+                            guard.clear_ready();
+                            Step::Event(self.drain_events(&mut buf, &tx, report))
+                        }
+                        Err(source) => Step::Event(Err(SnapError::Io { what: "polling the userfaultfd".into(), source })),
+                    }
+                }
+                Some((chunk, r, pre)) = rx.recv() => Step::Fetched(chunk, r, pre),
+                r = stream.read(&mut sink) => match r {
+                    Ok(0) | Err(_) => Step::ClientGone,
+                    Ok(_) => continue,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(1)), if !self.retry.is_empty() => Step::Retry,
+            };
+            let r = match step {
+                Step::Event(r) => r,
+                Step::Fetched(chunk, Ok(data), prefetched) => {
+                    if prefetched {
+                        report.prefetched_chunks += 1;
+                    }
+                    self.install(Install { chunk, data }, report)
+                }
+                Step::Fetched(chunk, Err(reason), _) => Err(SnapError::Chunk {
+                    index: chunk,
+                    offset: chunk * self.chunk_size,
+                    reason,
+                }),
+                Step::ClientGone => break Ok(()),
+                Step::Retry => {
+                    let pending: Vec<Install> = self.retry.drain(..).collect();
+                    pending.into_iter().try_for_each(|i| {
+                        report.retries += 1;
+                        self.install(i, report)
+                    })
+                }
+            };
+            if let Err(e) = r {
+                break Err(e);
+            }
+        };
+        prefetcher.abort();
+        result
+    }
+
+    fn spawn_prefetch(
+        &self,
+        order: Vec<u64>,
+        concurrency: usize,
+        tx: mpsc::UnboundedSender<(u64, Result<Option<Bytes>, String>, bool)>,
+    ) -> tokio::task::JoinHandle<()> {
+        let snapshot = self.snapshot.clone();
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(concurrency));
+            for chunk in order {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let Some(s) = state.get(chunk as usize) else { continue };
+                if s.compare_exchange(IDLE, FETCHING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                    continue;
+                }
+                let (snapshot, tx) = (snapshot.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let r = fetch(&snapshot, chunk).await;
+                    let _ = tx.send((chunk, r, true));
+                    drop(permit);
+                });
+            }
+        })
+    }
+
+    fn drain_events(
+        &mut self,
+        buf: &mut [u8],
+        tx: &mpsc::UnboundedSender<(u64, Result<Option<Bytes>, String>, bool)>,
+        report: &mut SessionReport,
+    ) -> Result<(), SnapError> {
+        loop {
+            let n = self.uffd.get_ref().0.read_events(buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            for msg in buf[..n].chunks(MSG_SIZE) {
+                match parse_event(msg)? {
+                    Event::PageFault { address, .. } => self.fault(address, tx, report)?,
+                    Event::Remove { start, end } | Event::Unmap { start, end } => {
+                        self.remove(start, end, report)
+                    }
+                    Event::Remap { from, to, len } => {
+                        return Err(SnapError::Unsupported(format!(
+                            "guest memory moved ({len} bytes from {from:#x} to {to:#x}, \
+                             mremap), which lode does not follow"
+                        )));
+                    }
+                    Event::Fork => {}
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, start: u64, end: u64, report: &mut SessionReport) {
+        for m in &self.mappings {
+            let (s, e) = (start.max(m.base), end.min(m.end()));
+            let mut a = s.next_multiple_of(PAGE_SIZE);
+            while a + PAGE_SIZE <= e {
+                if set_bit(&mut self.removed, m.snapshot_offset(a) / PAGE_SIZE) {
+                    report.pages_removed += 1;
+                }
+                a += PAGE_SIZE;
+            }
+        }
+    }
+
+    fn fault(
+        &mut self,
+        address: u64,
+        tx: &mpsc::UnboundedSender<(u64, Result<Option<Bytes>, String>, bool)>,
+        report: &mut SessionReport,
+    ) -> Result<(), SnapError> {
+        let read_at = Instant::now();
+        report.faults += 1;
+        let m = *mapping::find(&self.mappings, address).ok_or(SnapError::FaultOutside { address })?;
+        let page = address & !(PAGE_SIZE - 1);
+        let offset = m.snapshot_offset(page);
+        let page_no = offset / PAGE_SIZE;
+        if set_bit(&mut self.seen, page_no) {
+            self.recorded.push(page_no);
+        }
+        let chunk = offset / self.chunk_size;
+        if bit(&self.removed, page_no) || self.snapshot.device().is_zero_chunk(chunk) && !self.holds_generation(chunk) {
+            report.zero_faults += 1;
+            if bit(&self.removed, page_no) {
+                self.zero_page(page, report)?;
+            } else {
+                // The whole zero chunk at once; the ioctl wakes the faulting thread.
+                self.install(Install { chunk, data: None }, report)?;
+            }
+            report.fault_us.push(micros(read_at));
+            return Ok(());
+        }
+        self.waiting.entry(chunk).or_default().push((page, read_at));
+        let state = &self.state[chunk as usize];
+        let previous = state.swap(FETCHING, Ordering::AcqRel);
+        if previous != FETCHING {
+            // Idle, or installed and faulted again (a fault read after its page was
+            // installed, or a page the install skipped): fetch (a cache hit) and install.
+            report.demand_chunks += u64::from(previous == IDLE);
+            let (snapshot, tx) = (self.snapshot.clone(), tx.clone());
+            tokio::spawn(async move {
+                let r = fetch(&snapshot, chunk).await;
+                let _ = tx.send((chunk, r, false));
+            });
+        }
+        Ok(())
+    }
+
+    fn holds_generation(&self, chunk: u64) -> bool {
+        self.generation
+            .is_some_and(|(off, _)| off / self.chunk_size == chunk)
+    }
+
+    /// Zero-fills one page (a removed page, or a zero chunk's), tolerating presence.
+    fn zero_page(&mut self, page: u64, report: &mut SessionReport) -> Result<(), SnapError> {
+        let uffd = &self.uffd.get_ref().0;
+        match uffd.zeropage(page, PAGE_SIZE)? {
+            Fill::Done | Fill::Partial { .. } => report.pages_zeroed += 1,
+            Fill::Exists => {
+                report.pages_present += 1;
+                uffd.wake(page, PAGE_SIZE)?;
+            }
+            Fill::Again => {
+                // Retried with the next batch of events; the page's chunk install path
+                // handles zero pages too.
+                let chunk = self.mappings.iter().find(|m| m.contains(page)).map(|m| m.snapshot_offset(page) / self.chunk_size);
+                if let Some(chunk) = chunk {
+                    self.waiting.entry(chunk).or_default().push((page, Instant::now()));
+                    self.retry.push_back(Install { chunk, data: None });
+                }
+            }
+            Fill::Gone => {}
+        }
+        Ok(())
+    }
+
+    /// Installs every page of `chunk` in every region, then answers the faults waiting
+    /// on it.
+    fn install(&mut self, job: Install, report: &mut SessionReport) -> Result<(), SnapError> {
+        let cs = self.chunk_size;
+        let (c0, c1) = (job.chunk * cs, ((job.chunk + 1) * cs).min(self.snapshot.size()));
+        let mut data = job.data.clone();
+        if let Some((off, id)) = self.generation
+            && off / cs == job.chunk
+        {
+            let mut v = match &data {
+                Some(d) => d.to_vec(),
+                None => vec![0u8; (c1 - c0) as usize],
+            };
+            let at = (off - c0) as usize;
+            v[at..at + 16].copy_from_slice(&id);
+            data = Some(Bytes::from(v));
+        }
+        let uffd = &self.uffd.get_ref().0;
+        for m in &self.mappings {
+            let (s, e) = (c0.max(m.offset), c1.min(m.offset + m.size));
+            if s >= e {
+                continue;
+            }
+            let mut off = s;
+            while off < e {
+                // A run of pages that are not removed.
+                if bit(&self.removed, off / PAGE_SIZE) {
+                    off += PAGE_SIZE;
+                    continue;
+                }
+                let mut run_end = off + PAGE_SIZE;
+                while run_end < e && !bit(&self.removed, run_end / PAGE_SIZE) {
+                    run_end += PAGE_SIZE;
+                }
+                let dst = m.base + (off - m.offset);
+                let fill = match &data {
+                    Some(d) => {
+                        let from = (off - c0) as usize;
+                        let to = (run_end - c0) as usize;
+                        // A short last chunk ends inside a page only if the snapshot size
+                        // is not page-aligned; regions are, so this slice is whole pages.
+                        let src = d.get(from..to).ok_or_else(|| SnapError::Chunk {
+                            index: job.chunk,
+                            offset: off,
+                            reason: format!("chunk holds {} bytes, the region needs {to}", d.len()),
+                        })?;
+                        uffd.copy(dst, src)?
+                    }
+                    None => uffd.zeropage(dst, run_end - off)?,
+                };
+                let pages = |bytes: u64| bytes / PAGE_SIZE;
+                match fill {
+                    Fill::Done => {
+                        count(report, data.is_some(), pages(run_end - off));
+                        off = run_end;
+                    }
+                    Fill::Partial { done } => {
+                        count(report, data.is_some(), pages(done));
+                        off += done;
+                    }
+                    Fill::Exists => {
+                        report.pages_present += 1;
+                        uffd.wake(dst, PAGE_SIZE)?;
+                        off += PAGE_SIZE;
+                    }
+                    Fill::Again => {
+                        self.retry.push_back(job);
+                        return Ok(());
+                    }
+                    Fill::Gone => off += PAGE_SIZE,
+                }
+            }
+        }
+        if let Some(s) = self.state.get(job.chunk as usize) {
+            s.store(INSTALLED, Ordering::Release);
+        }
+        let waiting = self.waiting.remove(&job.chunk).unwrap_or_default();
+        for (page, read_at) in waiting {
+            let offset = self
+                .mappings
+                .iter()
+                .find(|m| m.contains(page))
+                .map(|m| m.snapshot_offset(page));
+            if offset.is_some_and(|o| bit(&self.removed, o / PAGE_SIZE)) {
+                // Removed while its fault waited: it reads zero.
+                self.zero_page(page, report)?;
+            }
+            report.fault_us.push(micros(read_at));
+        }
+        Ok(())
+    }
+}
+
+fn count(report: &mut SessionReport, copied: bool, pages: u64) {
+    if copied {
+        report.pages_copied += pages;
+    } else {
+        report.pages_zeroed += pages;
+    }
+}
+
+fn micros(since: Instant) -> u32 {
+    u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX)
+}
+
+async fn fetch(snapshot: &Snapshot, chunk: u64) -> Result<Option<Bytes>, String> {
+    snapshot
+        .device()
+        .chunk(chunk)
+        .await
+        .map(|c| c.map(|(_, b)| b))
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,165 @@
+//! Memory snapshots restored on demand (DESIGN.md, "Memory snapshots").
+//!
+//! A snapshot is a memory file published like any image (same chunks, same keys, same
+//! store); [`handler`] serves a VMM's page faults on it through userfaultfd from the
+//! worker's tiers, speaking Firecracker's UFFD handshake; [`record`] keeps the pages a
+//! restore touched so the next one can install them first (REAP); [`client`] plays the
+//! VMM's part for tests and demos, and [`workload`] is something real to run on the
+//! restored memory.
+//!
+//! ```text
+//!  VMM (Firecracker, or lode snapshot restore)        lode snapshot serve
+//!   mmap guest memory, userfaultfd, register ──uffd+JSON──► parse mappings, check them
+//!   guest touches a missing page ──fault event──────────► page → chunk → ChunkCache
+//!                                                          (memory, disk, AZ, origin)
+//!   thread resumes ◄──UFFDIO_COPY (whole chunk) / ZEROPAGE── one fetch per chunk
+//!   socket closes ──────────────────────────────────────► store the working set
+//! ```
+
+pub mod client;
+pub mod handler;
+pub mod mapping;
+pub mod record;
+pub mod socket;
+pub mod uffd;
+pub mod workload;
+
+use std::sync::Arc;
+
+use lode_agent::{AgentError, ChunkCache, ImageDevice};
+use lode_format::{ChunkSize, ManifestId};
+use lode_image::ImageError;
+use lode_kms::Kms;
+use lode_store::{Store, StoreError};
+use thiserror::Error;
+
+pub use handler::{Prefetch, RecordPolicy, ServeOptions, SessionReport, serve};
+pub use mapping::{Mapping, MappingError};
+pub use record::{RecordError, RecordKey, WorkingSet};
+
+/// The chunk size `lode snapshot import` uses unless told otherwise: memory is read in
+/// scattered pages, so a smaller fetch unit than a disk's 512 KiB wastes less (see
+/// docs/snapshots.md for the measurement behind this choice).
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+
+/// A snapshot operation failed.
+#[derive(Debug, Error)]
+pub enum SnapError {
+    /// Opening the snapshot's manifest or keys failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading a chunk failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The handshake was refused.
+    #[error("refused the VMM's handshake: {0}")]
+    Handshake(String),
+    /// The guest's mappings were refused.
+    #[error("refused the VMM's handshake: {0}")]
+    Mapping(#[from] MappingError),
+    /// userfaultfd failed.
+    #[error(transparent)]
+    Uffd(#[from] uffd::UffdError),
+    /// A fault lode cannot serve.
+    #[error("page fault at {address:#x} lies outside every guest memory region")]
+    FaultOutside {
+        /// The faulting address.
+        address: u64,
+    },
+    /// The guest did something lode does not follow.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A chunk could not be read, so its pages cannot be served.
+    #[error("cannot serve snapshot offset {offset}: chunk {index}: {reason}")]
+    Chunk {
+        /// The chunk.
+        index: u64,
+        /// The snapshot offset that needed it.
+        offset: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Socket or file I/O.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// An opened snapshot: its manifest and keys, read through a worker's chunk cache.
+#[derive(Debug)]
+pub struct Snapshot {
+    device: ImageDevice,
+    record_key: RecordKey,
+    store: Store,
+}
+
+impl Snapshot {
+    /// Opens `reference` (a tag or manifest id) from `store`, unwrapping its keys with
+    /// `kms`, to be read through `cache`.
+    pub async fn open(
+        store: &Store,
+        kms: &dyn Kms,
+        cache: Arc<ChunkCache>,
+        reference: &str,
+    ) -> Result<Snapshot, SnapError> {
+        let image = lode_image::open_image(store, Some(kms), reference).await?;
+        let device = ImageDevice::new(cache, image)?;
+        let record_key = RecordKey::new(device.keys());
+        Ok(Snapshot {
+            device,
+            record_key,
+            store: store.clone(),
+        })
+    }
+
+    /// The manifest id.
+    pub fn id(&self) -> ManifestId {
+        self.device.id()
+    }
+
+    /// The memory size in bytes.
+    pub fn size(&self) -> u64 {
+        self.device.size()
+    }
+
+    /// The chunk size.
+    pub fn chunk_size(&self) -> ChunkSize {
+        self.device.chunk_size()
+    }
+
+    /// The chunk reader.
+    pub fn device(&self) -> &ImageDevice {
+        &self.device
+    }
+
+    /// The stored working-set record, if any. A record that does not open or parse is
+    /// reported as an error; callers may choose to go on without it.
+    pub async fn working_set(&self) -> Result<Option<WorkingSet>, SnapError> {
+        let Some(bytes) = self
+            .store
+            .get_working_set(self.device.root(), &self.id())
+            .await?
+        else {
+            return Ok(None);
+        };
+        WorkingSet::open(&bytes, &self.id(), self.size(), &self.record_key)
+            .map(Some)
+            .map_err(|e| SnapError::Unsupported(format!("snapshot {}: {e}", self.id())))
+    }
+
+    /// Stores `ws` as the snapshot's working-set record, replacing any earlier one.
+    pub async fn store_working_set(&self, ws: &WorkingSet) -> Result<(), SnapError> {
+        let sealed = ws.seal(&self.id(), self.size(), &self.record_key);
+        self.store
+            .put_working_set(self.device.root(), &self.id(), sealed.into())
+            .await?;
+        Ok(())
+    }
+}
