@@ -8,7 +8,7 @@ use lode_agent::control;
 use serde_json::{Value, json};
 
 use crate::Env;
-use crate::cli::{AgentArgs, AttachArgs, ControlArg, DetachArgs};
+use crate::cli::{AgentArgs, AttachArgs, CacheArgs, ControlArg, DetachArgs};
 use crate::output::{human_bytes, print_json};
 
 fn agent_dir(home: &Path) -> PathBuf {
@@ -22,27 +22,20 @@ pub(crate) fn control_path(home: &Path, arg: &ControlArg) -> PathBuf {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let file = match &a.config {
-        Some(p) => lode_agent::config::ConfigFile::read(p)?,
-        None => lode_agent::config::ConfigFile::default(),
-    };
+/// The worker configuration the cache flags and a config file describe, with flags
+/// winning; also the environment with the file's store and KMS where no flag named them.
+pub(crate) fn worker_config(
+    env: &Env,
+    a: &CacheArgs,
+    file: &lode_agent::config::ConfigFile,
+    default_state_dir: PathBuf,
+) -> (lode_agent::AgentConfig, Env) {
     let state_dir = a
         .state_dir
         .clone()
-        .or(file.state_dir)
-        .unwrap_or_else(|| agent_dir(home));
+        .or(file.state_dir.clone())
+        .unwrap_or(default_state_dir);
     let mut config = lode_agent::AgentConfig::new(&state_dir);
-    if let Some(p) = a.nbd_unix.or(file.nbd.unix) {
-        config.nbd_unix = p;
-    }
-    config.nbd_tcp = a.nbd_tcp.or(file.nbd.tcp);
-    if a.no_files {
-        config.files = None;
-    } else if let Some(d) = a.files.or(file.files) {
-        config.files = (!d.as_os_str().is_empty()).then_some(d);
-    }
     let c = &file.cache;
     config.decrypted = a
         .cache_decrypted
@@ -62,19 +55,39 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
     if let Some(n) = a.origin_concurrency.or(file.origin.concurrency) {
         config.origin_concurrency = n;
     }
+    let mut env = env.clone();
+    if let (false, Some(s)) = (env.store_given, file.store.clone()) {
+        env.store_spec = s;
+    }
+    if let (false, Some(k)) = (env.kms_given, file.kms.clone()) {
+        env.kms_spec = k;
+    }
+    (config, env)
+}
+
+pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let file = match &a.config {
+        Some(p) => lode_agent::config::ConfigFile::read(p)?,
+        None => lode_agent::config::ConfigFile::default(),
+    };
+    let (mut config, env) = worker_config(env, &a.cache, &file, agent_dir(home));
+    let state_dir = config.state_dir.clone();
+    if let Some(p) = a.nbd_unix.or(file.nbd.unix) {
+        config.nbd_unix = p;
+    }
+    config.nbd_tcp = a.nbd_tcp.or(file.nbd.tcp);
+    if a.no_files {
+        config.files = None;
+    } else if let Some(d) = a.files.or(file.files) {
+        config.files = (!d.as_os_str().is_empty()).then_some(d);
+    }
     let metrics = a.metrics.or(file.metrics.listen);
     let control = a
         .control
         .clone()
         .or(file.control)
         .unwrap_or_else(|| state_dir.join("control.sock"));
-    let mut env = env.clone();
-    if let (false, Some(s)) = (env.store_given, file.store) {
-        env.store_spec = s;
-    }
-    if let (false, Some(k)) = (env.kms_given, file.kms) {
-        env.kms_spec = k;
-    }
     let store = env.store()?;
     let kms: Arc<dyn lode_kms::Kms> = Arc::from(env.kms_existing()?);
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;

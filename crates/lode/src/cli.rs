@@ -157,6 +157,182 @@ pub enum Command {
         after_help = "Example:\n  lode run python -- python3 -c 'import json; print(json.dumps([1]))'"
     )]
     Run(RunArgs),
+
+    /// Memory snapshots: store them, serve their page faults, restore them lazily.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Store a memory image (a Firecracker memory file or any raw memory dump).
+    ///
+    /// Like `lode import`, with a chunk size suited to memory (64 KiB: restores read
+    /// scattered pages, so a smaller fetch unit wastes less; docs/snapshots.md has the
+    /// measurement). All-zero chunks are not stored and are served as zero pages.
+    #[command(after_help = "Example:\n  lode snapshot import vm.mem --tag fn-hello:v3")]
+    Import(SnapshotImportArgs),
+
+    /// Serve a snapshot's page faults: Firecracker's UFFD handler protocol on a socket.
+    ///
+    /// Listens on --socket for a VMM, which sends its userfaultfd (SCM_RIGHTS) with the
+    /// guest memory regions as JSON (base_host_virt_addr, size, offset, page_size). Each
+    /// connection is one restore: faults are served from the worker's tiers (memory, disk
+    /// under STATE_DIR/cache, the AZ fleet, the store), a whole chunk per fetch; zero
+    /// chunks and ballooned-out pages as zero pages. The first restore's faults are stored
+    /// as the snapshot's working set and installed ahead of demand by later restores.
+    /// Each restore gets a fresh 128-bit generation id (printed, sent on the socket, and
+    /// written into guest memory at --generation-id-offset). Runs until SIGINT/SIGTERM.
+    #[command(after_help = "Example:\n  lode snapshot serve fn-hello:v3 --socket /run/fc-uffd.sock &\n  \
+        # Firecracker: PUT /snapshot/load with mem_backend {\"backend_type\": \"Uffd\", \
+        \"backend_path\": \"/run/fc-uffd.sock\"}")]
+    Serve(SnapshotServeArgs),
+
+    /// Restore memory from a handler and run a workload on it (plays Firecracker's part).
+    ///
+    /// Maps anonymous memory, creates a userfaultfd, registers the memory, connects to
+    /// the handler's socket and sends the descriptor with the regions as JSON, exactly as
+    /// Firecracker does; then runs --workload on the restored memory. If the handler goes
+    /// away, says so and exits 3 (a faulting thread would otherwise wait for ever).
+    #[command(after_help = "Example:\n  lode snapshot demo-image idx.mem --size 256MiB\n  \
+        lode snapshot import idx.mem --tag idx\n  lode snapshot serve idx --socket /tmp/uffd.sock &\n  \
+        lode snapshot restore --socket /tmp/uffd.sock --size 256MiB --workload index")]
+    Restore(SnapshotRestoreArgs),
+
+    /// Write a memory image holding an in-memory key-value index (for restore demos).
+    DemoImage(SnapshotDemoArgs),
+
+    /// Describe a stored snapshot: size, chunks, zero chunks, working-set record.
+    Info(ImageArg),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotImportArgs {
+    /// The memory file.
+    pub file: PathBuf,
+    /// Point this tag at the new manifest.
+    #[arg(long, short)]
+    pub tag: Option<String>,
+    /// Chunk size in bytes: a power of two from 4096 to 67108864.
+    #[arg(long, default_value_t = lode_format::ChunkSize::new(u64::from(lode_snap::DEFAULT_CHUNK_SIZE)).unwrap_or_default(), value_parser = parse_chunk_size)]
+    pub chunk_size: ChunkSize,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum PrefetchArg {
+    /// The stored working set, in fault order.
+    Recorded,
+    /// Nothing; every page on demand.
+    None,
+    /// Every chunk (eager).
+    All,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum RecordArg {
+    /// When the snapshot has no record yet.
+    Auto,
+    /// After every restore.
+    Always,
+    /// Never.
+    Never,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotServeArgs {
+    /// The snapshot: a tag or manifest id.
+    pub snapshot: String,
+    /// The Unix socket to listen on (a stale socket file is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// A TOML configuration file, as for `lode agent` (its cache, az, origin, store and
+    /// kms settings apply); flags win over it.
+    #[arg(long, env = "LODE_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to install ahead of demand.
+    #[arg(long, value_enum, default_value_t = PrefetchArg::Recorded)]
+    pub prefetch: PrefetchArg,
+    /// When to store a restore's faulted pages as the working set.
+    #[arg(long, value_enum, default_value_t = RecordArg::Auto)]
+    pub record: RecordArg,
+    /// Chunks prefetched at once.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub prefetch_concurrency: usize,
+    /// Write each restore's 16-byte generation id into guest memory at this snapshot
+    /// offset (16-aligned), where restored code can read it (`demo-image` keeps a slot at
+    /// 64).
+    #[arg(long, value_name = "OFFSET")]
+    pub generation_id_offset: Option<u64>,
+    /// Exit after one restore (its report is the output).
+    #[arg(long)]
+    pub once: bool,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkloadArg {
+    /// Query the index `demo-image` wrote, checking every answer.
+    Index,
+    /// Compare every page with --against (a local copy of the snapshot).
+    Verify,
+    /// Nothing: restore, report, wait for --hold, exit.
+    None,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotRestoreArgs {
+    /// The handler's socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Guest memory size (the snapshot's size), e.g. 256MiB.
+    #[arg(long, value_name = "SIZE", value_parser = lode_agent::config::parse_size)]
+    pub size: u64,
+    /// Split the memory into this many regions (Firecracker sends one per guest memory
+    /// region).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub regions: usize,
+    /// What to run on the restored memory.
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Index)]
+    pub workload: WorkloadArg,
+    /// Index queries to run.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub queries: u64,
+    /// Which keys the queries look up (the same seed touches the same pages).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub seed: u64,
+    /// The snapshot file to compare with, for --workload verify.
+    #[arg(long, value_name = "FILE")]
+    pub against: Option<PathBuf>,
+    /// Before verifying, read and then drop OFFSET:LEN (bytes; a balloon's madvise): it
+    /// must read as zero afterwards. Repeatable.
+    #[arg(long, value_name = "OFFSET:LEN")]
+    pub remove: Vec<String>,
+    /// Where the handler writes the generation id (checked by verify).
+    #[arg(long, value_name = "OFFSET")]
+    pub generation_id_offset: Option<u64>,
+    /// Seconds to wait after the handshake before the workload.
+    #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+    pub wait: f64,
+    /// Seconds to keep the memory after the workload.
+    #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+    pub hold: f64,
+    /// Do not watch the handler's socket: if the handler dies, a fault blocks for ever,
+    /// as it does in a VMM that does not watch (for demonstrating exactly that).
+    #[arg(long)]
+    pub no_watch: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotDemoArgs {
+    /// The memory file to write.
+    pub file: PathBuf,
+    /// Memory size, e.g. 256MiB.
+    #[arg(long, default_value = "256MiB", value_parser = lode_agent::config::parse_size)]
+    pub size: u64,
+    /// Keys in the index. [default: enough to fill about half the memory]
+    #[arg(long)]
+    pub keys: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -258,9 +434,6 @@ pub struct AgentArgs {
     /// A TOML configuration file (see docs/agent.md); flags given here win over it.
     #[arg(long, env = "LODE_AGENT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// State directory: attachment table, disk cache, overlays. [default: $LODE_HOME/agent]
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
     /// NBD Unix socket. [default: STATE_DIR/nbd.sock]
     #[arg(long, value_name = "PATH")]
     pub nbd_unix: Option<PathBuf>,
@@ -280,6 +453,18 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// Where a worker keeps its cache and how big the cache's tiers are (the agent and the
+/// snapshot handler share these flags and the config file's sections).
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// State directory (the disk cache is in STATE_DIR/cache). [default: $LODE_HOME/agent
+    /// for the agent, $LODE_HOME/snap for the snapshot handler]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Decrypted chunks kept in memory (e.g. 256MiB). [default: 256MiB]
     #[arg(long, value_name = "SIZE", value_parser = lode_agent::config::parse_size)]
     pub cache_decrypted: Option<u64>,

@@ -6,6 +6,7 @@ mod cli;
 mod demo;
 mod mount;
 mod output;
+mod snapshot;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -133,47 +134,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         kms_given: cli.kms.is_some(),
     };
     match cli.command {
-        Command::Import(a) => {
-            let store = env.store()?;
-            let kms = env.kms()?;
-            let key_id = env.kms_key.clone().unwrap_or_else(|| kms.default_key_id());
-            let opts = PublishOptions {
-                chunk_size: a.chunk_size,
-                tag: a.tag.clone(),
-                ..Default::default()
-            };
-            let bar = env.progress("importing");
-            let started = std::time::Instant::now();
-            let p = Publisher::new(&store, kms.as_ref(), key_id)
-                .publish_file(&a.file, &opts, bar.clone() as Arc<dyn Progress>)
-                .await
-                .with_context(|| format!("importing {}", a.file.display()))?;
-            bar.finish();
-            let secs = started.elapsed().as_secs_f64();
-            let s = &p.stats;
-            if env.cli_json {
-                print_json(&serde_json::json!({
-                    "id": p.id, "root": p.root, "tag": a.tag, "stats": s,
-                    "dedup_share": s.dedup_share(), "seconds": secs,
-                }))?;
-            } else {
-                println!("manifest  {}", p.id);
-                if let Some(t) = &a.tag {
-                    println!("tag       {t}");
-                }
-                println!(
-                    "image     {} in {} chunks of {}",
-                    human_bytes(s.device_size),
-                    s.chunks,
-                    human_bytes(p.manifest.header().chunk_size.bytes_u64())
-                );
-                print_publish_stats(s);
-                println!(
-                    "time      {secs:.2} s ({:.0} MiB/s)",
-                    s.device_size as f64 / secs.max(1e-9) / 1048576.0
-                );
-            }
-        }
+        Command::Import(a) => import(&env, &a.file, a.tag.as_deref(), a.chunk_size).await?,
         Command::Flatten(a) => {
             let store = env.store()?;
             let kms = env.kms()?;
@@ -371,12 +332,62 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Umount(a) => mount::umount(&env, &home, a)?,
         Command::Run(a) => return mount::run(&env, &home, a),
         Command::CacheNode(a) => cache_node(&env, a).await?,
+        Command::Snapshot(c) => return snapshot::run(&env, &home, c).await,
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// The chunk and dedup lines that import and flatten both print.
 /// `lode cache-node`: serves until SIGINT or SIGTERM, then prints what it did.
+/// `lode import` and `lode snapshot import`: publish a raw file.
+pub(crate) async fn import(
+    env: &Env,
+    file: &std::path::Path,
+    tag: Option<&str>,
+    chunk_size: lode_format::ChunkSize,
+) -> Result<()> {
+    let store = env.store()?;
+    let kms = env.kms()?;
+    let key_id = env.kms_key.clone().unwrap_or_else(|| kms.default_key_id());
+    let opts = PublishOptions {
+        chunk_size,
+        tag: tag.map(str::to_owned),
+        ..Default::default()
+    };
+    let bar = env.progress("importing");
+    let started = std::time::Instant::now();
+    let p = Publisher::new(&store, kms.as_ref(), key_id)
+        .publish_file(file, &opts, bar.clone() as Arc<dyn Progress>)
+        .await
+        .with_context(|| format!("importing {}", file.display()))?;
+    bar.finish();
+    let secs = started.elapsed().as_secs_f64();
+    let s = &p.stats;
+    if env.cli_json {
+        print_json(&serde_json::json!({
+            "id": p.id, "root": p.root, "tag": tag, "stats": s,
+            "dedup_share": s.dedup_share(), "seconds": secs,
+        }))?;
+    } else {
+        println!("manifest  {}", p.id);
+        if let Some(t) = tag {
+            println!("tag       {t}");
+        }
+        println!(
+            "image     {} in {} chunks of {}",
+            human_bytes(s.device_size),
+            s.chunks,
+            human_bytes(p.manifest.header().chunk_size.bytes_u64())
+        );
+        print_publish_stats(s);
+        println!(
+            "time      {secs:.2} s ({:.0} MiB/s)",
+            s.device_size as f64 / secs.max(1e-9) / 1048576.0
+        );
+    }
+    Ok(())
+}
+
 async fn cache_node(env: &Env, a: cli::CacheNodeArgs) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let config = lode_cache_node::NodeConfig {
