@@ -16,10 +16,10 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::time::Duration;
 
-use crate::SnapError;
 use crate::mapping::{Mapping, PAGE_SIZE};
 use crate::socket::send_handshake;
 use crate::uffd::{FEATURE_EVENT_REMOVE, Uffd};
+use crate::{SnapError, usize_of};
 
 /// Anonymous memory standing in for guest memory.
 #[derive(Debug)]
@@ -39,8 +39,12 @@ impl GuestMemory {
     pub fn new(len: u64) -> Result<Self, SnapError> {
         let len = usize::try_from(len)
             .ok()
-            .filter(|l| *l > 0 && *l as u64 % PAGE_SIZE == 0)
-            .ok_or_else(|| SnapError::Unsupported(format!("guest memory of {len} bytes: not a positive multiple of 4096")))?;
+            .filter(|l| *l > 0 && (*l as u64).is_multiple_of(PAGE_SIZE))
+            .ok_or_else(|| {
+                SnapError::Unsupported(format!(
+                    "guest memory of {len} bytes: not a positive multiple of 4096"
+                ))
+            })?;
         // SAFETY: a fresh anonymous mapping; no existing memory is touched.
         let p = unsafe {
             libc::mmap(
@@ -58,7 +62,8 @@ impl GuestMemory {
                 source: std::io::Error::last_os_error(),
             });
         }
-        let ptr = NonNull::new(p.cast()).ok_or_else(|| SnapError::Unsupported("mmap returned null".into()))?;
+        let ptr = NonNull::new(p.cast())
+            .ok_or_else(|| SnapError::Unsupported("mmap returned null".into()))?;
         Ok(Self { ptr, len })
     }
 
@@ -87,9 +92,11 @@ impl GuestMemory {
     /// Drops `[offset, offset+len)` as a balloon does (MADV_DONTNEED): it reads as zero
     /// afterwards, and the handler is told by a remove event.
     pub fn remove(&self, offset: u64, len: u64) -> Result<(), SnapError> {
-        let in_range = offset % PAGE_SIZE == 0
-            && len % PAGE_SIZE == 0
-            && offset.checked_add(len).is_some_and(|e| e <= self.len as u64);
+        let in_range = offset.is_multiple_of(PAGE_SIZE)
+            && len.is_multiple_of(PAGE_SIZE)
+            && offset
+                .checked_add(len)
+                .is_some_and(|e| e <= self.len as u64);
         if !in_range {
             return Err(SnapError::Unsupported(format!(
                 "cannot remove {len} bytes at {offset}: not whole pages inside the {}-byte memory",
@@ -99,8 +106,8 @@ impl GuestMemory {
         // SAFETY: the range is whole pages inside this mapping (checked above).
         let r = unsafe {
             libc::madvise(
-                self.ptr.as_ptr().add(offset as usize).cast(),
-                len as usize,
+                self.ptr.as_ptr().add(usize_of(offset)).cast(),
+                usize_of(len),
                 libc::MADV_DONTNEED,
             )
         };
@@ -168,26 +175,42 @@ pub fn mappings_json(mappings: &[Mapping]) -> Vec<u8> {
 
 /// Restores `size` bytes of memory from the handler at `socket`, as `regions` regions.
 pub fn restore(socket: &Path, size: u64, regions: usize) -> Result<Restore, SnapError> {
+    restore_with(socket, size, |m| split_regions(m, regions))
+}
+
+/// Restores `size` bytes of memory, all registered with the userfaultfd, announcing the
+/// regions `regions` returns for it (tests use this to announce less than they register).
+pub fn restore_with(
+    socket: &Path,
+    size: u64,
+    regions: impl FnOnce(&GuestMemory) -> Vec<Mapping>,
+) -> Result<Restore, SnapError> {
     let memory = GuestMemory::new(size)?;
     let uffd = Uffd::create(FEATURE_EVENT_REMOVE)?;
     uffd.register(memory.addr(), memory.len())?;
-    let mappings = split_regions(&memory, regions);
+    let mappings = regions(&memory);
     let stream = UnixStream::connect(socket).map_err(|source| SnapError::Io {
-        what: format!("connecting to the page-fault handler at {}", socket.display()),
+        what: format!(
+            "connecting to the page-fault handler at {}",
+            socket.display()
+        ),
         source,
     })?;
-    send_handshake(&stream, &mappings_json(&mappings), Some(uffd.as_raw_fd())).map_err(|source| {
-        SnapError::Io {
+    send_handshake(&stream, &mappings_json(&mappings), Some(uffd.as_raw_fd())).map_err(
+        |source| SnapError::Io {
             what: "sending the handshake".into(),
             source,
-        }
-    })?;
+        },
+    )?;
     let line = read_line(&stream, Some(Duration::from_secs(30)))?;
     let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         return Err(SnapError::Handshake(format!("the handler refused: {e}")));
     }
-    let generation_id = v.get("generation_id").and_then(|g| g.as_str()).map(str::to_owned);
+    let generation_id = v
+        .get("generation_id")
+        .and_then(|g| g.as_str())
+        .map(str::to_owned);
     Ok(Restore {
         memory,
         mappings,
@@ -235,18 +258,17 @@ impl Restore {
         })?;
         std::thread::spawn(move || {
             let mut last = String::new();
-            loop {
-                match read_line(&stream, None) {
-                    Ok(l) => last = l,
-                    Err(_) => break,
-                }
+            while let Ok(l) = read_line(&stream, None) {
+                last = l;
             }
             let v: serde_json::Value = serde_json::from_str(&last).unwrap_or_default();
             let why = v
                 .get("error")
                 .and_then(|e| e.as_str())
                 .map(|e| format!("the page-fault handler stopped serving: {e}"))
-                .unwrap_or_else(|| "the page-fault handler closed its socket (it died or was stopped)".into());
+                .unwrap_or_else(|| {
+                    "the page-fault handler closed its socket (it died or was stopped)".into()
+                });
             on_gone(why);
         });
         Ok(())

@@ -40,7 +40,11 @@ use crate::mapping::{self, Mapping, PAGE_SIZE};
 use crate::record::WorkingSet;
 use crate::socket::recv_handshake;
 use crate::uffd::{Event, Fill, MSG_SIZE, Uffd, parse_event};
-use crate::{SnapError, Snapshot};
+use crate::{SnapError, Snapshot, usize_of};
+
+/// A finished fetch: the chunk, its bytes (None: all zero) or why not, and whether it was
+/// a prefetch.
+type Fetched = (u64, Result<Option<Bytes>, String>, bool);
 
 /// What to install ahead of demand.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -134,12 +138,13 @@ pub struct SessionReport {
 }
 
 impl SessionReport {
-    /// The `pct` percentile of fault service time in microseconds.
-    pub fn fault_percentile(&self, pct: f64) -> Option<u32> {
+    /// The `pct` percentile (0 to 100) of fault service time in microseconds.
+    pub fn fault_percentile(&self, pct: u32) -> Option<u32> {
         let mut v = self.fault_us.clone();
         v.sort_unstable();
-        let i = ((v.len() as f64 - 1.0) * pct / 100.0).round();
-        v.get(i as usize).copied()
+        let last = v.len().checked_sub(1)?;
+        let pct = usize::try_from(pct.min(100)).unwrap_or(100);
+        v.get((last * pct).div_ceil(100)).copied()
     }
 }
 
@@ -188,7 +193,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, SnapError> {
 }
 
 /// One restore, from handshake to the client closing its socket.
-pub async fn session(stream: UnixStream, snapshot: Arc<Snapshot>, opts: ServeOptions) -> SessionReport {
+pub async fn session(
+    stream: UnixStream,
+    snapshot: Arc<Snapshot>,
+    opts: ServeOptions,
+) -> SessionReport {
     let started = Instant::now();
     let mut report = SessionReport::default();
     let mut generation = [0u8; 16];
@@ -216,8 +225,10 @@ async fn handshake(
         move |source| SnapError::Io { what, source }
     };
     let std = stream.into_std().map_err(io("taking the VMM connection"))?;
-    std.set_nonblocking(false).map_err(io("configuring the VMM connection"))?;
-    std.set_read_timeout(Some(timeout)).map_err(io("configuring the VMM connection"))?;
+    std.set_nonblocking(false)
+        .map_err(io("configuring the VMM connection"))?;
+    std.set_read_timeout(Some(timeout))
+        .map_err(io("configuring the VMM connection"))?;
     tokio::task::spawn_blocking(move || {
         let h = recv_handshake(&std);
         h.map(|h| (std, h))
@@ -289,7 +300,14 @@ async fn run_session(
             .unwrap_or_default(),
         Prefetch::All => s.all_chunks(),
     };
-    let result = s.run(&mut stream, prefetch_order, opts.prefetch_concurrency, report).await;
+    let result = s
+        .run(
+            &mut stream,
+            prefetch_order,
+            opts.prefetch_concurrency,
+            report,
+        )
+        .await;
     let store = match opts.record {
         RecordPolicy::Never => false,
         RecordPolicy::Always => true,
@@ -318,7 +336,9 @@ fn check_handshake(
     snapshot_size: u64,
 ) -> Result<(Uffd, Vec<Mapping>), SnapError> {
     if h.body.is_empty() && h.fds.is_empty() {
-        return Err(SnapError::Handshake("the VMM closed the connection before the handshake".into()));
+        return Err(SnapError::Handshake(
+            "the VMM closed the connection before the handshake".into(),
+        ));
     }
     if h.truncated {
         return Err(SnapError::Handshake(
@@ -379,7 +399,8 @@ struct Session {
 }
 
 fn bit(v: &[u64], i: u64) -> bool {
-    v.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    v.get((i / 64) as usize)
+        .is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 fn set_bit(v: &mut [u64], i: u64) -> bool {
     match v.get_mut((i / 64) as usize) {
@@ -413,7 +434,9 @@ impl Session {
         let words = usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX);
         let generation = match opts.generation_id_offset {
             None => None,
-            Some(off) if off % 16 == 0 && off.checked_add(16).is_some_and(|e| e <= snapshot.size()) => {
+            Some(off)
+                if off % 16 == 0 && off.checked_add(16).is_some_and(|e| e <= snapshot.size()) =>
+            {
                 Some((off, generation))
             }
             Some(off) => {
@@ -451,7 +474,11 @@ impl Session {
         pages
             .iter()
             .map(|p| p * PAGE_SIZE)
-            .filter(|off| self.mappings.iter().any(|m| *off >= m.offset && *off - m.offset < m.size))
+            .filter(|off| {
+                self.mappings
+                    .iter()
+                    .any(|m| *off >= m.offset && *off - m.offset < m.size)
+            })
             .map(|off| off / self.chunk_size)
             .filter(|c| seen.insert(*c))
             .collect()
@@ -476,7 +503,7 @@ impl Session {
         concurrency: usize,
         report: &mut SessionReport,
     ) -> Result<(), SnapError> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Result<Option<Bytes>, String>, bool)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Fetched>();
         let prefetcher = self.spawn_prefetch(prefetch, concurrency.max(1), tx.clone());
         let mut buf = [0u8; 64 * MSG_SIZE];
         let mut sink = [0u8; 256];
@@ -533,7 +560,7 @@ impl Session {
         &self,
         order: Vec<u64>,
         concurrency: usize,
-        tx: mpsc::UnboundedSender<(u64, Result<Option<Bytes>, String>, bool)>,
+        tx: mpsc::UnboundedSender<Fetched>,
     ) -> tokio::task::JoinHandle<()> {
         let snapshot = self.snapshot.clone();
         let state = self.state.clone();
@@ -543,8 +570,12 @@ impl Session {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
-                let Some(s) = state.get(chunk as usize) else { continue };
-                if s.compare_exchange(IDLE, FETCHING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                let Some(s) = state.get(usize_of(chunk)) else {
+                    continue;
+                };
+                if s.compare_exchange(IDLE, FETCHING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
                     continue;
                 }
                 let (snapshot, tx) = (snapshot.clone(), tx.clone());
@@ -560,7 +591,7 @@ impl Session {
     fn drain_events(
         &mut self,
         buf: &mut [u8],
-        tx: &mpsc::UnboundedSender<(u64, Result<Option<Bytes>, String>, bool)>,
+        tx: &mpsc::UnboundedSender<Fetched>,
         report: &mut SessionReport,
     ) -> Result<(), SnapError> {
         loop {
@@ -602,12 +633,13 @@ impl Session {
     fn fault(
         &mut self,
         address: u64,
-        tx: &mpsc::UnboundedSender<(u64, Result<Option<Bytes>, String>, bool)>,
+        tx: &mpsc::UnboundedSender<Fetched>,
         report: &mut SessionReport,
     ) -> Result<(), SnapError> {
         let read_at = Instant::now();
         report.faults += 1;
-        let m = *mapping::find(&self.mappings, address).ok_or(SnapError::FaultOutside { address })?;
+        let m =
+            *mapping::find(&self.mappings, address).ok_or(SnapError::FaultOutside { address })?;
         let page = address & !(PAGE_SIZE - 1);
         let offset = m.snapshot_offset(page);
         let page_no = offset / PAGE_SIZE;
@@ -615,7 +647,9 @@ impl Session {
             self.recorded.push(page_no);
         }
         let chunk = offset / self.chunk_size;
-        if bit(&self.removed, page_no) || self.snapshot.device().is_zero_chunk(chunk) && !self.holds_generation(chunk) {
+        if bit(&self.removed, page_no)
+            || self.snapshot.device().is_zero_chunk(chunk) && !self.holds_generation(chunk)
+        {
             report.zero_faults += 1;
             if bit(&self.removed, page_no) {
                 self.zero_page(page, report)?;
@@ -627,7 +661,7 @@ impl Session {
             return Ok(());
         }
         self.waiting.entry(chunk).or_default().push((page, read_at));
-        let state = &self.state[chunk as usize];
+        let state = &self.state[usize_of(chunk)];
         let previous = state.swap(FETCHING, Ordering::AcqRel);
         if previous != FETCHING {
             // Idle, or installed and faulted again (a fault read after its page was
@@ -659,9 +693,16 @@ impl Session {
             Fill::Again => {
                 // Retried with the next batch of events; the page's chunk install path
                 // handles zero pages too.
-                let chunk = self.mappings.iter().find(|m| m.contains(page)).map(|m| m.snapshot_offset(page) / self.chunk_size);
+                let chunk = self
+                    .mappings
+                    .iter()
+                    .find(|m| m.contains(page))
+                    .map(|m| m.snapshot_offset(page) / self.chunk_size);
                 if let Some(chunk) = chunk {
-                    self.waiting.entry(chunk).or_default().push((page, Instant::now()));
+                    self.waiting
+                        .entry(chunk)
+                        .or_default()
+                        .push((page, Instant::now()));
                     self.retry.push_back(Install { chunk, data: None });
                 }
             }
@@ -674,16 +715,19 @@ impl Session {
     /// on it.
     fn install(&mut self, job: Install, report: &mut SessionReport) -> Result<(), SnapError> {
         let cs = self.chunk_size;
-        let (c0, c1) = (job.chunk * cs, ((job.chunk + 1) * cs).min(self.snapshot.size()));
+        let (c0, c1) = (
+            job.chunk * cs,
+            ((job.chunk + 1) * cs).min(self.snapshot.size()),
+        );
         let mut data = job.data.clone();
         if let Some((off, id)) = self.generation
             && off / cs == job.chunk
         {
             let mut v = match &data {
                 Some(d) => d.to_vec(),
-                None => vec![0u8; (c1 - c0) as usize],
+                None => vec![0u8; usize_of(c1 - c0)],
             };
-            let at = (off - c0) as usize;
+            let at = usize_of(off - c0);
             v[at..at + 16].copy_from_slice(&id);
             data = Some(Bytes::from(v));
         }
@@ -707,8 +751,8 @@ impl Session {
                 let dst = m.base + (off - m.offset);
                 let fill = match &data {
                     Some(d) => {
-                        let from = (off - c0) as usize;
-                        let to = (run_end - c0) as usize;
+                        let from = usize_of(off - c0);
+                        let to = usize_of(run_end - c0);
                         // A short last chunk ends inside a page only if the snapshot size
                         // is not page-aligned; regions are, so this slice is whole pages.
                         let src = d.get(from..to).ok_or_else(|| SnapError::Chunk {
@@ -743,7 +787,7 @@ impl Session {
                 }
             }
         }
-        if let Some(s) = self.state.get(job.chunk as usize) {
+        if let Some(s) = self.state.get(usize_of(job.chunk)) {
             s.store(INSTALLED, Ordering::Release);
         }
         let waiting = self.waiting.remove(&job.chunk).unwrap_or_default();

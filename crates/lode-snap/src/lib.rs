@@ -26,6 +26,18 @@ pub mod workload;
 
 use std::sync::Arc;
 
+// userfaultfd exists on 64-bit Linux only, and offsets into guest memory are u64
+// throughout; `usize_of` relies on this.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("lode-snap needs a 64-bit target");
+
+/// A memory offset or length as an index. Lossless: the crate builds for 64-bit targets
+/// only (above).
+#[allow(clippy::cast_possible_truncation)]
+pub const fn usize_of(x: u64) -> usize {
+    x as usize
+}
+
 use lode_agent::{AgentError, ChunkCache, ImageDevice};
 use lode_format::{ChunkSize, ManifestId};
 use lode_image::ImageError;

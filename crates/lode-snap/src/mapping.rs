@@ -146,7 +146,11 @@ pub fn parse_mappings(json: &[u8], snapshot_size: u64) -> Result<Vec<Mapping>, M
         }
         match m.base.checked_add(m.size) {
             Some(end) if end <= USER_ADDRESS_LIMIT => {}
-            _ => return Err(bad("the region runs past the end of the address space".into())),
+            _ => {
+                return Err(bad(
+                    "the region runs past the end of the address space".into()
+                ));
+            }
         }
         match m.offset.checked_add(m.size) {
             Some(end) if end <= snapshot_size => {}
@@ -212,7 +216,10 @@ mod tests {
     #[test]
     fn firecracker_handshake_parses() {
         let m = parse_mappings(
-            &json(&[(0x7f00_0020_0000, 1 << 20, 1 << 20), (0x7f00_0000_0000, 1 << 20, 0)]),
+            &json(&[
+                (0x7f00_0020_0000, 1 << 20, 1 << 20),
+                (0x7f00_0000_0000, 1 << 20, 0),
+            ]),
             SNAP,
         )
         .unwrap();
@@ -229,10 +236,11 @@ mod tests {
     fn refusals_name_the_problem() {
         let e = |j: &[u8]| parse_mappings(j, SNAP).unwrap_err().to_string();
         assert!(e(b"{not json").starts_with("guest memory mappings are not valid JSON"));
-        assert_eq!(e(b"[]"), "guest memory mappings: 0 regions (1 to 256 expected)");
-        assert!(
-            e(br#"[{"base_host_virt_addr": 4096, "size": 4096}]"#).contains("missing field")
+        assert_eq!(
+            e(b"[]"),
+            "guest memory mappings: 0 regions (1 to 256 expected)"
         );
+        assert!(e(br#"[{"base_host_virt_addr": 4096, "size": 4096}]"#).contains("missing field"));
         assert_eq!(
             e(&json(&[(4096, 8192, 0), (8192, 4096, 1 << 20)])),
             "guest memory regions 0 and 1 overlap in host addresses"
@@ -252,8 +260,10 @@ mod tests {
         let huge = br#"[{"base_host_virt_addr": 2097152, "size": 2097152, "offset": 0, "page_size": 2097152}]"#;
         assert!(e(huge).contains("hugetlbfs-backed guest memory is not supported"));
         assert!(e(&vec![b' '; MAX_MESSAGE_BYTES + 1]).contains("over the 65536-byte limit"));
-        assert!(e(br#"[{"base_host_virt_addr": -1, "size": 4096, "offset": 0, "page_size": 4096}]"#)
-            .contains("not valid JSON"));
+        assert!(
+            e(br#"[{"base_host_virt_addr": -1, "size": 4096, "offset": 0, "page_size": 4096}]"#)
+                .contains("not valid JSON")
+        );
     }
 
     proptest! {

@@ -95,7 +95,7 @@ impl WorkingSet {
         b.extend_from_slice(&MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
         b.extend_from_slice(&0u16.to_le_bytes());
-        b.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        b.extend_from_slice(&4096u32.to_le_bytes());
         b.extend_from_slice(&snapshot_size.to_le_bytes());
         b.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
         for p in &self.pages {
@@ -124,7 +124,8 @@ impl WorkingSet {
             .split_at_checked(NONCE_LEN)
             .ok_or(RecordError::Unauthentic)?;
         let mut body = body.to_vec();
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| RecordError::Unauthentic)?;
+        let nonce =
+            Nonce::try_assume_unique_for_key(nonce).map_err(|_| RecordError::Unauthentic)?;
         let plain = key
             .0
             .open_in_place(nonce, Aad::from(id.as_bytes()), &mut body)
@@ -135,9 +136,12 @@ impl WorkingSet {
     /// Parses a decrypted record: the one place its bytes are read.
     pub fn parse(b: &[u8], snapshot_size: u64) -> Result<WorkingSet, RecordError> {
         let bad = |what: &str| RecordError::Corrupt(what.to_owned());
-        let head = b.get(..HEADER).ok_or_else(|| bad("shorter than its header"))?;
+        let head = b
+            .get(..HEADER)
+            .ok_or_else(|| bad("shorter than its header"))?;
         let u16_at = |i: usize| u16::from_le_bytes([head[i], head[i + 1]]);
-        let u32_at = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+        let u32_at =
+            |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         let u64_at = |s: &[u8], i: usize| {
             let mut x = [0u8; 8];
             x.copy_from_slice(&s[i..i + 8]);
@@ -189,7 +193,9 @@ impl WorkingSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lode_format::{ChunkEntry, ChunkKey, ChunkName, DataKey, ImageConfig, Manifest, ManifestHeader};
+    use lode_format::{
+        ChunkEntry, ChunkKey, ChunkName, DataKey, ImageConfig, Manifest, ManifestHeader,
+    };
     use proptest::prelude::*;
 
     fn keys(seed: u8) -> (ManifestId, RecordKey) {
@@ -200,7 +206,10 @@ mod tests {
             image_digest: lode_format::ImageDigest::from_bytes([0; 32]),
             config: ImageConfig::default(),
         };
-        let chunks = vec![ChunkEntry::Stored(ChunkName::from_bytes([seed; 32])), ChunkEntry::Zero];
+        let chunks = vec![
+            ChunkEntry::Stored(ChunkName::from_bytes([seed; 32])),
+            ChunkEntry::Zero,
+        ];
         let data_key = DataKey::random().unwrap();
         let m = Manifest::seal(
             header,
@@ -237,10 +246,15 @@ mod tests {
         for i in 0..sealed.len() {
             let mut s = sealed.clone();
             s[i] ^= 1;
-            assert!(WorkingSet::open(&s, &id, 1 << 20, &k).is_err(), "flip at {i}");
+            assert!(
+                WorkingSet::open(&s, &id, 1 << 20, &k).is_err(),
+                "flip at {i}"
+            );
         }
         assert_eq!(
-            WorkingSet::open(&sealed, &id, 2 << 20, &k).unwrap_err().to_string(),
+            WorkingSet::open(&sealed, &id, 2 << 20, &k)
+                .unwrap_err()
+                .to_string(),
             "working-set record is for a 1048576-byte snapshot, not 2097152 bytes"
         );
         assert!(WorkingSet::open(&sealed[..5], &id, 1 << 20, &k).is_err());
@@ -262,12 +276,23 @@ mod tests {
     #[test]
     fn parse_refusals_name_the_problem() {
         let e = |b: &[u8]| WorkingSet::parse(b, 8192).unwrap_err().to_string();
-        assert_eq!(e(&plain(8192, 1, &[2])), "working-set record is corrupt: page 2 is past the end of the snapshot");
-        assert_eq!(e(&plain(8192, 2, &[1, 1])), "working-set record is corrupt: page 1 is listed twice");
+        assert_eq!(
+            e(&plain(8192, 1, &[2])),
+            "working-set record is corrupt: page 2 is past the end of the snapshot"
+        );
+        assert_eq!(
+            e(&plain(8192, 2, &[1, 1])),
+            "working-set record is corrupt: page 1 is listed twice"
+        );
         assert!(e(&plain(8192, 3, &[1])).contains("does not match its count"));
         assert!(e(&plain(8192, u64::MAX, &[])).contains("more pages than"));
         assert!(e(b"LODEWSE").contains("shorter than its header"));
-        assert_eq!(WorkingSet::parse(&plain(8192, 2, &[1, 0]), 8192).unwrap().pages, vec![1, 0]);
+        assert_eq!(
+            WorkingSet::parse(&plain(8192, 2, &[1, 0]), 8192)
+                .unwrap()
+                .pages,
+            vec![1, 0]
+        );
     }
 
     proptest! {

@@ -9,7 +9,10 @@ use crate::mapping::MAX_MESSAGE_BYTES;
 
 /// The most descriptors lode will take out of one message (it needs one; extras are
 /// closed and the handshake refused).
-const MAX_FDS: usize = 4;
+const MAX_FDS: u32 = 4;
+/// The size of one descriptor in control data.
+const FD_BYTES: u32 = 4;
+const _: () = assert!(std::mem::size_of::<RawFd>() == FD_BYTES as usize);
 
 /// What one handshake message held.
 #[derive(Debug)]
@@ -27,7 +30,7 @@ pub struct Handshake {
 pub fn recv_handshake(stream: &UnixStream) -> io::Result<Handshake> {
     let mut body = vec![0u8; MAX_MESSAGE_BYTES + 1];
     // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) };
+    let space = unsafe { libc::CMSG_SPACE(FD_BYTES * MAX_FDS) };
     let mut control = vec![0u64; (space as usize).div_ceil(8)];
     let mut iov = libc::iovec {
         iov_base: body.as_mut_ptr().cast(),
@@ -50,7 +53,8 @@ pub fn recv_handshake(stream: &UnixStream) -> io::Result<Handshake> {
     let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
     while !cmsg.is_null() {
         // SAFETY: `cmsg` is a header inside `control` returned by CMSG_FIRSTHDR/NXTHDR.
-        let (level, kind, len) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+        let (level, kind, len) =
+            unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
         if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
             // SAFETY: CMSG_LEN(0) only computes a size.
             let header = unsafe { libc::CMSG_LEN(0) } as usize;
@@ -79,7 +83,7 @@ pub fn recv_handshake(stream: &UnixStream) -> io::Result<Handshake> {
 /// Sends `body` with `fd` attached, as one message.
 pub fn send_handshake(stream: &UnixStream, body: &[u8], fd: Option<RawFd>) -> io::Result<()> {
     // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(FD_BYTES) } as usize;
     let mut control = vec![0u64; space.div_ceil(8)];
     let mut iov = libc::iovec {
         iov_base: body.as_ptr().cast_mut().cast(),
@@ -97,7 +101,7 @@ pub fn send_handshake(stream: &UnixStream, body: &[u8], fd: Option<RawFd>) -> io
             let c = libc::CMSG_FIRSTHDR(&msg);
             (*c).cmsg_level = libc::SOL_SOCKET;
             (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+            (*c).cmsg_len = libc::CMSG_LEN(FD_BYTES) as usize;
             libc::CMSG_DATA(c).cast::<RawFd>().write_unaligned(fd);
         }
     }

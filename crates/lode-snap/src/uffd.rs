@@ -183,7 +183,9 @@ pub fn parse_event(msg: &[u8]) -> Result<Event, UffdError> {
             len: a2,
         }),
         EVENT_FORK => Ok(Event::Fork),
-        other => Err(UffdError::BadEvent(format!("unknown event type {other:#x}"))),
+        other => Err(UffdError::BadEvent(format!(
+            "unknown event type {other:#x}"
+        ))),
     }
 }
 
@@ -236,11 +238,15 @@ impl Uffd {
     /// A new non-blocking userfaultfd with the API handshake done, asking for `features`.
     pub fn create(features: u64) -> Result<Self, UffdError> {
         // SAFETY: the syscall takes flags only and returns a new descriptor or -1.
-        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if raw < 0 {
-            return Err(sys("create (userfaultfd syscall; vm.unprivileged_userfaultfd?)"));
+            return Err(sys(
+                "create (userfaultfd syscall; vm.unprivileged_userfaultfd?)",
+            ));
         }
-        let raw = RawFd::try_from(raw).map_err(|_| UffdError::BadEvent("fd out of range".into()))?;
+        let raw =
+            RawFd::try_from(raw).map_err(|_| UffdError::BadEvent("fd out of range".into()))?;
         // SAFETY: `raw` is a fresh descriptor this process owns and nothing else holds.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut api = ApiArg {
@@ -379,7 +385,10 @@ mod tests {
             "userfaultfd event is malformed: range ends at 0x1000, before its start 0x3000"
         );
         let e = parse_event(&msg(0x77, 0, 0, 0)).unwrap_err();
-        assert_eq!(e.to_string(), "userfaultfd event is malformed: unknown event type 0x77");
+        assert_eq!(
+            e.to_string(),
+            "userfaultfd event is malformed: unknown event type 0x77"
+        );
         assert!(parse_event(&[0u8; 31]).is_err());
     }
 

@@ -16,6 +16,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::usize_of;
+
 const MAGIC: [u8; 8] = *b"LODEIDX1";
 /// Where the generation id lives in the header page.
 pub const GENERATION_OFFSET: u64 = 64;
@@ -69,12 +71,12 @@ pub fn build(size: u64, keys: u64) -> Result<Vec<u8>, String> {
                 "{keys} keys do not fit in {size} bytes (ran out at key {i}); give more memory"
             ));
         }
-        let at = heap as usize;
-        m[at..at + 4].copy_from_slice(&(v.len() as u32).to_le_bytes());
+        let at = usize_of(heap);
+        m[at..at + 4].copy_from_slice(&u32::try_from(v.len()).unwrap_or(u32::MAX).to_le_bytes());
         m[at + 4..at + 4 + v.len()].copy_from_slice(&v);
         let mut slot = mix(k) & (slots - 1);
         loop {
-            let s = (TABLE_AT + slot * 16) as usize;
+            let s = usize_of(TABLE_AT + slot * 16);
             if m[s..s + 8] == [0; 8] {
                 m[s..s + 8].copy_from_slice(&(k.wrapping_add(1)).to_le_bytes());
                 m[s + 8..s + 16].copy_from_slice(&heap.to_le_bytes());
@@ -85,7 +87,10 @@ pub fn build(size: u64, keys: u64) -> Result<Vec<u8>, String> {
         heap += need;
     }
     m[..8].copy_from_slice(&MAGIC);
-    for (i, v) in [keys, slots, TABLE_AT, heap_at, heap - heap_at].into_iter().enumerate() {
+    for (i, v) in [keys, slots, TABLE_AT, heap_at, heap - heap_at]
+        .into_iter()
+        .enumerate()
+    {
         m[8 + i * 8..16 + i * 8].copy_from_slice(&v.to_le_bytes());
     }
     Ok(m)
@@ -114,9 +119,11 @@ pub fn query(m: &[u8], seed: u64, count: u64) -> Result<QueryReport, String> {
     let slots = get_u64(m, 16)?;
     let table = get_u64(m, 24)?;
     if keys == 0 || !slots.is_power_of_two() {
-        return Err(format!("index header is corrupt: {keys} keys, {slots} slots"));
+        return Err(format!(
+            "index header is corrupt: {keys} keys, {slots} slots"
+        ));
     }
-    let generation_id = m[GENERATION_OFFSET as usize..GENERATION_OFFSET as usize + 16]
+    let generation_id = m[usize_of(GENERATION_OFFSET)..usize_of(GENERATION_OFFSET) + 16]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
@@ -149,7 +156,11 @@ pub fn query(m: &[u8], seed: u64, count: u64) -> Result<QueryReport, String> {
             .ok_or_else(|| format!("query {q}: value at {at} runs out of memory"))?;
         let want = value(k);
         if got != want.as_slice() {
-            let i = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+            let i = got
+                .iter()
+                .zip(&want)
+                .position(|(a, b)| a != b)
+                .unwrap_or(got.len().min(want.len()));
             return Err(format!(
                 "query {q}: key {k:#x}: the value read differs from the one stored at byte {i} \
                  (memory offset {})",
@@ -180,9 +191,9 @@ mod tests {
         let k = key(mix(7) % 5000);
         let mut slot = mix(k) & 16383;
         let at = loop {
-            let s = (TABLE_AT + slot * 16) as usize;
+            let s = usize_of(TABLE_AT + slot * 16);
             if get_u64(&m, s as u64).unwrap() == k + 1 {
-                break get_u64(&m, s as u64 + 8).unwrap() as usize;
+                break usize_of(get_u64(&m, s as u64 + 8).unwrap());
             }
             slot = (slot + 1) & 16383;
         };
@@ -190,6 +201,10 @@ mod tests {
         let e = query(&m, 7, 1).unwrap_err();
         assert!(e.contains("differs from the one stored at byte 6"), "{e}");
         assert!(build(1 << 16, 5000).unwrap_err().contains("do not fit"));
-        assert!(query(&vec![0u8; 8192], 1, 1).unwrap_err().contains("bad magic"));
+        assert!(
+            query(&vec![0u8; 8192], 1, 1)
+                .unwrap_err()
+                .contains("bad magic")
+        );
     }
 }

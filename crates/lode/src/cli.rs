@@ -183,9 +183,11 @@ pub enum SnapshotCommand {
     /// as the snapshot's working set and installed ahead of demand by later restores.
     /// Each restore gets a fresh 128-bit generation id (printed, sent on the socket, and
     /// written into guest memory at --generation-id-offset). Runs until SIGINT/SIGTERM.
-    #[command(after_help = "Example:\n  lode snapshot serve fn-hello:v3 --socket /run/fc-uffd.sock &\n  \
+    #[command(
+        after_help = "Example:\n  lode snapshot serve fn-hello:v3 --socket /run/fc-uffd.sock &\n  \
         # Firecracker: PUT /snapshot/load with mem_backend {\"backend_type\": \"Uffd\", \
-        \"backend_path\": \"/run/fc-uffd.sock\"}")]
+        \"backend_path\": \"/run/fc-uffd.sock\"}"
+    )]
     Serve(SnapshotServeArgs),
 
     /// Restore memory from a handler and run a workload on it (plays Firecracker's part).
@@ -194,9 +196,11 @@ pub enum SnapshotCommand {
     /// the handler's socket and sends the descriptor with the regions as JSON, exactly as
     /// Firecracker does; then runs --workload on the restored memory. If the handler goes
     /// away, says so and exits 3 (a faulting thread would otherwise wait for ever).
-    #[command(after_help = "Example:\n  lode snapshot demo-image idx.mem --size 256MiB\n  \
+    #[command(
+        after_help = "Example:\n  lode snapshot demo-image idx.mem --size 256MiB\n  \
         lode snapshot import idx.mem --tag idx\n  lode snapshot serve idx --socket /tmp/uffd.sock &\n  \
-        lode snapshot restore --socket /tmp/uffd.sock --size 256MiB --workload index")]
+        lode snapshot restore --socket /tmp/uffd.sock --size 256MiB --workload index"
+    )]
     Restore(SnapshotRestoreArgs),
 
     /// Write a memory image holding an in-memory key-value index (for restore demos).

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lode_snap::{Prefetch, RecordPolicy, ServeOptions, SessionReport, Snapshot, workload};
+use lode_snap::{
+    Prefetch, RecordPolicy, ServeOptions, SessionReport, Snapshot, usize_of, workload,
+};
 use serde_json::json;
 
 use crate::Env;
@@ -21,7 +23,9 @@ const HANDLER_GONE: u8 = 3;
 
 pub async fn run(env: &Env, home: &Path, c: SnapshotCommand) -> Result<std::process::ExitCode> {
     match c {
-        SnapshotCommand::Import(a) => crate::import(env, &a.file, a.tag.as_deref(), a.chunk_size).await?,
+        SnapshotCommand::Import(a) => {
+            crate::import(env, &a.file, a.tag.as_deref(), a.chunk_size).await?
+        }
         SnapshotCommand::Serve(a) => serve(env, home, a).await?,
         SnapshotCommand::Restore(a) => {
             // Blocking work on guest memory; keep it off the async workers.
@@ -45,7 +49,8 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
     let (config, env) = crate::agent::worker_config(env, &a.cache, &file, home.join("snap"));
     let store = env.store()?;
     let kms = env.kms_existing()?;
-    let (cache, _az) = lode_agent::build_cache(&config, store.clone()).context("building the chunk cache")?;
+    let (cache, _az) =
+        lode_agent::build_cache(&config, store.clone()).context("building the chunk cache")?;
     let snapshot = Snapshot::open(&store, kms.as_ref(), cache, &a.snapshot)
         .await
         .with_context(|| format!("opening snapshot {}", a.snapshot))?;
@@ -92,7 +97,12 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
             a.socket.display()
         );
     }
-    let server = tokio::spawn(lode_snap::serve(listener, Arc::new(snapshot), opts, on_report));
+    let server = tokio::spawn(lode_snap::serve(
+        listener,
+        Arc::new(snapshot),
+        opts,
+        on_report,
+    ));
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut failed = false;
@@ -116,10 +126,13 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
 }
 
 fn print_report(env: &Env, r: &SessionReport) -> Result<()> {
-    let p50 = r.fault_percentile(50.0);
-    let p99 = r.fault_percentile(99.0);
+    let p50 = r.fault_percentile(50);
+    let p99 = r.fault_percentile(99);
     if env.cli_json {
-        let mut v = serde_json::to_value(SessionReport { fault_us: Vec::new(), ..r.clone() })?;
+        let mut v = serde_json::to_value(SessionReport {
+            fault_us: Vec::new(),
+            ..r.clone()
+        })?;
         v["fault_p50_us"] = json!(p50);
         v["fault_p99_us"] = json!(p99);
         return print_json(&v);
@@ -142,10 +155,17 @@ fn print_report(env: &Env, r: &SessionReport) -> Result<()> {
         us(p50),
         us(p99),
         r.seconds,
-        if r.recorded { "; working set recorded" } else { "" }
+        if r.recorded {
+            "; working set recorded"
+        } else {
+            ""
+        }
     );
     if let Some(e) = &r.error {
-        eprintln!("lode snapshot serve: restore {} failed: {e}", r.generation_id);
+        eprintln!(
+            "lode snapshot serve: restore {} failed: {e}",
+            r.generation_id
+        );
     }
     Ok(())
 }
@@ -189,7 +209,9 @@ fn restore(env: &Env, a: SnapshotRestoreArgs) -> Result<std::process::ExitCode> 
         let quiet = env.quiet;
         r.watch(move |why| {
             if !quiet {
-                eprintln!("lode snapshot restore: {why}; stopping (a fault cannot be served any more)");
+                eprintln!(
+                    "lode snapshot restore: {why}; stopping (a fault cannot be served any more)"
+                );
             }
             std::process::exit(i32::from(HANDLER_GONE));
         })?;
@@ -271,7 +293,10 @@ fn verify(
     let mem = r.memory.bytes();
     for &(o, l) in removes {
         // Fault the range in, then drop it the way a balloon does.
-        let _ = mem[o as usize..(o + l) as usize].iter().step_by(4096).fold(0u8, |a, b| a ^ b);
+        let _ = mem[usize_of(o)..usize_of(o + l)]
+            .iter()
+            .step_by(4096)
+            .fold(0u8, |a, b| a ^ b);
         r.memory.remove(o, l)?;
     }
     let expected_id = match (generation_offset, &r.generation_id) {
@@ -283,22 +308,23 @@ fn verify(
     let (mut pages, mut bad) = (0u64, 0u64);
     let mut at = 0u64;
     while at < r.memory.len() {
-        let n = want.len().min((r.memory.len() - at) as usize);
-        f.read_exact_at(&mut want[..n], at).context("reading the snapshot file")?;
+        let n = want.len().min(usize_of(r.memory.len() - at));
+        f.read_exact_at(&mut want[..n], at)
+            .context("reading the snapshot file")?;
         for &(o, l) in removes {
             let (s, e) = (o.max(at), (o + l).min(at + n as u64));
             if s < e {
-                want[(s - at) as usize..(e - at) as usize].fill(0);
+                want[usize_of(s - at)..usize_of(e - at)].fill(0);
             }
         }
         if let Some((off, id)) = &expected_id
             && *off >= at
             && off + 16 <= at + n as u64
         {
-            let i = (off - at) as usize;
+            let i = usize_of(off - at);
             want[i..i + 16].copy_from_slice(id);
         }
-        let got = &mem[at as usize..at as usize + n];
+        let got = &mem[usize_of(at)..usize_of(at) + n];
         for (p, (g, w)) in got.chunks(4096).zip(want[..n].chunks(4096)).enumerate() {
             pages += 1;
             if g != w {
@@ -361,7 +387,11 @@ async fn info(env: &Env, reference: &str) -> Result<()> {
     let chunks = s.size().div_ceil(s.chunk_size().bytes_u64());
     let zero = (0..chunks).filter(|&i| s.device().is_zero_chunk(i)).count();
     let ws = s.working_set().await;
-    let ws_pages = ws.as_ref().ok().and_then(|w| w.as_ref()).map(|w| w.pages.len());
+    let ws_pages = ws
+        .as_ref()
+        .ok()
+        .and_then(|w| w.as_ref())
+        .map(|w| w.pages.len());
     if env.cli_json {
         return print_json(&json!({"id": s.id(), "size": s.size(),
             "chunk_size": s.chunk_size().bytes_u64(), "chunks": chunks, "zero_chunks": zero,
@@ -374,7 +404,11 @@ async fn info(env: &Env, reference: &str) -> Result<()> {
         human_bytes(s.chunk_size().bytes_u64())
     );
     match ws {
-        Ok(Some(w)) => println!("working set  {} pages ({})", w.pages.len(), human_bytes(w.pages.len() as u64 * 4096)),
+        Ok(Some(w)) => println!(
+            "working set  {} pages ({})",
+            w.pages.len(),
+            human_bytes(w.pages.len() as u64 * 4096)
+        ),
         Ok(None) => println!("working set  none recorded"),
         Err(e) => println!("working set  unusable: {e}"),
     }
