@@ -31,6 +31,8 @@ pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 /// `UFFD_FEATURE_EVENT_UNMAP`: munmap of registered memory is reported.
 pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 const REGISTER_MODE_MISSING: u64 = 1;
+/// `UFFD_USER_MODE_ONLY`: handle faults from user mode only (allowed unprivileged).
+const USER_MODE_ONLY: libc::c_int = 1;
 
 const EVENT_PAGEFAULT: u8 = 0x12;
 const EVENT_FORK: u8 = 0x13;
@@ -237,12 +239,20 @@ impl Uffd {
 
     /// A new non-blocking userfaultfd with the API handshake done, asking for `features`.
     pub fn create(features: u64) -> Result<Self, UffdError> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: the syscall takes flags only and returns a new descriptor or -1.
-        let raw =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let mut raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        if raw < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+            // Without privilege (vm.unprivileged_userfaultfd = 0) only faults taken in
+            // user mode may be handled, which is all a process restore needs (a VMM whose
+            // guest memory the kernel touches, as KVM does, needs the privilege).
+            // SAFETY: as above.
+            raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | USER_MODE_ONLY) };
+        }
         if raw < 0 {
             return Err(sys(
-                "create (userfaultfd syscall; vm.unprivileged_userfaultfd?)",
+                "create (the userfaultfd syscall; unprivileged use needs \
+                 vm.unprivileged_userfaultfd = 1 or CAP_SYS_PTRACE)",
             ));
         }
         let raw =
