@@ -236,9 +236,9 @@ async fn handshake(
     .await
     .map_err(|e| SnapError::Handshake(format!("handshake task failed: {e}")))?
     .map_err(|source| match source.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => SnapError::Handshake(
-            format!("no handshake within {} s of connecting", timeout.as_secs()),
-        ),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            SnapError::Handshake(format!("no handshake within {timeout:?} of connecting"))
+        }
         _ => SnapError::Io {
             what: "reading the handshake".into(),
             source,

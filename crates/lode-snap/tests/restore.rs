@@ -448,11 +448,11 @@ fn send_two(stream: &UnixStream, body: &[u8], fds: &[i32]) {
 #[test]
 fn garbage_handshakes_are_refused_by_name_and_the_handler_goes_on() {
     let fx = fixture();
-    let s = serve(
-        &fx,
-        AgentConfig::new(fx.dir.path().join("x")),
-        no_prefetch(),
-    );
+    let opts = ServeOptions {
+        handshake_timeout: Duration::from_millis(300),
+        ..no_prefetch()
+    };
+    let s = serve(&fx, AgentConfig::new(fx.dir.path().join("x")), opts);
     let mem = client::GuestMemory::new(SIZE).unwrap();
     let uffd = lode_snap::uffd::Uffd::create(0).unwrap();
     uffd.register(mem.addr(), mem.len()).unwrap();
@@ -557,9 +557,16 @@ fn garbage_handshakes_are_refused_by_name_and_the_handler_goes_on() {
             .unwrap()
             .contains("closed the connection before the handshake")
     );
+    let silent = UnixStream::connect(&s.socket).unwrap();
+    let err = s.report(cases.len() + 2).error.unwrap();
+    assert_eq!(
+        err,
+        "refused the VMM's handshake: no handshake within 300ms of connecting"
+    );
+    drop(silent);
     // The handler still serves a good restore afterwards.
     restore_and_check(&fx, &s, &[], &[]);
-    assert!(s.report(cases.len() + 2).error.is_none());
+    assert!(s.report(cases.len() + 3).error.is_none());
 }
 
 #[test]

@@ -96,6 +96,26 @@ struct Mounted {
     attachment: Value,
 }
 
+/// Detaches a loop device and waits until the kernel has let go of its backing file.
+/// `losetup -d` on a device whose last user is still closing (just after `umount`) only
+/// marks it for auto-clear and returns; detaching the attachment under it then would leave
+/// a loop device on a vanished file, so wait (5 s at most) for sysfs to show it released.
+fn release_loop(loopdev: &str) -> Result<()> {
+    tool(Command::new("losetup").args(["-d", loopdev]))?;
+    let name = loopdev.trim_start_matches("/dev/");
+    let backing = Path::new("/sys/block").join(name).join("loop/backing_file");
+    let started = std::time::Instant::now();
+    while backing.exists() {
+        if started.elapsed() > std::time::Duration::from_secs(5) {
+            anyhow::bail!(
+                "{loopdev} is still in use 5 s after `losetup -d`; it will detach when its last user closes it"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 /// Undoes whatever part of a mount exists, newest first; reports every failure.
 fn undo(sock: &Path, dir: Option<&Path>, loopdev: Option<&str>, name: &str, keep: bool) {
     if let Some(d) = dir
@@ -104,7 +124,7 @@ fn undo(sock: &Path, dir: Option<&Path>, loopdev: Option<&str>, name: &str, keep
         eprintln!("lode: {e:#}");
     }
     if let Some(l) = loopdev
-        && let Err(e) = tool(Command::new("losetup").args(["-d", l]))
+        && let Err(e) = release_loop(l)
     {
         eprintln!("lode: {e:#}");
     }
@@ -246,7 +266,7 @@ pub fn umount(env: &Env, home: &Path, a: UmountArgs) -> Result<()> {
     let sock = control_path(home, &a.control);
     let (dir, loopdev, name) = find_mount(&sock, &a.dir)?;
     tool(Command::new("umount").arg(&dir))?;
-    tool(Command::new("losetup").args(["-d", &loopdev]))?;
+    release_loop(&loopdev)?;
     match &name {
         Some(n) => {
             call(

@@ -44,6 +44,22 @@ fn imported(h: &Home) -> std::path::PathBuf {
     mem
 }
 
+/// `lode --json snapshot restore` of 500 index queries, with `extra` flags.
+fn index_restore(h: &Home, sock: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "snapshot",
+        "restore",
+        "--socket",
+        sock,
+        "--size",
+        SIZE,
+        "--queries",
+        "500",
+    ];
+    args.extend_from_slice(extra);
+    h.json(&args)
+}
+
 fn serve(h: &Home, extra: &[&str]) -> ChildGuard {
     let sock = h.path("uffd.sock");
     let mut args = vec![
@@ -76,30 +92,10 @@ fn snapshot_import_serve_restore_and_info() {
     );
 
     let mut server = serve(&h, &["--generation-id-offset", "64"]);
-    let a = h.json(&[
-        "snapshot",
-        "restore",
-        "--socket",
-        s,
-        "--size",
-        SIZE,
-        "--queries",
-        "500",
-    ]);
+    let a = index_restore(&h, s, &[]);
     assert_eq!(a["answered"], 500);
     assert_eq!(a["memory_generation_id"], a["generation_id"], "{a}");
-    let b = h.json(&[
-        "snapshot",
-        "restore",
-        "--socket",
-        s,
-        "--size",
-        SIZE,
-        "--queries",
-        "500",
-        "--regions",
-        "2",
-    ]);
+    let b = index_restore(&h, s, &["--regions", "2"]);
     assert_ne!(
         a["generation_id"], b["generation_id"],
         "each restore gets a fresh id"
@@ -175,16 +171,7 @@ fn snapshot_import_serve_restore_and_info() {
 
     // The next restore installs the recorded working set ahead of demand.
     let mut server = serve(&h, &["--once"]);
-    h.json(&[
-        "snapshot",
-        "restore",
-        "--socket",
-        s,
-        "--size",
-        SIZE,
-        "--queries",
-        "500",
-    ]);
+    index_restore(&h, s, &[]);
     assert!(
         server
             .wait_for(Duration::from_secs(10))
