@@ -78,11 +78,15 @@ struct Served {
     reports: Arc<Mutex<Vec<SessionReport>>>,
     cache: Arc<ChunkCache>,
     task: tokio::task::JoinHandle<()>,
+    rt: tokio::runtime::Handle,
 }
 
 impl Drop for Served {
+    /// Stops the handler and waits until its listener is closed, so the next handler on
+    /// the same state directory can bind the socket.
     fn drop(&mut self) {
         self.task.abort();
+        let _ = self.rt.block_on(&mut self.task);
     }
 }
 
@@ -113,6 +117,7 @@ fn serve(fx: &Fixture, config: AgentConfig, opts: ServeOptions) -> Served {
         reports,
         cache,
         task,
+        rt: fx.rt.handle().clone(),
     }
 }
 
@@ -673,4 +678,41 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn prefetch_all_installs_everything_and_record_never_stores_nothing() {
+    let fx = fixture();
+    let opts = ServeOptions {
+        prefetch: Prefetch::All,
+        record: RecordPolicy::Never,
+        ..Default::default()
+    };
+    let s = serve(&fx, AgentConfig::new(fx.dir.path().join("all")), opts);
+    let r = client::restore(&s.socket, SIZE, 2).unwrap();
+    // Give the prefetch time to finish before touching anything.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(first_difference(r.memory.bytes(), &fx.memory), None);
+    drop(r);
+    let rep = s.report(1);
+    assert!(rep.error.is_none(), "{rep:?}");
+    assert_eq!(
+        rep.prefetched_chunks,
+        SIZE / CHUNK,
+        "every chunk, zero ones included"
+    );
+    assert_eq!(rep.faults, 0, "nothing left to fault: {rep:?}");
+    assert!(!rep.recorded);
+    let stored = fx.rt.block_on(async {
+        let (cache, _) =
+            lode_agent::build_cache(&AgentConfig::new(fx.dir.path().join("q")), fx.store.clone())
+                .unwrap();
+        Snapshot::open(&fx.store, &fx.kms as &dyn Kms, cache, "snap")
+            .await
+            .unwrap()
+            .working_set()
+            .await
+            .unwrap()
+    });
+    assert_eq!(stored, None, "--record never stores no working set");
 }
