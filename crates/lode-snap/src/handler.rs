@@ -88,6 +88,24 @@ pub struct ServeOptions {
     pub handshake_timeout: Duration,
 }
 
+impl ServeOptions {
+    /// Checks the options against a snapshot of `snapshot_size` bytes.
+    pub fn check(&self, snapshot_size: u64) -> Result<(), SnapError> {
+        match self.generation_id_offset {
+            Some(off)
+                if !off.is_multiple_of(16)
+                    || off.checked_add(16).is_none_or(|e| e > snapshot_size) =>
+            {
+                Err(SnapError::Unsupported(format!(
+                    "generation id offset {off} must be 16-aligned and inside the \
+                     {snapshot_size}-byte snapshot"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Default for ServeOptions {
     fn default() -> Self {
         Self {
@@ -432,20 +450,8 @@ impl Session {
         let chunks = snapshot.size().div_ceil(chunk_size);
         let pages = snapshot.size().div_ceil(PAGE_SIZE);
         let words = usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX);
-        let generation = match opts.generation_id_offset {
-            None => None,
-            Some(off)
-                if off % 16 == 0 && off.checked_add(16).is_some_and(|e| e <= snapshot.size()) =>
-            {
-                Some((off, generation))
-            }
-            Some(off) => {
-                return Err(SnapError::Unsupported(format!(
-                    "generation id offset {off} must be 16-aligned and inside the {}-byte snapshot",
-                    snapshot.size()
-                )));
-            }
-        };
+        opts.check(snapshot.size())?;
+        let generation = opts.generation_id_offset.map(|off| (off, generation));
         // SAFETY: `UffdFd` owns its descriptor (an `OwnedFd` inside `Uffd`), closes it
         // only when dropped, and always returns the same one.
         let uffd = unsafe { AsyncFd::register_with_interest(UffdFd(uffd), Interest::READABLE) }
@@ -693,10 +699,7 @@ impl Session {
             Fill::Again => {
                 // Retried with the next batch of events; the page's chunk install path
                 // handles zero pages too.
-                let chunk = self
-                    .mappings
-                    .iter()
-                    .find(|m| m.contains(page))
+                let chunk = mapping::find(&self.mappings, page)
                     .map(|m| m.snapshot_offset(page) / self.chunk_size);
                 if let Some(chunk) = chunk {
                     self.waiting
@@ -792,11 +795,7 @@ impl Session {
         }
         let waiting = self.waiting.remove(&job.chunk).unwrap_or_default();
         for (page, read_at) in waiting {
-            let offset = self
-                .mappings
-                .iter()
-                .find(|m| m.contains(page))
-                .map(|m| m.snapshot_offset(page));
+            let offset = mapping::find(&self.mappings, page).map(|m| m.snapshot_offset(page));
             if offset.is_some_and(|o| bit(&self.removed, o / PAGE_SIZE)) {
                 // Removed while its fault waited: it reads zero.
                 self.zero_page(page, report)?;

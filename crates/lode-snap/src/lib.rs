@@ -75,6 +75,14 @@ pub enum SnapError {
     /// userfaultfd failed.
     #[error(transparent)]
     Uffd(#[from] uffd::UffdError),
+    /// The snapshot's working-set record does not open or parse.
+    #[error("snapshot {id}: {source}")]
+    Record {
+        /// The snapshot.
+        id: ManifestId,
+        /// What is wrong with the record.
+        source: RecordError,
+    },
     /// A fault lode cannot serve.
     #[error("page fault at {address:#x} lies outside every guest memory region")]
     FaultOutside {
@@ -163,7 +171,10 @@ impl Snapshot {
         };
         WorkingSet::open(&bytes, &self.id(), self.size(), &self.record_key)
             .map(Some)
-            .map_err(|e| SnapError::Unsupported(format!("snapshot {}: {e}", self.id())))
+            .map_err(|source| SnapError::Record {
+                id: self.id(),
+                source,
+            })
     }
 
     /// Stores `ws` as the snapshot's working-set record, replacing any earlier one.

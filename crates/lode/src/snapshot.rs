@@ -69,14 +69,7 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
         generation_id_offset: a.generation_id_offset,
         ..Default::default()
     };
-    if let Some(off) = a.generation_id_offset
-        && (off % 16 != 0 || off.checked_add(16).is_none_or(|e| e > snapshot.size()))
-    {
-        bail!(
-            "--generation-id-offset {off}: must be 16-aligned and inside the {}-byte snapshot",
-            snapshot.size()
-        );
-    }
+    opts.check(snapshot.size())?;
     let listener = lode_snap::handler::bind(&a.socket)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SessionReport>();
     let on_report = Arc::new(move |r: SessionReport| {
