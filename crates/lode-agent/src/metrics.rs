@@ -10,16 +10,27 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// Upper bounds, in microseconds, of the latency histogram buckets (a last bucket
-/// catches the rest).
-pub const LATENCY_BUCKETS_US: [u64; 12] = [
-    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
+/// catches the rest): six per decade, fine enough to draw a latency CDF from.
+pub const LATENCY_BUCKETS_US: [u64; 32] = [
+    1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500, 700, 1_000, 1_500, 2_000,
+    3_000, 5_000, 7_000, 10_000, 15_000, 20_000, 30_000, 50_000, 70_000, 100_000, 250_000,
+    1_000_000,
 ];
 
 /// A fixed-bucket latency histogram.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Histogram {
     buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     sum_us: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_us: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Histogram {
@@ -52,6 +63,7 @@ pub struct TierCounters {
     integrity_failures: AtomicU64,
     errors: AtomicU64,
     latency: Histogram,
+    hit_latency: Histogram,
 }
 
 impl TierCounters {
@@ -64,6 +76,7 @@ impl TierCounters {
             integrity_failures: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency: Histogram::default(),
+            hit_latency: Histogram::default(),
         }
     }
 
@@ -71,6 +84,7 @@ impl TierCounters {
         self.hits.fetch_add(1, Relaxed);
         self.bytes.fetch_add(bytes as u64, Relaxed);
         self.latency.record(took);
+        self.hit_latency.record(took);
     }
 
     pub(crate) fn miss(&self, took: Duration) {
@@ -88,6 +102,7 @@ impl TierCounters {
 
     fn snapshot(&self) -> TierSnapshot {
         let (buckets, sum) = self.latency.snapshot();
+        let (hit_buckets, hit_sum) = self.hit_latency.snapshot();
         TierSnapshot {
             name: self.name.to_owned(),
             hits: self.hits.load(Relaxed),
@@ -98,6 +113,8 @@ impl TierCounters {
             latency_buckets_us: LATENCY_BUCKETS_US.to_vec(),
             latency_counts: buckets,
             latency_sum_us: sum,
+            hit_latency_counts: hit_buckets,
+            hit_latency_sum_us: hit_sum,
             used_bytes: None,
             capacity_bytes: None,
         }
@@ -205,6 +222,10 @@ pub struct TierSnapshot {
     pub latency_counts: Vec<u64>,
     /// Total lookup time in µs.
     pub latency_sum_us: u64,
+    /// Lookups it answered, per bucket (the same bounds): its latency when it serves.
+    pub hit_latency_counts: Vec<u64>,
+    /// Total time of the lookups it answered, in µs.
+    pub hit_latency_sum_us: u64,
     /// Bytes held now, where the tier knows.
     pub used_bytes: Option<u64>,
     /// Its bound in bytes, where it has one.
@@ -397,10 +418,24 @@ mod tests {
         let m = Metrics::new(&["memory", "origin"]);
         m.tiers[1].hit(100, Duration::from_micros(30));
         m.tiers[0].miss(Duration::from_micros(2));
+        m.tiers[0].hit(100, Duration::from_micros(120));
         m.joined();
         let s = m.snapshot();
         assert_eq!(s.tier("origin").unwrap().hits, 1);
-        assert_eq!(s.tier("origin").unwrap().latency_counts[2], 1);
+        let bucket = |us: u64| LATENCY_BUCKETS_US.iter().position(|b| us <= *b).unwrap();
+        assert_eq!(bucket(30), 8);
+        assert_eq!(s.tier("origin").unwrap().latency_counts[bucket(30)], 1);
+        assert_eq!(s.tier("origin").unwrap().hit_latency_counts[bucket(30)], 1);
+        let memory = s.tier("memory").unwrap();
+        assert_eq!(memory.latency_counts[bucket(2)], 1);
+        assert_eq!(memory.latency_counts[bucket(120)], 1);
+        assert_eq!(
+            memory.hit_latency_counts[bucket(2)],
+            0,
+            "misses are not hits"
+        );
+        assert_eq!(memory.hit_latency_counts[bucket(120)], 1);
+        assert_eq!(memory.hit_latency_sum_us, 120);
         let json: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
         assert_eq!(json["joined_fetches"], 1);
         let p = s.to_prometheus();

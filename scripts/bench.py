@@ -1,0 +1,679 @@
+#!/usr/bin/python3
+"""lode's evaluation: every benchmark beside its peer, in one run (issue 7).
+
+Measures, writes one JSON file per section into RESULTS, then scripts/evaluation.py
+turns them into docs/EVALUATION.md and its plots. scripts/bench.sh is the entry point
+(it installs what is missing, builds lode and checks the image family); run this file
+directly only to re-run single sections:
+
+    scripts/bench.py --quick --sections starts,replay --results /var/tmp/lode-eval/results
+
+Sections (figures of issue 7):
+  dedup     1: stored against logical bytes over the image family and function images
+  starts    2, 6 and part of 5: cold starts per image and tier, lazy against pulling
+  replay    3, 4: a Zipf workload of functions on three agents sharing six cache nodes
+  peers     5: NBD against nbdkit, cache node against memcached, the agent against nbdkit
+  snapshot  7: memory snapshot restore, lazy against eager, with and without working set
+"""
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+
+FAMILY = ["base", "python", "pyweb", "node", "gcc"]
+
+# The command each family image starts with: what a function on it would run first.
+COMMANDS = {
+    "base": ["sh", "-c", "dpkg-query -W >/dev/null && cat /etc/debian_version"],
+    "python": ["python3", "-c", "import json, sqlite3, email"],
+    "pyweb": ["python3", "-c", "import flask; flask.Flask('app')"],
+    "node": ["node", "-e", "require('http'); require('crypto'); console.log(process.version)"],
+    "gcc": ["sh", "-c", "printf 'int main(void){return 0;}\\n' >/tmp/a.c && gcc -o /tmp/a /tmp/a.c && /tmp/a"],
+}
+
+# A function's own start: its runtime's command, then its code and data (/srv/fn).
+FUNCTION_COMMANDS = {
+    "base": ["sh", "-c", "dpkg-query -W >/dev/null && cat /srv/fn/data.bin >/dev/null"],
+    "python": ["python3", "/srv/fn/main.py"],
+    "pyweb": ["python3", "/srv/fn/main.py"],
+    "node": ["node", "/srv/fn/main.js"],
+    "gcc": ["sh", "-c", "gcc -c /srv/fn/main.c -o /tmp/main.o && cat /srv/fn/data.bin >/dev/null"],
+}
+FUNCTION_CODE = {
+    "python": ("main.py", "import json, sqlite3, email\nprint(len(open('/srv/fn/data.bin', 'rb').read()))\n"),
+    "pyweb": ("main.py", "import flask\napp = flask.Flask('fn')\nprint(len(open('/srv/fn/data.bin', 'rb').read()))\n"),
+    "node": ("main.js", "const fs = require('fs'); require('http');\nconsole.log(fs.readFileSync('/srv/fn/data.bin').length);\n"),
+    "gcc": ("main.c", "#include <stdio.h>\nint main(void) { puts(\"fn\"); return 0; }\n"),
+    "base": ("main.sh", "cat /srv/fn/data.bin >/dev/null\n"),
+}
+
+LOCAL_TIERS = ("decrypted", "memory", "disk")
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Fail(Exception):
+    pass
+
+
+def run(cmd, **kw):
+    """Runs cmd, raising Fail with its stderr if it fails; returns stdout."""
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    p = subprocess.run(cmd, text=True, **kw)
+    if p.returncode != 0:
+        raise Fail(f"{' '.join(map(str, cmd))} exited {p.returncode}: {(p.stderr or '')[-2000:]}")
+    return p.stdout
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+class Ctx:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.lode = os.path.realpath(args.lode)
+        self.layout = os.path.realpath(args.layout)
+        self.work = os.path.realpath(args.work)
+        self.results = os.path.realpath(args.results)
+        self.repo = os.path.realpath(os.path.join(os.path.dirname(__file__), ".."))
+        self.home = os.path.join(self.work, "home")
+        self.store = os.path.join(self.home, "store")
+        self.kms = os.path.join(self.home, "keyring.json")
+        os.makedirs(self.results, exist_ok=True)
+        os.makedirs(self.home, exist_ok=True)
+        self.env = dict(os.environ, LODE_HOME=self.home)
+        for k in ("LODE_STORE", "LODE_KMS", "LODE_KMS_KEY", "LODE_AGENT_CONTROL", "LODE_AGENT_CONFIG"):
+            self.env.pop(k, None)
+        self.procs = []
+
+    def lode_json(self, *args):
+        out = run([self.lode, "--json", "-q", *args], env=self.env)
+        return json.loads(out)
+
+    def save(self, name, data):
+        data["recorded_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        data["quick"] = self.quick
+        path = os.path.join(self.results, f"{name}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(path + ".tmp", path)
+        log(f"wrote {path}")
+
+    def load(self, name):
+        path = os.path.join(self.results, f"{name}.json")
+        with open(path) as f:
+            return json.load(f)
+
+    def spawn(self, cmd, logname):
+        logf = open(os.path.join(self.work, logname), "ab")
+        p = subprocess.Popen(cmd, env=self.env, stdout=logf, stderr=logf, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs = []
+
+
+# ------------------------------------------------------------------ OCI layout helpers
+
+
+def blob_path(layout, digest):
+    algo, hexd = digest.split(":", 1)
+    return os.path.join(layout, "blobs", algo, hexd)
+
+
+def read_blob(layout, digest):
+    with open(blob_path(layout, digest), "rb") as f:
+        return f.read()
+
+
+def index_manifests(layout):
+    with open(os.path.join(layout, "index.json")) as f:
+        return json.load(f)
+
+
+def tag_manifest(layout, tag):
+    for m in index_manifests(layout)["manifests"]:
+        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+            return json.loads(read_blob(layout, m["digest"]))
+    raise Fail(f"no tag {tag!r} in the OCI layout {layout}")
+
+
+def write_blob(layout, data):
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = blob_path(layout, digest)
+    if not os.path.exists(path):
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+    return digest
+
+
+def add_function_image(layout, base_tag, tag, files):
+    """Adds `tag` to layout: base_tag plus one layer holding /srv/fn/<files>."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for d in ("srv", "srv/fn"):
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1700000000
+            tar.addfile(ti)
+        for name, data in files:
+            ti = tarfile.TarInfo(f"srv/fn/{name}")
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1700000000
+            tar.addfile(ti, io.BytesIO(data))
+    tar_bytes = raw.getvalue()
+    gz = gzip.compress(tar_bytes, compresslevel=1, mtime=0)
+    layer_digest = write_blob(layout, gz)
+    manifest = tag_manifest(layout, base_tag)
+    config = json.loads(read_blob(layout, manifest["config"]["digest"]))
+    config["rootfs"]["diff_ids"].append("sha256:" + hashlib.sha256(tar_bytes).hexdigest())
+    if "history" in config:
+        config["history"].append({"created_by": "lode bench: function code", "created": "2023-11-14T22:13:20Z"})
+    cfg = json.dumps(config).encode()
+    manifest["config"] = dict(manifest["config"], digest=write_blob(layout, cfg), size=len(cfg))
+    manifest["layers"] = manifest["layers"] + [
+        {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": len(gz)}
+    ]
+    mbytes = json.dumps(manifest).encode()
+    index = index_manifests(layout)
+    index["manifests"] = [
+        m for m in index["manifests"] if m.get("annotations", {}).get("org.opencontainers.image.ref.name") != tag
+    ] + [
+        {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": write_blob(layout, mbytes),
+            "size": len(mbytes),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }
+    ]
+    # Replace, never rewrite in place: the layout's files are hard links to the family's.
+    path = os.path.join(layout, "index.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(index, f)
+    os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------ agents and the fleet
+
+
+class Agent:
+    def __init__(self, ctx, name, az=None, caches=None):
+        self.ctx, self.name = ctx, name
+        self.state = os.path.join(ctx.work, "agents", name)
+        self.control = os.path.join(self.state, "control.sock")
+        self.az = az or []
+        self.caches = caches or {}
+        self.proc = None
+
+    def start(self):
+        os.makedirs(self.state, exist_ok=True)
+        cmd = [self.ctx.lode, "-q", "agent", "--state-dir", self.state]
+        for k, v in self.caches.items():
+            cmd += [f"--cache-{k}", v]
+        for a in self.az:
+            cmd += ["--az-node", a]
+        self.proc = self.ctx.spawn(cmd, f"agent-{self.name}.log")
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise Fail(f"agent {self.name} exited {self.proc.returncode}; see {self.ctx.work}/agent-{self.name}.log")
+            if os.path.exists(self.control):
+                try:
+                    self.stats()
+                    return self
+                except Fail:
+                    pass
+            time.sleep(0.05)
+        raise Fail(f"agent {self.name} did not answer on {self.control} within 30 s")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def stats(self):
+        out = run([self.ctx.lode, "stats", "--json", "--control", self.control], env=self.ctx.env)
+        return json.loads(out)
+
+    def start_fn(self, tag, cmd):
+        """One start: `lode run` (attach, loop, mount, run, clean up); returns seconds and
+        the tier counters it moved."""
+        before = self.stats()
+        t0 = time.perf_counter()
+        run([self.ctx.lode, "run", "-q", "--control", self.control, tag, "--", *cmd], env=self.ctx.env)
+        secs = time.perf_counter() - t0
+        return secs, delta(before, self.stats())
+
+    def wipe(self):
+        self.stop()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def tier_map(stats):
+    return {t["name"]: t for t in stats["tiers"]}
+
+
+def delta(before, after):
+    b, a = tier_map(before), tier_map(after)
+    tiers = {}
+    for name, t in a.items():
+        o = b.get(name, {})
+        tiers[name] = {
+            "hits": t["hits"] - o.get("hits", 0),
+            "misses": t["misses"] - o.get("misses", 0),
+            "bytes": t["bytes"] - o.get("bytes", 0),
+        }
+    return {
+        "tiers": tiers,
+        "reads": after["reads"] - before["reads"],
+        "read_bytes": after["read_bytes"] - before["read_bytes"],
+        "zero_chunk_reads": after["zero_chunk_reads"] - before["zero_chunk_reads"],
+        "joined_fetches": after["joined_fetches"] - before["joined_fetches"],
+    }
+
+
+class Fleet:
+    """Six lode cache nodes on loopback, memory only, k=4 m=2 from the agents' side."""
+
+    def __init__(self, ctx, name, nodes=6, memory="1GiB"):
+        self.ctx, self.addrs = ctx, []
+        for i in range(nodes):
+            port = free_port()
+            addr = f"127.0.0.1:{port}"
+            ctx.spawn([ctx.lode, "-q", "cache-node", "--listen", addr, "--memory", memory], f"node-{name}-{i}.log")
+            self.addrs.append(addr)
+        for addr in self.addrs:
+            host, port = addr.split(":")
+            deadline = time.time() + 20
+            while True:
+                try:
+                    socket.create_connection((host, int(port)), timeout=1).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise Fail(f"cache node {addr} did not listen within 20 s")
+                    time.sleep(0.05)
+
+
+# ------------------------------------------------------------------ 1. dedup
+
+
+def ensure_family(ctx):
+    """The family flattened into the shared store (by the dedup section, or here)."""
+    for t in FAMILY:
+        try:
+            ctx.lode_json("inspect", t)
+        except Fail:
+            log(f"flattening {t} into the shared store")
+            ctx.lode_json("flatten", f"oci:{ctx.layout}:{t}", "--tag", t, "--work-dir", os.path.join(ctx.work, "tmp"))
+
+
+def section_dedup(ctx):
+    naive_store = os.path.join(ctx.work, "naive-store")
+    shutil.rmtree(ctx.store, ignore_errors=True)
+    shutil.rmtree(naive_store, ignore_errors=True)
+    env = dict(ctx.env, E2FSPROGS_FAKE_TIME="1700000000")
+    fixed = "00000000-0000-0000-0000-00000000a0de"
+    seen_layers, images = set(), []
+    for t in FAMILY:
+        log(f"dedup: {t}")
+        os.sync()
+        t0 = time.perf_counter()
+        flat = ctx.lode_json("flatten", f"oci:{ctx.layout}:{t}", "--tag", t, "--work-dir", os.path.join(ctx.work, "tmp"))
+        os.sync()
+        lode_secs = time.perf_counter() - t0
+        manifest = ctx.lode_json("inspect", t)
+
+        rootfs = os.path.join(ctx.work, f"rootfs-{t}")
+        img = os.path.join(ctx.work, f"naive-{t}.ext4")
+        shutil.rmtree(rootfs, ignore_errors=True)
+        t0 = time.perf_counter()
+        run(["umoci", "raw", "unpack", "--image", f"{ctx.layout}:{t}", rootfs], env=env)
+        kib = int(run(["du", "-sk", rootfs]).split()[0])
+        run(["mkfs.ext4", "-q", "-F", "-U", fixed, "-E", f"hash_seed={fixed},root_owner=0:0", "-d", rootfs, img,
+             f"{kib * 13 // 10 + 32768}k"], env=env)
+        naive = json.loads(run([ctx.lode, "--json", "-q", "--store", naive_store, "--kms", ctx.kms, "import", img,
+                                "--tag", t], env=env))
+        os.sync()
+        naive_secs = time.perf_counter() - t0
+        shutil.rmtree(rootfs)
+        os.unlink(img)
+
+        layers = tag_manifest(ctx.layout, t)["layers"]
+        new_gz = new_tar = 0
+        for layer in layers:
+            if layer["digest"] in seen_layers:
+                continue
+            seen_layers.add(layer["digest"])
+            new_gz += layer["size"]
+            with gzip.open(blob_path(ctx.layout, layer["digest"])) as f:
+                while chunk := f.read(1 << 20):
+                    new_tar += len(chunk)
+        nonzero = [c for c in manifest["chunks"] if c]
+        images.append({
+            "tag": t,
+            "layers": len(layers),
+            "image_size": flat["image_size"],
+            "chunk_size": manifest["chunk_size"],
+            "chunks": len(manifest["chunks"]),
+            "nonzero_chunks": len(nonzero),
+            "lode_uploaded": flat["stats"]["uploaded_bytes"],
+            "lode_dedup_share": flat["dedup_share"],
+            "lode_secs": lode_secs,
+            "naive_size": naive["stats"]["device_size"],
+            "naive_uploaded": naive["stats"]["uploaded_bytes"],
+            "naive_dedup_share": naive["dedup_share"],
+            "naive_secs": naive_secs,
+            "registry_new_gz": new_gz,
+            "registry_new_tar": new_tar,
+        })
+    ctx.save("dedup", {"images": images, "layout": ctx.layout})
+
+
+# ------------------------------------------------------------------ 2, 6, 5: starts
+
+
+def pull_and_run(ctx, tag, how):
+    """The peer of a lazy start: fetch the whole image first, then start from local disk.
+    `export`: lode's own full fetch of the flattened image (`lode export`), loop mount.
+    `unpack`: what a registry pull does locally (umoci raw unpack of every layer)."""
+    root = os.path.join(ctx.work, f"pull-{tag}")
+    img = os.path.join(ctx.work, f"pull-{tag}.ext4")
+    mounted = []
+    try:
+        drop_caches()
+        t0 = time.perf_counter()
+        if how == "export":
+            run([ctx.lode, "-q", "export", tag, img], env=ctx.env)
+            os.makedirs(root, exist_ok=True)
+            run(["mount", "-o", "loop", img, root])
+            mounted.append(root)
+        else:
+            run(["umoci", "raw", "unpack", "--image", f"{ctx.layout}:{tag}", root])
+        pulled = time.perf_counter() - t0
+        # What crun gives `lode run`'s side: /proc, and a tmpfs /tmp (lode's ext4 images
+        # are built full, with no room to write).
+        for fs, where in (("proc", "proc"), ("tmpfs", "tmp")):
+            os.makedirs(os.path.join(root, where), exist_ok=True)
+            run(["mount", "-t", fs, fs, os.path.join(root, where)])
+            mounted.append(os.path.join(root, where))
+        run([shutil.which("chroot") or "/usr/sbin/chroot", root, *COMMANDS[tag]], env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root"})
+        total = time.perf_counter() - t0
+        return {"pull_secs": pulled, "total_secs": total}
+    finally:
+        for m in reversed(mounted):
+            subprocess.run(["umount", m], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+        if os.path.exists(img):
+            os.unlink(img)
+
+
+def section_starts(ctx):
+    ensure_family(ctx)
+    runs = 3 if ctx.quick else 5
+    fleet = Fleet(ctx, "starts")
+    out = {"runs": runs, "images": {}, "commands": COMMANDS, "fleet": {"nodes": 6, "k": 4, "m": 2}}
+    try:
+        for tag in FAMILY:
+            size = ctx.lode_json("inspect", tag)["device_size"]
+            rec = {"image_size": size, "origin": [], "az": [], "disk": [], "memory": [], "export": [], "unpack": []}
+            # Fill the fleet once for this image, from an agent of its own.
+            filler = Agent(ctx, f"fill-{tag}", az=fleet.addrs).start()
+            filler.start_fn(tag, COMMANDS[tag])
+            filler.wipe()
+            for r in range(runs):
+                log(f"starts: {tag} run {r + 1}/{runs}")
+                a = Agent(ctx, f"origin-{tag}").start()
+                drop_caches()
+                secs, d = a.start_fn(tag, COMMANDS[tag])
+                rec["origin"].append({"secs": secs, **d})
+                a.wipe()
+
+                a = Agent(ctx, f"az-{tag}", az=fleet.addrs).start()
+                drop_caches()
+                secs, d = a.start_fn(tag, COMMANDS[tag])
+                rec["az"].append({"secs": secs, **d})
+                a.stop()
+                a.start()  # the same state directory: memory empty, disk full
+                drop_caches()
+                secs, d = a.start_fn(tag, COMMANDS[tag])
+                rec["disk"].append({"secs": secs, **d})
+                drop_caches()
+                secs, d = a.start_fn(tag, COMMANDS[tag])
+                rec["memory"].append({"secs": secs, **d})
+                a.wipe()
+
+                rec["export"].append(pull_and_run(ctx, tag, "export"))
+                rec["unpack"].append(pull_and_run(ctx, tag, "unpack"))
+            out["images"][tag] = rec
+    finally:
+        ctx.stop_all()
+    ctx.save("starts", out)
+
+
+# ------------------------------------------------------------------ 3, 4: replay
+
+
+def zipf_weights(n, s):
+    return [1.0 / (k ** s) for k in range(1, n + 1)]
+
+
+def section_replay(ctx):
+    ensure_family(ctx)
+    q = ctx.quick
+    nfun = 16 if q else 48
+    nstart = 120 if q else 480
+    zipf_s = 1.1
+    agents_n = 3
+    caches = {"decrypted": "32MiB", "memory": "32MiB", "disk": "96MiB"}
+    rng = random.Random(7)
+
+    layout = os.path.join(ctx.work, "fn-layout")
+    shutil.rmtree(layout, ignore_errors=True)
+    run(["cp", "-al", ctx.layout, layout])
+    functions = []
+    for i in range(nfun):
+        base = rng.choice(FAMILY)
+        data_size = int(2 ** rng.uniform(17, 23))  # 128 KiB .. 8 MiB, log-uniform
+        data = rng.getrandbits(8 * data_size).to_bytes(data_size, "little")
+        name, code = FUNCTION_CODE[base]
+        tag = f"fn{i:02d}-{base}"
+        add_function_image(layout, base, tag, [(name, code.encode()), ("data.bin", data)])
+        log(f"replay: flattening function {tag} ({data_size >> 10} KiB of data)")
+        flat = ctx.lode_json("flatten", f"oci:{layout}:{tag}", "--tag", tag, "--work-dir", os.path.join(ctx.work, "tmp"))
+        functions.append({"tag": tag, "base": base, "data_bytes": data_size, "image_size": flat["image_size"],
+                          "dedup_share": flat["dedup_share"], "uploaded": flat["stats"]["uploaded_bytes"]})
+    popularity = list(range(nfun))
+    rng.shuffle(popularity)  # popularity rank of each function
+    weights = zipf_weights(nfun, zipf_s)
+    fn_weights = [weights[popularity[i]] for i in range(nfun)]
+
+    fleet = Fleet(ctx, "replay")
+    agents = [Agent(ctx, f"replay-{i}", az=fleet.addrs, caches=caches).start() for i in range(agents_n)]
+    starts = []
+    try:
+        for n in range(nstart):
+            f = rng.choices(range(nfun), fn_weights)[0]
+            a = rng.randrange(agents_n)
+            fn = functions[f]
+            secs, d = agents[a].start_fn(fn["tag"], FUNCTION_COMMANDS[fn["base"]])
+            starts.append({"fn": f, "agent": a, "secs": secs, "tiers": {k: v["hits"] for k, v in d["tiers"].items()},
+                           "bytes": {k: v["bytes"] for k, v in d["tiers"].items()}})
+            if n % 20 == 19:
+                log(f"replay: {n + 1}/{nstart} starts")
+        final = [a.stats() for a in agents]
+    finally:
+        ctx.stop_all()
+    shutil.rmtree(layout, ignore_errors=True)
+    ctx.save("replay", {
+        "functions": functions, "popularity_rank": popularity, "zipf_s": zipf_s, "agents": agents_n,
+        "caches": caches, "fleet": {"nodes": 6, "k": 4, "m": 2, "memory_per_node": "1GiB"},
+        "starts": starts, "agent_stats": final, "seed": 7,
+    })
+
+
+# ------------------------------------------------------------------ 5: peers
+
+
+def cargo_bench(ctx, package, bench, env):
+    e = dict(os.environ, **env)
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ctx.repo, "target"))
+    e["CARGO_TARGET_DIR"] = target
+    cmd = ["cargo", "bench", "-q", "--locked", "-p", package, "--bench", bench]
+    log(f"peers: {' '.join(cmd)} {env}")
+    t0 = time.perf_counter()
+    out = run(cmd, env=e, cwd=ctx.repo)
+    return out, time.perf_counter() - t0, " ".join([f"{k}={v}" for k, v in env.items()] + cmd)
+
+
+def section_peers(ctx):
+    out = {}
+    secs = "2" if ctx.quick else "5"
+    text, took, cmd = cargo_bench(ctx, "lode-nbd", "read_latency", {"LODE_BENCH_SECS": secs})
+    rows = []
+    for m in re.finditer(r"^(tcp|unix)\s+(\d+) \|\s*([\d.]+)µs\s+([\d.]+)µs\s+(\d+) \|\s*([\d.]+)µs\s+([\d.]+)µs\s+(\d+) \|",
+                         text, re.M | re.I):
+        rows.append({"link": m[1], "qd": int(m[2]), "lode_p50": float(m[3]), "lode_p99": float(m[4]),
+                     "lode_iops": float(m[5]), "nbdkit_p50": float(m[6]), "nbdkit_p99": float(m[7]),
+                     "nbdkit_iops": float(m[8])})
+    if not rows:
+        raise Fail(f"no result rows in the lode-nbd bench output:\n{text}")
+    out["nbd"] = {"rows": rows, "command": cmd, "secs": took, "raw": text}
+
+    env = {"LODE_BENCH_SECS": "1" if ctx.quick else "3", "LODE_BENCH_ROUNDS": "3" if ctx.quick else "5"}
+    text, took, cmd = cargo_bench(ctx, "lode-cache-node", "node_vs_memcached", env)
+    rows = []
+    for m in re.finditer(r"^(SET|GET)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", text, re.M):
+        rows.append({"op": m[1], "lode_ops": float(m[2]), "memcached_ops": float(m[3]), "lode_p50": float(m[5]),
+                     "memcached_p50": float(m[6]), "lode_p99": float(m[7]), "memcached_p99": float(m[8])})
+    if len(rows) != 2:
+        raise Fail(f"no median rows in the cache node bench output:\n{text}")
+    out["cache_node"] = {"rows": rows, "command": cmd, "secs": took, "raw": text}
+
+    # The agent's whole read path against nbdkit serving the same image file.
+    md = os.path.join(ctx.work, "bench-agent.md")
+    env = dict(ctx.env, OUT=md, LODE=ctx.lode, LAYOUT=ctx.layout, SECTIONS="warm",
+               SECS="3" if ctx.quick else "10", RUNS="1" if ctx.quick else "3")
+    env.pop("LODE_HOME", None)
+    log("peers: scripts/bench-agent.sh (warm reads, agent against nbdkit)")
+    t0 = time.perf_counter()
+    run(["bash", os.path.join(ctx.repo, "scripts/bench-agent.sh")], env=env)
+    with open(md) as f:
+        text = f.read()
+    rows = []
+    for m in re.finditer(r"^\| (\d+) \| ([\d,]+) \| ([\d,]+) \| \*\*([\d.]+)\*\* \| ([\d.]+) µs \| ([\d.]+) µs \|", text, re.M):
+        rows.append({"qd": int(m[1]), "lode_iops": float(m[2].replace(",", "")),
+                     "nbdkit_iops": float(m[3].replace(",", "")), "lode_p50": float(m[5]), "nbdkit_p50": float(m[6])})
+    seq = []
+    for m in re.finditer(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| \*\*([\d.]+)\*\* \|\s*$", text, re.M):
+        seq.append({"qd": int(m[1]), "lode_gbs": float(m[2]), "nbdkit_gbs": float(m[3])})
+    if not rows or not seq:
+        raise Fail(f"no result rows in bench-agent.sh's report {md}:\n{text}")
+    out["agent"] = {"rand4k": rows, "seq1m": seq, "secs": time.perf_counter() - t0,
+                    "command": f"SECTIONS=warm SECS={env['SECS']} RUNS={env['RUNS']} scripts/bench-agent.sh"}
+    ctx.save("peers", out)
+
+
+# ------------------------------------------------------------------ 7: snapshot
+
+
+def section_snapshot(ctx):
+    env = ({"RUNS": "3", "SNAP_MIB": "64", "KEYS": "75000", "QUERIES": "500"} if ctx.quick
+           else {"RUNS": "5", "SNAP_MIB": "256", "KEYS": "300000", "QUERIES": "2000"})
+    text, took, cmd = cargo_bench(ctx, "lode-snap", "restore", env)
+    lat, restore = [], []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in ("memory", "disk", "az", "origin") and cells[1] not in ("lazy",):
+            try:
+                lat.append({"tier": cells[0], "faults": int(cells[2]), "p50_us": float(cells[5]), "p99_us": float(cells[6])})
+            except ValueError:
+                pass
+        if len(cells) == 8 and cells[1] in ("lazy", "lazy+prefetch", "eager"):
+            num = lambda s: None if s == "-" else float(s)
+            restore.append({"tier": cells[0], "mode": cells[1], "faults": num(cells[2]), "demand_chunks": num(cells[3]),
+                            "prefetched": num(cells[4]), "mib": num(cells[5]), "first_ms": num(cells[6]),
+                            "all_ms": num(cells[7])})
+    if len(lat) != 4 or len(restore) != 12:
+        raise Fail(f"unexpected lode-snap bench output ({len(lat)} latency rows, {len(restore)} restore rows):\n{text}")
+    ctx.save("snapshot", {"latency": lat, "restore": restore, "knobs": env, "command": cmd, "secs": took, "raw": text})
+
+
+SECTIONS = {
+    "dedup": section_dedup,
+    "starts": section_starts,
+    "replay": section_replay,
+    "peers": section_peers,
+    "snapshot": section_snapshot,
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the quick subset (fewer runs, starts and seconds)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of: " + ", ".join(SECTIONS))
+    p.add_argument("--lode", required=True, help="the lode binary")
+    p.add_argument("--layout", required=True, help="the image family's OCI layout")
+    p.add_argument("--work", required=True, help="scratch directory (stores, agent state)")
+    p.add_argument("--results", required=True, help="where each section's JSON goes")
+    args = p.parse_args()
+    ctx = Ctx(args)
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for s in wanted:
+        if s not in SECTIONS:
+            p.error(f"unknown section {s!r}: choose from {', '.join(SECTIONS)}")
+    try:
+        for s in wanted:
+            t0 = time.perf_counter()
+            log(f"== section {s}")
+            SECTIONS[s](ctx)
+            log(f"== section {s} took {time.perf_counter() - t0:.0f} s")
+    except Fail as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
