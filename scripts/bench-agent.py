@@ -219,7 +219,7 @@ def report(res):
         p(f"One 4 KiB read at the start of each stored chunk ({meta['stored_chunks']} reads, fio "
           "iolog replay; zero chunks are skipped because they are never fetched). fio clat is "
           "what the NBD client sees; `disk` is the tier's own histogram (file read + AES-GCM "
-          "open of the 512 KiB chunk, which authenticates it; buckets 10/25/50/100/250/500/1000 µs, shown as the "
+          "open of the 512 KiB chunk, which authenticates it; the agent's buckets, six a decade, shown as the "
           "bucket and a linear estimate inside it); `device` is the agent's whole read "
           "(all tiers, the decrypted-cache insert and the copy out).")
         p("")

@@ -348,65 +348,72 @@ def ensure_family(ctx):
 
 
 def section_dedup(ctx):
+    runs = 2 if ctx.quick else 3
     naive_store = os.path.join(ctx.work, "naive-store")
-    shutil.rmtree(ctx.store, ignore_errors=True)
-    shutil.rmtree(naive_store, ignore_errors=True)
     env = dict(ctx.env, E2FSPROGS_FAKE_TIME="1700000000")
     fixed = "00000000-0000-0000-0000-00000000a0de"
-    seen_layers, images = set(), []
-    for t in FAMILY:
-        log(f"dedup: {t}")
-        os.sync()
-        t0 = time.perf_counter()
-        flat = ctx.lode_json("flatten", f"oci:{ctx.layout}:{t}", "--tag", t, "--work-dir", os.path.join(ctx.work, "tmp"))
-        os.sync()
-        lode_secs = time.perf_counter() - t0
-        manifest = ctx.lode_json("inspect", t)
+    images = []
+    for r in range(runs):
+        # Every pass starts from empty stores, so each measures the same dedup; the byte
+        # counts must come out identical (both pipelines are deterministic).
+        shutil.rmtree(ctx.store, ignore_errors=True)
+        shutil.rmtree(naive_store, ignore_errors=True)
+        seen_layers = set()
+        for n, t in enumerate(FAMILY):
+            log(f"dedup: {t} (pass {r + 1}/{runs})")
+            os.sync()
+            t0 = time.perf_counter()
+            flat = ctx.lode_json("flatten", f"oci:{ctx.layout}:{t}", "--tag", t, "--work-dir", os.path.join(ctx.work, "tmp"))
+            os.sync()
+            lode_secs = time.perf_counter() - t0
+            manifest = ctx.lode_json("inspect", t)
 
-        rootfs = os.path.join(ctx.work, f"rootfs-{t}")
-        img = os.path.join(ctx.work, f"naive-{t}.ext4")
-        shutil.rmtree(rootfs, ignore_errors=True)
-        t0 = time.perf_counter()
-        run(["umoci", "raw", "unpack", "--image", f"{ctx.layout}:{t}", rootfs], env=env)
-        kib = int(run(["du", "-sk", rootfs]).split()[0])
-        run(["mkfs.ext4", "-q", "-F", "-U", fixed, "-E", f"hash_seed={fixed},root_owner=0:0", "-d", rootfs, img,
-             f"{kib * 13 // 10 + 32768}k"], env=env)
-        naive = json.loads(run([ctx.lode, "--json", "-q", "--store", naive_store, "--kms", ctx.kms, "import", img,
-                                "--tag", t], env=env))
-        os.sync()
-        naive_secs = time.perf_counter() - t0
-        shutil.rmtree(rootfs)
-        os.unlink(img)
+            rootfs = os.path.join(ctx.work, f"rootfs-{t}")
+            img = os.path.join(ctx.work, f"naive-{t}.ext4")
+            shutil.rmtree(rootfs, ignore_errors=True)
+            t0 = time.perf_counter()
+            run(["umoci", "raw", "unpack", "--image", f"{ctx.layout}:{t}", rootfs], env=env)
+            kib = int(run(["du", "-sk", rootfs]).split()[0])
+            run(["mkfs.ext4", "-q", "-F", "-U", fixed, "-E", f"hash_seed={fixed},root_owner=0:0", "-d", rootfs, img,
+                 f"{kib * 13 // 10 + 32768}k"], env=env)
+            naive = json.loads(run([ctx.lode, "--json", "-q", "--store", naive_store, "--kms", ctx.kms, "import", img,
+                                    "--tag", t], env=env))
+            os.sync()
+            naive_secs = time.perf_counter() - t0
+            shutil.rmtree(rootfs)
+            os.unlink(img)
 
-        layers = tag_manifest(ctx.layout, t)["layers"]
-        new_gz = new_tar = 0
-        for layer in layers:
-            if layer["digest"] in seen_layers:
-                continue
-            seen_layers.add(layer["digest"])
-            new_gz += layer["size"]
-            with gzip.open(blob_path(ctx.layout, layer["digest"])) as f:
-                while chunk := f.read(1 << 20):
-                    new_tar += len(chunk)
-        nonzero = [c for c in manifest["chunks"] if c]
-        images.append({
-            "tag": t,
-            "layers": len(layers),
-            "image_size": flat["image_size"],
-            "chunk_size": manifest["chunk_size"],
-            "chunks": len(manifest["chunks"]),
-            "nonzero_chunks": len(nonzero),
-            "lode_uploaded": flat["stats"]["uploaded_bytes"],
-            "lode_dedup_share": flat["dedup_share"],
-            "lode_secs": lode_secs,
-            "naive_size": naive["stats"]["device_size"],
-            "naive_uploaded": naive["stats"]["uploaded_bytes"],
-            "naive_dedup_share": naive["dedup_share"],
-            "naive_secs": naive_secs,
-            "registry_new_gz": new_gz,
-            "registry_new_tar": new_tar,
-        })
-    ctx.save("dedup", {"images": images, "layout": ctx.layout})
+            layers = tag_manifest(ctx.layout, t)["layers"]
+            new_gz = new_tar = 0
+            for layer in layers:
+                if layer["digest"] in seen_layers:
+                    continue
+                seen_layers.add(layer["digest"])
+                new_gz += layer["size"]
+                with gzip.open(blob_path(ctx.layout, layer["digest"])) as f:
+                    while chunk := f.read(1 << 20):
+                        new_tar += len(chunk)
+            rec = {
+                "tag": t,
+                "layers": len(layers),
+                "image_size": flat["image_size"],
+                "chunk_size": manifest["chunk_size"],
+                "chunks": manifest["chunk_count"],
+                "lode_uploaded": flat["stats"]["uploaded_bytes"],
+                "lode_dedup_share": flat["dedup_share"],
+                "naive_size": naive["stats"]["device_size"],
+                "naive_uploaded": naive["stats"]["uploaded_bytes"],
+                "naive_dedup_share": naive["dedup_share"],
+                "registry_new_gz": new_gz,
+                "registry_new_tar": new_tar,
+            }
+            if r == 0:
+                images.append(dict(rec, lode_secs=[], naive_secs=[]))
+            elif any(images[n][k] != v for k, v in rec.items()):
+                raise Fail(f"dedup: pass {r + 1} stored different bytes for {t} than pass 1: {rec} against {images[n]}")
+            images[n]["lode_secs"].append(lode_secs)
+            images[n]["naive_secs"].append(naive_secs)
+    ctx.save("dedup", {"images": images, "layout": ctx.layout, "runs": runs})
 
 
 # ------------------------------------------------------------------ 2, 6, 5: starts
@@ -592,7 +599,7 @@ def section_peers(ctx):
     # The agent's whole read path against nbdkit serving the same image file.
     md = os.path.join(ctx.work, "bench-agent.md")
     env = dict(ctx.env, OUT=md, LODE=ctx.lode, LAYOUT=ctx.layout, SECTIONS="warm",
-               SECS="3" if ctx.quick else "10", RUNS="1" if ctx.quick else "3")
+               SECS="2" if ctx.quick else "10", RUNS="3")
     env.pop("LODE_HOME", None)
     log("peers: scripts/bench-agent.sh (warm reads, agent against nbdkit)")
     t0 = time.perf_counter()
@@ -655,12 +662,15 @@ def main():
     p.add_argument("--layout", required=True, help="the image family's OCI layout")
     p.add_argument("--work", required=True, help="scratch directory (stores, agent state)")
     p.add_argument("--results", required=True, help="where each section's JSON goes")
+    p.add_argument("--command", help="the command line to record as the one that ran (bench.sh passes its own)")
     args = p.parse_args()
     ctx = Ctx(args)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     for s in wanted:
         if s not in SECTIONS:
             p.error(f"unknown section {s!r}: choose from {', '.join(SECTIONS)}")
+    started = time.perf_counter()
+    machine = machine_facts(ctx, args.command or " ".join(sys.argv))
     try:
         for s in wanted:
             t0 = time.perf_counter()
@@ -672,7 +682,39 @@ def main():
         return 1
     finally:
         ctx.stop_all()
+    machine["duration"] = f"{time.perf_counter() - started:.0f} s for: {', '.join(wanted)}"
+    ctx.save("machine", machine)
     return 0
+
+
+def machine_facts(ctx, command):
+    def sh(cmd):
+        try:
+            return subprocess.run(cmd, shell=True, text=True, capture_output=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
+    flags = sh("grep -m1 '^flags' /proc/cpuinfo")
+    extras = [f for f in ("aes", "sha_ni", "vaes", "avx2") if f" {f}" in flags]
+    mem = sh("awk '/MemTotal/ {printf \"%.1f GiB\", $2/1048576}' /proc/meminfo")
+    tools = "; ".join(x for x in (
+        sh("nbdkit --version | head -1"), sh("memcached -V"), sh("fio --version"), sh("umoci --version"),
+        sh("mke2fs -V 2>&1 | head -1"), sh("crun --version | head -1"), sh("rustc --version"),
+    ) if x)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": command,
+        "commit": sh(f"git -C {ctx.repo} rev-parse --short HEAD") + (" (with local changes)" if sh(f"git -C {ctx.repo} status --porcelain --untracked-files=no") else ""),
+        "host": sh("uname -n") + (" (virtualisation: " + sh("systemd-detect-virt") + ")" if sh("systemd-detect-virt") not in ("", "none") else ""),
+        "kernel": sh("uname -r"),
+        "cpu": f"{cpu} ({', '.join(extras)})",
+        "cores": str(os.cpu_count()),
+        "memory": mem,
+        "disk": sh(f"df -h --output=source,fstype,size {ctx.work} | tail -1"),
+        "tools": tools,
+        "quick": ctx.quick,
+    }
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ in by hand except the papers' figures, which are labelled as such.
 
 import json
 import os
+import shlex
 import statistics
 import sys
 
@@ -70,6 +71,8 @@ class Report:
         path = os.path.join(self.plot_dir, f"{name}.svg")
         fig.tight_layout()
         fig.savefig(path, metadata={"Date": None})
+        if os.environ.get("LODE_EVAL_PNG"):  # a raster copy, to look at while editing
+            fig.savefig(path[:-4] + ".png", dpi=80)
         plt.close(fig)
         rel = os.path.relpath(path, os.path.dirname(os.path.abspath(self.out_md)))
         return f"![{name}]({rel})\n"
@@ -111,11 +114,13 @@ def fig_dedup(r, d, replay):
     plot = r.save(fig, "fig1-dedup")
     rows = []
     for i in imgs:
-        rows.append([i["tag"], i["layers"], mib(i["image_size"]), mib(i["lode_uploaded"]), pct(i["lode_dedup_share"]),
+        rows.append([i["tag"], i["layers"], mib(i["image_size"]), f"{med(i['lode_secs']):.2f} s", f"{med(i['naive_secs']):.2f} s",
+                     mib(i["lode_uploaded"]), pct(i["lode_dedup_share"]),
                      mib(i["naive_size"]), mib(i["naive_uploaded"]), pct(i["naive_dedup_share"]),
                      mib(i["registry_new_tar"]), mib(i["registry_new_gz"])])
     tot = lambda k: sum(i[k] for i in imgs)
-    rows.append(["**all**", "", mib(tot("image_size")), f"**{mib(tot('lode_uploaded'))}**", "",
+    rows.append(["**all**", "", mib(tot("image_size")), f"{sum(med(i['lode_secs']) for i in imgs):.2f} s",
+                 f"{sum(med(i['naive_secs']) for i in imgs):.2f} s", f"**{mib(tot('lode_uploaded'))}**", "",
                  mib(tot("naive_size")), f"**{mib(tot('naive_uploaded'))}**", "",
                  f"**{mib(tot('registry_new_tar'))}**", f"**{mib(tot('registry_new_gz'))}**"])
     text = f"""## 1. Dedup over the image family
@@ -124,11 +129,12 @@ What: each image of the family (Debian bookworm minbase, then python, python+fla
 gcc on that same base layer) flattened in order into one store, three ways: lode's
 flattener; the naive pipeline (`umoci raw unpack`, `mkfs.ext4 -d` with a fixed UUID, hash
 seed and clock, its best case, then the same 512 KiB chunking and dedup); and layer-level
-dedup, what an OCI registry stores (each distinct layer blob once). One run (the byte
-counts are deterministic; lode's are identical run to run).
+dedup, what an OCI registry stores (each distinct layer blob once). {d['runs']} passes, each
+into empty stores; the byte counts were identical in every pass (the script stops if
+not), times are medians.
 
 {plot}
-{table(["image", "layers", "lode image", "lode new bytes", "lode: chunks already stored", "naive image", "naive new bytes", "naive: already stored", "new layers (tar)", "new layers (gzip)"], rows)}
+{table(["image", "layers", "lode image", "lode flatten + publish", "naive unpack + mkfs + import", "lode new bytes", "lode: chunks already stored", "naive image", "naive new bytes", "naive: already stored", "new layers (tar)", "new layers (gzip)"], rows)}
 - lode stores **{mib(tot('lode_uploaded'))}** for {mib(tot('image_size'))} of images
   ({pct(1 - tot('lode_uploaded') / tot('image_size'))} saved), the naive flattening
   {mib(tot('naive_uploaded'))} ({tot('naive_uploaded') / tot('lode_uploaded'):.2f}x lode's).
@@ -170,12 +176,12 @@ def fig_starts(r, s):
         read = med([x["read_bytes"] for x in o])
         frac.append(fetched / size)
         kernel.append(read / size)
-        rows.append([t, " ".join(s["commands"][t]).replace("|", "\\|"), mib(size), mib(read), pct(read / size),
+        rows.append([t, "`" + shlex.join(s["commands"][t]).replace("|", "\\|") + "`", mib(size), mib(read), pct(read / size),
                      f"{chunks:.0f}", mib(fetched), f"**{pct(fetched / size)}**", f"{med([x['secs'] for x in o]):.2f} s"])
     fig, a = plt.subplots(figsize=(7, 3.4))
     x = range(len(tags))
     a.bar([i - 0.2 for i in x], [100 * f for f in frac], 0.4, color="#e7298a", label="fetched by lode (whole 512 KiB chunks)")
-    a.bar([i + 0.2 for i in x], [100 * k for k in kernel], 0.4, color="#7570b3", label="read by the kernel (ext4 + readahead)")
+    a.bar([i + 0.2 for i in x], [100 * k for k in kernel], 0.4, color="#7570b3", label="read from the device (ext4 and its readahead)")
     a.axhline(6.4, color="black", ls="--", lw=1, label="Slacker: 6.4% of pulled data read at start")
     a.set_xticks(list(x), tags)
     a.set_ylabel("% of the image")
@@ -191,21 +197,21 @@ container, clean up), page cache dropped before each; {s['runs']} runs per image
 Fetched = the origin tier's bytes (ciphertext, whole chunks) over the image size.
 
 {plot}
-{table(["image", "command", "image", "kernel read", "kernel read share", "chunks fetched", "fetched", "**fetched share**", "start (lode run)"], rows)}
+{table(["image", "command", "image", "device reads", "device read share", "chunks fetched", "fetched", "**fetched share**", "start (lode run)"], rows)}
 - Median over the family: lode fetched **{pct(med(frac))}** of an image to start it
-  (Slacker: 6.4% of the pulled data is read at start). The kernel itself read
-  {pct(med(kernel))}; the rest is the 512 KiB fetch unit: a 4 KiB read costs its whole
+  (Slacker: 6.4% of the pulled data is read at start). The reads that reached the
+  device (ext4's, readahead included) came to {pct(med(kernel))}; the rest is the 512 KiB fetch unit: a 4 KiB read costs its whole
   chunk. docs/benchmarks.md ("Cold start") measures the share at smaller chunk sizes
   (64 KiB: 8.5-11.3% for python).
 """
     # 6: cost of a start per tier state.
     states = ["origin", "az", "disk", "memory"]
     rows6 = []
-    fig, axes = plt.subplots(1, len(tags), figsize=(2.2 * len(tags), 3.4), sharey=True)
+    fig, axes = plt.subplots(1, len(tags), figsize=(2.2 * len(tags), 3.4))
     for ax, t in zip(axes, tags):
         im = imgs[t]
         bottoms = [0.0] * len(states)
-        for tier in TIERS:
+        for tier in TIERS[1:]:
             ys = [med([x["tiers"].get(tier, {}).get("bytes", 0) for x in im[st]]) / MIB for st in states]
             ax.bar(range(len(states)), ys, bottom=bottoms, color=TIER_COLOR[tier], label=TIER_LABEL[tier])
             bottoms = [b + y for b, y in zip(bottoms, ys)]
@@ -217,10 +223,11 @@ Fetched = the origin tier's bytes (ciphertext, whole chunks) over the image size
             req = {tier: med([x["tiers"].get(tier, {}).get("hits", 0) for x in recs]) for tier in TIERS}
             byt = {tier: med([x["tiers"].get(tier, {}).get("bytes", 0) for x in recs]) for tier in TIERS}
             rows6.append([t, STATE_LABEL[st], f"{med([x['secs'] for x in recs]):.3f} s",
-                          *[f"{req[tier]:.0f} / {byt[tier] / MIB:.1f}" for tier in TIERS]])
-    axes[0].set_ylabel("MiB served per tier (median)")
+                          f"{req['decrypted']:.0f}",
+                          *[f"{req[tier]:.0f} / {byt[tier] / MIB:.1f}" for tier in TIERS[1:]]])
+    axes[0].set_ylabel("MiB of ciphertext per tier (median)")
     axes[-1].legend(fontsize=6, loc="upper right")
-    fig.suptitle("Cost of one start, by where its chunks came from")
+    fig.suptitle("Cost of one start: chunks fetched below the decrypted cache, by the tier that served them")
     plot6 = r.save(fig, "fig6-start-cost")
     text6 = f"""## 6. Cost of a start
 
@@ -235,9 +242,10 @@ counts one request per chunk a device read touches, so its count is a count of l
 not of fetches.
 
 {plot6}
-Cells: requests / MiB.
+Cells: requests / MiB (ciphertext). The plot leaves out the decrypted tier, whose hits are
+lookups of chunks already fetched, not fetches.
 
-{table(["image", "state", "start", *[TIER_LABEL[t] for t in TIERS]], rows6)}
+{table(["image", "state", "start", "decrypted-cache hits", *[TIER_LABEL[t] for t in TIERS[1:]]], rows6)}
 """
     return text2, text6
 
@@ -294,8 +302,8 @@ def fig_latency(r, rep):
                  quantile(bounds, dev, 0.99), f"{sum(s['read_latency_sum_us'] for s in stats) / total:.0f} µs"])
     a.axvline(100, color="gray", ls="--", lw=1)
     a.axvline(2750, color="gray", ls=":", lw=1)
-    a.text(100, 0.02, " paper: local mode <100 µs", fontsize=7)
-    a.text(2750, 0.1, " paper: AZ mode ≈2.75 ms", fontsize=7)
+    a.text(100, 0.45, " paper: local\n mode <100 µs", fontsize=7)
+    a.text(2750, 0.6, " paper: AZ\n mode ≈2.75 ms", fontsize=7)
     a.set_xscale("log")
     a.set_xlabel("latency, µs (upper bound of the agent's histogram bucket)")
     a.set_ylabel("share of hits ≤ x")
@@ -375,7 +383,7 @@ def fig_replay(r, rep):
 
 What: {len(fns)} functions, each a family image (chosen at random) plus a layer of its own
 code and data, with Zipf popularity (s = {rep['zipf_s']}, ranks shuffled; the most popular
-function got {max(counts)} of the {n} starts, {sum(1 for c in counts if c == 0)} got none), started one after
+function got {max(counts)} of the {n} starts and {sum(1 for c in counts if c == 0)} were never started), started one after
 another on {rep['agents']} agents chosen at random, each with small local caches (decrypted
 {caches['decrypted']}, ciphertext memory {caches['memory']}, disk {caches['disk']}), all sharing one fleet of
 six lode cache nodes (k=4 m=2, {rep['fleet']['memory_per_node']} of memory each), every cache empty at the start,
@@ -425,8 +433,9 @@ def fig_peers(r, peers, dedup, starts):
                 "paper: cache server GET < 50 µs median server-side" if x["op"] == "GET" else "")
     if dedup:
         im = dedup["images"]
-        lt, nt = sum(i["lode_secs"] for i in im), sum(i["naive_secs"] for i in im)
-        add("flatten + publish the family: time naive/lode", nt / lt, f"{lt:.1f} s vs {nt:.1f} s")
+        lt, nt = sum(med(i["lode_secs"]) for i in im), sum(med(i["naive_secs"]) for i in im)
+        add("flatten + publish the family: time naive/lode", nt / lt,
+            f"{lt:.1f} s vs {nt:.1f} s (sum of per-image medians of {dedup['runs']} passes)")
         lu, nu = sum(i["lode_uploaded"] for i in im), sum(i["naive_uploaded"] for i in im)
         add("stored bytes for the family: naive/lode", nu / lu, f"{mib(lu)} vs {mib(nu)}")
     if starts:
@@ -449,6 +458,9 @@ def fig_peers(r, peers, dedup, starts):
     a.set_xscale("log")
     a.set_xlabel("ratio, > 1: lode ahead of its peer")
     a.set_title("lode against the tool a platform would use instead (same run)")
+    ticks = [t for t in (0.25, 0.5, 1, 2, 5, 10, 20, 50) if min(vals) / 1.5 <= t <= max(vals) * 1.5]
+    a.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+    a.minorticks_off()
     a.tick_params(axis="y", labelsize=7)
     a.grid(alpha=0.3, axis="x")
     plot = r.save(fig, "fig5-peers")
@@ -544,8 +556,8 @@ def main():
 Generated by `{machine.get('command', 'scripts/bench.sh')}` ({mode}) from the
 measurements in one run; every number below is computed by `scripts/evaluation.py` from
 what that run recorded (the papers' figures are labelled as such). Re-run it on your own
-machine to get your own figures: `scripts/bench.sh --quick` takes a few minutes,
-`scripts/bench.sh` (the full set) about {machine.get('full_estimate', '20 minutes')}.
+machine to get your own figures (`scripts/bench.sh --quick` for the quick subset; see the
+README's "Evaluation").
 
 | machine | |
 |---|---|

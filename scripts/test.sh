@@ -10,9 +10,11 @@ cd "$(dirname "$0")/.."
 # real registry with htpasswd/token auth (docker-registry, apache2-utils, openssl), and
 # fusermount3 for FUSE mounts when not root (fuse3), and what `lode run` is tested with:
 # crun and a busybox-static root; memcached and libmemcached-tools (memccp, memccat,
-# memccapable) for the AZ cache node's conformance suite and the AZ client's fleet tests.
+# memccapable) for the AZ cache node's conformance suite and the AZ client's fleet tests;
+# python3-matplotlib for the evaluation report's renderer (scripts/test_evaluation.py).
 packages=(e2fsprogs umoci skopeo python3 nbdkit libnbd-bin python3-libnbd fio qemu-utils
-  docker-registry apache2-utils openssl fuse3 crun busybox-static memcached libmemcached-tools)
+  docker-registry apache2-utils openssl fuse3 crun busybox-static memcached libmemcached-tools
+  python3-matplotlib)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,3 +35,6 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast
+echo "== evaluation scripts"
+cargo build --locked -q -p lode
+LODE=${CARGO_TARGET_DIR:-target}/debug/lode /usr/bin/python3 scripts/test_evaluation.py
