@@ -393,9 +393,19 @@ def section_dedup(ctx):
                 with gzip.open(blob_path(ctx.layout, layer["digest"])) as f:
                     while chunk := f.read(1 << 20):
                         new_tar += len(chunk)
+            # The base layer's region: how many of its chunks were already stored (by the
+            # base image itself, flattened first).
+            cs = manifest["chunk_size"]
+            region = flat["layers"][0]
+            lo, hi = region["region_start"] // cs, -(-region["region_end"] // cs)
+            names = [c for c in manifest["chunks"][lo:hi] if c]
+            if n == 0:
+                base_names = set(c for c in manifest["chunks"] if c)
             rec = {
                 "tag": t,
                 "layers": len(layers),
+                "base_region_chunks": len(names),
+                "base_region_stored": sum(1 for c in names if c in base_names),
                 "image_size": flat["image_size"],
                 "chunk_size": manifest["chunk_size"],
                 "chunks": manifest["chunk_count"],
@@ -561,11 +571,11 @@ def section_replay(ctx):
 # ------------------------------------------------------------------ 5: peers
 
 
-def cargo_bench(ctx, package, bench, env):
+def cargo_bench(ctx, package, bench, env, extra=()):
     e = dict(os.environ, **env)
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ctx.repo, "target"))
     e["CARGO_TARGET_DIR"] = target
-    cmd = ["cargo", "bench", "-q", "--locked", "-p", package, "--bench", bench]
+    cmd = ["cargo", "bench", "-q", "--locked", "-p", package, "--bench", bench] + (["--", *extra] if extra else [])
     log(f"peers: {' '.join(cmd)} {env}")
     t0 = time.perf_counter()
     out = run(cmd, env=e, cwd=ctx.repo)
@@ -617,7 +627,67 @@ def section_peers(ctx):
         raise Fail(f"no result rows in bench-agent.sh's report {md}:\n{text}")
     out["agent"] = {"rand4k": rows, "seq1m": seq, "secs": time.perf_counter() - t0,
                     "command": f"SECTIONS=warm SECS={env['SECS']} RUNS={env['RUNS']} scripts/bench-agent.sh"}
+    # Sealing a chunk against the `ring` primitives alone (Criterion).
+    secs = "2" if ctx.quick else "5"
+    text, took, cmd = cargo_bench(ctx, "lode-format", "seal", {}, ["--warm-up-time", "1", "--measurement-time", secs])
+    seal = {}
+    for m in re.finditer(r"seal_512KiB/(\w+)\s+time:\s+\[[\d.]+ \S+ ([\d.]+) (\S+)", text):
+        scale = {"ns": 1e-3, "µs": 1.0, "us": 1.0, "ms": 1e3}[m[3]]
+        seal[m[1]] = float(m[2]) * scale
+    if set(seal) != {"ring_primitives_alone", "lode_seal_chunk_in_place"}:
+        raise Fail(f"no Criterion estimates in the seal bench output:\n{text}")
+    out["seal"] = {"us_per_chunk": seal, "command": cmd, "secs": took}
+
+    # A chunk through the AZ client (k=4 m=2, rebuilt and name-checked) against a plain
+    # memcached get of the same 512 KiB.
+    text, took, cmd = cargo_bench(ctx, "lode-az", "fetch", {"LODE_BENCH_SECS": secs})
+    fetch = {}
+    for m in re.finditer(r"^(AZ client k=\d m=\d|plain memcached get|k=4 m=2, one node stopped)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s*$",
+                         text, re.M):
+        fetch[m[1]] = {"p50": float(m[2]), "p99": float(m[3]), "p999": float(m[4]), "reads_per_s": float(m[5])}
+    if "AZ client k=4 m=2" not in fetch or "plain memcached get" not in fetch:
+        raise Fail(f"no result rows in the AZ fetch bench output:\n{text}")
+    out["az_fetch"] = {"rows": fetch, "command": cmd, "secs": took}
+
+    out["import"] = import_vs_cp(ctx)
     ctx.save("peers", out)
+
+
+def import_vs_cp(ctx):
+    """`lode import` of a raw image whose second half repeats the first, against `cp` of
+    the same file into the same filesystem, both timed with the final sync."""
+    mib = 1024 if ctx.quick else 2048
+    runs = 3
+    d = os.path.join(ctx.work, "import")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    img = os.path.join(d, "image.raw")
+    half = os.urandom(mib // 2 << 20)
+    with open(img, "wb") as f:
+        f.write(half)
+        f.write(half)
+    del half
+    lode_s, cp_s, stored = [], [], None
+    for r in range(runs):
+        log(f"peers: import {mib} MiB against cp, run {r + 1}/{runs}")
+        store = os.path.join(d, "store")
+        shutil.rmtree(store, ignore_errors=True)
+        os.sync()
+        t0 = time.perf_counter()
+        res = json.loads(run([ctx.lode, "--json", "-q", "--store", store, "--kms", ctx.kms, "import", img, "--tag", "i"],
+                             env=ctx.env))
+        os.sync()
+        lode_s.append(time.perf_counter() - t0)
+        stored = res["stats"]["uploaded_bytes"]
+        copy = os.path.join(d, "copy.raw")
+        os.sync()
+        t0 = time.perf_counter()
+        run(["cp", img, copy])
+        os.sync()
+        cp_s.append(time.perf_counter() - t0)
+        os.unlink(copy)
+    shutil.rmtree(d)
+    return {"mib": mib, "runs": runs, "lode_secs": lode_s, "cp_secs": cp_s, "stored": stored}
 
 
 # ------------------------------------------------------------------ 7: snapshot
@@ -682,7 +752,12 @@ def main():
         return 1
     finally:
         ctx.stop_all()
-    machine["duration"] = f"{time.perf_counter() - started:.0f} s for: {', '.join(wanted)}"
+    invocation = {"command": machine.pop("command"), "date": machine["date"], "sections": wanted,
+                  "secs": round(time.perf_counter() - started)}
+    try:
+        machine["invocations"] = ctx.load("machine").get("invocations", []) + [invocation]
+    except (OSError, ValueError):
+        machine["invocations"] = [invocation]
     ctx.save("machine", machine)
     return 0
 

@@ -3,9 +3,9 @@
 # up as docs/EVALUATION.md with plots in docs/evaluation/ (issue 7).
 #
 # Usage (as root):  scripts/bench.sh [--quick] [--sections LIST] [--out FILE] [--keep]
-#   --quick          the quick subset: fewer runs, starts and seconds (about 8 minutes
+#   --quick          the quick subset: fewer runs, starts and seconds (about 7 minutes
 #                    with lode and the benches already built); without it the full set
-#                    (about 25 minutes)
+#                    (about 20 minutes)
 #   --sections LIST  comma-separated subset of dedup,starts,replay,peers,snapshot
 #                    (default: all; sections not run are listed as such in the report)
 #   --out FILE       the report (default docs/EVALUATION.md; plots go to evaluation/
@@ -65,7 +65,7 @@ if [ -z "${LODE:-}" ]; then
   LODE=$target/release/lode
 fi
 if [[ ",$sections," == *,peers,* || ",$sections," == *,snapshot,* ]]; then
-  cargo bench --no-run -q --locked -p lode-nbd -p lode-cache-node -p lode-snap 2>/dev/null
+  cargo bench --no-run -q --locked -p lode-nbd -p lode-cache-node -p lode-snap -p lode-format -p lode-az
 fi
 
 work=$(mktemp -d /var/tmp/lode-eval.XXXXXX)
@@ -76,7 +76,7 @@ cleanup() {
 }
 trap cleanup EXIT
 /usr/bin/python3 scripts/bench.py $quick --sections "$sections" --lode "$LODE" --layout "$layout" \
-  --work "$work/work" --results "$work/results" --command "scripts/bench.sh ${args[*]}"
+  --work "$work/work" --results "$work/results" --command "$(echo scripts/bench.sh "${args[@]}")"
 /usr/bin/python3 scripts/evaluation.py "$work/results" "$out"
 mkdir -p "$(dirname "$out")/evaluation"
 cp "$work"/results/*.json "$(dirname "$out")/evaluation/"

@@ -47,6 +47,19 @@ def mib(b):
     return f"{b / MIB:.1f} MiB"
 
 
+def shell_words(args):
+    """A command line for reading: each argument quoted the way a person would."""
+    def q(a):
+        if a and not any(c in a for c in " \t\n'\"$`\\;&|<>()*?!{}[]#~"):
+            return a
+        if "'" not in a:
+            return f"'{a}'"
+        if not any(c in a for c in '"$`\\'):
+            return f'"{a}"'
+        return shlex.quote(a)
+    return " ".join(q(a) for a in args)
+
+
 def table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -146,8 +159,12 @@ not), times are medians.
   random access and sharing below the layer (the same file in two different layers).
 - Paper (Brooker et al.): about 80% of new uploads add no new chunk at all; of the rest
   the median is 2.5% unique bytes. Here every application image added new packages, so
-  none is a re-upload; the base layer's region was found stored whole in each.
+  none is a re-upload.
 """
+    if all("base_region_chunks" in i for i in imgs):
+        text += "- The base layer's region in each application image: " + ", ".join(
+            f"{i['tag']} {i['base_region_stored']} of {i['base_region_chunks']} chunks already stored"
+            for i in imgs[1:]) + " (the flattener puts each layer in its own chunk-aligned region).\n"
     if replay:
         fns = replay["functions"]
         shares = sorted(f["dedup_share"] for f in fns)
@@ -176,7 +193,7 @@ def fig_starts(r, s):
         read = med([x["read_bytes"] for x in o])
         frac.append(fetched / size)
         kernel.append(read / size)
-        rows.append([t, "`" + shlex.join(s["commands"][t]).replace("|", "\\|") + "`", mib(size), mib(read), pct(read / size),
+        rows.append([t, "`" + shell_words(s["commands"][t]).replace("|", "\\|") + "`", mib(size), mib(read), pct(read / size),
                      f"{chunks:.0f}", mib(fetched), f"**{pct(fetched / size)}**", f"{med([x['secs'] for x in o]):.2f} s"])
     fig, a = plt.subplots(figsize=(7, 3.4))
     x = range(len(tags))
@@ -330,6 +347,11 @@ Paper: the agent's read-latency CDF has a mode under 100 µs (local hits) and on
 """
 
 
+def never(counts):
+    k = sum(1 for c in counts if c == 0)
+    return "every function started at least once" if k == 0 else f"{k} function{'s were' if k > 1 else ' was'} never started"
+
+
 def fig_replay(r, rep):
     starts = rep["starts"]
     n = len(starts)
@@ -383,7 +405,7 @@ def fig_replay(r, rep):
 
 What: {len(fns)} functions, each a family image (chosen at random) plus a layer of its own
 code and data, with Zipf popularity (s = {rep['zipf_s']}, ranks shuffled; the most popular
-function got {max(counts)} of the {n} starts and {sum(1 for c in counts if c == 0)} were never started), started one after
+function got {max(counts)} of the {n} starts; {never(counts)}), started one after
 another on {rep['agents']} agents chosen at random, each with small local caches (decrypted
 {caches['decrypted']}, ciphertext memory {caches['memory']}, disk {caches['disk']}), all sharing one fleet of
 six lode cache nodes (k=4 m=2, {rep['fleet']['memory_per_node']} of memory each), every cache empty at the start,
@@ -398,8 +420,8 @@ answers); the right one counts only the requests that reached the ciphertext tie
 {table(["starts", "n", "local, all lookups", "AZ, all", "origin, all", "local ciphertext tiers", "AZ", "origin"], rows)}
 - First start of each function: median {statistics.median(secs_first):.2f} s; all starts:
   median {statistics.median(s['secs'] for s in starts):.2f} s.
-- The replay is a sequence, not a week: caches start empty and the run is short, so the
-  origin share is the compulsory misses of {len(fns)} images over {n} starts; the paper's
+- The replay is a sequence, not a week: caches start empty and the run is short, so each
+  chunk's first fetch from the origin weighs far more than in the paper's week, whose
   0.06% comes from a fleet that is always warm.
 """
 
@@ -431,6 +453,22 @@ def fig_peers(r, peers, dedup, starts):
                 f"{x['lode_ops']:.0f} vs {x['memcached_ops']:.0f} ops/s; p50 {x['lode_p50']:.0f} vs {x['memcached_p50']:.0f} µs; "
                 f"p99 {x['lode_p99']:.0f} vs {x['memcached_p99']:.0f} µs",
                 "paper: cache server GET < 50 µs median server-side" if x["op"] == "GET" else "")
+    if peers:
+        seal = peers["seal"]["us_per_chunk"]
+        add("seal a 512 KiB chunk: time ring primitives alone / lode", seal["ring_primitives_alone"] / seal["lode_seal_chunk_in_place"],
+            f"{seal['lode_seal_chunk_in_place']:.0f} µs vs {seal['ring_primitives_alone']:.0f} µs per chunk "
+            f"({(1 << 19) / seal['lode_seal_chunk_in_place'] / 1.048576:.0f} MiB/s)")
+        f = peers["az_fetch"]["rows"]
+        az, plain = f["AZ client k=4 m=2"], f["plain memcached get"]
+        add("a chunk from the AZ fleet: p50 plain memcached get / lode k=4 m=2", plain["p50"] / az["p50"],
+            f"lode {az['p50']:.0f} µs (p99 {az['p99']:.0f}, rebuilt and name-checked) vs one plain 512 KiB get "
+            f"{plain['p50']:.0f} µs (p99 {plain['p99']:.0f})",
+            "paper: AZ GET 550 µs median, 3.7 ms p99.9 (worker-observed, real network)")
+        imp = peers["import"]
+        li, ci = med(imp["lode_secs"]), med(imp["cp_secs"])
+        add(f"import a {imp['mib']} MiB raw image (half repeated): time cp / lode", ci / li,
+            f"{imp['mib'] * 1.048576 / li:.0f} vs {imp['mib'] * 1.048576 / ci:.0f} MB/s, medians of {imp['runs']}; "
+            f"{mib(imp['stored'])} stored")
     if dedup:
         im = dedup["images"]
         lt, nt = sum(med(i["lode_secs"]) for i in im), sum(med(i["naive_secs"]) for i in im)
@@ -457,7 +495,7 @@ def fig_peers(r, peers, dedup, starts):
     a.axvline(1, color="black", lw=1)
     a.set_xscale("log")
     a.set_xlabel("ratio, > 1: lode ahead of its peer")
-    a.set_title("lode against the tool a platform would use instead (same run)")
+    a.set_title("lode against its peers, same run (> 1: lode ahead)")
     ticks = [t for t in (0.25, 0.5, 1, 2, 5, 10, 20, 50) if min(vals) / 1.5 <= t <= max(vals) * 1.5]
     a.set_xticks(ticks, [f"{t:g}x" for t in ticks])
     a.minorticks_off()
@@ -466,14 +504,17 @@ def fig_peers(r, peers, dedup, starts):
     plot = r.save(fig, "fig5-peers")
     cmds = []
     if peers:
-        cmds = [f"`{peers['nbd']['command']}`", f"`{peers['cache_node']['command']}`", f"`{peers['agent']['command']}`"]
+        cmds = [f"`{peers[k]['command']}`" for k in ("nbd", "agent", "cache_node", "seal", "az_fetch")]
     return f"""## 5. Peers
 
 What: each peer measured in the same run as lode, on the same data: lode's NBD server over
 memory against `nbdkit memory` (fio's nbd engine, 4 KiB random reads, the better of two
 runs each); the agent's whole read path (decrypted cache) against `nbdkit file` serving the
 same image from the page cache; the lode cache node against memcached (128 KiB values, 16
-connections, medians of rounds); the flattener against the naive pipeline (section 1); a
+connections, medians of rounds); sealing a chunk against the `ring` primitives it is made
+of (Criterion); a chunk through the AZ client against one plain memcached get of the same
+512 KiB; `lode import` against `cp` of the same file (both timed with the final `sync`);
+the flattener against the naive pipeline (section 1); a
 lazy start against fetching the whole image first, by `lode export` of the flattened image
 from the same store or by unpacking its layers (what a registry pull does once the bytes
 are local), then running the same command from local disk (section 2's starts, medians;
@@ -537,6 +578,73 @@ microVM; the lazy first answer above is that figure's counterpart here.
 """
 
 
+# ------------------------------------------------------------------ headline
+
+
+def tier_counts(rep, tier, key="hit_latency_counts"):
+    counts = None
+    for st in rep["agent_stats"]:
+        for t in st["tiers"]:
+            if t["name"] == tier:
+                counts = list(t[key]) if counts is None else [x + y for x, y in zip(counts, t[key])]
+    return counts
+
+
+def headline(dedup, starts, replay, peers, snap):
+    rows = []
+    if dedup:
+        im = dedup["images"]
+        lu, nu, tu = (sum(i[k] for i in im) for k in ("lode_uploaded", "naive_uploaded", "registry_new_tar"))
+        rows.append(["1", "stored bytes, image family", f"lode {mib(lu)}; naive mkfs {mib(nu)} ({nu / lu:.2f}x); "
+                     f"distinct layers {mib(tu)} uncompressed ({tu / lu:.2f}x)", "~80% of uploads add no new chunk"])
+    if starts:
+        fr = [med([x["tiers"]["origin"]["bytes"] for x in im["origin"]]) / im["image_size"] for im in starts["images"].values()]
+        rows.append(["2", "share of an image fetched to start it", f"median {pct(med(fr))} (range {pct(min(fr))}-{pct(max(fr))})",
+                     "Slacker: 6.4%"])
+    if replay:
+        bounds = replay["agent_stats"][0]["tiers"][0]["latency_buckets_us"]
+        parts = []
+        for tier in ("disk", "az"):
+            c = tier_counts(replay, tier)
+            if c and sum(c):
+                parts.append(f"{tier} p50 {quantile(bounds, c, 0.5)}")
+        rows.append(["3", "chunk latency by tier (agent histograms)", "; ".join(parts),
+                     "local mode <100 µs, AZ mode ≈2.75 ms"])
+        half = replay["starts"][len(replay["starts"]) // 2:]
+        hits = {t: sum(x["tiers"].get(t, 0) for x in half) for t in TIERS}
+        below = sum(hits[t] for t in TIERS[1:]) or 1
+        rows.append(["4", "where fetched chunks came from (second half of the replay)",
+                     f"local {pct((hits['memory'] + hits['disk']) / below)}, AZ {pct(hits['az'] / below)}, "
+                     f"origin {100 * hits['origin'] / below:.2f}%", "67% / 32% / 0.06%"])
+    if starts:
+        r = [med([x["total_secs"] for x in im["unpack"]]) / med([x["secs"] for x in im["origin"]]) for im in starts["images"].values()]
+        e = [med([x["total_secs"] for x in im["export"]]) / med([x["secs"] for x in im["origin"]]) for im in starts["images"].values()]
+        rows.append(["5", "lazy start against pulling first (unpack layers / lode export)",
+                     f"{med(r):.1f}x / {med(e):.1f}x faster (medians over the family)", "Slacker: pull is 76% of start time"])
+    if peers:
+        n = {(x["link"], x["qd"]): x for x in peers["nbd"]["rows"]}
+        x = n.get(("unix", 1))
+        c = {x["op"]: x for x in peers["cache_node"]["rows"]}
+        rows.append(["5", "NBD QD1 p50 vs nbdkit; cache node GET vs memcached",
+                     (f"{x['lode_p50']:.0f} vs {x['nbdkit_p50']:.0f} µs; " if x else "")
+                     + f"{c['GET']['lode_ops'] / c['GET']['memcached_ops']:.2f}x ops/s", ""])
+    if starts:
+        im = starts["images"]
+        rows.append(["6", "a cold start's origin requests (512 KiB GETs)",
+                     ", ".join(f"{t} {med([x['tiers']['origin']['hits'] for x in v['origin']]):.0f}" for t, v in im.items()), ""])
+    if snap:
+        rs = snap["restore"]
+        g = lambda t, m, k: next(x[k] for x in rs if x["tier"] == t and x["mode"] == m)
+        sp = [g(t, "lazy", "all_ms") / g(t, "lazy+prefetch", "all_ms") for t in ("memory", "disk", "az", "origin")]
+        fa = [g(t, "lazy", "first_ms") for t in ("memory", "disk", "az", "origin")]
+        rows.append(["7", "snapshot: working-set prefetch speed-up; lazy first answer",
+                     f"{min(sp):.2f}-{max(sp):.2f}x; {min(fa):.1f}-{max(fa):.1f} ms (eager: "
+                     f"{min(g(t, 'eager', 'first_ms') for t in ('memory', 'disk', 'az', 'origin')):.0f}-"
+                     f"{max(g(t, 'eager', 'first_ms') for t in ('memory', 'disk', 'az', 'origin')):.0f} ms)",
+                     "REAP 3.7x; Firecracker restore <8 ms"])
+    return "## Headline figures\n\n" + table(["fig.", "what", "measured here", "paper / reference"], rows)
+
+
 # ------------------------------------------------------------------ the report
 
 
@@ -550,19 +658,19 @@ def main():
     dedup, starts, replay, peers, snap = (r.load(n) for n in ("dedup", "starts", "replay", "peers", "snapshot"))
     if not any((dedup, starts, replay, peers, snap)):
         sys.exit(f"evaluation: no section results in {results}")
-    mode = "quick subset" if machine.get("quick") else "full set"
+    runs = machine.get("invocations", [])
+    ran = "; ".join(f"`{i['command'].strip()}` on {i['date']} ({', '.join(i['sections'])}: {i['secs']} s)" for i in runs)
     head = f"""# lode evaluation
 
-Generated by `{machine.get('command', 'scripts/bench.sh')}` ({mode}) from the
-measurements in one run; every number below is computed by `scripts/evaluation.py` from
-what that run recorded (the papers' figures are labelled as such). Re-run it on your own
-machine to get your own figures (`scripts/bench.sh --quick` for the quick subset; see the
-README's "Evaluation").
+Generated from the measurements of {ran or 'scripts/bench.sh'}. Every number below is
+computed by `scripts/evaluation.py` from what was recorded (`evaluation/*.json`; the
+papers' figures are labelled as such). Re-run it on your own machine to get your own
+figures (`scripts/bench.sh --quick` for the quick subset; see the README's "Evaluation").
 
 | machine | |
 |---|---|
 """
-    for k in ("date", "commit", "host", "kernel", "cpu", "cores", "memory", "disk", "tools", "duration"):
+    for k in ("commit", "host", "kernel", "cpu", "cores", "memory", "disk", "tools"):
         if k in machine:
             head += f"| {k} | {machine[k]} |\n"
     head += """
@@ -573,6 +681,7 @@ absolute figure.
 
 """
     r.add(head)
+    r.add(headline(dedup, starts, replay, peers, snap))
     if dedup:
         r.add(fig_dedup(r, dedup, replay))
     if starts:

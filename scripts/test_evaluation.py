@@ -110,6 +110,11 @@ class Helpers(unittest.TestCase):
         w = bench.zipf_weights(4, 1.0)
         self.assertEqual(w, [1.0, 0.5, 1 / 3, 0.25])
 
+    def test_shown_commands_split_back_to_what_ran(self):
+        import shlex
+        for args in [*bench.COMMANDS.values(), *bench.FUNCTION_COMMANDS.values(), ["a b", "it's", 'say "hi" $x', "", "\\"]]:
+            self.assertEqual(shlex.split(evaluation.shell_words(args)), args)
+
     def test_quantile_and_cdf_from_buckets(self):
         bounds = [10, 100, 1000]
         counts = [5, 0, 4, 1]  # the last bucket is "slower than 1000"
