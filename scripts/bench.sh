@@ -3,9 +3,9 @@
 # up as docs/EVALUATION.md with plots in docs/evaluation/ (issue 7).
 #
 # Usage (as root):  scripts/bench.sh [--quick] [--sections LIST] [--out FILE] [--keep]
-#   --quick          the quick subset: fewer runs, starts and seconds (about 7 minutes
+#   --quick          the quick subset: fewer runs, starts and seconds (about 6 minutes
 #                    with lode and the benches already built); without it the full set
-#                    (about 20 minutes)
+#                    (about 16 minutes)
 #   --sections LIST  comma-separated subset of dedup,starts,replay,peers,snapshot
 #                    (default: all; sections not run are listed as such in the report)
 #   --out FILE       the report (default docs/EVALUATION.md; plots go to evaluation/

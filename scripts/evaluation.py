@@ -97,6 +97,13 @@ class Report:
 # ------------------------------------------------------------------ 1. dedup
 
 
+def scratch_note(d):
+    if d.get("scratch") == "/dev/shm":
+        return ("Both sides' scratch files (extracted trees, the naive image, lode's work "
+                "directory) were on tmpfs; the stores on the root disk.")
+    return "Scratch files and stores were on the root disk."
+
+
 def fig_dedup(r, d, replay):
     imgs = d["images"]
     tags = [i["tag"] for i in imgs]
@@ -144,7 +151,7 @@ flattener; the naive pipeline (`umoci raw unpack`, `mkfs.ext4 -d` with a fixed U
 seed and clock, its best case, then the same 512 KiB chunking and dedup); and layer-level
 dedup, what an OCI registry stores (each distinct layer blob once). {d['runs']} passes, each
 into empty stores; the byte counts were identical in every pass (the script stops if
-not), times are medians.
+not), times are medians. {scratch_note(d)}
 
 {plot}
 {table(["image", "layers", "lode image", "lode flatten + publish", "naive unpack + mkfs + import", "lode new bytes", "lode: chunks already stored", "naive image", "naive new bytes", "naive: already stored", "new layers (tar)", "new layers (gzip)"], rows)}
@@ -429,6 +436,12 @@ answers); the right one counts only the requests that reached the ciphertext tie
 # ------------------------------------------------------------------ 5: peers
 
 
+def pull_note(starts):
+    if starts and starts.get("pull_scratch") == "/dev/shm":
+        return "; the pulled image or tree is written to tmpfs, the peers' best case"
+    return ""
+
+
 def fig_peers(r, peers, dedup, starts):
     bars, rows = [], []
 
@@ -518,7 +531,7 @@ the flattener against the naive pipeline (section 1); a
 lazy start against fetching the whole image first, by `lode export` of the flattened image
 from the same store or by unpacking its layers (what a registry pull does once the bytes
 are local), then running the same command from local disk (section 2's starts, medians;
-page cache dropped before each; lode's side includes its attach, FUSE and crun set-up).
+page cache dropped before each; lode's side includes its attach, FUSE and crun set-up{pull_note(starts)}).
 Ratios are oriented so that above 1 means lode is ahead. Commands: {", ".join(cmds) or "-"}.
 
 {plot}
