@@ -27,7 +27,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -94,10 +93,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def median(xs):
-    return statistics.median(xs) if xs else None
-
-
 class Ctx:
     def __init__(self, args):
         self.args = args
@@ -136,8 +131,8 @@ class Ctx:
             return json.load(f)
 
     def spawn(self, cmd, logname):
-        logf = open(os.path.join(self.work, logname), "ab")
-        p = subprocess.Popen(cmd, env=self.env, stdout=logf, stderr=logf, start_new_session=True)
+        with open(os.path.join(self.work, logname), "ab") as logf:
+            p = subprocess.Popen(cmd, env=self.env, stdout=logf, stderr=logf, start_new_session=True)
         self.procs.append(p)
         return p
 
