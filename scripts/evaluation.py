@@ -304,12 +304,7 @@ def fig_latency(r, rep):
     fig, a = plt.subplots(figsize=(7, 3.8))
     rows = []
     for tier in TIERS:
-        counts = None
-        for s in stats:
-            t = next((t for t in s["tiers"] if t["name"] == tier), None)
-            if t is None:
-                continue
-            counts = t["hit_latency_counts"] if counts is None else [x + y for x, y in zip(counts, t["hit_latency_counts"])]
+        counts = tier_counts(rep, tier)
         if not counts or sum(counts) == 0:
             continue
         xs, ys, total = cdf_points(bounds, counts)

@@ -37,10 +37,8 @@ impl Histogram {
     /// Records one observation.
     pub fn record(&self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let i = LATENCY_BUCKETS_US
-            .iter()
-            .position(|b| us <= *b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
+        // The first bound at or above `us`; past the last one, the overflow bucket.
+        let i = LATENCY_BUCKETS_US.partition_point(|b| *b < us);
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
     }
@@ -62,8 +60,8 @@ pub struct TierCounters {
     bytes: AtomicU64,
     integrity_failures: AtomicU64,
     errors: AtomicU64,
-    latency: Histogram,
     hit_latency: Histogram,
+    miss_latency: Histogram,
 }
 
 impl TierCounters {
@@ -75,21 +73,20 @@ impl TierCounters {
             bytes: AtomicU64::new(0),
             integrity_failures: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            latency: Histogram::default(),
             hit_latency: Histogram::default(),
+            miss_latency: Histogram::default(),
         }
     }
 
     pub(crate) fn hit(&self, bytes: usize, took: Duration) {
         self.hits.fetch_add(1, Relaxed);
         self.bytes.fetch_add(bytes as u64, Relaxed);
-        self.latency.record(took);
         self.hit_latency.record(took);
     }
 
     pub(crate) fn miss(&self, took: Duration) {
         self.misses.fetch_add(1, Relaxed);
-        self.latency.record(took);
+        self.miss_latency.record(took);
     }
 
     pub(crate) fn integrity_failure(&self) {
@@ -101,8 +98,15 @@ impl TierCounters {
     }
 
     fn snapshot(&self) -> TierSnapshot {
-        let (buckets, sum) = self.latency.snapshot();
+        // Every lookup's latency is the hits' and the misses' together.
         let (hit_buckets, hit_sum) = self.hit_latency.snapshot();
+        let (miss_buckets, miss_sum) = self.miss_latency.snapshot();
+        let buckets = hit_buckets
+            .iter()
+            .zip(&miss_buckets)
+            .map(|(h, m)| h + m)
+            .collect();
+        let sum = hit_sum + miss_sum;
         TierSnapshot {
             name: self.name.to_owned(),
             hits: self.hits.load(Relaxed),
