@@ -75,8 +75,11 @@ cleanup() {
   if [ -n "$keep" ]; then echo "bench: kept $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
-/usr/bin/python3 scripts/bench.py $quick --sections "$sections" --lode "$LODE" --layout "$layout" \
-  --work "$work/work" --results "$work/results" --command "$(echo scripts/bench.sh "${args[@]}")"
+if ! /usr/bin/python3 scripts/bench.py $quick --sections "$sections" --lode "$LODE" --layout "$layout" \
+  --work "$work/work" --results "$work/results" --command "$(echo scripts/bench.sh "${args[@]}")"; then
+  keep=1  # the agents' and nodes' logs the error points to
+  die "a section failed (above); its logs are in $work/work"
+fi
 /usr/bin/python3 scripts/evaluation.py "$work/results" "$out"
 mkdir -p "$(dirname "$out")/evaluation"
 cp "$work"/results/*.json "$(dirname "$out")/evaluation/"
