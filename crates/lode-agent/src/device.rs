@@ -158,6 +158,7 @@ impl ImageDevice {
         let chunk = ChunkRef {
             root: self.root,
             name,
+            max_bytes: expected as u64 + lode_format::chunk::TAG_LEN as u64,
         };
         self.cache
             .plaintext(chunk, i, key, expected)

@@ -28,6 +28,9 @@ pub struct ChunkRef {
     pub root: RootId,
     /// The chunk's name (SHA-256 of its ciphertext).
     pub name: ChunkName,
+    /// The most bytes its ciphertext may be (its plaintext length plus the seal's tag):
+    /// the origin refuses a larger object before reading it.
+    pub max_bytes: u64,
 }
 
 /// One place ciphertext chunks can come from.
@@ -315,7 +318,11 @@ impl ChunkTier for OriginTier {
             .acquire()
             .await
             .map_err(|e| AgentError::Task(e.to_string()))?;
-        match self.store.get_chunk(chunk.root, &chunk.name).await {
+        match self
+            .store
+            .get_chunk(chunk.root, &chunk.name, chunk.max_bytes)
+            .await
+        {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::NotFound { .. }) => Ok(None),
             Err(StoreError::CorruptChunk { name, got, .. }) => Err(AgentError::Corrupt {

@@ -131,9 +131,11 @@ async fn write_chunks(
                 .ok_or(ImageError::MissingKey { id, index });
             async move {
                 let key = key?;
-                let ciphertext = store.get_chunk(img.root, &name).await?;
-                let size = ciphertext.len() as u64;
                 let expected = cs.len_of(index, device_size);
+                let ciphertext = store
+                    .get_chunk(img.root, &name, crate::sealed_len(expected))
+                    .await?;
+                let size = ciphertext.len() as u64;
                 let offset = cs.offset_of(index).0;
                 tokio::task::spawn_blocking(move || {
                     let plain = open_unverified(&name, &key, ciphertext.to_vec())

@@ -8,6 +8,7 @@
 mod error;
 mod export;
 mod flatten;
+mod fsck;
 mod inspect;
 mod publish;
 mod reference;
@@ -19,12 +20,13 @@ pub use export::{ExportStats, export};
 pub use flatten::{
     FlattenProgress, FlattenReport, FlattenRequest, default_work_dir, flatten_and_publish,
 };
+pub use fsck::{DEFAULT_STAGING_MIN_AGE, Fault, FsckOptions, FsckReport, fsck};
 pub use inspect::ManifestView;
 pub use lode_registry::RegistryAuth;
 pub use publish::{PublishOptions, PublishStats, Published, Publisher};
 pub use reference::{OpenedImage, open_image, resolve};
 pub use stats::{StoreStats, store_stats};
-pub use verify::{Problem, VerifyReport, verify};
+pub use verify::{Problem, VerifyReport, verify, verify_with};
 
 /// Reports progress of long work. Both calls may come from any thread.
 pub trait Progress: Send + Sync {
@@ -41,6 +43,12 @@ pub struct NoProgress;
 impl Progress for NoProgress {
     fn set_total(&self, _: u64) {}
     fn advance(&self, _: u64) {}
+}
+
+/// The most bytes the sealed form of a `plaintext_len`-byte chunk may be: the bound on
+/// every chunk read from a store.
+pub(crate) fn sealed_len(plaintext_len: usize) -> u64 {
+    (plaintext_len + lode_format::chunk::TAG_LEN) as u64
 }
 
 /// How many chunk operations run at once: enough to keep both the CPU (sealing) and a

@@ -56,6 +56,8 @@ pub struct PublishStats {
     pub present_chunks: u64,
     /// Chunks uploaded.
     pub uploaded_chunks: u64,
+    /// Of those, chunks whose object in the store was damaged and was replaced.
+    pub repaired_chunks: u64,
     /// Ciphertext bytes uploaded.
     pub uploaded_bytes: u64,
     /// Plaintext bytes of the non-zero chunks.
@@ -103,6 +105,7 @@ enum Sealed {
         name: ChunkName,
         key: ChunkKey,
         uploaded: Option<u64>,
+        repaired: bool,
     },
     Repeat {
         digest: [u8; 32],
@@ -118,13 +121,19 @@ impl<'a> Publisher<'a> {
     }
 
     /// The active root and its salt, creating root 1 in an empty store.
+    ///
+    /// Each round judges one listing of the roots: reading "is there an active root" and
+    /// "is there any root" from two listings let a racing first publisher's root appear
+    /// between them and be mistaken for a store with no active root. Root 1 is created
+    /// with the store's atomic create, so of racing first publishers exactly one stores
+    /// its record and every one of them then reads that record back and uses it.
     pub async fn active_root(&self) -> Result<(RootId, RootSalt), ImageError> {
         for _ in 0..3 {
-            if let Some(rec) = self.store.active_root().await? {
+            let roots = self.store.roots().await?;
+            if let Some(rec) = self.store.active_among(&roots)? {
                 let salt = self.kms.unwrap(&rec.salt).await?;
                 return Ok((rec.root, salt));
             }
-            let roots = self.store.roots().await?;
             if let Some(last) = roots.last() {
                 return Err(ImageError::Invalid(format!(
                     "store {} has {} root(s) but none is active (root {} is {:?}); \
@@ -142,10 +151,10 @@ impl<'a> Publisher<'a> {
                 salt: self.kms.wrap(&self.key_id, &salt).await?,
             };
             // Whether we won or another publisher did, read the root back and use what
-            // the store holds: on a backend whose create-if-absent is not atomic, two
-            // racing publishers may both "win", and the last write is the one that stays.
-            // (Even then nothing breaks: keys live in each manifest; only dedup between
-            // the two racers' first images would be lost.)
+            // the store holds. On a backend whose create-if-absent is not atomic, two
+            // racing publishers may both "win" and the last write stays; even then
+            // nothing breaks (keys live in each manifest), only dedup between the two
+            // racers' first images is lost.
             self.store.create_root(&rec).await?;
         }
         Err(ImageError::Invalid(format!(
@@ -233,7 +242,7 @@ impl<'a> Publisher<'a> {
                     let outcome = store
                         .put_chunk(root, &s.name, Bytes::from(s.ciphertext))
                         .await?;
-                    let uploaded = (outcome == PutOutcome::Stored).then_some(size);
+                    let uploaded = (outcome != PutOutcome::AlreadyPresent).then_some(size);
                     Ok((
                         len,
                         Sealed::Chunk {
@@ -241,6 +250,7 @@ impl<'a> Publisher<'a> {
                             name: s.name,
                             key: s.key,
                             uploaded,
+                            repaired: outcome == PutOutcome::Repaired,
                         },
                     ))
                 }
@@ -276,8 +286,10 @@ impl<'a> Publisher<'a> {
                     name,
                     key,
                     uploaded,
+                    repaired,
                 } => {
                     image_hash.update(&digest);
+                    stats.repaired_chunks += u64::from(repaired);
                     stats.stored_plain_bytes += len as u64;
                     match uploaded {
                         Some(bytes) => {

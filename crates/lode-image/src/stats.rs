@@ -21,6 +21,8 @@ pub struct StoreStats {
     pub manifests: u64,
     /// Tags.
     pub tags: u64,
+    /// Tags that could not be read, each with why (see `lode store fsck`).
+    pub bad_tags: Vec<String>,
     /// Chunk objects across all roots.
     pub chunks: u64,
     /// Bytes of chunk objects (ciphertext, with 16-byte tags).
@@ -42,7 +44,9 @@ pub async fn store_stats(store: &Store) -> Result<StoreStats, ImageError> {
         store: store.label().to_owned(),
         ..Default::default()
     };
-    st.tags = store.list_tags().await?.len() as u64;
+    let tags = store.list_tags().await?;
+    st.tags = tags.tags.len() as u64;
+    st.bad_tags = tags.bad.iter().map(|b| b.error.to_string()).collect();
     for root in store.roots().await? {
         st.roots += 1;
         let chunks = store.list_chunks(root.root).await?;

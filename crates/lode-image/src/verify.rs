@@ -1,6 +1,12 @@
 //! Checking that an image is whole: every chunk it names is in the store and hashes to
 //! its name, and — with the key table — decrypts under its key to the right length.
 //! Unlike export, verify does not stop at the first fault: it reports every one.
+//!
+//! With `repair`, a chunk object found damaged (bytes that do not hash to its name, an
+//! object larger than the chunk can be, a link or special file) is removed, so that the
+//! next publish or import of an image holding it uploads it again; the report lists what
+//! was removed. A chunk that hashes to its name but does not decrypt is not the store's
+//! damage (the manifest's key table is at fault) and is left alone.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,7 +17,7 @@ use lode_format::{ChunkIndex, ChunkName, ManifestId};
 use lode_store::{Store, StoreError};
 use serde::Serialize;
 
-use crate::{CONCURRENCY, ImageError, OpenedImage, Progress};
+use crate::{CONCURRENCY, ImageError, OpenedImage, Progress, sealed_len};
 
 /// One fault found by [`verify`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -32,6 +38,16 @@ pub enum Problem {
         chunk: ChunkName,
         /// What its bytes hash to.
         got: ChunkName,
+    },
+    /// The chunk object cannot be what the manifest names: larger than the chunk can
+    /// be, changed while read, or not a regular file.
+    Damaged {
+        /// The first index that names it.
+        index: ChunkIndex,
+        /// The chunk.
+        chunk: ChunkName,
+        /// What the store said.
+        detail: String,
     },
     /// The chunk does not decrypt under its key, or to the wrong length.
     Undecryptable {
@@ -56,6 +72,11 @@ impl std::fmt::Display for Problem {
                     "chunk {index} ({chunk}) is corrupt: its bytes hash to {got}"
                 )
             }
+            Problem::Damaged {
+                index,
+                chunk,
+                detail,
+            } => write!(f, "chunk {index} ({chunk}) is damaged: {detail}"),
             Problem::Undecryptable {
                 index,
                 chunk,
@@ -80,6 +101,9 @@ pub struct VerifyReport {
     pub decrypted: bool,
     /// Every fault, in index order.
     pub problems: Vec<Problem>,
+    /// Damaged chunk objects removed from the store (with `repair`); publishing an
+    /// image that holds them uploads them again.
+    pub removed: Vec<ChunkName>,
 }
 
 impl VerifyReport {
@@ -94,6 +118,17 @@ pub async fn verify(
     store: &Store,
     img: &OpenedImage,
     progress: Arc<dyn Progress>,
+) -> Result<VerifyReport, ImageError> {
+    verify_with(store, img, progress, false).await
+}
+
+/// Checks every distinct chunk of `img`; with `repair`, removes each damaged chunk object
+/// (see the module doc).
+pub async fn verify_with(
+    store: &Store,
+    img: &OpenedImage,
+    progress: Arc<dyn Progress>,
+    repair: bool,
 ) -> Result<VerifyReport, ImageError> {
     let header = img.manifest.header();
     let (cs, device_size) = (header.chunk_size, header.device_size);
@@ -118,13 +153,32 @@ pub async fn verify(
             let progress = Arc::clone(&progress);
             async move {
                 let expected = cs.len_of(index, device_size);
-                let bytes = match store.get_chunk(img.root, &chunk).await {
+                let max = sealed_len(expected);
+                let damaged = |problem: Problem| async move {
+                    let removed =
+                        repair && store.remove_damaged_chunk(img.root, &chunk, max).await?;
+                    Ok::<_, ImageError>((0, Some(problem), removed.then_some(chunk)))
+                };
+                let bytes = match store.get_chunk(img.root, &chunk, max).await {
                     Ok(b) => b,
                     Err(StoreError::NotFound { .. }) => {
-                        return Ok((0, Some(Problem::Missing { index, chunk })));
+                        return Ok((0, Some(Problem::Missing { index, chunk }), None));
                     }
                     Err(StoreError::CorruptChunk { got, .. }) => {
-                        return Ok((0, Some(Problem::Corrupt { index, chunk, got })));
+                        return damaged(Problem::Corrupt { index, chunk, got }).await;
+                    }
+                    Err(
+                        e @ (StoreError::TooLarge { .. }
+                        | StoreError::SizeChanged { .. }
+                        | StoreError::Unreadable { .. }),
+                    ) => {
+                        let detail = e.to_string();
+                        return damaged(Problem::Damaged {
+                            index,
+                            chunk,
+                            detail,
+                        })
+                        .await;
                     }
                     Err(e) => return Err(ImageError::Store(e)),
                 };
@@ -159,7 +213,7 @@ pub async fn verify(
                         .map_err(|e| ImageError::Task(e.to_string()))?,
                     };
                 progress.advance(expected as u64);
-                Ok::<_, ImageError>((size, problem))
+                Ok::<_, ImageError>((size, problem, None))
             }
         })
         .buffered(CONCURRENCY);
@@ -169,12 +223,14 @@ pub async fn verify(
         bytes_checked: 0,
         decrypted: img.keys.is_some(),
         problems: Vec::new(),
+        removed: Vec::new(),
     };
     while let Some(r) = results.next().await {
-        let (size, problem) = r?;
+        let (size, problem, removed) = r?;
         report.chunks_checked += 1;
         report.bytes_checked += size;
         report.problems.extend(problem);
+        report.removed.extend(removed);
     }
     Ok(report)
 }

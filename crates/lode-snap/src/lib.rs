@@ -164,7 +164,11 @@ impl Snapshot {
     pub async fn working_set(&self) -> Result<Option<WorkingSet>, SnapError> {
         let Some(bytes) = self
             .store
-            .get_working_set(self.device.root(), &self.id())
+            .get_working_set(
+                self.device.root(),
+                &self.id(),
+                record::max_sealed_len(self.size()),
+            )
             .await?
         else {
             return Ok(None);

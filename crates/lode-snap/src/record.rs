@@ -82,6 +82,13 @@ impl RecordKey {
     }
 }
 
+/// The most bytes a sealed record of a `snapshot_size`-byte snapshot may be (one entry
+/// per page, at most [`MAX_PAGES`]): the bound on reading one back from a store.
+pub fn max_sealed_len(snapshot_size: u64) -> u64 {
+    let pages = (snapshot_size / PAGE_SIZE).min(MAX_PAGES);
+    (NONCE_LEN + HEADER + 16) as u64 + 8 * pages
+}
+
 impl WorkingSet {
     /// The record's bytes, sealed for snapshot `id` under its key table.
     pub fn seal(&self, id: &ManifestId, snapshot_size: u64, key: &RecordKey) -> Vec<u8> {

@@ -10,14 +10,26 @@
 //! ```
 //!
 //! Chunks and manifests are content-addressed: a put checks that the bytes hash to the
-//! name, never overwrites a good object (the store's atomic create; an object of the
-//! wrong size under the name is damage and is replaced), and costs no upload when the name
-//! is already there. A get checks the bytes against the name before returning them.
+//! name, never overwrites a good object (the store's atomic create), and costs no upload
+//! when the name is already there with the right bytes; an object under the name that is
+//! damaged (other bytes, another size) is replaced. A get checks the bytes against the
+//! name before returning them.
+//!
+//! Everything read back is untrusted: every read is bounded by the most its kind may be
+//! (a chunk by its chunk size plus the seal's tag, a manifest by the format's cap, a tag
+//! and a root record by a few KiB), checked against the size the backend reports before
+//! a byte is read and counted as it arrives; errors name the object, never quote it. A
+//! local store refuses links and special files (see [`local`]).
 
+pub mod local;
 mod location;
 mod root;
 mod store;
 
+pub use local::StagingFile;
 pub use location::StoreLocation;
 pub use root::{RootRecord, RootState};
-pub use store::{PutOutcome, Store, StoreError};
+pub use store::{
+    BadTag, MAX_MANIFEST_OBJECT, MAX_ROOT_OBJECT, MAX_TAG_OBJECT, PutOutcome, Store, StoreError,
+    TagList, parse_tag_body,
+};

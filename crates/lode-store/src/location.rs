@@ -1,11 +1,13 @@
 //! Where a store is: parsed once from what the user typed, with the fault named.
 //!
 //! - a plain path (`/var/lib/lode/store`, `./store`) or `file:///path`: a local directory,
-//!   created if missing;
+//!   created if missing (see [`crate::local`]: fsynced writes, no links followed);
 //! - `s3://bucket[/prefix]`: S3 or an S3-compatible service. Endpoint, region and
 //!   credentials come from the usual AWS environment variables (`AWS_ENDPOINT_URL`,
 //!   `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`);
 //!   plain `http://` endpoints are allowed (a loopback test server, a private gateway);
+//!   every put carries an `x-amz-checksum-sha256` the service must check, so a service
+//!   that does not support SHA-256 checksums is not a lode store;
 //! - `memory:`: a new, empty in-memory store that lives as long as the `Store` and its
 //!   clones (tests).
 
@@ -14,13 +16,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::AmazonS3Builder;
-use object_store::local::LocalFileSystem;
+use object_store::aws::{AmazonS3Builder, Checksum};
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 
+use crate::local::LocalDir;
 use crate::store::StoreError;
+
+/// A connected backend: the object store, the key prefix, and the local directory
+/// backend again when it is one.
+pub(crate) type Connected = (Arc<dyn ObjectStore>, Path, Option<LocalDir>);
 
 /// A parsed store location.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,20 +106,20 @@ impl StoreLocation {
     }
 
     /// Connects to the location: creates a local directory, builds an S3 client.
-    pub(crate) fn connect(&self) -> Result<(Arc<dyn ObjectStore>, Path), StoreError> {
+    /// The local backend is returned a second time, typed, for its staging files.
+    pub(crate) fn connect(&self) -> Result<Connected, StoreError> {
         match self {
-            StoreLocation::Memory => Ok((Arc::new(InMemory::new()), Path::default())),
+            StoreLocation::Memory => Ok((Arc::new(InMemory::new()), Path::default(), None)),
             StoreLocation::Local(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| StoreError::BadLocation {
                     spec: dir.display().to_string(),
                     reason: format!("cannot create the directory: {e}"),
                 })?;
-                let fs =
-                    LocalFileSystem::new_with_prefix(dir).map_err(|e| StoreError::BadLocation {
-                        spec: dir.display().to_string(),
-                        reason: e.to_string(),
-                    })?;
-                Ok((Arc::new(fs), Path::default()))
+                let fs = LocalDir::new(dir).map_err(|e| StoreError::BadLocation {
+                    spec: dir.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                Ok((Arc::new(fs.clone()), Path::default(), Some(fs)))
             }
             StoreLocation::S3 { bucket, prefix } => {
                 // from_env reads AWS_REGION, AWS_DEFAULT_REGION, credentials and the
@@ -137,7 +143,10 @@ impl StoreLocation {
                     .with_connect_timeout(Duration::from_secs(5))
                     .with_timeout(Duration::from_secs(120))
                     .with_allow_http(endpoint.starts_with("http://"));
+                // Every put carries the SHA-256 of its body, which S3 checks before it
+                // stores anything: bytes damaged on the way are refused, not stored.
                 let s3 = b
+                    .with_checksum_algorithm(Checksum::SHA256)
                     .with_retry(retry)
                     .with_client_options(client)
                     .build()
@@ -153,7 +162,7 @@ impl StoreLocation {
                         reason: e.to_string(),
                     })?
                 };
-                Ok((Arc::new(s3), prefix))
+                Ok((Arc::new(s3), prefix, None))
             }
         }
     }

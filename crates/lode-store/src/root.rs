@@ -66,18 +66,20 @@ impl RootRecord {
         v
     }
 
-    pub(crate) fn from_json(bytes: &[u8]) -> Result<RootRecord, String> {
+    /// Parses a root record. A refusal says what is wrong and where (line and column),
+    /// never what the bytes are: they come from the store and may be anything.
+    pub fn from_json(bytes: &[u8]) -> Result<RootRecord, String> {
         if bytes.len() > 64 * 1024 {
             return Err(format!(
                 "{} bytes is too large for a root record",
                 bytes.len()
             ));
         }
-        let f: RootFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let f: RootFile = serde_json::from_slice(bytes).map_err(describe)?;
         if f.version != 1 {
             return Err(format!("unknown version {}", f.version));
         }
-        let blob = hex::decode(&f.salt.blob).map_err(|e| format!("salt blob: {e}"))?;
+        let blob = hex::decode(&f.salt.blob).map_err(|_| "the salt blob is not hex".to_owned())?;
         Ok(RootRecord {
             root: f.root,
             state: f.state,
@@ -86,5 +88,88 @@ impl RootRecord {
                 blob,
             },
         })
+    }
+}
+
+/// What is wrong with a record that did not parse, without serde_json's message, which
+/// quotes the offending value.
+fn describe(e: serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "it could not be read",
+        Category::Syntax => "it is not JSON",
+        Category::Eof => "it ends early",
+        Category::Data => "a field is missing, unknown or of the wrong type or value",
+    };
+    format!(
+        "not a root record: {what} (line {}, column {})",
+        e.line(),
+        e.column()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SECRET: &str = "$6$rounds=5000$hunter2hash";
+
+    #[test]
+    fn refusals_do_not_quote_the_record() {
+        for bad in [
+            SECRET.to_owned(),
+            format!(
+                r#"{{"version": 1, "root": 1, "state": "{SECRET}", "salt": {{"key_id": "k", "blob": "00"}}}}"#
+            ),
+            format!(
+                r#"{{"version": 1, "root": "{SECRET}", "state": "active", "salt": {{"key_id": "k", "blob": "00"}}}}"#
+            ),
+            format!(
+                r#"{{"version": 1, "root": 1, "state": "active", "salt": {{"key_id": "k", "blob": "{SECRET}"}}}}"#
+            ),
+            format!(r#"{{"{SECRET}": 1}}"#),
+        ] {
+            let e = RootRecord::from_json(bad.as_bytes()).unwrap_err();
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        let e = RootRecord::from_json(
+            br#"{"version": 1, "root": 1, "state": "sleeping",
+            "salt": {"key_id": "k", "blob": "00"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "not a root record: a field is missing, unknown or of the wrong type or value \
+             (line 1, column 45)"
+        );
+    }
+
+    proptest! {
+        /// Any bytes: a record or a refusal, never a panic, and never an echo of a
+        /// marker planted anywhere in the input.
+        #[test]
+        fn parser_never_echoes(prefix in ".{0,40}", suffix in ".{0,40}", raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let planted = format!("{prefix}hunter2{suffix}");
+            for input in [planted.as_bytes(), &raw[..]] {
+                if let Err(e) = RootRecord::from_json(input) {
+                    prop_assert!(!e.contains("hunter2"));
+                }
+            }
+            let json = format!(r#"{{"version": 1, "root": 3, "state": "{prefix}hunter2", "salt": {{"key_id": "{suffix}", "blob": "zz"}}}}"#);
+            if let Err(e) = RootRecord::from_json(json.as_bytes()) {
+                prop_assert!(!e.contains("hunter2"));
+            }
+        }
+
+        #[test]
+        fn records_round_trip(root in any::<u32>(), state in 0..3u8, key_id in "[a-z0-9._-]{0,20}", blob in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let rec = RootRecord {
+                root: RootId(root),
+                state: [RootState::Active, RootState::Retired, RootState::Expired][usize::from(state)],
+                salt: WrappedKey { key_id, blob },
+            };
+            prop_assert_eq!(RootRecord::from_json(&rec.to_json()).unwrap(), rec);
+        }
     }
 }

@@ -2,13 +2,14 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt;
 use lode_format::{ChunkName, ManifestId, RootId};
 use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use thiserror::Error;
 
+use crate::local::{LocalDir, Refused, StagingFile};
 use crate::location::StoreLocation;
 use crate::root::{RootRecord, RootState};
 
@@ -17,8 +18,12 @@ use crate::root::{RootRecord, RootState};
 /// at most, and object_store stages it under a longer temporary name first), so the cap
 /// leaves room for both.
 pub const MAX_TAG_BYTES: usize = 160;
-/// The largest tag or root object lode reads.
-const MAX_SMALL_OBJECT: u64 = 64 * 1024;
+/// The largest tag object lode reads: a tag holds 64 hex digits and a newline.
+pub const MAX_TAG_OBJECT: u64 = 1024;
+/// The largest root record lode reads.
+pub const MAX_ROOT_OBJECT: u64 = 64 * 1024;
+/// The largest manifest object lode reads (the manifest format's own cap).
+pub const MAX_MANIFEST_OBJECT: u64 = lode_format::manifest::MAX_MANIFEST_BYTES as u64;
 
 /// A store operation failed. Each variant names the store and the object at fault.
 #[derive(Debug, Error)]
@@ -71,6 +76,50 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// An object larger than its kind may be, refused before any of it was read.
+    #[error(
+        "{what} {object} in store {store} is {size} bytes, more than the {max} a {what} may be"
+    )]
+    TooLarge {
+        /// The store.
+        store: String,
+        /// "chunk", "manifest", "tag", …
+        what: &'static str,
+        /// The object's key.
+        object: String,
+        /// The size the backend reported.
+        size: u64,
+        /// The most lode reads for this kind.
+        max: u64,
+    },
+    /// An object whose body did not match the size its metadata promised.
+    #[error(
+        "{what} {object} in store {store} changed while read: {size} bytes promised, {got} sent"
+    )]
+    SizeChanged {
+        /// The store.
+        store: String,
+        /// "chunk", "manifest", "tag", …
+        what: &'static str,
+        /// The object's key.
+        object: String,
+        /// The size the backend reported.
+        size: u64,
+        /// What arrived (counting stops at the first byte too many).
+        got: u64,
+    },
+    /// An object lode will not read: a symbolic link, a FIFO, a device (local stores).
+    #[error("{what} {object} in store {store} is refused: {reason}")]
+    Unreadable {
+        /// The store.
+        store: String,
+        /// "chunk", "manifest", "tag", …
+        what: &'static str,
+        /// The object's key.
+        object: String,
+        /// What it is.
+        reason: &'static str,
+    },
     /// A put whose bytes do not match the name it was asked under.
     #[error("refusing to put chunk {expected} into store {store}: the bytes hash to {got}")]
     PutMismatch {
@@ -88,6 +137,16 @@ pub enum StoreError {
         tag: String,
         /// Why.
         reason: &'static str,
+    },
+    /// A local store's staging files could not be listed or removed.
+    #[error("store {store}: staging file {key:?}: {source}")]
+    Staging {
+        /// The store.
+        store: String,
+        /// The staging file (empty when listing failed).
+        key: String,
+        /// What the OS said.
+        source: std::io::Error,
     },
     /// The backend failed (network, permissions, disk).
     #[error("store {store}: {op} {object} failed: {source}")]
@@ -108,8 +167,12 @@ pub enum StoreError {
 pub enum PutOutcome {
     /// The object was new and is now stored.
     Stored,
-    /// An object by that name was already there; nothing was uploaded.
+    /// An object by that name was already there and held the right bytes; nothing was
+    /// uploaded.
     AlreadyPresent,
+    /// An object by that name was there but damaged (wrong size or bytes that do not hash
+    /// to its name); it was removed and the good bytes stored.
+    Repaired,
 }
 
 /// A lode store: cheap to clone, safe to share between tasks.
@@ -118,23 +181,31 @@ pub struct Store {
     os: Arc<dyn ObjectStore>,
     prefix: Path,
     label: String,
+    /// The directory backend, when the store is one (for its staging files).
+    local: Option<LocalDir>,
 }
 
 impl Store {
     /// Opens the store a user named (see [`StoreLocation`]).
     pub fn open(spec: &str) -> Result<Store, StoreError> {
         let loc = StoreLocation::parse(spec)?;
-        let (os, prefix) = loc.connect()?;
+        let (os, prefix, local) = loc.connect()?;
         Ok(Store {
             os,
             prefix,
             label: loc.to_string(),
+            local,
         })
     }
 
     /// Wraps any object store (tests, embedders).
     pub fn from_object_store(os: Arc<dyn ObjectStore>, prefix: Path, label: String) -> Store {
-        Store { os, prefix, label }
+        Store {
+            os,
+            prefix,
+            label,
+            local: None,
+        }
     }
 
     /// Where the store is, for messages.
@@ -189,6 +260,16 @@ impl Store {
     }
 
     fn backend(&self, op: &'static str, object: &Path, source: object_store::Error) -> StoreError {
+        if let object_store::Error::Generic { source: inner, .. } = &source
+            && let Some(refused) = inner.downcast_ref::<Refused>()
+        {
+            return StoreError::Unreadable {
+                store: self.label.clone(),
+                what: "object",
+                object: object.to_string(),
+                reason: refused.what,
+            };
+        }
         StoreError::Backend {
             store: self.label.clone(),
             op,
@@ -205,31 +286,42 @@ impl Store {
         }
     }
 
-    /// Creates `path` with `bytes` unless it exists; never overwrites a good object.
-    async fn create(&self, path: &Path, bytes: Bytes) -> Result<PutOutcome, StoreError> {
-        if self.exists(path).await? {
-            return Ok(PutOutcome::AlreadyPresent);
+    /// Creates a content-addressed object (chunk, manifest) unless a good one is there (chunk, manifest), whose
+    /// bytes are known exactly. An object already under the name is read back (bounded by
+    /// the right size) and compared: its size alone proves nothing, as a flipped bit or a
+    /// tail of zeros keeps the size. Damage — other bytes, another size, a link or special
+    /// file — is removed and the good bytes stored ([`PutOutcome::Repaired`]), so a
+    /// republish heals the store instead of naming the damage again.
+    async fn create_addressed(
+        &self,
+        path: &Path,
+        bytes: Bytes,
+        what: &'static str,
+    ) -> Result<PutOutcome, StoreError> {
+        let damaged = match self
+            .read(path, what, path.to_string(), bytes.len() as u64)
+            .await
+        {
+            Ok(existing) if existing == bytes => return Ok(PutOutcome::AlreadyPresent),
+            Ok(_) => true,
+            Err(StoreError::NotFound { .. }) => false,
+            Err(
+                StoreError::TooLarge { .. }
+                | StoreError::SizeChanged { .. }
+                | StoreError::Unreadable { .. },
+            ) => true,
+            Err(e) => return Err(e),
+        };
+        if damaged {
+            match self.os.delete(path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.backend("delete damaged", path, e)),
+            }
         }
-        self.put_create(path, bytes).await
-    }
-
-    /// Like [`Store::create`] for a content-addressed object (chunk, manifest), whose
-    /// right size is known: an object of another size under the name is damage (a write
-    /// torn by a crash on a store without fsync, a truncated copy), so it is replaced
-    /// rather than trusted forever. Same-size damage is still caught by every read, which
-    /// checks the bytes against the name.
-    async fn create_addressed(&self, path: &Path, bytes: Bytes) -> Result<PutOutcome, StoreError> {
-        match self.os.head(path).await {
-            Ok(meta) if meta.size == bytes.len() as u64 => return Ok(PutOutcome::AlreadyPresent),
-            Ok(_) => self
-                .os
-                .delete(path)
-                .await
-                .map_err(|e| self.backend("delete damaged", path, e))?,
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(self.backend("head", path, e)),
+        match self.put_create(path, bytes).await? {
+            PutOutcome::Stored if damaged => Ok(PutOutcome::Repaired),
+            outcome => Ok(outcome),
         }
-        self.put_create(path, bytes).await
     }
 
     async fn put_create(&self, path: &Path, bytes: Bytes) -> Result<PutOutcome, StoreError> {
@@ -249,11 +341,16 @@ impl Store {
         }
     }
 
+    /// Reads an object of at most `max` bytes. The size the backend reports is checked
+    /// before any byte is read, and the body is counted as it arrives, stopping at the
+    /// first byte beyond that size: an oversized or growing object costs no allocation
+    /// beyond `max`. `key` names the object in a not-found message.
     async fn read(
         &self,
         path: &Path,
         what: &'static str,
         key: String,
+        max: u64,
     ) -> Result<Bytes, StoreError> {
         let got = match self.os.get(path).await {
             Ok(g) => g,
@@ -264,12 +361,64 @@ impl Store {
                     key,
                 });
             }
-            Err(e) => return Err(self.backend("get", path, e)),
+            Err(e) => return Err(self.read_error(what, path, e)),
         };
-        got.bytes().await.map_err(|e| self.backend("get", path, e))
+        let size = got.meta.size;
+        if size > max {
+            return Err(StoreError::TooLarge {
+                store: self.label.clone(),
+                what,
+                object: path.to_string(),
+                size,
+                max,
+            });
+        }
+        let changed = |got: u64| StoreError::SizeChanged {
+            store: self.label.clone(),
+            what,
+            object: path.to_string(),
+            size,
+            got,
+        };
+        // `size` is at most `max`, which callers keep to what one object of the kind may be.
+        let mut buf = BytesMut::with_capacity(usize::try_from(size).unwrap_or(0));
+        let mut body = got.into_stream();
+        while let Some(piece) = body
+            .try_next()
+            .await
+            .map_err(|e| self.read_error(what, path, e))?
+        {
+            let total = (buf.len() + piece.len()) as u64;
+            if total > size {
+                return Err(changed(total));
+            }
+            buf.extend_from_slice(&piece);
+        }
+        if buf.len() as u64 != size {
+            return Err(changed(buf.len() as u64));
+        }
+        Ok(buf.freeze())
     }
 
-    /// Stores a chunk's ciphertext under its name, checking that the bytes hash to it.
+    fn read_error(&self, what: &'static str, path: &Path, e: object_store::Error) -> StoreError {
+        match self.backend("get", path, e) {
+            StoreError::Unreadable {
+                store,
+                object,
+                reason,
+                ..
+            } => StoreError::Unreadable {
+                store,
+                what,
+                object,
+                reason,
+            },
+            other => other,
+        }
+    }
+
+    /// Stores a chunk's ciphertext under its name, checking that the bytes hash to it. An
+    /// object already there is checked too, and replaced if damaged.
     pub async fn put_chunk(
         &self,
         root: RootId,
@@ -284,14 +433,26 @@ impl Store {
                 got,
             });
         }
-        self.create_addressed(&self.chunk_path(root, name), ciphertext)
+        self.create_addressed(&self.chunk_path(root, name), ciphertext, "chunk")
             .await
     }
 
-    /// Fetches a chunk's ciphertext and checks it against its name.
-    pub async fn get_chunk(&self, root: RootId, name: &ChunkName) -> Result<Bytes, StoreError> {
+    /// Fetches a chunk's ciphertext and checks it against its name. `max_bytes` is the
+    /// most the chunk may be (its plaintext length plus the seal's overhead): a larger
+    /// object is refused before it is read.
+    pub async fn get_chunk(
+        &self,
+        root: RootId,
+        name: &ChunkName,
+        max_bytes: u64,
+    ) -> Result<Bytes, StoreError> {
         let bytes = self
-            .read(&self.chunk_path(root, name), "chunk", name.to_hex())
+            .read(
+                &self.chunk_path(root, name),
+                "chunk",
+                name.to_hex(),
+                max_bytes,
+            )
             .await?;
         let got = ChunkName::of(&bytes);
         if &got != name {
@@ -302,6 +463,34 @@ impl Store {
             });
         }
         Ok(bytes)
+    }
+
+    /// Removes a chunk object if it is damaged (does not hash to its name, is larger than
+    /// `max_bytes`, or is not a regular file), so that the next publish of an image that
+    /// holds the chunk uploads it again. Re-reads it first: a chunk repaired meanwhile by
+    /// a publisher is left alone. Returns whether it removed anything.
+    pub async fn remove_damaged_chunk(
+        &self,
+        root: RootId,
+        name: &ChunkName,
+        max_bytes: u64,
+    ) -> Result<bool, StoreError> {
+        match self.get_chunk(root, name, max_bytes).await {
+            Ok(_) | Err(StoreError::NotFound { .. }) => Ok(false),
+            Err(
+                StoreError::CorruptChunk { .. }
+                | StoreError::TooLarge { .. }
+                | StoreError::SizeChanged { .. }
+                | StoreError::Unreadable { .. },
+            ) => {
+                let path = self.chunk_path(root, name);
+                match self.os.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+                    Err(e) => Err(self.backend("delete damaged", &path, e)),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether a chunk is stored (without reading it).
@@ -347,7 +536,8 @@ impl Store {
             .collect()
     }
 
-    /// Stores manifest bytes under their id; returns the id.
+    /// Stores manifest bytes under their id; returns the id. An object already there is
+    /// checked, and replaced if damaged.
     pub async fn put_manifest(
         &self,
         root: RootId,
@@ -355,15 +545,21 @@ impl Store {
     ) -> Result<(ManifestId, PutOutcome), StoreError> {
         let id = ManifestId::of(&bytes);
         let outcome = self
-            .create_addressed(&self.manifest_path(root, &id), bytes)
+            .create_addressed(&self.manifest_path(root, &id), bytes, "manifest")
             .await?;
         Ok((id, outcome))
     }
 
-    /// Fetches a manifest from a root and checks it against its id.
+    /// Fetches a manifest from a root and checks it against its id. At most
+    /// [`MAX_MANIFEST_OBJECT`] bytes are read.
     pub async fn get_manifest(&self, root: RootId, id: &ManifestId) -> Result<Bytes, StoreError> {
         let bytes = self
-            .read(&self.manifest_path(root, id), "manifest", id.to_hex())
+            .read(
+                &self.manifest_path(root, id),
+                "manifest",
+                id.to_hex(),
+                MAX_MANIFEST_OBJECT,
+            )
             .await?;
         let got = ManifestId::of(&bytes);
         if &got != id {
@@ -411,14 +607,21 @@ impl Store {
         Ok(())
     }
 
-    /// The working-set record of the snapshot `id`, if one was stored.
+    /// The working-set record of the snapshot `id`, if one was stored; one larger than
+    /// `max_bytes` (what the snapshot's size allows) is refused unread.
     pub async fn get_working_set(
         &self,
         root: RootId,
         id: &ManifestId,
+        max_bytes: u64,
     ) -> Result<Option<Bytes>, StoreError> {
         match self
-            .read(&self.working_set_path(root, id), "working set", id.to_hex())
+            .read(
+                &self.working_set_path(root, id),
+                "working set",
+                id.to_hex(),
+                max_bytes,
+            )
             .await
         {
             Ok(b) => Ok(Some(b)),
@@ -444,31 +647,25 @@ impl Store {
         Ok(())
     }
 
-    /// The manifest a tag points at.
+    /// The manifest a tag points at. The tag object is read only if it is at most
+    /// [`MAX_TAG_OBJECT`] bytes, and a malformed one is described, never echoed (its
+    /// bytes may be anything, a host file's among them).
     pub async fn get_tag(&self, tag: &str) -> Result<ManifestId, StoreError> {
         let path = self.tag_path(tag)?;
-        let bytes = self.read(&path, "tag", format!("{tag:?}")).await?;
-        if bytes.len() as u64 > MAX_SMALL_OBJECT {
-            return Err(StoreError::CorruptObject {
-                store: self.label.clone(),
-                object: path.to_string(),
-                reason: format!("{} bytes is too large for a tag", bytes.len()),
-            });
-        }
-        let text = std::str::from_utf8(&bytes).unwrap_or("");
-        text.trim_end_matches('\n')
-            .parse()
-            .map_err(
-                |e: lode_format::ids::ParseIdError| StoreError::CorruptObject {
-                    store: self.label.clone(),
-                    object: path.to_string(),
-                    reason: e.to_string(),
-                },
-            )
+        let bytes = self
+            .read(&path, "tag", format!("{tag:?}"), MAX_TAG_OBJECT)
+            .await?;
+        parse_tag_body(&bytes).map_err(|reason| StoreError::CorruptObject {
+            store: self.label.clone(),
+            object: path.to_string(),
+            reason: reason.to_owned(),
+        })
     }
 
-    /// Every tag and the manifest it points at, sorted by tag.
-    pub async fn list_tags(&self) -> Result<Vec<(String, ManifestId)>, StoreError> {
+    /// Every tag and the manifest it points at, sorted by tag. A tag that cannot be read
+    /// (malformed, oversized, a link) is set aside with its error rather than failing the
+    /// listing; only a failure to list at all is an error.
+    pub async fn list_tags(&self) -> Result<TagList, StoreError> {
         let prefix = self.path(["tags".into()]);
         let metas: Vec<_> = self
             .os
@@ -476,36 +673,46 @@ impl Store {
             .try_collect()
             .await
             .map_err(|e| self.backend("list", &prefix, e))?;
-        let mut out = Vec::new();
+        let mut out = TagList::default();
         for m in metas {
             let Some(part) = m.location.parts().next_back() else {
                 continue;
             };
             let tag = percent_decode(part.as_ref());
-            out.push((tag.clone(), self.get_tag(&tag).await?));
+            match self.get_tag(&tag).await {
+                Ok(id) => out.tags.push((tag, id)),
+                Err(error) => out.bad.push(BadTag { tag, error }),
+            }
         }
-        out.sort();
+        out.tags.sort();
+        out.bad.sort_by(|a, b| a.tag.cmp(&b.tag));
         Ok(out)
     }
 
-    /// Every root with its state, sorted by id.
-    pub async fn roots(&self) -> Result<Vec<RootRecord>, StoreError> {
+    /// The ids of every `roots/<n>/` prefix, sorted, whether or not it holds a ROOT
+    /// object (a consistency check reads each record on its own).
+    pub async fn root_ids(&self) -> Result<Vec<RootId>, StoreError> {
         let prefix = self.path(["roots".into()]);
         let listed = self
             .os
             .list_with_delimiter(Some(&prefix))
             .await
             .map_err(|e| self.backend("list", &prefix, e))?;
+        let mut ids: Vec<RootId> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.parts().next_back()?.as_ref().parse::<u32>().ok())
+            .map(RootId)
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Every root with its state, sorted by id.
+    pub async fn roots(&self) -> Result<Vec<RootRecord>, StoreError> {
         let mut out = Vec::new();
-        for p in listed.common_prefixes {
-            let Some(id) = p
-                .parts()
-                .next_back()
-                .and_then(|part| part.as_ref().parse::<u32>().ok())
-            else {
-                continue;
-            };
-            match self.get_root(RootId(id)).await {
+        for id in self.root_ids().await? {
+            match self.get_root(id).await {
                 Ok(r) => out.push(r),
                 // A root directory without its ROOT object is one whose creation has not
                 // finished (or a stray prefix): it holds nothing lode wrote.
@@ -517,29 +724,17 @@ impl Store {
         Ok(out)
     }
 
-    /// One root's record.
+    /// One root's record (at most [`MAX_ROOT_OBJECT`] bytes are read).
     pub async fn get_root(&self, root: RootId) -> Result<RootRecord, StoreError> {
         let path = self.root_path(root);
-        let meta = match self.os.head(&path).await {
-            Ok(m) => m,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(StoreError::NotFound {
-                    store: self.label.clone(),
-                    what: "root",
-                    key: root.to_string(),
-                });
-            }
-            Err(e) => return Err(self.backend("head", &path, e)),
-        };
         let corrupt = |reason: String| StoreError::CorruptObject {
             store: self.label.clone(),
             object: path.to_string(),
             reason,
         };
-        if meta.size > MAX_SMALL_OBJECT {
-            return Err(corrupt(format!("{} bytes is too large", meta.size)));
-        }
-        let bytes = self.read(&path, "root", root.to_string()).await?;
+        let bytes = self
+            .read(&path, "root", root.to_string(), MAX_ROOT_OBJECT)
+            .await?;
         let rec = RootRecord::from_json(&bytes).map_err(corrupt)?;
         if rec.root != root {
             return Err(corrupt(format!("it says it is root {}", rec.root)));
@@ -549,13 +744,18 @@ impl Store {
 
     /// The active root, if the store has one. More than one active root is corruption.
     pub async fn active_root(&self) -> Result<Option<RootRecord>, StoreError> {
-        let mut active = self
-            .roots()
-            .await?
-            .into_iter()
-            .filter(|r| r.state == RootState::Active);
+        Ok(self.active_among(&self.roots().await?)?.cloned())
+    }
+
+    /// The active root among `roots` (one listing, so that a caller deciding what to do
+    /// next judges a single view of the store). More than one active root is corruption.
+    pub fn active_among<'r>(
+        &self,
+        roots: &'r [RootRecord],
+    ) -> Result<Option<&'r RootRecord>, StoreError> {
+        let mut active = roots.iter().filter(|r| r.state == RootState::Active);
         let first = active.next();
-        if let (Some(a), Some(b)) = (&first, active.next()) {
+        if let (Some(a), Some(b)) = (first, active.next()) {
             return Err(StoreError::CorruptObject {
                 store: self.label.clone(),
                 object: self.path(["roots".into()]).to_string(),
@@ -566,10 +766,85 @@ impl Store {
     }
 
     /// Creates a root record; `AlreadyPresent` if that root exists (another process won).
+    /// The create is atomic where the backend's conditional put is (a local directory,
+    /// S3): of racing creators exactly one stores its record.
     pub async fn create_root(&self, rec: &RootRecord) -> Result<PutOutcome, StoreError> {
-        self.create(&self.root_path(rec.root), Bytes::from(rec.to_json()))
+        self.put_create(&self.root_path(rec.root), Bytes::from(rec.to_json()))
             .await
     }
+
+    /// Staging files a killed writer left in a local store (`<object>#<n>`, which no
+    /// listing shows), with their age; none for other backends, whose puts are single
+    /// requests that either store an object or not.
+    pub async fn staging_files(&self) -> Result<Vec<StagingFile>, StoreError> {
+        let Some(local) = self.local.clone() else {
+            return Ok(Vec::new());
+        };
+        let label = self.label.clone();
+        tokio::task::spawn_blocking(move || local.staging_files())
+            .await
+            .map_err(|e| StoreError::Staging {
+                store: label.clone(),
+                key: String::new(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(|source| StoreError::Staging {
+                store: self.label.clone(),
+                key: String::new(),
+                source,
+            })
+    }
+
+    /// Removes one staging file found by [`Store::staging_files`].
+    pub async fn remove_staging(&self, key: &str) -> Result<(), StoreError> {
+        let Some(local) = self.local.clone() else {
+            return Ok(());
+        };
+        let owned = key.to_owned();
+        tokio::task::spawn_blocking(move || local.remove_staging(&owned))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r)
+            .map_err(|source| StoreError::Staging {
+                store: self.label.clone(),
+                key: key.to_owned(),
+                source,
+            })
+    }
+}
+
+/// What [`Store::list_tags`] found.
+#[derive(Debug, Default)]
+pub struct TagList {
+    /// Readable tags and the manifests they name, sorted by tag.
+    pub tags: Vec<(String, ManifestId)>,
+    /// Tags that could not be read, sorted by tag.
+    pub bad: Vec<BadTag>,
+}
+
+/// A tag that could not be read, and why.
+#[derive(Debug)]
+pub struct BadTag {
+    /// The tag.
+    pub tag: String,
+    /// Why (the message names the object, never its bytes).
+    pub error: StoreError,
+}
+
+/// Parses a tag object: 64 lowercase hex digits, then an optional newline. The reason for
+/// a refusal describes the bytes without repeating them.
+pub fn parse_tag_body(bytes: &[u8]) -> Result<ManifestId, &'static str> {
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    if body.len() != 64 {
+        return Err("it does not hold a manifest id (64 hex digits and a newline)");
+    }
+    if !body.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err("it holds something other than 64 lowercase hex digits");
+    }
+    std::str::from_utf8(body)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or("it holds something other than 64 lowercase hex digits")
 }
 
 fn check_tag(tag: &str) -> Result<(), StoreError> {

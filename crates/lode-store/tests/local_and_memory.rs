@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::{Backdoor, DirBackdoor, conformance};
+use common::{Backdoor, DirBackdoor, MAX_CHUNK, conformance};
 use lode_format::{ChunkName, RootId};
 use lode_store::{PutOutcome, Store, StoreError};
 use object_store::memory::InMemory;
@@ -148,7 +148,10 @@ async fn local_store_survives_reopening() {
             .unwrap();
     }
     let store = Store::open(dir_str(&dir)).unwrap();
-    assert_eq!(store.get_chunk(RootId(1), &name).await.unwrap(), data);
+    assert_eq!(
+        store.get_chunk(RootId(1), &name, MAX_CHUNK).await.unwrap(),
+        data
+    );
     assert_eq!(
         store.put_chunk(RootId(1), &name, data).await.unwrap(),
         PutOutcome::AlreadyPresent

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use lode_format::{ChunkName, RootId};
 use lode_store::{Store, StoreError};
 
+const MAX_CHUNK: u64 = 1 << 20;
+
 const LABEL: &str = "s3://lode-test/pre/fix";
 const BUDGET: Duration = Duration::from_secs(30);
 
@@ -45,7 +47,10 @@ fn unreachable_endpoint_fails_naming_store_and_object() {
         let key = format!("pre/fix/roots/1/chunks/{}/{hex}", &hex[..2]);
 
         let t = Instant::now();
-        let e = store.get_chunk(RootId(1), &name).await.unwrap_err();
+        let e = store
+            .get_chunk(RootId(1), &name, MAX_CHUNK)
+            .await
+            .unwrap_err();
         let took = t.elapsed();
         eprintln!("get from an unreachable endpoint failed after {took:?}: {e}");
         assert!(took < BUDGET, "{took:?}");

@@ -569,14 +569,39 @@ pub struct VerifyArgs {
     /// Check names only, without the KMS (what a holder of ciphertext alone can check).
     #[arg(long)]
     pub no_decrypt: bool,
+    /// Remove each damaged chunk object found (bytes that do not hash to its name, an
+    /// object larger than the chunk can be, a link or special file), so that importing
+    /// or publishing the image again uploads it anew. Still exits 2: the image stays
+    /// broken until then.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
     /// Chunk count, stored bytes, logical bytes and the dedup ratio.
     Stats,
-    /// List tags and the manifests they point at.
+    /// List tags and the manifests they point at. A tag that cannot be read is named
+    /// on stderr, with why, and the rest are still listed.
     Tags,
+    /// Check the store's consistency and reclaim what killed writers left.
+    ///
+    /// Removes staging files (`<object>#<n>`, written before an object is published)
+    /// older than --older-than; reads and parses every tag, root record and manifest;
+    /// names every object under a content-addressed prefix that is not one. Chunk
+    /// contents are checked per image by `lode verify`. Exits 2 if any fault remains.
+    Fsck(FsckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FsckArgs {
+    /// Report staging files without removing them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Leave staging files younger than this many seconds: a writer may still be using
+    /// them.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    pub older_than: u64,
 }
 
 #[derive(Debug, Subcommand)]

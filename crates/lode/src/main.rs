@@ -226,13 +226,18 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             };
             let img = lode_image::open_image(&store, kms.as_deref(), &a.image).await?;
             let bar = env.progress("verifying");
-            let report = lode_image::verify(&store, &img, bar.clone() as Arc<dyn Progress>).await?;
+            let report =
+                lode_image::verify_with(&store, &img, bar.clone() as Arc<dyn Progress>, a.repair)
+                    .await?;
             bar.finish();
             if env.cli_json {
                 print_json(&serde_json::json!({"ok": report.ok(), "report": report}))?;
             } else {
                 for p in &report.problems {
                     println!("FAULT  {p}");
+                }
+                for c in &report.removed {
+                    println!("REMOVED chunk {c}: import or publish the image again to restore it");
                 }
                 println!(
                     "{} {}: {} distinct chunks ({}) checked{}, {} fault(s)",
@@ -255,6 +260,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Store(StoreCommand::Stats) => {
             let store = env.store()?;
             let st = lode_image::store_stats(&store).await?;
+            for bad in &st.bad_tags {
+                eprintln!("warning: tag not counted: {bad}");
+            }
             if env.cli_json {
                 print_json(&st)?;
             } else {
@@ -285,9 +293,44 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Store(StoreCommand::Fsck(a)) => {
+            let store = env.store()?;
+            let opts = lode_image::FsckOptions {
+                dry_run: a.dry_run,
+                staging_min_age: std::time::Duration::from_secs(a.older_than),
+            };
+            let report = lode_image::fsck(&store, opts).await?;
+            if env.cli_json {
+                print_json(&serde_json::json!({"ok": report.ok(), "report": report}))?;
+            } else {
+                for f in &report.faults {
+                    println!("FAULT  {f}");
+                }
+                println!(
+                    "{} {}: {} tags, {} roots, {} manifests, {} chunks; {} staging file(s) \
+                     removed, {} younger than {} s left",
+                    if report.ok() { "ok   " } else { "BAD  " },
+                    report.store,
+                    report.tags_checked,
+                    report.roots_checked,
+                    report.manifests_checked,
+                    report.chunks_listed,
+                    report.staging_removed,
+                    report.staging_young,
+                    a.older_than
+                );
+            }
+            if !report.ok() {
+                return Ok(ExitCode::from(2));
+            }
+        }
         Command::Store(StoreCommand::Tags) => {
             let store = env.store()?;
-            let tags = store.list_tags().await?;
+            let listing = store.list_tags().await?;
+            for bad in &listing.bad {
+                eprintln!("warning: skipping tag {:?}: {}", bad.tag, bad.error);
+            }
+            let tags = listing.tags;
             if env.cli_json {
                 let v: Vec<_> = tags
                     .iter()

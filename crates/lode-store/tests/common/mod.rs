@@ -12,6 +12,12 @@ use futures::future::join_all;
 use lode_format::{ChunkName, ManifestId, RootId, WrappedKey};
 use lode_store::{PutOutcome, RootRecord, RootState, Store, StoreError};
 
+/// The bound the suite reads chunks with: above every chunk it stores.
+pub const MAX_CHUNK: u64 = 1 << 20;
+
+/// What a malformed object planted behind lode's back holds; no message may repeat it.
+const PLANTED_SECRET: &str = "root:$6$saltsalt$hunter2hashedpassword:19000:0:99999:7:::";
+
 /// SHA-256("abc"), FIPS 180-2 appendix B.1: names are SHA-256, not some other hash.
 const SHA256_ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 
@@ -189,7 +195,7 @@ impl Suite<'_> {
         let s = self.store;
         assert_eq!(s.roots().await.unwrap(), vec![]);
         assert_eq!(s.active_root().await.unwrap(), None);
-        assert_eq!(s.list_tags().await.unwrap(), vec![]);
+        assert_eq!(s.list_tags().await.unwrap().tags, vec![]);
         assert_eq!(s.list_chunks(RootId(1)).await.unwrap(), vec![]);
         assert_eq!(s.list_manifests(RootId(1)).await.unwrap(), vec![]);
         let id = ManifestId::of(b"nowhere");
@@ -294,7 +300,7 @@ impl Suite<'_> {
         let data = bytes_for(1, 100_000);
         let name = ChunkName::of(&data);
         assert!(!s.has_chunk(r, &name).await.unwrap());
-        let e = s.get_chunk(r, &name).await.unwrap_err();
+        let e = s.get_chunk(r, &name, MAX_CHUNK).await.unwrap_err();
         assert!(matches!(e, StoreError::NotFound { .. }), "{e:?}");
         assert_eq!(
             e.to_string(),
@@ -306,7 +312,7 @@ impl Suite<'_> {
             PutOutcome::Stored
         );
         assert!(s.has_chunk(r, &name).await.unwrap());
-        assert_eq!(s.get_chunk(r, &name).await.unwrap(), data);
+        assert_eq!(s.get_chunk(r, &name, MAX_CHUNK).await.unwrap(), data);
         // Roots are separate namespaces.
         assert!(!s.has_chunk(RootId(2), &name).await.unwrap());
 
@@ -322,7 +328,7 @@ impl Suite<'_> {
         if let Some(raw) = self.raw {
             assert_eq!(raw.stamp(&key), before, "the second put rewrote {key}");
         }
-        assert_eq!(s.get_chunk(r, &name).await.unwrap(), data);
+        assert_eq!(s.get_chunk(r, &name, MAX_CHUNK).await.unwrap(), data);
         assert_eq!(
             s.put_chunk(RootId(2), &name, data.clone()).await.unwrap(),
             PutOutcome::Stored
@@ -347,7 +353,7 @@ impl Suite<'_> {
         );
         assert!(!s.has_chunk(r, &claimed).await.unwrap());
         assert!(matches!(
-            s.get_chunk(r, &claimed).await,
+            s.get_chunk(r, &claimed, MAX_CHUNK).await,
             Err(StoreError::NotFound { .. })
         ));
         if let Some(raw) = self.raw {
@@ -362,7 +368,7 @@ impl Suite<'_> {
         let tampered = b"tampered with on disk";
         raw.overwrite(&chunk_key(1, &vname), tampered);
         let got_name = ChunkName::of(tampered);
-        let e = s.get_chunk(r, &vname).await.unwrap_err();
+        let e = s.get_chunk(r, &vname, MAX_CHUNK).await.unwrap_err();
         match &e {
             StoreError::CorruptChunk { name, got, .. } => {
                 assert_eq!(name, &vname);
@@ -380,26 +386,77 @@ impl Suite<'_> {
         // A put of the good bytes replaces damage of another size (a torn write)...
         assert_eq!(
             s.put_chunk(r, &vname, bytes_for(2, 4096)).await.unwrap(),
+            PutOutcome::Repaired
+        );
+        assert_eq!(
+            s.get_chunk(r, &vname, MAX_CHUNK).await.unwrap(),
+            bytes_for(2, 4096)
+        );
+        // ...a good object is never rewritten...
+        let stamp = raw.stamp(&chunk_key(1, &vname));
+        assert_eq!(
+            s.put_chunk(r, &vname, bytes_for(2, 4096)).await.unwrap(),
+            PutOutcome::AlreadyPresent
+        );
+        assert_eq!(raw.stamp(&chunk_key(1, &vname)), stamp);
+        // ...and damage that keeps the size (a flipped bit, a torn write whose tail reads
+        // as zeros) is found by reading the object back, and replaced.
+        let mut flipped = bytes_for(2, 4096).to_vec();
+        flipped[100] ^= 0x10;
+        let mut zero_tail = bytes_for(2, 4096).to_vec();
+        zero_tail[1000..].fill(0);
+        for damage in [flipped, zero_tail] {
+            raw.overwrite(&chunk_key(1, &vname), &damage);
+            assert!(matches!(
+                s.get_chunk(r, &vname, MAX_CHUNK).await,
+                Err(StoreError::CorruptChunk { .. })
+            ));
+            assert_eq!(
+                s.put_chunk(r, &vname, bytes_for(2, 4096)).await.unwrap(),
+                PutOutcome::Repaired
+            );
+            assert_eq!(
+                s.get_chunk(r, &vname, MAX_CHUNK).await.unwrap(),
+                bytes_for(2, 4096)
+            );
+        }
+
+        // Damage found by a reader is removed on request, and only damage is.
+        assert!(!s.remove_damaged_chunk(r, &vname, MAX_CHUNK).await.unwrap());
+        assert!(s.has_chunk(r, &vname).await.unwrap());
+        let mut flipped = bytes_for(2, 4096).to_vec();
+        flipped[4095] ^= 1;
+        raw.overwrite(&chunk_key(1, &vname), &flipped);
+        assert!(s.remove_damaged_chunk(r, &vname, MAX_CHUNK).await.unwrap());
+        assert!(!s.has_chunk(r, &vname).await.unwrap());
+        assert!(!s.remove_damaged_chunk(r, &vname, MAX_CHUNK).await.unwrap());
+        assert_eq!(
+            s.put_chunk(r, &vname, bytes_for(2, 4096)).await.unwrap(),
             PutOutcome::Stored
         );
-        assert_eq!(s.get_chunk(r, &vname).await.unwrap(), bytes_for(2, 4096));
-        // ...but a good object is never rewritten, and same-size damage is left for the
-        // read-side check (a put cannot tell it without reading every existing object).
+
+        // A chunk object larger than the chunk can be is refused before it is read, with
+        // both sizes named; a republish replaces it.
+        raw.overwrite(&chunk_key(1, &vname), &vec![7u8; 5000]);
+        let e = s.get_chunk(r, &vname, 4096 + 16).await.unwrap_err();
+        assert!(matches!(e, StoreError::TooLarge { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "chunk {}{} in store {} is 5000 bytes, more than the 4112 a chunk may be",
+                self.prefix,
+                chunk_key(1, &vname),
+                self.label
+            )
+        );
         assert_eq!(
             s.put_chunk(r, &vname, bytes_for(2, 4096)).await.unwrap(),
-            PutOutcome::AlreadyPresent
+            PutOutcome::Repaired
         );
-        let mut same_size = bytes_for(2, 4096).to_vec();
-        same_size[0] ^= 1;
-        raw.overwrite(&chunk_key(1, &vname), &same_size);
         assert_eq!(
-            s.put_chunk(r, &vname, bytes_for(2, 4096)).await.unwrap(),
-            PutOutcome::AlreadyPresent
+            s.get_chunk(r, &vname, 4096 + 16).await.unwrap(),
+            bytes_for(2, 4096)
         );
-        assert!(matches!(
-            s.get_chunk(r, &vname).await,
-            Err(StoreError::CorruptChunk { .. })
-        ));
     }
 
     async fn empty_chunk(&self) {
@@ -410,7 +467,10 @@ impl Suite<'_> {
             PutOutcome::Stored
         );
         assert!(s.has_chunk(RootId(3), &name).await.unwrap());
-        assert_eq!(s.get_chunk(RootId(3), &name).await.unwrap(), Bytes::new());
+        assert_eq!(
+            s.get_chunk(RootId(3), &name, MAX_CHUNK).await.unwrap(),
+            Bytes::new()
+        );
         assert_eq!(s.list_chunks(RootId(3)).await.unwrap(), vec![(name, 0)]);
     }
 
@@ -436,7 +496,10 @@ impl Suite<'_> {
         assert_eq!(got, want);
         assert_eq!(s.list_chunks(RootId(6)).await.unwrap(), vec![]);
         for c in &chunks[..5] {
-            assert_eq!(&s.get_chunk(r, &ChunkName::of(c)).await.unwrap(), c);
+            assert_eq!(
+                &s.get_chunk(r, &ChunkName::of(c), MAX_CHUNK).await.unwrap(),
+                c
+            );
         }
     }
 
@@ -560,7 +623,7 @@ impl Suite<'_> {
             want.push(((*tag).to_owned(), id));
         }
         want.sort();
-        assert_eq!(s.list_tags().await.unwrap(), want);
+        assert_eq!(s.list_tags().await.unwrap().tags, want);
 
         let long = "x".repeat(257);
         let invalid = [
@@ -584,7 +647,11 @@ impl Suite<'_> {
             let e = s.get_tag(tag).await.unwrap_err();
             assert!(matches!(e, StoreError::BadTag { .. }), "{tag:?}: {e:?}");
         }
-        assert_eq!(s.list_tags().await.unwrap(), want, "a bad tag was stored");
+        assert_eq!(
+            s.list_tags().await.unwrap().tags,
+            want,
+            "a bad tag was stored"
+        );
         // The limit counts encoded bytes: 27 ü are 162 once percent-encoded.
         assert!(s.set_tag(&"ü".repeat(27), &m1).await.is_err());
         // A long tag, short enough to fit in one file name wherever the backend keeps the
@@ -598,19 +665,47 @@ impl Suite<'_> {
         assert_eq!(s.get_tag(&long_ok).await.unwrap(), m1);
         want.push((long_ok, m1));
         want.sort();
-        assert_eq!(s.list_tags().await.unwrap(), want);
+        assert_eq!(s.list_tags().await.unwrap().tags, want);
 
         let Some(raw) = self.raw else { return };
-        raw.overwrite("tags/app", b"not a manifest id\n");
+        raw.overwrite("tags/app", PLANTED_SECRET.as_bytes());
         let e = s.get_tag("app").await.unwrap_err();
         assert!(matches!(e, StoreError::CorruptObject { .. }), "{e:?}");
         let object = format!("{}tags/app", self.prefix);
-        assert_mentions(&e.to_string(), &[&object, &self.label]);
-        let e = s.list_tags().await.unwrap_err();
-        assert_mentions(&e.to_string(), &[&object]);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{object} in store {} is corrupt: it does not hold a manifest id \
+                 (64 hex digits and a newline)",
+                self.label
+            )
+        );
+        // One bad tag is named, with why, and every other tag is still listed.
+        let listed = s.list_tags().await.unwrap();
+        let others: Vec<_> = want.iter().filter(|(t, _)| t != "app").cloned().collect();
+        assert_eq!(listed.tags, others);
+        assert_eq!(listed.bad.len(), 1);
+        assert_eq!(listed.bad[0].tag, "app");
+        assert_eq!(listed.bad[0].error.to_string(), e.to_string());
+        // 64 characters, but not lowercase hex: still not echoed.
+        raw.overwrite("tags/app", "Z".repeat(64).as_bytes());
+        let e = s.get_tag("app").await.unwrap_err();
+        assert!(!e.to_string().contains("ZZZZ"), "{e}");
+        // An oversized tag is refused unread.
+        raw.overwrite("tags/app", &vec![b'a'; 5000]);
+        let e = s.get_tag("app").await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "tag {object} in store {} is 5000 bytes, more than the 1024 a tag may be",
+                self.label
+            )
+        );
+        assert_eq!(s.list_tags().await.unwrap().tags, others);
         // Tags are mutable: setting it again repairs it.
         s.set_tag("app", &m2).await.unwrap();
         assert_eq!(s.get_tag("app").await.unwrap(), m2);
+        assert!(s.list_tags().await.unwrap().bad.is_empty());
     }
 
     /// Many puts of one name at once: all succeed, the bytes are right, and on a backend
@@ -633,7 +728,10 @@ impl Suite<'_> {
         if self.raw.is_none_or(|r| r.atomic_create()) {
             assert_eq!(stored, 1, "{outcomes:?}");
         }
-        assert_eq!(s.get_chunk(RootId(1), &name).await.unwrap(), data);
+        assert_eq!(
+            s.get_chunk(RootId(1), &name, MAX_CHUNK).await.unwrap(),
+            data
+        );
 
         let (id, _) = s.put_manifest(RootId(1), bytes_for(8, 1000)).await.unwrap();
         let creates = (0..8).map(|_| s.put_manifest(RootId(1), bytes_for(8, 1000)));
@@ -664,7 +762,7 @@ impl Suite<'_> {
             loop {
                 let finished = done.load(std::sync::atomic::Ordering::SeqCst);
                 for (c, n) in chunks.iter().zip(&names) {
-                    match s.get_chunk(r, n).await {
+                    match s.get_chunk(r, n, MAX_CHUNK).await {
                         Ok(b) => {
                             assert_eq!(&b, c);
                             seen += 1;
@@ -793,6 +891,36 @@ impl Suite<'_> {
         );
         let e = s.get_root(RootId(15)).await.unwrap_err();
         assert!(matches!(e, StoreError::CorruptObject { .. }), "{e:?}");
+        assert!(!e.to_string().contains("sleeping"), "{e}");
+        // A record that quotes a secret is described, not repeated.
+        raw.overwrite(
+            "roots/16/ROOT",
+            format!(r#"{{"version": 1, "root": 16, "state": "{PLANTED_SECRET}"}}"#).as_bytes(),
+        );
+        let e = s.get_root(RootId(16)).await.unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}roots/16/ROOT in store {} is corrupt: not a root record: a field is \
+                 missing, unknown or of the wrong type or value (line 1, column 95)",
+                self.prefix, self.label
+            )
+        );
+        // An oversized record is refused unread.
+        raw.overwrite("roots/17/ROOT", &vec![b' '; 70_000]);
+        let e = s.get_root(RootId(17)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::TooLarge {
+                    size: 70_000,
+                    max: 65_536,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         // Root 1 is still readable on its own.
         assert_eq!(
             s.get_root(RootId(1)).await.unwrap().state,
