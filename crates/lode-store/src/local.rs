@@ -131,11 +131,14 @@ impl LocalDir {
     ) -> object_store::Result<GetResult> {
         let file = match open_beneath(&self.root, location.as_ref()) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(20) => {
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) =>
+            {
                 return Err(not_found(location, e));
             }
-            // ELOOP: O_NOFOLLOW met a link.
-            Err(e) if e.raw_os_error() == Some(40) => {
+            // O_NOFOLLOW met a link, on the way or at the end.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
                 return Err(refused(
                     location,
                     "a symbolic link (lode does not follow links in a store)",
@@ -252,7 +255,14 @@ impl ObjectStore for LocalDir {
         &self,
         locations: BoxStream<'static, object_store::Result<Path>>,
     ) -> BoxStream<'static, object_store::Result<Path>> {
-        self.inner.delete_stream(locations)
+        // A delete through a linked directory would remove a file outside the store.
+        let this = self.clone();
+        let checked = locations.map(move |l| {
+            let l = l?;
+            this.check_parents(&l)?;
+            Ok(l)
+        });
+        self.inner.delete_stream(checked.boxed())
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
@@ -380,12 +390,29 @@ fn open_beneath(root: &FsPath, key: &str) -> io::Result<File> {
     Ok(File::from(fd))
 }
 
-/// Opens the directory `key` under `root`, one component at a time, refusing links.
+/// Opens the directory `key` under `root`, one component at a time, refusing links
+/// (ELOOP) and answering ENOTDIR for a component that is some other file. Each component
+/// is opened as an `O_PATH` handle of the entry itself, so its type is checked before
+/// anything is resolved through it.
 fn open_dir_beneath(root: &FsPath, key: &str) -> io::Result<std::os::fd::OwnedFd> {
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mut dir = rustix::fs::open(root, flags, Mode::empty())?;
+    let mut dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
     for part in key.split('/').filter(|p| !p.is_empty()) {
-        dir = rustix::fs::openat(&dir, part, flags, Mode::empty())?;
+        let next = rustix::fs::openat(
+            &dir,
+            part,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let kind = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&next)?.st_mode);
+        match kind {
+            rustix::fs::FileType::Directory => dir = next,
+            rustix::fs::FileType::Symlink => return Err(rustix::io::Errno::LOOP.into()),
+            _ => return Err(rustix::io::Errno::NOTDIR.into()),
+        }
     }
     Ok(dir)
 }

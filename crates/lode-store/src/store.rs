@@ -912,6 +912,42 @@ mod tests {
     }
 
     #[test]
+    fn tag_bodies() {
+        let id = ManifestId::of(b"m");
+        assert_eq!(parse_tag_body(format!("{id}\n").as_bytes()), Ok(id));
+        assert_eq!(parse_tag_body(id.to_hex().as_bytes()), Ok(id));
+        assert!(parse_tag_body(format!("{id}\n\n").as_bytes()).is_err());
+        assert!(parse_tag_body(id.to_hex().to_uppercase().as_bytes()).is_err());
+        assert!(parse_tag_body(b"").is_err());
+    }
+
+    proptest::proptest! {
+        /// Any bytes: an id exactly when they are one in lowercase hex (and a newline),
+        /// else a refusal that never contains the input.
+        #[test]
+        fn tag_parser_accepts_only_ids_and_never_echoes(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            id in proptest::prelude::any::<[u8; 32]>(),
+            newline in proptest::prelude::any::<bool>(),
+        ) {
+            match parse_tag_body(&raw) {
+                Ok(got) => {
+                    let body = raw.strip_suffix(b"\n").unwrap_or(&raw);
+                    let hex = got.to_hex();
+                    proptest::prop_assert_eq!(hex.as_bytes(), body);
+                }
+                Err(reason) => {
+                    let text = String::from_utf8_lossy(&raw);
+                    proptest::prop_assert!(text.len() < 4 || !reason.contains(text.as_ref()));
+                }
+            }
+            let id = ManifestId::from_bytes(id);
+            let body = if newline { format!("{id}\n") } else { id.to_hex() };
+            proptest::prop_assert_eq!(parse_tag_body(body.as_bytes()), Ok(id));
+        }
+    }
+
+    #[test]
     fn percent_decoding_reverses_path_encoding() {
         for tag in ["a/b:c", "100%", "x%2", "we~ird[]{}", "ünï"] {
             let part = PathPart::from(tag.to_owned());
