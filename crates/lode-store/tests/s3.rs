@@ -74,6 +74,8 @@ fn s3s_fs_backend() {
         prefixes_are_separate_stores().await;
         if_none_match_is_honoured(&endpoint).await;
         racing_creates(&store).await;
+        racing_first_roots().await;
+        checksums_are_sent_and_checked(&endpoint).await;
         bad_credentials_fail_naming_store_and_object(&endpoint).await;
     });
     rt.shutdown_background();
@@ -229,4 +231,113 @@ async fn bad_credentials_fail_naming_store_and_object(endpoint: &str) {
     let e = store.put_chunk(RootId(1), &name, data).await.unwrap_err();
     assert!(matches!(e, StoreError::Backend { .. }), "{e:?}");
     assert!(e.to_string().contains(&key), "{e}");
+}
+
+/// Publishers racing to create the first root of an empty store, each with its own
+/// client, as separate `lode import` processes would: each creates, then reads the roots
+/// back in one listing and takes the active one. All succeed and all end up on the same
+/// record (s3s-fs's create is not atomic, so more than one may report `Stored`; the last
+/// write stays and every reader after it sees that one).
+async fn racing_first_roots() {
+    use lode_format::WrappedKey;
+    use lode_store::{RootRecord, RootState};
+    let racers = (0..8u8).map(|i| async move {
+        let s = Store::open("s3://lode-test/first-root-race").unwrap();
+        let rec = RootRecord {
+            root: RootId(1),
+            state: RootState::Active,
+            salt: WrappedKey {
+                key_id: "k".into(),
+                blob: vec![i; 8],
+            },
+        };
+        let outcome = s.create_root(&rec).await.unwrap();
+        let roots = s.roots().await.unwrap();
+        let active = s.active_among(&roots).unwrap().cloned();
+        (outcome, active.expect("an active root after a create"))
+    });
+    let results = futures::future::join_all(racers).await;
+    let stored = results
+        .iter()
+        .filter(|(o, _)| *o == PutOutcome::Stored)
+        .count();
+    eprintln!("s3s-fs: {stored} of 8 racing first-root creates reported Stored");
+    assert!(stored >= 1);
+    let s = Store::open("s3://lode-test/first-root-race").unwrap();
+    let final_root = s.active_root().await.unwrap().unwrap();
+    assert_eq!(s.roots().await.unwrap(), vec![final_root.clone()]);
+}
+
+/// lode's S3 client sends `x-amz-checksum-sha256` with every put, and the server checks
+/// it: a body altered on the way (by a proxy flipping one byte, with the payload left out
+/// of the signature so that only the checksum can catch it) is refused.
+async fn checksums_are_sent_and_checked(endpoint: &str) {
+    use object_store::aws::Checksum;
+    let upstream = endpoint.trim_start_matches("http://").to_owned();
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    tokio::spawn(flipping_proxy(proxy, upstream));
+    let client = |url: &str| {
+        AmazonS3Builder::from_env()
+            .with_endpoint(url)
+            .with_bucket_name(BUCKET)
+            .with_allow_http(true)
+            .with_unsigned_payload(true)
+            .with_checksum_algorithm(Checksum::SHA256)
+            .build()
+            .unwrap()
+    };
+    let body = format!("before {MARKER} after");
+
+    // Straight to the server: the checksum matches and the put succeeds.
+    let direct = client(endpoint);
+    let p = Path::from("probe/checksum-ok");
+    direct
+        .put(&p, PutPayload::from(body.clone().into_bytes()))
+        .await
+        .unwrap();
+
+    // Through the proxy: one byte differs, so the checksum does not match.
+    let via = client(&proxy_url);
+    let p = Path::from("probe/checksum-bad");
+    let e = via
+        .put(&p, PutPayload::from(body.into_bytes()))
+        .await
+        .unwrap_err();
+    eprintln!("s3s-fs, put with a body that does not match its checksum: {e}");
+    assert!(e.to_string().contains("BadDigest"), "{e}");
+}
+
+/// What the proxy looks for in a request body, to flip one byte of.
+const MARKER: &str = "flip-one-byte-of-this-marker";
+
+async fn flipping_proxy(listener: tokio::net::TcpListener, upstream: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match cr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if let Some(at) = buf[..n]
+                    .windows(MARKER.len())
+                    .position(|w| w == MARKER.as_bytes())
+                {
+                    buf[at] ^= 0x20;
+                }
+                if sw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        });
+    }
 }

@@ -491,6 +491,12 @@ fn print_publish_stats(s: &lode_image::PublishStats) {
         "dedup     {:.1}% of the non-zero chunks needed no upload",
         s.dedup_share() * 100.0
     );
+    if s.repaired_chunks > 0 {
+        println!(
+            "repaired  {} damaged chunk object(s) in the store replaced",
+            s.repaired_chunks
+        );
+    }
 }
 
 fn keyring(env: &Env) -> Result<lode_kms::Keyring> {
