@@ -215,6 +215,33 @@ async fn a_corrupt_origin_chunk_is_an_error_never_wrong_bytes() {
     }
 }
 
+/// Every chunk object replaced by a 4 GiB sparse file: each origin fetch is refused by
+/// size before it is read (the chunk's plaintext length plus the tag is the bound), so
+/// concurrent reads of every chunk neither allocate nor serve anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_origin_chunks_are_refused_unread() {
+    let fx = Fixture::new().await;
+    let (cache, _) = fx.cache(64 << 20, 64 << 20, 64 << 20);
+    let dev = Arc::new(fx.device(&cache).await);
+    for f in fx.store_chunk_files() {
+        std::fs::File::create(&f).unwrap().set_len(4 << 30).unwrap();
+    }
+    let reads = (0..3u64).map(|i| {
+        let dev = dev.clone();
+        async move {
+            let mut buf = vec![0; 4096];
+            dev.read_at(i * CHUNK, &mut buf).await
+        }
+    });
+    for r in futures::future::join_all(reads).await {
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.contains("is 4294967296 bytes, more than the 524304 a chunk may be"),
+            "{msg}"
+        );
+    }
+}
+
 /// The origin, slowed down so that concurrent misses overlap.
 #[derive(Debug)]
 struct SlowCounting {
