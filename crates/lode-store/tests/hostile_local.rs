@@ -147,6 +147,7 @@ async fn four_gib_objects_are_refused_unread() {
     assert_eq!(s.get_chunk(RootId(1), &gname, 100).await.unwrap(), good);
 
     let largest = LARGEST.load(Ordering::Relaxed);
+    eprintln!("largest single allocation while refusing 4 GiB objects: {largest} bytes");
     assert!(
         largest < 64 << 20,
         "an allocation of {largest} bytes (before the reads: {before})"
