@@ -85,7 +85,7 @@ pub enum Command {
     /// Reports every fault, not just the first; exits 2 if there is any.
     Verify(VerifyArgs),
 
-    /// Store-wide figures.
+    /// Store-wide figures, tags, and a consistency check (fsck).
     #[command(subcommand)]
     Store(StoreCommand),
 

@@ -317,6 +317,28 @@ fn bad_tags_are_named_and_the_rest_listed() {
         );
     }
     assert!(!out.contains("hostpassword"));
+
+    // A root record that quotes a secret, and a stray object among the chunks: named,
+    // not echoed.
+    let root2 = store_dir(&h).join("roots/2");
+    fs::create_dir_all(root2.join("chunks/zz")).unwrap();
+    fs::write(
+        root2.join("ROOT"),
+        format!(r#"{{"version": 1, "root": 2, "state": "{HOST_SECRET}"}}"#),
+    )
+    .unwrap();
+    fs::write(root2.join("chunks/zz/stray"), b"x").unwrap();
+    let (c, out, _) = code(&h, &["store", "fsck"]);
+    assert_eq!(c, Some(2), "{out}");
+    assert!(
+        out.contains("FAULT  root 2: roots/2/ROOT in store") && out.contains("not a root record"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAULT  root 2: roots/2/chunks/zz/stray in store"),
+        "{out}"
+    );
+    assert!(!out.contains("hostpassword"), "{out}");
 }
 
 /// 4 GiB sparse objects: a chunk is reported damaged with both sizes and removed by
