@@ -141,11 +141,6 @@ pub fn process(root: &ImageRoot, config: &Value, opts: &RunOptions) -> Result<Pr
     })
 }
 
-fn have(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-}
-
 /// Runs a command in `opts.image` through the agent at `socket` and returns its exit
 /// status. `announce` is told what runs, and how, just before it starts.
 pub fn run(
@@ -183,13 +178,19 @@ pub fn run(
     let p = process(&root, &mounted.attachment()["config"], opts)?;
     interrupted()?;
     let runtime = match opts.runtime {
-        Runtime::Auto if have("crun") => Runtime::Crun,
+        Runtime::Auto if crate::runtime::find_program("crun").is_some() => Runtime::Crun,
         Runtime::Auto => Runtime::Chroot,
         r => r,
     };
     announce(&p, runtime);
     let status = match runtime {
-        Runtime::Crun => run_crun(mounted.dir(), &p, &name, &signals)?,
+        Runtime::Crun => run_crun(
+            mounted.dir(),
+            &p,
+            &name,
+            !opts.allow_setuid_and_devices,
+            &signals,
+        )?,
         _ => run_chroot(&root, mounted.dir(), &p, &signals)?,
     };
     drop(root);

@@ -65,6 +65,14 @@ pub enum RuntimeError {
         /// The error.
         source: std::io::Error,
     },
+    /// A tool lode needs is not on PATH.
+    #[error("{tool} is not on PATH (apt-get install {package})")]
+    MissingTool {
+        /// The program.
+        tool: &'static str,
+        /// The Debian package that has it.
+        package: &'static str,
+    },
     /// An argument, variable or directory held a NUL byte.
     #[error("{what} holds a NUL byte")]
     Nul {
@@ -189,7 +197,7 @@ fn chroot_mounts(root: &ImageRoot, dir: &Path) -> Result<ChrootMounts, RuntimeEr
         made: Vec::new(),
     };
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    if let Some(fd) = root.mount_point("proc")? {
+    if let Some(fd) = root.mount_point("/proc")? {
         plumbing::mount(
             "proc",
             &fd_path(&fd),
@@ -200,7 +208,7 @@ fn chroot_mounts(root: &ImageRoot, dir: &Path) -> Result<ChrootMounts, RuntimeEr
         .map_err(plumbing("mounting /proc in the image"))?;
         mounts.made.push("proc");
     }
-    if let Some(fd) = root.mount_point("dev")? {
+    if let Some(fd) = root.mount_point("/dev")? {
         plumbing::mount(
             "tmpfs",
             &fd_path(&fd),
@@ -210,9 +218,9 @@ fn chroot_mounts(root: &ImageRoot, dir: &Path) -> Result<ChrootMounts, RuntimeEr
         )
         .map_err(plumbing("mounting a private /dev in the image"))?;
         mounts.made.push("dev");
-        let dev = root.dir("dev")?;
+        let dev = root.dir("/dev")?;
         populate_dev(&dev)?;
-        let pts = root.dir("dev/pts")?;
+        let pts = root.dir("/dev/pts")?;
         plumbing::mount(
             "devpts",
             &fd_path(&pts),
@@ -349,6 +357,13 @@ unsafe fn limit_capabilities(keep: &[u32]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The first `program` on PATH.
+pub(crate) fn find_program(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
 fn command(p: &Process) -> Command {
     let mut cmd = Command::new(&p.args[0]);
     cmd.args(&p.args[1..]).env_clear();
@@ -423,7 +438,11 @@ pub fn run_chroot(
 }
 
 /// The OCI runtime configuration lode gives crun for `p` in the image at `root`.
-pub fn crun_config(root: &Path, p: &Process) -> serde_json::Value {
+/// `remount` is the path of mount(8) when the image is to stay `nosuid,nodev` inside the
+/// container: crun bind-mounts the root onto itself and remounts the bind with no flags,
+/// which drops both, so a createContainer hook (run in the container's mount namespace
+/// once crun's own mounts are made, before pivot_root) puts them back.
+pub fn crun_config(root: &Path, p: &Process, remount: Option<&Path>) -> serde_json::Value {
     let caps: Vec<&str> = CRUN_CAPS.iter().map(|(_, n)| *n).collect();
     // The allow-list of runc and podman, for a host where crun manages cgroups; with
     // `--cgroup-manager=disabled` it is not enforced, and containment comes from nodev
@@ -434,8 +453,16 @@ pub fn crun_config(root: &Path, p: &Process) -> serde_json::Value {
     // /dev/console, /dev/ptmx, and any pseudo-terminal (major 136, no minor: all).
     devices.extend([char_dev(5, 1), char_dev(5, 2)]);
     devices.push(json!({"allow": true, "type": "c", "major": 136, "access": "rwm"}));
+    let hooks = match remount {
+        Some(mount) => json!({"createContainer": [{
+            "path": mount,
+            "args": ["mount", "-o", "remount,bind,nosuid,nodev", root],
+        }]}),
+        None => json!({}),
+    };
     json!({
         "ociVersion": "1.0.2",
+        "hooks": hooks,
         "process": {
             "terminal": false,
             "user": {"uid": p.uid, "gid": p.gid},
@@ -483,8 +510,17 @@ pub fn run_crun(
     dir: &Path,
     p: &Process,
     id: &str,
+    contain: bool,
     signals: &SignalGuard,
 ) -> Result<ExitStatus, RuntimeError> {
+    let remount = if contain {
+        Some(find_program("mount").ok_or(RuntimeError::MissingTool {
+            tool: "mount",
+            package: "util-linux",
+        })?)
+    } else {
+        None
+    };
     let bundle = tempfile::Builder::new()
         .prefix("lode-bundle-")
         .tempdir()
@@ -493,7 +529,8 @@ pub fn run_crun(
             source,
         })?;
     let path = bundle.path().join("config.json");
-    let config = serde_json::to_vec_pretty(&crun_config(dir, p)).unwrap_or_default();
+    let config =
+        serde_json::to_vec_pretty(&crun_config(dir, p, remount.as_deref())).unwrap_or_default();
     std::fs::write(&path, config).map_err(|source| RuntimeError::Bundle {
         path: path.clone(),
         source,
@@ -554,7 +591,11 @@ mod tests {
 
     #[test]
     fn crun_gets_no_mknod_and_no_host_devices() {
-        let c = crun_config(Path::new("/mnt/x"), &process());
+        let c = crun_config(
+            Path::new("/mnt/x"),
+            &process(),
+            Some(Path::new("/bin/mount")),
+        );
         let caps: Vec<&str> = c["process"]["capabilities"]["bounding"]
             .as_array()
             .expect("caps")
