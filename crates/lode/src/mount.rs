@@ -12,7 +12,13 @@ use crate::Env;
 use crate::agent::control_path;
 use crate::cli::{MountArgs, RunArgs, Runtime, UmountArgs};
 
-pub fn mount(env: &Env, home: &Path, a: MountArgs) -> Result<()> {
+/// The exit code of a command a signal interrupted: 128 + the signal, as a shell has it.
+fn interrupted(e: &dyn std::fmt::Display, signal: i32) -> ExitCode {
+    eprintln!("lode: error: {e}");
+    ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
+}
+
+pub fn mount(env: &Env, home: &Path, a: MountArgs) -> Result<ExitCode> {
     let sock = control_path(home, &a.control);
     let opts = lode_run::MountOptions {
         image: a.image.clone(),
@@ -22,7 +28,13 @@ pub fn mount(env: &Env, home: &Path, a: MountArgs) -> Result<()> {
         allow_setuid_and_devices: a.allow_setuid_and_devices,
     };
     let signals = lode_run::SignalGuard::install();
-    let m = lode_run::mount(&sock, &a.dir, &opts, &signals)?;
+    let m = match lode_run::mount(&sock, &a.dir, &opts, &signals) {
+        Ok(m) => m,
+        Err(e @ lode_run::MountError::Interrupted { signal }) => {
+            return Ok(interrupted(&e, signal));
+        }
+        Err(e) => return Err(e.into()),
+    };
     if env.cli_json {
         let mut v = m.attachment().clone();
         v["mountpoint"] = json!(m.dir());
@@ -50,7 +62,7 @@ pub fn mount(env: &Env, home: &Path, a: MountArgs) -> Result<()> {
         );
     }
     m.keep();
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn umount(env: &Env, home: &Path, a: UmountArgs) -> Result<()> {
@@ -117,10 +129,7 @@ pub fn run(env: &Env, home: &Path, a: RunArgs) -> Result<ExitCode> {
     };
     match lode_run::run(&sock, &opts, announce) {
         Ok(status) => Ok(exit_code(status)),
-        Err(e @ lode_run::RunError::Interrupted { signal }) => {
-            eprintln!("lode: {e}");
-            Ok(ExitCode::from(u8::try_from(128 + signal).unwrap_or(1)))
-        }
+        Err(e @ lode_run::RunError::Interrupted { signal }) => Ok(interrupted(&e, signal)),
         Err(e) => Err(e.into()),
     }
 }

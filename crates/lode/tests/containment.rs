@@ -680,14 +680,40 @@ fn a_signal_while_the_agent_is_slow_leaves_nothing_behind() {
     h.image("plain", |_| {});
     let agent = h.start_agent();
     let agent_pid = agent.child.id() as libc::pid_t;
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+    let mnt = h.path("mnt");
+    fs::create_dir(&mnt).expect("mkdir");
+    let _guard = MountGuard(mnt.clone());
+    let run = ["run", "plain", "--runtime", "chroot", "--", "true"];
+    let mount = ["mount", "plain", mnt.to_str().expect("path")];
+    for (sig, args, said) in [
+        (
+            libc::SIGTERM,
+            &run[..],
+            "before the command started; the image was unmounted and detached",
+        ),
+        (
+            libc::SIGINT,
+            &run[..],
+            "before the command started; the image was unmounted and detached",
+        ),
+        (
+            libc::SIGHUP,
+            &run[..],
+            "before the command started; the image was unmounted and detached",
+        ),
+        (
+            libc::SIGTERM,
+            &mount[..],
+            "interrupted by SIGTERM; the image was unmounted and detached",
+        ),
+    ] {
         // A stopped agent holds lode in its attach request: the slow point.
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
         let tmp = h.tmp();
         fs::create_dir_all(&tmp).expect("mkdir");
         let mut child = ChildGuard(
-            h.cmd(&["run", "plain", "--runtime", "chroot", "--", "true"])
+            h.cmd(args)
                 .env("TMPDIR", &tmp)
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
@@ -707,11 +733,9 @@ fn a_signal_while_the_agent_is_slow_leaves_nothing_behind() {
         std::io::Read::read_to_string(&mut child.0.stderr.take().expect("stderr"), &mut err)
             .expect("read");
         assert_eq!(status.code(), Some(128 + sig), "signal {sig}: {err}");
-        assert!(
-            err.contains("before the command started; the image was unmounted and detached"),
-            "signal {sig}: {err}"
-        );
-        h.assert_clean(&format!("signal {sig}"));
+        assert!(err.contains(said), "signal {sig}: {err}");
+        assert!(!is_mounted(&mnt));
+        h.assert_clean(&format!("signal {sig} {args:?}"));
     }
 }
 
@@ -752,7 +776,7 @@ fn sigterm_at_any_point_of_a_run_leaves_nothing_behind() {
             let outcome = if err.contains("before the command started") {
                 "before the command".to_string()
             } else {
-                format!("{status:?}")
+                format!("exit {:?}", status.code())
             };
             *outcomes.entry(outcome).or_default() += 1;
             h.assert_clean(&format!("{runtime} after {i}/10 of a run: {err}"));
