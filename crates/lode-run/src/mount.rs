@@ -345,6 +345,7 @@ mod tests {
     #[test]
     fn mount_points_are_checked_before_the_agent_is_asked() {
         let dir = tempfile::tempdir().expect("temp dir");
+        let _lock = crate::signals::test_lock();
         let signals = SignalGuard::install();
         let opts = MountOptions {
             image: "x".into(),

@@ -303,6 +303,11 @@ struct CapData {
 
 const CAP_VERSION_3: u32 = 0x2008_0522;
 
+/// prctl(2)'s arguments are unsigned longs read from full registers: a bare `0` passed
+/// through its C variadic signature would be an int with undefined upper bits.
+const NO: libc::c_ulong = 0;
+const YES: libc::c_ulong = 1;
+
 /// In the child before exec: keeps only `keep` in the bounding set and clears the
 /// inheritable and ambient sets, so that exec as uid 0 grants `keep` at most.
 ///
@@ -314,7 +319,7 @@ unsafe fn limit_capabilities(keep: &[u32]) -> std::io::Result<()> {
             continue;
         }
         // SAFETY: prctl(2) with integer arguments.
-        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(c), 0, 0, 0) } != 0 {
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(c), NO, NO, NO) } != 0 {
             let e = std::io::Error::last_os_error();
             // Past the kernel's last capability.
             if e.raw_os_error() == Some(libc::EINVAL) {
@@ -343,14 +348,8 @@ unsafe fn limit_capabilities(keep: &[u32]) -> std::io::Result<()> {
         if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        if libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        ) != 0
-        {
+        let clear_all = libc::c_ulong::try_from(libc::PR_CAP_AMBIENT_CLEAR_ALL).unwrap_or(NO);
+        if libc::prctl(libc::PR_CAP_AMBIENT, clear_all, NO, NO, NO) != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
@@ -424,7 +423,7 @@ pub fn run_chroot(
             check(libc::setgroups(1, groups.as_ptr()))?;
             check(libc::setgid(gid))?;
             check(libc::setuid(uid))?;
-            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, YES, NO, NO, NO))?;
             Ok(())
         });
     }
@@ -624,6 +623,74 @@ mod tests {
             devices.iter().skip(1).all(|d| d["type"] == "c"),
             "no block device allowed"
         );
+    }
+
+    /// Root is needed to mount; CI runs as root, so there nothing skips.
+    fn root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs the tests as root"
+            );
+            eprintln!("SKIP: mounting needs root");
+        }
+        root
+    }
+
+    #[test]
+    fn chroot_mounts_land_inside_the_image_and_go_away() {
+        if !root() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let host = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("proc")).expect("mkdir");
+        std::os::unix::fs::symlink(host.path(), dir.path().join("dev")).expect("ln");
+        let root = ImageRoot::open(dir.path()).expect("open");
+        // A /dev symlinked out is refused, and the /proc mounted before it is undone.
+        let e = chroot_mounts(&root, dir.path()).err().expect("refused");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "/dev in the image is a symlink to {}; lode mounts nothing through a symlink",
+                host.path().display()
+            )
+        );
+        let mounted = |p: &Path| {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .expect("mountinfo")
+                .lines()
+                .find(|l| l.split(' ').nth(4) == p.to_str())
+                .map(str::to_string)
+        };
+        assert_eq!(mounted(&dir.path().join("proc")), None);
+        std::fs::remove_file(dir.path().join("dev")).expect("rm");
+        std::fs::create_dir(dir.path().join("dev")).expect("mkdir");
+        let mounts = chroot_mounts(&root, dir.path()).expect("mounts");
+        let proc = mounted(&dir.path().join("proc")).expect("/proc mounted");
+        assert!(proc.contains(" ro,nosuid,nodev,noexec"), "{proc}");
+        let dev = mounted(&dir.path().join("dev")).expect("/dev mounted");
+        assert!(dev.contains(" - tmpfs "), "{dev}");
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+        let null = std::fs::metadata(dir.path().join("dev/null")).expect("null");
+        assert!(null.file_type().is_char_device());
+        assert_eq!(null.rdev(), libc::makedev(1, 3));
+        assert_eq!(null.permissions().mode() & 0o777, 0o666);
+        let names: std::collections::BTreeSet<String> = std::fs::read_dir(dir.path().join("dev"))
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        let want = [
+            "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout",
+            "tty", "urandom", "zero",
+        ];
+        assert_eq!(names, want.iter().map(|s| s.to_string()).collect());
+        drop(mounts);
+        assert_eq!(mounted(&dir.path().join("proc")), None);
+        assert_eq!(mounted(&dir.path().join("dev")), None);
+        assert_eq!(mounted(&dir.path().join("dev/pts")), None);
     }
 
     #[test]

@@ -26,7 +26,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
 }
 
 /// The three handlers, installed for the guard's life; the old dispositions come back
-/// on drop.
+/// on drop. The state is the process's: one guard at a time.
 #[derive(Debug)]
 pub struct SignalGuard {
     old: Vec<(libc::c_int, libc::sigaction)>,
@@ -102,12 +102,21 @@ pub fn name(sig: libc::c_int) -> String {
     }
 }
 
+/// Serialises the unit tests that install a guard: the handlers are process-wide.
+#[cfg(test)]
+pub(crate) fn test_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_signal_sets_the_flag_instead_of_killing() {
+        let _lock = test_lock();
         let guard = SignalGuard::install();
         assert_eq!(guard.pending(), None);
         // SAFETY: raise(3) to ourselves; the handler is installed.
