@@ -144,7 +144,14 @@ impl Mounted {
         if std::mem::take(&mut self.mounted)
             && let Err(e) = plumbing::unmount(&self.dir, 0)
         {
-            errors.push(e.to_string());
+            // A process the command left behind (chroot has no pid namespace) holds the
+            // image: detach it from the tree now; the kernel lets go of it, and of the
+            // loop device, when that process ends.
+            let lazily = plumbing::unmount(&self.dir, libc::MNT_DETACH);
+            errors.push(match lazily {
+                Ok(()) => format!("{e}; detached lazily, released when its last user exits"),
+                Err(_) => e.to_string(),
+            });
         }
         if let Some(l) = self.loopdev.take()
             && let Err(e) = plumbing::release_loop(&l)

@@ -784,3 +784,50 @@ fn sigterm_at_any_point_of_a_run_leaves_nothing_behind() {
         eprintln!("{runtime}: {outcomes:?}");
     }
 }
+
+#[test]
+fn a_process_left_behind_by_chroot_does_not_keep_the_mount_in_the_tree() {
+    root_with_tools();
+    let h = Home::new();
+    h.image("plain", |_| {});
+    let _agent = h.start_agent();
+    // chroot has no pid namespace: the background sleep outlives the command and holds
+    // the image (its cwd) and the private /dev (its /dev/null) busy.
+    let o = h.run_bounded(&[
+        "run",
+        "plain",
+        "--runtime",
+        "chroot",
+        "--",
+        "sh",
+        "-c",
+        "sleep 3 </dev/null >/dev/null 2>&1 &",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("detached lazily"), "{}", stderr(&o));
+    assert!(h.names().is_empty(), "{:?}", h.names());
+    let tmp = h.tmp();
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !info.contains(tmp.to_str().expect("path")),
+        "mounts left in the tree:\n{info}"
+    );
+    // When the sleep ends the kernel lets go of the loop device too.
+    let home = h.home();
+    let mut loops = String::new();
+    for _ in 0..300 {
+        let out = Command::new("losetup")
+            .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
+            .output()
+            .expect("losetup");
+        loops = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(home.to_str().expect("path")))
+            .collect();
+        if loops.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(loops.is_empty(), "{loops}");
+}
