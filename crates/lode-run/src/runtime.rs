@@ -436,12 +436,34 @@ pub fn run_chroot(
     status
 }
 
+/// The host programs of the hook that keeps the container's root `nosuid,nodev`.
+#[derive(Debug, Clone)]
+pub struct RemountHook {
+    /// A POSIX shell, which reads the container state crun writes to every hook's stdin
+    /// (crun fails the hook when a program exits before taking it all).
+    pub sh: PathBuf,
+    /// mount(8).
+    pub mount: PathBuf,
+}
+
+impl RemountHook {
+    /// Both programs from PATH.
+    pub fn find() -> Result<RemountHook, RuntimeError> {
+        let find =
+            |tool, package| find_program(tool).ok_or(RuntimeError::MissingTool { tool, package });
+        Ok(RemountHook {
+            sh: find("sh", "dash")?,
+            mount: find("mount", "util-linux")?,
+        })
+    }
+}
+
 /// The OCI runtime configuration lode gives crun for `p` in the image at `root`.
-/// `remount` is the path of mount(8) when the image is to stay `nosuid,nodev` inside the
-/// container: crun bind-mounts the root onto itself and remounts the bind with no flags,
-/// which drops both, so a createContainer hook (run in the container's mount namespace
-/// once crun's own mounts are made, before pivot_root) puts them back.
-pub fn crun_config(root: &Path, p: &Process, remount: Option<&Path>) -> serde_json::Value {
+/// `remount` is given when the image is to stay `nosuid,nodev` inside the container:
+/// crun bind-mounts the root onto itself and remounts the bind with no flags, which
+/// drops both, so a createContainer hook (run in the container's mount namespace once
+/// crun's own mounts are made, before pivot_root) puts them back.
+pub fn crun_config(root: &Path, p: &Process, remount: Option<&RemountHook>) -> serde_json::Value {
     let caps: Vec<&str> = CRUN_CAPS.iter().map(|(_, n)| *n).collect();
     // The allow-list of runc and podman, for a host where crun manages cgroups; with
     // `--cgroup-manager=disabled` it is not enforced, and containment comes from nodev
@@ -453,9 +475,13 @@ pub fn crun_config(root: &Path, p: &Process, remount: Option<&Path>) -> serde_js
     devices.extend([char_dev(5, 1), char_dev(5, 2)]);
     devices.push(json!({"allow": true, "type": "c", "major": 136, "access": "rwm"}));
     let hooks = match remount {
-        Some(mount) => json!({"createContainer": [{
-            "path": mount,
-            "args": ["mount", "-o", "remount,bind,nosuid,nodev", root],
+        Some(hook) => json!({"createContainer": [{
+            "path": hook.sh,
+            "args": [
+                "sh", "-c",
+                "while read -r _; do :; done; exec \"$0\" -o remount,bind,nosuid,nodev \"$1\"",
+                hook.mount, root
+            ],
         }]}),
         None => json!({}),
     };
@@ -513,10 +539,7 @@ pub fn run_crun(
     signals: &SignalGuard,
 ) -> Result<ExitStatus, RuntimeError> {
     let remount = if contain {
-        Some(find_program("mount").ok_or(RuntimeError::MissingTool {
-            tool: "mount",
-            package: "util-linux",
-        })?)
+        Some(RemountHook::find()?)
     } else {
         None
     };
@@ -529,7 +552,7 @@ pub fn run_crun(
         })?;
     let path = bundle.path().join("config.json");
     let config =
-        serde_json::to_vec_pretty(&crun_config(dir, p, remount.as_deref())).unwrap_or_default();
+        serde_json::to_vec_pretty(&crun_config(dir, p, remount.as_ref())).unwrap_or_default();
     std::fs::write(&path, config).map_err(|source| RuntimeError::Bundle {
         path: path.clone(),
         source,
@@ -590,11 +613,11 @@ mod tests {
 
     #[test]
     fn crun_gets_no_mknod_and_no_host_devices() {
-        let c = crun_config(
-            Path::new("/mnt/x"),
-            &process(),
-            Some(Path::new("/bin/mount")),
-        );
+        let hook = RemountHook {
+            sh: "/bin/sh".into(),
+            mount: "/bin/mount".into(),
+        };
+        let c = crun_config(Path::new("/mnt/x"), &process(), Some(&hook));
         let caps: Vec<&str> = c["process"]["capabilities"]["bounding"]
             .as_array()
             .expect("caps")
@@ -622,6 +645,21 @@ mod tests {
         assert!(
             devices.iter().skip(1).all(|d| d["type"] == "c"),
             "no block device allowed"
+        );
+        let remount = &c["hooks"]["createContainer"][0];
+        assert_eq!(remount["path"], "/bin/sh");
+        assert_eq!(remount["args"][3], "/bin/mount");
+        assert_eq!(remount["args"][4], "/mnt/x");
+        let script = remount["args"][2].as_str().expect("script");
+        assert!(
+            script.ends_with("-o remount,bind,nosuid,nodev \"$1\""),
+            "{script}"
+        );
+        let c = crun_config(Path::new("/mnt/x"), &process(), None);
+        assert_eq!(
+            c["hooks"],
+            json!({}),
+            "--allow-setuid-and-devices: no remount"
         );
     }
 
