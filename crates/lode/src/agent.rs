@@ -141,7 +141,7 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
 }
 
 pub(crate) fn call(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-    Ok(control::request(sock, method, path, body)?.json()?)
+    Ok(lode_run::call(sock, method, path, body)?)
 }
 
 pub fn attach(env: &Env, home: &Path, a: AttachArgs) -> Result<()> {

@@ -124,7 +124,9 @@ pub enum Command {
     ///
     /// Attaches the image, sets up a loop device on its file in the agent's FUSE mount
     /// and mounts it. Read-only unless --rw, which sends writes into an overlay (the
-    /// store is never written). Needs root. `lode umount DIR` undoes it all.
+    /// store is never written). The mount is nosuid,nodev: setuid bits, file
+    /// capabilities and device nodes of the image do nothing (see
+    /// --allow-setuid-and-devices). Needs root. `lode umount DIR` undoes it all.
     #[command(
         after_help = "Example:\n  lode mount python:3.11 /mnt/py && ls /mnt/py/usr/bin\n  lode umount /mnt/py"
     )]
@@ -149,10 +151,13 @@ pub enum Command {
     /// Run a command inside an image, lazily loaded: mount, run, clean up.
     ///
     /// The command runs with the image config's environment, working directory and
-    /// user, in a writable overlay that is dropped afterwards. With crun on PATH it runs
-    /// in a container from a generated OCI bundle (own pid, mount, ipc and uts
-    /// namespaces); otherwise chrooted, with /proc and /dev mounted. Exits with the
-    /// command's status. Needs root and a running agent.
+    /// user (names looked up inside the image), in a writable overlay that is dropped
+    /// afterwards. With crun on PATH it runs in a container from a generated OCI bundle
+    /// (own pid, mount, ipc and uts namespaces, a private /dev, no CAP_MKNOD); otherwise
+    /// chrooted, with a read-only /proc and a private /dev mounted, which shares the
+    /// host's pids, network and IPC (docs/run.md). The image is mounted nosuid,nodev.
+    /// Exits with the command's status; a SIGTERM, SIGINT or SIGHUP before the command
+    /// starts undoes the mount and exits 128 + the signal. Needs root and a running agent.
     #[command(
         after_help = "Example:\n  lode run python -- python3 -c 'import json; print(json.dumps([1]))'"
     )]
@@ -354,6 +359,11 @@ pub struct MountArgs {
     /// Kernel readahead of the loop device, KiB. [default: the kernel's]
     #[arg(long, value_name = "KIB")]
     pub readahead_kb: Option<u32>,
+    /// UNSAFE for images you do not trust: mount the image without nosuid,nodev, so its
+    /// setuid binaries, file capabilities and device nodes work (a setuid-root binary in
+    /// it gives root to whoever runs it; a device node in it reads the host's devices).
+    #[arg(long)]
+    pub allow_setuid_and_devices: bool,
     #[command(flatten)]
     pub control: ControlArg,
 }
@@ -399,7 +409,7 @@ pub enum Runtime {
     Auto,
     /// A container from a generated OCI bundle.
     Crun,
-    /// chroot(2) with /proc and /dev mounted.
+    /// chroot(2) with a read-only /proc and a private /dev mounted (not a container).
     Chroot,
 }
 
@@ -422,6 +432,11 @@ pub struct RunArgs {
     /// Kernel readahead of the loop device, KiB. [default: the kernel's]
     #[arg(long, value_name = "KIB")]
     pub readahead_kb: Option<u32>,
+    /// UNSAFE for images you do not trust: mount the image without nosuid,nodev, so its
+    /// setuid binaries, file capabilities and device nodes work (a setuid-root binary in
+    /// it gives root to whoever runs it; a device node in it reads the host's devices).
+    #[arg(long)]
+    pub allow_setuid_and_devices: bool,
     #[command(flatten)]
     pub control: ControlArg,
 }

@@ -371,7 +371,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Detach(a) => agent::detach(&env, &home, a)?,
         Command::Ls(a) => agent::ls(&env, &home, a)?,
         Command::Stats(a) => agent::stats(&env, &home, a)?,
-        Command::Mount(a) => mount::mount(&env, &home, a)?,
+        Command::Mount(a) => return mount::mount(&env, &home, a),
         Command::Umount(a) => mount::umount(&env, &home, a)?,
         Command::Run(a) => return mount::run(&env, &home, a),
         Command::CacheNode(a) => cache_node(&env, a).await?,
