@@ -50,11 +50,13 @@
 
 mod dir;
 mod extent;
+mod flat;
 pub mod layout;
 mod tree;
 mod writer;
 mod xattr;
 
+pub use flat::{FlatInode, FlatTree, InodeKind, Meta};
 pub use layout::{BLOCK_SIZE, BlockNo, InodeNo};
 pub use tree::{BytePath, Entry, Metadata, NAME_MAX, SYMLINK_MAX, Timestamp, Tree, TreeError};
 pub use writer::{Error, Ext4Writer, FileData, ImageSink, Options, Region, Summary};

@@ -6,7 +6,7 @@
 //!                                                                   │ caps: total size, ratio
 //!                                                                   ▼
 //!                         Ext4Writer region i ◄─ file contents ◄─ TarReader ─► Merger (tree)
-//! after the last layer:   Merger::into_tree ─► Ext4Writer::finish ─► image + Summary
+//! after the last layer:   Merger::into_flat ─► Ext4Writer::finish_flat ─► image + Summary
 //! ```
 //!
 //! Each layer gets its own data region, and its regular files are appended
@@ -337,8 +337,8 @@ pub fn flatten_source<S: ImageSink>(
     }
 
     progress(Progress::Finishing);
-    let tree = merger.into_tree().map_err(Error::Tree)?;
-    let (sink, summary) = writer.finish(&tree)?;
+    let tree = merger.into_flat().map_err(Error::Tree)?;
+    let (sink, summary) = writer.finish_flat(&tree)?;
     for (info, region) in infos.iter_mut().zip(&summary.regions) {
         info.region = *region;
     }
