@@ -415,8 +415,7 @@ impl<S: ImageSink> Ext4Writer<S> {
     ///
     /// The metadata region is laid out twice: a first pass only counts its
     /// blocks (which fixes where the inode tables go), the second writes the
-    /// blocks and fills each group's inode table as it goes, so no more than
-    /// one group's table is held.
+    /// blocks and the inodes as it goes, so no inode is held.
     pub fn finish_flat(mut self, tree: &FlatTree) -> Result<(S, Summary), Error> {
         let meta_start = round_up(self.next_block, self.chunk_blocks);
         let mut regions = Vec::new();
@@ -489,21 +488,20 @@ impl<S: ImageSink> Ext4Writer<S> {
 
         let bpg = usize::try_from(BLOCKS_PER_GROUP).expect("fits usize");
         let groups_us = usize::try_from(groups).expect("fits usize");
-        let ipg_us = usize::try_from(ipg).expect("fits usize");
         let mut tables = Tables {
             bbm: vec![0u8; groups_us * bpg / 8],
             ipg,
             it_start,
             table_blocks,
             group: 0,
-            table: vec![0u8; ipg_us * INODE_BYTES],
+            first: 0,
+            window: vec![0u8; usize::try_from(TABLE_WINDOW).expect("small") * INODE_BYTES],
+            dirty: false,
             used_dirs: vec![0; groups_us],
         };
         let end = self.lay_out(&plan, meta_start, Some(&mut tables))?;
         debug_assert_eq!(end, fixed_end, "both passes place the same blocks");
-        while tables.group < groups {
-            tables.flush(&mut self)?;
-        }
+        tables.flush(&mut self)?;
         let Tables {
             mut bbm, used_dirs, ..
         } = tables;
@@ -757,28 +755,39 @@ fn set_bit(bm: &mut [u8], bit: u64) {
     bm[bit / 8] |= 1 << (bit % 8);
 }
 
-/// The second layout pass's output: the block bitmap and the inode table
-/// of the group being filled.
+/// Inodes of a table written at once in the second layout pass.
+const TABLE_WINDOW: u64 = 1024;
+
+/// The second layout pass's output: the block bitmap, and a window of an
+/// inode table filled in inode order, written when the next inode falls
+/// outside it. Table bytes no inode reaches are never written: the sink
+/// reads them back as zeros.
 struct Tables {
     bbm: Vec<u8>,
     ipg: u64,
     it_start: u64,
     table_blocks: u64,
+    /// The window: group, first index in its table, and the bytes.
     group: u64,
-    table: Vec<u8>,
+    first: u64,
+    window: Vec<u8>,
+    dirty: bool,
     /// Directories per group, for the group descriptors.
     used_dirs: Vec<u64>,
 }
 
 impl Tables {
-    /// Writes the current group's table and starts the next.
     fn flush<S: ImageSink>(&mut self, w: &mut Ext4Writer<S>) -> Result<(), Error> {
-        w.write(
-            &self.table,
-            (self.it_start + self.group * self.table_blocks) * BLOCK_SIZE,
-        )?;
-        self.table.fill(0);
-        self.group += 1;
+        if !self.dirty {
+            return Ok(());
+        }
+        let count = TABLE_WINDOW.min(self.ipg - self.first);
+        let bytes = usize::try_from(count).expect("small") * INODE_BYTES;
+        let at = (self.it_start + self.group * self.table_blocks) * BLOCK_SIZE
+            + self.first * INODE_BYTES as u64;
+        w.write(&self.window[..bytes], at)?;
+        self.window.fill(0);
+        self.dirty = false;
         Ok(())
     }
 
@@ -790,11 +799,14 @@ impl Tables {
         is_dir: bool,
     ) -> Result<(), Error> {
         let (g, idx) = ((ino - 1) / self.ipg, (ino - 1) % self.ipg);
-        while self.group < g {
+        let first = idx - idx % TABLE_WINDOW;
+        if (g, first) != (self.group, self.first) {
             self.flush(w)?;
+            (self.group, self.first) = (g, first);
         }
-        let at = usize::try_from(idx).expect("fits") * INODE_BYTES;
-        self.table[at..at + INODE_BYTES].copy_from_slice(inode.as_bytes());
+        let at = usize::try_from(idx - first).expect("small") * INODE_BYTES;
+        self.window[at..at + INODE_BYTES].copy_from_slice(inode.as_bytes());
+        self.dirty = true;
         if is_dir {
             self.used_dirs[usize::try_from(g).expect("fits")] += 1;
         }

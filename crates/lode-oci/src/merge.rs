@@ -229,6 +229,9 @@ pub struct Merger<D> {
     limits: MergeLimits,
     entries: u64,
     metadata_bytes: u64,
+    /// Names in the tree now, and their bytes (to size the flat tree).
+    live: usize,
+    live_bytes: usize,
 }
 
 /// An error from [`Merger::apply`]: the entry's, or the data callback's.
@@ -314,6 +317,8 @@ impl<D> Merger<D> {
             limits,
             entries: 0,
             metadata_bytes: 0,
+            live: 0,
+            live_bytes: 0,
         }
     }
 
@@ -515,6 +520,8 @@ impl<D> Merger<D> {
             }
         })? - u32::try_from(name.len()).expect("checked against NAME_MAX");
         self.names.extend_from_slice(name);
+        self.live += 1;
+        self.live_bytes += name.len();
         let key = self.key(dir, name);
         let chain = self.index.insert(key, id).unwrap_or(NONE);
         let next = self.nodes[dir as usize].first;
@@ -550,6 +557,8 @@ impl<D> Merger<D> {
         let mut stack = vec![node];
         while let Some(x) = stack.pop() {
             self.unindex(x);
+            self.live -= 1;
+            self.live_bytes -= usize::from(self.nodes[x as usize].len);
             let mut c = self.nodes[x as usize].first;
             while c != NONE {
                 stack.push(c);
@@ -745,13 +754,20 @@ impl Merger<FileData> {
     /// (hardlinks) of it.
     pub fn into_flat(self) -> Result<FlatTree, MergeError> {
         let Self {
-            names,
-            nodes,
+            mut names,
+            mut nodes,
             index,
-            inodes,
+            mut inodes,
+            live,
+            live_bytes,
             ..
         } = self;
+        // Both trees are held at once here: give back the growth slack of
+        // the vectors first (shrinking reallocates in place).
         drop(index);
+        names.shrink_to_fit();
+        nodes.shrink_to_fit();
+        inodes.shrink_to_fit();
         let name = |c: u32| {
             let n = &nodes[c as usize];
             &names[n.at as usize..n.at as usize + usize::from(n.len)]
@@ -769,6 +785,7 @@ impl Merger<FileData> {
         let mut owned = vec![false; inodes.len()];
         owned[0] = true;
         let mut flat = FlatTree::new(inodes, 0)?;
+        flat.reserve(live, live_bytes);
         let kids = sorted(0);
         let first = flat.add_children(
             FlatTree::ROOT,
