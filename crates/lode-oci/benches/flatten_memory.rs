@@ -13,7 +13,8 @@
 //! VmHWM after it, and that less the RSS before it, per entry. Everything lives in
 //! one temporary directory under TMPDIR (about 1.5 KiB of disk per entry), deleted
 //! at the end; keep it off tmpfs, whose pages would share the machine's memory
-//! with the flatten being measured.
+//! with the flatten being measured. The image's digest is printed last, so
+//! runs of two builds can be checked for identical bytes.
 
 use std::fs;
 use std::io::{self, BufWriter, Read, Write};
@@ -213,4 +214,8 @@ fn main() {
         mib(done.summary.image_size),
         done.summary.used_inodes,
     );
+    // Two builds flatten the same layer into the same bytes, or one of
+    // them changed the format.
+    let digest = sha256_file(&tmp.path().join("image.ext4")).expect("hashing the image");
+    println!("image {digest}");
 }
