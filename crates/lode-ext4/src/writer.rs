@@ -185,6 +185,10 @@ impl FileData {
     pub fn start(&self) -> BlockNo {
         self.start
     }
+    /// Runs of data blocks between holes (each one extent).
+    pub fn extents(&self) -> usize {
+        self.runs.len()
+    }
     /// Blocks holding data (the file's size in blocks less its holes).
     pub fn allocated_blocks(&self) -> u64 {
         self.runs.iter().map(|r| u64::from(r.1)).sum()

@@ -375,3 +375,23 @@ fn deep_paths_and_implied_directories_are_capped() {
         )
     );
 }
+
+/// Every data extent of every file is held until the image is written, so
+/// a layer of files full of holes is capped in extents.
+#[test]
+fn file_extents_are_capped() {
+    let mut holes = Vec::new();
+    for i in 0..8u8 {
+        holes.extend(std::iter::repeat_n(i % 2, 4096));
+    }
+    let mut o = opts();
+    o.limits.max_extents = 5;
+    let (err, d) = fail_with(&one(Layer::new().file("a", &holes).file("b", &holes)), o);
+    assert_eq!(
+        err,
+        format!(
+            "layer 0 ({}): entry \"b\": file data extents pass the image's cap of 5",
+            d[0]
+        )
+    );
+}
