@@ -416,3 +416,110 @@ impl FlatTree {
         self.inode(self.node(node).inode).check(|| self.path(node))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{Ext4Writer, Options};
+
+    fn dir() -> FlatInode {
+        FlatInode {
+            meta: Meta::from(&Metadata::new(0o755, 0, 0)),
+            kind: InodeKind::Dir,
+        }
+    }
+
+    fn fifo() -> FlatInode {
+        FlatInode {
+            meta: Meta::from(&Metadata::new(0o644, 0, 0)),
+            kind: InodeKind::Fifo,
+        }
+    }
+
+    fn finish(t: &FlatTree) -> Result<Vec<u8>, crate::Error> {
+        let w = Ext4Writer::new(Vec::new(), Options::default()).unwrap();
+        w.finish_flat(t).map(|(img, _)| img)
+    }
+
+    #[test]
+    fn children_must_be_sorted_named_and_exist() {
+        let mut t = FlatTree::new(vec![dir(), dir(), fifo()], 0).unwrap();
+        let err = t
+            .add_children(FlatTree::ROOT, [(&b"b"[..], 1), (b"a", 2)])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/a: names are not in strictly increasing byte order"
+        );
+        let mut t = FlatTree::new(vec![dir(), dir(), fifo()], 0).unwrap();
+        let err = t
+            .add_children(FlatTree::ROOT, [(&b"a/b"[..], 1)])
+            .unwrap_err();
+        assert!(matches!(err, TreeError::InvalidPath { .. }), "{err}");
+        let err = t
+            .add_children(FlatTree::ROOT, [(&b"x"[..], 9)])
+            .unwrap_err();
+        assert_eq!(err.to_string(), "/x: names an inode the tree does not have");
+        let err = t
+            .add_children(FlatTree::ROOT, [(&b"lost+found"[..], 2)])
+            .unwrap_err();
+        assert!(matches!(err, TreeError::LostFound { .. }), "{err}");
+        assert!(matches!(
+            FlatTree::new(vec![fifo()], 0),
+            Err(TreeError::Root { .. })
+        ));
+    }
+
+    #[test]
+    fn an_inode_has_one_owner_and_links_name_it_again() {
+        let mut t = FlatTree::new(vec![dir(), dir(), fifo()], 0).unwrap();
+        let first = t
+            .add_children(FlatTree::ROOT, [(&b"a"[..], 2), (b"b", 2), (b"d", 1)])
+            .unwrap();
+        let err = finish(&t).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/b: its inode is already named; mark further names as links"
+        );
+        t.set_link(first + 1, 2);
+        assert_eq!(t.path(first + 1).to_string(), "/b");
+        let img = finish(&t).unwrap();
+        let fs = ext4_view::Ext4::load(Box::new(img)).unwrap();
+        assert_eq!(fs.metadata("/b").unwrap().mode(), 0o644);
+        t.set_link(first + 2, 1);
+        assert_eq!(
+            finish(&t).unwrap_err().to_string(),
+            "/d: hardlink target /d is a directory"
+        );
+    }
+
+    proptest! {
+        /// Packing metadata loses nothing.
+        #[test]
+        fn meta_round_trips(
+            mode in 0u32..0o10000,
+            uid in any::<u32>(),
+            gid in any::<u32>(),
+            secs in proptest::array::uniform3(any::<i64>()),
+            nanos in proptest::array::uniform3(0u32..1_000_000_000),
+            xattrs in proptest::collection::btree_map(
+                proptest::collection::vec(any::<u8>(), 1..20),
+                proptest::collection::vec(any::<u8>(), 0..40),
+                0..4,
+            ),
+        ) {
+            let m = Metadata {
+                mode,
+                uid,
+                gid,
+                atime: Timestamp::new(secs[0], nanos[0]),
+                mtime: Timestamp::new(secs[1], nanos[1]),
+                ctime: Timestamp::new(secs[2], nanos[2]),
+                xattrs,
+            };
+            prop_assert_eq!(Meta::from(&m).metadata(), m);
+        }
+    }
+}
