@@ -194,6 +194,17 @@ impl FlatInode {
     }
 }
 
+/// A name record of a [`FlatTree`]: its index ([`FlatTree::ROOT`] is 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NameId(pub u32);
+
+/// An inode of a [`FlatTree`]: its index in the inode vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InodeId(pub u32);
+
+/// The root's name record, as the writer indexes it.
+pub(crate) const ROOT_NAME: u32 = 0;
+
 /// One name in the tree.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Name {
@@ -228,7 +239,8 @@ fn u32_of(n: usize, path: impl Fn() -> BytePath) -> Result<u32, TreeError> {
 impl FlatTree {
     /// A tree of the inodes `inodes` whose root directory is `inodes[root]`;
     /// name the others with [`FlatTree::add_children`].
-    pub fn new(inodes: Vec<FlatInode>, root: u32) -> Result<Self, TreeError> {
+    pub fn new(inodes: Vec<FlatInode>, root: InodeId) -> Result<Self, TreeError> {
+        let root = root.0;
         let root_path = || BytePath(Vec::new());
         u32_of(inodes.len(), root_path)?;
         match inodes.get(root as usize) {
@@ -251,7 +263,7 @@ impl FlatTree {
     }
 
     /// The root's name record.
-    pub const ROOT: u32 = 0;
+    pub const ROOT: NameId = NameId(ROOT_NAME);
 
     /// Makes room for `names` more names of `bytes` bytes in all.
     pub fn reserve(&mut self, names: usize, bytes: usize) {
@@ -264,20 +276,21 @@ impl FlatTree {
     /// record (the others follow it). Each directory gets its children once.
     pub fn add_children<'a>(
         &mut self,
-        dir: u32,
-        children: impl IntoIterator<Item = (&'a [u8], u32)>,
-    ) -> Result<u32, TreeError> {
+        dir: NameId,
+        children: impl IntoIterator<Item = (&'a [u8], InodeId)>,
+    ) -> Result<NameId, TreeError> {
+        let dir = dir.0;
         let d = self.nodes[dir as usize];
         if self.inodes[d.inode as usize].kind != InodeKind::Dir || d.first != NONE {
             return Err(TreeError::ParentNotDir {
-                path: self.path(dir),
+                path: self.path_at(dir),
             });
         }
-        let first = u32_of(self.nodes.len(), || self.path(dir))?;
+        let first = u32_of(self.nodes.len(), || self.path_at(dir))?;
         let mut last: Option<Range<usize>> = None;
-        for (name, inode) in children {
+        for (name, InodeId(inode)) in children {
             let full = || {
-                let mut p = self.path(dir).0;
+                let mut p = self.path_at(dir).0;
                 if !p.is_empty() {
                     p.push(b'/');
                 }
@@ -308,7 +321,7 @@ impl FlatTree {
                 Some(i) => i.kind == InodeKind::Dir,
                 None => return Err(TreeError::NoInode { path: full() }),
             };
-            if dir == Self::ROOT && name == b"lost+found" && !is_dir {
+            if dir == ROOT_NAME && name == b"lost+found" && !is_dir {
                 return Err(TreeError::LostFound { path: full() });
             }
             let at = u32_of(self.names.len() + name.len(), full)? as usize - name.len();
@@ -329,24 +342,28 @@ impl FlatTree {
         let d = &mut self.nodes[dir as usize];
         d.first = first;
         d.count = count;
-        Ok(first)
+        Ok(NameId(first))
     }
 
     /// Makes the name record `node` a further name of `inode` (a hardlink):
     /// it shares the inode another name owns.
-    pub fn set_link(&mut self, node: u32, inode: u32) {
-        let n = &mut self.nodes[node as usize];
+    pub fn set_link(&mut self, node: NameId, inode: InodeId) {
+        let n = &mut self.nodes[node.0 as usize];
         n.link = true;
-        n.inode = inode;
+        n.inode = inode.0;
     }
 
     /// The inode the name record `node` names.
-    pub fn inode_of(&self, node: u32) -> u32 {
-        self.nodes[node as usize].inode
+    pub fn inode_of(&self, node: NameId) -> InodeId {
+        InodeId(self.nodes[node.0 as usize].inode)
     }
 
     /// Whether the name record `node` names a directory.
-    pub fn is_dir(&self, node: u32) -> bool {
+    pub fn is_dir(&self, node: NameId) -> bool {
+        self.is_dir_at(node.0)
+    }
+
+    pub(crate) fn is_dir_at(&self, node: u32) -> bool {
         self.inodes[self.nodes[node as usize].inode as usize].kind == InodeKind::Dir
     }
 
@@ -400,10 +417,14 @@ impl FlatTree {
     }
 
     /// The path of `node`, rebuilt from its parents (for messages).
-    pub fn path(&self, node: u32) -> BytePath {
+    pub fn path(&self, node: NameId) -> BytePath {
+        self.path_at(node.0)
+    }
+
+    pub(crate) fn path_at(&self, node: u32) -> BytePath {
         let mut parts = Vec::new();
         let mut n = node;
-        while n != Self::ROOT {
+        while n != ROOT_NAME {
             parts.push(self.name(n));
             n = self.nodes[n as usize].parent;
         }
@@ -413,7 +434,8 @@ impl FlatTree {
 
     /// Checks the inode a name owns.
     pub(crate) fn check_owner(&self, node: u32) -> Result<(), TreeError> {
-        self.inode(self.node(node).inode).check(|| self.path(node))
+        self.inode(self.node(node).inode)
+            .check(|| self.path_at(node))
     }
 }
 
@@ -445,50 +467,61 @@ mod tests {
 
     #[test]
     fn children_must_be_sorted_named_and_exist() {
-        let mut t = FlatTree::new(vec![dir(), dir(), fifo()], 0).unwrap();
+        let mut t = FlatTree::new(vec![dir(), dir(), fifo()], InodeId(0)).unwrap();
         let err = t
-            .add_children(FlatTree::ROOT, [(&b"b"[..], 1), (b"a", 2)])
+            .add_children(
+                FlatTree::ROOT,
+                [(&b"b"[..], InodeId(1)), (b"a", InodeId(2))],
+            )
             .unwrap_err();
         assert_eq!(
             err.to_string(),
             "/a: names are not in strictly increasing byte order"
         );
-        let mut t = FlatTree::new(vec![dir(), dir(), fifo()], 0).unwrap();
+        let mut t = FlatTree::new(vec![dir(), dir(), fifo()], InodeId(0)).unwrap();
         let err = t
-            .add_children(FlatTree::ROOT, [(&b"a/b"[..], 1)])
+            .add_children(FlatTree::ROOT, [(&b"a/b"[..], InodeId(1))])
             .unwrap_err();
         assert!(matches!(err, TreeError::InvalidPath { .. }), "{err}");
         let err = t
-            .add_children(FlatTree::ROOT, [(&b"x"[..], 9)])
+            .add_children(FlatTree::ROOT, [(&b"x"[..], InodeId(9))])
             .unwrap_err();
         assert_eq!(err.to_string(), "/x: names an inode the tree does not have");
         let err = t
-            .add_children(FlatTree::ROOT, [(&b"lost+found"[..], 2)])
+            .add_children(FlatTree::ROOT, [(&b"lost+found"[..], InodeId(2))])
             .unwrap_err();
         assert!(matches!(err, TreeError::LostFound { .. }), "{err}");
         assert!(matches!(
-            FlatTree::new(vec![fifo()], 0),
+            FlatTree::new(vec![fifo()], InodeId(0)),
             Err(TreeError::Root { .. })
         ));
     }
 
     #[test]
     fn an_inode_has_one_owner_and_links_name_it_again() {
-        let mut t = FlatTree::new(vec![dir(), dir(), fifo()], 0).unwrap();
+        let mut t = FlatTree::new(vec![dir(), dir(), fifo()], InodeId(0)).unwrap();
         let first = t
-            .add_children(FlatTree::ROOT, [(&b"a"[..], 2), (b"b", 2), (b"d", 1)])
+            .add_children(
+                FlatTree::ROOT,
+                [
+                    (&b"a"[..], InodeId(2)),
+                    (b"b", InodeId(2)),
+                    (b"d", InodeId(1)),
+                ],
+            )
             .unwrap();
         let err = finish(&t).unwrap_err();
         assert_eq!(
             err.to_string(),
             "/b: its inode is already named; mark further names as links"
         );
-        t.set_link(first + 1, 2);
-        assert_eq!(t.path(first + 1).to_string(), "/b");
+        let (b, d) = (NameId(first.0 + 1), NameId(first.0 + 2));
+        t.set_link(b, InodeId(2));
+        assert_eq!(t.path(b).to_string(), "/b");
         let img = finish(&t).unwrap();
         let fs = ext4_view::Ext4::load(Box::new(img)).unwrap();
         assert_eq!(fs.metadata("/b").unwrap().mode(), 0o644);
-        t.set_link(first + 2, 1);
+        t.set_link(d, InodeId(1));
         assert_eq!(
             finish(&t).unwrap_err().to_string(),
             "/d: hardlink target /d is a directory"

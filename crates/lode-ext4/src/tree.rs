@@ -1,9 +1,10 @@
 //! The file tree an image is built from.
 //!
-//! The flattener applies layers to one [`Tree`] (inserting entries, removing
-//! whiteouts) and hands it to [`crate::Ext4Writer::finish`]. Entries are kept
-//! sorted by name bytes, which fixes both the directory order and the inode
-//! numbering in the image.
+//! A caller applies layers to one [`Tree`] (inserting entries, removing
+//! whiteouts) and hands it to [`crate::Ext4Writer::finish`], which turns it
+//! into a [`crate::FlatTree`] (lode-oci's merge builds that compact form
+//! directly). Entries are kept sorted by name bytes, which fixes both the
+//! directory order and the inode numbering in the image.
 //!
 //! ```text
 //! Tree ── root Dir { meta, children: BTreeMap<name, Node> }

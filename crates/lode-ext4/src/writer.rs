@@ -30,7 +30,7 @@ use zerocopy::little_endian::{U16, U32};
 
 use crate::dir::{self, DirEntry};
 use crate::extent::{self, Run};
-use crate::flat::{FlatInode, FlatTree, InodeKind, Meta, NONE};
+use crate::flat::{FlatInode, FlatTree, InodeId, InodeKind, Meta, NONE, NameId, ROOT_NAME};
 use crate::layout::*;
 use crate::tree::{BytePath, Entry, Metadata, Node, Timestamp, Tree, TreeError};
 use crate::xattr::{self, XattrError};
@@ -1084,7 +1084,7 @@ impl<'t> Plan<'t> {
     fn new(tree: &'t FlatTree, lf: &'t FlatInode) -> Result<Self, Error> {
         let count = tree.inode_count();
         let lf_node = tree
-            .child(FlatTree::ROOT, b"lost+found")
+            .child(ROOT_NAME, b"lost+found")
             .filter(|&n| !tree.node(n).link);
         let mut plan = Self {
             tree,
@@ -1094,9 +1094,9 @@ impl<'t> Plan<'t> {
             ino_of_inode: vec![0; count],
             links: vec![0; count],
         };
-        plan.node_of_ino[ROOT_INO as usize] = FlatTree::ROOT;
-        plan.ino_of_inode[tree.inode_of(FlatTree::ROOT) as usize] = ROOT_INO;
-        let mut stack = vec![FlatTree::ROOT];
+        plan.node_of_ino[ROOT_INO as usize] = ROOT_NAME;
+        plan.ino_of_inode[tree.node(ROOT_NAME).inode as usize] = ROOT_INO;
+        let mut stack = vec![ROOT_NAME];
         while let Some(d) = stack.pop() {
             if d == LF {
                 continue;
@@ -1121,14 +1121,17 @@ impl<'t> Plan<'t> {
                 tree.check_owner(c)?;
                 let slot = &mut plan.ino_of_inode[n.inode as usize];
                 if *slot != 0 {
-                    return Err(TreeError::NamedTwice { path: tree.path(c) }.into());
+                    return Err(TreeError::NamedTwice {
+                        path: tree.path_at(c),
+                    }
+                    .into());
                 }
                 *slot = ino;
                 if is_dir {
                     subdirs.push(c);
                 }
             }
-            if d == FlatTree::ROOT && plan.lf_made {
+            if d == ROOT_NAME && plan.lf_made {
                 plan.node_of_ino[LOST_FOUND_INO as usize] = LF;
                 subdirs.push(LF);
             }
@@ -1142,17 +1145,17 @@ impl<'t> Plan<'t> {
             if n.link && is_dir {
                 let owner = plan.ino_of_inode[n.inode as usize] as usize;
                 return Err(Error::HardlinkToDir {
-                    path: tree.path(c),
+                    path: tree.path_at(c),
                     target: match plan.node_of_ino.get(owner) {
                         Some(&o) if owner != 0 => plan.path(o),
-                        _ => tree.path(c),
+                        _ => tree.path_at(c),
                     },
                 });
             }
             if n.link && plan.ino_of_inode[n.inode as usize] == 0 {
                 return Err(Error::HardlinkMissing {
-                    path: tree.path(c),
-                    target: tree.path(c),
+                    path: tree.path_at(c),
+                    target: tree.path_at(c),
                 });
             }
             if !is_dir {
@@ -1164,11 +1167,11 @@ impl<'t> Plan<'t> {
             if node == NONE || node == LF {
                 continue;
             }
-            let inode = tree.inode_of(node);
+            let inode = tree.node(node).inode;
             let links = plan.links[inode as usize];
             if tree.inode(inode).kind != InodeKind::Dir && links > LINK_MAX {
                 return Err(Error::TooManyLinks {
-                    path: tree.path(node),
+                    path: tree.path_at(node),
                     links,
                 });
             }
@@ -1180,7 +1183,7 @@ impl<'t> Plan<'t> {
         if node == LF {
             BytePath(b"lost+found".to_vec())
         } else {
-            self.tree.path(node)
+            self.tree.path_at(node)
         }
     }
 
@@ -1193,17 +1196,17 @@ impl<'t> Plan<'t> {
         let tree = self.tree;
         let n = tree.node(node);
         let rec = tree.inode(n.inode);
-        let parent = if node == FlatTree::ROOT {
+        let parent = if node == ROOT_NAME {
             ROOT_INO
         } else {
-            self.ino_of_inode[tree.inode_of(n.parent) as usize]
+            self.ino_of_inode[tree.node(n.parent).inode as usize]
         };
         let nlink = if rec.kind == InodeKind::Dir {
             let mut subdirs = tree
                 .children(node)
-                .filter(|&c| tree.is_dir(c))
+                .filter(|&c| tree.is_dir_at(c))
                 .fold(0u32, |n, _| n.saturating_add(1));
-            if node == FlatTree::ROOT && self.lf_made {
+            if node == ROOT_NAME && self.lf_made {
                 subdirs += 1;
             }
             let nlink = 2 + subdirs;
@@ -1238,7 +1241,7 @@ impl<'t> Plan<'t> {
                 }
             })
             .collect();
-        if node == FlatTree::ROOT && self.lf_made {
+        if node == ROOT_NAME && self.lf_made {
             entries.push(DirEntry {
                 name: b"lost+found",
                 inode: LOST_FOUND_INO,
@@ -1255,10 +1258,10 @@ impl<'t> Plan<'t> {
             if node == NONE || node == LF {
                 continue;
             }
-            if let InodeKind::File(d) = &self.tree.inode(self.tree.inode_of(node)).kind
+            if let InodeKind::File(d) = &self.tree.inode(self.tree.node(node).inode).kind
                 && d.id == id
             {
-                return self.tree.path(node);
+                return self.tree.path_at(node);
             }
         }
         unreachable!("a reused id has a first user")
@@ -1325,7 +1328,7 @@ fn flat_of(tree: &Tree) -> Result<FlatTree, Error> {
             }
         }
     }
-    let mut flat = FlatTree::new(inodes, 0)?;
+    let mut flat = FlatTree::new(inodes, InodeId(0))?;
     let mut next = 1u32;
     let mut links = Vec::new();
     let mut queue = std::collections::VecDeque::from([(&tree.root, FlatTree::ROOT, Vec::new())]);
@@ -1334,14 +1337,14 @@ fn flat_of(tree: &Tree) -> Result<FlatTree, Error> {
         for node in dir.children.values() {
             if let Node::Leaf(Entry::Hardlink { .. }) = node {
                 // Resolved below, once every name is in place.
-                inodes.push(0);
+                inodes.push(InodeId(0));
             } else {
-                inodes.push(next);
+                inodes.push(InodeId(next));
                 next += 1;
             }
         }
         let first = flat.add_children(at, dir.children.keys().map(Vec::as_slice).zip(inodes))?;
-        for ((name, node), i) in dir.children.iter().zip(first..) {
+        for ((name, node), i) in dir.children.iter().zip((first.0..).map(NameId)) {
             match node {
                 Node::Dir(d) => queue.push_back((d, i, join(&path, name))),
                 Node::Leaf(Entry::Hardlink { target }) => {
@@ -1353,13 +1356,13 @@ fn flat_of(tree: &Tree) -> Result<FlatTree, Error> {
     }
     for (node, path, target) in links {
         let canon = resolve_hardlink(tree, &path, target)?;
-        let mut at = FlatTree::ROOT;
+        let mut at = ROOT_NAME;
         if !canon.is_empty() {
             for part in canon.split(|b| *b == b'/') {
                 at = flat.child(at, part).expect("resolved on the same tree");
             }
         }
-        flat.set_link(node, flat.inode_of(at));
+        flat.set_link(node, flat.inode_of(NameId(at)));
     }
     Ok(flat)
 }

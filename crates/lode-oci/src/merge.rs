@@ -37,8 +37,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 use lode_ext4::{
-    BytePath, FileData, FlatInode, FlatTree, InodeKind, Meta, Metadata, NAME_MAX, SYMLINK_MAX,
-    Timestamp, TreeError,
+    BytePath, FileData, FlatInode, FlatTree, InodeId, InodeKind, Meta, Metadata, NAME_MAX, NameId,
+    SYMLINK_MAX, Timestamp, TreeError,
 };
 
 use crate::tar::{EntryKind, TarEntry};
@@ -784,12 +784,13 @@ impl Merger<FileData> {
         };
         let mut owned = vec![false; inodes.len()];
         owned[0] = true;
-        let mut flat = FlatTree::new(inodes, 0)?;
+        let mut flat = FlatTree::new(inodes, InodeId(0))?;
         flat.reserve(live, live_bytes);
         let kids = sorted(0);
         let first = flat.add_children(
             FlatTree::ROOT,
-            kids.iter().map(|&c| (name(c), nodes[c as usize].inode)),
+            kids.iter()
+                .map(|&c| (name(c), InodeId(nodes[c as usize].inode))),
         )?;
         let mut stack = vec![(kids, first, 0usize)];
         while let Some((kids, first, pos)) = stack.last_mut() {
@@ -797,16 +798,19 @@ impl Merger<FileData> {
                 stack.pop();
                 continue;
             };
-            let at = *first + u32::try_from(*pos).expect("below the node count");
+            let at = NameId(first.0 + u32::try_from(*pos).expect("below the node count"));
             *pos += 1;
             let inode = nodes[c as usize].inode;
             if std::mem::replace(&mut owned[inode as usize], true) {
-                flat.set_link(at, inode);
+                flat.set_link(at, InodeId(inode));
             }
             if flat.is_dir(at) {
                 let kids = sorted(c);
-                let first = flat
-                    .add_children(at, kids.iter().map(|&c| (name(c), nodes[c as usize].inode)))?;
+                let first = flat.add_children(
+                    at,
+                    kids.iter()
+                        .map(|&c| (name(c), InodeId(nodes[c as usize].inode))),
+                )?;
                 stack.push((kids, first, 0));
             }
         }
