@@ -1083,9 +1083,15 @@ struct Plan<'t> {
 impl<'t> Plan<'t> {
     fn new(tree: &'t FlatTree, lf: &'t FlatInode) -> Result<Self, Error> {
         let count = tree.inode_count();
-        let lf_node = tree
-            .child(ROOT_NAME, b"lost+found")
-            .filter(|&n| !tree.node(n).link);
+        let lf_node = tree.child(ROOT_NAME, b"lost+found");
+        if let Some(n) = lf_node
+            && tree.node(n).link
+        {
+            return Err(TreeError::LostFound {
+                path: tree.path_at(n),
+            }
+            .into());
+        }
         let mut plan = Self {
             tree,
             lf,

@@ -160,7 +160,7 @@ const NONE: u32 = u32::MAX;
 /// index.
 #[derive(Debug, Clone, Copy)]
 struct Node {
-    /// Offset of the name in [`Merger::names`].
+    /// Offset of the name in the merger's name arena.
     at: u32,
     len: u8,
     /// The last layer that created, replaced or passed through this name
