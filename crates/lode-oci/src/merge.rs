@@ -33,7 +33,7 @@
 //!   one), resolved when the entry is applied; its header's own metadata is
 //!   ignored, as umoci does, since a hardlink has none of its own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 use lode_ext4::{
@@ -232,6 +232,10 @@ pub struct Merger<D> {
     /// Names in the tree now, and their bytes (to size the flat tree).
     live: usize,
     live_bytes: usize,
+    /// Directories pruned in this layer: below them is only what this
+    /// layer put there, so pruning them again changes nothing (and repeated
+    /// opaque markers cost nothing).
+    pruned: HashSet<u32>,
 }
 
 /// An error from [`Merger::apply`]: the entry's, or the data callback's.
@@ -319,12 +323,14 @@ impl<D> Merger<D> {
             metadata_bytes: 0,
             live: 0,
             live_bytes: 0,
+            pruned: HashSet::new(),
         }
     }
 
     /// Starts the next layer; whiteouts apply to what came before it.
     pub fn begin_layer(&mut self) {
         self.layer += 1;
+        self.pruned.clear();
     }
 
     /// Counts one entry applied or directory implied against the cap.
@@ -625,7 +631,9 @@ impl<D> Merger<D> {
     }
 
     fn opaque(&mut self, dir: &[Vec<u8>]) -> Result<(), MergeError> {
-        if let Some(d) = self.find_dir(dir)? {
+        if let Some(d) = self.find_dir(dir)?
+            && self.pruned.insert(d)
+        {
             for c in self.sorted_children(d) {
                 if !self.prune(c) {
                     self.remove(c);
@@ -639,7 +647,7 @@ impl<D> Merger<D> {
     /// layer touched; returns whether `node` itself stays.
     fn prune(&mut self, node: u32) -> bool {
         let touched = self.nodes[node as usize].touched == self.layer;
-        if !self.is_dir(node) || !touched {
+        if !self.is_dir(node) || !touched || !self.pruned.insert(node) {
             return touched;
         }
         for c in self.sorted_children(node) {
