@@ -19,6 +19,9 @@
 //! and xattr blocks from the start of the metadata region in inode order,
 //! then places the bitmaps and inode tables after them. The number of block
 //! groups is the smallest that covers both the blocks and the inodes.
+//! `finish` works on a [`FlatTree`] (a [`Tree`] is converted first): it
+//! holds a few integers per inode, never a path or a whole inode table, so
+//! millions of inodes fit in little memory (crates/lode-ext4/README.md).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
