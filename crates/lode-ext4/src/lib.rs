@@ -1,8 +1,10 @@
 //! A deterministic ext4 image writer, laid out for chunk deduplication.
 //!
 //! lode's flattener (DESIGN.md, "ext4 image") merges an image's layers into
-//! one [`Tree`] and writes it with an [`Ext4Writer`]; the image is then cut
-//! into chunks. The same input always gives the same bytes: no clock, no
+//! one tree and writes it with an [`Ext4Writer`]; the image is then cut into
+//! chunks. The tree is a [`Tree`] (a map per directory, easy to edit) or,
+//! for millions of names, the compact [`FlatTree`] the flattener builds; both
+//! give the same bytes. The same input always gives the same bytes: no clock, no
 //! random UUID or hash seed (both come from [`Options::seed`]), inode numbers
 //! and directory order from the tree's sorted names.
 //!
@@ -50,11 +52,13 @@
 
 mod dir;
 mod extent;
+mod flat;
 pub mod layout;
 mod tree;
 mod writer;
 mod xattr;
 
+pub use flat::{FlatInode, FlatTree, InodeId, InodeKind, Meta, NameId};
 pub use layout::{BLOCK_SIZE, BlockNo, InodeNo};
 pub use tree::{BytePath, Entry, Metadata, NAME_MAX, SYMLINK_MAX, Timestamp, Tree, TreeError};
 pub use writer::{Error, Ext4Writer, FileData, ImageSink, Options, Region, Summary};

@@ -1,9 +1,10 @@
 //! The file tree an image is built from.
 //!
-//! The flattener applies layers to one [`Tree`] (inserting entries, removing
-//! whiteouts) and hands it to [`crate::Ext4Writer::finish`]. Entries are kept
-//! sorted by name bytes, which fixes both the directory order and the inode
-//! numbering in the image.
+//! A caller applies layers to one [`Tree`] (inserting entries, removing
+//! whiteouts) and hands it to [`crate::Ext4Writer::finish`], which turns it
+//! into a [`crate::FlatTree`] (lode-oci's merge builds that compact form
+//! directly). Entries are kept sorted by name bytes, which fixes both the
+//! directory order and the inode numbering in the image.
 //!
 //! ```text
 //! Tree ── root Dir { meta, children: BTreeMap<name, Node> }
@@ -73,6 +74,14 @@ pub enum TreeError {
     },
     #[error("{path}: lost+found at the root must be a directory")]
     LostFound { path: BytePath },
+    #[error("{path}: names are not in strictly increasing byte order")]
+    Unsorted { path: BytePath },
+    #[error("{path}: names an inode the tree does not have")]
+    NoInode { path: BytePath },
+    #[error("{path}: its inode is already named; mark further names as links")]
+    NamedTwice { path: BytePath },
+    #[error("{path}: the tree passes 2^32 - 1 names, inodes or name bytes")]
+    TooLarge { path: BytePath },
 }
 
 /// A point in time: seconds since the Unix epoch and nanoseconds.
@@ -92,7 +101,7 @@ impl Timestamp {
         Self { secs, nanos }
     }
 
-    fn is_valid(self) -> bool {
+    pub(crate) fn is_valid(self) -> bool {
         (Self::MIN_SECS..=Self::MAX_SECS).contains(&self.secs) && self.nanos < 1_000_000_000
     }
 }

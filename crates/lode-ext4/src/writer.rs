@@ -19,9 +19,13 @@
 //! and xattr blocks from the start of the metadata region in inode order,
 //! then places the bitmaps and inode tables after them. The number of block
 //! groups is the smallest that covers both the blocks and the inodes.
+//! `finish` works on a [`FlatTree`] (a [`Tree`] is converted first): it
+//! holds a few integers per inode, never a path or a whole inode table, so
+//! millions of inodes fit in little memory (crates/lode-ext4/README.md).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
 use std::io::{self, Read};
 
 use zerocopy::IntoBytes;
@@ -29,8 +33,9 @@ use zerocopy::little_endian::{U16, U32};
 
 use crate::dir::{self, DirEntry};
 use crate::extent::{self, Run};
+use crate::flat::{FlatInode, FlatTree, InodeId, InodeKind, Meta, NONE, NameId, ROOT_NAME};
 use crate::layout::*;
-use crate::tree::{BytePath, Dir, Entry, Metadata, Node, Timestamp, Tree};
+use crate::tree::{BytePath, Entry, Metadata, Node, Timestamp, Tree, TreeError};
 use crate::xattr::{self, XattrError};
 
 /// Largest block count of an image without the `64bit` feature.
@@ -85,6 +90,8 @@ pub enum Error {
     ForeignData { path: BytePath, start: BlockNo },
     #[error("{path}: {source}")]
     Xattr { path: BytePath, source: XattrError },
+    #[error(transparent)]
+    Tree(#[from] TreeError),
 }
 
 /// Where the image goes. Bytes never written must read back as zeros:
@@ -165,7 +172,7 @@ pub struct FileData {
     start: BlockNo,
     len: u64,
     /// Non-hole runs as (first logical block, block count).
-    runs: Vec<(u32, u32)>,
+    runs: Box<[(u32, u32)]>,
 }
 
 impl FileData {
@@ -180,6 +187,10 @@ impl FileData {
     /// First block of the file's place in its region.
     pub fn start(&self) -> BlockNo {
         self.start
+    }
+    /// Runs of data blocks between holes (each one extent).
+    pub fn extents(&self) -> usize {
+        self.runs.len()
     }
     /// Blocks holding data (the file's size in blocks less its holes).
     pub fn allocated_blocks(&self) -> u64 {
@@ -394,13 +405,25 @@ impl<S: ImageSink> Ext4Writer<S> {
             id,
             start: BlockNo(start),
             len,
-            runs,
+            runs: runs.into_boxed_slice(),
         })
     }
 
     /// Writes the metadata region, group descriptors and superblock for
     /// `tree`, sizes the sink, and returns the sink with a summary.
-    pub fn finish(mut self, tree: &Tree) -> Result<(S, Summary), Error> {
+    pub fn finish(self, tree: &Tree) -> Result<(S, Summary), Error> {
+        let flat = flat_of(tree)?;
+        self.finish_flat(&flat)
+    }
+
+    /// [`Ext4Writer::finish`] for a [`FlatTree`], the compact form a caller
+    /// with millions of names builds directly. The same tree gives the same
+    /// bytes either way.
+    ///
+    /// The metadata region is laid out twice: a first pass only counts its
+    /// blocks (which fixes where the inode tables go), the second writes the
+    /// blocks and the inodes as it goes, so no inode is held.
+    pub fn finish_flat(mut self, tree: &FlatTree) -> Result<(S, Summary), Error> {
         let meta_start = round_up(self.next_block, self.chunk_blocks);
         let mut regions = Vec::new();
         for (i, &s) in self.region_starts.iter().enumerate() {
@@ -412,152 +435,18 @@ impl<S: ImageSink> Ext4Writer<S> {
         }
 
         // lost+found (inode 11), made here when the tree has none.
-        let lf_default = Dir {
-            meta: Metadata::new(0o700, 0, 0).with_times(Timestamp::new(
+        let lf_default = FlatInode {
+            meta: Meta::from(&Metadata::new(0o700, 0, 0).with_times(Timestamp::new(
                 i64::try_from(self.opts.time).map_or(0, |t| t.min(Timestamp::MAX_SECS)),
                 0,
-            )),
-            children: Default::default(),
+            ))),
+            kind: InodeKind::Dir,
         };
         let plan = Plan::new(tree, &lf_default)?;
-        let mut cursor = meta_start;
-        let mut used: Vec<(u64, u64)> = Vec::new();
-        let mut inodes: Vec<Option<Inode>> = vec![None; plan.nodes.len()];
-        let mut xblocks: Vec<(BlockNo, Vec<u8>, u32)> = Vec::new();
-        let mut xshare: HashMap<Vec<u8>, usize> = HashMap::new();
-        let mut dirs_per_ino: Vec<bool> = vec![false; plan.nodes.len()];
-
-        for (ino, node) in plan.nodes.iter().enumerate() {
-            let Some(node) = node else { continue };
-            let path = || BytePath(node.path.clone());
-            let mut inode = new_inode(node.meta, node.nlink);
-            let mut blocks = 0u64;
-            let (kind, size, runs): (u16, u64, Vec<Run>) = match &node.kind {
-                Kind::Dir(entries) => {
-                    dirs_per_ino[ino] = true;
-                    let bytes = dir::build(
-                        u32::try_from(ino).expect("checked inode count"),
-                        node.parent,
-                        entries,
-                    );
-                    let n = bytes.len() as u64 / BLOCK_SIZE;
-                    self.write(&bytes, cursor * BLOCK_SIZE)?;
-                    let run = Run {
-                        logical: 0,
-                        start: BlockNo(cursor),
-                        len: u32::try_from(n).expect("directory below 2^32 blocks"),
-                    };
-                    cursor += n;
-                    (S_IFDIR, bytes.len() as u64, vec![run])
-                }
-                Kind::File(data) => {
-                    if data.start.0 + data.blocks() > self.next_block {
-                        return Err(Error::ForeignData {
-                            path: path(),
-                            start: data.start,
-                        });
-                    }
-                    let runs: Vec<Run> = data
-                        .runs
-                        .iter()
-                        .map(|&(l, n)| Run {
-                            logical: l,
-                            start: BlockNo(data.start.0 + u64::from(l)),
-                            len: n,
-                        })
-                        .collect();
-                    for r in &runs {
-                        used.push((r.start.0, u64::from(r.len)));
-                    }
-                    (S_IFREG, data.len, runs)
-                }
-                Kind::Symlink(target) if target.len() < 60 => {
-                    inode.block[..target.len()].copy_from_slice(target);
-                    (S_IFLNK, target.len() as u64, Vec::new())
-                }
-                Kind::Symlink(target) => {
-                    let mut b = target.to_vec();
-                    b.resize(BLOCK_BYTES, 0);
-                    self.write(&b, cursor * BLOCK_SIZE)?;
-                    let run = Run {
-                        logical: 0,
-                        start: BlockNo(cursor),
-                        len: 1,
-                    };
-                    cursor += 1;
-                    (S_IFLNK, target.len() as u64, vec![run])
-                }
-                Kind::Dev(t, major, minor) => {
-                    let (major, minor) = (*major, *minor);
-                    if major < 256 && minor < 256 {
-                        let old = (major << 8) | minor;
-                        inode.block[..4].copy_from_slice(&old.to_le_bytes());
-                    } else {
-                        let new = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
-                        inode.block[4..8].copy_from_slice(&new.to_le_bytes());
-                    }
-                    (*t, 0, Vec::new())
-                }
-                Kind::Other(t) => (*t, 0, Vec::new()),
-            };
-            let uses_extents = kind == S_IFDIR || kind == S_IFREG || !runs.is_empty();
-            if uses_extents {
-                let mut alloc = || {
-                    cursor += 1;
-                    BlockNo(cursor - 1)
-                };
-                let tree = extent::build(&runs, &mut alloc);
-                for (at, bytes) in &tree.blocks {
-                    self.write(bytes, at.offset())?;
-                }
-                inode.block = tree.root;
-                inode.flags = U32::new(EXTENTS_FL);
-                blocks += tree.blocks.len() as u64;
-                blocks += runs.iter().map(|r| u64::from(r.len)).sum::<u64>();
-            }
-            inode.mode = U16::new(kind | u16::try_from(node.meta.mode).expect("checked <= 0o7777"));
-            inode.size_lo = U32::new(lo32(size));
-            inode.size_hi = U32::new(lo32(size >> 32));
-
-            let enc = xattr::encode(&node.meta.xattrs).map_err(|source| Error::Xattr {
-                path: path(),
-                source,
-            })?;
-            inode.xattrs = enc.in_inode;
-            if let Some(block) = enc.block {
-                let idx = match xshare.get(&block) {
-                    Some(&i) => i,
-                    None => {
-                        xblocks.push((BlockNo(cursor), block.clone(), 0));
-                        cursor += 1;
-                        xshare.insert(block, xblocks.len() - 1);
-                        xblocks.len() - 1
-                    }
-                };
-                let entry = &mut xblocks[idx];
-                entry.2 += 1;
-                if entry.2 == XATTR_REFCOUNT_MAX {
-                    xshare.retain(|_, v| *v != idx);
-                }
-                inode.file_acl_lo = U32::new(lo32(entry.0.0));
-                blocks += 1;
-            }
-            let sectors = blocks * (BLOCK_SIZE / 512);
-            if sectors >= 1 << 32 {
-                // Needs huge_file; far beyond the images lode builds.
-                return Err(Error::TooLarge { blocks });
-            }
-            inode.blocks_lo = U32::new(lo32(sectors));
-            inodes[ino] = Some(inode);
-        }
-        for (at, mut bytes, refs) in xblocks {
-            xattr::set_refcount(&mut bytes, refs);
-            self.write(&bytes, at.offset())?;
-        }
+        let fixed_end = self.lay_out(&plan, meta_start, None)?;
 
         // Size the groups: enough for the blocks and for the inodes.
-        let fixed_end = cursor;
-        let max_ino = plan.nodes.len() as u64 - 1;
+        let max_ino = plan.node_of_ino.len() as u64 - 1;
         let mut groups = 1u64;
         let (ipg, table_blocks, blocks_count) = loop {
             let ipg = round_up(max_ino.div_ceil(groups), INODES_PER_BLOCK).max(INODES_PER_BLOCK);
@@ -602,72 +491,64 @@ impl<S: ImageSink> Ext4Writer<S> {
         let bb_start = fixed_end;
         let ib_start = bb_start + groups;
         let it_start = ib_start + groups;
-        debug_assert_eq!(
-            it_start + groups * table_blocks,
-            fixed_end + 2 * groups + groups * table_blocks
-        );
         let meta_end = it_start + groups * table_blocks;
-        used.push((0, 1 + gdt_blocks));
-        used.push((meta_start, meta_end - meta_start));
 
-        // Block bitmaps.
         let bpg = usize::try_from(BLOCKS_PER_GROUP).expect("fits usize");
-        let mut bbm = vec![0u8; usize::try_from(groups).expect("fits usize") * bpg / 8];
-        let set = |bm: &mut [u8], bit: u64| {
-            let bit = usize::try_from(bit).expect("bitmap index fits usize");
-            bm[bit / 8] |= 1 << (bit % 8);
+        let groups_us = usize::try_from(groups).expect("fits usize");
+        let mut tables = Tables {
+            bbm: vec![0u8; groups_us * bpg / 8],
+            ipg,
+            it_start,
+            table_blocks,
+            group: 0,
+            first: 0,
+            window: vec![0u8; usize::try_from(TABLE_WINDOW).expect("small") * INODE_BYTES],
+            dirty: false,
+            used_dirs: vec![0; groups_us],
         };
-        for &(s, n) in &used {
+        let end = self.lay_out(&plan, meta_start, Some(&mut tables))?;
+        debug_assert_eq!(end, fixed_end, "both passes place the same blocks");
+        tables.flush(&mut self)?;
+        let Tables {
+            mut bbm, used_dirs, ..
+        } = tables;
+
+        // Block bitmaps: file runs were marked as they were laid out.
+        for (s, n) in [(0, 1 + gdt_blocks), (meta_start, meta_end - meta_start)] {
             for b in s..s + n {
-                set(&mut bbm, b);
+                set_bit(&mut bbm, b);
             }
         }
         for b in blocks_count..groups * BLOCKS_PER_GROUP {
-            set(&mut bbm, b);
+            set_bit(&mut bbm, b);
         }
         // Inode bitmaps: 1..=max_ino in use, padding past ipg set.
-        let mut ibm = vec![0u8; usize::try_from(groups).expect("fits usize") * bpg / 8];
+        let mut ibm = vec![0u8; groups_us * bpg / 8];
         for i in 0..max_ino {
             let (g, idx) = (i / ipg, i % ipg);
-            set(&mut ibm, g * BLOCKS_PER_GROUP + idx);
+            set_bit(&mut ibm, g * BLOCKS_PER_GROUP + idx);
         }
         for g in 0..groups {
             for idx in ipg..BLOCKS_PER_GROUP {
-                set(&mut ibm, g * BLOCKS_PER_GROUP + idx);
+                set_bit(&mut ibm, g * BLOCKS_PER_GROUP + idx);
             }
         }
         self.write(&bbm, bb_start * BLOCK_SIZE)?;
         self.write(&ibm, ib_start * BLOCK_SIZE)?;
 
-        // Inode tables and group descriptors.
+        // Group descriptors.
         let mut gdt = Vec::with_capacity(usize::try_from(gdt_blocks * BLOCK_SIZE).expect("small"));
         let mut free_blocks_total = 0u64;
         let mut free_inodes_total = 0u64;
-        let ipg_us = usize::try_from(ipg).expect("fits usize");
         for g in 0..groups {
-            let mut table = vec![0u8; ipg_us * INODE_BYTES];
-            let mut used_dirs = 0u64;
-            let mut used_inodes = 0u64;
-            for idx in 0..ipg {
-                let ino = usize::try_from(g * ipg + idx + 1).expect("fits usize");
-                if (ino as u64) <= max_ino {
-                    used_inodes += 1;
-                }
-                if let Some(Some(inode)) = inodes.get(ino) {
-                    let at = usize::try_from(idx).expect("fits") * INODE_BYTES;
-                    table[at..at + INODE_BYTES].copy_from_slice(inode.as_bytes());
-                    if dirs_per_ino[ino] {
-                        used_dirs += 1;
-                    }
-                }
-            }
-            self.write(&table, (it_start + g * table_blocks) * BLOCK_SIZE)?;
+            let used_inodes = max_ino.saturating_sub(g * ipg).min(ipg);
             let gbits = &bbm[usize::try_from(g).expect("fits") * bpg / 8..][..bpg / 8];
             let used_blocks: u64 = gbits.iter().map(|b| u64::from(b.count_ones())).sum();
             let free_blocks = BLOCKS_PER_GROUP - used_blocks;
             let free_inodes = ipg - used_inodes;
             free_blocks_total += free_blocks;
             free_inodes_total += free_inodes;
+            let used_dirs = used_dirs[usize::try_from(g).expect("fits")];
             let desc = GroupDesc {
                 block_bitmap: U32::new(lo32(bb_start + g)),
                 inode_bitmap: U32::new(lo32(ib_start + g)),
@@ -711,23 +592,339 @@ impl<S: ImageSink> Ext4Writer<S> {
         };
         Ok((self.sink, summary))
     }
+
+    /// Places every inode's metadata blocks (directory, extent index,
+    /// symlink, xattr) from `meta_start` on, in inode order; returns the
+    /// block after the last. With `tables` it also writes those blocks and
+    /// the inodes; without, it only counts (and checks what can fail).
+    fn lay_out<'t>(
+        &mut self,
+        plan: &Plan<'t>,
+        meta_start: u64,
+        mut tables: Option<&mut Tables>,
+    ) -> Result<u64, Error> {
+        let mut cursor = meta_start;
+        let mut xshare = XattrShare::default();
+        let mut data_seen = DataSeen::new(self.next_file);
+        for (ino, &node) in plan.node_of_ino.iter().enumerate() {
+            if node == NONE {
+                continue;
+            }
+            let ino32 = u32::try_from(ino).expect("inode numbers are u32");
+            let path = || plan.path(node);
+            let (rec, parent, nlink) = plan.describe(node);
+            let mut inode = new_inode(&rec.meta, nlink);
+            let mut blocks = 0u64;
+            let (kind, size, runs): (u16, u64, Vec<Run>) = match &rec.kind {
+                InodeKind::Dir => {
+                    let bytes = dir::build(ino32, parent, &plan.dir_entries(node));
+                    let n = bytes.len() as u64 / BLOCK_SIZE;
+                    if tables.is_some() {
+                        self.write(&bytes, cursor * BLOCK_SIZE)?;
+                    }
+                    let run = Run {
+                        logical: 0,
+                        start: BlockNo(cursor),
+                        len: u32::try_from(n).expect("directory below 2^32 blocks"),
+                    };
+                    cursor += n;
+                    (S_IFDIR, bytes.len() as u64, vec![run])
+                }
+                InodeKind::File(data) => {
+                    if data.start.0 + data.blocks() > self.next_block {
+                        return Err(Error::ForeignData {
+                            path: path(),
+                            start: data.start,
+                        });
+                    }
+                    if tables.is_none() && data.len > 0 && !data_seen.insert(data.id) {
+                        return Err(Error::DataReused {
+                            path: path(),
+                            first: plan.first_user(data.id),
+                        });
+                    }
+                    let runs: Vec<Run> = data
+                        .runs
+                        .iter()
+                        .map(|&(l, n)| Run {
+                            logical: l,
+                            start: BlockNo(data.start.0 + u64::from(l)),
+                            len: n,
+                        })
+                        .collect();
+                    if let Some(t) = tables.as_deref_mut() {
+                        for r in &runs {
+                            for b in r.start.0..r.start.0 + u64::from(r.len) {
+                                set_bit(&mut t.bbm, b);
+                            }
+                        }
+                    }
+                    (S_IFREG, data.len, runs)
+                }
+                InodeKind::Symlink(target) if target.len() < 60 => {
+                    inode.block[..target.len()].copy_from_slice(target);
+                    (S_IFLNK, target.len() as u64, Vec::new())
+                }
+                InodeKind::Symlink(target) => {
+                    if tables.is_some() {
+                        let mut b = target.to_vec();
+                        b.resize(BLOCK_BYTES, 0);
+                        self.write(&b, cursor * BLOCK_SIZE)?;
+                    }
+                    let run = Run {
+                        logical: 0,
+                        start: BlockNo(cursor),
+                        len: 1,
+                    };
+                    cursor += 1;
+                    (S_IFLNK, target.len() as u64, vec![run])
+                }
+                InodeKind::CharDev(major, minor) | InodeKind::BlockDev(major, minor) => {
+                    let (major, minor) = (*major, *minor);
+                    if major < 256 && minor < 256 {
+                        let old = (major << 8) | minor;
+                        inode.block[..4].copy_from_slice(&old.to_le_bytes());
+                    } else {
+                        let new = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
+                        inode.block[4..8].copy_from_slice(&new.to_le_bytes());
+                    }
+                    let t = if matches!(rec.kind, InodeKind::CharDev(..)) {
+                        S_IFCHR
+                    } else {
+                        S_IFBLK
+                    };
+                    (t, 0, Vec::new())
+                }
+                InodeKind::Fifo => (S_IFIFO, 0, Vec::new()),
+                InodeKind::Socket => (S_IFSOCK, 0, Vec::new()),
+            };
+            let uses_extents = kind == S_IFDIR || kind == S_IFREG || !runs.is_empty();
+            if uses_extents {
+                let mut alloc = || {
+                    cursor += 1;
+                    BlockNo(cursor - 1)
+                };
+                let tree = extent::build(&runs, &mut alloc);
+                if tables.is_some() {
+                    for (at, bytes) in &tree.blocks {
+                        self.write(bytes, at.offset())?;
+                    }
+                }
+                inode.block = tree.root;
+                inode.flags = U32::new(EXTENTS_FL);
+                blocks += tree.blocks.len() as u64;
+                blocks += runs.iter().map(|r| u64::from(r.len)).sum::<u64>();
+            }
+            inode.mode =
+                U16::new(kind | u16::try_from(rec.meta.mode()).expect("checked <= 0o7777"));
+            inode.size_lo = U32::new(lo32(size));
+            inode.size_hi = U32::new(lo32(size >> 32));
+
+            if rec.meta.has_xattrs() {
+                let enc = xattr::encode(&rec.meta.xattrs()).map_err(|source| Error::Xattr {
+                    path: path(),
+                    source,
+                })?;
+                inode.xattrs = enc.in_inode;
+                if let Some(block) = enc.block {
+                    let (at, new) = xshare.place(&block, &rec.meta, &mut cursor);
+                    if new && tables.is_some() {
+                        self.write(&block, at * BLOCK_SIZE)?;
+                    }
+                    inode.file_acl_lo = U32::new(lo32(at));
+                    blocks += 1;
+                }
+            }
+            let sectors = blocks * (BLOCK_SIZE / 512);
+            if sectors >= 1 << 32 {
+                // Needs huge_file; far beyond the images lode builds.
+                return Err(Error::TooLarge { blocks });
+            }
+            inode.blocks_lo = U32::new(lo32(sectors));
+            if let Some(t) = tables.as_deref_mut() {
+                t.put(self, ino as u64, &inode, kind == S_IFDIR)?;
+            }
+        }
+        if tables.is_some() {
+            for b in &xshare.blocks {
+                self.write(
+                    &b.refs.to_le_bytes(),
+                    b.at * BLOCK_SIZE + xattr::REFCOUNT_AT,
+                )?;
+            }
+        }
+        Ok(cursor)
+    }
 }
 
-fn new_inode(meta: &Metadata, nlink: u32) -> Inode {
-    let (atime, atime_extra) = encode_time(meta.atime);
-    let (mtime, mtime_extra) = encode_time(meta.mtime);
-    let (ctime, ctime_extra) = encode_time(meta.ctime);
+fn set_bit(bm: &mut [u8], bit: u64) {
+    let bit = usize::try_from(bit).expect("bitmap index fits usize");
+    bm[bit / 8] |= 1 << (bit % 8);
+}
+
+/// Inodes of a table written at once in the second layout pass.
+const TABLE_WINDOW: u64 = 1024;
+
+/// The second layout pass's output: the block bitmap, and a window of an
+/// inode table filled in inode order, written when the next inode falls
+/// outside it. Table bytes no inode reaches are never written: the sink
+/// reads them back as zeros.
+struct Tables {
+    bbm: Vec<u8>,
+    ipg: u64,
+    it_start: u64,
+    table_blocks: u64,
+    /// The window: group, first index in its table, and the bytes.
+    group: u64,
+    first: u64,
+    window: Vec<u8>,
+    dirty: bool,
+    /// Directories per group, for the group descriptors.
+    used_dirs: Vec<u64>,
+}
+
+impl Tables {
+    fn flush<S: ImageSink>(&mut self, w: &mut Ext4Writer<S>) -> Result<(), Error> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let count = TABLE_WINDOW.min(self.ipg - self.first);
+        let bytes = usize::try_from(count).expect("small") * INODE_BYTES;
+        let at = (self.it_start + self.group * self.table_blocks) * BLOCK_SIZE
+            + self.first * INODE_BYTES as u64;
+        w.write(&self.window[..bytes], at)?;
+        self.window.fill(0);
+        self.dirty = false;
+        Ok(())
+    }
+
+    fn put<S: ImageSink>(
+        &mut self,
+        w: &mut Ext4Writer<S>,
+        ino: u64,
+        inode: &Inode,
+        is_dir: bool,
+    ) -> Result<(), Error> {
+        let (g, idx) = ((ino - 1) / self.ipg, (ino - 1) % self.ipg);
+        let first = idx - idx % TABLE_WINDOW;
+        if (g, first) != (self.group, self.first) {
+            self.flush(w)?;
+            (self.group, self.first) = (g, first);
+        }
+        let at = usize::try_from(idx - first).expect("small") * INODE_BYTES;
+        self.window[at..at + INODE_BYTES].copy_from_slice(inode.as_bytes());
+        self.dirty = true;
+        if is_dir {
+            self.used_dirs[usize::try_from(g).expect("fits")] += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Shared xattr blocks: identical blocks are written once and referenced
+/// by up to [`XATTR_REFCOUNT_MAX`] inodes. Blocks are found by a hash of
+/// their bytes and confirmed by encoding the first user's xattrs again, so
+/// only their place is held, not their 4 KiB.
+#[derive(Default)]
+struct XattrShare<'t> {
+    by_hash: HashMap<u64, Vec<usize>>,
+    blocks: Vec<XattrBlock<'t>>,
+    state: RandomState,
+}
+
+struct XattrBlock<'t> {
+    at: u64,
+    refs: u32,
+    /// Still taking references.
+    open: bool,
+    /// The xattrs of its first user, which encode to this block.
+    source: &'t Meta,
+}
+
+impl<'t> XattrShare<'t> {
+    /// The block to hold `block` for an inode with xattrs `meta`: a shared
+    /// one, or a new one at `cursor` (then `true`).
+    fn place(&mut self, block: &[u8], meta: &'t Meta, cursor: &mut u64) -> (u64, bool) {
+        let hash = self.state.hash_one(block);
+        let candidates = self.by_hash.entry(hash).or_default();
+        let found = candidates.iter().copied().find(|&i| {
+            let b = &self.blocks[i];
+            b.open
+                && xattr::encode(&b.source.xattrs())
+                    .ok()
+                    .and_then(|e| e.block)
+                    .is_some_and(|other| other == block)
+        });
+        let (idx, new) = match found {
+            Some(i) => (i, false),
+            None => {
+                self.blocks.push(XattrBlock {
+                    at: *cursor,
+                    refs: 0,
+                    open: true,
+                    source: meta,
+                });
+                *cursor += 1;
+                candidates.push(self.blocks.len() - 1);
+                (self.blocks.len() - 1, true)
+            }
+        };
+        let b = &mut self.blocks[idx];
+        b.refs += 1;
+        if b.refs == XATTR_REFCOUNT_MAX {
+            b.open = false;
+        }
+        (b.at, new)
+    }
+}
+
+/// File contents already referenced, by [`FileData`] id.
+struct DataSeen {
+    bits: Vec<u64>,
+    /// Ids past the writer's own (foreign data).
+    others: HashSet<u64>,
+}
+
+impl DataSeen {
+    fn new(files: u64) -> Self {
+        Self {
+            bits: vec![0; usize::try_from(files.div_ceil(64)).expect("fits usize")],
+            others: HashSet::new(),
+        }
+    }
+
+    /// Records `id`; false if it was there already.
+    fn insert(&mut self, id: u64) -> bool {
+        match self
+            .bits
+            .get_mut(usize::try_from(id / 64).unwrap_or(usize::MAX))
+        {
+            Some(word) => {
+                let bit = 1 << (id % 64);
+                let fresh = *word & bit == 0;
+                *word |= bit;
+                fresh
+            }
+            None => self.others.insert(id),
+        }
+    }
+}
+
+fn new_inode(meta: &Meta, nlink: u32) -> Inode {
+    let (atime, atime_extra) = encode_time(meta.atime());
+    let (mtime, mtime_extra) = encode_time(meta.mtime());
+    let (ctime, ctime_extra) = encode_time(meta.ctime());
     let z16 = U16::new(0);
     let z32 = U32::new(0);
     Inode {
         mode: z16,
-        uid_lo: U16::new(lo16(meta.uid)),
+        uid_lo: U16::new(lo16(meta.uid())),
         size_lo: z32,
         atime: U32::new(atime),
         ctime: U32::new(ctime),
         mtime: U32::new(mtime),
         dtime: z32,
-        gid_lo: U16::new(lo16(meta.gid)),
+        gid_lo: U16::new(lo16(meta.gid())),
         links_count: U16::new(u16::try_from(nlink).expect("checked against LINK_MAX")),
         blocks_lo: z32,
         flags: z32,
@@ -739,8 +936,8 @@ fn new_inode(meta: &Metadata, nlink: u32) -> Inode {
         obso_faddr: z32,
         blocks_hi: z16,
         file_acl_hi: z16,
-        uid_hi: U16::new(lo16(meta.uid >> 16)),
-        gid_hi: U16::new(lo16(meta.gid >> 16)),
+        uid_hi: U16::new(lo16(meta.uid() >> 16)),
+        gid_hi: U16::new(lo16(meta.gid() >> 16)),
         checksum_lo: z16,
         osd2_reserved: z16,
         extra_isize: U16::new(EXTRA_ISIZE),
@@ -866,28 +1063,247 @@ fn superblock(opts: &Options, c: &SbCounts) -> SuperBlock {
     }
 }
 
-/// What one inode is, after the tree has been resolved.
-enum Kind<'t> {
-    Dir(Vec<DirEntry<'t>>),
-    File(&'t FileData),
-    Symlink(&'t [u8]),
-    Dev(u16, u32, u32),
-    /// Fifo or socket, by mode type bits.
-    Other(u16),
-}
+/// Marks the lost+found the writer makes in [`Plan::node_of_ino`].
+const LF: u32 = NONE - 1;
 
-struct PlannedInode<'t> {
-    path: Vec<u8>,
-    meta: &'t Metadata,
-    kind: Kind<'t>,
-    nlink: u32,
-    parent: u32,
-}
-
-/// The tree resolved into inodes: numbers, link counts, directory entries.
+/// The tree resolved into inode numbers and link counts. Inodes are
+/// numbered as a stack walk meets them: a directory's children all at once,
+/// in name order, then each child directory's, depth first.
 struct Plan<'t> {
-    /// Indexed by inode number; reserved and unused numbers are `None`.
-    nodes: Vec<Option<PlannedInode<'t>>>,
+    tree: &'t FlatTree,
+    /// lost+found when the tree has none.
+    lf: &'t FlatInode,
+    lf_made: bool,
+    /// By inode number: the name owning it ([`NONE`] for unused numbers,
+    /// [`LF`] for the lost+found made here).
+    node_of_ino: Vec<u32>,
+    /// By tree inode: its number (0 while unnamed).
+    ino_of_inode: Vec<u32>,
+    /// By tree inode: how many names it has.
+    links: Vec<u32>,
+}
+
+impl<'t> Plan<'t> {
+    fn new(tree: &'t FlatTree, lf: &'t FlatInode) -> Result<Self, Error> {
+        let count = tree.inode_count();
+        let lf_node = tree.child(ROOT_NAME, b"lost+found");
+        if let Some(n) = lf_node
+            && tree.node(n).link
+        {
+            return Err(TreeError::LostFound {
+                path: tree.path_at(n),
+            }
+            .into());
+        }
+        let mut plan = Self {
+            tree,
+            lf,
+            lf_made: lf_node.is_none(),
+            node_of_ino: vec![NONE; usize::try_from(FIRST_INO).expect("small") + 1],
+            ino_of_inode: vec![0; count],
+            links: vec![0; count],
+        };
+        plan.node_of_ino[ROOT_INO as usize] = ROOT_NAME;
+        plan.ino_of_inode[tree.node(ROOT_NAME).inode as usize] = ROOT_INO;
+        let mut stack = vec![ROOT_NAME];
+        while let Some(d) = stack.pop() {
+            if d == LF {
+                continue;
+            }
+            let mut subdirs = Vec::new();
+            for c in tree.children(d) {
+                let n = tree.node(c);
+                if n.link {
+                    continue;
+                }
+                let is_dir = tree.inode(n.inode).kind == InodeKind::Dir;
+                let ino = if is_dir && Some(c) == lf_node {
+                    plan.node_of_ino[LOST_FOUND_INO as usize] = c;
+                    LOST_FOUND_INO
+                } else {
+                    let next = plan.node_of_ino.len() as u64;
+                    let ino =
+                        u32::try_from(next).map_err(|_| Error::TooManyInodes { inodes: next })?;
+                    plan.node_of_ino.push(c);
+                    ino
+                };
+                tree.check_owner(c)?;
+                let slot = &mut plan.ino_of_inode[n.inode as usize];
+                if *slot != 0 {
+                    return Err(TreeError::NamedTwice {
+                        path: tree.path_at(c),
+                    }
+                    .into());
+                }
+                *slot = ino;
+                if is_dir {
+                    subdirs.push(c);
+                }
+            }
+            if d == ROOT_NAME && plan.lf_made {
+                plan.node_of_ino[LOST_FOUND_INO as usize] = LF;
+                subdirs.push(LF);
+            }
+            // Reverse so the stack pops them in name order.
+            stack.extend(subdirs.into_iter().rev());
+        }
+
+        for c in 1..u32::try_from(tree.len()).expect("node count is u32") {
+            let n = tree.node(c);
+            let is_dir = tree.inode(n.inode).kind == InodeKind::Dir;
+            if n.link && is_dir {
+                let owner = plan.ino_of_inode[n.inode as usize] as usize;
+                return Err(Error::HardlinkToDir {
+                    path: tree.path_at(c),
+                    target: match plan.node_of_ino.get(owner) {
+                        Some(&o) if owner != 0 => plan.path(o),
+                        _ => tree.path_at(c),
+                    },
+                });
+            }
+            if n.link && plan.ino_of_inode[n.inode as usize] == 0 {
+                return Err(Error::HardlinkMissing {
+                    path: tree.path_at(c),
+                    target: tree.path_at(c),
+                });
+            }
+            if !is_dir {
+                let l = &mut plan.links[n.inode as usize];
+                *l = l.saturating_add(1);
+            }
+        }
+        for &node in &plan.node_of_ino {
+            if node == NONE || node == LF {
+                continue;
+            }
+            let inode = tree.node(node).inode;
+            let links = plan.links[inode as usize];
+            if tree.inode(inode).kind != InodeKind::Dir && links > LINK_MAX {
+                return Err(Error::TooManyLinks {
+                    path: tree.path_at(node),
+                    links,
+                });
+            }
+        }
+        Ok(plan)
+    }
+
+    fn path(&self, node: u32) -> BytePath {
+        if node == LF {
+            BytePath(b"lost+found".to_vec())
+        } else {
+            self.tree.path_at(node)
+        }
+    }
+
+    /// The inode a name owns, its parent directory's number and its link
+    /// count.
+    fn describe(&self, node: u32) -> (&'t FlatInode, u32, u32) {
+        if node == LF {
+            return (self.lf, ROOT_INO, 2);
+        }
+        let tree = self.tree;
+        let n = tree.node(node);
+        let rec = tree.inode(n.inode);
+        let parent = if node == ROOT_NAME {
+            ROOT_INO
+        } else {
+            self.ino_of_inode[tree.node(n.parent).inode as usize]
+        };
+        let nlink = if rec.kind == InodeKind::Dir {
+            let mut subdirs = tree
+                .children(node)
+                .filter(|&c| tree.is_dir_at(c))
+                .fold(0u32, |n, _| n.saturating_add(1));
+            if node == ROOT_NAME && self.lf_made {
+                subdirs += 1;
+            }
+            let nlink = 2 + subdirs;
+            // dir_nlink: a count past the limit is stored as 1.
+            if nlink >= LINK_MAX { 1 } else { nlink }
+        } else {
+            self.links[n.inode as usize]
+        };
+        (rec, parent, nlink)
+    }
+
+    /// The entries of directory `node`, in name order.
+    fn dir_entries(&self, node: u32) -> Vec<DirEntry<'t>> {
+        if node == LF {
+            return Vec::new();
+        }
+        let tree = self.tree;
+        let mut entries: Vec<DirEntry<'t>> = tree
+            .children(node)
+            .map(|c| {
+                let n = tree.node(c);
+                DirEntry {
+                    name: tree.name(c),
+                    inode: self.ino_of_inode[n.inode as usize],
+                    // A further name is stored as a regular file's entry,
+                    // whatever the inode is: images have always been so.
+                    file_type: if n.link {
+                        FT_REG
+                    } else {
+                        file_type(&tree.inode(n.inode).kind)
+                    },
+                }
+            })
+            .collect();
+        if node == ROOT_NAME && self.lf_made {
+            entries.push(DirEntry {
+                name: b"lost+found",
+                inode: LOST_FOUND_INO,
+                file_type: FT_DIR,
+            });
+            entries.sort_by(|a, b| a.name.cmp(b.name));
+        }
+        entries
+    }
+
+    /// The name owning the file contents `id` first, in inode order.
+    fn first_user(&self, id: u64) -> BytePath {
+        for &node in &self.node_of_ino {
+            if node == NONE || node == LF {
+                continue;
+            }
+            if let InodeKind::File(d) = &self.tree.inode(self.tree.node(node).inode).kind
+                && d.id == id
+            {
+                return self.tree.path_at(node);
+            }
+        }
+        unreachable!("a reused id has a first user")
+    }
+}
+
+fn file_type(kind: &InodeKind) -> u8 {
+    match kind {
+        InodeKind::Dir => FT_DIR,
+        InodeKind::File(_) => FT_REG,
+        InodeKind::Symlink(_) => FT_SYMLINK,
+        InodeKind::CharDev(..) => FT_CHR,
+        InodeKind::BlockDev(..) => FT_BLK,
+        InodeKind::Fifo => FT_FIFO,
+        InodeKind::Socket => FT_SOCK,
+    }
+}
+
+fn inode_of_entry(e: &Entry) -> FlatInode {
+    let (meta, kind) = match e {
+        Entry::Dir(meta) => (meta, InodeKind::Dir),
+        Entry::File { meta, data } => (meta, InodeKind::File(data.clone())),
+        Entry::Symlink { meta, target } => (meta, InodeKind::Symlink(target.clone().into())),
+        Entry::CharDev { meta, major, minor } => (meta, InodeKind::CharDev(*major, *minor)),
+        Entry::BlockDev { meta, major, minor } => (meta, InodeKind::BlockDev(*major, *minor)),
+        Entry::Fifo(meta) => (meta, InodeKind::Fifo),
+        Entry::Socket(meta) => (meta, InodeKind::Socket),
+        Entry::Hardlink { .. } => unreachable!("a hardlink has no inode of its own"),
+    };
+    FlatInode {
+        meta: Meta::from(meta),
+        kind,
+    }
 }
 
 fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
@@ -898,185 +1314,71 @@ fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     }
 }
 
-fn file_type(node: &Node) -> u8 {
-    match node {
-        Node::Dir(_) => FT_DIR,
-        Node::Leaf(e) => match e {
-            Entry::Dir(_) => FT_DIR,
-            Entry::File { .. } | Entry::Hardlink { .. } => FT_REG,
-            Entry::Symlink { .. } => FT_SYMLINK,
-            Entry::CharDev { .. } => FT_CHR,
-            Entry::BlockDev { .. } => FT_BLK,
-            Entry::Fifo(_) => FT_FIFO,
-            Entry::Socket(_) => FT_SOCK,
-        },
-    }
-}
-
-impl<'t> Plan<'t> {
-    fn new(tree: &'t Tree, lf_default: &'t Dir) -> Result<Self, Error> {
-        let lost_found: &'t Dir = match tree.root.children.get(&b"lost+found"[..]) {
-            Some(Node::Dir(d)) => d,
-            _ => lf_default,
-        };
-
-        // Pass 1: number every directory and non-hardlink entry, preorder.
-        let mut ino_of: HashMap<Vec<u8>, u32> = HashMap::new();
-        let mut order: Vec<(Vec<u8>, &'t Dir, u32)> = Vec::new(); // dirs with their inode
-        let mut leaves: Vec<(Vec<u8>, &'t Entry, u32)> = Vec::new();
-        let mut next: u64 = 12;
-        let mut stack: Vec<(Vec<u8>, &'t Dir, u32)> = vec![(Vec::new(), &tree.root, ROOT_INO)];
-        ino_of.insert(Vec::new(), ROOT_INO);
-        ino_of.insert(b"lost+found".to_vec(), LOST_FOUND_INO);
-        let mut take = || -> Result<u32, Error> {
-            let n = next;
-            next += 1;
-            u32::try_from(n).map_err(|_| Error::TooManyInodes { inodes: n })
-        };
-        while let Some((path, dir, ino)) = stack.pop() {
-            order.push((path.clone(), dir, ino));
-            let mut subdirs = Vec::new();
-            for (name, node) in &dir.children {
-                let child = join(&path, name);
-                match node {
-                    Node::Dir(d) => {
-                        let n = if path.is_empty() && name == b"lost+found" {
-                            LOST_FOUND_INO
-                        } else {
-                            take()?
-                        };
-                        ino_of.insert(child.clone(), n);
-                        subdirs.push((child, d, n));
-                    }
-                    Node::Leaf(Entry::Hardlink { .. }) => {}
-                    Node::Leaf(e) => {
-                        let n = take()?;
-                        ino_of.insert(child.clone(), n);
-                        leaves.push((child, e, n));
-                    }
-                }
-            }
-            if path.is_empty() && !dir.children.contains_key(&b"lost+found"[..]) {
-                subdirs.push((b"lost+found".to_vec(), lost_found, LOST_FOUND_INO));
-            }
-            // Reverse so the stack pops them in name order.
-            stack.extend(subdirs.into_iter().rev());
-        }
-        let max_ino = usize::try_from(next - 1).expect("fits usize");
-        let mut nodes: Vec<Option<PlannedInode<'t>>> = Vec::new();
-        nodes.resize_with(max_ino + 1, || None);
-
-        // Pass 2: directory entries, hardlinks, link counts.
-        let mut links = vec![0u32; max_ino + 1];
-        let mut data_owner: HashMap<u64, Vec<u8>> = HashMap::new();
-        for (path, entry, n) in &leaves {
-            let i = *n as usize;
-            let (meta, kind) = match entry {
-                Entry::File { meta, data } => {
-                    if data.len > 0
-                        && let Some(first) = data_owner.insert(data.id, path.clone())
-                    {
-                        return Err(Error::DataReused {
-                            path: BytePath(path.clone()),
-                            first: BytePath(first),
-                        });
-                    }
-                    (meta, Kind::File(data))
-                }
-                Entry::Symlink { meta, target } => (meta, Kind::Symlink(target)),
-                Entry::CharDev { meta, major, minor } => (meta, Kind::Dev(S_IFCHR, *major, *minor)),
-                Entry::BlockDev { meta, major, minor } => {
-                    (meta, Kind::Dev(S_IFBLK, *major, *minor))
-                }
-                Entry::Fifo(meta) => (meta, Kind::Other(S_IFIFO)),
-                Entry::Socket(meta) => (meta, Kind::Other(S_IFSOCK)),
-                Entry::Dir(_) | Entry::Hardlink { .. } => unreachable!("not a leaf inode"),
-            };
-            nodes[i] = Some(PlannedInode {
-                path: path.clone(),
-                meta,
-                kind,
-                nlink: 0,
-                parent: 0,
-            });
-        }
-        for (path, dir, ino) in &order {
-            let mut entries = Vec::with_capacity(dir.children.len() + 1);
-            let mut subdirs = 0u32;
-            for (name, node) in &dir.children {
-                let child = join(path, name);
-                let target = match node {
-                    Node::Leaf(Entry::Hardlink { target }) => {
-                        resolve_hardlink(tree, &child, target, &ino_of)?
-                    }
-                    _ => ino_of[&child],
-                };
-                if matches!(node, Node::Dir(_)) {
-                    subdirs += 1;
-                } else {
-                    links[target as usize] += 1;
-                }
-                entries.push(DirEntry {
-                    name,
-                    inode: target,
-                    file_type: file_type(node),
-                });
-            }
-            if path.is_empty() && !dir.children.contains_key(&b"lost+found"[..]) {
-                subdirs += 1;
-                entries.push(DirEntry {
-                    name: b"lost+found",
-                    inode: LOST_FOUND_INO,
-                    file_type: FT_DIR,
-                });
-                entries.sort_by(|a, b| a.name.cmp(b.name));
-            }
-            let parent = if path.is_empty() {
-                ROOT_INO
-            } else {
-                ino_of[parent_of(path)]
-            };
-            let nlink = 2 + subdirs;
-            nodes[*ino as usize] = Some(PlannedInode {
-                path: path.clone(),
-                meta: &dir.meta,
-                kind: Kind::Dir(entries),
-                // dir_nlink: a count past the limit is stored as 1.
-                nlink: if nlink >= LINK_MAX { 1 } else { nlink },
-                parent,
-            });
-        }
-        for (i, node) in nodes.iter_mut().enumerate() {
-            if let Some(node) = node
-                && !matches!(node.kind, Kind::Dir(_))
-            {
-                node.nlink = links[i];
-                if links[i] > LINK_MAX {
-                    return Err(Error::TooManyLinks {
-                        path: BytePath(node.path.clone()),
-                        links: links[i],
+/// A [`Tree`] in the compact form: inodes and names breadth first, hardlinks
+/// resolved by path.
+fn flat_of(tree: &Tree) -> Result<FlatTree, Error> {
+    let mut inodes = vec![FlatInode {
+        meta: Meta::from(&tree.root.meta),
+        kind: InodeKind::Dir,
+    }];
+    let mut queue = std::collections::VecDeque::from([&tree.root]);
+    while let Some(dir) = queue.pop_front() {
+        for node in dir.children.values() {
+            match node {
+                Node::Dir(d) => {
+                    inodes.push(FlatInode {
+                        meta: Meta::from(&d.meta),
+                        kind: InodeKind::Dir,
                     });
+                    queue.push_back(d);
                 }
+                Node::Leaf(Entry::Hardlink { .. }) => {}
+                Node::Leaf(e) => inodes.push(inode_of_entry(e)),
             }
         }
-        Ok(Self { nodes })
     }
+    let mut flat = FlatTree::new(inodes, InodeId(0))?;
+    let mut next = 1u32;
+    let mut links = Vec::new();
+    let mut queue = std::collections::VecDeque::from([(&tree.root, FlatTree::ROOT, Vec::new())]);
+    while let Some((dir, at, path)) = queue.pop_front() {
+        let mut inodes = Vec::with_capacity(dir.children.len());
+        for node in dir.children.values() {
+            if let Node::Leaf(Entry::Hardlink { .. }) = node {
+                // Resolved below, once every name is in place.
+                inodes.push(InodeId(0));
+            } else {
+                inodes.push(InodeId(next));
+                next += 1;
+            }
+        }
+        let first = flat.add_children(at, dir.children.keys().map(Vec::as_slice).zip(inodes))?;
+        for ((name, node), i) in dir.children.iter().zip((first.0..).map(NameId)) {
+            match node {
+                Node::Dir(d) => queue.push_back((d, i, join(&path, name))),
+                Node::Leaf(Entry::Hardlink { target }) => {
+                    links.push((i, join(&path, name), target));
+                }
+                Node::Leaf(_) => {}
+            }
+        }
+    }
+    for (node, path, target) in links {
+        let canon = resolve_hardlink(tree, &path, target)?;
+        let mut at = ROOT_NAME;
+        if !canon.is_empty() {
+            for part in canon.split(|b| *b == b'/') {
+                at = flat.child(at, part).expect("resolved on the same tree");
+            }
+        }
+        flat.set_link(node, flat.inode_of(NameId(at)));
+    }
+    Ok(flat)
 }
 
-/// The parent of a relative path ("" for top-level names).
-fn parent_of(path: &[u8]) -> &[u8] {
-    match path.iter().rposition(|b| *b == b'/') {
-        Some(i) => &path[..i],
-        None => b"",
-    }
-}
-
-fn resolve_hardlink(
-    tree: &Tree,
-    path: &[u8],
-    target: &[u8],
-    ino_of: &HashMap<Vec<u8>, u32>,
-) -> Result<u32, Error> {
+/// Follows a hardlink (through further hardlinks) to the path of the entry
+/// that owns the inode.
+fn resolve_hardlink(tree: &Tree, path: &[u8], target: &[u8]) -> Result<Vec<u8>, Error> {
     let mut target = target.to_vec();
     for _ in 0..64 {
         let Some((canon, node)) = tree.lookup_path(&target) else {
@@ -1093,7 +1395,7 @@ fn resolve_hardlink(
                 });
             }
             Node::Leaf(Entry::Hardlink { target: next }) => target = next.clone(),
-            Node::Leaf(_) => return Ok(ino_of[&canon]),
+            Node::Leaf(_) => return Ok(canon),
         }
     }
     Err(Error::HardlinkLoop {
@@ -1273,7 +1575,7 @@ mod tests {
         body.extend_from_slice(b"tail");
         let d = w.append_file(&mut &body[..], body.len() as u64).unwrap();
         assert_eq!(d.allocated_blocks(), 2);
-        assert_eq!(d.runs, vec![(1, 1), (4, 1)]);
+        assert_eq!(*d.runs, [(1, 1), (4, 1)]);
         let mut t = Tree::new(m(0o755));
         t.insert(
             b"f",

@@ -266,10 +266,8 @@ pub(crate) fn encode(xattrs: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Encoded, Xat
     Ok(out)
 }
 
-/// Sets the reference count of an encoded xattr block.
-pub(crate) fn set_refcount(block: &mut [u8], refcount: u32) {
-    block[4..8].copy_from_slice(&refcount.to_le_bytes());
-}
+/// Byte offset of the reference count (u32 LE) in an xattr block.
+pub(crate) const REFCOUNT_AT: u64 = 4;
 
 #[cfg(test)]
 mod tests {

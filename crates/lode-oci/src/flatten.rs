@@ -6,7 +6,7 @@
 //!                                                                   │ caps: total size, ratio
 //!                                                                   ▼
 //!                         Ext4Writer region i ◄─ file contents ◄─ TarReader ─► Merger (tree)
-//! after the last layer:   Merger::into_tree ─► Ext4Writer::finish ─► image + Summary
+//! after the last layer:   Merger::into_flat ─► Ext4Writer::finish_flat ─► image + Summary
 //! ```
 //!
 //! Each layer gets its own data region, and its regular files are appended
@@ -42,6 +42,9 @@ pub struct Limits {
     pub max_expansion_ratio: u64,
     /// Uncompressed bytes of a layer before the ratio applies.
     pub expansion_slack: u64,
+    /// Most data extents (runs of non-zero blocks) of regular files, all
+    /// layers together: each is held until the image is written.
+    pub max_extents: u64,
     pub tar: TarLimits,
     pub merge: MergeLimits,
     pub source: SourceLimits,
@@ -54,6 +57,7 @@ impl Default for Limits {
             max_uncompressed_bytes: 64 << 30,
             max_expansion_ratio: 2048,
             expansion_slack: 256 << 20,
+            max_extents: 1 << 25,
             tar: TarLimits::default(),
             merge: MergeLimits::default(),
             source: SourceLimits::default(),
@@ -210,6 +214,8 @@ pub enum LayerError {
         compressed: u64,
         uncompressed: u64,
     },
+    #[error("entry \"{path}\": file data extents pass the image's cap of {cap}")]
+    TooManyExtents { path: String, cap: u64 },
     #[error("storing entry \"{path}\": {source}")]
     Write {
         path: String,
@@ -304,6 +310,7 @@ pub fn flatten_source<S: ImageSink>(
     )?;
     let mut merger = Merger::new(limits.merge.clone());
     let mut budget = limits.max_uncompressed_bytes;
+    let mut extents = 0;
     let mut infos = Vec::with_capacity(count);
     for (index, (layer, diff_id)) in resolved
         .layers
@@ -325,6 +332,7 @@ pub fn flatten_source<S: ImageSink>(
             diff_id: *diff_id,
             limits,
             budget: &mut budget,
+            extents: &mut extents,
             progress,
         };
         let info = ctx.run(source, &mut writer, &mut merger)?;
@@ -337,8 +345,8 @@ pub fn flatten_source<S: ImageSink>(
     }
 
     progress(Progress::Finishing);
-    let tree = merger.into_tree().map_err(Error::Tree)?;
-    let (sink, summary) = writer.finish(&tree)?;
+    let tree = merger.into_flat().map_err(Error::Tree)?;
+    let (sink, summary) = writer.finish_flat(&tree)?;
     for (info, region) in infos.iter_mut().zip(&summary.regions) {
         info.region = *region;
     }
@@ -439,6 +447,8 @@ struct LayerCtx<'a> {
     limits: &'a Limits,
     /// Uncompressed bytes the image may still have.
     budget: &'a mut u64,
+    /// File data extents held so far.
+    extents: &'a mut u64,
     progress: &'a dyn Fn(Progress),
 }
 
@@ -639,12 +649,23 @@ impl LayerCtx<'_> {
         let mut next_report = PROGRESS_EVERY;
         while let Some(e) = tar.next_entry().map_err(tar_err)? {
             entries += 1;
+            let mut runs = 0;
             let applied = merger.apply(&e, || {
                 files += 1;
-                writer.append_file(&mut tar.content(), e.size)
+                let data = writer.append_file(&mut tar.content(), e.size)?;
+                runs = data.extents();
+                Ok(data)
             });
             match applied {
-                Ok(()) => {}
+                Ok(()) => {
+                    *self.extents += runs as u64;
+                    if *self.extents > self.limits.max_extents {
+                        return Err(Stop::Layer(LayerError::TooManyExtents {
+                            path: e.path.escape_ascii().to_string(),
+                            cap: self.limits.max_extents,
+                        }));
+                    }
+                }
                 Err(ApplyError::Merge(source)) => {
                     return Err(Stop::Entry {
                         path: e.path,

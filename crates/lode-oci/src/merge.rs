@@ -4,10 +4,16 @@
 //! The merge keeps its own tree rather than editing a [`lode_ext4::Tree`]
 //! directly, because a hardlink is an inode shared by several names: when
 //! a later layer removes or replaces one name, the others must keep the
-//! inode (overlayfs and every unpacker behave so). Here a leaf names an
-//! inode in a table; [`Merger::into_tree`] gives each inode to the first of
-//! its names in depth-first name order and makes the others
-//! [`lode_ext4::Entry::Hardlink`]s to it.
+//! inode (overlayfs and every unpacker behave so). Here a name points to
+//! an inode in a table; [`Merger::into_flat`] gives each inode to the first
+//! of its names in depth-first name order and marks the others as further
+//! names (hardlinks) of it, in lode-ext4's compact [`lode_ext4::FlatTree`].
+//!
+//! An image may hold millions of entries, so the tree is flat: name
+//! records of 36 bytes in one vector, the name bytes in one arena, packed
+//! inodes in another vector, and one hash index from (parent, name) to the
+//! record; a directory's children are sorted only once, when the tree is
+//! handed on. What it may grow to is capped by [`MergeLimits`].
 //!
 //! Rules, in the order an entry meets them:
 //! - names are normalised by [`normalize`]: leading `/`, `./` and empty
@@ -27,9 +33,13 @@
 //!   one), resolved when the entry is applied; its header's own metadata is
 //!   ignored, as umoci does, since a hardlink has none of its own.
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
-use lode_ext4::{BytePath, Entry, Metadata, NAME_MAX, SYMLINK_MAX, Timestamp, Tree, TreeError};
+use lode_ext4::{
+    BytePath, FileData, FlatInode, FlatTree, InodeId, InodeKind, Meta, Metadata, NAME_MAX, NameId,
+    SYMLINK_MAX, Timestamp, TreeError,
+};
 
 use crate::tar::{EntryKind, TarEntry};
 
@@ -41,8 +51,11 @@ const OPAQUE: &[u8] = b".wh..wh..opq";
 pub struct MergeLimits {
     /// Longest entry path or link target, in bytes.
     pub max_path_bytes: usize,
-    /// Most entries applied, across all layers.
+    /// Most entries applied, across all layers, counting each directory
+    /// an entry's path implies (a missing parent) as one more.
     pub max_entries: u64,
+    /// Most components in an entry's path.
+    pub max_depth: usize,
     /// Most bytes of names, link targets and xattrs held, across all layers.
     pub max_metadata_bytes: u64,
 }
@@ -52,6 +65,7 @@ impl Default for MergeLimits {
         Self {
             max_path_bytes: 4096,
             max_entries: 4_000_000,
+            max_depth: 256,
             max_metadata_bytes: 1 << 30,
         }
     }
@@ -97,6 +111,8 @@ pub enum MergeError {
     XattrNamespace { name: String },
     #[error("more than {cap} entries in the image")]
     TooManyEntries { cap: u64 },
+    #[error("path of {depth} components is deeper than the cap of {cap}")]
+    TooDeep { depth: usize, cap: usize },
     #[error("names, link targets and xattrs exceed the cap of {cap} bytes")]
     MetadataTooLarge { cap: u64 },
     #[error(transparent)]
@@ -135,35 +151,46 @@ fn show(parts: &[Vec<u8>]) -> BytePath {
     BytePath(parts.join(&b'/'))
 }
 
-/// What a non-directory inode is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LeafKind<D> {
-    File(D),
-    Symlink(Vec<u8>),
-    CharDev(u32, u32),
-    BlockDev(u32, u32),
-    Fifo,
-}
+/// "None" in the `u32` links between name records.
+const NONE: u32 = u32::MAX;
 
-#[derive(Debug, Clone)]
-struct Inode<D> {
-    meta: Metadata,
-    kind: LeafKind<D>,
-}
-
-#[derive(Debug, Clone)]
-struct DirNode {
-    meta: Metadata,
-    /// The last layer that created, replaced or passed through this
-    /// directory (0: none yet).
+/// One name in the merged tree: 36 bytes, its bytes in the name arena.
+/// A directory's children are a doubly linked list (unordered; they are
+/// sorted once, when the tree is handed on), found by name through the
+/// index.
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    /// Offset of the name in the merger's name arena.
+    at: u32,
+    len: u8,
+    /// The last layer that created, replaced or passed through this name
+    /// (0: none yet).
     touched: u32,
-    children: BTreeMap<Vec<u8>, Node>,
+    inode: u32,
+    parent: u32,
+    first: u32,
+    next: u32,
+    prev: u32,
+    /// The next name whose (parent, name) hash is the same.
+    chain: u32,
 }
 
-#[derive(Debug, Clone)]
-enum Node {
-    Dir(DirNode),
-    Leaf { ino: usize, touched: u32 },
+/// The index's keys are already keyed hashes; it uses them as they are.
+#[derive(Debug, Default, Clone, Copy)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// Metadata of directories no entry describes.
@@ -174,24 +201,41 @@ pub fn implicit_dir_meta() -> Metadata {
 /// What one path of the merged tree is, for listings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listed<'a, D> {
-    Dir(&'a Metadata),
+    Dir(&'a Meta),
     /// A non-directory; `ino` tells hardlinked names apart.
     Leaf {
         ino: usize,
-        meta: &'a Metadata,
-        kind: &'a LeafKind<D>,
+        meta: &'a Meta,
+        kind: &'a InodeKind<D>,
     },
 }
 
-/// The merged tree under construction; see the module docs.
+/// The merged tree under construction; see the module docs. Names are
+/// records in one vector with their bytes in one arena, and inodes (shared
+/// by hardlinked names) in another vector, so an entry costs about 150
+/// bytes plus its name, whatever the directory it is in.
 #[derive(Debug, Clone)]
 pub struct Merger<D> {
-    root: DirNode,
-    inodes: Vec<Inode<D>>,
+    names: Vec<u8>,
+    /// Name records; 0 is the root. A removed name's record stays (the
+    /// entry cap bounds them all).
+    nodes: Vec<Node>,
+    /// Keyed hash of (parent, name) to the first record with that hash.
+    index: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
+    keys: RandomState,
+    /// 0 is the root directory's.
+    inodes: Vec<FlatInode<D>>,
     layer: u32,
     limits: MergeLimits,
     entries: u64,
     metadata_bytes: u64,
+    /// Names in the tree now, and their bytes (to size the flat tree).
+    live: usize,
+    live_bytes: usize,
+    /// Directories pruned in this layer: below them is only what this
+    /// layer put there, so pruning them again changes nothing (and repeated
+    /// opaque markers cost nothing).
+    pruned: HashSet<u32>,
 }
 
 /// An error from [`Merger::apply`]: the entry's, or the data callback's.
@@ -219,9 +263,9 @@ fn clamp(t: Timestamp) -> Timestamp {
 
 /// The inode metadata a tar header describes. Times outside ext4's range
 /// (1901..2446) are clamped to it.
-fn entry_meta(e: &TarEntry) -> Metadata {
+fn entry_meta(e: &TarEntry) -> Meta {
     let mtime = clamp(e.mtime);
-    Metadata {
+    Meta::from(&Metadata {
         mode: e.mode & 0o7777,
         uid: e.uid,
         gid: e.gid,
@@ -229,7 +273,7 @@ fn entry_meta(e: &TarEntry) -> Metadata {
         mtime,
         ctime: e.ctime.map_or(mtime, clamp),
         xattrs: e.xattrs.clone(),
-    }
+    })
 }
 
 fn check_xattrs(e: &TarEntry) -> Result<(), MergeError> {
@@ -248,25 +292,56 @@ fn check_xattrs(e: &TarEntry) -> Result<(), MergeError> {
     Ok(())
 }
 
-impl<D: Clone> Merger<D> {
+fn dir_inode<D>(meta: Meta) -> FlatInode<D> {
+    FlatInode {
+        meta,
+        kind: InodeKind::Dir,
+    }
+}
+
+impl<D> Merger<D> {
     pub fn new(limits: MergeLimits) -> Self {
         Self {
-            root: DirNode {
-                meta: implicit_dir_meta(),
+            names: Vec::new(),
+            nodes: vec![Node {
+                at: 0,
+                len: 0,
                 touched: 0,
-                children: BTreeMap::new(),
-            },
-            inodes: Vec::new(),
+                inode: 0,
+                parent: 0,
+                first: NONE,
+                next: NONE,
+                prev: NONE,
+                chain: NONE,
+            }],
+            index: HashMap::default(),
+            keys: RandomState::new(),
+            inodes: vec![dir_inode(Meta::from(&implicit_dir_meta()))],
             layer: 0,
             limits,
             entries: 0,
             metadata_bytes: 0,
+            live: 0,
+            live_bytes: 0,
+            pruned: HashSet::new(),
         }
     }
 
     /// Starts the next layer; whiteouts apply to what came before it.
     pub fn begin_layer(&mut self) {
         self.layer += 1;
+        self.pruned.clear();
+    }
+
+    /// Counts one entry applied or directory implied against the cap.
+    fn count(&mut self) -> Result<(), MergeError> {
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(MergeError::TooManyEntries {
+                cap: self.limits.max_entries,
+            });
+        }
+        Ok(())
     }
 
     /// Applies one entry of the current layer. `data` is called once, for a
@@ -277,13 +352,7 @@ impl<D: Clone> Merger<D> {
         e: &TarEntry,
         data: impl FnOnce() -> Result<D, X>,
     ) -> Result<(), ApplyError<X>> {
-        self.entries += 1;
-        if self.entries > self.limits.max_entries {
-            return Err(MergeError::TooManyEntries {
-                cap: self.limits.max_entries,
-            }
-            .into());
-        }
+        self.count()?;
         let xattr_bytes: usize = e.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
         self.metadata_bytes += (e.path.len() + e.link.len() + xattr_bytes) as u64;
         if self.metadata_bytes > self.limits.max_metadata_bytes {
@@ -293,13 +362,20 @@ impl<D: Clone> Merger<D> {
             .into());
         }
         let parts = normalize(&e.path, self.limits.max_path_bytes)?;
+        if parts.len() > self.limits.max_depth {
+            return Err(MergeError::TooDeep {
+                depth: parts.len(),
+                cap: self.limits.max_depth,
+            }
+            .into());
+        }
         let Some((name, parents)) = parts.split_last() else {
             if e.kind != EntryKind::Dir {
                 return Err(MergeError::RootNotDir.into());
             }
             check_xattrs(e)?;
-            self.root.meta = entry_meta(e);
-            self.root.touched = self.layer;
+            self.inodes[0].meta = entry_meta(e);
+            self.nodes[0].touched = self.layer;
             return Ok(());
         };
         if let Some(p) = parents.iter().find(|p| p.starts_with(WHITEOUT)) {
@@ -335,7 +411,7 @@ impl<D: Clone> Merger<D> {
                 if e.link.is_empty() || e.link.len() > SYMLINK_MAX {
                     return Err(MergeError::BadSymlink { len: e.link.len() }.into());
                 }
-                Some(Ok(LeafKind::Symlink(e.link.clone())))
+                Some(Ok(InodeKind::Symlink(e.link.clone().into_boxed_slice())))
             }
             EntryKind::CharDev | EntryKind::BlockDev => {
                 let (major, minor) = (e.dev_major, e.dev_minor);
@@ -343,58 +419,181 @@ impl<D: Clone> Merger<D> {
                     return Err(MergeError::BadDevice { major, minor }.into());
                 }
                 Some(Ok(if e.kind == EntryKind::CharDev {
-                    LeafKind::CharDev(major, minor)
+                    InodeKind::CharDev(major, minor)
                 } else {
-                    LeafKind::BlockDev(major, minor)
+                    InodeKind::BlockDev(major, minor)
                 }))
             }
-            EntryKind::Fifo => Some(Ok(LeafKind::Fifo)),
+            EntryKind::Fifo => Some(Ok(InodeKind::Fifo)),
             EntryKind::Regular => None,
         };
-        let Self { root, inodes, .. } = self;
-        let dir = make_parents(root, inodes, parents, layer)?;
-        let node = match (e.kind, leaf) {
-            (EntryKind::Dir, _) => match dir.children.remove(name) {
-                Some(Node::Dir(old)) => Node::Dir(DirNode {
-                    meta,
-                    touched: layer,
-                    children: old.children,
-                }),
-                _ => Node::Dir(DirNode {
-                    meta,
-                    touched: layer,
-                    children: BTreeMap::new(),
-                }),
-            },
-            (_, Some(Err(ino))) => Node::Leaf {
-                ino,
-                touched: layer,
-            },
-            (_, Some(Ok(kind))) => {
-                inodes.push(Inode { meta, kind });
-                Node::Leaf {
-                    ino: inodes.len() - 1,
-                    touched: layer,
+        let dir = self.make_parents(parents)?;
+        let old = self.child(dir, name);
+        let inode = match (e.kind, leaf) {
+            (EntryKind::Dir, _) => {
+                if let Some(old) = old
+                    && self.is_dir(old)
+                {
+                    // A directory over a directory keeps the children.
+                    let n = &mut self.nodes[old as usize];
+                    n.touched = layer;
+                    self.inodes[n.inode as usize].meta = meta;
+                    return Ok(());
                 }
+                self.push_inode(dir_inode(meta))?
             }
+            (_, Some(Err(ino))) => ino,
+            (_, Some(Ok(kind))) => self.push_inode(FlatInode { meta, kind })?,
             (_, None) => {
                 let d = data().map_err(ApplyError::Data)?;
-                inodes.push(Inode {
+                self.push_inode(FlatInode {
                     meta,
-                    kind: LeafKind::File(d),
-                });
-                Node::Leaf {
-                    ino: inodes.len() - 1,
-                    touched: layer,
-                }
+                    kind: InodeKind::File(d),
+                })?
             }
         };
-        dir.children.insert(name.clone(), node);
+        if let Some(old) = old {
+            self.remove(old);
+        }
+        self.add_child(dir, name, inode)?;
         Ok(())
     }
 
+    fn push_inode(&mut self, inode: FlatInode<D>) -> Result<u32, MergeError> {
+        let i = u32::try_from(self.inodes.len())
+            .ok()
+            .filter(|&i| i != NONE)
+            .ok_or(MergeError::TooManyEntries {
+                cap: u64::from(NONE - 1),
+            })?;
+        self.inodes.push(inode);
+        Ok(i)
+    }
+
+    fn name(&self, node: u32) -> &[u8] {
+        let n = &self.nodes[node as usize];
+        &self.names[n.at as usize..n.at as usize + usize::from(n.len)]
+    }
+
+    fn is_dir(&self, node: u32) -> bool {
+        matches!(
+            self.inodes[self.nodes[node as usize].inode as usize].kind,
+            InodeKind::Dir
+        )
+    }
+
+    fn key(&self, parent: u32, name: &[u8]) -> u64 {
+        self.keys.hash_one((parent, name))
+    }
+
+    /// The child of directory `dir` called `name`.
+    fn child(&self, dir: u32, name: &[u8]) -> Option<u32> {
+        let mut c = *self.index.get(&self.key(dir, name))?;
+        while c != NONE {
+            let n = &self.nodes[c as usize];
+            if n.parent == dir && self.name(c) == name {
+                return Some(c);
+            }
+            c = n.chain;
+        }
+        None
+    }
+
+    /// The children of `dir`, in name order.
+    fn sorted_children(&self, dir: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut c = self.nodes[dir as usize].first;
+        while c != NONE {
+            out.push(c);
+            c = self.nodes[c as usize].next;
+        }
+        out.sort_unstable_by(|&a, &b| self.name(a).cmp(self.name(b)));
+        out
+    }
+
+    /// Names `inode` `name` in directory `dir`, touched by this layer.
+    fn add_child(&mut self, dir: u32, name: &[u8], inode: u32) -> Result<u32, MergeError> {
+        let too_many = MergeError::TooManyEntries {
+            cap: u64::from(NONE - 1),
+        };
+        let id = u32::try_from(self.nodes.len())
+            .ok()
+            .filter(|&i| i != NONE)
+            .ok_or(too_many)?;
+        let at = u32::try_from(self.names.len() + name.len()).map_err(|_| {
+            MergeError::MetadataTooLarge {
+                cap: u64::from(u32::MAX),
+            }
+        })? - u32::try_from(name.len()).expect("checked against NAME_MAX");
+        self.names.extend_from_slice(name);
+        self.live += 1;
+        self.live_bytes += name.len();
+        let key = self.key(dir, name);
+        let chain = self.index.insert(key, id).unwrap_or(NONE);
+        let next = self.nodes[dir as usize].first;
+        if next != NONE {
+            self.nodes[next as usize].prev = id;
+        }
+        self.nodes[dir as usize].first = id;
+        self.nodes.push(Node {
+            at,
+            len: u8::try_from(name.len()).expect("checked against NAME_MAX"),
+            touched: self.layer,
+            inode,
+            parent: dir,
+            first: NONE,
+            next,
+            prev: NONE,
+            chain,
+        });
+        Ok(id)
+    }
+
+    /// Removes `node` and everything below it.
+    fn remove(&mut self, node: u32) {
+        let n = self.nodes[node as usize];
+        if n.prev == NONE {
+            self.nodes[n.parent as usize].first = n.next;
+        } else {
+            self.nodes[n.prev as usize].next = n.next;
+        }
+        if n.next != NONE {
+            self.nodes[n.next as usize].prev = n.prev;
+        }
+        let mut stack = vec![node];
+        while let Some(x) = stack.pop() {
+            self.unindex(x);
+            self.live -= 1;
+            self.live_bytes -= usize::from(self.nodes[x as usize].len);
+            let mut c = self.nodes[x as usize].first;
+            while c != NONE {
+                stack.push(c);
+                c = self.nodes[c as usize].next;
+            }
+        }
+    }
+
+    fn unindex(&mut self, node: u32) {
+        let key = self.key(self.nodes[node as usize].parent, self.name(node));
+        let chain = self.nodes[node as usize].chain;
+        let head = self.index[&key];
+        if head == node {
+            if chain == NONE {
+                self.index.remove(&key);
+            } else {
+                self.index.insert(key, chain);
+            }
+            return;
+        }
+        let mut c = head;
+        while self.nodes[c as usize].chain != node {
+            c = self.nodes[c as usize].chain;
+        }
+        self.nodes[c as usize].chain = chain;
+    }
+
     /// The inode a hardlink target names.
-    fn resolve_link(&self, link: &[u8]) -> Result<usize, MergeError> {
+    fn resolve_link(&self, link: &[u8]) -> Result<u32, MergeError> {
         let wrap = |source: MergeError| MergeError::HardlinkTarget {
             target: link.escape_ascii().to_string(),
             source: Box::new(source),
@@ -408,235 +607,223 @@ impl<D: Clone> Merger<D> {
         let missing = || MergeError::HardlinkMissing {
             target: show(&parts),
         };
-        let dir = match find_dir(&self.root, &self.inodes, parents).map_err(wrap)? {
+        let dir = match self.find_dir(parents).map_err(wrap)? {
             Some(d) => d,
             None => return Err(missing()),
         };
-        match dir.children.get(name) {
-            Some(Node::Leaf { ino, .. }) => Ok(*ino),
-            Some(Node::Dir(_)) => Err(MergeError::HardlinkToDir {
+        match self.child(dir, name) {
+            Some(c) if self.is_dir(c) => Err(MergeError::HardlinkToDir {
                 target: show(&parts),
             }),
+            Some(c) => Ok(self.nodes[c as usize].inode),
             None => Err(missing()),
         }
     }
 
     fn whiteout(&mut self, parents: &[Vec<u8>], name: &[u8]) -> Result<(), MergeError> {
-        let layer = self.layer;
-        let Self { root, inodes, .. } = self;
-        let Some(dir) = find_dir_mut(root, inodes, parents)? else {
-            return Ok(());
-        };
-        if let Some(node) = dir.children.get_mut(name)
-            && !prune(node, layer)
+        if let Some(dir) = self.find_dir(parents)?
+            && let Some(c) = self.child(dir, name)
+            && !self.prune(c)
         {
-            dir.children.remove(name);
+            self.remove(c);
         }
         Ok(())
     }
 
     fn opaque(&mut self, dir: &[Vec<u8>]) -> Result<(), MergeError> {
-        let layer = self.layer;
-        let Self { root, inodes, .. } = self;
-        if let Some(d) = find_dir_mut(root, inodes, dir)? {
-            d.children.retain(|_, n| prune(n, layer));
+        if let Some(d) = self.find_dir(dir)?
+            && self.pruned.insert(d)
+        {
+            for c in self.sorted_children(d) {
+                if !self.prune(c) {
+                    self.remove(c);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Removes what lower layers put below `node`, keeping what the current
+    /// layer touched; returns whether `node` itself stays.
+    fn prune(&mut self, node: u32) -> bool {
+        let touched = self.nodes[node as usize].touched == self.layer;
+        if !self.is_dir(node) || !touched || !self.pruned.insert(node) {
+            return touched;
+        }
+        for c in self.sorted_children(node) {
+            if !self.prune(c) {
+                self.remove(c);
+            }
+        }
+        true
+    }
+
+    fn leaf_refusal(&self, node: u32, parent: &[Vec<u8>]) -> MergeError {
+        let inode = self.nodes[node as usize].inode as usize;
+        if matches!(self.inodes[inode].kind, InodeKind::Symlink(_)) {
+            MergeError::ThroughSymlink {
+                parent: show(parent),
+            }
+        } else {
+            MergeError::ParentNotDir {
+                parent: show(parent),
+            }
+        }
+    }
+
+    /// The directory at `parts`, creating missing ones as implicit
+    /// directories and marking each as touched by this layer.
+    fn make_parents(&mut self, parts: &[Vec<u8>]) -> Result<u32, MergeError> {
+        let mut dir = 0;
+        for (i, p) in parts.iter().enumerate() {
+            dir = match self.child(dir, p) {
+                Some(c) if self.is_dir(c) => {
+                    self.nodes[c as usize].touched = self.layer;
+                    c
+                }
+                Some(c) => return Err(self.leaf_refusal(c, &parts[..=i])),
+                None => {
+                    self.count()?;
+                    let inode = self.push_inode(dir_inode(Meta::from(&implicit_dir_meta())))?;
+                    self.add_child(dir, p, inode)?
+                }
+            };
+        }
+        Ok(dir)
+    }
+
+    /// The directory at `parts` for a whiteout or a hardlink: `None` if a
+    /// component is missing or a non-directory, an error if it is a
+    /// symlink.
+    fn find_dir(&self, parts: &[Vec<u8>]) -> Result<Option<u32>, MergeError> {
+        let mut dir = 0;
+        for (i, p) in parts.iter().enumerate() {
+            dir = match self.child(dir, p) {
+                Some(c) if self.is_dir(c) => c,
+                Some(c) => {
+                    return match self.leaf_refusal(c, &parts[..=i]) {
+                        e @ MergeError::ThroughSymlink { .. } => Err(e),
+                        _ => Ok(None),
+                    };
+                }
+                None => return Ok(None),
+            };
+        }
+        Ok(Some(dir))
     }
 
     /// Calls `f` for every path below the root in depth-first name order
     /// (parents before children).
     pub fn for_each(&self, mut f: impl FnMut(&[u8], Listed<'_, D>)) {
-        fn walk<D>(
-            dir: &DirNode,
-            inodes: &[Inode<D>],
-            path: &mut Vec<u8>,
-            f: &mut impl FnMut(&[u8], Listed<'_, D>),
-        ) {
-            for (name, node) in &dir.children {
-                let len = path.len();
-                if len > 0 {
-                    path.push(b'/');
-                }
-                path.extend_from_slice(name);
-                match node {
-                    Node::Dir(d) => {
-                        f(path, Listed::Dir(&d.meta));
-                        walk(d, inodes, path, f);
-                    }
-                    Node::Leaf { ino, .. } => {
-                        let i = &inodes[*ino];
-                        f(
-                            path,
-                            Listed::Leaf {
-                                ino: *ino,
-                                meta: &i.meta,
-                                kind: &i.kind,
-                            },
-                        );
-                    }
-                }
-                path.truncate(len);
+        let mut path = Vec::new();
+        let mut stack = vec![(self.sorted_children(0), 0usize, 0usize)];
+        while let Some((kids, pos, len)) = stack.last_mut() {
+            let Some(&c) = kids.get(*pos) else {
+                path.truncate(*len);
+                stack.pop();
+                continue;
+            };
+            *pos += 1;
+            let base = *len;
+            path.truncate(base);
+            if base > 0 {
+                path.push(b'/');
+            }
+            path.extend_from_slice(self.name(c));
+            let ino = self.nodes[c as usize].inode as usize;
+            let inode = &self.inodes[ino];
+            if matches!(inode.kind, InodeKind::Dir) {
+                f(&path, Listed::Dir(&inode.meta));
+                let (kids, len) = (self.sorted_children(c), path.len());
+                stack.push((kids, 0, len));
+            } else {
+                f(
+                    &path,
+                    Listed::Leaf {
+                        ino,
+                        meta: &inode.meta,
+                        kind: &inode.kind,
+                    },
+                );
             }
         }
-        walk(&self.root, &self.inodes, &mut Vec::new(), &mut f);
     }
 
     /// The root directory's metadata.
-    pub fn root_meta(&self) -> &Metadata {
-        &self.root.meta
+    pub fn root_meta(&self) -> &Meta {
+        &self.inodes[0].meta
     }
 }
 
-impl Merger<lode_ext4::FileData> {
-    /// Builds the image tree: each inode goes to its first name in
-    /// depth-first name order, its other names become hardlinks to it.
-    pub fn into_tree(self) -> Result<Tree, MergeError> {
-        let mut tree = Tree::new(implicit_dir_meta());
-        tree.set_root(self.root.meta.clone())?;
-        let mut first: Vec<Option<Vec<u8>>> = vec![None; self.inodes.len()];
-        let mut result = Ok(());
-        self.for_each(|path, item| {
-            if result.is_err() {
-                return;
+impl Merger<FileData> {
+    /// Hands the merged tree to the writer: each directory's children
+    /// sorted by name, and each inode owned by its first name in
+    /// depth-first name order, its other names marked as further names
+    /// (hardlinks) of it.
+    pub fn into_flat(self) -> Result<FlatTree, MergeError> {
+        let Self {
+            mut names,
+            mut nodes,
+            index,
+            mut inodes,
+            live,
+            live_bytes,
+            ..
+        } = self;
+        // Both trees are held at once here: give back the growth slack of
+        // the vectors first (shrinking reallocates in place).
+        drop(index);
+        names.shrink_to_fit();
+        nodes.shrink_to_fit();
+        inodes.shrink_to_fit();
+        let name = |c: u32| {
+            let n = &nodes[c as usize];
+            &names[n.at as usize..n.at as usize + usize::from(n.len)]
+        };
+        let sorted = |dir: u32| {
+            let mut out = Vec::new();
+            let mut c = nodes[dir as usize].first;
+            while c != NONE {
+                out.push(c);
+                c = nodes[c as usize].next;
             }
-            let entry = match item {
-                Listed::Dir(meta) => Entry::Dir(meta.clone()),
-                Listed::Leaf { ino, meta, kind } => match &first[ino] {
-                    Some(target) => Entry::Hardlink {
-                        target: target.clone(),
-                    },
-                    None => {
-                        first[ino] = Some(path.to_vec());
-                        let meta = meta.clone();
-                        match kind {
-                            LeafKind::File(data) => Entry::File {
-                                meta,
-                                data: data.clone(),
-                            },
-                            LeafKind::Symlink(t) => Entry::Symlink {
-                                meta,
-                                target: t.clone(),
-                            },
-                            LeafKind::CharDev(major, minor) => Entry::CharDev {
-                                meta,
-                                major: *major,
-                                minor: *minor,
-                            },
-                            LeafKind::BlockDev(major, minor) => Entry::BlockDev {
-                                meta,
-                                major: *major,
-                                minor: *minor,
-                            },
-                            LeafKind::Fifo => Entry::Fifo(meta),
-                        }
-                    }
-                },
+            out.sort_unstable_by(|&a, &b| name(a).cmp(name(b)));
+            out
+        };
+        let mut owned = vec![false; inodes.len()];
+        owned[0] = true;
+        let mut flat = FlatTree::new(inodes, InodeId(0))?;
+        flat.reserve(live, live_bytes);
+        let kids = sorted(0);
+        let first = flat.add_children(
+            FlatTree::ROOT,
+            kids.iter()
+                .map(|&c| (name(c), InodeId(nodes[c as usize].inode))),
+        )?;
+        let mut stack = vec![(kids, first, 0usize)];
+        while let Some((kids, first, pos)) = stack.last_mut() {
+            let Some(&c) = kids.get(*pos) else {
+                stack.pop();
+                continue;
             };
-            result = tree.insert(path, entry);
-        });
-        result?;
-        Ok(tree)
-    }
-}
-
-/// Removes what lower layers put at `node`, keeping what the current layer
-/// touched; returns whether `node` itself stays.
-fn prune(node: &mut Node, layer: u32) -> bool {
-    match node {
-        Node::Leaf { touched, .. } => *touched == layer,
-        Node::Dir(d) if d.touched == layer => {
-            d.children.retain(|_, n| prune(n, layer));
-            true
-        }
-        Node::Dir(_) => false,
-    }
-}
-
-fn leaf_refusal<D>(inodes: &[Inode<D>], ino: usize, parent: &[Vec<u8>]) -> MergeError {
-    if matches!(inodes[ino].kind, LeafKind::Symlink(_)) {
-        MergeError::ThroughSymlink {
-            parent: show(parent),
-        }
-    } else {
-        MergeError::ParentNotDir {
-            parent: show(parent),
-        }
-    }
-}
-
-/// The directory at `parts`, creating missing ones as implicit directories
-/// and marking each as touched by `layer`.
-fn make_parents<'a, D>(
-    root: &'a mut DirNode,
-    inodes: &[Inode<D>],
-    parts: &[Vec<u8>],
-    layer: u32,
-) -> Result<&'a mut DirNode, MergeError> {
-    let mut dir = root;
-    for (i, p) in parts.iter().enumerate() {
-        let node = dir.children.entry(p.clone()).or_insert_with(|| {
-            Node::Dir(DirNode {
-                meta: implicit_dir_meta(),
-                touched: layer,
-                children: BTreeMap::new(),
-            })
-        });
-        dir = match node {
-            Node::Dir(d) => {
-                d.touched = layer;
-                d
+            let at = NameId(first.0 + u32::try_from(*pos).expect("below the node count"));
+            *pos += 1;
+            let inode = nodes[c as usize].inode;
+            if std::mem::replace(&mut owned[inode as usize], true) {
+                flat.set_link(at, InodeId(inode));
             }
-            Node::Leaf { ino, .. } => return Err(leaf_refusal(inodes, *ino, &parts[..=i])),
-        };
-    }
-    Ok(dir)
-}
-
-/// The directory at `parts` for a whiteout: `None` if a component is
-/// missing or a non-directory (nothing to remove), an error if it is a
-/// symlink.
-fn find_dir_mut<'a, D>(
-    root: &'a mut DirNode,
-    inodes: &[Inode<D>],
-    parts: &[Vec<u8>],
-) -> Result<Option<&'a mut DirNode>, MergeError> {
-    let mut dir = root;
-    for (i, p) in parts.iter().enumerate() {
-        dir = match dir.children.get_mut(p) {
-            Some(Node::Dir(d)) => d,
-            Some(Node::Leaf { ino, .. }) => {
-                return match leaf_refusal(inodes, *ino, &parts[..=i]) {
-                    e @ MergeError::ThroughSymlink { .. } => Err(e),
-                    _ => Ok(None),
-                };
+            if flat.is_dir(at) {
+                let kids = sorted(c);
+                let first = flat.add_children(
+                    at,
+                    kids.iter()
+                        .map(|&c| (name(c), InodeId(nodes[c as usize].inode))),
+                )?;
+                stack.push((kids, first, 0));
             }
-            None => return Ok(None),
-        };
+        }
+        Ok(flat)
     }
-    Ok(Some(dir))
-}
-
-/// Like [`find_dir_mut`], read-only.
-fn find_dir<'a, D>(
-    root: &'a DirNode,
-    inodes: &[Inode<D>],
-    parts: &[Vec<u8>],
-) -> Result<Option<&'a DirNode>, MergeError> {
-    let mut dir = root;
-    for (i, p) in parts.iter().enumerate() {
-        dir = match dir.children.get(p) {
-            Some(Node::Dir(d)) => d,
-            Some(Node::Leaf { ino, .. }) => {
-                return match leaf_refusal(inodes, *ino, &parts[..=i]) {
-                    e @ MergeError::ThroughSymlink { .. } => Err(e),
-                    _ => Ok(None),
-                };
-            }
-            None => return Ok(None),
-        };
-    }
-    Ok(Some(dir))
 }
 
 #[cfg(test)]
@@ -688,7 +875,7 @@ mod tests {
         m.for_each(|path, item| {
             let p = String::from_utf8_lossy(path).into_owned();
             let desc = match item {
-                Listed::Dir(meta) => format!("dir {:o}", meta.mode),
+                Listed::Dir(meta) => format!("dir {:o}", meta.mode()),
                 Listed::Leaf { ino, kind, .. } => {
                     let first = names.entry(ino).or_insert_with(|| p.clone()).clone();
                     format!("{kind:?} inode of {first}")

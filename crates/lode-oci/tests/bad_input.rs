@@ -349,3 +349,49 @@ fn caps() {
         )
     );
 }
+
+/// One entry must not make the merge hold thousands of records: a deep
+/// path is refused, and the directories a path implies count as entries.
+#[test]
+fn deep_paths_and_implied_directories_are_capped() {
+    let deep = format!("{}f", "d/".repeat(300));
+    let (err, d) = fail(&one(Layer::new().file(&deep, b"x")));
+    assert_eq!(
+        err,
+        format!(
+            "layer 0 ({}), entry \"{deep}\" (at byte 1536): path of 301 components is deeper than the cap of 256",
+            d[0]
+        )
+    );
+
+    let mut o = opts();
+    o.limits.merge.max_entries = 10;
+    let (err, d) = fail_with(&one(Layer::new().file("a/b/c/d/e/f/g/h/i/j/k", b"x")), o);
+    assert_eq!(
+        err,
+        format!(
+            "layer 0 ({}), entry \"a/b/c/d/e/f/g/h/i/j/k\" (at byte 0): more than 10 entries in the image",
+            d[0]
+        )
+    );
+}
+
+/// Every data extent of every file is held until the image is written, so
+/// a layer of files full of holes is capped in extents.
+#[test]
+fn file_extents_are_capped() {
+    let mut holes = Vec::new();
+    for i in 0..8u8 {
+        holes.extend(std::iter::repeat_n(i % 2, 4096));
+    }
+    let mut o = opts();
+    o.limits.max_extents = 5;
+    let (err, d) = fail_with(&one(Layer::new().file("a", &holes).file("b", &holes)), o);
+    assert_eq!(
+        err,
+        format!(
+            "layer 0 ({}): entry \"b\": file data extents pass the image's cap of 5",
+            d[0]
+        )
+    );
+}

@@ -124,3 +124,129 @@ fn base_layer_region_is_shared() {
         assert_eq!(items["usr/share/doc/readme"].content, vec![b'r'; 50_000]);
     }
 }
+
+/// A layer pair that reaches every part of the writer's metadata region:
+/// multi-block directories, shared xattr blocks past the kernel's refcount
+/// limit, in-inode xattrs, long and short symlinks, old- and new-style
+/// device numbers, hardlink groups that lose their first name, a file
+/// whose holes need an extent index block, an explicit lost+found, a deep
+/// path, and a second layer of whiteouts, an opaque directory and
+/// replacements.
+fn rich_layers() -> (Vec<u8>, Vec<u8>) {
+    let mut base = Layer::new();
+    base.dir("etc", 0o755)
+        .file_full("etc/shadow", b"root:*:1::::::\n", 0o640, 0, 42)
+        .dir("lost+found", 0o700)
+        .file("lost+found/stray", b"kept\n")
+        .dir("big", 0o755);
+    for i in 0..3000u32 {
+        let name = format!("big/entry-with-a-longish-name-{i:05}");
+        if i % 7 == 0 {
+            base.file(&name, format!("contents of {i}\n").as_bytes());
+        } else {
+            base.file(&name, b"");
+        }
+    }
+    base.dir("x", 0o755);
+    let shared = vec![0x5au8; 2000];
+    for i in 0..1100u32 {
+        base.pax(&[("SCHILY.xattr.user.shared", &shared[..])])
+            .fifo(&format!("x/fifo{i:04}"));
+    }
+    base.pax(&[(
+        "SCHILY.xattr.security.capability",
+        &[
+            1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ][..],
+    )])
+    .file_full("x/ping", b"\x7fELF", 0o4755, 0, 0);
+    base.symlink("x/short", "ping")
+        .symlink("x/long", &"../".repeat(60))
+        .device("x/null", tar::EntryType::Char, 1, 3)
+        .device("x/wide", tar::EntryType::Block, 300, 70_000)
+        .dir("h", 0o755)
+        .file("h/a", b"linked\n")
+        .hardlink("h/b", "h/a")
+        .hardlink("h/c", "h/b");
+    let mut holes = Vec::new();
+    for i in 0..200u32 {
+        let fill = if i % 2 == 0 {
+            0
+        } else {
+            u8::try_from(i % 251).unwrap()
+        };
+        holes.extend(std::iter::repeat_n(fill, 4096));
+    }
+    base.file("x/holes", &holes);
+    let mut deep = String::from("deep");
+    for i in 0..40 {
+        deep.push_str(&format!("/level{i}"));
+    }
+    base.file(&format!("{deep}/leaf"), b"deep\n");
+    base.file("replaced-by-dir", b"f")
+        .dir("replaced-by-file", 0o755);
+    let base = base.finish();
+
+    let mut top = Layer::new();
+    top.whiteout("h/a")
+        .hardlink("h/d", "h/c")
+        .dir("etc", 0o700)
+        .opaque("big")
+        .file("big/new", b"new\n")
+        .dir("replaced-by-dir", 0o711)
+        .file("replaced-by-dir/inside", b"i")
+        .file("replaced-by-file", b"now a file")
+        .whiteout("x/fifo0003");
+    (base, top.finish())
+}
+
+/// The images of the sample family and of [`rich_layers`], pinned byte for
+/// byte: lode's images dedupe across versions only while the same tree
+/// always gives the same bytes, so a change here is a format change.
+#[test]
+fn image_bytes_are_pinned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, top) = rich_layers();
+    let mut l = OciLayout::new(&tmp.path().join("rich"));
+    l.image("one", &[(base.clone(), Comp::None)]);
+    l.image("two", &[(base, Comp::None), (top, Comp::Gzip)]);
+    let sample = tmp.path().join("sample");
+    lode_oci::sample::write_sample_family(&sample).unwrap();
+    let mut got = Vec::new();
+    for (name, source) in [
+        ("rich one", l.source("one")),
+        ("rich two", l.source("two")),
+        (
+            "sample app1",
+            format!("oci:{}:app1", sample.display()).parse().unwrap(),
+        ),
+        (
+            "sample app2",
+            format!("oci:{}:app2", sample.display()).parse().unwrap(),
+        ),
+    ] {
+        let out = tmp.path().join("image.ext4");
+        flatten_to(&source, &out).unwrap();
+        got.push((name, digest(&fs::read(&out).unwrap()).to_string()));
+    }
+    let want = [
+        (
+            "rich one",
+            "sha256:695335dd5220dea019bda9d3fdbe818c352b579e0e70d68dab721f88b0ee5b01",
+        ),
+        (
+            "rich two",
+            "sha256:207f1d396ca1a25c6281492e9f5789b952424868f229c4e86b8850cc3384923f",
+        ),
+        (
+            "sample app1",
+            "sha256:d9fc6ca3730805fb89439cf25b2c9b19ad466da51f8bb20049a3b9b819c3dd2e",
+        ),
+        (
+            "sample app2",
+            "sha256:977e614611162e128fc42efe7479042b8f3b80cc61073af89e07a96eebc5df84",
+        ),
+    ];
+    let want: Vec<(&str, String)> = want.iter().map(|(n, d)| (*n, d.to_string())).collect();
+    assert_eq!(got, want);
+}
