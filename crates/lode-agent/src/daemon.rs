@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use lode_fuse::{FuseMount, MountOptions};
 use lode_kms::Kms;
@@ -34,6 +35,8 @@ pub struct AgentConfig {
     pub nbd_unix: PathBuf,
     /// An NBD TCP listener, if any.
     pub nbd_tcp: Option<SocketAddr>,
+    /// What one NBD client may hold, and how many there may be.
+    pub nbd_limits: NbdLimits,
     /// Ciphertext bytes kept in memory.
     pub cache_memory: u64,
     /// Ciphertext bytes kept on disk.
@@ -60,11 +63,72 @@ impl AgentConfig {
             origin_concurrency: crate::DEFAULT_ORIGIN_CONCURRENCY,
             state_dir,
             nbd_tcp: None,
+            nbd_limits: NbdLimits::default(),
             cache_memory: 512 << 20,
             cache_disk: 10 << 30,
             decrypted: 256 << 20,
         }
     }
+}
+
+/// Bounds on NBD clients (the `[nbd]` section of the config file), checked when the
+/// server is built. A client that never reads its replies holds at most
+/// `max_buffered_bytes`; all clients together at most `max_connections` times that.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdLimits {
+    /// Connections open at once over both listeners, handshakes included; one more
+    /// is closed before the greeting and logged.
+    pub max_connections: usize,
+    /// Payload bytes one connection may hold: replies its client has not read yet and
+    /// write data being served. Past it the server stops reading that connection's
+    /// requests until the client reads. Also its maximum block size.
+    pub max_buffered_bytes: u64,
+    /// Requests one connection may have in flight.
+    pub max_in_flight: usize,
+    /// From connecting to choosing an export.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for NbdLimits {
+    /// 128 connections, 4 MiB and 64 requests each, 10 s to finish the handshake.
+    fn default() -> Self {
+        Self {
+            max_connections: lode_nbd::DEFAULT_MAX_CONNECTIONS,
+            max_buffered_bytes: lode_nbd::DEFAULT_MAX_BUFFERED_BYTES as u64,
+            max_in_flight: lode_nbd::DEFAULT_MAX_IN_FLIGHT,
+            handshake_timeout: lode_nbd::DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// The agent's NBD server over `exports`, bounded by `limits`; every connection it
+/// refuses or that ends in an error is logged to stderr with the peer. A limit out
+/// of range is refused with its `[nbd]` key named.
+pub fn nbd_server(exports: Exports, limits: &NbdLimits) -> Result<Server, AgentError> {
+    Server::builder(exports)
+        .max_connections(limits.max_connections)
+        .max_buffered_bytes(usize::try_from(limits.max_buffered_bytes).unwrap_or(usize::MAX))
+        .max_in_flight(limits.max_in_flight)
+        .handshake_timeout(limits.handshake_timeout)
+        .on_connection_error(|peer, e| {
+            let mut line = format!("lode agent: nbd connection from {peer}: {e}");
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                line.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{line}");
+        })
+        .build()
+        .map_err(|e| {
+            let message = match e {
+                lode_nbd::ConfigError::HandshakeTimeout => {
+                    "handshake_timeout_ms must be positive".to_owned()
+                }
+                other => other.to_string(),
+            };
+            AgentError::Config(format!("[nbd] {message}"))
+        })
 }
 
 /// One attached image, as persisted and as listed.
@@ -171,9 +235,7 @@ impl Agent {
             .map_err(io("creating", dir.join("overlays")))?;
         let (cache, az) = build_cache(&config, store.clone())?;
         let exports = Exports::new();
-        let server = Server::builder(exports.clone())
-            .build()
-            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let server = nbd_server(exports.clone(), &config.nbd_limits)?;
         remove_stale_socket(&config.nbd_unix)?;
         server
             .listen_unix(&config.nbd_unix)
@@ -240,9 +302,16 @@ impl Agent {
         self.az.as_ref().map(|a| a.metrics())
     }
 
-    /// The metrics snapshot as JSON, with the AZ client's counters under `az`.
+    /// The NBD server's counters.
+    pub fn nbd_stats(&self) -> lode_nbd::ServerStats {
+        self.server.stats()
+    }
+
+    /// The metrics snapshot as JSON, with the NBD server's counters under `nbd` and
+    /// the AZ client's under `az`.
     pub fn stats_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self.cache.snapshot()).expect("metrics serialise");
+        v["nbd"] = crate::metrics::nbd_json(&self.nbd_stats(), &self.config.nbd_limits);
         if let Some(m) = self.az_metrics() {
             v["az"] = serde_json::to_value(m).expect("metrics serialise");
         }
@@ -252,6 +321,10 @@ impl Agent {
     /// The metrics in Prometheus text, AZ counters included.
     pub fn prometheus(&self) -> String {
         let mut text = self.cache.snapshot().to_prometheus();
+        text.push_str(&crate::metrics::nbd_prometheus(
+            &self.nbd_stats(),
+            &self.config.nbd_limits,
+        ));
         if let Some(m) = self.az_metrics() {
             text.push_str(&crate::az::az_prometheus(&m));
         }
@@ -524,4 +597,35 @@ pub(crate) fn remove_stale_socket(path: &Path) -> Result<(), AgentError> {
         )));
     }
     std::fs::remove_file(path).map_err(io("removing stale socket", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_limits_out_of_range_name_their_key() {
+        let refused = |set: fn(&mut NbdLimits)| {
+            let mut limits = NbdLimits::default();
+            set(&mut limits);
+            nbd_server(Exports::new(), &limits).unwrap_err().to_string()
+        };
+        assert_eq!(
+            refused(|l| l.max_connections = 0),
+            "invalid configuration: [nbd] max_connections must be between 1 and 1048576, got 0"
+        );
+        assert_eq!(
+            refused(|l| l.max_buffered_bytes = 4096),
+            "invalid configuration: [nbd] max_buffered_bytes must be between 65536 and 1073741824, got 4096"
+        );
+        assert_eq!(
+            refused(|l| l.max_in_flight = 5000),
+            "invalid configuration: [nbd] max_in_flight must be between 1 and 4096, got 5000"
+        );
+        assert_eq!(
+            refused(|l| l.handshake_timeout = Duration::ZERO),
+            "invalid configuration: [nbd] handshake_timeout_ms must be positive"
+        );
+        assert!(nbd_server(Exports::new(), &NbdLimits::default()).is_ok());
+    }
 }

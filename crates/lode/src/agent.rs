@@ -73,6 +73,7 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
     };
     let (mut config, env) = worker_config(env, &a.cache, &file, agent_dir(home));
     let state_dir = config.state_dir.clone();
+    file.nbd.apply(&mut config.nbd_limits);
     if let Some(p) = a.nbd_unix.or(file.nbd.unix) {
         config.nbd_unix = p;
     }
