@@ -10,7 +10,7 @@
 //! [nbd]
 //! unix = "/run/lode/nbd.sock"
 //! tcp = "127.0.0.1:10809"
-//! max_connections = 128               # open at once, handshakes included
+//! max_connections = 64                # open at once, handshakes included
 //! max_buffered_bytes = "4MiB"         # per connection: unread replies, write data
 //! max_in_flight = 64                  # requests per connection at once
 //! handshake_timeout_ms = 10000        # from connect to choosing an export

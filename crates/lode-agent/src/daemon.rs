@@ -90,7 +90,7 @@ pub struct NbdLimits {
 }
 
 impl Default for NbdLimits {
-    /// 128 connections, 4 MiB and 64 requests each, 10 s to finish the handshake.
+    /// 64 connections, 4 MiB and 64 requests each, 10 s to finish the handshake.
     fn default() -> Self {
         Self {
             max_connections: lode_nbd::DEFAULT_MAX_CONNECTIONS,

@@ -559,6 +559,6 @@ mod tests {
         }
         let j = nbd_json(&s, &limits);
         assert_eq!(j["connections_refused"], 3);
-        assert_eq!(j["max_connections"], 128);
+        assert_eq!(j["max_connections"], 64);
     }
 }

@@ -70,7 +70,7 @@ impl fmt::Debug for ServerBuilder {
 }
 
 /// Default for [`ServerBuilder::max_connections`].
-pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// Upper bound for `max_connections`.
 pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
 /// Default for [`ServerBuilder::max_in_flight`].
