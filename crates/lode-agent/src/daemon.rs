@@ -101,21 +101,35 @@ impl Default for NbdLimits {
     }
 }
 
-/// The agent's NBD server over `exports`, bounded by `limits`; every connection it
-/// refuses or that ends in an error is logged to stderr with the peer. A limit out
-/// of range is refused with its `[nbd]` key named.
+/// NBD connection errors logged a second, at most; the rest are counted in the
+/// metrics and summed up in the next line logged.
+const NBD_LOG_LINES_PER_SECOND: u32 = 10;
+
+/// The agent's NBD server over `exports`, bounded by `limits`; a connection it refuses
+/// or that ends in an error is logged to stderr with the peer (at most
+/// [`NBD_LOG_LINES_PER_SECOND`] lines a second, so a flood of bad connections is not
+/// a flood of log). A limit out of range is refused with its `[nbd]` key named.
 pub fn nbd_server(exports: Exports, limits: &NbdLimits) -> Result<Server, AgentError> {
+    let budget = LogBudget::new(NBD_LOG_LINES_PER_SECOND, Duration::from_secs(1));
     Server::builder(exports)
         .max_connections(limits.max_connections)
         .max_buffered_bytes(usize::try_from(limits.max_buffered_bytes).unwrap_or(usize::MAX))
         .max_in_flight(limits.max_in_flight)
         .handshake_timeout(limits.handshake_timeout)
-        .on_connection_error(|peer, e| {
+        .on_connection_error(move |peer, e| {
+            let Some(held_back) = budget.take(std::time::Instant::now()) else {
+                return;
+            };
             let mut line = format!("lode agent: nbd connection from {peer}: {e}");
             let mut source = std::error::Error::source(e);
             while let Some(s) = source {
                 line.push_str(&format!(": {s}"));
                 source = s.source();
+            }
+            if held_back > 0 {
+                line.push_str(&format!(
+                    " ({held_back} more connection errors not logged before this one)"
+                ));
             }
             eprintln!("{line}");
         })
@@ -129,6 +143,48 @@ pub fn nbd_server(exports: Exports, limits: &NbdLimits) -> Result<Server, AgentE
             };
             AgentError::Config(format!("[nbd] {message}"))
         })
+}
+
+/// At most `per_window` log lines a window; the lines held back are counted and the
+/// count is given to the next line that goes out.
+struct LogBudget {
+    per_window: u32,
+    window: Duration,
+    state: std::sync::Mutex<LogWindow>,
+}
+
+#[derive(Default)]
+struct LogWindow {
+    start: Option<std::time::Instant>,
+    logged: u32,
+    held_back: u64,
+}
+
+impl LogBudget {
+    fn new(per_window: u32, window: Duration) -> Self {
+        Self {
+            per_window,
+            window,
+            state: std::sync::Mutex::new(LogWindow::default()),
+        }
+    }
+
+    /// `Some(lines held back since the last one logged)` if a line may be logged at
+    /// `now`, else `None` (and the line is counted as held back).
+    fn take(&self, now: std::time::Instant) -> Option<u64> {
+        let mut w = lock(&self.state);
+        if w.start.is_none_or(|s| now.duration_since(s) >= self.window) {
+            w.start = Some(now);
+            w.logged = 0;
+        }
+        if w.logged < self.per_window {
+            w.logged += 1;
+            Some(std::mem::take(&mut w.held_back))
+        } else {
+            w.held_back += 1;
+            None
+        }
+    }
 }
 
 /// One attached image, as persisted and as listed.
@@ -627,5 +683,18 @@ mod tests {
             "invalid configuration: [nbd] handshake_timeout_ms must be positive"
         );
         assert!(nbd_server(Exports::new(), &NbdLimits::default()).is_ok());
+    }
+
+    #[test]
+    fn a_flood_of_connection_errors_is_logged_a_few_lines_a_second() {
+        let budget = LogBudget::new(3, Duration::from_secs(1));
+        let t0 = std::time::Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let first: Vec<_> = (0..10).map(|i| budget.take(at(i))).collect();
+        assert_eq!(first[..3], [Some(0); 3]);
+        assert_eq!(first[3..], [None; 7]);
+        // The next window's first line says how many were held back.
+        assert_eq!(budget.take(at(1000)), Some(7));
+        assert_eq!(budget.take(at(1001)), Some(0));
     }
 }
