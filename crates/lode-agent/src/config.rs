@@ -11,6 +11,7 @@
 //! unix = "/run/lode/nbd.sock"
 //! tcp = "127.0.0.1:10809"
 //! max_connections = 64                # open at once, handshakes included
+//! # max_connections_per_peer = 8      # from one IP (TCP) or user id (Unix); default: off
 //! max_buffered_bytes = "4MiB"         # per connection: unread replies, write data
 //! max_in_flight = 64                  # requests per connection at once
 //! handshake_timeout_ms = 10000        # from connect to choosing an export
@@ -126,6 +127,8 @@ pub struct NbdSection {
     pub tcp: Option<SocketAddr>,
     /// Connections open at once, over both listeners, handshakes included.
     pub max_connections: Option<usize>,
+    /// Connections open at once from one IP address (TCP) or user id (Unix socket).
+    pub max_connections_per_peer: Option<usize>,
     /// Payload bytes one connection may hold (replies its client has not read, write
     /// data being served); also the largest request it may make.
     #[serde(default, deserialize_with = "size_opt")]
@@ -141,6 +144,9 @@ impl NbdSection {
     pub fn apply(&self, limits: &mut crate::NbdLimits) {
         if let Some(n) = self.max_connections {
             limits.max_connections = n;
+        }
+        if let Some(n) = self.max_connections_per_peer {
+            limits.max_connections_per_peer = Some(n);
         }
         if let Some(n) = self.max_buffered_bytes {
             limits.max_buffered_bytes = n;
@@ -342,6 +348,12 @@ mod tests {
             e.contains("max_buffered_bytes") && e.contains("not a size"),
             "{e}"
         );
+        let mut nbd = crate::NbdLimits::default();
+        ConfigFile::parse("[nbd]\nmax_connections_per_peer = 8\n", p)
+            .unwrap()
+            .nbd
+            .apply(&mut nbd);
+        assert_eq!(nbd.max_connections_per_peer, Some(8));
         assert_eq!(
             ConfigFile::parse("", p).unwrap(),
             ConfigFile::default(),

@@ -79,6 +79,9 @@ pub struct NbdLimits {
     /// Connections open at once over both listeners, handshakes included; one more
     /// is closed before the greeting and logged.
     pub max_connections: usize,
+    /// Connections open at once from one peer (an IP address over TCP, a user id over
+    /// the Unix socket); `None`: only `max_connections`.
+    pub max_connections_per_peer: Option<usize>,
     /// Payload bytes one connection may hold: replies its client has not read yet and
     /// write data being served. Past it the server stops reading that connection's
     /// requests until the client reads. Also its maximum block size.
@@ -94,6 +97,7 @@ impl Default for NbdLimits {
     fn default() -> Self {
         Self {
             max_connections: lode_nbd::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: None,
             max_buffered_bytes: lode_nbd::DEFAULT_MAX_BUFFERED_BYTES as u64,
             max_in_flight: lode_nbd::DEFAULT_MAX_IN_FLIGHT,
             handshake_timeout: lode_nbd::DEFAULT_HANDSHAKE_TIMEOUT,
@@ -111,7 +115,11 @@ const NBD_LOG_LINES_PER_SECOND: u32 = 10;
 /// a flood of log). A limit out of range is refused with its `[nbd]` key named.
 pub fn nbd_server(exports: Exports, limits: &NbdLimits) -> Result<Server, AgentError> {
     let budget = LogBudget::new(NBD_LOG_LINES_PER_SECOND, Duration::from_secs(1));
-    Server::builder(exports)
+    let mut builder = Server::builder(exports);
+    if let Some(n) = limits.max_connections_per_peer {
+        builder = builder.max_connections_per_peer(n);
+    }
+    builder
         .max_connections(limits.max_connections)
         .max_buffered_bytes(usize::try_from(limits.max_buffered_bytes).unwrap_or(usize::MAX))
         .max_in_flight(limits.max_in_flight)
@@ -673,6 +681,10 @@ mod tests {
         assert_eq!(
             refused(|l| l.max_buffered_bytes = 4096),
             "invalid configuration: [nbd] max_buffered_bytes must be between 65536 and 1073741824, got 4096"
+        );
+        assert_eq!(
+            refused(|l| l.max_connections_per_peer = Some(0)),
+            "invalid configuration: [nbd] max_connections_per_peer must be between 1 and 1048576, got 0"
         );
         assert_eq!(
             refused(|l| l.max_in_flight = 5000),

@@ -1,8 +1,9 @@
 //! The NBD server: listeners, the fixed-newstyle handshake and the transmission phase.
 //!
 //! A connection is admitted only while fewer than `max_connections` are open (counting
-//! those still in the handshake); one over the limit is closed at once, before the
-//! greeting, holding nothing. The handshake must finish within `handshake_timeout`,
+//! those still in the handshake), and, when `max_connections_per_peer` is set, fewer
+//! than that from its peer (IP address, or Unix user id); one over a limit is closed at
+//! once, before the greeting, holding nothing. The handshake must finish within `handshake_timeout`,
 //! however slowly its bytes arrive.
 //!
 //! Each admitted connection runs one reader task. It reads a request header, has
@@ -25,9 +26,10 @@
 //! oversized WRITE payload) or an I/O error closes the connection, and nothing a client
 //! sends stops the server.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +51,7 @@ use crate::proto::{
 pub struct ServerBuilder {
     exports: Exports,
     max_connections: usize,
+    max_connections_per_peer: Option<usize>,
     max_in_flight: usize,
     max_buffered_bytes: usize,
     handshake_timeout: Duration,
@@ -62,6 +65,7 @@ impl fmt::Debug for ServerBuilder {
         f.debug_struct("ServerBuilder")
             .field("exports", &self.exports)
             .field("max_connections", &self.max_connections)
+            .field("max_connections_per_peer", &self.max_connections_per_peer)
             .field("max_in_flight", &self.max_in_flight)
             .field("max_buffered_bytes", &self.max_buffered_bytes)
             .field("handshake_timeout", &self.handshake_timeout)
@@ -91,6 +95,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ConfigError {
     #[error("max_connections must be between 1 and {MAX_CONNECTIONS_LIMIT}, got {0}")]
     MaxConnections(usize),
+    #[error("max_connections_per_peer must be between 1 and {MAX_CONNECTIONS_LIMIT}, got {0}")]
+    MaxConnectionsPerPeer(usize),
     #[error("max_in_flight must be between 1 and {MAX_IN_FLIGHT_LIMIT}, got {0}")]
     MaxInFlight(usize),
     #[error(
@@ -106,6 +112,14 @@ impl ServerBuilder {
     /// [`DEFAULT_MAX_CONNECTIONS`]); one more is closed before the greeting.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n;
+        self
+    }
+
+    /// Connections open at once from one peer: one IP address over TCP, one user id
+    /// over a Unix socket (default: no limit but `max_connections`). One more from
+    /// that peer is closed before the greeting.
+    pub fn max_connections_per_peer(mut self, n: usize) -> Self {
+        self.max_connections_per_peer = Some(n);
         self
     }
 
@@ -145,6 +159,11 @@ impl ServerBuilder {
         if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
             return Err(ConfigError::MaxConnections(self.max_connections));
         }
+        if let Some(n) = self.max_connections_per_peer
+            && (n == 0 || n > MAX_CONNECTIONS_LIMIT)
+        {
+            return Err(ConfigError::MaxConnectionsPerPeer(n));
+        }
         if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT_LIMIT {
             return Err(ConfigError::MaxInFlight(self.max_in_flight));
         }
@@ -163,6 +182,11 @@ impl ServerBuilder {
                 exports: self.exports,
                 connections: Arc::new(Semaphore::new(self.max_connections)),
                 max_connections: self.max_connections,
+                // A per-peer limit at or over the total limits nothing.
+                max_per_peer: self
+                    .max_connections_per_peer
+                    .filter(|n| *n < self.max_connections),
+                per_peer: std::sync::Mutex::new(HashMap::new()),
                 max_in_flight: self.max_in_flight,
                 max_buffered_bytes: self.max_buffered_bytes,
                 max_payload,
@@ -209,6 +233,48 @@ pub enum Peer {
     Stream,
 }
 
+/// What the per-peer limit counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum PeerKey {
+    Ip(IpAddr),
+    Uid(u32),
+}
+
+impl Peer {
+    fn key(&self) -> Option<PeerKey> {
+        match self {
+            Peer::Tcp(addr) => Some(PeerKey::Ip(addr.ip())),
+            Peer::Unix { uid: Some(uid), .. } => Some(PeerKey::Uid(*uid)),
+            Peer::Unix { uid: None, .. } | Peer::Stream => None,
+        }
+    }
+}
+
+/// A connection's place under the connection limits, given back when it is dropped.
+struct Admission {
+    _slot: OwnedSemaphorePermit,
+    /// Counted against this peer's limit.
+    peer: Option<PeerKey>,
+    server: Arc<Inner>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let Some(key) = self.peer else { return };
+        let mut counts = self
+            .server
+            .per_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&key);
+            }
+        }
+    }
+}
+
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -233,6 +299,10 @@ impl fmt::Display for Peer {
 pub enum ConnectionError {
     #[error("refused: {limit} connections are open, the max_connections limit")]
     TooManyConnections { limit: usize },
+    #[error(
+        "refused: {limit} connections from this peer are open, the max_connections_per_peer limit"
+    )]
+    TooManyFromPeer { limit: usize },
     #[error("connection I/O failed")]
     Io(#[from] io::Error),
     #[error("client sent unknown handshake flags {0:#x}")]
@@ -297,6 +367,10 @@ struct Inner {
     /// One permit per open connection.
     connections: Arc<Semaphore>,
     max_connections: usize,
+    /// `None` when there is no per-peer limit (or it is not below the total).
+    max_per_peer: Option<usize>,
+    /// Open connections per peer, when there is a per-peer limit.
+    per_peer: std::sync::Mutex<HashMap<PeerKey, usize>>,
     max_in_flight: usize,
     max_buffered_bytes: usize,
     /// The maximum block size advertised and enforced.
@@ -338,6 +412,7 @@ impl Server {
         ServerBuilder {
             exports,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -410,7 +485,7 @@ impl Server {
                 match accepted {
                     Ok((stream, addr)) => {
                         let peer = Peer::Tcp(addr);
-                        let Some(permit) = server.admit(&peer) else {
+                        let Ok(permit) = server.admit(&peer) else {
                             continue;
                         };
                         // Replies are written whole; Nagle would only add latency.
@@ -444,7 +519,7 @@ impl Server {
                             pid: cred.and_then(|c| c.pid()),
                             uid: cred.map(|c| c.uid()),
                         };
-                        let Some(permit) = server.admit(&peer) else {
+                        let Ok(permit) = server.admit(&peer) else {
                             continue;
                         };
                         server.spawn_connection(stream, peer, permit);
@@ -456,26 +531,44 @@ impl Server {
         Ok(())
     }
 
-    /// A connection slot for `peer`, or `None` (counted and reported) when
-    /// `max_connections` are open. The refused stream is dropped, and so closed,
+    /// A place for `peer` under the connection limits, or the error refusing it
+    /// (counted and passed to the hook). A refused stream is dropped, and so closed,
     /// before a byte is read from or written to it.
-    fn admit(&self, peer: &Peer) -> Option<OwnedSemaphorePermit> {
-        match Arc::clone(&self.inner.connections).try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                bump(&self.inner.stats.refused);
-                let e = ConnectionError::TooManyConnections {
-                    limit: self.inner.max_connections,
-                };
-                if let Some(hook) = &self.inner.on_error {
-                    hook(peer, &e);
-                }
-                None
+    fn admit(&self, peer: &Peer) -> Result<Admission, ConnectionError> {
+        let refuse = |e: ConnectionError| {
+            bump(&self.inner.stats.refused);
+            if let Some(hook) = &self.inner.on_error {
+                hook(peer, &e);
             }
+            Err(e)
+        };
+        let Ok(slot) = Arc::clone(&self.inner.connections).try_acquire_owned() else {
+            return refuse(ConnectionError::TooManyConnections {
+                limit: self.inner.max_connections,
+            });
+        };
+        let counted = self.inner.max_per_peer.zip(peer.key());
+        if let Some((limit, key)) = counted {
+            let mut counts = self
+                .inner
+                .per_peer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let n = counts.entry(key).or_insert(0);
+            if *n >= limit {
+                drop(counts);
+                return refuse(ConnectionError::TooManyFromPeer { limit });
+            }
+            *n += 1;
         }
+        Ok(Admission {
+            _slot: slot,
+            peer: counted.map(|(_, key)| key),
+            server: Arc::clone(&self.inner),
+        })
     }
 
-    fn spawn_connection<S>(&self, stream: S, peer: Peer, permit: OwnedSemaphorePermit)
+    fn spawn_connection<S>(&self, stream: S, peer: Peer, permit: Admission)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -497,11 +590,7 @@ impl Server {
         if self.token().is_none() {
             return Err(ConnectionError::ShuttingDown);
         }
-        let Some(permit) = self.admit(&Peer::Stream) else {
-            return Err(ConnectionError::TooManyConnections {
-                limit: self.inner.max_connections,
-            });
-        };
+        let permit = self.admit(&Peer::Stream)?;
         self.serve_admitted(stream, Peer::Stream, permit).await
     }
 
@@ -509,7 +598,7 @@ impl Server {
         &self,
         stream: S,
         peer: Peer,
-        permit: OwnedSemaphorePermit,
+        permit: Admission,
     ) -> Result<(), ConnectionError>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -1152,6 +1241,14 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "max_connections must be between 1 and 1048576, got 0"
+        );
+        let err = Server::builder(Exports::new())
+            .max_connections_per_peer(0)
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "max_connections_per_peer must be between 1 and 1048576, got 0"
         );
         let err = Server::builder(Exports::new())
             .handshake_timeout(Duration::ZERO)

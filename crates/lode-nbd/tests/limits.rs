@@ -238,6 +238,40 @@ fn connections_over_the_limit_are_refused_until_one_closes() {
 }
 
 #[test]
+fn one_peer_cannot_take_every_connection() {
+    let (srv, data, log) = server(|b| b.max_connections(8).max_connections_per_peer(2));
+    // Two from 127.0.0.1 fill its share; a third from it is closed unread...
+    let first = Raw::connect(srv.addr, FIXED_NO_ZEROES);
+    let _second = Raw::connect(srv.addr, FIXED_NO_ZEROES);
+    let mut third = TcpStream::connect(srv.addr).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let port = third.local_addr().unwrap();
+    assert!(closed_unread(&mut third));
+    assert_eq!(
+        log.lock().unwrap().as_slice(),
+        [format!(
+            "tcp {port}: refused: 2 connections from this peer are open, the max_connections_per_peer limit"
+        )]
+    );
+    // ...while another peer (this user, over the Unix socket) still gets in.
+    let mut unix = UnixStream::connect(&srv.socket).unwrap();
+    unix.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    unix.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    let stats = wait_for(&srv, "three admitted", |s| s.connections_active == 3);
+    assert_eq!(stats.connections_refused, 1, "{stats:?}");
+
+    // When one of the two leaves, the peer may connect again.
+    drop(first);
+    wait_for(&srv, "the first to close", |s| s.connections_active == 2);
+    still_serving(&srv, &data);
+}
+
+#[test]
 fn silent_and_dribbling_handshakes_are_dropped_after_the_timeout() {
     let timeout = Duration::from_millis(500);
     let (srv, data, log) = server(|b| b.handshake_timeout(timeout));
