@@ -3,8 +3,8 @@
 //! A connection is admitted only while fewer than `max_connections` are open (counting
 //! those still in the handshake), and, when `max_connections_per_peer` is set, fewer
 //! than that from its peer (IP address, or Unix user id); one over a limit is closed at
-//! once, before the greeting, holding nothing. The handshake must finish within `handshake_timeout`,
-//! however slowly its bytes arrive.
+//! once, before the greeting, holding nothing. The handshake must finish within
+//! `handshake_timeout`, however slowly its bytes arrive.
 //!
 //! Each admitted connection runs one reader task. It reads a request header, has
 //! [`proto::parse_request`] check it, takes a slot and a share of the connection's
