@@ -10,6 +10,11 @@
 //! [nbd]
 //! unix = "/run/lode/nbd.sock"
 //! tcp = "127.0.0.1:10809"
+//! max_connections = 64                # open at once, handshakes included
+//! # max_connections_per_peer = 8      # from one IP (TCP) or user id (Unix); default: off
+//! max_buffered_bytes = "4MiB"         # per connection: unread replies, write data
+//! max_in_flight = 64                  # requests per connection at once
+//! handshake_timeout_ms = 10000        # from connect to choosing an export
 //!
 //! [metrics]
 //! listen = "127.0.0.1:9464"           # Prometheus text at http://ADDR/metrics
@@ -120,6 +125,39 @@ pub struct NbdSection {
     pub unix: Option<PathBuf>,
     /// TCP address.
     pub tcp: Option<SocketAddr>,
+    /// Connections open at once, over both listeners, handshakes included.
+    pub max_connections: Option<usize>,
+    /// Connections open at once from one IP address (TCP) or user id (Unix socket).
+    pub max_connections_per_peer: Option<usize>,
+    /// Payload bytes one connection may hold (replies its client has not read, write
+    /// data being served); also the largest request it may make.
+    #[serde(default, deserialize_with = "size_opt")]
+    pub max_buffered_bytes: Option<u64>,
+    /// Requests one connection may have in flight.
+    pub max_in_flight: Option<usize>,
+    /// Time from connecting to choosing an export, in milliseconds.
+    pub handshake_timeout_ms: Option<u64>,
+}
+
+impl NbdSection {
+    /// The limits these fields set over `limits`.
+    pub fn apply(&self, limits: &mut crate::NbdLimits) {
+        if let Some(n) = self.max_connections {
+            limits.max_connections = n;
+        }
+        if let Some(n) = self.max_connections_per_peer {
+            limits.max_connections_per_peer = Some(n);
+        }
+        if let Some(n) = self.max_buffered_bytes {
+            limits.max_buffered_bytes = n;
+        }
+        if let Some(n) = self.max_in_flight {
+            limits.max_in_flight = n;
+        }
+        if let Some(ms) = self.handshake_timeout_ms {
+            limits.handshake_timeout = std::time::Duration::from_millis(ms);
+        }
+    }
 }
 
 /// `[metrics]`.
@@ -272,6 +310,13 @@ mod tests {
         assert_eq!((az.nodes.len(), az.k, az.m), (6, 4, 2));
         assert_eq!(az.node_timeout, std::time::Duration::from_millis(200));
         assert_eq!(c.origin.concurrency, Some(64));
+        let mut nbd = crate::NbdLimits::default();
+        c.nbd.apply(&mut nbd);
+        assert_eq!(
+            nbd,
+            crate::NbdLimits::default(),
+            "the example shows the defaults"
+        );
     }
 
     #[test]
@@ -292,6 +337,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tcp"), "{e}");
+        let e = ConfigFile::parse("[nbd]\nmax_connection = 5\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_connection"), "{e}");
+        let e = ConfigFile::parse("[nbd]\nmax_buffered_bytes = \"big\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_buffered_bytes") && e.contains("not a size"),
+            "{e}"
+        );
+        let mut nbd = crate::NbdLimits::default();
+        ConfigFile::parse("[nbd]\nmax_connections_per_peer = 8\n", p)
+            .unwrap()
+            .nbd
+            .apply(&mut nbd);
+        assert_eq!(nbd.max_connections_per_peer, Some(8));
         assert_eq!(
             ConfigFile::parse("", p).unwrap(),
             ConfigFile::default(),

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use lode_fuse::{FuseMount, MountOptions};
 use lode_kms::Kms;
@@ -34,6 +35,8 @@ pub struct AgentConfig {
     pub nbd_unix: PathBuf,
     /// An NBD TCP listener, if any.
     pub nbd_tcp: Option<SocketAddr>,
+    /// What one NBD client may hold, and how many there may be.
+    pub nbd_limits: NbdLimits,
     /// Ciphertext bytes kept in memory.
     pub cache_memory: u64,
     /// Ciphertext bytes kept on disk.
@@ -60,9 +63,134 @@ impl AgentConfig {
             origin_concurrency: crate::DEFAULT_ORIGIN_CONCURRENCY,
             state_dir,
             nbd_tcp: None,
+            nbd_limits: NbdLimits::default(),
             cache_memory: 512 << 20,
             cache_disk: 10 << 30,
             decrypted: 256 << 20,
+        }
+    }
+}
+
+/// Bounds on NBD clients (the `[nbd]` section of the config file), checked when the
+/// server is built. A client that never reads its replies holds at most
+/// `max_buffered_bytes`; all clients together at most `max_connections` times that.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdLimits {
+    /// Connections open at once over both listeners, handshakes included; one more
+    /// is closed before the greeting and logged.
+    pub max_connections: usize,
+    /// Connections open at once from one peer (an IP address over TCP, a user id over
+    /// the Unix socket); `None`: only `max_connections`.
+    pub max_connections_per_peer: Option<usize>,
+    /// Payload bytes one connection may hold: replies its client has not read yet and
+    /// write data being served. Past it the server stops reading that connection's
+    /// requests until the client reads. Also its maximum block size.
+    pub max_buffered_bytes: u64,
+    /// Requests one connection may have in flight.
+    pub max_in_flight: usize,
+    /// From connecting to choosing an export.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for NbdLimits {
+    /// 64 connections, 4 MiB and 64 requests each, 10 s to finish the handshake.
+    fn default() -> Self {
+        Self {
+            max_connections: lode_nbd::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: None,
+            max_buffered_bytes: lode_nbd::DEFAULT_MAX_BUFFERED_BYTES as u64,
+            max_in_flight: lode_nbd::DEFAULT_MAX_IN_FLIGHT,
+            handshake_timeout: lode_nbd::DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// NBD connection errors logged a second, at most; the rest are counted in the
+/// metrics and summed up in the next line logged.
+const NBD_LOG_LINES_PER_SECOND: u32 = 10;
+
+/// The agent's NBD server over `exports`, bounded by `limits`; a connection it refuses
+/// or that ends in an error is logged to stderr with the peer (at most
+/// [`NBD_LOG_LINES_PER_SECOND`] lines a second, so a flood of bad connections is not
+/// a flood of log). A limit out of range is refused with its `[nbd]` key named.
+pub fn nbd_server(exports: Exports, limits: &NbdLimits) -> Result<Server, AgentError> {
+    let budget = LogBudget::new(NBD_LOG_LINES_PER_SECOND, Duration::from_secs(1));
+    let mut builder = Server::builder(exports);
+    if let Some(n) = limits.max_connections_per_peer {
+        builder = builder.max_connections_per_peer(n);
+    }
+    builder
+        .max_connections(limits.max_connections)
+        .max_buffered_bytes(usize::try_from(limits.max_buffered_bytes).unwrap_or(usize::MAX))
+        .max_in_flight(limits.max_in_flight)
+        .handshake_timeout(limits.handshake_timeout)
+        .on_connection_error(move |peer, e| {
+            let Some(held_back) = budget.take(std::time::Instant::now()) else {
+                return;
+            };
+            let mut line = format!("lode agent: nbd connection from {peer}: {e}");
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                line.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            if held_back > 0 {
+                line.push_str(&format!(
+                    " ({held_back} more connection errors not logged before this one)"
+                ));
+            }
+            eprintln!("{line}");
+        })
+        .build()
+        .map_err(|e| {
+            let message = match e {
+                lode_nbd::ConfigError::HandshakeTimeout => {
+                    "handshake_timeout_ms must be positive".to_owned()
+                }
+                other => other.to_string(),
+            };
+            AgentError::Config(format!("[nbd] {message}"))
+        })
+}
+
+/// At most `per_window` log lines a window; the lines held back are counted and the
+/// count is given to the next line that goes out.
+struct LogBudget {
+    per_window: u32,
+    window: Duration,
+    state: std::sync::Mutex<LogWindow>,
+}
+
+#[derive(Default)]
+struct LogWindow {
+    start: Option<std::time::Instant>,
+    logged: u32,
+    held_back: u64,
+}
+
+impl LogBudget {
+    fn new(per_window: u32, window: Duration) -> Self {
+        Self {
+            per_window,
+            window,
+            state: std::sync::Mutex::new(LogWindow::default()),
+        }
+    }
+
+    /// `Some(lines held back since the last one logged)` if a line may be logged at
+    /// `now`, else `None` (and the line is counted as held back).
+    fn take(&self, now: std::time::Instant) -> Option<u64> {
+        let mut w = lock(&self.state);
+        if w.start.is_none_or(|s| now.duration_since(s) >= self.window) {
+            w.start = Some(now);
+            w.logged = 0;
+        }
+        if w.logged < self.per_window {
+            w.logged += 1;
+            Some(std::mem::take(&mut w.held_back))
+        } else {
+            w.held_back += 1;
+            None
         }
     }
 }
@@ -171,9 +299,7 @@ impl Agent {
             .map_err(io("creating", dir.join("overlays")))?;
         let (cache, az) = build_cache(&config, store.clone())?;
         let exports = Exports::new();
-        let server = Server::builder(exports.clone())
-            .build()
-            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let server = nbd_server(exports.clone(), &config.nbd_limits)?;
         remove_stale_socket(&config.nbd_unix)?;
         server
             .listen_unix(&config.nbd_unix)
@@ -240,9 +366,16 @@ impl Agent {
         self.az.as_ref().map(|a| a.metrics())
     }
 
-    /// The metrics snapshot as JSON, with the AZ client's counters under `az`.
+    /// The NBD server's counters.
+    pub fn nbd_stats(&self) -> lode_nbd::ServerStats {
+        self.server.stats()
+    }
+
+    /// The metrics snapshot as JSON, with the NBD server's counters under `nbd` and
+    /// the AZ client's under `az`.
     pub fn stats_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self.cache.snapshot()).expect("metrics serialise");
+        v["nbd"] = crate::metrics::nbd_json(&self.nbd_stats(), &self.config.nbd_limits);
         if let Some(m) = self.az_metrics() {
             v["az"] = serde_json::to_value(m).expect("metrics serialise");
         }
@@ -252,6 +385,10 @@ impl Agent {
     /// The metrics in Prometheus text, AZ counters included.
     pub fn prometheus(&self) -> String {
         let mut text = self.cache.snapshot().to_prometheus();
+        text.push_str(&crate::metrics::nbd_prometheus(
+            &self.nbd_stats(),
+            &self.config.nbd_limits,
+        ));
         if let Some(m) = self.az_metrics() {
             text.push_str(&crate::az::az_prometheus(&m));
         }
@@ -524,4 +661,52 @@ pub(crate) fn remove_stale_socket(path: &Path) -> Result<(), AgentError> {
         )));
     }
     std::fs::remove_file(path).map_err(io("removing stale socket", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_limits_out_of_range_name_their_key() {
+        let refused = |set: fn(&mut NbdLimits)| {
+            let mut limits = NbdLimits::default();
+            set(&mut limits);
+            nbd_server(Exports::new(), &limits).unwrap_err().to_string()
+        };
+        assert_eq!(
+            refused(|l| l.max_connections = 0),
+            "invalid configuration: [nbd] max_connections must be between 1 and 1048576, got 0"
+        );
+        assert_eq!(
+            refused(|l| l.max_buffered_bytes = 4096),
+            "invalid configuration: [nbd] max_buffered_bytes must be between 65536 and 1073741824, got 4096"
+        );
+        assert_eq!(
+            refused(|l| l.max_connections_per_peer = Some(0)),
+            "invalid configuration: [nbd] max_connections_per_peer must be between 1 and 1048576, got 0"
+        );
+        assert_eq!(
+            refused(|l| l.max_in_flight = 5000),
+            "invalid configuration: [nbd] max_in_flight must be between 1 and 4096, got 5000"
+        );
+        assert_eq!(
+            refused(|l| l.handshake_timeout = Duration::ZERO),
+            "invalid configuration: [nbd] handshake_timeout_ms must be positive"
+        );
+        assert!(nbd_server(Exports::new(), &NbdLimits::default()).is_ok());
+    }
+
+    #[test]
+    fn a_flood_of_connection_errors_is_logged_a_few_lines_a_second() {
+        let budget = LogBudget::new(3, Duration::from_secs(1));
+        let t0 = std::time::Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let first: Vec<_> = (0..10).map(|i| budget.take(at(i))).collect();
+        assert_eq!(first[..3], [Some(0); 3]);
+        assert_eq!(first[3..], [None; 7]);
+        // The next window's first line says how many were held back.
+        assert_eq!(budget.take(at(1000)), Some(7));
+        assert_eq!(budget.take(at(1001)), Some(0));
+    }
 }

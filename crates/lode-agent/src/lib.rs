@@ -27,10 +27,14 @@ mod tier;
 
 pub use az::AzTier;
 pub use cache::{CacheBuilder, ChunkCache};
-pub use daemon::{Agent, AgentConfig, Attachment, MAX_NAME_LEN, RunConfig, build_cache};
+pub use daemon::{
+    Agent, AgentConfig, Attachment, MAX_NAME_LEN, NbdLimits, RunConfig, build_cache, nbd_server,
+};
 pub use device::ImageDevice;
 pub use error::AgentError;
 pub use lru::Lru;
-pub use metrics::{Histogram, LATENCY_BUCKETS_US, Metrics, MetricsSnapshot, TierSnapshot};
+pub use metrics::{
+    Histogram, LATENCY_BUCKETS_US, Metrics, MetricsSnapshot, TierSnapshot, nbd_json, nbd_prometheus,
+};
 pub use overlay::{BLOCK_SIZE, Overlay};
 pub use tier::{ChunkRef, ChunkTier, DEFAULT_ORIGIN_CONCURRENCY, DiskTier, MemoryTier, OriginTier};

@@ -387,6 +387,90 @@ impl MetricsSnapshot {
     }
 }
 
+/// The NBD server's counters and limits as JSON (`lode stats --json`, under `nbd`).
+pub fn nbd_json(s: &lode_nbd::ServerStats, limits: &crate::NbdLimits) -> serde_json::Value {
+    serde_json::json!({
+        "connections_open": s.connections_active,
+        "connections_accepted": s.connections_accepted,
+        "connections_refused": s.connections_refused,
+        "connection_errors": s.connection_errors,
+        "requests": s.requests,
+        "request_errors": s.request_errors,
+        "buffered_bytes": s.buffered_bytes,
+        "peak_buffered_bytes": s.peak_buffered_bytes,
+        "max_connections": limits.max_connections,
+        "max_buffered_bytes": limits.max_buffered_bytes,
+    })
+}
+
+/// The NBD server's counters in the Prometheus text format.
+pub fn nbd_prometheus(s: &lode_nbd::ServerStats, limits: &crate::NbdLimits) -> String {
+    let rows: [(&str, &str, &str, u64); 10] = [
+        (
+            "connections_open",
+            "gauge",
+            "NBD connections open, handshakes included.",
+            s.connections_active,
+        ),
+        (
+            "connections_accepted_total",
+            "counter",
+            "NBD connections admitted.",
+            s.connections_accepted,
+        ),
+        (
+            "connections_refused_total",
+            "counter",
+            "NBD connections closed at once for max_connections.",
+            s.connections_refused,
+        ),
+        (
+            "connection_errors_total",
+            "counter",
+            "NBD connections ended by an error (handshake timeout, protocol violation, I/O).",
+            s.connection_errors,
+        ),
+        ("requests_total", "counter", "NBD requests.", s.requests),
+        (
+            "request_errors_total",
+            "counter",
+            "NBD requests answered with an error.",
+            s.request_errors,
+        ),
+        (
+            "buffered_bytes",
+            "gauge",
+            "Payload bytes held for NBD connections: unread replies and write data.",
+            s.buffered_bytes,
+        ),
+        (
+            "buffered_bytes_peak",
+            "gauge",
+            "The most buffered_bytes has been since the agent started.",
+            s.peak_buffered_bytes,
+        ),
+        (
+            "max_connections",
+            "gauge",
+            "The connection limit.",
+            limits.max_connections as u64,
+        ),
+        (
+            "max_buffered_bytes",
+            "gauge",
+            "The byte budget of one connection.",
+            limits.max_buffered_bytes,
+        ),
+    ];
+    let mut o = String::new();
+    for (name, kind, help, v) in rows {
+        let _ = writeln!(o, "# HELP lode_nbd_{name} {help}");
+        let _ = writeln!(o, "# TYPE lode_nbd_{name} {kind}");
+        let _ = writeln!(o, "lode_nbd_{name} {v}");
+    }
+    o
+}
+
 fn histogram(
     o: &mut String,
     name: &str,
@@ -449,5 +533,32 @@ mod tests {
             "{p}"
         );
         assert!(p.contains("lode_joined_fetches_total 1"), "{p}");
+    }
+
+    #[test]
+    fn nbd_counters_render() {
+        let s = lode_nbd::ServerStats {
+            connections_accepted: 5,
+            connections_active: 2,
+            connections_refused: 3,
+            buffered_bytes: 4096,
+            peak_buffered_bytes: 1 << 20,
+            ..Default::default()
+        };
+        let limits = crate::NbdLimits::default();
+        let p = nbd_prometheus(&s, &limits);
+        for line in [
+            "# TYPE lode_nbd_connections_open gauge",
+            "lode_nbd_connections_open 2",
+            "lode_nbd_connections_refused_total 3",
+            "lode_nbd_buffered_bytes 4096",
+            "lode_nbd_buffered_bytes_peak 1048576",
+            "lode_nbd_max_buffered_bytes 4194304",
+        ] {
+            assert!(p.lines().any(|l| l == line), "{line} missing from\n{p}");
+        }
+        let j = nbd_json(&s, &limits);
+        assert_eq!(j["connections_refused"], 3);
+        assert_eq!(j["max_connections"], 64);
     }
 }

@@ -72,14 +72,14 @@ async fn run(args: Args) -> Result<(), Box<dyn Error>> {
     exports.add(args.name.clone(), Export::new(device))?;
     exports.set_default(Some(args.name.clone()));
     let server = Server::builder(exports)
-        .on_connection_error(|e| {
+        .on_connection_error(|peer, e| {
             let mut msg = e.to_string();
             let mut source = std::error::Error::source(e);
             while let Some(s) = source {
                 msg.push_str(&format!(": {s}"));
                 source = s.source();
             }
-            eprintln!("connection closed: {msg}");
+            eprintln!("connection from {peer} closed: {msg}");
         })
         .build()?;
     if let Some(addr) = &args.tcp {

@@ -12,8 +12,8 @@ use std::path::Path;
 
 use crate::proto::{
     CMD_DISC, CMD_READ, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, IHAVEOPT,
-    INFO_EXPORT, MAX_OPTION_DATA, MAX_PAYLOAD, NBDMAGIC, OPT_GO, OPTION_REPLY_MAGIC, REP_ACK,
-    REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    INFO_BLOCK_SIZE, INFO_EXPORT, MAX_OPTION_DATA, MAX_PAYLOAD, NBDMAGIC, OPT_GO,
+    OPTION_REPLY_MAGIC, REP_ACK, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
 };
 
 /// A connection to one export.
@@ -21,6 +21,8 @@ use crate::proto::{
 pub struct Client {
     stream: UnixStream,
     size: u64,
+    /// The largest read the server takes (its advertised maximum block size).
+    max_read: u32,
     next_handle: u64,
 }
 
@@ -69,12 +71,16 @@ impl Client {
         msg.extend_from_slice(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
         msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
         msg.extend_from_slice(&OPT_GO.to_be_bytes());
-        msg.extend_from_slice(&(name_len + 6).to_be_bytes());
+        msg.extend_from_slice(&(name_len + 8).to_be_bytes());
         msg.extend_from_slice(&name_len.to_be_bytes());
         msg.extend_from_slice(name);
-        msg.extend_from_slice(&0u16.to_be_bytes());
+        // Asking for the block sizes promises the server to keep to them.
+        msg.extend_from_slice(&1u16.to_be_bytes());
+        msg.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
         s.write_all(&msg)?;
         let mut size = None;
+        // What the protocol lets a client assume when the server says nothing.
+        let mut max_read = MAX_PAYLOAD;
         loop {
             if read_u64(&mut s)? != OPTION_REPLY_MAGIC {
                 return Err(bad("bad option reply magic"));
@@ -99,6 +105,16 @@ impl Client {
                     b.copy_from_slice(&data[2..10]);
                     size = Some(u64::from_be_bytes(b));
                 }
+                REP_INFO
+                    if data.len() >= 14
+                        && u16::from_be_bytes([data[0], data[1]]) == INFO_BLOCK_SIZE =>
+                {
+                    let max = u32::from_be_bytes([data[10], data[11], data[12], data[13]]);
+                    if max == 0 {
+                        return Err(bad("the server advertised a maximum block size of 0"));
+                    }
+                    max_read = max.min(MAX_PAYLOAD);
+                }
                 k if k & (1 << 31) != 0 => {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
@@ -115,6 +131,7 @@ impl Client {
         Ok(Client {
             stream: s,
             size,
+            max_read,
             next_handle: 1,
         })
     }
@@ -124,7 +141,8 @@ impl Client {
         self.size
     }
 
-    /// Fills `buf` from `offset`, in requests of at most 32 MiB.
+    /// Fills `buf` from `offset`, in requests of at most the server's maximum block
+    /// size.
     pub fn read_at(&mut self, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
@@ -137,7 +155,7 @@ impl Client {
             })?;
         debug_assert!(end >= offset);
         while !buf.is_empty() {
-            let n = buf.len().min(MAX_PAYLOAD as usize);
+            let n = buf.len().min(self.max_read as usize);
             let (now, rest) = buf.split_at_mut(n);
             self.read_one(offset, now)?;
             offset += n as u64;

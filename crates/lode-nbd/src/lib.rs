@@ -35,6 +35,8 @@ pub use device::{BlockDevice, DeviceError, FileDevice, MemDevice, OpenError};
 pub use exports::{Export, ExportError, Exports};
 pub use proto::Errno;
 pub use server::{
-    ConfigError, ConnectionError, MAX_IN_FLIGHT_LIMIT, Server, ServerBuilder, ServerError,
-    ServerStats,
+    ConfigError, ConnectionError, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BUFFERED_BYTES,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT, MAX_BUFFERED_BYTES_LIMIT,
+    MAX_CONNECTIONS_LIMIT, MAX_IN_FLIGHT_LIMIT, MIN_BUFFERED_BYTES, Peer, Server, ServerBuilder,
+    ServerError, ServerStats,
 };

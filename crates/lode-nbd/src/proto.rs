@@ -104,7 +104,9 @@ pub(crate) const STRUCTURED_HEADER_LEN: usize = 20;
 pub const MAX_OPTION_DATA: u32 = 64 * 1024;
 /// Longest export name the protocol allows.
 pub const MAX_NAME_LEN: usize = 4096;
-/// Largest READ or WRITE payload; advertised as the maximum block size.
+/// Largest READ or WRITE payload the protocol code accepts, whatever the server's
+/// settings: a WRITE over this is not even skipped, it closes the connection. A
+/// server advertises (and enforces) its own maximum block size, at most this.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 /// Smallest block size advertised: any alignment is accepted.
 pub const MIN_BLOCK: u32 = 1;
@@ -322,10 +324,13 @@ pub struct ExportLimits {
     pub size: u64,
     pub read_only: bool,
     pub structured_replies: bool,
+    /// The maximum block size advertised to the client: the largest READ, WRITE or
+    /// CACHE accepted (at most [`MAX_PAYLOAD`]; values above it are treated as it).
+    pub max_payload: u32,
 }
 
 /// A command, checked against the export: every range lies inside it, every payload
-/// is at most [`MAX_PAYLOAD`] bytes.
+/// is at most [`ExportLimits::max_payload`] bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     Read {
@@ -418,8 +423,9 @@ pub enum RequestError {
 
 /// Parses and checks a 28-byte request header against the export.
 ///
-/// Checks, in order: the magic; an oversized WRITE (fatal); the command type; the
-/// flags; the length (zero, or over [`MAX_PAYLOAD`] for a READ or CACHE); the range
+/// Checks, in order: the magic; a WRITE over [`MAX_PAYLOAD`] (fatal); the command
+/// type; the flags; the length (zero, or over `limits.max_payload` for a READ, WRITE
+/// or CACHE: EINVAL, a WRITE's payload then discarded); the range
 /// (`offset + length` with checked arithmetic against the size: ENOSPC for WRITE and
 /// WRITE_ZEROES, EINVAL otherwise, as nbdkit does); and writes to a read-only export
 /// (EPERM).
@@ -486,13 +492,14 @@ pub fn parse_request(
         if length == 0 {
             return Err(reject(Errno::EINVAL, Rejection::ZeroLength { command }));
         }
-        if matches!(kind, CMD_READ | CMD_CACHE) && length > MAX_PAYLOAD {
+        let max = limits.max_payload.min(MAX_PAYLOAD);
+        if matches!(kind, CMD_READ | CMD_WRITE | CMD_CACHE) && length > max {
             return Err(reject(
                 Errno::EINVAL,
                 Rejection::TooLong {
                     command,
                     length,
-                    max: MAX_PAYLOAD,
+                    max,
                 },
             ));
         }
@@ -626,6 +633,7 @@ mod tests {
         size: 1 << 20,
         read_only: false,
         structured_replies: false,
+        max_payload: MAX_PAYLOAD,
     };
     const RO: ExportLimits = ExportLimits {
         read_only: true,
@@ -711,6 +719,26 @@ mod tests {
             parse_request(&header(0, CMD_WRITE, 1, 0, MAX_PAYLOAD + 1), &RW),
             Err(RequestError::WriteTooLarge { .. })
         ));
+        // Over the server's own maximum block size: EINVAL, a WRITE's payload skipped.
+        let small = ExportLimits {
+            max_payload: 4096,
+            ..RW
+        };
+        assert!(parse_request(&header(0, CMD_READ, 1, 0, 4096), &small).is_ok());
+        assert_eq!(
+            errno_of(parse_request(&header(0, CMD_READ, 1, 0, 4097), &small)),
+            (Errno::EINVAL, 0)
+        );
+        assert_eq!(
+            errno_of(parse_request(&header(0, CMD_WRITE, 1, 0, 8192), &small)),
+            (Errno::EINVAL, 8192)
+        );
+        assert_eq!(
+            parse_request(&header(0, CMD_CACHE, 1, 0, 8192), &small)
+                .unwrap_err()
+                .to_string(),
+            "CACHE of 8192 bytes exceeds the 4096-byte maximum block size"
+        );
         assert!(matches!(
             parse_request(&[0u8; 28], &RW),
             Err(RequestError::BadMagic(0))
@@ -787,12 +815,13 @@ mod tests {
             read_only in any::<bool>(),
             structured_replies in any::<bool>(),
             force_magic in any::<bool>(),
+            max_payload in prop_oneof![Just(MAX_PAYLOAD), 1..=MAX_PAYLOAD, any::<u32>()],
         ) {
             let mut bytes = bytes;
             if force_magic {
                 bytes[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
             }
-            let limits = ExportLimits { size, read_only, structured_replies };
+            let limits = ExportLimits { size, read_only, structured_replies, max_payload };
             match parse_request(&bytes, &limits) {
                 Ok(req) => {
                     let (offset, length) = match req.command {
@@ -807,8 +836,11 @@ mod tests {
                         Command::Flush | Command::Disconnect => (0, 0),
                     };
                     prop_assert!(offset + u64::from(length) <= size || length == 0);
-                    if matches!(req.command, Command::Read { .. } | Command::Write { .. }) {
-                        prop_assert!((1..=MAX_PAYLOAD).contains(&length));
+                    if matches!(
+                        req.command,
+                        Command::Read { .. } | Command::Write { .. } | Command::Cache { .. }
+                    ) {
+                        prop_assert!((1..=max_payload.min(MAX_PAYLOAD)).contains(&length));
                     }
                 }
                 Err(RequestError::Rejected { discard, .. }) => {

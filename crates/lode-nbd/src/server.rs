@@ -1,21 +1,35 @@
 //! The NBD server: listeners, the fixed-newstyle handshake and the transmission phase.
 //!
-//! Each connection runs one reader task. It reads a request header, has
+//! A connection is admitted only while fewer than `max_connections` are open (counting
+//! those still in the handshake), and, when `max_connections_per_peer` is set, fewer
+//! than that from its peer (IP address, or Unix user id); one over a limit is closed at
+//! once, before the greeting, holding nothing. The handshake must finish within
+//! `handshake_timeout`, however slowly its bytes arrive.
+//!
+//! Each admitted connection runs one reader task. It reads a request header, has
 //! [`proto::parse_request`] check it, takes a slot and a share of the connection's
-//! byte budget (so a client cannot make the server buffer more than
-//! `max_buffered_bytes` or run more than `max_in_flight` requests), reads a WRITE's
-//! payload, and spawns the request. Requests run concurrently and reply as they finish,
-//! in any order; the client matches replies by handle. Replies are written whole under
-//! one lock, so they never interleave.
+//! byte budget, reads a WRITE's payload, and spawns the request. Requests run
+//! concurrently and reply as they finish, in any order; the client matches replies by
+//! handle. Replies are written whole under one lock, so they never interleave.
+//!
+//! The budget is what bounds a client that sends requests but never reads its replies:
+//! a READ's share is held until its reply is on the wire, so once replies worth
+//! `max_buffered_bytes` are waiting for the client, the reader stops reading requests
+//! from it (backpressure, not an error) until the client takes some. One connection
+//! thus holds at most `max_buffered_bytes` of payload (plus a reply header per
+//! request, at most `max_in_flight` of them), and the server at most
+//! `max_connections` times that. The largest request accepted, advertised as the
+//! maximum block size, is the budget itself (capped at [`proto::MAX_PAYLOAD`]).
 //!
 //! A device error, or a device that panics, becomes an error reply for that request;
 //! only a protocol violation that leaves the stream out of step (bad magic, an
 //! oversized WRITE payload) or an I/O error closes the connection, and nothing a client
 //! sends stops the server.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +38,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Mutex, Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::device::{BlockDevice, DeviceError};
 use crate::exports::{Export, Exports};
@@ -36,18 +50,22 @@ use crate::proto::{
 /// Builds a [`Server`]; [`build`](Self::build) checks the settings.
 pub struct ServerBuilder {
     exports: Exports,
+    max_connections: usize,
+    max_connections_per_peer: Option<usize>,
     max_in_flight: usize,
     max_buffered_bytes: usize,
     handshake_timeout: Duration,
     on_error: Option<ErrorHook>,
 }
 
-type ErrorHook = Arc<dyn Fn(&ConnectionError) + Send + Sync>;
+type ErrorHook = Arc<dyn Fn(&Peer, &ConnectionError) + Send + Sync>;
 
 impl fmt::Debug for ServerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerBuilder")
             .field("exports", &self.exports)
+            .field("max_connections", &self.max_connections)
+            .field("max_connections_per_peer", &self.max_connections_per_peer)
             .field("max_in_flight", &self.max_in_flight)
             .field("max_buffered_bytes", &self.max_buffered_bytes)
             .field("handshake_timeout", &self.handshake_timeout)
@@ -55,70 +73,123 @@ impl fmt::Debug for ServerBuilder {
     }
 }
 
+/// Default for [`ServerBuilder::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Upper bound for `max_connections`.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
+/// Default for [`ServerBuilder::max_in_flight`].
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 /// Upper bound for `max_in_flight`.
 pub const MAX_IN_FLIGHT_LIMIT: usize = 4096;
+/// Default for [`ServerBuilder::max_buffered_bytes`]: 32 reads of 128 KiB in flight.
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 4 << 20;
+/// Lower bound for `max_buffered_bytes` (and so for the maximum block size).
+pub const MIN_BUFFERED_BYTES: usize = 64 << 10;
+/// Upper bound for `max_buffered_bytes`.
+pub const MAX_BUFFERED_BYTES_LIMIT: usize = 1 << 30;
+/// Default for [`ServerBuilder::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A setting given to [`ServerBuilder`] is out of range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+    #[error("max_connections must be between 1 and {MAX_CONNECTIONS_LIMIT}, got {0}")]
+    MaxConnections(usize),
+    #[error("max_connections_per_peer must be between 1 and {MAX_CONNECTIONS_LIMIT}, got {0}")]
+    MaxConnectionsPerPeer(usize),
     #[error("max_in_flight must be between 1 and {MAX_IN_FLIGHT_LIMIT}, got {0}")]
     MaxInFlight(usize),
-    #[error("max_buffered_bytes must be at least the {min}-byte maximum request, got {got}")]
-    MaxBufferedBytes { got: usize, min: u32 },
+    #[error(
+        "max_buffered_bytes must be between {MIN_BUFFERED_BYTES} and {MAX_BUFFERED_BYTES_LIMIT}, got {0}"
+    )]
+    MaxBufferedBytes(usize),
     #[error("handshake_timeout must be positive")]
     HandshakeTimeout,
 }
 
 impl ServerBuilder {
-    /// Requests one connection runs at once (default 64).
+    /// Connections open at once, handshakes included (default
+    /// [`DEFAULT_MAX_CONNECTIONS`]); one more is closed before the greeting.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Connections open at once from one peer: one IP address over TCP, one user id
+    /// over a Unix socket (default: no limit but `max_connections`). One more from
+    /// that peer is closed before the greeting.
+    pub fn max_connections_per_peer(mut self, n: usize) -> Self {
+        self.max_connections_per_peer = Some(n);
+        self
+    }
+
+    /// Requests one connection runs at once (default [`DEFAULT_MAX_IN_FLIGHT`]).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n;
         self
     }
 
-    /// Bytes of request and reply data one connection may hold at once (default
-    /// 64 MiB; at least 32 MiB, the largest request).
+    /// Payload bytes (WRITE data being served, READ replies not yet taken by the
+    /// client) one connection may hold at once (default
+    /// [`DEFAULT_MAX_BUFFERED_BYTES`]). Also the largest request accepted, up to
+    /// [`proto::MAX_PAYLOAD`].
     pub fn max_buffered_bytes(mut self, n: usize) -> Self {
         self.max_buffered_bytes = n;
         self
     }
 
-    /// How long a client may take from connecting to choosing an export (default 30 s).
+    /// How long a client may take from connecting to choosing an export (default
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`]).
     pub fn handshake_timeout(mut self, t: Duration) -> Self {
         self.handshake_timeout = t;
         self
     }
 
-    /// Called with every error that ends a connection (for the embedder's log).
+    /// Called with every error that ends or refuses a connection, and who was on the
+    /// other end (for the embedder's log).
     pub fn on_connection_error(
         mut self,
-        hook: impl Fn(&ConnectionError) + Send + Sync + 'static,
+        hook: impl Fn(&Peer, &ConnectionError) + Send + Sync + 'static,
     ) -> Self {
         self.on_error = Some(Arc::new(hook));
         self
     }
 
     pub fn build(self) -> Result<Server, ConfigError> {
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
+            return Err(ConfigError::MaxConnections(self.max_connections));
+        }
+        if let Some(n) = self.max_connections_per_peer
+            && (n == 0 || n > MAX_CONNECTIONS_LIMIT)
+        {
+            return Err(ConfigError::MaxConnectionsPerPeer(n));
+        }
         if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT_LIMIT {
             return Err(ConfigError::MaxInFlight(self.max_in_flight));
         }
-        if self.max_buffered_bytes < proto::MAX_PAYLOAD as usize
-            || self.max_buffered_bytes > u32::MAX as usize
-        {
-            return Err(ConfigError::MaxBufferedBytes {
-                got: self.max_buffered_bytes,
-                min: proto::MAX_PAYLOAD,
-            });
+        if !(MIN_BUFFERED_BYTES..=MAX_BUFFERED_BYTES_LIMIT).contains(&self.max_buffered_bytes) {
+            return Err(ConfigError::MaxBufferedBytes(self.max_buffered_bytes));
         }
         if self.handshake_timeout.is_zero() {
             return Err(ConfigError::HandshakeTimeout);
         }
+        let max_payload = u32::try_from(self.max_buffered_bytes)
+            .unwrap_or(u32::MAX)
+            .min(proto::MAX_PAYLOAD);
         let (tx, rx) = mpsc::channel(1);
         Ok(Server {
             inner: Arc::new(Inner {
                 exports: self.exports,
+                connections: Arc::new(Semaphore::new(self.max_connections)),
+                max_connections: self.max_connections,
+                // A per-peer limit at or over the total limits nothing.
+                max_per_peer: self
+                    .max_connections_per_peer
+                    .filter(|n| *n < self.max_connections),
+                per_peer: std::sync::Mutex::new(HashMap::new()),
                 max_in_flight: self.max_in_flight,
                 max_buffered_bytes: self.max_buffered_bytes,
+                max_payload,
                 handshake_timeout: self.handshake_timeout,
                 on_error: self.on_error,
                 shutdown: watch::channel(false).0,
@@ -149,9 +220,89 @@ pub enum ServerError {
     ShuttingDown,
 }
 
-/// Why a connection ended other than by the client's choice.
+/// Who is on the other end of a connection, as log lines name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    /// A Unix socket client, with its process and user ids when the kernel gave them.
+    Unix {
+        pid: Option<i32>,
+        uid: Option<u32>,
+    },
+    /// A stream handed to [`Server::serve_connection`].
+    Stream,
+}
+
+/// What the per-peer limit counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum PeerKey {
+    Ip(IpAddr),
+    Uid(u32),
+}
+
+impl Peer {
+    fn key(&self) -> Option<PeerKey> {
+        match self {
+            Peer::Tcp(addr) => Some(PeerKey::Ip(addr.ip())),
+            Peer::Unix { uid: Some(uid), .. } => Some(PeerKey::Uid(*uid)),
+            Peer::Unix { uid: None, .. } | Peer::Stream => None,
+        }
+    }
+}
+
+/// A connection's place under the connection limits, given back when it is dropped.
+struct Admission {
+    _slot: OwnedSemaphorePermit,
+    /// Counted against this peer's limit.
+    peer: Option<PeerKey>,
+    server: Arc<Inner>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let Some(key) = self.peer else { return };
+        let mut counts = self
+            .server
+            .per_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&key);
+            }
+        }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp(addr) => write!(f, "tcp {addr}"),
+            Peer::Unix { pid, uid } => {
+                f.write_str("unix socket")?;
+                if let Some(pid) = pid {
+                    write!(f, " pid {pid}")?;
+                }
+                if let Some(uid) = uid {
+                    write!(f, " uid {uid}")?;
+                }
+                Ok(())
+            }
+            Peer::Stream => f.write_str("stream"),
+        }
+    }
+}
+
+/// Why a connection ended other than by the client's choice, or was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
+    #[error("refused: {limit} connections are open, the max_connections limit")]
+    TooManyConnections { limit: usize },
+    #[error(
+        "refused: {limit} connections from this peer are open, the max_connections_per_peer limit"
+    )]
+    TooManyFromPeer { limit: usize },
     #[error("connection I/O failed")]
     Io(#[from] io::Error),
     #[error("client sent unknown handshake flags {0:#x}")]
@@ -175,8 +326,16 @@ pub enum ConnectionError {
 /// Counters since the server started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServerStats {
+    /// Connections admitted (not counting refused ones).
     pub connections_accepted: u64,
     pub connections_active: u64,
+    /// Connections closed at once for `max_connections`.
+    pub connections_refused: u64,
+    /// Payload bytes held for all connections now (WRITE data being served, READ
+    /// replies not yet written): at most `max_buffered_bytes` per connection.
+    pub buffered_bytes: u64,
+    /// The most `buffered_bytes` has been since the server started.
+    pub peak_buffered_bytes: u64,
     /// Connections ended by a [`ConnectionError`].
     pub connection_errors: u64,
     pub requests: u64,
@@ -190,6 +349,9 @@ pub struct ServerStats {
 struct Stats {
     accepted: AtomicU64,
     closed: AtomicU64,
+    refused: AtomicU64,
+    buffered: AtomicU64,
+    peak_buffered: AtomicU64,
     errors: AtomicU64,
     requests: AtomicU64,
     request_errors: AtomicU64,
@@ -202,8 +364,17 @@ fn bump(c: &AtomicU64) {
 
 struct Inner {
     exports: Exports,
+    /// One permit per open connection.
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    /// `None` when there is no per-peer limit (or it is not below the total).
+    max_per_peer: Option<usize>,
+    /// Open connections per peer, when there is a per-peer limit.
+    per_peer: std::sync::Mutex<HashMap<PeerKey, usize>>,
     max_in_flight: usize,
     max_buffered_bytes: usize,
+    /// The maximum block size advertised and enforced.
+    max_payload: u32,
     handshake_timeout: Duration,
     on_error: Option<ErrorHook>,
     shutdown: watch::Sender<bool>,
@@ -240,9 +411,11 @@ impl Server {
     pub fn builder(exports: Exports) -> ServerBuilder {
         ServerBuilder {
             exports,
-            max_in_flight: 64,
-            max_buffered_bytes: 64 << 20,
-            handshake_timeout: Duration::from_secs(30),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: None,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             on_error: None,
         }
     }
@@ -257,6 +430,9 @@ impl Server {
         ServerStats {
             connections_accepted: accepted,
             connections_active: accepted.saturating_sub(s.closed.load(Ordering::Relaxed)),
+            connections_refused: s.refused.load(Ordering::Relaxed),
+            buffered_bytes: s.buffered.load(Ordering::Relaxed),
+            peak_buffered_bytes: s.peak_buffered.load(Ordering::Relaxed),
             connection_errors: s.errors.load(Ordering::Relaxed),
             requests: s.requests.load(Ordering::Relaxed),
             request_errors: s.request_errors.load(Ordering::Relaxed),
@@ -307,10 +483,14 @@ impl Server {
                     r = listener.accept() => r,
                 };
                 match accepted {
-                    Ok((stream, _)) => {
+                    Ok((stream, addr)) => {
+                        let peer = Peer::Tcp(addr);
+                        let Ok(permit) = server.admit(&peer) else {
+                            continue;
+                        };
                         // Replies are written whole; Nagle would only add latency.
                         let _ = stream.set_nodelay(true);
-                        server.spawn_connection(stream);
+                        server.spawn_connection(stream, peer, permit);
                     }
                     Err(_) => accept_failed().await,
                 }
@@ -333,7 +513,17 @@ impl Server {
                     r = listener.accept() => r,
                 };
                 match accepted {
-                    Ok((stream, _)) => server.spawn_connection(stream),
+                    Ok((stream, _)) => {
+                        let cred = stream.peer_cred().ok();
+                        let peer = Peer::Unix {
+                            pid: cred.and_then(|c| c.pid()),
+                            uid: cred.map(|c| c.uid()),
+                        };
+                        let Ok(permit) = server.admit(&peer) else {
+                            continue;
+                        };
+                        server.spawn_connection(stream, peer, permit);
+                    }
                     Err(_) => accept_failed().await,
                 }
             }
@@ -341,20 +531,75 @@ impl Server {
         Ok(())
     }
 
-    fn spawn_connection<S>(&self, stream: S)
+    /// A place for `peer` under the connection limits, or the error refusing it
+    /// (counted and passed to the hook). A refused stream is dropped, and so closed,
+    /// before a byte is read from or written to it.
+    fn admit(&self, peer: &Peer) -> Result<Admission, ConnectionError> {
+        let refuse = |e: ConnectionError| {
+            bump(&self.inner.stats.refused);
+            if let Some(hook) = &self.inner.on_error {
+                hook(peer, &e);
+            }
+            Err(e)
+        };
+        let Ok(slot) = Arc::clone(&self.inner.connections).try_acquire_owned() else {
+            return refuse(ConnectionError::TooManyConnections {
+                limit: self.inner.max_connections,
+            });
+        };
+        let counted = self.inner.max_per_peer.zip(peer.key());
+        if let Some((limit, key)) = counted {
+            let mut counts = self
+                .inner
+                .per_peer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let n = counts.entry(key).or_insert(0);
+            if *n >= limit {
+                drop(counts);
+                return refuse(ConnectionError::TooManyFromPeer { limit });
+            }
+            *n += 1;
+        }
+        Ok(Admission {
+            _slot: slot,
+            peer: counted.map(|(_, key)| key),
+            server: Arc::clone(&self.inner),
+        })
+    }
+
+    fn spawn_connection<S>(&self, stream: S, peer: Peer, permit: Admission)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let server = self.clone();
         tokio::spawn(async move {
             // Errors were counted and passed to the hook inside.
-            let _ = server.serve_connection(stream).await;
+            let _ = server.serve_admitted(stream, peer, permit).await;
         });
     }
 
     /// Runs the protocol on one connected stream until the client leaves, the
-    /// connection fails, or the server shuts down.
+    /// connection fails, or the server shuts down. The stream counts against
+    /// `max_connections` like any other; over it, this returns
+    /// [`ConnectionError::TooManyConnections`] at once.
     pub async fn serve_connection<S>(&self, stream: S) -> Result<(), ConnectionError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        if self.token().is_none() {
+            return Err(ConnectionError::ShuttingDown);
+        }
+        let permit = self.admit(&Peer::Stream)?;
+        self.serve_admitted(stream, Peer::Stream, permit).await
+    }
+
+    async fn serve_admitted<S>(
+        &self,
+        stream: S,
+        peer: Peer,
+        permit: Admission,
+    ) -> Result<(), ConnectionError>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -364,12 +609,15 @@ impl Server {
         let stats = &self.inner.stats;
         bump(&stats.accepted);
         let result = self.connection(stream).await;
+        // The slot is free before the connection counts as closed, so whoever sees
+        // the count drop can connect again.
+        drop(permit);
         bump(&stats.closed);
         drop(token);
         if let Err(e) = &result {
             bump(&stats.errors);
             if let Some(hook) = &self.inner.on_error {
-                hook(e);
+                hook(&peer, e);
             }
         }
         result
@@ -559,7 +807,7 @@ impl Server {
         info.extend_from_slice(&proto::INFO_BLOCK_SIZE.to_be_bytes());
         info.extend_from_slice(&proto::MIN_BLOCK.to_be_bytes());
         info.extend_from_slice(&proto::PREFERRED_BLOCK.to_be_bytes());
-        info.extend_from_slice(&proto::MAX_PAYLOAD.to_be_bytes());
+        info.extend_from_slice(&self.inner.max_payload.to_be_bytes());
         out.extend(proto::option_reply(option, proto::REP_INFO, &info));
 
         if req.requests.contains(&proto::INFO_NAME) {
@@ -606,6 +854,7 @@ impl Server {
             size: device.size(),
             read_only: device.read_only(),
             structured_replies: structured,
+            max_payload: self.inner.max_payload,
         };
         let stop = shutdown_requested(self.inner.shutdown.subscribe());
         tokio::pin!(stop);
@@ -687,8 +936,43 @@ struct Conn<W> {
 struct Job {
     handle: Handle,
     work: Work,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+    _slot: OwnedSemaphorePermit,
+    _bytes: Option<Buffered>,
+}
+
+/// A share of a connection's byte budget, counted in the server's `buffered_bytes`
+/// while held.
+struct Buffered {
+    _permit: OwnedSemaphorePermit,
+    bytes: u64,
+    server: Arc<Inner>,
+}
+
+impl Buffered {
+    async fn acquire(budget: &Arc<Semaphore>, bytes: u32, server: &Arc<Inner>) -> io::Result<Self> {
+        let permit = Arc::clone(budget)
+            .acquire_many_owned(bytes)
+            .await
+            .map_err(|_| io::Error::other("semaphore closed"))?;
+        let bytes = u64::from(bytes);
+        let stats = &server.stats;
+        let now = stats.buffered.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        stats.peak_buffered.fetch_max(now, Ordering::Relaxed);
+        Ok(Self {
+            _permit: permit,
+            bytes,
+            server: Arc::clone(server),
+        })
+    }
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        self.server
+            .stats
+            .buffered
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 enum Work {
@@ -765,12 +1049,10 @@ where
         _ => 0,
     };
     let bytes = if buffered > 0 {
-        // buffered <= MAX_PAYLOAD <= max_buffered_bytes, so this always completes.
-        let permit = Arc::clone(&conn.bytes)
-            .acquire_many_owned(buffered)
-            .await
-            .map_err(|_| io::Error::other("semaphore closed"))?;
-        Some(permit)
+        // The parser caps buffered at max_payload <= max_buffered_bytes, so this
+        // completes once enough earlier replies are on the wire. Until then nothing
+        // more is read from this client: that is the backpressure.
+        Some(Buffered::acquire(&conn.bytes, buffered, &conn.server).await?)
     } else {
         None
     };
@@ -811,12 +1093,23 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<W> {
                 }
             }
         };
-        let mut writer = self.writer.lock().await;
-        let sent = match writer.write_all(&reply).await {
-            Ok(()) => writer.flush().await,
-            Err(e) => Err(e),
+        // A reply the client is not reading waits here, holding the request's share
+        // of the budget, for as long as the client likes; but not past a shutdown,
+        // which would otherwise wait for it forever.
+        let send = async {
+            let mut writer = self.writer.lock().await;
+            match writer.write_all(&reply).await {
+                Ok(()) => writer.flush().await,
+                Err(e) => Err(e),
+            }
         };
-        drop(writer);
+        let sent = tokio::select! {
+            biased;
+            r = send => r,
+            _ = shutdown_requested(self.server.shutdown.subscribe()) => {
+                Err(io::Error::other("server shutting down with the reply unsent"))
+            }
+        };
         if sent.is_err() {
             self.write_failed.notify_one();
         }
@@ -934,13 +1227,34 @@ mod tests {
             "max_in_flight must be between 1 and 4096, got 0"
         );
         let err = Server::builder(Exports::new())
-            .max_buffered_bytes(1 << 20)
+            .max_buffered_bytes(1024)
             .build()
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "max_buffered_bytes must be at least the 33554432-byte maximum request, got 1048576"
+            "max_buffered_bytes must be between 65536 and 1073741824, got 1024"
         );
+        let err = Server::builder(Exports::new())
+            .max_connections(0)
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "max_connections must be between 1 and 1048576, got 0"
+        );
+        let err = Server::builder(Exports::new())
+            .max_connections_per_peer(0)
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "max_connections_per_peer must be between 1 and 1048576, got 0"
+        );
+        let err = Server::builder(Exports::new())
+            .handshake_timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "handshake_timeout must be positive");
     }
 
     async fn greet<S: AsyncRead + AsyncWrite + Unpin>(c: &mut S) {
@@ -1009,10 +1323,10 @@ mod tests {
         let server = Server::builder(Exports::new())
             .on_connection_error({
                 let seen = seen.clone();
-                move |e| {
+                move |peer, e| {
                     seen.lock()
                         .unwrap()
-                        .push(format!("{e}: {}", e.source_text()))
+                        .push(format!("{peer}: {e}: {}", e.source_text()))
                 }
             })
             .build()
@@ -1027,7 +1341,9 @@ mod tests {
         assert!(task.await.unwrap().is_err());
         assert_eq!(
             seen.lock().unwrap().as_slice(),
-            ["bad option header: option header has magic 0x0000000000000000, expected IHAVEOPT"]
+            [
+                "stream: bad option header: option header has magic 0x0000000000000000, expected IHAVEOPT"
+            ]
         );
         assert_eq!(server.stats().connection_errors, 1);
         server.shutdown().await;

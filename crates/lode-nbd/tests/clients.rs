@@ -52,7 +52,11 @@ fn nbdinfo_lists_exports_with_sizes_and_block_sizes() {
     assert_eq!(alpha["is_read_only"], true);
     assert_eq!(alpha["block_size_minimum"], 1);
     assert_eq!(alpha["block_size_preferred"], 4096);
-    assert_eq!(alpha["block_size_maximum"], 32 << 20);
+    // The connection's byte budget is the largest request it takes.
+    assert_eq!(
+        alpha["block_size_maximum"],
+        lode_nbd::DEFAULT_MAX_BUFFERED_BYTES
+    );
     let beta = &list[1];
     assert_eq!(beta["export-name"], "beta");
     assert_eq!(beta["export-size"], (3 << 20) + 517);
@@ -275,7 +279,11 @@ fn nbdsh_protocol_edges() {
             .env("LODE_RO", srv.uri("ro"))
             .env("LODE_SLOW", srv.uri("slow"))
             .env("LODE_UNIX", srv.unix_uri("ro"))
-            .env("LODE_RW_SIZE", size.to_string()),
+            .env("LODE_RW_SIZE", size.to_string())
+            .env(
+                "LODE_MAX_BLOCK",
+                lode_nbd::DEFAULT_MAX_BUFFERED_BYTES.to_string(),
+            ),
         LIMIT,
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("all checks passed"));

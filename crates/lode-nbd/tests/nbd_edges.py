@@ -1,6 +1,7 @@
 # Protocol edges through libnbd, run by tests/clients.rs with
 #   nbdsh -n -c 'exec(open("tests/nbd_edges.py").read())'
-# Environment: LODE_RW, LODE_RO, LODE_SLOW, LODE_UNIX (URIs), LODE_RW_SIZE.
+# Environment: LODE_RW, LODE_RO, LODE_SLOW, LODE_UNIX (URIs), LODE_RW_SIZE, LODE_MAX_BLOCK
+# (the server's max_buffered_bytes, which it advertises as the maximum block size).
 import errno
 import os
 
@@ -11,7 +12,7 @@ RO = os.environ["LODE_RO"]
 SLOW = os.environ["LODE_SLOW"]
 UNIX = os.environ["LODE_UNIX"]
 SIZE = int(os.environ["LODE_RW_SIZE"])
-MAX = 32 * 1024 * 1024
+MAX = int(os.environ["LODE_MAX_BLOCK"])
 
 
 def connect(uri, structured=True, strict=True):

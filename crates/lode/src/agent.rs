@@ -73,6 +73,7 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
     };
     let (mut config, env) = worker_config(env, &a.cache, &file, agent_dir(home));
     let state_dir = config.state_dir.clone();
+    file.nbd.apply(&mut config.nbd_limits);
     if let Some(p) = a.nbd_unix.or(file.nbd.unix) {
         config.nbd_unix = p;
     }
@@ -260,6 +261,20 @@ pub fn stats(env: &Env, home: &Path, a: ControlArg) -> Result<()> {
         println!("latency    p50 {p}, p99 {p99}");
     }
     print_tiers(&v, "");
+    if v["nbd"].is_object() {
+        let nbd = &v["nbd"];
+        let n = |k: &str| nbd[k].as_u64().unwrap_or_default();
+        println!(
+            "nbd        {} connections open (limit {}), {} refused, {} ended by an error; {} held for unread replies (peak {}, limit {} a connection)",
+            n("connections_open"),
+            n("max_connections"),
+            n("connections_refused"),
+            n("connection_errors"),
+            human_bytes(n("buffered_bytes")),
+            human_bytes(n("peak_buffered_bytes")),
+            human_bytes(n("max_buffered_bytes")),
+        );
+    }
     if v["az"].is_object() {
         print_az(&v["az"], "");
     }

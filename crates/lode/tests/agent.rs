@@ -918,3 +918,115 @@ fn config_file_and_metrics_endpoint() {
     assert_eq!(status, 404, "{body}");
     assert_eq!(names(&h.json(&["ls", "--control", ctl])), ["app"]);
 }
+
+/// `[nbd]` limits from the config file bound real clients of a real agent: a
+/// connection over `max_connections` is closed before the greeting and logged with its
+/// peer, silent ones are dropped after `handshake_timeout_ms`, and `lode stats` counts
+/// both; a limit out of range stops the agent with the key named.
+#[test]
+fn nbd_limits_from_the_config_file_bound_clients() {
+    use std::os::unix::net::UnixStream;
+
+    let h = Home::new();
+    // The agent needs a keyring, which the first import makes.
+    h.import("app:1");
+    let bad = h.path("bad.toml");
+    fs::write(&bad, "[nbd]\nmax_buffered_bytes = \"1KiB\"\n").expect("write config");
+    let mut bad_agent = AgentProc {
+        child: h
+            .cmd(&[
+                "agent",
+                "--no-files",
+                "--config",
+                bad.to_str().expect("path"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(h.path("bad.err")).expect("log"))
+            .spawn()
+            .expect("spawn lode agent"),
+        files: None,
+    };
+    let started = Instant::now();
+    let st = loop {
+        if let Some(st) = bad_agent.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "lode agent with an out-of-range [nbd] limit still runs after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(bad_agent);
+    let err = fs::read_to_string(h.path("bad.err")).expect("read stderr");
+    assert!(!st.success(), "{err}");
+    assert!(
+        err.contains("[nbd] max_buffered_bytes must be between 65536 and 1073741824, got 1024"),
+        "{err}"
+    );
+
+    let config = h.path("agent.toml");
+    fs::write(
+        &config,
+        "[nbd]\nmax_connections = 2\nhandshake_timeout_ms = 300\n",
+    )
+    .expect("write config");
+    let _agent = h.start_agent_with(&["--no-files", "--config", config.to_str().expect("path")]);
+    let connect = || {
+        let s = UnixStream::connect(h.nbd_sock()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s
+    };
+    // Two clients that take the greeting and then say nothing...
+    let mut silent: Vec<UnixStream> = (0..2)
+        .map(|_| {
+            let mut s = connect();
+            let mut greeting = [0u8; 18];
+            s.read_exact(&mut greeting).expect("greeting");
+            assert_eq!(&greeting[..8], b"NBDMAGIC");
+            s
+        })
+        .collect();
+    // ...fill the limit: a third is closed without a byte.
+    let mut third = connect();
+    let mut b = [0u8; 18];
+    assert_eq!(
+        third.read(&mut b).expect("read"),
+        0,
+        "the third got a greeting"
+    );
+    // The silent two are dropped once the handshake timeout passes.
+    for s in &mut silent {
+        assert_eq!(s.read(&mut b).expect("read"), 0);
+    }
+
+    let stats = h.json(&["stats"]);
+    let nbd = &stats["nbd"];
+    assert_eq!(nbd["connections_refused"], 1, "{nbd}");
+    assert_eq!(nbd["connection_errors"], 2, "{nbd}");
+    assert_eq!(nbd["max_connections"], 2, "{nbd}");
+    let text = h.ok(&["stats"]);
+    assert!(
+        text.contains("nbd        0 connections open (limit 2), 1 refused, 2 ended by an error"),
+        "{text}"
+    );
+    let log = fs::read_to_string(h.path("agent.err")).expect("read stderr");
+    let pid = std::process::id();
+    assert!(
+        log.contains(&format!(
+            "lode agent: nbd connection from unix socket pid {pid} uid "
+        )) && log.contains("refused: 2 connections are open, the max_connections limit"),
+        "{log}"
+    );
+    assert!(
+        log.contains(": handshake not finished within 300ms"),
+        "{log}"
+    );
+    // The limit is free again: a client is greeted.
+    let mut again = connect();
+    again
+        .read_exact(&mut b)
+        .expect("greeting after the others left");
+}
