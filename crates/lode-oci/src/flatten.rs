@@ -27,7 +27,7 @@ use crate::digest::{Digest, Hasher, HashingReader, limit_of};
 use crate::merge::{ApplyError, MergeError, MergeLimits, Merger};
 use crate::source::{ImageSource, LayerRef, Source, SourceError, SourceLimits};
 use crate::spec::{Compression, Config, ImageConfigFields, Platform};
-use crate::tar::{Stream, TarError, TarLimits, TarReader};
+use crate::tar::{EntryKind, Stream, TarError, TarLimits, TarReader};
 
 /// Caps that keep a hostile image from exhausting the flattener.
 #[derive(Debug, Clone)]
@@ -45,6 +45,10 @@ pub struct Limits {
     /// Most data extents (runs of non-zero blocks) of regular files, all
     /// layers together: each is held until the image is written.
     pub max_extents: u64,
+    /// Most bytes of regular-file data, all layers together, counting the holes of
+    /// sparse files: the writer scans every logical byte, so this bounds the time a
+    /// small tar of huge sparse files can take.
+    pub max_file_bytes: u64,
     pub tar: TarLimits,
     pub merge: MergeLimits,
     pub source: SourceLimits,
@@ -58,6 +62,7 @@ impl Default for Limits {
             max_expansion_ratio: 2048,
             expansion_slack: 256 << 20,
             max_extents: 1 << 25,
+            max_file_bytes: 64 << 30,
             tar: TarLimits::default(),
             merge: MergeLimits::default(),
             source: SourceLimits::default(),
@@ -216,6 +221,10 @@ pub enum LayerError {
     },
     #[error("entry \"{path}\": file data extents pass the image's cap of {cap}")]
     TooManyExtents { path: String, cap: u64 },
+    #[error(
+        "entry \"{path}\": its {size} bytes of file data (holes included) pass the image's cap of {cap}"
+    )]
+    TooMuchFileData { path: String, size: u64, cap: u64 },
     #[error("storing entry \"{path}\": {source}")]
     Write {
         path: String,
@@ -311,6 +320,7 @@ pub fn flatten_source<S: ImageSink>(
     let mut merger = Merger::new(limits.merge.clone());
     let mut budget = limits.max_uncompressed_bytes;
     let mut extents = 0;
+    let mut file_bytes = 0;
     let mut infos = Vec::with_capacity(count);
     for (index, (layer, diff_id)) in resolved
         .layers
@@ -333,6 +343,7 @@ pub fn flatten_source<S: ImageSink>(
             limits,
             budget: &mut budget,
             extents: &mut extents,
+            file_bytes: &mut file_bytes,
             progress,
         };
         let info = ctx.run(source, &mut writer, &mut merger)?;
@@ -449,6 +460,8 @@ struct LayerCtx<'a> {
     budget: &'a mut u64,
     /// File data extents held so far.
     extents: &'a mut u64,
+    /// Regular-file bytes (holes included) taken so far.
+    file_bytes: &'a mut u64,
     progress: &'a dyn Fn(Progress),
 }
 
@@ -649,6 +662,16 @@ impl LayerCtx<'_> {
         let mut next_report = PROGRESS_EVERY;
         while let Some(e) = tar.next_entry().map_err(tar_err)? {
             entries += 1;
+            if e.kind == EntryKind::Regular {
+                *self.file_bytes = self.file_bytes.saturating_add(e.size);
+                if *self.file_bytes > self.limits.max_file_bytes {
+                    return Err(Stop::Layer(LayerError::TooMuchFileData {
+                        path: e.path.escape_ascii().to_string(),
+                        size: e.size,
+                        cap: self.limits.max_file_bytes,
+                    }));
+                }
+            }
             let mut runs = 0;
             let applied = merger.apply(&e, || {
                 files += 1;

@@ -395,3 +395,50 @@ fn file_extents_are_capped() {
         )
     );
 }
+
+/// A PAX 1.0 sparse file of `realsize` logical bytes holding one 4 KiB segment: a few
+/// KiB of tar that would make the writer scan `realsize` bytes of holes.
+fn sparse(l: &mut Layer, name: &str, realsize: u64) {
+    let real = realsize.to_string();
+    l.pax(&[
+        ("GNU.sparse.major", b"1"),
+        ("GNU.sparse.minor", b"0"),
+        ("GNU.sparse.name", name.as_bytes()),
+        ("GNU.sparse.realsize", real.as_bytes()),
+    ]);
+    let mut data = b"1\n0\n4096\n".to_vec();
+    data.resize(512, 0);
+    data.extend(std::iter::repeat_n(7u8, 4096));
+    l.file(name, &data);
+}
+
+#[test]
+fn sparse_file_data_is_capped_before_it_is_scanned() {
+    let mut layer = Layer::new();
+    sparse(&mut layer, "huge", 1 << 40);
+    let (err, d) = fail_with(&one(&mut layer), opts());
+    assert_eq!(
+        err,
+        format!(
+            "layer 0 ({}): entry \"huge\": its 1099511627776 bytes of file data (holes \
+             included) pass the image's cap of 68719476736",
+            d[0]
+        )
+    );
+
+    // The cap is for the image, all files together.
+    let mut layer = Layer::new();
+    sparse(&mut layer, "a", 3 << 20);
+    sparse(&mut layer, "b", 3 << 20);
+    let mut o = opts();
+    o.limits.max_file_bytes = 5 << 20;
+    let (err, d) = fail_with(&one(&mut layer), o);
+    assert_eq!(
+        err,
+        format!(
+            "layer 0 ({}): entry \"b\": its 3145728 bytes of file data (holes included) pass \
+             the image's cap of 5242880",
+            d[0]
+        )
+    );
+}
