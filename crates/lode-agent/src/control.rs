@@ -36,6 +36,13 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const MAX_RESPONSE: usize = 64 << 20;
 /// Time allowed to send a whole request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed for a whole exchange, the reply included: a client that stops reading
+/// its reply holds its connection no longer than this.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most connections one listener serves at once. One more is answered 503 and closed,
+/// so idle or slow clients (the metrics port is open to the network) hold at most this
+/// many tasks and `MAX_HEAD + MAX_BODY` bytes each.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Binds the control socket at `path` (mode 0600) and serves it until the task is aborted.
 pub fn serve_control(
@@ -69,13 +76,32 @@ where
     F: FnMut() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = std::io::Result<S>> + Send,
 {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             match accept().await {
-                Ok(stream) => {
+                Ok(mut stream) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        // Told why, briefly; a client that does not read is not waited for.
+                        tokio::spawn(async move {
+                            let busy = error(
+                                503,
+                                format!("{MAX_CONNECTIONS} {what} connections are open"),
+                            );
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(1),
+                                send(&mut stream, &busy),
+                            )
+                            .await;
+                        });
+                        continue;
+                    };
                     let agent = agent.clone();
                     tokio::spawn(async move {
-                        let _ = handle(agent, stream, scope).await;
+                        let _ =
+                            tokio::time::timeout(EXCHANGE_TIMEOUT, handle(agent, stream, scope))
+                                .await;
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -142,6 +168,7 @@ fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         409 => "Conflict",
         413 => "Payload Too Large",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     }
 }
@@ -160,6 +187,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         ),
         Ok(Ok(req)) => route(&agent, req).await,
     };
+    send(&mut stream, &reply).await
+}
+
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, reply: &Reply) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         reply.status,

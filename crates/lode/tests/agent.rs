@@ -917,6 +917,44 @@ fn config_file_and_metrics_endpoint() {
     );
     assert_eq!(status, 404, "{body}");
     assert_eq!(names(&h.json(&["ls", "--control", ctl])), ["app"]);
+
+    // A listener serves 64 connections at once: idle clients of the metrics port hold
+    // their slots, the next one is told 503 at once (without sending anything), the
+    // control socket is not affected, and /metrics answers again once they leave.
+    let idle: Vec<TcpStream> = (0..64)
+        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    let mut extra = TcpStream::connect(&addr).expect("connect");
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut out = String::new();
+    extra
+        .read_to_string(&mut out)
+        .expect("a refusal, not a wait");
+    assert!(
+        out.starts_with("HTTP/1.1 503 ") && out.contains("64 metrics connections are open"),
+        "{out}"
+    );
+    assert_eq!(names(&h.json(&["ls", "--control", ctl])), ["app"]);
+    drop(idle);
+    let started = Instant::now();
+    loop {
+        let mut s = TcpStream::connect(&addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut out = String::new();
+        let answered = write!(s, "GET /metrics HTTP/1.1\r\n\r\n").is_ok()
+            && s.read_to_string(&mut out).is_ok();
+        if answered && out.starts_with("HTTP/1.1 200 ") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "/metrics still refused 10 s after the idle clients left: {out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `[nbd]` limits from the config file bound real clients of a real agent: a
