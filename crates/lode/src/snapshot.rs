@@ -112,6 +112,16 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
     }
     server.abort();
     let _ = std::fs::remove_file(&a.socket);
+    // Sessions that ended as the signal came (or are ending) still report: the channel
+    // closes once the last session's sender is gone; a restore still running is given
+    // two seconds.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while let Some(r) = rx.recv().await {
+            failed |= r.error.is_some();
+            let _ = print_report(&env, &r);
+        }
+    })
+    .await;
     if a.once && failed {
         bail!("the restore failed (see above)");
     }
