@@ -204,10 +204,16 @@ fn image_manifest(
 /// Writes an OCI layout with two tags: `TAG` (a two-layer linux/amd64 image) and `multi`
 /// (an image index with that image for amd64 and a second manifest for arm64).
 pub fn build_layout(dir: &Path, tag: &str) -> SourceImage {
+    build_layout_with(dir, tag, b"hello from the app layer\n")
+}
+
+/// [`build_layout`] with the app layer's one file holding `app`, so that two layouts built
+/// with different `app` are different images.
+pub fn build_layout_with(dir: &Path, tag: &str, app: &[u8]) -> SourceImage {
     std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let base = layer(&[("etc/hostname", b"lode\n"), ("bin/tool", &[7u8; 70_000])]);
-    let app = layer(&[("app/main.txt", b"hello from the app layer\n")]);
+    let app = layer(&[("app/main.txt", app)]);
     let mut layers = Vec::new();
     for l in [&base, &app] {
         layers.push((put_blob(dir, &l.gz), l.gz.len()));
@@ -308,6 +314,9 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Send the body one byte at a time with this pause between bytes (a hostile registry
+    /// holding the client); the server gives up when the client hangs up.
+    pub drip: Option<Duration>,
 }
 
 impl Reply {
@@ -316,7 +325,13 @@ impl Reply {
             status,
             headers: Vec::new(),
             body: body.into(),
+            drip: None,
         }
+    }
+
+    pub fn drip(mut self, pause: Duration) -> Reply {
+        self.drip = Some(pause);
+        self
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Reply {
@@ -425,7 +440,20 @@ fn serve_one(stream: TcpStream, handler: &dyn Fn(&Request) -> Reply) {
     head.push_str("\r\n");
     let _ = out.write_all(head.as_bytes());
     if req.method != "HEAD" {
-        let _ = out.write_all(&reply.body);
+        match reply.drip {
+            None => {
+                let _ = out.write_all(&reply.body);
+            }
+            Some(pause) => {
+                let _ = out.flush();
+                for byte in &reply.body {
+                    if out.write_all(&[*byte]).and_then(|()| out.flush()).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(pause);
+                }
+            }
+        }
     }
     let _ = out.flush();
 }
