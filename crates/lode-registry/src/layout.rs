@@ -355,6 +355,34 @@ mod tests {
         assert!(!layout.has_blob(&good).await.unwrap());
     }
 
+    #[tokio::test]
+    async fn partial_files_of_dead_pulls_are_reclaimed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::create(dir.path()).unwrap();
+        // A pull in progress: its partial file is locked.
+        let mut live = layout.start_blob().unwrap();
+        live.write(b"half a blob").await.unwrap();
+        // A pull that was killed: same naming, nobody holds the lock.
+        let dead = dir.path().join("blobs").join(".lode-partial-dead");
+        std::fs::write(&dead, b"left behind").unwrap();
+        let dead_index = dir.path().join(".lode-partial-index");
+        std::fs::write(&dead_index, b"{").unwrap();
+        let blob = dir.path().join("blobs/sha256").join("a".repeat(64));
+        std::fs::write(&blob, b"not a partial").unwrap();
+
+        // Opening the layout again, as the next pull does, reclaims the dead ones only.
+        let again = Layout::create(dir.path()).unwrap();
+        assert!(!dead.exists() && !dead_index.exists());
+        assert!(live.temp.path().exists() && blob.exists());
+        assert_eq!(again.reclaim_partials().unwrap(), 0);
+
+        // The live pull finishes normally.
+        live.write(b"!").await.unwrap();
+        let digest = Digest::of(b"half a blob!");
+        live.finish(&again, &digest).await.unwrap().unwrap();
+        assert!(again.blob_path(&digest).exists());
+    }
+
     #[test]
     fn tags_replace_and_accumulate() {
         let dir = tempfile::tempdir().unwrap();
