@@ -393,13 +393,15 @@ pub async fn pull_to_layout(
 
     // Authenticate up front: `oci-client` would otherwise swallow a token-endpoint refusal
     // and fall back to an anonymous request, hiding which credentials were refused.
-    ctx.within(deadline, "authentication", async {
-        client
-            .auth(&image.inner, &oci_auth, RegistryOperation::Pull)
-            .await
-            .map_err(|e| ctx.classify(e, &image.target(), false))
-    })
-    .await?;
+    let token = ctx
+        .within(deadline, "authentication", async {
+            client
+                .auth(&image.inner, &oci_auth, RegistryOperation::Pull)
+                .await
+                .map_err(|e| ctx.classify(e, &image.target(), false))
+        })
+        .await?;
+    let manifests = Manifests::new(&ctx, &image, plain_http, opts, auth, token)?;
 
     // The tag is resolved to a digest exactly once, here: everything after (the platform's
     // manifest, config, layers, the layout entry and what the caller flattens) follows the
@@ -410,7 +412,7 @@ pub async fn pull_to_layout(
             .within(
                 deadline,
                 &format!("manifest {target}"),
-                fetch_manifest(&client, &ctx, &image, &oci_auth, &target),
+                manifests.fetch(&ctx, &image, &target),
             )
             .await?;
         match manifest::parse(&body, None).map_err(|r| ctx.bad_manifest(&target, r))? {
@@ -442,7 +444,7 @@ pub async fn pull_to_layout(
                     .within(
                         deadline,
                         &format!("manifest {}", chosen.digest),
-                        fetch_manifest(&client, &ctx, &child, &oci_auth, chosen.digest.as_str()),
+                        manifests.fetch(&ctx, &child, chosen.digest.as_str()),
                     )
                     .await?;
                 if body.len() as u64 != chosen.size {
@@ -554,29 +556,140 @@ fn check_sizes(
     Ok(())
 }
 
-/// Fetches a manifest body by tag or digest, capped in size and, when fetched by digest,
-/// checked against it.
-async fn fetch_manifest(
-    client: &Client,
-    ctx: &Ctx,
-    image: &ImageRef,
-    auth: &OciAuth,
-    target: &str,
-) -> Result<bytes::Bytes, Error> {
-    let (body, _) = client
-        .pull_manifest_raw(&image.inner, auth, manifest::ACCEPTED)
-        .await
-        .map_err(|e| ctx.classify(e, target, false))?;
-    if body.len() > MAX_MANIFEST_BYTES {
-        return Err(ctx.oversized(target, body.len() as u64, MAX_MANIFEST_BYTES as u64));
+/// Manifest requests. `oci-client` reads a manifest response whole, however large, before
+/// its caller can look at it; manifests are therefore fetched here, over the same
+/// connection settings and credentials, reading at most the manifest cap.
+struct Manifests {
+    http: reqwest::Client,
+    /// `SCHEME://HOST[:PORT]/v2/REPOSITORY/manifests/`.
+    base: String,
+    credential: Credential,
+}
+
+/// What a manifest request carries: the bearer token the authentication step obtained, or
+/// the caller's basic credentials, or nothing.
+enum Credential {
+    None,
+    Bearer(String),
+    Basic(String, String),
+}
+
+impl Manifests {
+    fn new(
+        ctx: &Ctx,
+        image: &ImageRef,
+        plain_http: bool,
+        opts: &PullOptions,
+        auth: &RegistryAuth,
+        token: Option<String>,
+    ) -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.read_timeout)
+            .build()
+            .map_err(|e| Error::Registry {
+                registry: ctx.registry.clone(),
+                repository: ctx.repository.clone(),
+                what: "client setup".to_owned(),
+                detail: chain(&e),
+            })?;
+        let credential = match (token, auth) {
+            (Some(token), _) => Credential::Bearer(token),
+            (None, RegistryAuth::Bearer { token }) => Credential::Bearer(token.clone()),
+            (None, RegistryAuth::Basic { username, password }) => {
+                Credential::Basic(username.clone(), password.clone())
+            }
+            (None, RegistryAuth::Anonymous) => Credential::None,
+        };
+        Ok(Manifests {
+            http,
+            base: format!(
+                "{}://{}/v2/{}/manifests/",
+                if plain_http { "http" } else { "https" },
+                image.registry(),
+                image.repository()
+            ),
+            credential,
+        })
     }
-    if let Some(expected) = image.inner.digest() {
-        let actual = Digest::of(&body);
-        if actual.as_str() != expected {
-            return Err(ctx.mismatch(expected, actual.as_str()));
+
+    /// Fetches a manifest body by tag or digest (`target`), capped in size before and while
+    /// it is read and, when fetched by digest, checked against it.
+    async fn fetch(&self, ctx: &Ctx, image: &ImageRef, target: &str) -> Result<Vec<u8>, Error> {
+        let cap = MAX_MANIFEST_BYTES as u64;
+        let mut request = self
+            .http
+            .get(format!("{}{target}", self.base))
+            .header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "));
+        request = match &self.credential {
+            Credential::None => request,
+            Credential::Bearer(token) => request.bearer_auth(token),
+            Credential::Basic(user, password) => request.basic_auth(user, Some(password)),
+        };
+        let transport = |e: reqwest::Error| {
+            if e.is_connect() || e.is_timeout() {
+                Error::Unreachable {
+                    registry: ctx.registry.clone(),
+                    detail: chain(&e),
+                }
+            } else {
+                Error::Registry {
+                    registry: ctx.registry.clone(),
+                    repository: ctx.repository.clone(),
+                    what: format!("manifest {target}"),
+                    detail: chain(&e),
+                }
+            }
+        };
+        let mut response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        if !status.is_success() {
+            // The registry's explanation, but never more than a few KiB of it.
+            let mut detail = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(transport)? {
+                detail.extend_from_slice(&chunk[..chunk.len().min(4096 - detail.len())]);
+                if detail.len() >= 4096 {
+                    break;
+                }
+            }
+            let detail = String::from_utf8_lossy(&detail).trim().to_owned();
+            return Err(match status.as_u16() {
+                401 => ctx.unauthorized("401 Unauthorized", detail),
+                403 => ctx.unauthorized("403 Forbidden", detail),
+                404 => Error::ManifestUnknown {
+                    registry: ctx.registry.clone(),
+                    repository: ctx.repository.clone(),
+                    reference: target.to_owned(),
+                },
+                _ => Error::Registry {
+                    registry: ctx.registry.clone(),
+                    repository: ctx.repository.clone(),
+                    what: format!("manifest {target}"),
+                    detail: format!("HTTP {status}: {detail}"),
+                },
+            });
         }
+        if let Some(length) = response.content_length()
+            && length > cap
+        {
+            return Err(ctx.oversized(target, length, cap));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            let total = (body.len() as u64).saturating_add(chunk.len() as u64);
+            if total > cap {
+                return Err(ctx.oversized(target, total, cap));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if let Some(expected) = image.inner.digest() {
+            let actual = Digest::of(&body);
+            if actual.as_str() != expected {
+                return Err(ctx.mismatch(expected, actual.as_str()));
+            }
+        }
+        Ok(body)
     }
-    Ok(body)
 }
 
 /// The minimum-throughput check of one blob download: time is cut into windows of

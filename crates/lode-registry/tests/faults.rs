@@ -525,3 +525,47 @@ async fn an_index_leading_to_itself_or_another_index_is_refused() {
     assert_eq!(blob_requests.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
 }
+
+/// A manifest over the 4 MiB cap is refused, whether its size is declared up front or only
+/// found while reading; nothing more than the cap is read into memory.
+#[tokio::test]
+async fn an_oversized_manifest_is_refused_while_it_is_read() {
+    // Valid JSON all the way, so only the size can refuse it.
+    let mut huge = br#"{"schemaVersion":2,"annotations":{"x":""#.to_vec();
+    huge.resize(5 << 20, b'a');
+    huge.extend_from_slice(br#""}}"#);
+    let cap = 4u64 << 20;
+    for declared in [true, false] {
+        let body = huge.clone();
+        let server = FakeServer::start(move |req| {
+            let path = req.target.split('?').next().unwrap_or_default();
+            if path == "/v2/" {
+                return Reply::new(200, "{}");
+            }
+            assert!(!path.contains("/blobs/"), "a blob was requested");
+            let reply = Reply::new(200, body.clone()).header("Content-Type", OCI_MANIFEST);
+            if declared {
+                reply
+            } else {
+                reply.without_length()
+            }
+        });
+        let out = tempfile::tempdir().unwrap();
+        let err = pull_fails(&server, &PullOptions::default(), out.path()).await;
+        let Error::Oversized {
+            digest,
+            size,
+            limit,
+            ..
+        } = &err
+        else {
+            panic!("{err}")
+        };
+        assert_eq!((digest.as_str(), *limit), ("v1", cap), "{err}");
+        assert!(*size > cap, "{err}");
+        if declared {
+            assert_eq!(*size, huge.len() as u64);
+        }
+        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+    }
+}

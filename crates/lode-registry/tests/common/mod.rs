@@ -317,6 +317,9 @@ pub struct Reply {
     /// Send the body one byte at a time with this pause between bytes (a hostile registry
     /// holding the client); the server gives up when the client hangs up.
     pub drip: Option<Duration>,
+    /// Leave out `Content-Length`: the body then ends when the connection closes, and its
+    /// size is known to the client only as it reads.
+    pub no_length: bool,
 }
 
 impl Reply {
@@ -326,7 +329,13 @@ impl Reply {
             headers: Vec::new(),
             body: body.into(),
             drip: None,
+            no_length: false,
         }
+    }
+
+    pub fn without_length(mut self) -> Reply {
+        self.no_length = true;
+        self
     }
 
     pub fn drip(mut self, pause: Duration) -> Reply {
@@ -404,6 +413,11 @@ fn serve_one(stream: TcpStream, handler: &dyn Fn(&Request) -> Reply) {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
+    // A client that gave up may leave its socket open without reading (its runtime busy
+    // elsewhere): the server must not wait on it forever.
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     if reader.read_line(&mut line).is_err() || line.is_empty() {
@@ -429,11 +443,10 @@ fn serve_one(stream: TcpStream, handler: &dyn Fn(&Request) -> Reply) {
     };
     let reply = handler(&req);
     let mut out = stream;
-    let mut head = format!(
-        "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
-        reply.status,
-        reply.body.len()
-    );
+    let mut head = format!("HTTP/1.1 {} X\r\nConnection: close\r\n", reply.status);
+    if !reply.no_length {
+        head.push_str(&format!("Content-Length: {}\r\n", reply.body.len()));
+    }
     for (n, v) in &reply.headers {
         head.push_str(&format!("{n}: {v}\r\n"));
     }
