@@ -1386,6 +1386,74 @@ fn concurrent_flattens_of_same_named_tags_never_cross() {
     }
 }
 
+/// A registry that drips a layer fails `lode flatten` within the rate window set by the
+/// flags, naming the blob, and publishes nothing; the flags are in `--help`.
+#[test]
+fn a_dripping_registry_fails_flatten_by_the_rate_flags() {
+    let lode = Lode::new();
+    let help = lode.ok(&["flatten", "--help"]).stdout;
+    for want in [
+        "--pull-min-rate",
+        "LODE_PULL_MIN_RATE",
+        "--pull-rate-window",
+        "64KiB",
+    ] {
+        assert!(
+            help.contains(want),
+            "lode flatten --help lacks {want:?}:\n{help}"
+        );
+    }
+    let layer = registry::layer(&[("f", b"slow")]);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+    }))
+    .unwrap();
+    let (config_digest, layer_digest) = (registry::digest(&config), registry::digest(&layer.gz));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer_digest, "size": layer.gz.len()}],
+    }))
+    .unwrap();
+    let (ld, gz) = (layer_digest.clone(), layer.gz.clone());
+    let server = registry::FakeServer::start(move |req| {
+        let path = req.target.split('?').next().unwrap_or_default();
+        if path == "/v2/" {
+            registry::Reply::new(200, "{}")
+        } else if path.contains("/manifests/") {
+            registry::Reply::new(200, manifest.clone())
+                .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        } else if path.ends_with(&ld) {
+            registry::Reply::new(200, gz.clone()).drip(Duration::from_millis(250))
+        } else {
+            registry::Reply::new(200, config.clone())
+        }
+    });
+    let o = lode.fails(&[
+        "flatten",
+        &format!("docker://{}/slow/app:v1", server.addr),
+        "--tag",
+        "slow",
+        "--pull-min-rate",
+        "100",
+        "--pull-rate-window",
+        "1",
+    ]);
+    assert!(
+        o.stderr.contains(&format!(
+            "blob {layer_digest} from registry {} in repository slow/app is too slow: ",
+            server.addr
+        )) && o.stderr.contains("under the minimum of 100 bytes/s"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(manifest_count(&lode), 0);
+}
+
 /// A flatten killed with SIGKILL cannot remove its scratch image; the next flatten does,
 /// because no process holds the dead one's lock.
 #[test]
