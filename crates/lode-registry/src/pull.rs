@@ -5,10 +5,8 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use futures::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
-use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth as OciAuth;
 use oci_client::{Client, RegistryOperation};
 
@@ -401,7 +399,7 @@ pub async fn pull_to_layout(
                 .map_err(|e| ctx.classify(e, &image.target(), false))
         })
         .await?;
-    let manifests = Manifests::new(&ctx, &image, plain_http, opts, auth, token)?;
+    let http = Http::new(&ctx, &image, plain_http, opts, auth, token)?;
 
     // The tag is resolved to a digest exactly once, here: everything after (the platform's
     // manifest, config, layers, the layout entry and what the caller flattens) follows the
@@ -412,7 +410,7 @@ pub async fn pull_to_layout(
             .within(
                 deadline,
                 &format!("manifest {target}"),
-                manifests.fetch(&ctx, &image, &target),
+                http.fetch_manifest(&ctx, &image, &target),
             )
             .await?;
         match manifest::parse(&body, None).map_err(|r| ctx.bad_manifest(&target, r))? {
@@ -444,7 +442,7 @@ pub async fn pull_to_layout(
                     .within(
                         deadline,
                         &format!("manifest {}", chosen.digest),
-                        manifests.fetch(&ctx, &child, chosen.digest.as_str()),
+                        http.fetch_manifest(&ctx, &child, chosen.digest.as_str()),
                     )
                     .await?;
                 if body.len() as u64 != chosen.size {
@@ -479,7 +477,7 @@ pub async fn pull_to_layout(
     let layout = Layout::create(layout_dir)?;
     let mut bytes_fetched = 0u64;
     for desc in std::iter::once(&config).chain(&layers) {
-        bytes_fetched += fetch_blob(&client, &ctx, &image, &layout, desc, opts, progress).await?;
+        bytes_fetched += fetch_blob(&http, &ctx, &layout, desc, opts, progress).await?;
     }
     let manifest_desc = Descriptor {
         media_type: media_type.clone(),
@@ -556,15 +554,19 @@ fn check_sizes(
     Ok(())
 }
 
-/// Manifest requests. `oci-client` reads a manifest response whole, however large, before
-/// its caller can look at it; manifests are therefore fetched here, over the same
-/// connection settings and credentials, reading at most the manifest cap.
-struct Manifests {
+/// Manifest and blob requests. `oci-client` reads a manifest response, or the body of an
+/// error response, whole, however large, before its caller can look at it; so after its
+/// authentication step these requests are made here, with the same connection settings
+/// and the credentials it settled on, and every body is read under a cap.
+struct Http {
     http: reqwest::Client,
-    /// `SCHEME://HOST[:PORT]/v2/REPOSITORY/manifests/`.
+    /// `SCHEME://HOST[:PORT]/v2/REPOSITORY/`.
     base: String,
     credential: Credential,
 }
+
+/// Most bytes of an error response kept for the message.
+const MAX_ERROR_BODY: usize = 4096;
 
 /// What a manifest request carries: the bearer token the authentication step obtained, or
 /// the caller's basic credentials, or nothing.
@@ -574,7 +576,7 @@ enum Credential {
     Basic(String, String),
 }
 
-impl Manifests {
+impl Http {
     fn new(
         ctx: &Ctx,
         image: &ImageRef,
@@ -601,10 +603,10 @@ impl Manifests {
             }
             (None, RegistryAuth::Anonymous) => Credential::None,
         };
-        Ok(Manifests {
+        Ok(Http {
             http,
             base: format!(
-                "{}://{}/v2/{}/manifests/",
+                "{}://{}/v2/{}/",
                 if plain_http { "http" } else { "https" },
                 image.registry(),
                 image.repository()
@@ -613,69 +615,97 @@ impl Manifests {
         })
     }
 
-    /// Fetches a manifest body by tag or digest (`target`), capped in size before and while
-    /// it is read and, when fetched by digest, checked against it.
-    async fn fetch(&self, ctx: &Ctx, image: &ImageRef, target: &str) -> Result<Vec<u8>, Error> {
-        let cap = MAX_MANIFEST_BYTES as u64;
-        let mut request = self
-            .http
-            .get(format!("{}{target}", self.base))
-            .header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "));
+    /// GETs `path` (under `/v2/REPOSITORY/`), `what` being a manifest (`blob` false) or blob
+    /// named `target`, and returns the response if it is a success; a failure status is
+    /// turned into an error with at most [`MAX_ERROR_BODY`] bytes of the registry's words.
+    async fn get(
+        &self,
+        ctx: &Ctx,
+        path: &str,
+        target: &str,
+        blob: bool,
+    ) -> Result<reqwest::Response, Error> {
+        let what = || {
+            if blob {
+                format!("blob {target}")
+            } else {
+                format!("manifest {target}")
+            }
+        };
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if !blob {
+            request = request.header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "));
+        }
         request = match &self.credential {
             Credential::None => request,
             Credential::Bearer(token) => request.bearer_auth(token),
             Credential::Basic(user, password) => request.basic_auth(user, Some(password)),
         };
-        let transport = |e: reqwest::Error| {
-            if e.is_connect() || e.is_timeout() {
-                Error::Unreachable {
-                    registry: ctx.registry.clone(),
-                    detail: chain(&e),
-                }
-            } else {
-                Error::Registry {
-                    registry: ctx.registry.clone(),
-                    repository: ctx.repository.clone(),
-                    what: format!("manifest {target}"),
-                    detail: chain(&e),
-                }
-            }
-        };
-        let mut response = request.send().await.map_err(transport)?;
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(ctx, &what(), e))?;
         let status = response.status();
-        if !status.is_success() {
-            // The registry's explanation, but never more than a few KiB of it.
-            let mut detail = Vec::new();
-            while let Some(chunk) = response.chunk().await.map_err(transport)? {
-                detail.extend_from_slice(&chunk[..chunk.len().min(4096 - detail.len())]);
-                if detail.len() >= 4096 {
-                    break;
-                }
-            }
-            let detail = String::from_utf8_lossy(&detail).trim().to_owned();
-            return Err(match status.as_u16() {
-                401 => ctx.unauthorized("401 Unauthorized", detail),
-                403 => ctx.unauthorized("403 Forbidden", detail),
-                404 => Error::ManifestUnknown {
-                    registry: ctx.registry.clone(),
-                    repository: ctx.repository.clone(),
-                    reference: target.to_owned(),
-                },
-                _ => Error::Registry {
-                    registry: ctx.registry.clone(),
-                    repository: ctx.repository.clone(),
-                    what: format!("manifest {target}"),
-                    detail: format!("HTTP {status}: {detail}"),
-                },
-            });
+        if status.is_success() {
+            return Ok(response);
         }
+        let mut detail = Vec::new();
+        while detail.len() < MAX_ERROR_BODY {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = MAX_ERROR_BODY - detail.len();
+                    detail.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let detail = String::from_utf8_lossy(&detail).trim().to_owned();
+        Err(match status.as_u16() {
+            401 => ctx.unauthorized("401 Unauthorized", detail),
+            403 => ctx.unauthorized("403 Forbidden", detail),
+            404 if blob => Error::BlobUnknown {
+                registry: ctx.registry.clone(),
+                repository: ctx.repository.clone(),
+                digest: target.to_owned(),
+            },
+            404 => Error::ManifestUnknown {
+                registry: ctx.registry.clone(),
+                repository: ctx.repository.clone(),
+                reference: target.to_owned(),
+            },
+            _ => Error::Registry {
+                registry: ctx.registry.clone(),
+                repository: ctx.repository.clone(),
+                what: what(),
+                detail: format!("HTTP {status}: {detail}"),
+            },
+        })
+    }
+
+    /// Fetches a manifest body by tag or digest (`target`), capped in size before and while
+    /// it is read and, when fetched by digest, checked against it.
+    async fn fetch_manifest(
+        &self,
+        ctx: &Ctx,
+        image: &ImageRef,
+        target: &str,
+    ) -> Result<Vec<u8>, Error> {
+        let cap = MAX_MANIFEST_BYTES as u64;
+        let what = format!("manifest {target}");
+        let mut response = self
+            .get(ctx, &format!("manifests/{target}"), target, false)
+            .await?;
         if let Some(length) = response.content_length()
             && length > cap
         {
             return Err(ctx.oversized(target, length, cap));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| transport_error(ctx, &what, e))?
+        {
             let total = (body.len() as u64).saturating_add(chunk.len() as u64);
             if total > cap {
                 return Err(ctx.oversized(target, total, cap));
@@ -689,6 +719,24 @@ impl Manifests {
             }
         }
         Ok(body)
+    }
+}
+
+/// A failure to send a request or read a response: unreachable for connection failures and
+/// timeouts, else a registry error about `what`.
+fn transport_error(ctx: &Ctx, what: &str, e: reqwest::Error) -> Error {
+    if e.is_connect() || e.is_timeout() {
+        Error::Unreachable {
+            registry: ctx.registry.clone(),
+            detail: chain(&e),
+        }
+    } else {
+        Error::Registry {
+            registry: ctx.registry.clone(),
+            repository: ctx.repository.clone(),
+            what: what.to_owned(),
+            detail: chain(&e),
+        }
     }
 }
 
@@ -754,9 +802,8 @@ impl RateWindow {
 /// Streams one blob into the layout unless a verified copy is there. Returns the bytes
 /// downloaded.
 async fn fetch_blob(
-    client: &Client,
+    http: &Http,
     ctx: &Ctx,
-    image: &ImageRef,
     layout: &Layout,
     desc: &Descriptor,
     opts: &PullOptions,
@@ -767,26 +814,16 @@ async fn fetch_blob(
         progress(desc.size);
         return Ok(0);
     }
-    let oci_desc = OciDescriptor {
-        media_type: desc.media_type.clone(),
-        digest: digest.to_owned(),
-        size: i64::try_from(desc.size).unwrap_or(i64::MAX),
-        ..OciDescriptor::default()
-    };
+    let what = format!("blob {digest}");
     // Until the response headers are in, the request is bounded like any read-whole one.
-    let mut stream = ctx
+    let mut response = ctx
         .within(
             whole_request_deadline(opts),
-            &format!("blob {digest}"),
-            async {
-                client
-                    .pull_blob_stream(&image.inner, &oci_desc)
-                    .await
-                    .map_err(|e| ctx.classify(e, digest, true))
-            },
+            &what,
+            http.get(ctx, &format!("blobs/{digest}"), digest, true),
         )
         .await?;
-    if let Some(length) = stream.content_length
+    if let Some(length) = response.content_length()
         && length > desc.size
     {
         return Err(ctx.oversized(digest, length, desc.size));
@@ -795,14 +832,14 @@ async fn fetch_blob(
     let mut rate = RateWindow::new(opts);
     loop {
         let next = match rate.deadline() {
-            Some(at) => tokio::time::timeout_at(at, stream.next()).await.ok(),
-            None => Some(stream.next().await),
+            Some(at) => tokio::time::timeout_at(at, response.chunk()).await.ok(),
+            None => Some(response.chunk().await),
         };
         match next {
             // The window ended with nothing new; it is judged below.
             None => {}
-            Some(None) => break,
-            Some(Some(Ok(bytes))) => {
+            Some(Ok(None)) => break,
+            Some(Ok(Some(bytes))) => {
                 let len = bytes.len() as u64;
                 let total = write.written().saturating_add(len);
                 if total > desc.size {
@@ -811,22 +848,7 @@ async fn fetch_blob(
                 write.write(&bytes).await?;
                 progress(len);
             }
-            // oci-client verifies too and reports a mismatch as the stream's last item; our
-            // own hash below decides, so its verdict is not needed.
-            Some(Some(Err(e)))
-                if e.get_ref()
-                    .is_some_and(|inner| inner.is::<oci_client::errors::DigestError>()) =>
-            {
-                break;
-            }
-            Some(Some(Err(e))) => {
-                return Err(Error::Registry {
-                    registry: ctx.registry.clone(),
-                    repository: ctx.repository.clone(),
-                    what: format!("blob {digest}"),
-                    detail: chain(&e),
-                });
-            }
+            Some(Err(e)) => return Err(transport_error(ctx, &what, e)),
         }
         if let Err(short) = rate.check(write.written()) {
             return Err(Error::TooSlow {

@@ -569,3 +569,29 @@ async fn an_oversized_manifest_is_refused_while_it_is_read() {
         assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
     }
 }
+
+/// An error response with a huge body is reported with a few KiB of it, not read whole.
+#[tokio::test]
+async fn a_huge_error_body_is_cut_short() {
+    let layer = digest(b"layer");
+    let (server, _) = counting_registry(image_manifest(6, &[(layer.clone(), 5)]), |d| {
+        if d == digest(b"config") {
+            Reply::new(200, b"config".to_vec())
+        } else {
+            Reply::new(500, vec![b'e'; 8 << 20])
+        }
+    });
+    let out = tempfile::tempdir().unwrap();
+    let err = pull_fails(&server, &PullOptions::default(), out.path()).await;
+    let msg = err.to_string();
+    let head = format!(
+        "registry {}, repository test/img, blob {layer}: HTTP 500 Internal Server Error: eee",
+        server.addr
+    );
+    assert!(msg.starts_with(&head), "{}", &msg[..msg.len().min(300)]);
+    assert!(
+        msg.len() < head.len() + 4096,
+        "{} bytes of message",
+        msg.len()
+    );
+}
