@@ -353,6 +353,8 @@ fn open_in_layout(root: &Path, rel: &str) -> Result<File, SourceError> {
     if fd < 0 {
         let err = io::Error::last_os_error();
         return Err(match err.raw_os_error() {
+            // No openat2 (a kernel before 5.6, or a seccomp filter that hides it).
+            Some(libc::ENOSYS) | Some(libc::EPERM) => return open_in_layout_no_symlinks(root, rel),
             // RESOLVE_BENEATH refuses `..` above the root, absolute symlinks and symlinks
             // that lead out.
             Some(libc::EXDEV) | Some(libc::ELOOP) => SourceError::OutsideLayout {
@@ -368,6 +370,39 @@ fn open_in_layout(root: &Path, rel: &str) -> Result<File, SourceError> {
     })?;
     // SAFETY: `fd` was just returned by openat2 and is owned by nothing else.
     let handle = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    reopen_regular(handle, &path)
+}
+
+/// [`open_in_layout`] without openat2: every component of `rel` must be a plain directory
+/// or, last, a regular file; any symlink on the way is refused, even one that stays inside
+/// (the walk cannot tell without resolving it).
+fn open_in_layout_no_symlinks(root: &Path, rel: &str) -> Result<File, SourceError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut path = root.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    for (i, part) in parts.iter().enumerate() {
+        if *part == ".." || *part == "." {
+            return Err(SourceError::OutsideLayout {
+                path: root.join(rel),
+                layout: root.to_path_buf(),
+            });
+        }
+        path.push(part);
+        if i + 1 < parts.len() {
+            let meta = std::fs::symlink_metadata(&path).map_err(io_err(&path))?;
+            if !meta.is_dir() {
+                return Err(SourceError::NotRegular {
+                    path,
+                    kind: kind_name(meta.file_type()),
+                });
+            }
+        }
+    }
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(io_err(&path))?;
     reopen_regular(handle, &path)
 }
 
@@ -1125,6 +1160,39 @@ mod tests {
             )),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_fallback_without_openat2_refuses_the_same_files() {
+        let (dir, manifest, layer) = sample();
+        let rel = |p: &Path| {
+            p.strip_prefix(dir.path())
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        open_in_layout_no_symlinks(dir.path(), &rel(&layer)).unwrap();
+        fs::remove_file(&manifest).unwrap();
+        run("mkfifo", &[manifest.to_str().unwrap()]);
+        let (root, m) = (dir.path().to_owned(), rel(&manifest));
+        let err = must_return(move || open_in_layout_no_symlinks(&root, &m).map(|_| ()));
+        assert_eq!(
+            err.unwrap_err().to_string(),
+            format!("{}: is a FIFO, not a regular file", manifest.display())
+        );
+        fs::remove_file(&layer).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &layer).unwrap();
+        assert_eq!(
+            open_in_layout_no_symlinks(dir.path(), &rel(&layer))
+                .unwrap_err()
+                .to_string(),
+            format!("{}: is a symlink, not a regular file", layer.display())
+        );
+        assert!(matches!(
+            open_in_layout_no_symlinks(dir.path(), "blobs/../../x"),
+            Err(SourceError::OutsideLayout { .. })
+        ));
     }
 
     #[test]
