@@ -3,6 +3,11 @@
 //! manifest carrying the image's config. The ext4 image is written to a scratch file
 //! first and published only when flattening succeeded, so a failed flatten publishes no
 //! manifest and no tag.
+//!
+//! The scratch file is removed when the flatten ends, however it ends, except when the
+//! process is killed outright. For that case each flatten holds an exclusive `flock` on its
+//! scratch file for as long as it lives, and every flatten starts by deleting the scratch
+//! files whose lock nobody holds ([`reclaim_scratch`]): those of flattens that died.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +38,10 @@ pub struct FlattenRequest {
     pub registry_cache: PathBuf,
     /// Credentials for `docker://` sources.
     pub registry_auth: lode_registry::RegistryAuth,
+    /// How to pull `docker://` sources (rate bounds, caps). Its layer and config caps are
+    /// lowered to the flattener's own, so an image the flattener would refuse is refused
+    /// before it is downloaded.
+    pub pull: lode_registry::PullOptions,
 }
 
 /// What flattening and publishing did.
@@ -94,11 +103,16 @@ pub async fn flatten_and_publish(
         .parse()
         .map_err(|e: lode_oci::SourceError| ImageError::Invalid(e.to_string()))?;
     std::fs::create_dir_all(&req.work_dir).map_err(crate::error::io("create", &req.work_dir))?;
-    let scratch = tempfile::Builder::new()
-        .prefix("flatten-")
-        .suffix(".ext4")
-        .tempfile_in(&req.work_dir)
-        .map_err(crate::error::io("create a scratch file in", &req.work_dir))?;
+    let reclaimed = reclaim_scratch(&req.work_dir)?;
+    if reclaimed.files > 0 {
+        progress.note(format!(
+            "removed {} scratch files ({} bytes) left in {} by flattens that died",
+            reclaimed.files,
+            reclaimed.bytes,
+            req.work_dir.display()
+        ));
+    }
+    let scratch = locked_scratch(&req.work_dir)?;
     let out = scratch
         .as_file()
         .try_clone()
@@ -178,10 +192,19 @@ async fn pull(req: &FlattenRequest, progress: &dyn FlattenProgress) -> Result<St
         .map_err(crate::error::io("create", &req.registry_cache))?;
     progress.note(format!("pulling {}", req.source));
     let bytes = progress.bytes("pulling");
+    let limits = lode_oci::Limits::default();
+    let opts = lode_registry::PullOptions {
+        max_layers: req.pull.max_layers.min(limits.max_layers),
+        max_config_bytes: req
+            .pull
+            .max_config_bytes
+            .min(limits.source.max_config_bytes),
+        ..req.pull.clone()
+    };
     let pulled = lode_registry::pull_to_layout(
         &req.source,
         &req.registry_auth,
-        &lode_registry::PullOptions::default(),
+        &opts,
         &req.registry_cache,
         &move |n| bytes.advance(n),
     )
@@ -196,11 +219,117 @@ async fn pull(req: &FlattenRequest, progress: &dyn FlattenProgress) -> Result<St
         pulled.layers.len(),
         pulled.bytes_fetched
     ));
+    // By digest, not by the layout's tag: another pull of a same-named tag may move the tag
+    // before this flatten reads it; the digest is this pull's image and no other.
     Ok(format!(
-        "oci:{}:{}",
+        "oci:{}:@{}",
         req.registry_cache.display(),
-        pulled.tag_in_layout
+        pulled.manifest.digest
     ))
+}
+
+/// Prefix and suffix of scratch image names, which [`reclaim_scratch`] looks for.
+const SCRATCH_PREFIX: &str = "flatten-";
+const SCRATCH_SUFFIX: &str = ".ext4";
+
+/// A new scratch file in `dir`, created and then locked for the life of the flatten. A
+/// concurrent [`reclaim_scratch`] may take the lock in the instant between the two and
+/// delete the file; then the name no longer leads to our file and we start over.
+fn locked_scratch(dir: &Path) -> Result<tempfile::NamedTempFile, ImageError> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let scratch = tempfile::Builder::new()
+            .prefix(SCRATCH_PREFIX)
+            .suffix(SCRATCH_SUFFIX)
+            .tempfile_in(dir)
+            .map_err(crate::error::io("create a scratch file in", dir))?;
+        scratch
+            .as_file()
+            .lock()
+            .map_err(crate::error::io("lock", scratch.path()))?;
+        let ours = scratch
+            .as_file()
+            .metadata()
+            .map_err(crate::error::io("stat", scratch.path()))?;
+        match std::fs::symlink_metadata(scratch.path()) {
+            Ok(named) if named.ino() == ours.ino() && named.dev() == ours.dev() => {
+                return Ok(scratch);
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(crate::error::io("stat", scratch.path())(e)),
+        }
+    }
+}
+
+/// What [`reclaim_scratch`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Reclaimed {
+    /// Scratch files deleted.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// Deletes the scratch images in `dir` left by flattens that died (killed, or the machine
+/// lost power): every `flatten-*.ext4` whose lock no running flatten holds. A running
+/// flatten's scratch file is never touched. Missing `dir` is nothing to reclaim.
+pub fn reclaim_scratch(dir: &Path) -> Result<Reclaimed, ImageError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut done = Reclaimed::default();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
+        Err(e) => return Err(crate::error::io("list", dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(crate::error::io("list", dir))?;
+        let name = entry.file_name();
+        let name = name.as_encoded_bytes();
+        if !name.starts_with(SCRATCH_PREFIX.as_bytes())
+            || !name.ends_with(SCRATCH_SUFFIX.as_bytes())
+        {
+            continue;
+        }
+        let path = entry.path();
+        // O_NOFOLLOW and O_NONBLOCK: whatever sits under the name, opening it neither follows
+        // a link out of the directory nor waits on a FIFO.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => continue,
+            Err(e) => return Err(crate::error::io("open", &path)(e)),
+        };
+        let meta = file.metadata().map_err(crate::error::io("stat", &path))?;
+        if !meta.is_file() {
+            continue;
+        }
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => continue,
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(crate::error::io("lock", &path)(e));
+            }
+        }
+        // Delete only the file we hold locked, not one created under the name since.
+        match std::fs::symlink_metadata(&path) {
+            Ok(named) if named.ino() == meta.ino() && named.dev() == meta.dev() => {}
+            _ => continue,
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                done.files += 1;
+                done.bytes += meta.blocks() * 512;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(crate::error::io("remove", &path)(e)),
+        }
+    }
+    Ok(done)
 }
 
 /// The flatten phase's bar: its total grows by each layer's blob size as the layer
@@ -238,4 +367,48 @@ fn note(p: &dyn FlattenProgress, st: &FlattenState, ev: lode_oci::Progress) {
 /// is on a disk with room for images.
 pub fn default_work_dir(home: &Path) -> PathBuf {
     home.join("tmp")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reclaim_takes_only_unlocked_scratch_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // A running flatten's scratch file: locked, and kept.
+        let live = locked_scratch(dir.path()).unwrap();
+        std::fs::write(live.path(), vec![1u8; 8192]).unwrap();
+        // A dead flatten's: same naming, nobody holds its lock.
+        let dead = dir.path().join("flatten-dead.ext4");
+        std::fs::write(&dead, vec![2u8; 8192]).unwrap();
+        // Not ours: other names, a directory and a FIFO under a scratch name.
+        let other = dir.path().join("notes.txt");
+        std::fs::write(&other, b"keep").unwrap();
+        std::fs::create_dir(dir.path().join("flatten-dir.ext4")).unwrap();
+        let fifo = dir.path().join("flatten-fifo.ext4");
+        let st = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(st.success());
+
+        let done = reclaim_scratch(dir.path()).unwrap();
+        assert_eq!(done.files, 1);
+        assert!(done.bytes >= 8192, "{done:?}");
+        assert!(!dead.exists());
+        assert!(live.path().exists() && other.exists() && fifo.exists());
+        assert!(dir.path().join("flatten-dir.ext4").is_dir());
+
+        // Once its flatten ends (here: the handle is forgotten, as a killed process's
+        // would be, and its descriptor closed), the live file is reclaimed in turn.
+        let (file, path) = live.keep().unwrap();
+        drop(file);
+        assert_eq!(reclaim_scratch(dir.path()).unwrap().files, 1);
+        assert!(!path.exists());
+        assert_eq!(
+            reclaim_scratch(&dir.path().join("missing")).unwrap(),
+            Reclaimed::default()
+        );
+    }
 }

@@ -18,11 +18,12 @@ mod verify;
 pub use error::ImageError;
 pub use export::{ExportStats, export};
 pub use flatten::{
-    FlattenProgress, FlattenReport, FlattenRequest, default_work_dir, flatten_and_publish,
+    FlattenProgress, FlattenReport, FlattenRequest, Reclaimed, default_work_dir,
+    flatten_and_publish, reclaim_scratch,
 };
 pub use fsck::{DEFAULT_STAGING_MIN_AGE, Fault, FsckOptions, FsckReport, fsck};
 pub use inspect::ManifestView;
-pub use lode_registry::RegistryAuth;
+pub use lode_registry::{PullOptions, RegistryAuth};
 pub use publish::{PublishOptions, PublishStats, Published, Publisher};
 pub use reference::{OpenedImage, open_image, resolve};
 pub use stats::{StoreStats, store_stats};

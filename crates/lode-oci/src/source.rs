@@ -9,8 +9,16 @@
 //!
 //! ```text
 //! oci:DIR[:TAG]          index.json ─tag→ [index ─platform→] manifest ─→ config, layers
+//! oci:DIR:@sha256:HEX    the manifest (or index) blob HEX, without reading index.json
 //! docker-archive:FILE    manifest.json ─RepoTags→ Config, Layers (entries of the tar)
 //! ```
+//!
+//! Every file is opened so that a hostile layout or archive cannot block the reader or send
+//! it outside: a layout's files are resolved beneath the layout directory (a symlink may
+//! point within it, never out of it) as an `O_PATH` handle, which opens no FIFO or device,
+//! and are opened for reading only once they are known to be regular files
+//! ([`open_in_layout`]). A docker-archive must itself be a regular file, and only its
+//! regular-file entries are read.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -57,6 +65,16 @@ pub enum SourceError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: not an OCI image layout (no oci-layout file)")]
     NotLayout { path: PathBuf },
+    #[error("{path}: is a {kind}, not a regular file")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path}: resolves outside the image layout {layout}")]
+    OutsideLayout { path: PathBuf, layout: PathBuf },
+    #[error("{archive}: entry {name:?} is a {kind}, not a regular file")]
+    EntryNotRegular {
+        archive: PathBuf,
+        name: String,
+        kind: &'static str,
+    },
     #[error("{what} {name}: {size} bytes, more than the cap of {cap}")]
     TooLarge {
         what: &'static str,
@@ -235,6 +253,159 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SourceError + '_ {
     }
 }
 
+/// What a file type is called in errors.
+fn kind_name(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "directory"
+    } else if t.is_symlink() {
+        "symlink"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "regular file"
+    }
+}
+
+/// Opens an `O_PATH` handle (`handle`, for `path`) for reading if it is a regular file. An
+/// `O_PATH` handle performs no open of the object itself, so a FIFO or device behind it was
+/// never opened; the reopen goes through `/proc/self/fd`, which names the very inode
+/// checked, whatever happened to the path meanwhile.
+fn reopen_regular(handle: File, path: &Path) -> Result<File, SourceError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let meta = handle.metadata().map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(SourceError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_name(meta.file_type()),
+        });
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+        .map_err(io_err(path))
+}
+
+/// Opens a file the user named (a docker-archive) for reading, refusing anything but a
+/// regular file (following symlinks, which the user may well have made) without blocking.
+fn open_regular(path: &Path) -> Result<File, SourceError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err(path))?;
+    reopen_regular(handle, path)
+}
+
+/// `struct open_how` of openat2(2) (libc's is non-exhaustive, so it cannot be built here).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+const _: () = assert!(std::mem::size_of::<OpenHow>() == 24);
+
+/// Opens `rel`, a relative path inside the layout directory `root`, for reading. It must
+/// resolve beneath `root` (symlinks included) and be a regular file; see the module doc.
+fn open_in_layout(root: &Path, rel: &str) -> Result<File, SourceError> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = root.join(rel);
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(root)
+        .map_err(io_err(root))?;
+    let c_rel = std::ffi::CString::new(Path::new(rel).as_os_str().as_bytes()).map_err(|_| {
+        SourceError::Io {
+            path: path.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in the name"),
+        }
+    })?;
+    let how = OpenHow {
+        flags: u64::try_from(libc::O_PATH | libc::O_CLOEXEC).unwrap_or(0),
+        mode: 0,
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: `dir` is an open descriptor for the call's whole duration, `c_rel` is a
+    // NUL-terminated string and `how` a valid `open_how` whose size is passed with it; the
+    // kernel reads them and returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c_rel.as_ptr(),
+            &raw const how,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        let err = io::Error::last_os_error();
+        return Err(match err.raw_os_error() {
+            // No openat2 (a kernel before 5.6, or a seccomp filter that hides it).
+            Some(libc::ENOSYS) | Some(libc::EPERM) => return open_in_layout_no_symlinks(root, rel),
+            // RESOLVE_BENEATH refuses `..` above the root, absolute symlinks and symlinks
+            // that lead out.
+            Some(libc::EXDEV) | Some(libc::ELOOP) => SourceError::OutsideLayout {
+                path,
+                layout: root.to_path_buf(),
+            },
+            _ => SourceError::Io { path, source: err },
+        });
+    }
+    let fd = i32::try_from(fd).map_err(|_| SourceError::Io {
+        path: path.clone(),
+        source: io::Error::other("openat2 returned an out-of-range descriptor"),
+    })?;
+    // SAFETY: `fd` was just returned by openat2 and is owned by nothing else.
+    let handle = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    reopen_regular(handle, &path)
+}
+
+/// [`open_in_layout`] without openat2: every component of `rel` must be a plain directory
+/// or, last, a regular file; any symlink on the way is refused, even one that stays inside
+/// (the walk cannot tell without resolving it).
+fn open_in_layout_no_symlinks(root: &Path, rel: &str) -> Result<File, SourceError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut path = root.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    for (i, part) in parts.iter().enumerate() {
+        if *part == ".." || *part == "." {
+            return Err(SourceError::OutsideLayout {
+                path: root.join(rel),
+                layout: root.to_path_buf(),
+            });
+        }
+        path.push(part);
+        if i + 1 < parts.len() {
+            let meta = std::fs::symlink_metadata(&path).map_err(io_err(&path))?;
+            if !meta.is_dir() {
+                return Err(SourceError::NotRegular {
+                    path,
+                    kind: kind_name(meta.file_type()),
+                });
+            }
+        }
+    }
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    reopen_regular(handle, &path)
+}
+
 /// Reads at most `cap` bytes of `r`; more is an error naming `what`.
 fn read_capped(
     r: &mut dyn Read,
@@ -298,11 +469,19 @@ pub struct OciLayout {
 
 impl OciLayout {
     pub fn open(dir: &Path, tag: Option<String>) -> Result<Self, SourceError> {
-        let marker = dir.join("oci-layout");
-        if !marker.is_file() {
-            return Err(SourceError::NotLayout {
-                path: dir.to_path_buf(),
-            });
+        match open_in_layout(dir, "oci-layout") {
+            Ok(_) => {}
+            Err(SourceError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Err(SourceError::NotLayout {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(e),
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -310,8 +489,29 @@ impl OciLayout {
         })
     }
 
-    fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.dir.join("blobs").join("sha256").join(d.hex())
+    fn blob_rel(d: &Digest) -> String {
+        format!("blobs/sha256/{}", d.hex())
+    }
+
+    /// Reads a small blob whole, checking its digest.
+    fn read_blob_unsized(
+        &self,
+        digest: Digest,
+        cap: u64,
+        what: &'static str,
+    ) -> Result<Vec<u8>, SourceError> {
+        let rel = Self::blob_rel(&digest);
+        let mut f = open_in_layout(&self.dir, &rel)?;
+        let bytes = read_capped(&mut f, cap, what, &digest.to_string(), &self.dir.join(&rel))?;
+        let got = Digest::of(&bytes);
+        if got != digest {
+            return Err(SourceError::DigestMismatch {
+                what,
+                expected: digest,
+                got,
+            });
+        }
+        Ok(bytes)
     }
 
     /// Reads a small blob whole, checking its size and digest.
@@ -329,17 +529,7 @@ impl OciLayout {
                 cap,
             });
         }
-        let path = self.blob_path(&d.digest);
-        let mut f = File::open(&path).map_err(io_err(&path))?;
-        let bytes = read_capped(&mut f, cap, what, &d.digest.to_string(), &path)?;
-        let got = Digest::of(&bytes);
-        if got != d.digest {
-            return Err(SourceError::DigestMismatch {
-                what,
-                expected: d.digest,
-                got,
-            });
-        }
+        let bytes = self.read_blob_unsized(d.digest, cap, what)?;
         if bytes.len() as u64 != d.size {
             return Err(SourceError::SizeMismatch {
                 digest: d.digest,
@@ -349,39 +539,15 @@ impl OciLayout {
         }
         Ok(bytes)
     }
-}
 
-/// Whether a descriptor (or the document it names) is an index.
-fn is_index(d: &Descriptor, bytes: &[u8]) -> bool {
-    match d.media_type.as_str() {
-        spec::OCI_INDEX | spec::DOCKER_MANIFEST_LIST => true,
-        spec::OCI_MANIFEST | spec::DOCKER_MANIFEST => false,
-        _ => {
-            #[derive(serde::Deserialize)]
-            struct Probe {
-                manifests: Option<serde_json::Value>,
-            }
-            serde_json::from_slice::<Probe>(bytes).is_ok_and(|p| p.manifests.is_some())
-        }
-    }
-}
-
-impl Source for OciLayout {
-    fn describe(&self) -> String {
-        ImageSource::OciLayout {
-            dir: self.dir.clone(),
-            tag: self.tag.clone(),
-        }
-        .to_string()
-    }
-
-    fn resolve(
-        &mut self,
+    /// The `index.json` entry the tag names (or the only one, or the one for `platform`).
+    fn tagged(
+        &self,
         platform: &Platform,
         limits: &SourceLimits,
-    ) -> Result<Resolved, SourceError> {
+    ) -> Result<Descriptor, SourceError> {
         let index_path = self.dir.join("index.json");
-        let mut f = File::open(&index_path).map_err(io_err(&index_path))?;
+        let mut f = open_in_layout(&self.dir, "index.json")?;
         let bytes = read_capped(
             &mut f,
             limits.max_manifest_bytes,
@@ -439,10 +605,64 @@ impl Source for OciLayout {
                 });
             }
         }
-        let mut desc = candidates.swap_remove(0);
+        Ok(candidates.swap_remove(0))
+    }
+}
+
+/// Whether a descriptor (or the document it names) is an index.
+fn is_index(d: &Descriptor, bytes: &[u8]) -> bool {
+    match d.media_type.as_str() {
+        spec::OCI_INDEX | spec::DOCKER_MANIFEST_LIST => true,
+        spec::OCI_MANIFEST | spec::DOCKER_MANIFEST => false,
+        _ => {
+            #[derive(serde::Deserialize)]
+            struct Probe {
+                manifests: Option<serde_json::Value>,
+            }
+            serde_json::from_slice::<Probe>(bytes).is_ok_and(|p| p.manifests.is_some())
+        }
+    }
+}
+
+impl Source for OciLayout {
+    fn describe(&self) -> String {
+        ImageSource::OciLayout {
+            dir: self.dir.clone(),
+            tag: self.tag.clone(),
+        }
+        .to_string()
+    }
+
+    fn resolve(
+        &mut self,
+        platform: &Platform,
+        limits: &SourceLimits,
+    ) -> Result<Resolved, SourceError> {
+        let (mut desc, mut bytes) = match self.tag.as_deref().and_then(|t| t.strip_prefix('@')) {
+            Some(digest) => {
+                let digest: Digest = digest.parse().map_err(|_| SourceError::BadReference {
+                    reference: self.describe(),
+                    why: format!("{digest:?} is not a sha256:HEX digest"),
+                })?;
+                let bytes =
+                    self.read_blob_unsized(digest, limits.max_manifest_bytes, "manifest")?;
+                let desc = Descriptor {
+                    media_type: String::new(),
+                    digest,
+                    size: bytes.len() as u64,
+                    platform: None,
+                    annotations: Default::default(),
+                };
+                (desc, bytes)
+            }
+            None => {
+                let desc = self.tagged(platform, limits)?;
+                let bytes = self.read_blob(&desc, limits.max_manifest_bytes, "manifest")?;
+                (desc, bytes)
+            }
+        };
         let mut depth = 0;
         let manifest_bytes = loop {
-            let bytes = self.read_blob(&desc, limits.max_manifest_bytes, "manifest")?;
             if !is_index(&desc, &bytes) {
                 break bytes;
             }
@@ -465,6 +685,7 @@ impl Source for OciLayout {
                 });
             };
             desc = next.clone();
+            bytes = self.read_blob(&desc, limits.max_manifest_bytes, "manifest")?;
         };
         let manifest: Manifest = parse_json(&manifest_bytes, "manifest", &desc.digest.to_string())?;
         if let Some(mt) = &manifest.media_type
@@ -496,9 +717,7 @@ impl Source for OciLayout {
     }
 
     fn open_layer(&mut self, layer: &LayerRef) -> Result<Box<dyn Read + '_>, SourceError> {
-        let path = self.dir.join(&layer.locator);
-        let f = File::open(&path).map_err(io_err(&path))?;
-        Ok(Box::new(f))
+        Ok(Box::new(open_in_layout(&self.dir, &layer.locator)?))
     }
 }
 
@@ -512,6 +731,9 @@ pub struct DockerArchive {
     files: HashMap<String, (u64, u64)>,
     /// Symlinks (older `docker save` links identical layers): name → target.
     links: HashMap<String, String>,
+    /// Every other entry (directories, devices, FIFOs, sparse files): name → what it is, so
+    /// that naming one as the manifest, config or a layer gets a precise refusal.
+    others: HashMap<String, &'static str>,
 }
 
 /// Joins `target` to the directory of `name`, lexically.
@@ -542,7 +764,7 @@ fn clean_name(raw: &[u8]) -> String {
 
 impl DockerArchive {
     pub fn open(path: &Path, tag: Option<String>) -> Result<Self, SourceError> {
-        let file = File::open(path).map_err(io_err(path))?;
+        let file = open_regular(path)?;
         let len = file.metadata().map_err(io_err(path))?.len();
         let limits = SourceLimits::default();
         let mut tar = TarReader::new(
@@ -558,6 +780,7 @@ impl DockerArchive {
         );
         let mut files = HashMap::new();
         let mut links = HashMap::new();
+        let mut others = HashMap::new();
         let tar_err = |source| SourceError::Tar {
             archive: path.to_path_buf(),
             source,
@@ -577,7 +800,17 @@ impl DockerArchive {
                 EntryKind::Hardlink => {
                     links.insert(name, clean_name(&e.link));
                 }
-                _ => {}
+                kind => {
+                    let what = match kind {
+                        EntryKind::Regular => "sparse file",
+                        EntryKind::Dir => "directory",
+                        EntryKind::Fifo => "FIFO",
+                        EntryKind::CharDev => "character device",
+                        EntryKind::BlockDev => "block device",
+                        EntryKind::Hardlink | EntryKind::Symlink => "link",
+                    };
+                    others.insert(name, what);
+                }
             }
         }
         Ok(Self {
@@ -586,6 +819,7 @@ impl DockerArchive {
             file,
             files,
             links,
+            others,
         })
     }
 
@@ -595,6 +829,13 @@ impl DockerArchive {
         for _ in 0..8 {
             if let Some(&e) = self.files.get(&n) {
                 return Ok(e);
+            }
+            if let Some(&kind) = self.others.get(&n) {
+                return Err(SourceError::EntryNotRegular {
+                    archive: self.path.clone(),
+                    name: name.to_string(),
+                    kind,
+                });
             }
             match self.links.get(&n) {
                 Some(t) => n = t.clone(),
@@ -794,6 +1035,250 @@ mod tests {
         );
         assert!("oci:".parse::<ImageSource>().is_err());
         assert!("dir".parse::<ImageSource>().is_err());
+    }
+
+    /// Runs `f` on another thread and fails the test if it has not returned in 20 s: the
+    /// bug these tests guard against is a read that blocks forever.
+    fn must_return<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("blocked on a non-regular file")
+    }
+
+    fn run(cmd: &str, args: &[&str]) {
+        let st = std::process::Command::new(cmd).args(args).status().unwrap();
+        assert!(st.success(), "{cmd} {args:?}");
+    }
+
+    /// A sample layout, the blob path of `app1`'s manifest and of its top layer.
+    fn sample() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::sample::write_sample_family(dir.path()).unwrap();
+        let mut src = OciLayout::open(dir.path(), Some("app1".into())).unwrap();
+        let r = src
+            .resolve(&Platform::linux_amd64(), &SourceLimits::default())
+            .unwrap();
+        let manifest = dir.path().join(OciLayout::blob_rel(&r.image_digest));
+        let layer = dir.path().join(&r.layers.last().unwrap().locator);
+        (dir, manifest, layer)
+    }
+
+    /// Resolves `app1` and opens every layer, on a watchdog; the first error.
+    fn read_app1(dir: &Path) -> Result<(), SourceError> {
+        let dir = dir.to_owned();
+        must_return(move || {
+            let mut src = ImageSource::OciLayout {
+                dir,
+                tag: Some("app1".into()),
+            }
+            .open()?;
+            let r = src.resolve(&Platform::linux_amd64(), &SourceLimits::default())?;
+            for l in &r.layers {
+                let mut reader = src.open_layer(l)?;
+                std::io::copy(&mut reader, &mut std::io::sink()).unwrap();
+            }
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn non_regular_layout_files_are_refused_without_blocking() {
+        for (name, make) in [
+            (
+                "FIFO",
+                &(|p: &Path| run("mkfifo", &[p.to_str().unwrap()])) as &dyn Fn(&Path),
+            ),
+            ("character device", &|p: &Path| {
+                run("mknod", &[p.to_str().unwrap(), "c", "1", "3"])
+            }),
+            ("directory", &|p: &Path| fs::create_dir(p).unwrap()),
+            ("socket", &|p: &Path| {
+                std::mem::forget(std::os::unix::net::UnixListener::bind(p).unwrap());
+            }),
+        ] {
+            // A layer blob, the manifest blob and index.json, each in turn.
+            let (dir, manifest, layer) = sample();
+            for target in [layer, manifest, dir.path().join("index.json")] {
+                fs::remove_file(&target).unwrap();
+                make(&target);
+                let err = read_app1(dir.path()).unwrap_err();
+                assert_eq!(
+                    err.to_string(),
+                    format!("{}: is a {name}, not a regular file", target.display())
+                );
+                fs::remove_dir(&target)
+                    .or_else(|_| fs::remove_file(&target))
+                    .unwrap();
+                // Put the layout back for the next target.
+                crate::sample::write_sample_family(dir.path()).unwrap();
+            }
+        }
+    }
+
+    use std::fs;
+
+    #[test]
+    fn symlinks_may_stay_in_the_layout_but_not_leave_it() {
+        let (dir, _, layer) = sample();
+        // Inside: a blob that links to a copy elsewhere in the layout is read.
+        let keep = dir.path().join("shared");
+        fs::create_dir(&keep).unwrap();
+        fs::rename(&layer, keep.join("layer")).unwrap();
+        std::os::unix::fs::symlink("../../shared/layer", &layer).unwrap();
+        read_app1(dir.path()).unwrap();
+
+        // Out: to a file outside, absolute or relative, or a directory of the path.
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret");
+        fs::copy(keep.join("layer"), &secret).unwrap();
+        for target in [
+            secret.display().to_string(),
+            format!("../../../{}", secret.display()),
+        ] {
+            fs::remove_file(&layer).unwrap();
+            std::os::unix::fs::symlink(&target, &layer).unwrap();
+            assert_eq!(
+                read_app1(dir.path()).unwrap_err().to_string(),
+                format!(
+                    "{}: resolves outside the image layout {}",
+                    layer.display(),
+                    dir.path().display()
+                )
+            );
+        }
+        let blobs = dir.path().join("blobs");
+        fs::rename(&blobs, outside.path().join("blobs")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("blobs"), &blobs).unwrap();
+        let err = read_app1(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.ends_with(&format!(
+                "resolves outside the image layout {}",
+                dir.path().display()
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_fallback_without_openat2_refuses_the_same_files() {
+        let (dir, manifest, layer) = sample();
+        let rel = |p: &Path| {
+            p.strip_prefix(dir.path())
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        open_in_layout_no_symlinks(dir.path(), &rel(&layer)).unwrap();
+        fs::remove_file(&manifest).unwrap();
+        run("mkfifo", &[manifest.to_str().unwrap()]);
+        let (root, m) = (dir.path().to_owned(), rel(&manifest));
+        let err = must_return(move || open_in_layout_no_symlinks(&root, &m).map(|_| ()));
+        assert_eq!(
+            err.unwrap_err().to_string(),
+            format!("{}: is a FIFO, not a regular file", manifest.display())
+        );
+        fs::remove_file(&layer).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &layer).unwrap();
+        assert_eq!(
+            open_in_layout_no_symlinks(dir.path(), &rel(&layer))
+                .unwrap_err()
+                .to_string(),
+            format!("{}: is a symlink, not a regular file", layer.display())
+        );
+        assert!(matches!(
+            open_in_layout_no_symlinks(dir.path(), "blobs/../../x"),
+            Err(SourceError::OutsideLayout { .. })
+        ));
+    }
+
+    #[test]
+    fn a_layout_read_by_digest_needs_no_index() {
+        let (dir, manifest, _) = sample();
+        let hex = manifest.file_name().unwrap().to_str().unwrap().to_owned();
+        fs::write(dir.path().join("index.json"), b"not json").unwrap();
+        let reference = format!("oci:{}:@sha256:{hex}", dir.path().display());
+        let source: ImageSource = reference.parse().unwrap();
+        assert_eq!(source.to_string(), reference);
+        let r = source
+            .open()
+            .unwrap()
+            .resolve(&Platform::linux_amd64(), &SourceLimits::default())
+            .unwrap();
+        assert_eq!(r.image_digest.hex(), hex);
+        let bad = format!("oci:{}:@sha256:xyz", dir.path().display());
+        let err = bad
+            .parse::<ImageSource>()
+            .unwrap()
+            .open()
+            .unwrap()
+            .resolve(&Platform::linux_amd64(), &SourceLimits::default())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("bad image reference {bad:?}: \"sha256:xyz\" is not a sha256:HEX digest")
+        );
+    }
+
+    #[test]
+    fn docker_archives_and_their_entries_must_be_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("archive.tar");
+        run("mkfifo", &[fifo.to_str().unwrap()]);
+        let path = fifo.clone();
+        let err = must_return(move || DockerArchive::open(&path, None).map(|_| ()))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!("{}: is a FIFO, not a regular file", fifo.display())
+        );
+
+        // manifest.json as a FIFO entry, a layer as a directory entry.
+        let tar_path = dir.path().join("bad.tar");
+        let mut b = ::tar::Builder::new(fs::File::create(&tar_path).unwrap());
+        let mut h = ::tar::Header::new_ustar();
+        h.set_entry_type(::tar::EntryType::Fifo);
+        h.set_size(0);
+        b.append_data(&mut h, "manifest.json", &[][..]).unwrap();
+        b.into_inner().unwrap();
+        let mut a = DockerArchive::open(&tar_path, None).unwrap();
+        let err = a
+            .resolve(&Platform::linux_amd64(), &SourceLimits::default())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: entry \"manifest.json\" is a FIFO, not a regular file",
+                tar_path.display()
+            )
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn source_references_parse_without_panic_and_round_trip(s in "\\PC{0,40}") {
+            if let Ok(src) = s.parse::<ImageSource>() {
+                let again: ImageSource = src.to_string().parse().unwrap();
+                proptest::prop_assert_eq!(again, src);
+            }
+        }
+
+        #[test]
+        fn layout_references_keep_their_tag(
+            dir in "[a-z/._-]{1,20}",
+            tag in "(@sha256:[0-9a-f]{64}|[A-Za-z0-9._:/@-]{0,30})",
+        ) {
+            let src: ImageSource = format!("oci:{dir}:{tag}").parse().unwrap();
+            let want = ImageSource::OciLayout {
+                dir: dir.into(),
+                tag: Some(tag).filter(|t| !t.is_empty()),
+            };
+            proptest::prop_assert_eq!(src, want);
+        }
     }
 
     #[test]

@@ -133,6 +133,86 @@ pub enum Error {
         limit: u64,
     },
 
+    /// The manifest lists more layers than the cap; refused before any blob is fetched.
+    #[error(
+        "manifest {digest} from registry {registry} in repository {repository} lists {count} \
+         layers, over the cap of {limit}; nothing was downloaded"
+    )]
+    TooManyLayers {
+        /// `host[:port]` of the registry.
+        registry: String,
+        /// The repository pulled.
+        repository: String,
+        /// The manifest's digest.
+        digest: String,
+        /// Layers it lists.
+        count: usize,
+        /// The cap.
+        limit: usize,
+    },
+
+    /// The config and layers together declare more bytes than the cap; refused before any
+    /// blob is fetched.
+    #[error(
+        "manifest {digest} from registry {registry} in repository {repository} declares \
+         {declared} bytes of config and layers, over the cap of {limit}; nothing was downloaded"
+    )]
+    ImageTooLarge {
+        /// `host[:port]` of the registry.
+        registry: String,
+        /// The repository pulled.
+        repository: String,
+        /// The manifest's digest.
+        digest: String,
+        /// The sum of the declared sizes (saturating).
+        declared: u64,
+        /// The cap.
+        limit: u64,
+    },
+
+    /// A blob arrived more slowly than the minimum average rate over one window.
+    #[error(
+        "blob {digest} from registry {registry} in repository {repository} is too slow: \
+         {window_bytes} bytes in the last {window_secs} s ({rate} bytes/s), under the minimum \
+         of {min_rate} bytes/s; {received} of {size} bytes received"
+    )]
+    TooSlow {
+        /// `host[:port]` of the registry.
+        registry: String,
+        /// The repository pulled.
+        repository: String,
+        /// The blob.
+        digest: String,
+        /// Bytes of the blob received in all.
+        received: u64,
+        /// The blob's declared size.
+        size: u64,
+        /// Bytes received in the window that fell short.
+        window_bytes: u64,
+        /// The window's length in seconds.
+        window_secs: u64,
+        /// The window's average rate, bytes per second.
+        rate: u64,
+        /// The minimum rate, bytes per second.
+        min_rate: u64,
+    },
+
+    /// A request read whole (the token dance, a manifest) did not finish by its deadline.
+    #[error(
+        "registry {registry}, repository {repository}: {what} did not complete within \
+         {deadline_secs} s"
+    )]
+    TimedOut {
+        /// `host[:port]` of the registry.
+        registry: String,
+        /// The repository pulled.
+        repository: String,
+        /// What was being fetched.
+        what: String,
+        /// The deadline in seconds.
+        deadline_secs: u64,
+    },
+
     /// The image index has no manifest for the wanted platform.
     #[error(
         "image index {digest} in registry {registry} repository {repository} has no manifest \

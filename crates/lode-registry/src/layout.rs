@@ -5,6 +5,11 @@
 //! and renamed into `blobs/sha256/` only when its size and sha256 match the descriptor. A
 //! failed or interrupted pull therefore leaves at most a partial file that no reader of the
 //! layout will take for a blob, and that is deleted when the write is dropped.
+//!
+//! A pull killed outright cannot delete its partial file, so each one is held under an
+//! exclusive `flock` while it is written: the next pull into the layout deletes every
+//! partial file whose lock nobody holds ([`Layout::create`]). `index.json` is rewritten
+//! under a lock too, so concurrent pulls into one layout never lose each other's entries.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -38,9 +43,34 @@ impl Layout {
         if !marker.exists() {
             write_atomic(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         }
-        Ok(Layout {
+        let layout = Layout {
             root: root.to_owned(),
-        })
+        };
+        layout.reclaim_partials()?;
+        Ok(layout)
+    }
+
+    /// Deletes the partial files of pulls that died: those whose lock nobody holds. Returns
+    /// how many were deleted.
+    pub(crate) fn reclaim_partials(&self) -> Result<usize, Error> {
+        let mut reclaimed = 0;
+        for dir in [self.root.clone(), self.root.join("blobs")] {
+            let entries = std::fs::read_dir(&dir).map_err(io_err(&dir))?;
+            for entry in entries {
+                let entry = entry.map_err(io_err(&dir))?;
+                if !entry
+                    .file_name()
+                    .as_encoded_bytes()
+                    .starts_with(PARTIAL.as_bytes())
+                {
+                    continue;
+                }
+                if remove_if_unlocked(&entry.path()).map_err(io_err(&entry.path()))? {
+                    reclaimed += 1;
+                }
+            }
+        }
+        Ok(reclaimed)
     }
 
     pub(crate) fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -90,10 +120,7 @@ impl Layout {
     /// Starts streaming a blob. Nothing appears under its digest until [`BlobWrite::finish`].
     pub(crate) fn start_blob(&self) -> Result<BlobWrite, Error> {
         let dir = self.root.join("blobs");
-        let temp = tempfile::Builder::new()
-            .prefix(".lode-partial-")
-            .tempfile_in(&dir)
-            .map_err(io_err(&dir))?;
+        let temp = locked_temp(&dir)?;
         let file = temp.as_file().try_clone().map_err(io_err(temp.path()))?;
         Ok(BlobWrite {
             temp,
@@ -107,6 +134,16 @@ impl Layout {
     /// keeping every other entry.
     pub(crate) fn set_tag(&self, tag: &str, manifest: &Descriptor) -> Result<(), Error> {
         let path = self.root.join("index.json");
+        // Read, change and replace under one lock: two pulls interleaving here would each
+        // write an index without the other's entry.
+        let lock_path = self.root.join(".lode-index.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        lock.lock().map_err(io_err(&lock_path))?;
         let mut index = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice::<Value>(&bytes).map_err(|e| Error::Layout {
                 path: path.clone(),
@@ -205,14 +242,71 @@ impl BlobWrite {
     }
 }
 
+/// The name prefix of files being written; never a digest, so never taken for a blob.
+const PARTIAL: &str = ".lode-partial-";
+
+/// A new partial file in `dir`, created and then locked. A pull reclaiming partial files
+/// may take the lock in the instant between the two and delete the file; then the name no
+/// longer leads to our file, and we start over with a new one.
+fn locked_temp(dir: &Path) -> Result<tempfile::NamedTempFile, Error> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let temp = tempfile::Builder::new()
+            .prefix(PARTIAL)
+            .tempfile_in(dir)
+            .map_err(io_err(dir))?;
+        temp.as_file().lock().map_err(io_err(temp.path()))?;
+        let ours = temp.as_file().metadata().map_err(io_err(temp.path()))?;
+        match std::fs::symlink_metadata(temp.path()) {
+            Ok(named) if named.ino() == ours.ino() && named.dev() == ours.dev() => return Ok(temp),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(temp.path())(e)),
+        }
+    }
+}
+
+/// Deletes `path` if it is a regular file whose lock nobody holds; true if it did.
+fn remove_if_unlocked(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(false);
+    }
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    }
+    // Delete only the file we hold locked, not one created under the name since.
+    match std::fs::symlink_metadata(path) {
+        Ok(named) if named.ino() == meta.ino() && named.dev() == meta.dev() => {
+            match std::fs::remove_file(path) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes `path` whole or not at all: temporary file beside it, fsync, rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut temp = tempfile::Builder::new()
-        .prefix(".lode-partial-")
-        .tempfile_in(dir)
-        .map_err(io_err(dir))?;
+    let mut temp = locked_temp(dir)?;
     temp.write_all(bytes).map_err(io_err(path))?;
     temp.as_file().sync_all().map_err(io_err(path))?;
     temp.persist(path).map_err(|e| io_err(path)(e.error))?;
@@ -259,6 +353,34 @@ mod tests {
         // A corrupted copy on disk does not count as present.
         std::fs::write(layout.blob_path(&good.digest), b"jello").unwrap();
         assert!(!layout.has_blob(&good).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn partial_files_of_dead_pulls_are_reclaimed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::create(dir.path()).unwrap();
+        // A pull in progress: its partial file is locked.
+        let mut live = layout.start_blob().unwrap();
+        live.write(b"half a blob").await.unwrap();
+        // A pull that was killed: same naming, nobody holds the lock.
+        let dead = dir.path().join("blobs").join(".lode-partial-dead");
+        std::fs::write(&dead, b"left behind").unwrap();
+        let dead_index = dir.path().join(".lode-partial-index");
+        std::fs::write(&dead_index, b"{").unwrap();
+        let blob = dir.path().join("blobs/sha256").join("a".repeat(64));
+        std::fs::write(&blob, b"not a partial").unwrap();
+
+        // Opening the layout again, as the next pull does, reclaims the dead ones only.
+        let again = Layout::create(dir.path()).unwrap();
+        assert!(!dead.exists() && !dead_index.exists());
+        assert!(live.temp.path().exists() && blob.exists());
+        assert_eq!(again.reclaim_partials().unwrap(), 0);
+
+        // The live pull finishes normally.
+        live.write(b"!").await.unwrap();
+        let digest = Digest::of(b"half a blob!");
+        live.finish(&again, &digest).await.unwrap().unwrap();
+        assert!(again.blob_path(&digest).exists());
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! This is the registry input of the flattener (issue 3, DESIGN.md "ext4 image"): `lode
 //! flatten docker://HOST/REPO:TAG` pulls the image into a layout directory with
-//! [`pull_to_layout`] and then flattens that directory exactly as it would flatten
-//! `oci:DIR:TAG`. Keeping the network part here means the flattener only ever reads a
+//! [`pull_to_layout`] and then flattens the pulled manifest digest from that directory
+//! (`oci:DIR:@sha256:HEX`), never a tag another pull could move meanwhile. Keeping the network part here means the flattener only ever reads a
 //! layout, and every byte it reads has already been checked against its digest.
 //!
 //! The flow: parse the reference ([`reference`]), authenticate (anonymous, basic, or the

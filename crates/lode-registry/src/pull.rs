@@ -5,10 +5,8 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use futures::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
-use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth as OciAuth;
 use oci_client::{Client, RegistryOperation};
 
@@ -110,13 +108,30 @@ pub struct PullOptions {
     pub platform: Platform,
     /// Largest blob (config or layer) accepted, in bytes. Default: 32 GiB.
     pub max_blob_bytes: u64,
-    /// The `org.opencontainers.image.ref.name` to give the image in the layout. Default: the
-    /// reference's tag, or the manifest digest's hex when pulled by digest alone.
+    /// The `org.opencontainers.image.ref.name` to give the image in the layout. Default:
+    /// `REGISTRY/REPOSITORY:TAG`, or `REGISTRY/REPOSITORY@DIGEST` when pulled by digest, so
+    /// that same-named tags of different repositories never share an entry.
     pub tag: Option<String>,
     /// How long to wait for a TCP (and TLS) connection. Default: 10 s.
     pub connect_timeout: Duration,
     /// How long one read may stall. Default: 60 s.
     pub read_timeout: Duration,
+    /// Most layers accepted in a manifest, checked before any blob is fetched. Default: 256,
+    /// the flattener's own cap.
+    pub max_layers: usize,
+    /// Largest config blob accepted. Default: 16 MiB, the flattener's own cap.
+    pub max_config_bytes: u64,
+    /// Most bytes the config and layers may declare together, checked before any blob is
+    /// fetched. Default: 64 GiB.
+    pub max_image_bytes: u64,
+    /// The slowest average a blob download may keep over any [`PullOptions::rate_window`], in
+    /// bytes per second; 0 turns the check off. Default: 64 KiB/s. A blob of N bytes then
+    /// takes at most about N / `min_rate` plus one window, whatever the registry does.
+    pub min_rate: u64,
+    /// The window over which [`PullOptions::min_rate`] is averaged. It also bounds the
+    /// requests read whole (authentication, manifests): each must finish within one window
+    /// plus the manifest cap at `min_rate`. Default: 60 s.
+    pub rate_window: Duration,
 }
 
 impl Default for PullOptions {
@@ -129,6 +144,11 @@ impl Default for PullOptions {
             tag: None,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
+            max_layers: 256,
+            max_config_bytes: 16 << 20,
+            max_image_bytes: 64 << 30,
+            min_rate: 64 << 10,
+            rate_window: Duration::from_secs(60),
         }
     }
 }
@@ -147,8 +167,9 @@ pub struct BlobInfo {
 /// What [`pull_to_layout`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pulled {
-    /// The `org.opencontainers.image.ref.name` of the image in `index.json`: pass it as
-    /// `oci:DIR:TAG` to the flattener.
+    /// The `org.opencontainers.image.ref.name` of the image in `index.json`, for people and
+    /// other tools. A later pull of the same tag may move it: to read exactly the image this
+    /// pull fetched, go by [`Pulled::manifest`]'s digest (`oci:DIR:@sha256:HEX`).
     pub tag_in_layout: String,
     /// The image manifest (single platform), stored byte for byte.
     pub manifest: BlobInfo,
@@ -197,6 +218,26 @@ impl Ctx {
             digest: digest.to_owned(),
             reason,
         }
+    }
+
+    /// Runs `request`, a request read whole, and gives up when `deadline` passes.
+    async fn within<T>(
+        &self,
+        deadline: Option<Duration>,
+        what: &str,
+        request: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let Some(deadline) = deadline else {
+            return request.await;
+        };
+        tokio::time::timeout(deadline, request)
+            .await
+            .map_err(|_| Error::TimedOut {
+                registry: self.registry.clone(),
+                repository: self.repository.clone(),
+                what: what.to_owned(),
+                deadline_secs: deadline.as_secs(),
+            })?
     }
 
     fn mismatch(&self, expected: &str, actual: &str) -> Error {
@@ -346,16 +387,32 @@ pub async fn pull_to_layout(
     })?;
     let oci_auth = auth.to_oci();
 
+    let deadline = whole_request_deadline(opts);
+
     // Authenticate up front: `oci-client` would otherwise swallow a token-endpoint refusal
     // and fall back to an anonymous request, hiding which credentials were refused.
-    client
-        .auth(&image.inner, &oci_auth, RegistryOperation::Pull)
-        .await
-        .map_err(|e| ctx.classify(e, &image.target(), false))?;
+    let token = ctx
+        .within(deadline, "authentication", async {
+            client
+                .auth(&image.inner, &oci_auth, RegistryOperation::Pull)
+                .await
+                .map_err(|e| ctx.classify(e, &image.target(), false))
+        })
+        .await?;
+    let http = Http::new(&ctx, &image, plain_http, opts, auth, token)?;
 
+    // The tag is resolved to a digest exactly once, here: everything after (the platform's
+    // manifest, config, layers, the layout entry and what the caller flattens) follows the
+    // digest of these bytes, so a tag moved or shared meanwhile cannot mix two images.
     let target = image.target();
     let (body, index_digest) = {
-        let body = fetch_manifest(&client, &ctx, &image, &oci_auth, &target).await?;
+        let body = ctx
+            .within(
+                deadline,
+                &format!("manifest {target}"),
+                http.fetch_manifest(&ctx, &image, &target),
+            )
+            .await?;
         match manifest::parse(&body, None).map_err(|r| ctx.bad_manifest(&target, r))? {
             Manifest::Image { .. } => (body, None),
             Manifest::Index { entries } => {
@@ -381,7 +438,12 @@ pub async fn pull_to_layout(
                     inner: child,
                     plain_http_requested: image.plain_http_requested,
                 };
-                let body = fetch_manifest(&client, &ctx, &child, &oci_auth, chosen.digest.as_str())
+                let body = ctx
+                    .within(
+                        deadline,
+                        &format!("manifest {}", chosen.digest),
+                        http.fetch_manifest(&ctx, &child, chosen.digest.as_str()),
+                    )
                     .await?;
                 if body.len() as u64 != chosen.size {
                     return Err(ctx.bad_manifest(
@@ -410,10 +472,12 @@ pub async fn pull_to_layout(
         ));
     };
 
+    check_sizes(&ctx, opts, &manifest_digest, &config, &layers)?;
+
     let layout = Layout::create(layout_dir)?;
     let mut bytes_fetched = 0u64;
     for desc in std::iter::once(&config).chain(&layers) {
-        bytes_fetched += fetch_blob(&client, &ctx, &image, &layout, desc, opts, progress).await?;
+        bytes_fetched += fetch_blob(&http, &ctx, &layout, desc, opts, progress).await?;
     }
     let manifest_desc = Descriptor {
         media_type: media_type.clone(),
@@ -421,10 +485,10 @@ pub async fn pull_to_layout(
         size: body.len() as u64,
     };
     layout.put_small(&manifest_digest, &body)?;
-    let tag_in_layout = match (&opts.tag, image.inner.tag()) {
+    let tag_in_layout = match (&opts.tag, image.inner.digest()) {
         (Some(tag), _) => tag.clone(),
-        (None, Some(tag)) => tag.to_owned(),
-        (None, None) => manifest_digest.hex().to_owned(),
+        (None, Some(digest)) => format!("{}/{}@{digest}", ctx.registry, ctx.repository),
+        (None, None) => format!("{}/{}:{target}", ctx.registry, ctx.repository),
     };
     layout.set_tag(&tag_in_layout, &manifest_desc)?;
 
@@ -443,69 +507,339 @@ pub async fn pull_to_layout(
     })
 }
 
-/// Fetches a manifest body by tag or digest, capped in size and, when fetched by digest,
-/// checked against it.
-async fn fetch_manifest(
-    client: &Client,
+/// How long a request read whole (authentication, a manifest) may take: one rate window plus
+/// the manifest cap at the minimum rate. `None` when the rate check is off.
+fn whole_request_deadline(opts: &PullOptions) -> Option<Duration> {
+    let secs = (MAX_MANIFEST_BYTES as u64).checked_div(opts.min_rate)?;
+    Some(opts.rate_window.saturating_add(Duration::from_secs(secs)))
+}
+
+/// Refuses an image whose manifest promises more than the caps, before a single blob is
+/// fetched: too many layers, a config or layer over its cap, or too many bytes in all.
+fn check_sizes(
     ctx: &Ctx,
-    image: &ImageRef,
-    auth: &OciAuth,
-    target: &str,
-) -> Result<bytes::Bytes, Error> {
-    let (body, _) = client
-        .pull_manifest_raw(&image.inner, auth, manifest::ACCEPTED)
-        .await
-        .map_err(|e| ctx.classify(e, target, false))?;
-    if body.len() > MAX_MANIFEST_BYTES {
-        return Err(ctx.oversized(target, body.len() as u64, MAX_MANIFEST_BYTES as u64));
+    opts: &PullOptions,
+    manifest: &Digest,
+    config: &Descriptor,
+    layers: &[Descriptor],
+) -> Result<(), Error> {
+    if layers.len() > opts.max_layers {
+        return Err(Error::TooManyLayers {
+            registry: ctx.registry.clone(),
+            repository: ctx.repository.clone(),
+            digest: manifest.to_string(),
+            count: layers.len(),
+            limit: opts.max_layers,
+        });
     }
-    if let Some(expected) = image.inner.digest() {
-        let actual = Digest::of(&body);
-        if actual.as_str() != expected {
-            return Err(ctx.mismatch(expected, actual.as_str()));
+    if config.size > opts.max_config_bytes {
+        return Err(ctx.oversized(config.digest.as_str(), config.size, opts.max_config_bytes));
+    }
+    let mut declared = config.size;
+    for layer in layers {
+        if layer.size > opts.max_blob_bytes {
+            return Err(ctx.oversized(layer.digest.as_str(), layer.size, opts.max_blob_bytes));
+        }
+        declared = declared.saturating_add(layer.size);
+    }
+    if declared > opts.max_image_bytes {
+        return Err(Error::ImageTooLarge {
+            registry: ctx.registry.clone(),
+            repository: ctx.repository.clone(),
+            digest: manifest.to_string(),
+            declared,
+            limit: opts.max_image_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Manifest and blob requests. `oci-client` reads a manifest response, or the body of an
+/// error response, whole, however large, before its caller can look at it; so after its
+/// authentication step these requests are made here, with the same connection settings
+/// and the credentials it settled on, and every body is read under a cap.
+struct Http {
+    http: reqwest::Client,
+    /// `SCHEME://HOST[:PORT]/v2/REPOSITORY/`.
+    base: String,
+    credential: Credential,
+}
+
+/// Most bytes of an error response kept for the message.
+const MAX_ERROR_BODY: usize = 4096;
+
+/// What a manifest request carries: the bearer token the authentication step obtained, or
+/// the caller's basic credentials, or nothing.
+enum Credential {
+    None,
+    Bearer(String),
+    Basic(String, String),
+}
+
+impl Http {
+    fn new(
+        ctx: &Ctx,
+        image: &ImageRef,
+        plain_http: bool,
+        opts: &PullOptions,
+        auth: &RegistryAuth,
+        token: Option<String>,
+    ) -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.read_timeout)
+            .build()
+            .map_err(|e| Error::Registry {
+                registry: ctx.registry.clone(),
+                repository: ctx.repository.clone(),
+                what: "client setup".to_owned(),
+                detail: chain(&e),
+            })?;
+        let credential = match (token, auth) {
+            (Some(token), _) => Credential::Bearer(token),
+            (None, RegistryAuth::Bearer { token }) => Credential::Bearer(token.clone()),
+            (None, RegistryAuth::Basic { username, password }) => {
+                Credential::Basic(username.clone(), password.clone())
+            }
+            (None, RegistryAuth::Anonymous) => Credential::None,
+        };
+        Ok(Http {
+            http,
+            base: format!(
+                "{}://{}/v2/{}/",
+                if plain_http { "http" } else { "https" },
+                image.registry(),
+                image.repository()
+            ),
+            credential,
+        })
+    }
+
+    /// GETs `path` (under `/v2/REPOSITORY/`), `what` being a manifest (`blob` false) or blob
+    /// named `target`, and returns the response if it is a success; a failure status is
+    /// turned into an error with at most [`MAX_ERROR_BODY`] bytes of the registry's words.
+    async fn get(
+        &self,
+        ctx: &Ctx,
+        path: &str,
+        target: &str,
+        blob: bool,
+    ) -> Result<reqwest::Response, Error> {
+        let what = || {
+            if blob {
+                format!("blob {target}")
+            } else {
+                format!("manifest {target}")
+            }
+        };
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if !blob {
+            request = request.header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "));
+        }
+        request = match &self.credential {
+            Credential::None => request,
+            Credential::Bearer(token) => request.bearer_auth(token),
+            Credential::Basic(user, password) => request.basic_auth(user, Some(password)),
+        };
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(ctx, &what(), e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let mut detail = Vec::new();
+        while detail.len() < MAX_ERROR_BODY {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = MAX_ERROR_BODY - detail.len();
+                    detail.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let detail = String::from_utf8_lossy(&detail).trim().to_owned();
+        Err(match status.as_u16() {
+            401 => ctx.unauthorized("401 Unauthorized", detail),
+            403 => ctx.unauthorized("403 Forbidden", detail),
+            404 if blob => Error::BlobUnknown {
+                registry: ctx.registry.clone(),
+                repository: ctx.repository.clone(),
+                digest: target.to_owned(),
+            },
+            404 => Error::ManifestUnknown {
+                registry: ctx.registry.clone(),
+                repository: ctx.repository.clone(),
+                reference: target.to_owned(),
+            },
+            _ => Error::Registry {
+                registry: ctx.registry.clone(),
+                repository: ctx.repository.clone(),
+                what: what(),
+                detail: format!("HTTP {status}: {detail}"),
+            },
+        })
+    }
+
+    /// Fetches a manifest body by tag or digest (`target`), capped in size before and while
+    /// it is read and, when fetched by digest, checked against it.
+    async fn fetch_manifest(
+        &self,
+        ctx: &Ctx,
+        image: &ImageRef,
+        target: &str,
+    ) -> Result<Vec<u8>, Error> {
+        let cap = MAX_MANIFEST_BYTES as u64;
+        let what = format!("manifest {target}");
+        let mut response = self
+            .get(ctx, &format!("manifests/{target}"), target, false)
+            .await?;
+        if let Some(length) = response.content_length()
+            && length > cap
+        {
+            return Err(ctx.oversized(target, length, cap));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| transport_error(ctx, &what, e))?
+        {
+            let total = (body.len() as u64).saturating_add(chunk.len() as u64);
+            if total > cap {
+                return Err(ctx.oversized(target, total, cap));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if let Some(expected) = image.inner.digest() {
+            let actual = Digest::of(&body);
+            if actual.as_str() != expected {
+                return Err(ctx.mismatch(expected, actual.as_str()));
+            }
+        }
+        Ok(body)
+    }
+}
+
+/// A failure to send a request or read a response: unreachable for connection failures and
+/// timeouts, else a registry error about `what`.
+fn transport_error(ctx: &Ctx, what: &str, e: reqwest::Error) -> Error {
+    if e.is_connect() || e.is_timeout() {
+        Error::Unreachable {
+            registry: ctx.registry.clone(),
+            detail: chain(&e),
+        }
+    } else {
+        Error::Registry {
+            registry: ctx.registry.clone(),
+            repository: ctx.repository.clone(),
+            what: what.to_owned(),
+            detail: chain(&e),
         }
     }
-    Ok(body)
+}
+
+/// The minimum-throughput check of one blob download: time is cut into windows of
+/// `rate_window`, and each must bring at least `min_rate * rate_window` bytes. A registry
+/// that drips, or sends a burst and then stalls, fails at the end of the first short window
+/// instead of holding the pull for as long as it likes.
+struct RateWindow {
+    min_bytes: u64,
+    window: Duration,
+    start: tokio::time::Instant,
+    start_bytes: u64,
+}
+
+/// A window that fell short: the bytes it brought and its average rate.
+struct ShortWindow {
+    bytes: u64,
+    rate: u64,
+}
+
+impl RateWindow {
+    fn new(opts: &PullOptions) -> Self {
+        let window_ms = u64::try_from(opts.rate_window.as_millis()).unwrap_or(u64::MAX);
+        RateWindow {
+            min_bytes: opts.min_rate.saturating_mul(window_ms) / 1000,
+            window: opts.rate_window,
+            start: tokio::time::Instant::now(),
+            start_bytes: 0,
+        }
+    }
+
+    /// When the current window ends, or `None` when the check is off.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        (self.min_bytes > 0 && !self.window.is_zero()).then(|| self.start + self.window)
+    }
+
+    /// Closes the current window if it is over: an error if it brought too few bytes, else
+    /// a new window starts now with `received` bytes behind it.
+    fn check(&mut self, received: u64) -> Result<(), ShortWindow> {
+        let Some(end) = self.deadline() else {
+            return Ok(());
+        };
+        let now = tokio::time::Instant::now();
+        if now < end {
+            return Ok(());
+        }
+        let bytes = received.saturating_sub(self.start_bytes);
+        if bytes < self.min_bytes {
+            let elapsed_ms = u64::try_from(now.duration_since(self.start).as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            return Err(ShortWindow {
+                bytes,
+                rate: bytes.saturating_mul(1000) / elapsed_ms,
+            });
+        }
+        self.start = now;
+        self.start_bytes = received;
+        Ok(())
+    }
 }
 
 /// Streams one blob into the layout unless a verified copy is there. Returns the bytes
 /// downloaded.
 async fn fetch_blob(
-    client: &Client,
+    http: &Http,
     ctx: &Ctx,
-    image: &ImageRef,
     layout: &Layout,
     desc: &Descriptor,
     opts: &PullOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64, Error> {
     let digest = desc.digest.as_str();
-    if desc.size > opts.max_blob_bytes {
-        return Err(ctx.oversized(digest, desc.size, opts.max_blob_bytes));
-    }
     if layout.has_blob(desc).await? {
         progress(desc.size);
         return Ok(0);
     }
-    let oci_desc = OciDescriptor {
-        media_type: desc.media_type.clone(),
-        digest: digest.to_owned(),
-        size: i64::try_from(desc.size).unwrap_or(i64::MAX),
-        ..OciDescriptor::default()
-    };
-    let mut stream = client
-        .pull_blob_stream(&image.inner, &oci_desc)
-        .await
-        .map_err(|e| ctx.classify(e, digest, true))?;
-    if let Some(length) = stream.content_length
+    let what = format!("blob {digest}");
+    // Until the response headers are in, the request is bounded like any read-whole one.
+    let mut response = ctx
+        .within(
+            whole_request_deadline(opts),
+            &what,
+            http.get(ctx, &format!("blobs/{digest}"), digest, true),
+        )
+        .await?;
+    if let Some(length) = response.content_length()
         && length > desc.size
     {
         return Err(ctx.oversized(digest, length, desc.size));
     }
     let mut write = layout.start_blob()?;
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(bytes) => {
+    let mut rate = RateWindow::new(opts);
+    loop {
+        let next = match rate.deadline() {
+            Some(at) => tokio::time::timeout_at(at, response.chunk()).await.ok(),
+            None => Some(response.chunk().await),
+        };
+        match next {
+            // The window ended with nothing new; it is judged below.
+            None => {}
+            Some(Ok(None)) => break,
+            Some(Ok(Some(bytes))) => {
                 let len = bytes.len() as u64;
                 let total = write.written().saturating_add(len);
                 if total > desc.size {
@@ -514,22 +848,20 @@ async fn fetch_blob(
                 write.write(&bytes).await?;
                 progress(len);
             }
-            // oci-client verifies too and reports a mismatch as the stream's last item; our
-            // own hash below decides, so its verdict is not needed.
-            Err(e)
-                if e.get_ref()
-                    .is_some_and(|inner| inner.is::<oci_client::errors::DigestError>()) =>
-            {
-                break;
-            }
-            Err(e) => {
-                return Err(Error::Registry {
-                    registry: ctx.registry.clone(),
-                    repository: ctx.repository.clone(),
-                    what: format!("blob {digest}"),
-                    detail: chain(&e),
-                });
-            }
+            Some(Err(e)) => return Err(transport_error(ctx, &what, e)),
+        }
+        if let Err(short) = rate.check(write.written()) {
+            return Err(Error::TooSlow {
+                registry: ctx.registry.clone(),
+                repository: ctx.repository.clone(),
+                digest: digest.to_owned(),
+                received: write.written(),
+                size: desc.size,
+                window_bytes: short.bytes,
+                window_secs: opts.rate_window.as_secs(),
+                rate: short.rate,
+                min_rate: opts.min_rate,
+            });
         }
     }
     let written = write.written();

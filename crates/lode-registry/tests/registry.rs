@@ -79,7 +79,9 @@ async fn pulls_tag_digest_docker_and_index() {
     })
     .await
     .unwrap();
-    assert_eq!(pulled.tag_in_layout, "v1");
+    // Named with registry and repository, so another repository's `v1` is another entry.
+    let v1 = format!("{}/test/img:v1", registry.addr);
+    assert_eq!(pulled.tag_in_layout, v1);
     assert_eq!(pulled.manifest.digest.as_str(), image.manifest_digest);
     assert_eq!(pulled.config.digest.as_str(), image.config_digest);
     let layers: Vec<&str> = pulled.layers.iter().map(|l| l.digest.as_str()).collect();
@@ -87,7 +89,7 @@ async fn pulls_tag_digest_docker_and_index() {
     assert_eq!(
         tag_entries(out.path()),
         vec![(
-            "v1".to_owned(),
+            v1.clone(),
             image.manifest_digest.clone(),
             "application/vnd.oci.image.manifest.v1+json".to_owned()
         )]
@@ -113,15 +115,15 @@ async fn pulls_tag_digest_docker_and_index() {
     assert_eq!(again.bytes_fetched, 0);
     assert_eq!(again.manifest, pulled.manifest);
 
-    // A plain HOST/REPO:TAG reference, by digest: same image, tagged by its digest hex.
+    // A plain HOST/REPO@DIGEST reference: same image, named by repository and digest.
     let by_digest = tempfile::tempdir().unwrap();
     let reference = format!("{}/test/img@{}", registry.addr, image.manifest_digest);
     let p = pull(&reference, &auth, &opts, by_digest.path())
         .await
         .unwrap();
-    let hex = image.manifest_digest.trim_start_matches("sha256:");
-    assert_eq!(p.tag_in_layout, hex);
-    assert_eq!(tag_entries(by_digest.path())[0].0, hex);
+    let named = format!("{}/test/img@{}", registry.addr, image.manifest_digest);
+    assert_eq!(p.tag_in_layout, named);
+    assert_eq!(tag_entries(by_digest.path())[0].0, named);
     assert_eq!(check_blobs(by_digest.path()), 4);
 
     // Docker schema2 (skopeo converted it): manifest kept byte for byte under its real
@@ -170,7 +172,13 @@ async fn pulls_tag_digest_docker_and_index() {
     assert_eq!(p.manifest.digest.as_str(), image.arm64_manifest_digest);
     assert_eq!(p.layers.len(), 1);
     let tags: Vec<String> = tag_entries(multi.path()).into_iter().map(|t| t.0).collect();
-    assert_eq!(tags, ["multi", "multi-arm64"]);
+    assert_eq!(
+        tags,
+        [
+            format!("{}/test/img:multi", registry.addr),
+            "multi-arm64".into()
+        ]
+    );
     check_blobs(multi.path());
     let s390 = PullOptions {
         platform: Platform {
@@ -310,4 +318,71 @@ async fn basic_auth_htpasswd() {
         "{err}"
     );
     assert!(!denied.path().join("index.json").exists());
+}
+
+/// Two repositories with a tag of the same name and different images, pulled concurrently
+/// into one layout again and again: each pull gets its own repository's image, the layout
+/// names both, and nothing half-written is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_tag_in_two_repositories_never_crosses() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let mut want = Vec::new();
+    let sources: Vec<tempfile::TempDir> = ["team-a", "team-b"]
+        .iter()
+        .map(|team| {
+            let src = tempfile::tempdir().unwrap();
+            let image =
+                common::build_layout_with(src.path(), "latest", format!("{team}\n").as_bytes());
+            skopeo_copy(
+                &[],
+                &format!("oci:{}:latest", src.path().display()),
+                &format!("docker://{}/{team}/app:latest", registry.addr),
+            );
+            want.push(image.manifest_digest);
+            src
+        })
+        .collect();
+    assert_ne!(want[0], want[1]);
+    let out = tempfile::tempdir().unwrap();
+    for _round in 0..8 {
+        let pulls = ["team-a", "team-b"].map(|team| {
+            let reference = format!("docker://{}/{team}/app:latest", registry.addr);
+            let dir = out.path().to_owned();
+            tokio::spawn(async move {
+                pull_to_layout(
+                    &reference,
+                    &RegistryAuth::Anonymous,
+                    &PullOptions::default(),
+                    &dir,
+                    &|_| {},
+                )
+                .await
+            })
+        });
+        let [a, b] = pulls;
+        let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+        assert_eq!(a.manifest.digest.as_str(), want[0]);
+        assert_eq!(b.manifest.digest.as_str(), want[1]);
+        assert_ne!(a.config.digest, b.config.digest);
+    }
+    let mut entries = tag_entries(out.path());
+    entries.sort();
+    let names: Vec<(String, String)> = entries.into_iter().map(|(n, d, _)| (n, d)).collect();
+    assert_eq!(
+        names,
+        vec![
+            (
+                format!("{}/team-a/app:latest", registry.addr),
+                want[0].clone()
+            ),
+            (
+                format!("{}/team-b/app:latest", registry.addr),
+                want[1].clone()
+            ),
+        ]
+    );
+    check_blobs(out.path());
+    drop(sources);
 }

@@ -559,8 +559,30 @@ pub struct FlattenArgs {
     #[arg(long, value_name = "PATH")]
     pub keep_image: Option<PathBuf>,
     /// Scratch directory for the ext4 image while it is published. [default: $LODE_HOME/tmp]
+    /// Scratch images left there by flattens that were killed are deleted first.
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+    /// Slowest average rate a registry blob download may keep over any --pull-rate-window
+    /// (bytes per second, e.g. 64KiB; 0 turns the check off). A registry that drips or
+    /// stalls fails with the blob, the bytes received and the rate named.
+    #[arg(
+        long,
+        env = "LODE_PULL_MIN_RATE",
+        value_name = "SIZE",
+        default_value = "64KiB",
+        value_parser = lode_agent::config::parse_size
+    )]
+    pub pull_min_rate: u64,
+    /// Window, in seconds, over which --pull-min-rate is averaged; token and manifest
+    /// requests must finish within it plus 4 MiB at the minimum rate.
+    #[arg(
+        long,
+        env = "LODE_PULL_RATE_WINDOW",
+        value_name = "SECONDS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub pull_rate_window: u64,
 }
 
 #[derive(Debug, Args)]

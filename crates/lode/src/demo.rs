@@ -150,6 +150,7 @@ pub async fn run(env: &DemoEnv, args: DemoArgs) -> Result<()> {
             keep_image: Some(keep.clone()),
             registry_cache: work.path().join("registry"),
             registry_auth: lode_image::RegistryAuth::Anonymous,
+            pull: Default::default(),
         };
         let news = Arc::new(crate::output::News::new(env.quiet || env.json, true));
         let r = lode_image::flatten_and_publish(&publisher, &req, news.clone()).await?;

@@ -151,6 +151,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 keep_image: a.keep_image.clone(),
                 registry_cache: home.join("cache/registry"),
                 registry_auth: lode_image::RegistryAuth::from_env(),
+                pull: lode_image::PullOptions {
+                    min_rate: a.pull_min_rate,
+                    rate_window: std::time::Duration::from_secs(a.pull_rate_window),
+                    ..Default::default()
+                },
             };
             let news = Arc::new(output::News::new(
                 env.quiet || env.cli_json,

@@ -1308,6 +1308,221 @@ fn flatten_pulls_from_a_registry_and_gets_the_same_image() {
     assert!(!lode.ok(&["store", "tags"]).stdout.contains(" n\n"));
 }
 
+/// `lode flatten ARGS` started in the background, with its output in `out`-named files.
+fn spawn_lode(lode: &Lode, args: &[&str], out: &str) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lode"));
+    cmd.args(args)
+        .env("LODE_HOME", lode.home())
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(lode.work(&format!("{out}.stdout"))).unwrap())
+        .stderr(fs::File::create(lode.work(&format!("{out}.stderr"))).unwrap());
+    for var in ["LODE_STORE", "LODE_KMS", "LODE_KMS_KEY"] {
+        cmd.env_remove(var);
+    }
+    cmd.spawn().expect("spawn lode")
+}
+
+/// Two repositories hold a tag of the same name (`latest`) with different images; flattens
+/// of both run at the same time against one `$LODE_HOME` (one pull cache), again and again.
+/// Each flatten must publish its own repository's image, never the other's.
+#[test]
+fn concurrent_flattens_of_same_named_tags_never_cross() {
+    let Some(reg) = registry::Registry::start(None) else {
+        return;
+    };
+    let lode = Lode::new();
+    let layout = sample_layout(&lode);
+    let teams = [("team-a", "app1"), ("team-b", "app2")];
+    let mut want = Vec::new();
+    for (team, app) in teams {
+        let oci = format!("oci:{}:{app}", layout.display());
+        registry::skopeo_copy(
+            &[],
+            &oci,
+            &format!("docker://{}/{team}/app:latest", reg.addr),
+        );
+        let keep = lode.work(&format!("{team}.ext4"));
+        lode.ok(&["flatten", &oci, "--keep-image", s(&keep)]);
+        want.push(fs::read(&keep).unwrap());
+    }
+    assert!(
+        want[0] != want[1],
+        "the two images must differ for the test to mean anything"
+    );
+    let rounds = 6;
+    for round in 0..rounds {
+        let children: Vec<_> = teams
+            .iter()
+            .map(|(team, _)| {
+                let name = format!("{team}-{round}");
+                let keep = lode.work(&format!("{name}.ext4"));
+                let source = format!("docker://{}/{team}/app:latest", reg.addr);
+                spawn_lode(
+                    &lode,
+                    &["flatten", &source, "--tag", &name, "--keep-image", s(&keep)],
+                    &name,
+                )
+            })
+            .collect();
+        for ((team, _), mut child) in teams.iter().zip(children) {
+            let name = format!("{team}-{round}");
+            let status = child.wait().unwrap();
+            let stderr = fs::read_to_string(lode.work(&format!("{name}.stderr"))).unwrap();
+            assert!(status.success(), "flatten {name}: {status:?}\n{stderr}");
+        }
+        for (i, (team, _)) in teams.iter().enumerate() {
+            let got = fs::read(lode.work(&format!("{team}-{round}.ext4"))).unwrap();
+            assert!(
+                got == want[i],
+                "round {round}: {team} got the other repository's image"
+            );
+        }
+    }
+    // What the store publishes under each tag is that tag's own image too.
+    for (i, (team, _)) in teams.iter().enumerate() {
+        let out = lode.work(&format!("{team}-export.ext4"));
+        lode.ok(&["export", &format!("{team}-{}", rounds - 1), s(&out)]);
+        assert!(fs::read(&out).unwrap() == want[i], "export of {team}");
+    }
+}
+
+/// A registry that drips a layer fails `lode flatten` within the rate window set by the
+/// flags, naming the blob, and publishes nothing; the flags are in `--help`.
+#[test]
+fn a_dripping_registry_fails_flatten_by_the_rate_flags() {
+    let lode = Lode::new();
+    let help = lode.ok(&["flatten", "--help"]).stdout;
+    for want in [
+        "--pull-min-rate",
+        "LODE_PULL_MIN_RATE",
+        "--pull-rate-window",
+        "64KiB",
+    ] {
+        assert!(
+            help.contains(want),
+            "lode flatten --help lacks {want:?}:\n{help}"
+        );
+    }
+    let layer = registry::layer(&[("f", b"slow")]);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+    }))
+    .unwrap();
+    let (config_digest, layer_digest) = (registry::digest(&config), registry::digest(&layer.gz));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer_digest, "size": layer.gz.len()}],
+    }))
+    .unwrap();
+    let (ld, gz) = (layer_digest.clone(), layer.gz.clone());
+    let server = registry::FakeServer::start(move |req| {
+        let path = req.target.split('?').next().unwrap_or_default();
+        if path == "/v2/" {
+            registry::Reply::new(200, "{}")
+        } else if path.contains("/manifests/") {
+            registry::Reply::new(200, manifest.clone())
+                .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        } else if path.ends_with(&ld) {
+            registry::Reply::new(200, gz.clone()).drip(Duration::from_millis(250))
+        } else {
+            registry::Reply::new(200, config.clone())
+        }
+    });
+    let o = lode.fails(&[
+        "flatten",
+        &format!("docker://{}/slow/app:v1", server.addr),
+        "--tag",
+        "slow",
+        "--pull-min-rate",
+        "100",
+        "--pull-rate-window",
+        "1",
+    ]);
+    assert!(
+        o.stderr.contains(&format!(
+            "blob {layer_digest} from registry {} in repository slow/app is too slow: ",
+            server.addr
+        )) && o.stderr.contains("under the minimum of 100 bytes/s"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(manifest_count(&lode), 0);
+}
+
+/// A flatten killed with SIGKILL cannot remove its scratch image; the next flatten does,
+/// because no process holds the dead one's lock.
+#[test]
+fn a_killed_flattens_scratch_image_is_reclaimed_by_the_next() {
+    let lode = Lode::new();
+    let big = lode.work("big-oci");
+    // Incompressible contents, so that flattening takes long enough to be killed mid-way.
+    let contents = random_bytes(48 << 20, 11);
+    registry::build_layout_with(&big, "big", &contents);
+    let tmp = lode.home().join("tmp");
+    let scratch = || -> Vec<PathBuf> {
+        fs::read_dir(&tmp).map_or(Vec::new(), |d| d.map(|e| e.unwrap().path()).collect())
+    };
+    let source = format!("oci:{}:big", big.display());
+    let mut left = Vec::new();
+    for attempt in 0..5 {
+        let mut child = spawn_lode(
+            &lode,
+            &["flatten", &source, "--tag", "big"],
+            &format!("killed-{attempt}"),
+        );
+        let started = Instant::now();
+        loop {
+            if !scratch().is_empty() {
+                child.kill().unwrap();
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "flatten never started"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let status = child.wait().unwrap();
+        left = scratch();
+        if !left.is_empty() {
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(9),
+                "{status:?}"
+            );
+            break;
+        }
+    }
+    assert_eq!(left.len(), 1, "the killed flatten left {left:?}");
+    let name = left[0].file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        name.starts_with("flatten-") && name.ends_with(".ext4"),
+        "{name}"
+    );
+
+    let sample = sample_layout(&lode);
+    lode.ok(&[
+        "flatten",
+        &format!("oci:{}:app1", sample.display()),
+        "--tag",
+        "a",
+    ]);
+    assert!(
+        !left[0].exists(),
+        "{} survived the next flatten",
+        left[0].display()
+    );
+    assert_eq!(scratch(), Vec::<PathBuf>::new());
+}
+
 #[test]
 fn a_closed_stdout_ends_quietly_instead_of_panicking() {
     // `lode ... | head` closes the pipe early; the reader here is closed before lode

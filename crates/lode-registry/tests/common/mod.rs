@@ -24,12 +24,17 @@ pub fn digest(bytes: &[u8]) -> String {
     )
 }
 
-/// Returns the tool's path, or prints why the test skips and returns `None`.
+/// Returns the tool's path, or prints why the test skips and returns `None`. Under CI
+/// (`CI=true`), which installs every tool, a missing one fails the test instead.
 pub fn tool(path: &str) -> Option<PathBuf> {
     let p = PathBuf::from(path);
     if p.exists() {
         Some(p)
     } else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{path} not installed, and CI=true: install docker-registry skopeo apache2-utils"
+        );
         eprintln!(
             "SKIP: {path} not installed (apt-get install docker-registry skopeo apache2-utils)"
         );
@@ -204,10 +209,16 @@ fn image_manifest(
 /// Writes an OCI layout with two tags: `TAG` (a two-layer linux/amd64 image) and `multi`
 /// (an image index with that image for amd64 and a second manifest for arm64).
 pub fn build_layout(dir: &Path, tag: &str) -> SourceImage {
+    build_layout_with(dir, tag, b"hello from the app layer\n")
+}
+
+/// [`build_layout`] with the app layer's one file holding `app`, so that two layouts built
+/// with different `app` are different images.
+pub fn build_layout_with(dir: &Path, tag: &str, app: &[u8]) -> SourceImage {
     std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let base = layer(&[("etc/hostname", b"lode\n"), ("bin/tool", &[7u8; 70_000])]);
-    let app = layer(&[("app/main.txt", b"hello from the app layer\n")]);
+    let app = layer(&[("app/main.txt", app)]);
     let mut layers = Vec::new();
     for l in [&base, &app] {
         layers.push((put_blob(dir, &l.gz), l.gz.len()));
@@ -308,6 +319,12 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Send the body one byte at a time with this pause between bytes (a hostile registry
+    /// holding the client); the server gives up when the client hangs up.
+    pub drip: Option<Duration>,
+    /// Leave out `Content-Length`: the body then ends when the connection closes, and its
+    /// size is known to the client only as it reads.
+    pub no_length: bool,
 }
 
 impl Reply {
@@ -316,7 +333,19 @@ impl Reply {
             status,
             headers: Vec::new(),
             body: body.into(),
+            drip: None,
+            no_length: false,
         }
+    }
+
+    pub fn without_length(mut self) -> Reply {
+        self.no_length = true;
+        self
+    }
+
+    pub fn drip(mut self, pause: Duration) -> Reply {
+        self.drip = Some(pause);
+        self
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Reply {
@@ -389,6 +418,11 @@ fn serve_one(stream: TcpStream, handler: &dyn Fn(&Request) -> Reply) {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
+    // A client that gave up may leave its socket open without reading (its runtime busy
+    // elsewhere): the server must not wait on it forever.
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     if reader.read_line(&mut line).is_err() || line.is_empty() {
@@ -414,18 +448,30 @@ fn serve_one(stream: TcpStream, handler: &dyn Fn(&Request) -> Reply) {
     };
     let reply = handler(&req);
     let mut out = stream;
-    let mut head = format!(
-        "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
-        reply.status,
-        reply.body.len()
-    );
+    let mut head = format!("HTTP/1.1 {} X\r\nConnection: close\r\n", reply.status);
+    if !reply.no_length {
+        head.push_str(&format!("Content-Length: {}\r\n", reply.body.len()));
+    }
     for (n, v) in &reply.headers {
         head.push_str(&format!("{n}: {v}\r\n"));
     }
     head.push_str("\r\n");
     let _ = out.write_all(head.as_bytes());
     if req.method != "HEAD" {
-        let _ = out.write_all(&reply.body);
+        match reply.drip {
+            None => {
+                let _ = out.write_all(&reply.body);
+            }
+            Some(pause) => {
+                let _ = out.flush();
+                for byte in &reply.body {
+                    if out.write_all(&[*byte]).and_then(|()| out.flush()).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(pause);
+                }
+            }
+        }
     }
     let _ = out.flush();
 }
