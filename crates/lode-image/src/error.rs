@@ -75,6 +75,9 @@ pub enum ImageError {
         /// The chunk.
         index: ChunkIndex,
     },
+    /// A manifest is live, or cannot be proven dead.
+    #[error(transparent)]
+    Live(#[from] crate::live::LiveError),
     /// A worker task died (a bug, reported rather than hidden).
     #[error("internal task failed: {0}")]
     Task(String),

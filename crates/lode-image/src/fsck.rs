@@ -64,6 +64,13 @@ pub enum Fault {
         /// Why.
         detail: String,
     },
+    /// A pin object that cannot be read or holds another manifest's id.
+    Pin {
+        /// Its key in the store.
+        object: String,
+        /// Why.
+        detail: String,
+    },
     /// A root record that cannot be read, or a root's listing holds stray objects.
     Root {
         /// The root.
@@ -96,7 +103,7 @@ impl std::fmt::Display for Fault {
                  writer{}",
                 if *removed { ": removed" } else { "" }
             ),
-            Fault::Tag { detail, .. } => write!(f, "{detail}"),
+            Fault::Tag { detail, .. } | Fault::Pin { detail, .. } => write!(f, "{detail}"),
             Fault::Root { root, detail } => write!(f, "root {root}: {detail}"),
             Fault::Manifest { root, id, detail } => {
                 write!(f, "manifest {id} in root {root}: {detail}")
@@ -166,6 +173,14 @@ pub async fn fsck(store: &Store, opts: FsckOptions) -> Result<FsckReport, ImageE
     for b in tags.bad {
         report.faults.push(Fault::Tag {
             tag: b.tag,
+            detail: b.error.to_string(),
+        });
+    }
+
+    let pins = store.list_pins().await?;
+    for b in pins.bad {
+        report.faults.push(Fault::Pin {
+            object: b.object,
             detail: b.error.to_string(),
         });
     }

@@ -10,6 +10,7 @@ mod export;
 mod flatten;
 mod fsck;
 mod inspect;
+mod live;
 mod publish;
 mod reference;
 mod stats;
@@ -23,10 +24,11 @@ pub use flatten::{
 };
 pub use fsck::{DEFAULT_STAGING_MIN_AGE, Fault, FsckOptions, FsckReport, fsck};
 pub use inspect::ManifestView;
+pub use live::{Holders, LiveError, Liveness, RemovedManifest, remove_manifest};
 pub use lode_registry::{PullOptions, RegistryAuth};
 pub use publish::{PublishOptions, PublishStats, Published, Publisher};
 pub use reference::{OpenedImage, open_image, resolve};
-pub use stats::{StoreStats, store_stats};
+pub use stats::{RootStats, StoreStats, store_stats};
 pub use verify::{Problem, VerifyReport, verify, verify_with};
 
 /// Reports progress of long work. Both calls may come from any thread.

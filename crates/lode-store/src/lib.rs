@@ -7,6 +7,7 @@
 //! roots/<root>/chunks/<2 hex>/<name>    chunk ciphertext; name = SHA-256(bytes)
 //! roots/<root>/manifests/<id>           manifest bytes; id = SHA-256(bytes)
 //! tags/<image ref>                      a manifest id in hex (the ref percent-encoded)
+//! pins/<manifest id>                    the same id in hex: the manifest is kept untagged
 //! ```
 //!
 //! Chunks and manifests are content-addressed: a put checks that the bytes hash to the
@@ -16,8 +17,8 @@
 //! name before returning them.
 //!
 //! Everything read back is untrusted: every read is bounded by the most its kind may be
-//! (a chunk by its chunk size plus the seal's tag, a manifest by the format's cap, a tag
-//! and a root record by a few KiB), checked against the size the backend reports before
+//! (a chunk by its chunk size plus the seal's tag, a manifest by the format's cap, a tag,
+//! a pin and a root record by a few KiB), checked against the size the backend reports before
 //! a byte is read and counted as it arrives; errors name the object, never quote it. A
 //! local store refuses links and special files (see [`local`]).
 
@@ -30,6 +31,6 @@ pub use local::StagingFile;
 pub use location::StoreLocation;
 pub use root::{RootRecord, RootState};
 pub use store::{
-    BadTag, MAX_MANIFEST_OBJECT, MAX_ROOT_OBJECT, MAX_TAG_OBJECT, PutOutcome, Store, StoreError,
-    TagList, parse_tag_body,
+    BadPin, BadTag, MAX_MANIFEST_OBJECT, MAX_PIN_OBJECT, MAX_ROOT_OBJECT, MAX_TAG_OBJECT, PinList,
+    PutOutcome, Store, StoreError, TagList, parse_pin_body, parse_tag_body,
 };

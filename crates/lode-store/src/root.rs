@@ -23,6 +23,16 @@ pub enum RootState {
     Expired,
 }
 
+impl std::fmt::Display for RootState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RootState::Active => "active",
+            RootState::Retired => "retired",
+            RootState::Expired => "expired",
+        })
+    }
+}
+
 /// The state object of one root.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RootRecord {

@@ -20,6 +20,9 @@ use crate::root::{RootRecord, RootState};
 pub const MAX_TAG_BYTES: usize = 160;
 /// The largest tag object lode reads: a tag holds 64 hex digits and a newline.
 pub const MAX_TAG_OBJECT: u64 = 1024;
+/// The largest pin object lode reads: a pin holds its manifest's 64 hex digits and a
+/// newline.
+pub const MAX_PIN_OBJECT: u64 = 1024;
 /// The largest root record lode reads.
 pub const MAX_ROOT_OBJECT: u64 = 64 * 1024;
 /// The largest manifest object lode reads (the manifest format's own cap).
@@ -252,6 +255,10 @@ impl Store {
             PathPart::from(root.to_string()),
             "ROOT".into(),
         ])
+    }
+
+    fn pin_path(&self, id: &ManifestId) -> Path {
+        self.path(["pins".into(), PathPart::from(id.to_hex())])
     }
 
     fn tag_path(&self, tag: &str) -> Result<Path, StoreError> {
@@ -662,6 +669,117 @@ impl Store {
         })
     }
 
+    /// Removes `tag`; returns the manifest it pointed at. A tag that is not there is
+    /// [`StoreError::NotFound`]; one that cannot be read (malformed, oversized) is removed
+    /// all the same, as removing it is what its owner asked.
+    pub async fn remove_tag(&self, tag: &str) -> Result<Option<ManifestId>, StoreError> {
+        let path = self.tag_path(tag)?;
+        let named = match self.get_tag(tag).await {
+            Ok(id) => Some(id),
+            Err(e @ StoreError::NotFound { .. }) => return Err(e),
+            Err(_) => None,
+        };
+        self.delete(&path, "tag", format!("{tag:?}")).await?;
+        Ok(named)
+    }
+
+    /// Deletes one object; [`StoreError::NotFound`] if it was not there.
+    async fn delete(&self, path: &Path, what: &'static str, key: String) -> Result<(), StoreError> {
+        // object_store's local backend and S3 both treat deleting a missing object as
+        // success, so its presence is checked first: the answer tells the user whether
+        // the name they gave meant anything.
+        if !self.exists(path).await? {
+            return Err(StoreError::NotFound {
+                store: self.label.clone(),
+                what,
+                key,
+            });
+        }
+        match self.os.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.backend("delete", path, e)),
+        }
+    }
+
+    /// Pins a manifest, so it stays live without a tag. `AlreadyPresent` if it was
+    /// pinned already (a damaged pin object is replaced).
+    pub async fn put_pin(&self, id: &ManifestId) -> Result<PutOutcome, StoreError> {
+        let body = Bytes::from(format!("{}\n", id.to_hex()));
+        self.create_addressed(&self.pin_path(id), body, "pin").await
+    }
+
+    /// Whether a readable pin holds `id`. A pin object that is not what lode writes is
+    /// an error naming it (it pins nothing lode can prove).
+    pub async fn has_pin(&self, id: &ManifestId) -> Result<bool, StoreError> {
+        let path = self.pin_path(id);
+        let bytes = match self.read(&path, "pin", id.to_hex(), MAX_PIN_OBJECT).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        parse_pin_body(&id.to_hex(), &bytes)
+            .map(|_| true)
+            .map_err(|reason| StoreError::CorruptObject {
+                store: self.label.clone(),
+                object: path.to_string(),
+                reason: reason.to_owned(),
+            })
+    }
+
+    /// Removes the pin of `id`; [`StoreError::NotFound`] if there was none.
+    pub async fn remove_pin(&self, id: &ManifestId) -> Result<(), StoreError> {
+        self.delete(&self.pin_path(id), "pin", id.to_hex()).await
+    }
+
+    /// Every pinned manifest, sorted. A pin object that cannot be read or parsed is set
+    /// aside with its error, named by its object key (never its bytes).
+    pub async fn list_pins(&self) -> Result<PinList, StoreError> {
+        let prefix = self.path(["pins".into()]);
+        let metas: Vec<_> = self
+            .os
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.backend("list", &prefix, e))?;
+        let mut out = PinList::default();
+        for m in metas {
+            let name = m.location.filename().unwrap_or_default().to_owned();
+            let read = self
+                .read(&m.location, "pin", name.clone(), MAX_PIN_OBJECT)
+                .await
+                .and_then(|bytes| {
+                    parse_pin_body(&name, &bytes).map_err(|reason| StoreError::CorruptObject {
+                        store: self.label.clone(),
+                        object: m.location.to_string(),
+                        reason: reason.to_owned(),
+                    })
+                });
+            match read {
+                Ok(id) => out.pins.push(id),
+                Err(error) => out.bad.push(BadPin {
+                    object: m.location.to_string(),
+                    error,
+                }),
+            }
+        }
+        out.pins.sort();
+        out.bad.sort_by(|a, b| a.object.cmp(&b.object));
+        Ok(out)
+    }
+
+    /// Removes a manifest from `root` (and the snapshot working set stored beside it).
+    /// Whether it may go is the caller's judgement (lode-image's liveness); the store
+    /// only deletes. [`StoreError::NotFound`] if the root does not hold it.
+    pub async fn remove_manifest(&self, root: RootId, id: &ManifestId) -> Result<(), StoreError> {
+        self.delete(&self.manifest_path(root, id), "manifest", id.to_hex())
+            .await?;
+        let ws = self.working_set_path(root, id);
+        match self.os.delete(&ws).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.backend("delete", &ws, e)),
+        }
+    }
+
     /// Every tag and the manifest it points at, sorted by tag. A tag that cannot be read
     /// (malformed, oversized, a link) is set aside with its error rather than failing the
     /// listing; only a failure to list at all is an error.
@@ -831,6 +949,41 @@ pub struct BadTag {
     pub error: StoreError,
 }
 
+/// What [`Store::list_pins`] found.
+#[derive(Debug, Default)]
+pub struct PinList {
+    /// Pinned manifests, sorted.
+    pub pins: Vec<ManifestId>,
+    /// Pin objects that could not be read, sorted by object.
+    pub bad: Vec<BadPin>,
+}
+
+/// A pin object that could not be read, and why.
+#[derive(Debug)]
+pub struct BadPin {
+    /// The object's key.
+    pub object: String,
+    /// Why (the message names the object, never its bytes).
+    pub error: StoreError,
+}
+
+/// Parses the pin object named `name` (the last part of its key): its name must be a
+/// manifest id and its body that id in lowercase hex and an optional newline, so a pin
+/// copied or renamed by hand pins nothing. The reason for a refusal never repeats the
+/// bytes or the name.
+pub fn parse_pin_body(name: &str, bytes: &[u8]) -> Result<ManifestId, &'static str> {
+    let named: ManifestId = match name.parse() {
+        Ok(id) if name.bytes().all(|b| !b.is_ascii_uppercase()) => id,
+        _ => return Err("its name is not a manifest id (64 lowercase hex digits)"),
+    };
+    let held = parse_tag_body(bytes)
+        .map_err(|_| "it does not hold a manifest id (64 lowercase hex digits and a newline)")?;
+    if held != named {
+        return Err("it holds another manifest's id than the one it is named by");
+    }
+    Ok(named)
+}
+
 /// Parses a tag object: 64 lowercase hex digits, then an optional newline. The reason for
 /// a refusal describes the bytes without repeating them.
 pub fn parse_tag_body(bytes: &[u8]) -> Result<ManifestId, &'static str> {
@@ -944,6 +1097,52 @@ mod tests {
             let id = ManifestId::from_bytes(id);
             let body = if newline { format!("{id}\n") } else { id.to_hex() };
             proptest::prop_assert_eq!(parse_tag_body(body.as_bytes()), Ok(id));
+        }
+    }
+
+    #[test]
+    fn pin_bodies() {
+        let id = ManifestId::of(b"m");
+        let name = id.to_hex();
+        assert_eq!(parse_pin_body(&name, format!("{id}\n").as_bytes()), Ok(id));
+        assert_eq!(parse_pin_body(&name, name.as_bytes()), Ok(id));
+        assert_eq!(
+            parse_pin_body(&name, format!("{}\n", ManifestId::of(b"n")).as_bytes()),
+            Err("it holds another manifest's id than the one it is named by")
+        );
+        assert_eq!(
+            parse_pin_body(&name.to_uppercase(), name.as_bytes()),
+            Err("its name is not a manifest id (64 lowercase hex digits)")
+        );
+        assert_eq!(
+            parse_pin_body(&name, b"hunter2"),
+            Err("it does not hold a manifest id (64 lowercase hex digits and a newline)")
+        );
+    }
+
+    proptest::proptest! {
+        /// Any name and bytes: an id exactly when the name is one and the body holds it,
+        /// else a refusal that repeats neither.
+        #[test]
+        fn pin_parser_accepts_only_its_own_id_and_never_echoes(
+            name in ".{0,80}",
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            id in proptest::prelude::any::<[u8; 32]>(),
+        ) {
+            match parse_pin_body(&name, &raw) {
+                Ok(got) => {
+                    proptest::prop_assert_eq!(got.to_hex(), name.clone());
+                    proptest::prop_assert_eq!(parse_tag_body(&raw), Ok(got));
+                }
+                Err(reason) => {
+                    let text = String::from_utf8_lossy(&raw);
+                    proptest::prop_assert!(text.len() < 4 || !reason.contains(text.as_ref()));
+                    proptest::prop_assert!(name.len() < 4 || !reason.contains(&name));
+                }
+            }
+            let id = ManifestId::from_bytes(id);
+            let hex = id.to_hex();
+            proptest::prop_assert_eq!(parse_pin_body(&hex, format!("{hex}\n").as_bytes()), Ok(id));
         }
     }
 

@@ -85,6 +85,21 @@ pub enum Command {
     /// Reports every fault, not just the first; exits 2 if there is any.
     Verify(VerifyArgs),
 
+    /// Remove a tag, every tag of a manifest, or (--manifest) a manifest nothing holds.
+    ///
+    /// `lode rm TAG` removes the tag; `lode rm ID` removes every tag naming the manifest.
+    /// Neither removes the manifest or its chunks. `lode rm --manifest ID` removes a
+    /// manifest no tag names and no pin holds (it is refused, naming them, otherwise);
+    /// its chunks stay until their root is collected. See docs/gc.md.
+    #[command(after_help = "Examples:\n  lode rm myapp:1.0\n  lode rm --manifest 3f5a…")]
+    Rm(RmArgs),
+
+    /// Keep a manifest live without a tag (for images a platform must not lose).
+    Pin(ImageArg),
+
+    /// Remove the pin `lode pin` put on a manifest (its tags, if any, still hold it).
+    Unpin(ImageArg),
+
     /// Store-wide figures, tags, and a consistency check (fsck).
     #[command(subcommand)]
     Store(StoreCommand),
@@ -594,6 +609,15 @@ pub struct ExportArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RmArgs {
+    /// A tag, or a manifest id (64 hex digits) whose tags all go.
+    pub image: String,
+    /// Remove the manifest IMAGE (an id) itself, if no tag names it and no pin holds it.
+    #[arg(long)]
+    pub manifest: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct ImageArg {
     /// A tag, or a manifest id (64 hex digits).
     pub image: String,
@@ -616,7 +640,8 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
-    /// Chunk count, stored bytes, logical bytes and the dedup ratio.
+    /// Chunk count, stored bytes, logical bytes, the dedup ratio, and live and dead
+    /// bytes per root (dead: chunks no live manifest of the root names; see docs/gc.md).
     Stats,
     /// List tags and the manifests they point at. A tag that cannot be read is named
     /// on stderr, with why, and the rest are still listed.

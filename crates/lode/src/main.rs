@@ -262,11 +262,44 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
+        Command::Rm(a) => rm(&env, &a).await?,
+        Command::Pin(a) => {
+            let store = env.store()?;
+            let id = lode_image::resolve(&store, &a.image).await?;
+            // Only a manifest the store holds can be pinned: a pin on nothing keeps
+            // nothing and would hide a typo.
+            store.find_manifest(&id).await?;
+            let outcome = store.put_pin(&id).await?;
+            if env.cli_json {
+                print_json(&serde_json::json!({"pinned": id}))?;
+            } else if outcome == lode_store::PutOutcome::AlreadyPresent {
+                println!("{id} was pinned already");
+            } else {
+                println!("pinned {id}");
+            }
+        }
+        Command::Unpin(a) => {
+            let store = env.store()?;
+            let id = lode_image::resolve(&store, &a.image).await?;
+            store.remove_pin(&id).await?;
+            if env.cli_json {
+                print_json(&serde_json::json!({"unpinned": id}))?;
+            } else {
+                println!("unpinned {id}");
+            }
+        }
         Command::Store(StoreCommand::Stats) => {
             let store = env.store()?;
             let st = lode_image::store_stats(&store).await?;
             for bad in &st.bad_tags {
                 eprintln!("warning: tag not counted: {bad}");
+            }
+            if !st.unreadable_holders.is_empty() {
+                eprintln!(
+                    "warning: {} tag or pin object(s) cannot be read: dead bytes may include \
+                     live ones",
+                    st.unreadable_holders.len()
+                );
             }
             if env.cli_json {
                 print_json(&st)?;
@@ -290,6 +323,26 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     human_bytes(st.device_bytes)
                 );
                 println!("dedup ratio    {:.2}x", st.dedup_ratio);
+                println!(
+                    "live / dead    {} ({}) / {} ({})",
+                    st.live_bytes,
+                    human_bytes(st.live_bytes),
+                    st.dead_bytes,
+                    human_bytes(st.dead_bytes)
+                );
+                for r in &st.per_root {
+                    println!(
+                        "root {:<9} {}: {} of {} manifests live; {} chunks, {} bytes live, \
+                         {} bytes dead",
+                        r.root,
+                        r.state,
+                        r.live_manifests,
+                        r.manifests,
+                        r.chunks,
+                        r.live_bytes,
+                        r.dead_bytes
+                    );
+                }
                 if st.missing_chunks > 0 {
                     println!(
                         "MISSING        {} chunks named by manifests",
@@ -478,6 +531,77 @@ async fn cache_node(env: &Env, a: cli::CacheNodeArgs) -> Result<()> {
             "lode cache-node: stopped; {} gets ({} hits), {} sets, {} items in memory, {} on flash",
             s.cmd_get, s.get_hits, s.cmd_set, s.memory.items, s.flash.items
         );
+    }
+    Ok(())
+}
+
+/// `lode rm`: a tag, every tag of a manifest, or a dead manifest.
+async fn rm(env: &Env, a: &cli::RmArgs) -> Result<()> {
+    let store = env.store()?;
+    if a.manifest {
+        let id: lode_format::ManifestId = a.image.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "--manifest takes a manifest id (64 hex digits), not {:?}; to remove a tag, \
+                 leave out --manifest",
+                a.image.chars().take(200).collect::<String>()
+            )
+        })?;
+        let removed = lode_image::remove_manifest(&store, &id).await?;
+        if env.cli_json {
+            print_json(&removed)?;
+        } else {
+            let roots: Vec<String> = removed.roots.iter().map(|r| r.to_string()).collect();
+            println!(
+                "removed manifest {id} from root {}; its chunks go when the root is collected",
+                roots.join(", ")
+            );
+        }
+        return Ok(());
+    }
+    let removed: Vec<(String, lode_format::ManifestId)> =
+        if let Ok(id) = a.image.parse::<lode_format::ManifestId>() {
+            let tags: Vec<String> = store
+                .list_tags()
+                .await?
+                .tags
+                .into_iter()
+                .filter(|(_, t)| *t == id)
+                .map(|(tag, _)| tag)
+                .collect();
+            if tags.is_empty() {
+                anyhow::bail!(
+                    "no tag names manifest {id} in store {}; to remove the manifest itself: \
+                     lode rm --manifest {id}",
+                    store.label()
+                );
+            }
+            let mut out = Vec::new();
+            for tag in tags {
+                // A tag repointed meanwhile names another manifest now: leave it.
+                if store.get_tag(&tag).await? == id {
+                    store.remove_tag(&tag).await?;
+                    out.push((tag, id));
+                }
+            }
+            out
+        } else {
+            match store.remove_tag(&a.image).await? {
+                Some(id) => vec![(a.image.clone(), id)],
+                None => Vec::new(),
+            }
+        };
+    if env.cli_json {
+        let v: Vec<_> = removed
+            .iter()
+            .map(|(t, id)| serde_json::json!({"tag": t, "id": id}))
+            .collect();
+        print_json(&serde_json::json!({"untagged": v}))?;
+    } else if removed.is_empty() {
+        println!("removed unreadable tag {:?}", a.image);
+    } else {
+        for (t, id) in &removed {
+            println!("untagged {t} (manifest {id})");
+        }
     }
     Ok(())
 }

@@ -130,6 +130,7 @@ pub async fn conformance(store: &Store, prefix: &str, raw: Option<&dyn Backdoor>
     t.chunk_listing().await;
     t.manifests().await;
     t.tags().await;
+    t.pins_and_removals().await;
     t.racing_puts().await;
     t.readers_never_see_partial_chunks().await;
     t.stray_objects_are_named().await;
@@ -827,6 +828,81 @@ impl Suite<'_> {
 
     /// After everything above (many concurrent puts among it), the backend holds only
     /// objects under their final names: no temporary or half-written files.
+    /// Pins are put, listed, checked and removed; tags and manifests are removed; each
+    /// removal of what is not there says so, naming it; a pin object lode did not write
+    /// is named, never quoted.
+    async fn pins_and_removals(&self) {
+        let s = self.store;
+        let m = ManifestId::of(b"pinned manifest");
+        assert!(!s.has_pin(&m).await.unwrap());
+        assert_eq!(s.put_pin(&m).await.unwrap(), PutOutcome::Stored);
+        assert_eq!(s.put_pin(&m).await.unwrap(), PutOutcome::AlreadyPresent);
+        assert!(s.has_pin(&m).await.unwrap());
+        assert_eq!(s.list_pins().await.unwrap().pins, vec![m]);
+        s.remove_pin(&m).await.unwrap();
+        assert!(!s.has_pin(&m).await.unwrap());
+        let e = s.remove_pin(&m).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("pin {m} is not in store {}", self.label)
+        );
+
+        s.set_tag("rm-me:1", &m).await.unwrap();
+        assert_eq!(s.remove_tag("rm-me:1").await.unwrap(), Some(m));
+        let e = s.remove_tag("rm-me:1").await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("tag \"rm-me:1\" is not in store {}", self.label)
+        );
+
+        let (id, _) = s
+            .put_manifest(RootId(7), Bytes::from_static(b"a manifest to remove"))
+            .await
+            .unwrap();
+        s.remove_manifest(RootId(7), &id).await.unwrap();
+        assert!(s.list_manifests(RootId(7)).await.unwrap().is_empty());
+        let e = s.remove_manifest(RootId(7), &id).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("manifest {id} is not in store {}", self.label)
+        );
+
+        let Some(raw) = self.raw else { return };
+        // A pin whose body names another manifest, and one holding a secret.
+        let other = ManifestId::of(b"other");
+        let a = ManifestId::of(b"pin a");
+        let b = ManifestId::of(b"pin b");
+        raw.overwrite(&format!("pins/{a}"), format!("{other}\n").as_bytes());
+        raw.overwrite(&format!("pins/{b}"), b"hunter2 hunter2 hunter2");
+        s.put_pin(&m).await.unwrap();
+        let pins = s.list_pins().await.unwrap();
+        assert_eq!(pins.pins, vec![m]);
+        let bad: Vec<String> = pins.bad.iter().map(|b| b.error.to_string()).collect();
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        for msg in &bad {
+            assert!(!msg.contains("hunter2"), "{msg}");
+        }
+        assert!(
+            bad.contains(&format!(
+                "{}pins/{a} in store {} is corrupt: it holds another manifest's id than the \
+                 one it is named by",
+                self.prefix, self.label
+            )),
+            "{bad:?}"
+        );
+        let e = s.has_pin(&b).await.unwrap_err();
+        assert!(e.to_string().contains(&format!("pins/{b}")), "{e}");
+        // Re-pinning replaces a damaged pin object with a good one.
+        assert_eq!(s.put_pin(&a).await.unwrap(), PutOutcome::Repaired);
+        assert!(s.has_pin(&a).await.unwrap());
+        for id in [a, b, m] {
+            s.remove_pin(&id).await.unwrap();
+        }
+        assert!(s.list_pins().await.unwrap().bad.is_empty());
+        // only_final_names wants a pin among the keys it checks.
+        s.put_pin(&m).await.unwrap();
+    }
+
     fn only_final_names(&self) {
         let Some(raw) = self.raw else { return };
         let keys = raw.keys();
@@ -840,6 +916,7 @@ impl Suite<'_> {
                 }
                 ["roots", r, "manifests", id] => r.parse::<u32>().is_ok() && is_hex64(id),
                 ["tags", t] => !t.is_empty(),
+                ["pins", id] => is_hex64(id),
                 _ => false,
             };
             let stray = key.starts_with(&format!("roots/{STRAY_ROOT}/"));
