@@ -7,12 +7,14 @@
 
 mod error;
 mod export;
+mod failpoint;
 mod flatten;
 mod fsck;
 mod inspect;
 mod live;
 mod publish;
 mod reference;
+mod roots;
 mod stats;
 mod verify;
 
@@ -28,6 +30,7 @@ pub use live::{Holders, LiveError, Liveness, RemovedManifest, remove_manifest};
 pub use lode_registry::{PullOptions, RegistryAuth};
 pub use publish::{PublishOptions, PublishStats, Published, Publisher};
 pub use reference::{OpenedImage, open_image, resolve};
+pub use roots::{Rotation, rotate};
 pub use stats::{RootStats, StoreStats, store_stats};
 pub use verify::{Problem, VerifyReport, verify, verify_with};
 

@@ -24,7 +24,7 @@ use lode_store::{PutOutcome, RootRecord, RootState, Store};
 use serde::Serialize;
 
 use crate::error::io;
-use crate::{CONCURRENCY, ImageError, Progress};
+use crate::{CONCURRENCY, ImageError, Progress, failpoint};
 
 /// What to publish and how.
 #[derive(Clone, Debug, Default)]
@@ -128,16 +128,27 @@ impl<'a> Publisher<'a> {
     /// with the store's atomic create, so of racing first publishers exactly one stores
     /// its record and every one of them then reads that record back and uses it.
     pub async fn active_root(&self) -> Result<(RootId, RootSalt), ImageError> {
+        // A rotation retires the active root before it makes the next one, so a
+        // publisher may find none for a moment: it waits up to 5 s for the next.
+        let mut waits = 0;
         for _ in 0..3 {
-            let roots = self.store.roots().await?;
+            let roots = loop {
+                let roots = self.store.roots().await?;
+                let rotating = self.store.active_among(&roots)?.is_none() && !roots.is_empty();
+                if !rotating || waits == 50 {
+                    break roots;
+                }
+                waits += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            };
             if let Some(rec) = self.store.active_among(&roots)? {
                 let salt = self.kms.unwrap(&rec.salt).await?;
                 return Ok((rec.root, salt));
             }
             if let Some(last) = roots.last() {
                 return Err(ImageError::Invalid(format!(
-                    "store {} has {} root(s) but none is active (root {} is {:?}); \
-                     finish or undo the root rotation first",
+                    "store {} has {} root(s) but none is active (root {} is {}): a root \
+                     rotation stopped part-way; run `lode root rotate` to finish it",
                     self.store.label(),
                     roots.len(),
                     last.root,
@@ -182,19 +193,51 @@ impl<'a> Publisher<'a> {
                 path.display()
             )));
         };
-        let (root, salt) = self.active_root().await?;
+        let file = Arc::new(file);
+        // A rotation that retires the root while the image is being published sends it
+        // round again under the new root (new salt, new chunk names): nothing new is left
+        // only in a retired root, whose chunks copy-forward may already have passed.
+        for _ in 0..3 {
+            let (root, salt) = self.active_root().await?;
+            if let Some(p) = self
+                .publish_under(path, &file, device_size, root, salt, opts, &progress)
+                .await?
+            {
+                return Ok(p);
+            }
+        }
+        Err(ImageError::Invalid(format!(
+            "store {}: the active root was rotated three times while {} was being published; \
+             try again",
+            self.store.label(),
+            path.display()
+        )))
+    }
+
+    /// One attempt at publishing under `root`; `None` if the root was retired before the
+    /// manifest was tagged.
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_under(
+        &self,
+        path: &Path,
+        file: &Arc<File>,
+        device_size: u64,
+        root: RootId,
+        salt: RootSalt,
+        opts: &PublishOptions,
+        progress: &Arc<dyn Progress>,
+    ) -> Result<Option<Published>, ImageError> {
         let cs = opts.chunk_size;
         let count = cs.chunks_for(device_size);
         progress.set_total(device_size);
 
-        let file = Arc::new(file);
         let salt = Arc::new(salt);
         let seen: Arc<Mutex<HashSet<ChunkName>>> = Arc::default();
         let zero_full = digest_of_zeros(cs.bytes_usize());
 
         let mut results = futures::stream::iter(0..count)
             .map(|i| {
-                let file = Arc::clone(&file);
+                let file = Arc::clone(file);
                 let salt = Arc::clone(&salt);
                 let seen = Arc::clone(&seen);
                 let store = self.store.clone();
@@ -320,19 +363,25 @@ impl<'a> Publisher<'a> {
         let (data_key, wrapped) = self.kms.generate_data_key(&self.key_id).await?;
         let manifest = Manifest::seal(header, entries, &keys, &data_key, wrapped)
             .map_err(ImageError::Build)?;
+        failpoint::pause("publish:before-manifest").await;
         let (id, _) = self
             .store
             .put_manifest(root, Bytes::copy_from_slice(manifest.bytes()))
             .await?;
+        // Checked after the manifest is written: a rotation after this check leaves a
+        // tagged manifest in the retired root, which is live there and copied forward.
+        if self.store.get_root(root).await?.state != RootState::Active {
+            return Ok(None);
+        }
         if let Some(tag) = &opts.tag {
             self.store.set_tag(tag, &id).await?;
         }
-        Ok(Published {
+        Ok(Some(Published {
             id,
             root,
             manifest,
             stats,
-        })
+        }))
     }
 }
 

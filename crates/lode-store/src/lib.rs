@@ -32,5 +32,5 @@ pub use location::StoreLocation;
 pub use root::{RootRecord, RootState};
 pub use store::{
     BadPin, BadTag, MAX_MANIFEST_OBJECT, MAX_PIN_OBJECT, MAX_ROOT_OBJECT, MAX_TAG_OBJECT, PinList,
-    PutOutcome, Store, StoreError, TagList, parse_pin_body, parse_tag_body,
+    PutOutcome, RootVersion, Store, StoreError, TagList, parse_pin_body, parse_tag_body,
 };

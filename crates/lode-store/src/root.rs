@@ -25,7 +25,7 @@ pub enum RootState {
 
 impl std::fmt::Display for RootState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             RootState::Active => "active",
             RootState::Retired => "retired",
             RootState::Expired => "expired",

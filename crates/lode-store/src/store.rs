@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt;
 use lode_format::{ChunkName, ManifestId, RootId};
 use object_store::path::{Path, PathPart};
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use thiserror::Error;
 
 use crate::local::{LocalDir, Refused, StagingFile};
@@ -132,6 +132,15 @@ pub enum StoreError {
         expected: ChunkName,
         /// SHA-256 of the bytes given.
         got: ChunkName,
+    },
+    /// A conditional write lost: the object changed (or went) since it was read, so
+    /// another process advanced it first.
+    #[error("{object} in store {store} changed since it was read: another process wrote it first")]
+    Conflict {
+        /// The store.
+        store: String,
+        /// The object's key.
+        object: String,
     },
     /// A tag name lode cannot store.
     #[error("tag {tag:?} is invalid: {reason}")]
@@ -359,6 +368,18 @@ impl Store {
         key: String,
         max: u64,
     ) -> Result<Bytes, StoreError> {
+        Ok(self.read_versioned(path, what, key, max).await?.0)
+    }
+
+    /// [`Store::read`], with the version (e-tag) of what was read, for a conditional
+    /// write that must find the object unchanged.
+    async fn read_versioned(
+        &self,
+        path: &Path,
+        what: &'static str,
+        key: String,
+        max: u64,
+    ) -> Result<(Bytes, UpdateVersion), StoreError> {
         let got = match self.os.get(path).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => {
@@ -371,6 +392,10 @@ impl Store {
             Err(e) => return Err(self.read_error(what, path, e)),
         };
         let size = got.meta.size;
+        let version = UpdateVersion {
+            e_tag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
         if size > max {
             return Err(StoreError::TooLarge {
                 store: self.label.clone(),
@@ -404,7 +429,7 @@ impl Store {
         if buf.len() as u64 != size {
             return Err(changed(buf.len() as u64));
         }
-        Ok(buf.freeze())
+        Ok((buf.freeze(), version))
     }
 
     fn read_error(&self, what: &'static str, path: &Path, e: object_store::Error) -> StoreError {
@@ -844,20 +869,63 @@ impl Store {
 
     /// One root's record (at most [`MAX_ROOT_OBJECT`] bytes are read).
     pub async fn get_root(&self, root: RootId) -> Result<RootRecord, StoreError> {
+        Ok(self.get_root_versioned(root).await?.0)
+    }
+
+    /// One root's record and the version it was read at, for [`Store::update_root`].
+    pub async fn get_root_versioned(
+        &self,
+        root: RootId,
+    ) -> Result<(RootRecord, RootVersion), StoreError> {
         let path = self.root_path(root);
         let corrupt = |reason: String| StoreError::CorruptObject {
             store: self.label.clone(),
             object: path.to_string(),
             reason,
         };
-        let bytes = self
-            .read(&path, "root", root.to_string(), MAX_ROOT_OBJECT)
+        let (bytes, version) = self
+            .read_versioned(&path, "root", root.to_string(), MAX_ROOT_OBJECT)
             .await?;
         let rec = RootRecord::from_json(&bytes).map_err(corrupt)?;
         if rec.root != root {
             return Err(corrupt(format!("it says it is root {}", rec.root)));
         }
-        Ok(rec)
+        Ok((rec, RootVersion(version)))
+    }
+
+    /// Replaces a root record only if it is still the version `read` (a conditional
+    /// write: S3's `If-Match`, a local store's e-tag checked under a directory lock), so
+    /// of processes advancing a root from one state, exactly one succeeds; the others get
+    /// [`StoreError::Conflict`]. Where the backend cannot write conditionally the write
+    /// is refused, never done unconditionally.
+    pub async fn update_root(
+        &self,
+        rec: &RootRecord,
+        read: &RootVersion,
+    ) -> Result<(), StoreError> {
+        let path = self.root_path(rec.root);
+        let opts = PutOptions {
+            mode: PutMode::Update(read.0.clone()),
+            ..Default::default()
+        };
+        match self
+            .os
+            .put_opts(
+                &path,
+                PutPayload::from_bytes(Bytes::from(rec.to_json())),
+                opts,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(
+                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
+            ) => Err(StoreError::Conflict {
+                store: self.label.clone(),
+                object: path.to_string(),
+            }),
+            Err(e) => Err(self.backend("conditional put", &path, e)),
+        }
     }
 
     /// The active root, if the store has one. More than one active root is corruption.
@@ -930,6 +998,10 @@ impl Store {
             })
     }
 }
+
+/// The version of a root record as read: what [`Store::update_root`] requires to find.
+#[derive(Clone, Debug)]
+pub struct RootVersion(UpdateVersion);
 
 /// What [`Store::list_tags`] found.
 #[derive(Debug, Default)]

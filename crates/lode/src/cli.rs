@@ -100,6 +100,10 @@ pub enum Command {
     /// Remove the pin `lode pin` put on a manifest (its tags, if any, still hold it).
     Unpin(ImageArg),
 
+    /// The store's roots: list them, rotate the active one (docs/gc.md).
+    #[command(subcommand)]
+    Root(RootCommand),
+
     /// Store-wide figures, tags, and a consistency check (fsck).
     #[command(subcommand)]
     Store(StoreCommand),
@@ -606,6 +610,21 @@ pub struct ExportArgs {
     pub image: String,
     /// Where to write the image (a file, or a block device written in place).
     pub out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RootCommand {
+    /// Each root: its state, stored bytes, live manifests, live and dead bytes, alarms.
+    Ls,
+    /// Retire the active root and make a new active root with a fresh salt.
+    ///
+    /// The salt is wrapped by the KMS key of --kms-key. Images published from now on
+    /// go to the new root; the same plaintext gets new chunk keys and names there. The
+    /// retired root stays readable. Every step is a conditional write: of racing
+    /// rotations one wins and the others fail having changed nothing. Run again after
+    /// an interrupted rotation, it finishes it.
+    #[command(after_help = "Example:\n  lode root rotate && lode root ls")]
+    Rotate,
 }
 
 #[derive(Debug, Args)]

@@ -17,7 +17,7 @@ use lode_image::{Progress, PublishOptions, Publisher};
 use lode_kms::Kms;
 use lode_store::Store;
 
-use crate::cli::{Cli, Command, KmsCommand, StoreCommand};
+use crate::cli::{Cli, Command, KmsCommand, RootCommand, StoreCommand};
 use crate::output::{Bar, human_bytes, print_json};
 
 fn main() -> ExitCode {
@@ -263,6 +263,55 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Rm(a) => rm(&env, &a).await?,
+        Command::Root(RootCommand::Ls) => {
+            let store = env.store()?;
+            let st = lode_image::store_stats(&store).await?;
+            if env.cli_json {
+                // Alarms are raised by reads of expired roots; no root expires yet.
+                let v: Vec<_> = st
+                    .per_root
+                    .iter()
+                    .map(|r| {
+                        let mut v = serde_json::to_value(r).expect("plain data");
+                        v["alarms"] = serde_json::json!([]);
+                        v
+                    })
+                    .collect();
+                print_json(&v)?;
+            } else {
+                for r in &st.per_root {
+                    println!(
+                        "root {} {:<8} {} stored, {} of {} manifests live, {} live, {} dead, \
+                         no alarms",
+                        r.root,
+                        r.state,
+                        human_bytes(r.stored_bytes),
+                        r.live_manifests,
+                        r.manifests,
+                        human_bytes(r.live_bytes),
+                        human_bytes(r.dead_bytes)
+                    );
+                }
+            }
+        }
+        Command::Root(RootCommand::Rotate) => {
+            let store = env.store()?;
+            let kms = env.kms_existing()?;
+            let key = env.kms_key.clone().unwrap_or_else(|| kms.default_key_id());
+            let r = lode_image::rotate(&store, kms.as_ref(), &key).await?;
+            if env.cli_json {
+                print_json(&r)?;
+            } else {
+                match (r.retired, r.finished) {
+                    (Some(old), _) => println!("retired root {old}; root {} is active", r.active),
+                    (None, Some(old)) => println!(
+                        "finished the rotation from root {old}; root {} is active",
+                        r.active
+                    ),
+                    (None, None) => println!("root {} is active", r.active),
+                }
+            }
+        }
         Command::Pin(a) => {
             let store = env.store()?;
             let id = lode_image::resolve(&store, &a.image).await?;

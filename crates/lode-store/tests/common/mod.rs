@@ -135,6 +135,7 @@ pub async fn conformance(store: &Store, prefix: &str, raw: Option<&dyn Backdoor>
     t.readers_never_see_partial_chunks().await;
     t.stray_objects_are_named().await;
     t.only_final_names();
+    t.conditional_root_updates().await;
     // Last: a corrupt ROOT makes roots() fail from here on.
     t.corrupt_roots().await;
 }
@@ -927,6 +928,61 @@ impl Suite<'_> {
             let c = bytes_for(100 + i, 1 + 997 * usize::try_from(i).unwrap());
             assert!(keys.contains(&chunk_key(5, &ChunkName::of(&c))));
         }
+    }
+
+    /// A root record advances only from the version read: a second update from the same
+    /// version is a conflict naming the object, and of racing updates from one version
+    /// exactly one wins where the backend's conditional write is atomic (s3s-fs checks
+    /// and then writes: there at least one wins and the record is whole).
+    async fn conditional_root_updates(&self) {
+        let s = self.store;
+        let id = 21;
+        s.create_root(&root(id, RootState::Active, "k", b"salt"))
+            .await
+            .unwrap();
+        let (rec, v1) = s.get_root_versioned(RootId(id)).await.unwrap();
+        assert_eq!(rec.state, RootState::Active);
+        let retired = root(id, RootState::Retired, "k", b"salt");
+        s.update_root(&retired, &v1).await.unwrap();
+        assert_eq!(s.get_root(RootId(id)).await.unwrap(), retired);
+        let e = s.update_root(&rec, &v1).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}roots/{id}/ROOT in store {} changed since it was read: another process \
+                 wrote it first",
+                self.prefix, self.label
+            )
+        );
+        assert_eq!(s.get_root(RootId(id)).await.unwrap(), retired);
+
+        let (_, v2) = s.get_root_versioned(RootId(id)).await.unwrap();
+        let racers = (0..8u8).map(|i| {
+            let s = s.clone();
+            let v = v2.clone();
+            async move {
+                let rec = root(id, RootState::Expired, "k", &[i; 8]);
+                s.update_root(&rec, &v).await.map(|()| rec)
+            }
+        });
+        let results = futures::future::join_all(racers).await;
+        let won: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        for r in &results {
+            if let Err(e) = r {
+                assert!(matches!(e, StoreError::Conflict { .. }), "{e:?}");
+            }
+        }
+        let atomic = self.raw.is_none_or(|r| r.atomic_create());
+        if atomic {
+            assert_eq!(won.len(), 1, "{results:?}");
+        } else {
+            assert!(!won.is_empty(), "{results:?}");
+        }
+        let now = s.get_root(RootId(id)).await.unwrap();
+        assert!(
+            won.contains(&&now),
+            "{now:?} is none of the winners' records"
+        );
     }
 
     async fn corrupt_roots(&self) {
