@@ -78,6 +78,16 @@ pub enum ImageError {
     /// A manifest is live, or cannot be proven dead.
     #[error(transparent)]
     Live(#[from] crate::live::LiveError),
+    /// Copying a manifest forward failed; nothing was deleted.
+    #[error("copying manifest {id} of root {root} forward: {source}")]
+    Forward {
+        /// The retired root.
+        root: lode_format::RootId,
+        /// The manifest.
+        id: ManifestId,
+        /// What went wrong, naming the chunk where one is at fault.
+        source: Box<ImageError>,
+    },
     /// A worker task died (a bug, reported rather than hidden).
     #[error("internal task failed: {0}")]
     Task(String),

@@ -9,6 +9,7 @@ mod error;
 mod export;
 mod failpoint;
 mod flatten;
+mod forward;
 mod fsck;
 mod inspect;
 mod live;
@@ -24,6 +25,7 @@ pub use flatten::{
     FlattenProgress, FlattenReport, FlattenRequest, Reclaimed, default_work_dir,
     flatten_and_publish, reclaim_scratch,
 };
+pub use forward::{ForwardReport, Moved, copy_forward};
 pub use fsck::{DEFAULT_STAGING_MIN_AGE, Fault, FsckOptions, FsckReport, fsck};
 pub use inspect::ManifestView;
 pub use live::{Holders, LiveError, Liveness, RemovedManifest, remove_manifest};

@@ -7,6 +7,7 @@
 //! roots/<root>/chunks/<2 hex>/<name>    chunk ciphertext; name = SHA-256(bytes)
 //! roots/<root>/manifests/<id>           manifest bytes; id = SHA-256(bytes)
 //! tags/<image ref>                      a manifest id in hex (the ref percent-encoded)
+//! roots/<root>/forwards/<id>           the id manifest <id> was copied forward as
 //! pins/<manifest id>                    the same id in hex: the manifest is kept untagged
 //! ```
 //!
@@ -31,6 +32,6 @@ pub use local::StagingFile;
 pub use location::StoreLocation;
 pub use root::{RootRecord, RootState};
 pub use store::{
-    BadPin, BadTag, MAX_MANIFEST_OBJECT, MAX_PIN_OBJECT, MAX_ROOT_OBJECT, MAX_TAG_OBJECT, PinList,
-    PutOutcome, RootVersion, Store, StoreError, TagList, parse_pin_body, parse_tag_body,
+    BadPin, BadTag, MAX_MANIFEST_OBJECT, MAX_PIN_OBJECT, MAX_ROOT_OBJECT, MAX_TAG_OBJECT,
+    ObjectVersion, PinList, PutOutcome, Store, StoreError, TagList, parse_pin_body, parse_tag_body,
 };

@@ -142,6 +142,21 @@ pub enum StoreError {
         /// The object's key.
         object: String,
     },
+    /// A manifest that is gone from its root, copied forward under another id.
+    #[error(
+        "manifest {id} is no longer in store {store}: it was copied forward from root {root} \
+         as manifest {to}; use that id (tags were moved to it)"
+    )]
+    Forwarded {
+        /// The store.
+        store: String,
+        /// The id asked for.
+        id: ManifestId,
+        /// The root it was in.
+        root: RootId,
+        /// The id it was copied forward as.
+        to: ManifestId,
+    },
     /// A tag name lode cannot store.
     #[error("tag {tag:?} is invalid: {reason}")]
     BadTag {
@@ -268,6 +283,15 @@ impl Store {
 
     fn pin_path(&self, id: &ManifestId) -> Path {
         self.path(["pins".into(), PathPart::from(id.to_hex())])
+    }
+
+    fn forward_path(&self, root: RootId, id: &ManifestId) -> Path {
+        self.path([
+            "roots".into(),
+            PathPart::from(root.to_string()),
+            "forwards".into(),
+            PathPart::from(id.to_hex()),
+        ])
     }
 
     fn tag_path(&self, tag: &str) -> Result<Path, StoreError> {
@@ -604,15 +628,26 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Finds a manifest in whichever root holds it, newest root first.
+    /// Finds a manifest in whichever root holds it, newest root first. One that is in
+    /// no root but was copied forward is [`StoreError::Forwarded`], naming its new id.
     pub async fn find_manifest(&self, id: &ManifestId) -> Result<(RootId, Bytes), StoreError> {
         let mut roots = self.roots().await?;
         roots.sort_by_key(|r| std::cmp::Reverse(r.root));
-        for r in roots {
+        for r in &roots {
             match self.get_manifest(r.root, id).await {
                 Ok(b) => return Ok((r.root, b)),
                 Err(StoreError::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
+            }
+        }
+        for r in &roots {
+            if let Some(to) = self.get_forward(r.root, id).await? {
+                return Err(StoreError::Forwarded {
+                    store: self.label.clone(),
+                    id: *id,
+                    root: r.root,
+                    to,
+                });
             }
         }
         Err(StoreError::NotFound {
@@ -692,6 +727,76 @@ impl Store {
             object: path.to_string(),
             reason: reason.to_owned(),
         })
+    }
+
+    /// The manifest a tag points at and the version of the tag object, for
+    /// [`Store::update_tag`].
+    pub async fn get_tag_versioned(
+        &self,
+        tag: &str,
+    ) -> Result<(ManifestId, ObjectVersion), StoreError> {
+        let path = self.tag_path(tag)?;
+        let (bytes, version) = self
+            .read_versioned(&path, "tag", format!("{tag:?}"), MAX_TAG_OBJECT)
+            .await?;
+        let id = parse_tag_body(&bytes).map_err(|reason| StoreError::CorruptObject {
+            store: self.label.clone(),
+            object: path.to_string(),
+            reason: reason.to_owned(),
+        })?;
+        Ok((id, ObjectVersion(version)))
+    }
+
+    /// Points `tag` at `id` only if the tag object is still the version `read`
+    /// (compare-and-swap); [`StoreError::Conflict`] if it changed.
+    pub async fn update_tag(
+        &self,
+        tag: &str,
+        id: &ManifestId,
+        read: &ObjectVersion,
+    ) -> Result<(), StoreError> {
+        let path = self.tag_path(tag)?;
+        self.put_if_unchanged(&path, Bytes::from(format!("{}\n", id.to_hex())), read)
+            .await
+    }
+
+    /// Records that manifest `id` of `root` was copied forward as `to`, so that a
+    /// reader holding `id` can be told where it went. Re-recording is harmless.
+    pub async fn put_forward(
+        &self,
+        root: RootId,
+        id: &ManifestId,
+        to: &ManifestId,
+    ) -> Result<(), StoreError> {
+        let body = Bytes::from(format!("{}\n", to.to_hex()));
+        self.create_addressed(&self.forward_path(root, id), body, "forward")
+            .await?;
+        Ok(())
+    }
+
+    /// Where manifest `id` of `root` was copied forward to, if it was (at most
+    /// [`MAX_TAG_OBJECT`] bytes are read; a malformed record is named, never quoted).
+    pub async fn get_forward(
+        &self,
+        root: RootId,
+        id: &ManifestId,
+    ) -> Result<Option<ManifestId>, StoreError> {
+        let path = self.forward_path(root, id);
+        let bytes = match self
+            .read(&path, "forward", id.to_hex(), MAX_TAG_OBJECT)
+            .await
+        {
+            Ok(b) => b,
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        parse_tag_body(&bytes)
+            .map(Some)
+            .map_err(|reason| StoreError::CorruptObject {
+                store: self.label.clone(),
+                object: path.to_string(),
+                reason: reason.to_owned(),
+            })
     }
 
     /// Removes `tag`; returns the manifest it pointed at. A tag that is not there is
@@ -876,7 +981,7 @@ impl Store {
     pub async fn get_root_versioned(
         &self,
         root: RootId,
-    ) -> Result<(RootRecord, RootVersion), StoreError> {
+    ) -> Result<(RootRecord, ObjectVersion), StoreError> {
         let path = self.root_path(root);
         let corrupt = |reason: String| StoreError::CorruptObject {
             store: self.label.clone(),
@@ -890,7 +995,7 @@ impl Store {
         if rec.root != root {
             return Err(corrupt(format!("it says it is root {}", rec.root)));
         }
-        Ok((rec, RootVersion(version)))
+        Ok((rec, ObjectVersion(version)))
     }
 
     /// Replaces a root record only if it is still the version `read` (a conditional
@@ -901,20 +1006,25 @@ impl Store {
     pub async fn update_root(
         &self,
         rec: &RootRecord,
-        read: &RootVersion,
+        read: &ObjectVersion,
     ) -> Result<(), StoreError> {
-        let path = self.root_path(rec.root);
+        self.put_if_unchanged(&self.root_path(rec.root), Bytes::from(rec.to_json()), read)
+            .await
+    }
+
+    async fn put_if_unchanged(
+        &self,
+        path: &Path,
+        bytes: Bytes,
+        read: &ObjectVersion,
+    ) -> Result<(), StoreError> {
         let opts = PutOptions {
             mode: PutMode::Update(read.0.clone()),
             ..Default::default()
         };
         match self
             .os
-            .put_opts(
-                &path,
-                PutPayload::from_bytes(Bytes::from(rec.to_json())),
-                opts,
-            )
+            .put_opts(path, PutPayload::from_bytes(bytes), opts)
             .await
         {
             Ok(_) => Ok(()),
@@ -924,10 +1034,9 @@ impl Store {
                 store: self.label.clone(),
                 object: path.to_string(),
             }),
-            Err(e) => Err(self.backend("conditional put", &path, e)),
+            Err(e) => Err(self.backend("conditional put", path, e)),
         }
     }
-
     /// The active root, if the store has one. More than one active root is corruption.
     pub async fn active_root(&self) -> Result<Option<RootRecord>, StoreError> {
         Ok(self.active_among(&self.roots().await?)?.cloned())
@@ -999,9 +1108,10 @@ impl Store {
     }
 }
 
-/// The version of a root record as read: what [`Store::update_root`] requires to find.
+/// The version of an object as read (a root record, a tag): what a conditional update
+/// ([`Store::update_root`], [`Store::update_tag`]) requires to find.
 #[derive(Clone, Debug)]
-pub struct RootVersion(UpdateVersion);
+pub struct ObjectVersion(UpdateVersion);
 
 /// What [`Store::list_tags`] found.
 #[derive(Debug, Default)]

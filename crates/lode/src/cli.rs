@@ -625,6 +625,21 @@ pub enum RootCommand {
     /// an interrupted rotation, it finishes it.
     #[command(after_help = "Example:\n  lode root rotate && lode root ls")]
     Rotate,
+    /// Copy every live manifest of a retired root into the active root.
+    ///
+    /// Each chunk is fetched, checked, decrypted and sealed again under the active
+    /// root's salt (new keys, new names); a new manifest is written, the tags naming the
+    /// old one are moved to it by compare-and-swap, a pin is moved, and a forwarding
+    /// record tells a reader holding the old id where it went. Safe to interrupt: run
+    /// again, it carries on. Deletes nothing.
+    #[command(
+        name = "copy-forward",
+        after_help = "Example:\n  lode root rotate && lode root copy-forward 1"
+    )]
+    CopyForward {
+        /// The retired root (its number, as `lode root ls` shows it).
+        root: u32,
+    },
 }
 
 #[derive(Debug, Args)]

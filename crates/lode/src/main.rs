@@ -294,6 +294,44 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Root(RootCommand::CopyForward { root }) => {
+            let store = env.store()?;
+            let kms = env.kms_existing()?;
+            let key = env.kms_key.clone().unwrap_or_else(|| kms.default_key_id());
+            let r = lode_image::copy_forward(&store, kms.as_ref(), &key, lode_format::RootId(root))
+                .await?;
+            if env.cli_json {
+                print_json(&r)?;
+            } else {
+                for m in &r.moved {
+                    let mut holders: Vec<String> = m.tags.clone();
+                    if m.pinned {
+                        holders.push("pin".to_owned());
+                    }
+                    println!(
+                        "{} -> {}{}{}",
+                        m.from,
+                        m.to,
+                        if holders.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", holders.join(", "))
+                        },
+                        if m.resumed { " [resumed]" } else { "" }
+                    );
+                }
+                println!(
+                    "root {} -> root {}: {} live manifest(s) moved, {} dead left, {} chunks \
+                     ({}) sealed again",
+                    r.from,
+                    r.to,
+                    r.moved.len(),
+                    r.dead,
+                    r.chunks,
+                    human_bytes(r.bytes)
+                );
+            }
+        }
         Command::Root(RootCommand::Rotate) => {
             let store = env.store()?;
             let kms = env.kms_existing()?;

@@ -606,6 +606,169 @@ fn root_rotation_on_s3() {
     import_racing_a_rotation(&t);
 }
 
+fn inspect_root(t: &Target, image: &str) -> u64 {
+    t.json(&["inspect", image])["root"].as_u64().unwrap()
+}
+
+fn chunk_file(t: &Target, root: u64, name: &str) -> PathBuf {
+    t.objects
+        .join(format!("roots/{root}/chunks/{}/{name}", &name[..2]))
+}
+
+/// Copy-forward killed (kill -9) at each step boundary and run again ends with every
+/// live image in the active root under new chunk names, tags and pin moved, exporting
+/// byte for byte; a reader holding an old id is told the new one; a chunk missing from
+/// the retired root stops it naming root, manifest and chunk, moving and deleting
+/// nothing.
+fn copy_forward_survives_kills(t: &Target) {
+    // p: three chunks and a zero chunk; q shares p's first chunk; r is dead.
+    let mut p = random(3, 21);
+    p.extend(vec![0u8; CHUNK]);
+    let mut q = p[..CHUNK].to_vec();
+    q.extend(random(1, 22));
+    let r = random(1, 23);
+    for (name, bytes) in [("p.img", &p), ("q.img", &q), ("r.img", &r)] {
+        fs::write(t.h.path(name), bytes).unwrap();
+    }
+    let path = |n: &str| t.h.path(n).to_str().unwrap().to_owned();
+    let pid = t.import(Path::new(&path("p.img")), "p:1");
+    fs::write(t.objects.join("tags/p2"), format!("{pid}\n")).unwrap();
+    let qid = t.import(Path::new(&path("q.img")), "q:1");
+    t.ok(&["pin", &qid]);
+    t.ok(&["rm", "q:1"]);
+    let rid = t.import(Path::new(&path("r.img")), "r:1");
+    t.ok(&["rm", "r:1"]);
+    let old_names = stored_names(t, "p:1");
+    assert_eq!(
+        t.fails(&["root", "copy-forward", "1"]),
+        format!(
+            "lode: error: root 1 of store {} is active: only a retired root is copied forward \
+             (lode root rotate retires the active one)\n",
+            t.store
+        )
+    );
+    t.ok(&["root", "rotate"]);
+
+    for point in [
+        "copy-forward:after-manifest",
+        "copy-forward:after-forward",
+        "copy-forward:after-tag",
+    ] {
+        let gate = new_gate(t, &point.replace(':', "-"));
+        let mut victim = t.spawn_paused(&["root", "copy-forward", "1"], point, &gate);
+        wait_for_marks(&gate, point, 1);
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        // Whatever step it died at, every tagged image still reads.
+        exports_as(t, "p:1", &p);
+        exports_as(t, "p2", &p);
+    }
+    let v = t.json(&["root", "copy-forward", "1"]);
+    assert_eq!(v["from"], 1, "{v}");
+    assert_eq!(v["to"], 2, "{v}");
+    // The killed runs may have finished some manifests: the forwarding records say
+    // where each went, and this run's report must agree with them.
+    let forward = |old: &str| -> String {
+        let body = fs::read_to_string(t.objects.join(format!("roots/1/forwards/{old}")))
+            .unwrap_or_else(|e| panic!("no forwarding record for {old}: {e}"));
+        body.trim_end().to_owned()
+    };
+    let (pnew, qnew) = (forward(&pid), forward(&qid));
+    for m in v["moved"].as_array().unwrap() {
+        let from = m["from"].as_str().unwrap();
+        assert_eq!(m["to"].as_str().unwrap(), forward(from), "{v}");
+        assert_ne!(from, rid, "{v}");
+    }
+    assert!(
+        !t.objects.join(format!("roots/1/forwards/{rid}")).exists(),
+        "the dead manifest was copied"
+    );
+    assert_ne!(pnew, pid);
+    assert_ne!(qnew, qid);
+
+    // Tags and the pin moved; the images are in root 2 under new names.
+    let tags = t.ok(&["store", "tags"]);
+    assert_eq!(tags, format!("{pnew}  p2\n{pnew}  p:1\n"));
+    assert_eq!(inspect_root(t, "p:1"), 2);
+    let new_names = stored_names(t, "p:1");
+    assert_eq!(new_names.len(), 3);
+    for n in &new_names {
+        assert!(!old_names.contains(n), "chunk {n} kept its name");
+    }
+    exports_as(t, "p:1", &p);
+    exports_as(t, &qnew, &q);
+    t.ok(&["verify", "p:1"]);
+    t.ok(&["verify", &qnew]);
+    let ls = t.json(&["root", "ls"]);
+    assert_eq!(ls[0]["live_manifests"], 0, "{ls}");
+    assert_eq!(ls[0]["live_bytes"], 0, "{ls}");
+    assert_eq!(
+        t.fails(&["unpin", &qid]),
+        format!("lode: error: pin {qid} is not in store {}\n", t.store)
+    );
+    assert_eq!(
+        t.ok(&["pin", &qnew]),
+        format!("{qnew} was pinned already\n")
+    );
+
+    // Forwarding records are objects fsck accepts.
+    t.ok(&["store", "fsck"]);
+
+    // Run again: nothing left to move.
+    assert_eq!(
+        t.ok(&["root", "copy-forward", "1"]),
+        "root 1 -> root 2: 0 live manifest(s) moved, 3 dead left, 0 chunks (0 B) sealed again\n"
+    );
+
+    // Once the old manifest is gone (its root deleted), its id leads to the new one.
+    fs::remove_file(t.objects.join(format!("roots/1/manifests/{pid}"))).unwrap();
+    assert_eq!(
+        t.fails(&["inspect", &pid]),
+        format!(
+            "lode: error: manifest {pid} is no longer in store {}: it was copied forward from \
+             root 1 as manifest {pnew}; use that id (tags were moved to it)\n",
+            t.store
+        )
+    );
+
+    // A chunk missing from a retired root stops its copy-forward, naming it.
+    let s_img = random(2, 24);
+    fs::write(t.h.path("s.img"), &s_img).unwrap();
+    let sid = t.import(Path::new(&path("s.img")), "s:1");
+    let s_names = stored_names(t, "s:1");
+    t.ok(&["root", "rotate"]);
+    fs::remove_file(chunk_file(t, 2, &s_names[1])).unwrap();
+    let err = t.fails(&["root", "copy-forward", "2"]);
+    assert!(
+        err.starts_with(&format!(
+            "lode: error: copying manifest {sid} of root 2 forward: chunk {} is not in store {}",
+            s_names[1], t.store
+        )),
+        "{err}"
+    );
+    // Nothing moved, nothing deleted.
+    assert_eq!(
+        t.ok(&["store", "tags"])
+            .lines()
+            .find(|l| l.ends_with("s:1")),
+        Some(format!("{sid}  s:1").as_str())
+    );
+    assert!(chunk_file(t, 2, &s_names[0]).exists());
+    exports_as(t, "p:1", &p);
+}
+
+#[test]
+fn copy_forward_on_a_local_store() {
+    let t = Target::local();
+    copy_forward_survives_kills(&t);
+}
+
+#[test]
+fn copy_forward_on_s3() {
+    let t = Target::s3();
+    copy_forward_survives_kills(&t);
+}
+
 #[test]
 fn rm_pin_and_stats_on_a_local_store() {
     let t = Target::local();
