@@ -28,7 +28,7 @@ pub use flatten::{
 pub use forward::{ForwardReport, Moved, copy_forward};
 pub use fsck::{DEFAULT_STAGING_MIN_AGE, Fault, FsckOptions, FsckReport, fsck};
 pub use inspect::ManifestView;
-pub use live::{Holders, LiveError, Liveness, RemovedManifest, remove_manifest};
+pub use live::{Holders, LiveError, Liveness, RemovedManifest, Untagged, remove_manifest, untag};
 pub use lode_registry::{PullOptions, RegistryAuth};
 pub use publish::{PublishOptions, PublishStats, Published, Publisher};
 pub use reference::{OpenedImage, open_image, resolve};

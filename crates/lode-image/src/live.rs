@@ -85,6 +85,17 @@ pub enum LiveError {
         /// Each unreadable object, with why.
         unreadable: Vec<String>,
     },
+    /// `lode rm ID` was given a manifest that no tag names.
+    #[error(
+        "no tag names manifest {id} in store {store}; to remove the manifest itself: \
+         lode rm --manifest {id}"
+    )]
+    NoTag {
+        /// The manifest.
+        id: ManifestId,
+        /// The store's label.
+        store: String,
+    },
 }
 
 impl Liveness {
@@ -137,6 +148,55 @@ impl Liveness {
     pub fn unreadable(&self) -> &[String] {
         &self.unreadable
     }
+}
+
+/// A tag `lode rm` removed, and the manifest it named.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Untagged {
+    /// The tag.
+    pub tag: String,
+    /// The manifest it named.
+    pub id: ManifestId,
+}
+
+/// Removes tag `image` or, when `image` is a manifest id, every tag that names that
+/// manifest (a tag repointed meanwhile names another manifest now, and is left alone).
+/// An empty answer means the tag existed but could not be read: it is removed all the same.
+pub async fn untag(store: &Store, image: &str) -> Result<Vec<Untagged>, ImageError> {
+    let Ok(id) = image.parse::<ManifestId>() else {
+        return Ok(store
+            .remove_tag(image)
+            .await?
+            .map(|id| Untagged {
+                tag: image.to_owned(),
+                id,
+            })
+            .into_iter()
+            .collect());
+    };
+    let tags: Vec<String> = store
+        .list_tags()
+        .await?
+        .tags
+        .into_iter()
+        .filter(|(_, t)| *t == id)
+        .map(|(tag, _)| tag)
+        .collect();
+    if tags.is_empty() {
+        return Err(LiveError::NoTag {
+            id,
+            store: store.label().to_owned(),
+        }
+        .into());
+    }
+    let mut out = Vec::new();
+    for tag in tags {
+        if store.get_tag(&tag).await? == id {
+            store.remove_tag(&tag).await?;
+            out.push(Untagged { tag, id });
+        }
+    }
+    Ok(out)
 }
 
 /// What `lode rm --manifest` removed.

@@ -645,49 +645,14 @@ async fn rm(env: &Env, a: &cli::RmArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let removed: Vec<(String, lode_format::ManifestId)> =
-        if let Ok(id) = a.image.parse::<lode_format::ManifestId>() {
-            let tags: Vec<String> = store
-                .list_tags()
-                .await?
-                .tags
-                .into_iter()
-                .filter(|(_, t)| *t == id)
-                .map(|(tag, _)| tag)
-                .collect();
-            if tags.is_empty() {
-                anyhow::bail!(
-                    "no tag names manifest {id} in store {}; to remove the manifest itself: \
-                     lode rm --manifest {id}",
-                    store.label()
-                );
-            }
-            let mut out = Vec::new();
-            for tag in tags {
-                // A tag repointed meanwhile names another manifest now: leave it.
-                if store.get_tag(&tag).await? == id {
-                    store.remove_tag(&tag).await?;
-                    out.push((tag, id));
-                }
-            }
-            out
-        } else {
-            match store.remove_tag(&a.image).await? {
-                Some(id) => vec![(a.image.clone(), id)],
-                None => Vec::new(),
-            }
-        };
+    let removed = lode_image::untag(&store, &a.image).await?;
     if env.cli_json {
-        let v: Vec<_> = removed
-            .iter()
-            .map(|(t, id)| serde_json::json!({"tag": t, "id": id}))
-            .collect();
-        print_json(&serde_json::json!({"untagged": v}))?;
+        print_json(&serde_json::json!({"untagged": removed}))?;
     } else if removed.is_empty() {
         println!("removed unreadable tag {:?}", a.image);
     } else {
-        for (t, id) in &removed {
-            println!("untagged {t} (manifest {id})");
+        for u in &removed {
+            println!("untagged {} (manifest {})", u.tag, u.id);
         }
     }
     Ok(())
