@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The worker agent's read path, measured side by side in one run (issue 4):
+# The worker agent's read path, measured side by side in one run:
 #   1. warm 4 KiB random reads at QD1 and QD16 through NBD (fio's nbd engine), lode agent
 #      against nbdkit's file plugin serving the same flat image (`lode export`) from the
 #      page cache: IOPS, ratio, p50/p99 completion latency;

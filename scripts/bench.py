@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""lode's evaluation: every benchmark beside its peer, in one run (issue 7).
+"""lode's evaluation: every benchmark beside its peer, in one run.
 
 Measures, writes one JSON file per section into RESULTS, then scripts/evaluation.py
 turns them into docs/EVALUATION.md and its plots. scripts/bench.sh is the entry point
@@ -8,7 +8,7 @@ directly only to re-run single sections:
 
     scripts/bench.py --quick --sections starts,replay --results /var/tmp/lode-eval/results
 
-Sections (figures of issue 7):
+Sections:
   dedup     1: stored against logical bytes over the image family and function images
   starts    2, 6 and part of 5: cold starts per image and tier, lazy against pulling
   replay    3, 4: a Zipf workload of functions on three agents sharing six cache nodes

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # lode's evaluation in one command: every benchmark beside its peer, in one run, written
-# up as docs/EVALUATION.md with plots in docs/evaluation/ (issue 7).
+# up as docs/EVALUATION.md with plots in docs/evaluation/.
 #
 # Usage (as root):  scripts/bench.sh [--quick] [--sections LIST] [--out FILE] [--keep]
 #   --quick          the quick subset: fewer runs, starts and seconds (about 6 minutes

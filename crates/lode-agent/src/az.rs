@@ -1,4 +1,4 @@
-//! The AZ cache tier (DESIGN.md, "The read path" step 4): a thin [`ChunkTier`] over
+//! The AZ cache tier (docs/agent.md): a thin [`ChunkTier`] over
 //! [`lode_az::AzClient`], which places each chunk's erasure-coded stripes on the fleet by
 //! rendezvous hashing, rebuilds from the first `k` to arrive and checks the rebuilt chunk
 //! against its name before returning it. A node that is slow, down or wrong makes a

@@ -1,5 +1,5 @@
 //! The worker-wide chunk cache: decrypted chunks in memory over a chain of ciphertext
-//! [`ChunkTier`]s, with single-flight misses (DESIGN.md, "The read path").
+//! [`ChunkTier`]s, with single-flight misses (docs/agent.md).
 //!
 //! ```text
 //!  plaintext(chunk, key)

@@ -1,4 +1,4 @@
-//! The worker agent's read path (DESIGN.md, "The read path").
+//! The worker agent's read path (docs/agent.md).
 //!
 //! An attached image is an [`ImageDevice`]: a [`lode_nbd::BlockDevice`] whose reads
 //! consult the copy-on-write [`Overlay`] first, then fetch whole chunks through one

@@ -128,7 +128,7 @@ impl TierCounters {
 /// Every counter of one worker's read path.
 #[derive(Debug)]
 pub struct Metrics {
-    /// Decrypted chunks in memory (tier 2 of DESIGN.md).
+    /// Decrypted chunks in memory (tier 2 of the read path, docs/agent.md).
     pub(crate) decrypted: TierCounters,
     /// The ciphertext tiers, in lookup order.
     pub(crate) tiers: Vec<TierCounters>,

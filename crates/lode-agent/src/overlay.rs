@@ -1,5 +1,5 @@
-//! The copy-on-write overlay of a writable attachment (DESIGN.md, "The read path",
-//! tier 1): a sparse file as large as the device and a bitmap of which 4 KiB blocks live
+//! The copy-on-write overlay of a writable attachment (docs/agent.md, the
+//! overlay): a sparse file as large as the device and a bitmap of which 4 KiB blocks live
 //! in it. Writes never reach the shared chunks or the store.
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! The AZ cache client: tier 4 of the read path (DESIGN.md, "The read path").
+//! The AZ cache client: tier 4 of the read path (docs/agent.md).
 //!
 //! **Read.** The chunk's `k + m` nodes come from rendezvous hashing; every one that is
 //! up is asked for the chunk's key at once, each request in its own task with its own

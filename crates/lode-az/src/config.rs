@@ -1,5 +1,5 @@
-//! The AZ client's configuration, checked once in [`AzClient::new`](crate::AzClient::new)
-//! (STYLE.md 8): a bad value fails there, naming the field.
+//! The AZ client's configuration, checked once in [`AzClient::new`](crate::AzClient::new):
+//! a bad value fails there, naming the field.
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! lode's AZ cache client (DESIGN.md, "The read path" step 4, and "AZ cache nodes").
+//! lode's AZ cache client (docs/agent.md, the AZ tier).
 //!
 //! Between a worker's local cache and the origin store sits a fleet of cache nodes in
 //! the worker's availability zone, speaking the memcached text protocol (plain memcached

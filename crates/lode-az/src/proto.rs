@@ -1,6 +1,6 @@
 //! The memcached text protocol, as far as the AZ client speaks it: `get`, `set`,
 //! `delete` and `version`. This module is the only place bytes from a cache node are
-//! parsed (STYLE.md 4). Those bytes are untrusted: every length is checked against a cap
+//! parsed. Those bytes are untrusted: every length is checked against a cap
 //! before anything is allocated or sliced, nothing here panics on any input (proptested
 //! below), and a reply that does not fit the protocol exactly is an error, after which
 //! the caller drops the connection rather than guess where the next reply starts.

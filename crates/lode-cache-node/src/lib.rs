@@ -1,6 +1,6 @@
 //! An AZ cache node: the memcached text protocol over a memory tier and a flash tier.
 //!
-//! In lode's read path (DESIGN.md, "The read path" and "AZ cache nodes") a worker that
+//! In lode's read path (docs/agent.md) a worker that
 //! misses its local cache asks the AZ cache: each 512 KiB chunk is erasure-coded into
 //! stripes (about 128 KiB for k = 4) kept on k + m nodes, and any k rebuild it. This
 //! crate is such a node. It speaks the memcached text protocol, so plain memcached

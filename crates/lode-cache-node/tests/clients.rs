@@ -3,8 +3,8 @@
 //! `memccapable -a` runs libmemcached's ASCII-protocol conformance tests.
 //!
 //! Excluded: `memccapable`'s binary-protocol tests (`binary noop`, `binary set`, ...,
-//! 27 in all, the ones `-b` selects). lode speaks the text protocol only (DESIGN.md:
-//! "AZ cache nodes speak the memcached text protocol"); the binary protocol is
+//! 27 in all, the ones `-b` selects). lode speaks the text protocol only, so that
+//! a fleet of plain memcached servers also works as the AZ tier; the binary protocol is
 //! deprecated upstream.
 
 mod common;

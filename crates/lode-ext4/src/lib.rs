@@ -1,6 +1,6 @@
 //! A deterministic ext4 image writer, laid out for chunk deduplication.
 //!
-//! lode's flattener (DESIGN.md, "ext4 image") merges an image's layers into
+//! lode's flattener (docs/flatten.md) merges an image's layers into
 //! one tree and writes it with an [`Ext4Writer`]; the image is then cut into
 //! chunks. The tree is a [`Tree`] (a map per directory, easy to edit) or,
 //! for millions of names, the compact [`FlatTree`] the flattener builds; both

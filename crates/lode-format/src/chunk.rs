@@ -1,4 +1,4 @@
-//! Convergent chunk encryption (DESIGN.md, "Formats: Chunk").
+//! Convergent chunk encryption (docs/format.md).
 //!
 //! ```text
 //!   plaintext (≤ chunk size bytes; all-zero chunks are never sealed)
@@ -161,7 +161,7 @@ pub fn open_unverified(
     Ok(buf)
 }
 
-/// True when every byte is zero: such chunks are not stored (DESIGN.md).
+/// True when every byte is zero: such chunks are not stored (docs/format.md).
 pub fn is_zero(buf: &[u8]) -> bool {
     // Compare in u64 words; the compiler vectorises this loop.
     let (head, words, tail) = {

@@ -1,6 +1,6 @@
 //! Ids and units. A chunk name, a manifest id and an image digest are all 32 bytes of
 //! SHA-256, and a chunk index, a byte offset and a chunk size are all integers; each is
-//! its own type so that one cannot be passed where another is meant (STYLE.md 6).
+//! its own type so that one cannot be passed where another is meant.
 
 use std::fmt;
 use std::str::FromStr;
@@ -146,7 +146,7 @@ pub type RootSalt = Secret32;
 /// The random per-manifest key that encrypts a manifest's key table.
 pub type DataKey = Secret32;
 
-/// A root of the store (DESIGN.md, "Garbage collection"): every chunk and manifest lives
+/// A root of the store (docs/gc.md): every chunk and manifest lives
 /// under exactly one root, and each root has its own salt.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
 #[serde(transparent)]

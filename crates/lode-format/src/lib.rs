@@ -1,7 +1,7 @@
 //! lode's on-disk and on-wire formats: the convergent chunk encryption, the manifest,
 //! and the ids and unit newtypes every other crate speaks in.
 //!
-//! This crate does no I/O and holds no async code (DESIGN.md, "Crates"): it turns bytes
+//! This crate does no I/O and holds no async code (the crate table in README.md): it turns bytes
 //! into bytes and checks them. The store, the KMS and the read path build on it.
 //!
 //! - [`chunk`]: `digest = SHA-256(plaintext)`, `key = HMAC-SHA256(root_salt, digest)`,

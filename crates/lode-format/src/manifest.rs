@@ -1,5 +1,4 @@
-//! The manifest: a versioned binary record that names an image's chunks (DESIGN.md,
-//! "Formats: Manifest"). It is parsed in exactly one place, [`Manifest::parse`], with a
+//! The manifest: a versioned binary record that names an image's chunks (docs/format.md). It is parsed in exactly one place, [`Manifest::parse`], with a
 //! size cap and checked arithmetic, because it arrives from a store that may be wrong.
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! Property tests for the two places untrusted bytes enter this crate (STYLE.md 4):
+//! Property tests for the two places untrusted bytes enter this crate:
 //! [`Manifest::parse`] (with [`Manifest::open_keys`]) and [`open_chunk`].
 //!
 //! - arbitrary bytes never panic the parser, and whatever it accepts re-parses equal;

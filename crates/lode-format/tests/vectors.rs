@@ -1,6 +1,6 @@
 //! Checks chunk sealing and the manifest layout against `vectors.json`, which
 //! `gen_vectors.py` computes with Python's hashlib, hmac and `cryptography` from
-//! DESIGN.md and the layout drawn in `src/manifest.rs` — a second, independent reading
+//! docs/format.md and the layout drawn in `src/manifest.rs` — a second, independent reading
 //! of the format. A mismatch here means one of the two departs from the documents; find
 //! out which before touching the vectors.
 

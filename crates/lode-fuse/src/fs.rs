@@ -36,7 +36,7 @@ pub enum CacheMode {
     /// read by ext4, whose page cache sits above the loop device, and Firecracker's
     /// guest has its own page cache. Caching the FUSE file too would hold every page
     /// twice, and a page cached here would go stale when the same device is written
-    /// through NBD or another path. The device's own tiers (DESIGN.md) cache chunks.
+    /// through NBD or another path. The device's own tiers (docs/agent.md) cache chunks.
     #[default]
     Direct,
     /// `FOPEN_KEEP_CACHE`: reads go through the page cache, which is kept across

@@ -1,7 +1,6 @@
 //! A FUSE filesystem presenting block devices as regular files.
 //!
-//! The worker agent presents each attached image two ways (DESIGN.md, "The read
-//! path"): as an NBD export (`lode-nbd`) and as a file in the agent's FUSE mount, which
+//! The worker agent presents each attached image two ways (docs/agent.md): as an NBD export (`lode-nbd`) and as a file in the agent's FUSE mount, which
 //! is what Firecracker and the kernel loop device take. This crate is the FUSE half: a
 //! flat directory holding one regular file per [`BlockDevice`], whose bytes are the
 //! device's bytes, added and removed at runtime as images attach and detach.

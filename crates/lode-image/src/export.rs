@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use lode_format::ChunkIndex;
-use lode_format::chunk::open_unverified;
 use lode_store::Store;
 use serde::Serialize;
 
@@ -138,20 +137,12 @@ async fn write_chunks(
                 let size = ciphertext.len() as u64;
                 let offset = cs.offset_of(index).0;
                 tokio::task::spawn_blocking(move || {
-                    let plain = open_unverified(&name, &key, ciphertext.to_vec())
-                        .map_err(|source| ImageError::Chunk { id, index, source })?;
-                    if plain.len() != expected {
-                        return Err(ImageError::ChunkLength {
-                            id,
-                            index,
-                            expected,
-                            got: plain.len(),
-                        });
-                    }
+                    let plain =
+                        crate::open_chunk_checked(id, index, &name, &key, &ciphertext, expected)?;
                     file.write_all_at(&plain, offset)
                         .map_err(io("write", &target))?;
                     progress.advance(expected as u64);
-                    Ok(size)
+                    Ok::<_, ImageError>(size)
                 })
                 .await
                 .map_err(|e| ImageError::Task(e.to_string()))?

@@ -13,7 +13,7 @@
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use lode_format::chunk::{open_unverified, seal_chunk_in_place};
+use lode_format::chunk::seal_chunk_in_place;
 use lode_format::{
     ChunkEntry, ChunkIndex, ChunkKey, Manifest, ManifestHeader, ManifestId, RootId, RootSalt,
 };
@@ -239,17 +239,15 @@ async fn copy_manifest(
                         .get_chunk(from, &name, crate::sealed_len(expected))
                         .await?;
                     let sealed = tokio::task::spawn_blocking(move || {
-                        let plain = open_unverified(&name, &key, ciphertext.to_vec())
-                            .map_err(|source| ImageError::Chunk { id, index, source })?;
-                        if plain.len() != expected {
-                            return Err(ImageError::ChunkLength {
-                                id,
-                                index,
-                                expected,
-                                got: plain.len(),
-                            });
-                        }
-                        Ok(seal_chunk_in_place(&salt, plain))
+                        let plain = crate::open_chunk_checked(
+                            id,
+                            index,
+                            &name,
+                            &key,
+                            &ciphertext,
+                            expected,
+                        )?;
+                        Ok::<_, ImageError>(seal_chunk_in_place(&salt, plain))
                     })
                     .await
                     .map_err(|e| ImageError::Task(e.to_string()))??;

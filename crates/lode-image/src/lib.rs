@@ -1,4 +1,4 @@
-//! lode's image pipeline (DESIGN.md, "The flow", left column): an image file — a raw disk
+//! lode's image pipeline (docs/flatten.md, docs/format.md): an image file — a raw disk
 //! image today, the flattener's ext4 output next — is cut into chunks, all-zero chunks are
 //! dropped, the rest are sealed and put into the store if the store lacks them, and a
 //! manifest naming them is written under the active root. The way back (export), the
@@ -57,6 +57,29 @@ impl Progress for NoProgress {
 /// every chunk read from a store.
 pub(crate) fn sealed_len(plaintext_len: usize) -> u64 {
     (plaintext_len + lode_format::chunk::TAG_LEN) as u64
+}
+
+/// Opens chunk `index` of manifest `id` (its name checked, then decrypted) and checks it
+/// has the `expected` plaintext length: what every reader of a whole chunk needs.
+pub(crate) fn open_chunk_checked(
+    id: lode_format::ManifestId,
+    index: lode_format::ChunkIndex,
+    name: &lode_format::ChunkName,
+    key: &lode_format::ChunkKey,
+    ciphertext: &[u8],
+    expected: usize,
+) -> Result<Vec<u8>, ImageError> {
+    let plain = lode_format::chunk::open_unverified(name, key, ciphertext.to_vec())
+        .map_err(|source| ImageError::Chunk { id, index, source })?;
+    if plain.len() != expected {
+        return Err(ImageError::ChunkLength {
+            id,
+            index,
+            expected,
+            got: plain.len(),
+        });
+    }
+    Ok(plain)
 }
 
 /// How many chunk operations run at once: enough to keep both the CPU (sealing) and a

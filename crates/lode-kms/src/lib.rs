@@ -1,4 +1,4 @@
-//! Key management for lode (DESIGN.md, "Manifest" and "Access").
+//! Key management for lode (docs/format.md, docs/security.md).
 //!
 //! Every manifest's key table is encrypted under a fresh random data key, and that data
 //! key is wrapped by a KMS key; so is each root's salt. [`Kms`] is the small trait a key

@@ -1,7 +1,7 @@
 //! The block-device trait the server exports, and two simple implementations.
 //!
 //! The agent implements [`BlockDevice`] over its read path (overlay, chunk cache,
-//! origin; DESIGN.md "The read path"); [`MemDevice`] and [`FileDevice`] serve tests,
+//! origin; docs/agent.md); [`MemDevice`] and [`FileDevice`] serve tests,
 //! examples and benchmarks. The server checks every range against [`BlockDevice::size`]
 //! before calling in, so implementations may assume `offset + len <= size`.
 

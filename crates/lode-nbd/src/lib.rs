@@ -1,7 +1,6 @@
 //! An NBD (Network Block Device) server over a small block-device trait.
 //!
-//! The worker agent exports each attached image as a block device (DESIGN.md, "The
-//! read path"); this crate is the NBD half of that: fixed newstyle handshake,
+//! The worker agent exports each attached image as a block device (docs/agent.md); this crate is the NBD half of that: fixed newstyle handshake,
 //! pipelined requests answered out of order, TCP and Unix listeners. Whatever
 //! implements [`BlockDevice`] — the agent's lazily loaded image, or [`MemDevice`] and
 //! [`FileDevice`] in tests — can be added to [`Exports`] and served by a [`Server`].

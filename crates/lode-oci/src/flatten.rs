@@ -1,5 +1,5 @@
 //! The flattener: an image from a [`Source`] into one deterministic ext4
-//! image (DESIGN.md, "ext4 image").
+//! image (docs/flatten.md).
 //!
 //! ```text
 //! source ─ layer blob ─► sha256 (blob digest, size) ─► gzip/zstd/none ─► sha256 (diff_id)

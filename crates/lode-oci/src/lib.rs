@@ -1,7 +1,7 @@
 //! lode's flattener: OCI images into deterministic, dedup-friendly ext4
 //! images.
 //!
-//! This is the first step of DESIGN.md's flow: an image (an OCI layout
+//! This is the first step of lode's flow (docs/flatten.md): an image (an OCI layout
 //! directory or a docker-archive tarball; a registry later, through the
 //! same [`Source`] trait) is read layer by layer, every blob checked
 //! against its digest and every layer against its diff_id, the layers

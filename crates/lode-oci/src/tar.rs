@@ -1,6 +1,6 @@
 //! The one place tar bytes enter: a streaming tar reader with size caps.
 //!
-//! Layers reach the flattener as tar streams (DESIGN.md, "The flow"). This
+//! Layers reach the flattener as tar streams (docs/flatten.md). This
 //! reader turns them into [`TarEntry`] headers and the entries' contents,
 //! reading each byte once. It understands what image builders write:
 //! ustar (with the `prefix` field), GNU (long names `L`/`K`, old sparse

@@ -1,6 +1,6 @@
 //! Pulls a container image from an OCI / Docker registry into a local OCI image layout.
 //!
-//! This is the registry input of the flattener (issue 3, DESIGN.md "ext4 image"): `lode
+//! This is the registry input of the flattener (docs/flatten.md): `lode
 //! flatten docker://HOST/REPO:TAG` pulls the image into a layout directory with
 //! [`pull_to_layout`] and then flattens the pulled manifest digest from that directory
 //! (`oci:DIR:@sha256:HEX`), never a tag another pull could move meanwhile. Keeping the network part here means the flattener only ever reads a

@@ -1,4 +1,4 @@
-//! Memory snapshots restored on demand (DESIGN.md, "Memory snapshots").
+//! Memory snapshots restored on demand (docs/snapshots.md).
 //!
 //! A snapshot is a memory file published like any image (same chunks, same keys, same
 //! store); [`handler`] serves a VMM's page faults on it through userfaultfd from the

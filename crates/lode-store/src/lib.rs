@@ -1,5 +1,4 @@
-//! lode's origin: chunks, manifests, tags and roots in an object store (DESIGN.md,
-//! "Store layout"). A local directory is the embedded default; S3 or any S3-compatible
+//! lode's origin: chunks, manifests, tags and roots in an object store (docs/format.md). A local directory is the embedded default; S3 or any S3-compatible
 //! service is the scale-out origin; an in-memory store serves tests.
 //!
 //! ```text

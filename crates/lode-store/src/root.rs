@@ -1,4 +1,4 @@
-//! Roots (DESIGN.md, "Garbage collection"): the store is divided into roots, each with its
+//! Roots (docs/gc.md): the store is divided into roots, each with its
 //! own salt; new manifests go to the one active root. The salt is kept wrapped by the KMS,
 //! so a reader of the store alone cannot confirm a guessed plaintext.
 //!

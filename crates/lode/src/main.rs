@@ -1,5 +1,5 @@
 //! The `lode` command: parses arguments, builds the pieces from the library crates, and
-//! prints. No logic of its own lives here (STYLE.md 1).
+//! prints. No logic of its own lives here.
 
 mod agent;
 mod cli;

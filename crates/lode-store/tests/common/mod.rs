@@ -1,4 +1,4 @@
-//! The one conformance suite (STYLE.md 7): every backend a [`Store`] runs on must pass
+//! The one conformance suite: every backend a [`Store`] runs on must pass
 //! [`conformance`]. Each test binary supplies a store and, where it can reach the backend's
 //! storage directly, a [`Backdoor`] to tamper with objects behind lode's back and to see the
 //! object layout as the backend holds it.
