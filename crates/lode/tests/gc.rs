@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::Home;
+use harness::{Home, random_image};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
@@ -170,19 +170,6 @@ impl Target {
     }
 }
 
-/// `chunks` chunks of bytes that neither repeat nor compress.
-fn random(chunks: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = vec![0u8; chunks * CHUNK];
-    for b in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-    }
-    v
-}
-
 fn figures(root: &Value) -> (u64, u64, u64, u64) {
     let n = |k: &str| root[k].as_u64().unwrap_or_else(|| panic!("{k} in {root}"));
     (
@@ -198,11 +185,11 @@ fn figures(root: &Value) -> (u64, u64, u64, u64) {
 fn remove_and_pin(t: &Target) {
     let label = &t.store;
     // a: chunks A0 A1 A2 A1 (a repeat within the image); b: A0 A1 B0 B1.
-    let a0 = random(3, 1);
+    let a0 = random_image(3, 1);
     let mut a = a0.clone();
     a.extend_from_slice(&a0[CHUNK..2 * CHUNK]);
     let mut b = a0[..2 * CHUNK].to_vec();
-    b.extend(random(2, 2));
+    b.extend(random_image(2, 2));
     let (fa, fb) = (t.h.path("a.img"), t.h.path("b.img"));
     fs::write(&fa, &a).unwrap();
     fs::write(&fb, &b).unwrap();
@@ -299,7 +286,7 @@ fn remove_and_pin(t: &Target) {
 /// named by `store fsck` and never quoted.
 fn unreadable_pins_block_deletion(t: &Target) {
     let f = t.h.path("c.img");
-    fs::write(&f, random(1, 3)).unwrap();
+    fs::write(&f, random_image(1, 3)).unwrap();
     let id = t.import(&f, "c:1");
     t.ok(&["rm", "c:1"]);
     let other = "ab".repeat(32);
@@ -447,7 +434,7 @@ fn rotation_limits_blast_radius(t: &Target) {
             t.store
         )
     );
-    let x = random(3, 7);
+    let x = random_image(3, 7);
     let f = t.h.path("x.img");
     fs::write(&f, &x).unwrap();
     t.import(&f, "x:1");
@@ -534,7 +521,7 @@ fn racing_and_interrupted_rotations(t: &Target, atomic: bool) {
     victim.kill().unwrap();
     victim.wait().unwrap();
     let f = t.h.path("y.img");
-    let y = random(1, 9);
+    let y = random_image(1, 9);
     fs::write(&f, &y).unwrap();
     let err = t.fails(&["import", f.to_str().unwrap(), "--tag", "y:1"]);
     let n = newest + 1;
@@ -562,7 +549,7 @@ fn racing_and_interrupted_rotations(t: &Target, atomic: bool) {
 /// An import that began under a root retired before it wrote its manifest still lands:
 /// it goes round again under the new root, and its tag names a manifest there.
 fn import_racing_a_rotation(t: &Target) {
-    let z = random(4, 11);
+    let z = random_image(4, 11);
     let f = t.h.path("z.img");
     fs::write(&f, &z).unwrap();
     let gate = new_gate(t, "gate-import");
@@ -622,11 +609,11 @@ fn chunk_file(t: &Target, root: u64, name: &str) -> PathBuf {
 /// nothing.
 fn copy_forward_survives_kills(t: &Target) {
     // p: three chunks and a zero chunk; q shares p's first chunk; r is dead.
-    let mut p = random(3, 21);
+    let mut p = random_image(3, 21);
     p.extend(vec![0u8; CHUNK]);
     let mut q = p[..CHUNK].to_vec();
-    q.extend(random(1, 22));
-    let r = random(1, 23);
+    q.extend(random_image(1, 22));
+    let r = random_image(1, 23);
     for (name, bytes) in [("p.img", &p), ("q.img", &q), ("r.img", &r)] {
         fs::write(t.h.path(name), bytes).unwrap();
     }
@@ -732,7 +719,7 @@ fn copy_forward_survives_kills(t: &Target) {
     );
 
     // A chunk missing from a retired root stops its copy-forward, naming it.
-    let s_img = random(2, 24);
+    let s_img = random_image(2, 24);
     fs::write(t.h.path("s.img"), &s_img).unwrap();
     let sid = t.import(Path::new(&path("s.img")), "s:1");
     let s_names = stored_names(t, "s:1");

@@ -11,27 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use harness::Home;
+use harness::{Home, random_image};
 use serde_json::Value;
 
-const CHUNK: usize = 512 * 1024;
 const HOST_SECRET: &str = "root:$6$hostsalt$thisisthehostpasswordhash:19000:0:99999:7:::\n";
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// `chunks` chunks of bytes that neither repeat nor compress.
-fn image(chunks: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = vec![0u8; chunks * CHUNK];
-    for b in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-    }
-    v
 }
 
 fn store_dir(h: &Home) -> PathBuf {
@@ -93,7 +79,7 @@ fn staging_files(dir: &Path) -> Vec<PathBuf> {
 fn damaged_chunks_are_repaired_by_verify_and_by_republish() {
     let h = Home::new();
     let src = h.path("img.raw");
-    fs::write(&src, image(6, 1)).unwrap();
+    fs::write(&src, random_image(6, 1)).unwrap();
     import(&h, &src, "app:1");
     let names = chunk_names(&h, "app:1");
     assert_eq!(names.len(), 6);
@@ -146,7 +132,7 @@ fn killed_import_leaves_staging_that_fsck_reclaims() {
     let h = Home::new();
     h.ok(&["kms", "list"]);
     let src = h.path("big.raw");
-    fs::write(&src, image(192, 2)).unwrap();
+    fs::write(&src, random_image(192, 2)).unwrap();
     let dir = store_dir(&h);
     let mut caught = Vec::new();
     for _attempt in 0..30 {
@@ -220,7 +206,7 @@ fn concurrent_first_imports_all_succeed() {
         let files: Vec<PathBuf> = (0..n)
             .map(|i| {
                 let p = h.path(&format!("img{i}.raw"));
-                fs::write(&p, image(2, 100 * round + i + 1)).unwrap();
+                fs::write(&p, random_image(2, 100 * round + i + 1)).unwrap();
                 p
             })
             .collect();
@@ -261,7 +247,7 @@ fn concurrent_first_imports_all_succeed() {
 fn bad_tags_are_named_and_the_rest_listed() {
     let h = Home::new();
     let src = h.path("img.raw");
-    fs::write(&src, image(1, 3)).unwrap();
+    fs::write(&src, random_image(1, 3)).unwrap();
     let id = import(&h, &src, "good:1")["id"]
         .as_str()
         .unwrap()
@@ -348,7 +334,7 @@ fn bad_tags_are_named_and_the_rest_listed() {
 fn four_gib_sparse_objects_are_refused_without_reading() {
     let h = Home::new();
     let src = h.path("img.raw");
-    fs::write(&src, image(2, 4)).unwrap();
+    fs::write(&src, random_image(2, 4)).unwrap();
     let id = import(&h, &src, "app")["id"].as_str().unwrap().to_owned();
     let names = chunk_names(&h, "app");
     fs::File::create(chunk_file(&h, &names[0]))

@@ -214,3 +214,17 @@ pub fn is_mounted(path: &Path) -> bool {
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(&*want))
 }
+
+/// `chunks` 512 KiB chunks of bytes that neither repeat nor compress, the same for
+/// the same `seed`.
+pub fn random_image(chunks: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = vec![0u8; chunks * 512 * 1024];
+    for b in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+    }
+    v
+}
