@@ -63,10 +63,12 @@ pub async fn copy_forward(
     from: RootId,
 ) -> Result<ForwardReport, ImageError> {
     let old = store.get_root(from).await?;
-    if old.state != RootState::Retired {
+    // An expired root is copied from too: a manifest found live there (a tag set by a
+    // process that read the store before the rotation) must be moved before deletion.
+    if !matches!(old.state, RootState::Retired | RootState::Expired) {
         return Err(ImageError::Invalid(format!(
-            "root {from} of store {} is {}: only a retired root is copied forward (lode root \
-             rotate retires the active one)",
+            "root {from} of store {} is {}: only a retired or expired root is copied forward \
+             (lode root rotate retires the active one)",
             store.label(),
             old.state
         )));

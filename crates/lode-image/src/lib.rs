@@ -5,12 +5,14 @@
 //! integrity check (verify) and the store-wide accounting (stats) live here too, so the
 //! `lode` binary only parses arguments and prints.
 
+mod alarm;
 mod error;
 mod export;
 mod failpoint;
 mod flatten;
 mod forward;
 mod fsck;
+mod gc;
 mod inspect;
 mod live;
 mod publish;
@@ -19,6 +21,7 @@ mod roots;
 mod stats;
 mod verify;
 
+pub use alarm::{Cleared, ReadAlarm, check_read, check_read_in, clear_alarms, reader_name};
 pub use error::ImageError;
 pub use export::{ExportStats, export};
 pub use flatten::{
@@ -27,6 +30,9 @@ pub use flatten::{
 };
 pub use forward::{ForwardReport, Moved, copy_forward};
 pub use fsck::{DEFAULT_STAGING_MIN_AGE, Fault, FsckOptions, FsckReport, fsck};
+pub use gc::{
+    DEFAULT_GRACE, GcOptions, GcReport, RootStep, gc, parse_duration, show_duration,
+};
 pub use inspect::ManifestView;
 pub use live::{Holders, LiveError, Liveness, RemovedManifest, Untagged, remove_manifest, untag};
 pub use lode_registry::{PullOptions, RegistryAuth};

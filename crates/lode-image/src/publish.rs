@@ -160,6 +160,7 @@ impl<'a> Publisher<'a> {
                 root: RootId(1),
                 state: RootState::Active,
                 salt: self.kms.wrap(&self.key_id, &salt).await?,
+                since: None,
             };
             // Whether we won or another publisher did, read the root back and use what
             // the store holds. On a backend whose create-if-absent is not atomic, two

@@ -83,6 +83,7 @@ pub async fn rotate(store: &Store, kms: &dyn Kms, key_id: &str) -> Result<Rotati
         root: next,
         state: RootState::Active,
         salt: kms.wrap(key_id, &salt).await?,
+        since: None,
     };
     match store.create_root(&rec).await? {
         lode_store::PutOutcome::Stored => Ok(out),

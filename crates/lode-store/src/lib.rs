@@ -8,6 +8,7 @@
 //! tags/<image ref>                      a manifest id in hex (the ref percent-encoded)
 //! roots/<root>/forwards/<id>           the id manifest <id> was copied forward as
 //! pins/<manifest id>                    the same id in hex: the manifest is kept untagged
+//! roots/<root>/alarms/<id>             a read of manifest <id> after the root expired
 //! ```
 //!
 //! Chunks and manifests are content-addressed: a put checks that the bytes hash to the
@@ -22,15 +23,17 @@
 //! a byte is read and counted as it arrives; errors name the object, never quote it. A
 //! local store refuses links and special files (see [`local`]).
 
+mod alarm;
 pub mod local;
 mod location;
 mod root;
 mod store;
 
+pub use alarm::{Alarm, MAX_READER_BYTES};
 pub use local::StagingFile;
 pub use location::StoreLocation;
 pub use root::{RootRecord, RootState};
 pub use store::{
-    BadPin, BadTag, MAX_MANIFEST_OBJECT, MAX_PIN_OBJECT, MAX_ROOT_OBJECT, MAX_TAG_OBJECT,
-    ObjectVersion, PinList, PutOutcome, Store, StoreError, TagList, parse_pin_body, parse_tag_body,
+    AlarmList, BadPin, BadTag, MAX_MANIFEST_OBJECT, MAX_PIN_OBJECT, MAX_ROOT_OBJECT, MAX_TAG_OBJECT,
+    ObjectVersion, PinList, PutOutcome, RootObject, RootObjectKind, Store, StoreError, TagList, parse_pin_body, parse_tag_body,
 };

@@ -7,6 +7,9 @@
 //! {"version": 1, "root": 1, "state": "active",
 //!  "salt": {"key_id": "default", "blob": "<hex of the KMS's wrapped salt>"}}
 //! ```
+//!
+//! An expired or deleting root's record also has `"since": <unix seconds>`, when it
+//! entered that state (the grace period before deletion counts from it).
 
 use lode_format::{RootId, WrappedKey};
 use serde::{Deserialize, Serialize};
@@ -21,6 +24,21 @@ pub enum RootState {
     Retired,
     /// Reads still work but raise an alarm; deletion halts on any read.
     Expired,
+    /// A collector has begun deleting the root's objects; reads may fail.
+    Deleting,
+    /// Every object of the root is gone but this record and its forwarding records.
+    Deleted,
+}
+
+impl RootState {
+    /// Whether a read of this root raises an alarm (the root is past the point where
+    /// anything should still read it).
+    pub fn alarms_on_read(self) -> bool {
+        matches!(
+            self,
+            RootState::Expired | RootState::Deleting | RootState::Deleted
+        )
+    }
 }
 
 impl std::fmt::Display for RootState {
@@ -29,6 +47,8 @@ impl std::fmt::Display for RootState {
             RootState::Active => "active",
             RootState::Retired => "retired",
             RootState::Expired => "expired",
+            RootState::Deleting => "deleting",
+            RootState::Deleted => "deleted",
         })
     }
 }
@@ -42,6 +62,9 @@ pub struct RootRecord {
     pub state: RootState,
     /// Its salt, wrapped by the KMS.
     pub salt: WrappedKey,
+    /// When it entered its state (unix seconds), where that matters: set on expiry,
+    /// and again when an operator clears an alarm (the grace period restarts).
+    pub since: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -51,6 +74,8 @@ pub(crate) struct RootFile {
     pub root: RootId,
     pub state: RootState,
     pub salt: SaltFile,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -70,6 +95,7 @@ impl RootRecord {
                 key_id: self.salt.key_id.clone(),
                 blob: hex::encode(&self.salt.blob),
             },
+            since: self.since,
         };
         let mut v = serde_json::to_vec_pretty(&f).expect("serialising plain data");
         v.push(b'\n');
@@ -97,6 +123,7 @@ impl RootRecord {
                 key_id: f.salt.key_id,
                 blob,
             },
+            since: f.since,
         })
     }
 }
@@ -173,11 +200,12 @@ mod tests {
         }
 
         #[test]
-        fn records_round_trip(root in any::<u32>(), state in 0..3u8, key_id in "[a-z0-9._-]{0,20}", blob in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fn records_round_trip(root in any::<u32>(), state in 0..5u8, key_id in "[a-z0-9._-]{0,20}", blob in proptest::collection::vec(any::<u8>(), 0..64), since in proptest::option::of(any::<u64>())) {
             let rec = RootRecord {
                 root: RootId(root),
-                state: [RootState::Active, RootState::Retired, RootState::Expired][usize::from(state)],
+                state: [RootState::Active, RootState::Retired, RootState::Expired, RootState::Deleting, RootState::Deleted][usize::from(state)],
                 salt: WrappedKey { key_id, blob },
+                since,
             };
             prop_assert_eq!(RootRecord::from_json(&rec.to_json()).unwrap(), rec);
         }

@@ -9,6 +9,7 @@ use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use thiserror::Error;
 
+use crate::alarm::Alarm;
 use crate::local::{LocalDir, Refused, StagingFile};
 use crate::location::StoreLocation;
 use crate::root::{RootRecord, RootState};
@@ -202,6 +203,66 @@ pub enum PutOutcome {
     Repaired,
 }
 
+/// The alarms of one root (see [`Store::list_alarms`]).
+#[derive(Debug, Default)]
+pub struct AlarmList {
+    /// Alarms that parsed.
+    pub alarms: Vec<Alarm>,
+    /// Alarm objects that did not: their key and why.
+    pub bad: Vec<(String, String)>,
+}
+
+impl AlarmList {
+    /// How many alarm objects there are, readable or not.
+    pub fn len(&self) -> usize {
+        self.alarms.len() + self.bad.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What an object under `roots/<root>/` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RootObjectKind {
+    /// The ROOT record.
+    Record,
+    /// A chunk.
+    Chunk,
+    /// A manifest.
+    Manifest,
+    /// A snapshot working set.
+    WorkingSet,
+    /// A forwarding record.
+    Forward,
+    /// A read alarm.
+    Alarm,
+    /// Anything else (lode writes nothing else there).
+    Other,
+}
+
+impl RootObjectKind {
+    /// Whether a deleted root keeps objects of this kind: its record (so the id is never
+    /// used again and readers learn the root is gone) and its forwarding records (so a
+    /// reader holding an old manifest id is still told where it went).
+    pub fn kept_after_deletion(self) -> bool {
+        matches!(self, RootObjectKind::Record | RootObjectKind::Forward)
+    }
+}
+
+/// One object under a root.
+#[derive(Clone, Debug)]
+pub struct RootObject {
+    /// Its key in the backend.
+    pub key: Path,
+    /// What it is.
+    pub kind: RootObjectKind,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
 /// A lode store: cheap to clone, safe to share between tasks.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -290,6 +351,15 @@ impl Store {
             "roots".into(),
             PathPart::from(root.to_string()),
             "forwards".into(),
+            PathPart::from(id.to_hex()),
+        ])
+    }
+
+    fn alarm_path(&self, root: RootId, id: &ManifestId) -> Path {
+        self.path([
+            "roots".into(),
+            PathPart::from(root.to_string()),
+            "alarms".into(),
             PathPart::from(id.to_hex()),
         ])
     }
@@ -1066,6 +1136,136 @@ impl Store {
     pub async fn create_root(&self, rec: &RootRecord) -> Result<PutOutcome, StoreError> {
         self.put_create(&self.root_path(rec.root), Bytes::from(rec.to_json()))
             .await
+    }
+
+    /// Every root id with its record, or the error reading it (a corrupt record is one
+    /// root's problem: a collector reports it and goes on with the others). A root
+    /// directory without a ROOT object is left out, as in [`Store::roots`].
+    pub async fn root_records(
+        &self,
+    ) -> Result<Vec<(RootId, Result<(RootRecord, ObjectVersion), StoreError>)>, StoreError> {
+        let mut out = Vec::new();
+        for id in self.root_ids().await? {
+            match self.get_root_versioned(id).await {
+                Err(StoreError::NotFound { .. }) => continue,
+                r => out.push((id, r)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records that `alarm.manifest` of `root` was read after the root expired. The
+    /// first alarm per manifest is kept (an atomic create; later ones find it there), so
+    /// the alarms of a root are bounded by its manifests.
+    pub async fn put_alarm(&self, root: RootId, alarm: &Alarm) -> Result<PutOutcome, StoreError> {
+        self.put_create(
+            &self.alarm_path(root, &alarm.manifest),
+            Bytes::from(alarm.to_json()),
+        )
+        .await
+    }
+
+    /// The alarms raised on `root`, sorted by manifest. An alarm object that cannot be
+    /// read or parsed is still an alarm (it halts deletion): it comes back as its object
+    /// key and the reason, never its bytes.
+    pub async fn list_alarms(&self, root: RootId) -> Result<AlarmList, StoreError> {
+        let prefix = self.path([
+            "roots".into(),
+            PathPart::from(root.to_string()),
+            "alarms".into(),
+        ]);
+        let metas: Vec<_> = self
+            .os
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.backend("list", &prefix, e))?;
+        let mut out = AlarmList::default();
+        for m in metas {
+            let name = m.location.filename().unwrap_or_default().to_owned();
+            let read = self
+                .read(&m.location, "alarm", name, MAX_TAG_OBJECT)
+                .await
+                .and_then(|bytes| {
+                    Alarm::from_json(&bytes).map_err(|reason| StoreError::CorruptObject {
+                        store: self.label.clone(),
+                        object: m.location.to_string(),
+                        reason: reason.to_owned(),
+                    })
+                });
+            match read {
+                Ok(a) => out.alarms.push(a),
+                Err(error) => out.bad.push((m.location.to_string(), error.to_string())),
+            }
+        }
+        out.alarms.sort_by(|a, b| a.manifest.cmp(&b.manifest));
+        out.bad.sort();
+        Ok(out)
+    }
+
+    /// Removes every alarm object of `root`; returns how many there were.
+    pub async fn clear_alarms(&self, root: RootId) -> Result<usize, StoreError> {
+        let prefix = self.path([
+            "roots".into(),
+            PathPart::from(root.to_string()),
+            "alarms".into(),
+        ]);
+        let metas: Vec<_> = self
+            .os
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.backend("list", &prefix, e))?;
+        for m in &metas {
+            match self.os.delete(&m.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.backend("delete", &m.location, e)),
+            }
+        }
+        Ok(metas.len())
+    }
+
+    /// Every object under `root`, with what it is and its size: what deleting the root
+    /// removes, and what it keeps ([`RootObjectKind::kept_after_deletion`]).
+    pub async fn root_contents(&self, root: RootId) -> Result<Vec<RootObject>, StoreError> {
+        let prefix = self.path(["roots".into(), PathPart::from(root.to_string())]);
+        let metas: Vec<_> = self
+            .os
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.backend("list", &prefix, e))?;
+        let depth = prefix.parts().count();
+        let mut out: Vec<RootObject> = metas
+            .into_iter()
+            .map(|m| {
+                let kind = match m.location.parts().nth(depth).as_ref().map(|p| p.as_ref()) {
+                    Some("ROOT") => RootObjectKind::Record,
+                    Some("chunks") => RootObjectKind::Chunk,
+                    Some("manifests") => RootObjectKind::Manifest,
+                    Some("worksets") => RootObjectKind::WorkingSet,
+                    Some("forwards") => RootObjectKind::Forward,
+                    Some("alarms") => RootObjectKind::Alarm,
+                    _ => RootObjectKind::Other,
+                };
+                RootObject {
+                    key: m.location,
+                    kind,
+                    size: m.size,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Deletes one object [`Store::root_contents`] listed. Deleting one already gone is
+    /// not an error (a collector resuming after a crash meets those).
+    pub async fn delete_root_object(&self, obj: &RootObject) -> Result<(), StoreError> {
+        match self.os.delete(&obj.key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.backend("delete", &obj.key, e)),
+        }
     }
 
     /// Staging files a killed writer left in a local store (`<object>#<n>`, which no

@@ -250,6 +250,7 @@ async fn racing_first_roots() {
                 key_id: "k".into(),
                 blob: vec![i; 8],
             },
+            since: None,
         };
         let outcome = s.create_root(&rec).await.unwrap();
         let roots = s.roots().await.unwrap();

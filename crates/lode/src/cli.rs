@@ -104,6 +104,18 @@ pub enum Command {
     #[command(subcommand)]
     Root(RootCommand),
 
+    /// Take every root as far along its life as is safe, and say what each waits for.
+    ///
+    /// A retired root has its live manifests copied forward and is expired; an expired
+    /// root whose grace period has passed with no read alarm, and in which nothing is
+    /// live, is deleted (every object but its record and forwarding records). Every
+    /// step is a conditional write and can be interrupted: run again, it carries on. A
+    /// root that cannot move is reported, nothing of it is deleted, and the others go
+    /// on; the exit status is then 2.
+    #[command(after_help = "Examples:\n  lode gc --dry-run\n  lode root rotate && lode gc --grace 7d\n  \
+                            lode --json gc | jq .reclaimed_bytes")]
+    Gc(GcArgs),
+
     /// Store-wide figures, tags, and a consistency check (fsck).
     #[command(subcommand)]
     Store(StoreCommand),
@@ -640,6 +652,38 @@ pub enum RootCommand {
         /// The retired root (its number, as `lode root ls` shows it).
         root: u32,
     },
+    /// Clear the read alarms of an expired root, so that `lode gc` may delete it.
+    ///
+    /// An alarm means a reader (an agent, `lode export`…) read a manifest of the root
+    /// after it expired: something still uses it. Find the reader the alarm names and
+    /// move it to the image's new manifest (detach and attach by tag) before clearing.
+    /// The grace period starts again from now.
+    #[command(
+        name = "clear-alarm",
+        after_help = "Example:\n  lode root ls && lode root clear-alarm 1 && lode gc --dry-run"
+    )]
+    ClearAlarm {
+        /// The expired root (its number, as `lode root ls` shows it).
+        root: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Only print what would be done; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How long an expired root waits, with no read alarm, before it is deleted (a
+    /// number with s, m, h or d). Make it longer than the longest an attachment stays
+    /// on an image, so that every reader still on an old root raises its alarm first.
+    #[arg(
+        long,
+        env = "LODE_GC_GRACE",
+        value_name = "DURATION",
+        default_value = "24h",
+        value_parser = lode_image::parse_duration
+    )]
+    pub grace: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

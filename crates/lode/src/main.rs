@@ -199,6 +199,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let store = env.store()?;
             let kms = env.kms_existing()?;
             let img = lode_image::open_image(&store, Some(kms.as_ref()), &a.image).await?;
+            alarm_on_read(&store, &img, "lode export").await;
             let bar = env.progress("exporting");
             let st = lode_image::export(&store, &img, &a.out, bar.clone() as Arc<dyn Progress>)
                 .await
@@ -230,6 +231,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Some(env.kms_existing()?)
             };
             let img = lode_image::open_image(&store, kms.as_deref(), &a.image).await?;
+            alarm_on_read(&store, &img, "lode verify").await;
             let bar = env.progress("verifying");
             let report =
                 lode_image::verify_with(&store, &img, bar.clone() as Arc<dyn Progress>, a.repair)
@@ -266,32 +268,78 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Root(RootCommand::Ls) => {
             let store = env.store()?;
             let st = lode_image::store_stats(&store).await?;
+            let mut alarms = Vec::new();
+            for r in &st.per_root {
+                alarms.push(store.list_alarms(r.root).await?);
+            }
             if env.cli_json {
-                // Alarms are raised by reads of expired roots; no root expires yet.
                 let v: Vec<_> = st
                     .per_root
                     .iter()
-                    .map(|r| {
+                    .zip(&alarms)
+                    .map(|(r, a)| {
                         let mut v = serde_json::to_value(r).expect("plain data");
-                        v["alarms"] = serde_json::json!([]);
+                        v["alarms"] = serde_json::to_value(&a.alarms).expect("plain data");
+                        v["unreadable_alarms"] = serde_json::json!(a.bad.len());
                         v
                     })
                     .collect();
                 print_json(&v)?;
             } else {
-                for r in &st.per_root {
+                for (r, a) in st.per_root.iter().zip(&alarms) {
                     println!(
-                        "root {} {:<8} {} stored, {} of {} manifests live, {} live, {} dead, \
-                         no alarms",
+                        "root {} {:<8} {} stored, {} of {} manifests live, {} live, {} dead, {}",
                         r.root,
                         r.state,
                         human_bytes(r.stored_bytes),
                         r.live_manifests,
                         r.manifests,
                         human_bytes(r.live_bytes),
-                        human_bytes(r.dead_bytes)
+                        human_bytes(r.dead_bytes),
+                        match a.len() {
+                            0 => "no alarms".to_owned(),
+                            n => format!("{n} ALARM(S)"),
+                        }
                     );
+                    for alarm in &a.alarms {
+                        println!("  alarm: {alarm}");
+                    }
+                    for (key, why) in &a.bad {
+                        println!("  alarm: {key} (unreadable: {why})");
+                    }
                 }
+            }
+        }
+        Command::Root(RootCommand::ClearAlarm { root }) => {
+            let store = env.store()?;
+            let root = lode_format::RootId(root);
+            let cleared = lode_image::clear_alarms(&store, root).await?;
+            if env.cli_json {
+                print_json(&cleared)?;
+            } else {
+                println!(
+                    "cleared {} alarm(s) of root {root}; its grace period starts again now",
+                    cleared.cleared
+                );
+            }
+        }
+        Command::Gc(a) => {
+            let store = env.store()?;
+            let kms = env.kms_existing()?;
+            let key_id = env.kms_key.clone().unwrap_or_else(|| kms.default_key_id());
+            let opts = lode_image::GcOptions {
+                grace: a.grace,
+                dry_run: a.dry_run,
+                key_id,
+            };
+            let report = lode_image::gc(&store, kms.as_ref(), &opts).await?;
+            if env.cli_json {
+                print_json(&report)?;
+            } else {
+                print_gc(&report);
+            }
+            if !report.ok() {
+                return Ok(ExitCode::from(2));
             }
         }
         Command::Root(RootCommand::CopyForward { root }) => {
@@ -623,6 +671,47 @@ async fn cache_node(env: &Env, a: cli::CacheNodeArgs) -> Result<()> {
 }
 
 /// `lode rm`: a tag, every tag of a manifest, or a dead manifest.
+/// Raises the read alarm if the image's root has expired (docs/gc.md); the read goes on.
+async fn alarm_on_read(store: &lode_store::Store, img: &lode_image::OpenedImage, role: &str) {
+    match lode_image::check_read(store, img.root, &img.id, &lode_image::reader_name(role)).await {
+        Ok(None) => {}
+        Ok(Some(alarm)) => eprintln!("lode: {alarm}"),
+        Err(e) => eprintln!("lode: warning: could not check the state of root {}: {e}", img.root),
+    }
+}
+
+fn print_gc(report: &lode_image::GcReport) {
+    let show = |s: Option<lode_store::RootState>| s.map_or("unreadable".to_owned(), |s| s.to_string());
+    for r in &report.roots {
+        let moved = if r.before == r.after {
+            show(r.after)
+        } else {
+            format!("{} -> {}", show(r.before), show(r.after))
+        };
+        println!("root {}: {moved}", r.root);
+        for d in &r.did {
+            println!("  {}{d}", if report.dry_run { "(dry run) " } else { "" });
+        }
+        if let Some(w) = &r.waiting {
+            println!("  waits: {w}");
+        }
+        for a in &r.alarms {
+            println!("  alarm: {a}");
+        }
+        for a in &r.bad_alarms {
+            println!("  alarm: {a} (unreadable)");
+        }
+        if let Some(e) = &r.error {
+            println!("  ERROR: {e}");
+        }
+    }
+    println!(
+        "{} {} reclaimed",
+        if report.dry_run { "dry run:" } else { "gc:" },
+        human_bytes(report.reclaimed_bytes)
+    );
+}
+
 async fn rm(env: &Env, a: &cli::RmArgs) -> Result<()> {
     let store = env.store()?;
     if a.manifest {

@@ -155,6 +155,7 @@ fn root(id: u32, state: RootState, key_id: &str, blob: &[u8]) -> RootRecord {
             key_id: key_id.to_owned(),
             blob: blob.to_vec(),
         },
+        since: None,
     }
 }
 
