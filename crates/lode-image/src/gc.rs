@@ -30,6 +30,8 @@ pub struct GcOptions {
     pub dry_run: bool,
     /// The KMS key new manifests' data keys are made under (copy-forward).
     pub key_id: String,
+    /// Only this root; `None` for every root.
+    pub only: Option<RootId>,
 }
 
 /// The grace period when none is given: long enough that a worker still reading an
@@ -90,6 +92,9 @@ pub async fn gc(store: &Store, kms: &dyn Kms, opts: &GcOptions) -> Result<GcRepo
         ..GcReport::default()
     };
     for (root, first) in store.root_records().await? {
+        if opts.only.is_some_and(|only| only != root) {
+            continue;
+        }
         let mut step = RootStep {
             root,
             before: first.as_ref().ok().map(|(r, _)| r.state),
@@ -133,9 +138,8 @@ async fn advance(
         step.after = Some(rec.state);
         match rec.state {
             RootState::Active => {
-                step.waiting = Some(
-                    "active: new images go here (`lode root rotate` retires it)".to_owned(),
-                );
+                step.waiting =
+                    Some("active: new images go here (`lode root rotate` retires it)".to_owned());
                 return Ok(());
             }
             RootState::Deleted => return Ok(()),
@@ -281,7 +285,11 @@ async fn expired_step(
                 .unwrap_or_default()
         ));
         step.alarms = alarms.alarms;
-        step.bad_alarms = alarms.bad.into_iter().map(|(k, e)| format!("{k}: {e}")).collect();
+        step.bad_alarms = alarms
+            .bad
+            .into_iter()
+            .map(|(k, e)| format!("{k}: {e}"))
+            .collect();
         return Ok(false);
     }
     let now = unix_now();
@@ -358,8 +366,9 @@ async fn delete_step(
     let root = rec.root;
     if opts.dry_run {
         let (n, bytes) = deletable(store, root).await?;
-        step.did
-            .push(format!("would finish deleting it: {n} object(s), {bytes} bytes"));
+        step.did.push(format!(
+            "would finish deleting it: {n} object(s), {bytes} bytes"
+        ));
         return Ok(false);
     }
     let objs: Vec<_> = store

@@ -1031,6 +1031,38 @@ fn demo_runs_on_a_fresh_home() {
         "app2 reused too little of app1: {j}"
     );
 
+    // Step 9: one image deleted, the root rotated and the old one collected; the store
+    // shrank by exactly the dead bytes the old root held, and app2 still reads.
+    let gc = &j["gc"];
+    assert_eq!(gc["retired"], 1, "{j}");
+    assert_eq!(gc["active"], 2, "{j}");
+    let dead = u64_of(&gc["dead_bytes_before"], "dead");
+    assert!(dead > 0, "{j}");
+    assert_eq!(
+        u64_of(&gc["stored_bytes_before"], "before") - u64_of(&gc["stored_bytes_after"], "after"),
+        dead,
+        "{j}"
+    );
+    assert!(
+        u64_of(&gc["reclaimed_bytes"], "reclaimed") >= u64_of(&gc["stored_bytes_after"], "after"),
+        "{j}"
+    );
+    assert!(o.stdout.contains("root 1 deleted"), "{}", o.stdout);
+    let roots = other.ok(&["--json", "root", "ls"]).json();
+    let states: Vec<&str> = roots
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["deleted", "active"], "{roots}");
+    assert!(
+        other
+            .fails(&["export", "demo/raw-base", "/dev/null"])
+            .stderr
+            .contains("demo/raw-base")
+    );
+
     let o = lode.fails(&["demo", "--size-mib", "0"]);
     assert!(o.stderr.contains("--size-mib"), "{}", o.stderr);
 }
