@@ -1198,7 +1198,7 @@ impl Store {
                 Err(error) => out.bad.push((m.location.to_string(), error.to_string())),
             }
         }
-        out.alarms.sort_by(|a, b| a.manifest.cmp(&b.manifest));
+        out.alarms.sort_by_key(|a| a.manifest);
         out.bad.sort();
         Ok(out)
     }
