@@ -142,7 +142,7 @@ async fn advance(
                     Some("active: new images go here (`lode root rotate` retires it)".to_owned());
                 return Ok(());
             }
-            RootState::Deleted => return Ok(()),
+            RootState::Deleted => return sweep_deleted(store, opts, root, step).await,
             RootState::Retired => {
                 if !retire_step(store, kms, opts, &rec, &version, step).await? {
                     return Ok(());
@@ -384,13 +384,9 @@ async fn delete_step(
         (n, bytes) = (1, first.size);
         failpoint::pause("gc:mid-delete").await;
     }
-    let sizes: Vec<u64> = futures::stream::iter(rest)
-        .map(|o| async move { store.delete_root_object(&o).await.map(|()| o.size) })
-        .buffer_unordered(CONCURRENCY)
-        .try_collect()
-        .await?;
-    n += sizes.len() as u64;
-    bytes += sizes.iter().sum::<u64>();
+    let (more, more_bytes) = delete_all(store, rest.collect()).await?;
+    n += more;
+    bytes += more_bytes;
     step.deleted_objects += n;
     step.reclaimed_bytes += bytes;
     let deleted = RootRecord {
@@ -403,6 +399,54 @@ async fn delete_step(
         ));
     }
     Ok(true)
+}
+
+/// A deleted root should hold nothing but its record and forwarding records; a publish
+/// that began under the root before it was retired, and uploaded after it was deleted,
+/// leaves objects there (it then starts over under the active root). They are deleted.
+async fn sweep_deleted(
+    store: &Store,
+    opts: &GcOptions,
+    root: RootId,
+    step: &mut RootStep,
+) -> Result<(), ImageError> {
+    let (n, bytes) = deletable(store, root).await?;
+    if n == 0 {
+        return Ok(());
+    }
+    if opts.dry_run {
+        step.did.push(format!(
+            "would delete {n} stray object(s), {bytes} bytes, written after the root was deleted"
+        ));
+        return Ok(());
+    }
+    let objs: Vec<_> = store
+        .root_contents(root)
+        .await?
+        .into_iter()
+        .filter(|o| !o.kind.kept_after_deletion())
+        .collect();
+    let (n, bytes) = delete_all(store, objs).await?;
+    step.deleted_objects += n;
+    step.reclaimed_bytes += bytes;
+    step.did.push(format!(
+        "deleted {n} stray object(s), {bytes} bytes, written after the root was deleted (a \
+         publish that raced the rotation; it started over under the active root)"
+    ));
+    Ok(())
+}
+
+/// Deletes `objs`, 16 at a time; returns how many and their bytes.
+async fn delete_all(
+    store: &Store,
+    objs: Vec<lode_store::RootObject>,
+) -> Result<(u64, u64), ImageError> {
+    let sizes: Vec<u64> = futures::stream::iter(objs)
+        .map(|o| async move { store.delete_root_object(&o).await.map(|()| o.size) })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect()
+        .await?;
+    Ok((sizes.len() as u64, sizes.iter().sum()))
 }
 
 /// A duration as a person reads it: `90s`, `15m`, `36h`, `7d`.
