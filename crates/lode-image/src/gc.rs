@@ -133,8 +133,9 @@ async fn advance(
         step.after = Some(rec.state);
         match rec.state {
             RootState::Active => {
-                step.waiting =
-                    Some("active: new images go here (`lode root rotate` retires it)".to_owned());
+                step.waiting = Some(
+                    "active: new images go here (`lode root rotate` retires it)".to_owned(),
+                );
                 return Ok(());
             }
             RootState::Deleted => return Ok(()),
@@ -280,11 +281,7 @@ async fn expired_step(
                 .unwrap_or_default()
         ));
         step.alarms = alarms.alarms;
-        step.bad_alarms = alarms
-            .bad
-            .into_iter()
-            .map(|(k, e)| format!("{k}: {e}"))
-            .collect();
+        step.bad_alarms = alarms.bad.into_iter().map(|(k, e)| format!("{k}: {e}")).collect();
         return Ok(false);
     }
     let now = unix_now();
@@ -361,9 +358,8 @@ async fn delete_step(
     let root = rec.root;
     if opts.dry_run {
         let (n, bytes) = deletable(store, root).await?;
-        step.did.push(format!(
-            "would finish deleting it: {n} object(s), {bytes} bytes"
-        ));
+        step.did
+            .push(format!("would finish deleting it: {n} object(s), {bytes} bytes"));
         return Ok(false);
     }
     let objs: Vec<_> = store

@@ -34,7 +34,6 @@ pub use local::StagingFile;
 pub use location::StoreLocation;
 pub use root::{RootRecord, RootState};
 pub use store::{
-    AlarmList, BadPin, BadTag, MAX_MANIFEST_OBJECT, MAX_PIN_OBJECT, MAX_ROOT_OBJECT,
-    MAX_TAG_OBJECT, ObjectVersion, PinList, PutOutcome, RootObject, RootObjectKind, Store,
-    StoreError, TagList, parse_pin_body, parse_tag_body,
+    AlarmList, BadPin, BadTag, MAX_MANIFEST_OBJECT, MAX_PIN_OBJECT, MAX_ROOT_OBJECT, MAX_TAG_OBJECT,
+    ObjectVersion, PinList, PutOutcome, RootObject, RootObjectKind, Store, StoreError, TagList, parse_pin_body, parse_tag_body,
 };

@@ -112,10 +112,8 @@ pub enum Command {
     /// step is a conditional write and can be interrupted: run again, it carries on. A
     /// root that cannot move is reported, nothing of it is deleted, and the others go
     /// on; the exit status is then 2.
-    #[command(
-        after_help = "Examples:\n  lode gc --dry-run\n  lode root rotate && lode gc --grace 7d\n  \
-                            lode --json gc | jq .reclaimed_bytes"
-    )]
+    #[command(after_help = "Examples:\n  lode gc --dry-run\n  lode root rotate && lode gc --grace 7d\n  \
+                            lode --json gc | jq .reclaimed_bytes")]
     Gc(GcArgs),
 
     /// Store-wide figures, tags, and a consistency check (fsck).

@@ -676,16 +676,12 @@ async fn alarm_on_read(store: &lode_store::Store, img: &lode_image::OpenedImage,
     match lode_image::check_read(store, img.root, &img.id, &lode_image::reader_name(role)).await {
         Ok(None) => {}
         Ok(Some(alarm)) => eprintln!("lode: {alarm}"),
-        Err(e) => eprintln!(
-            "lode: warning: could not check the state of root {}: {e}",
-            img.root
-        ),
+        Err(e) => eprintln!("lode: warning: could not check the state of root {}: {e}", img.root),
     }
 }
 
 fn print_gc(report: &lode_image::GcReport) {
-    let show =
-        |s: Option<lode_store::RootState>| s.map_or("unreadable".to_owned(), |s| s.to_string());
+    let show = |s: Option<lode_store::RootState>| s.map_or("unreadable".to_owned(), |s| s.to_string());
     for r in &report.roots {
         let moved = if r.before == r.after {
             show(r.after)
