@@ -18,6 +18,7 @@ use lode_store::Store;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use crate::alarm::RootWatch;
 use crate::error::io;
 use crate::{
     AgentError, AzTier, ChunkCache, DiskTier, ImageDevice, MemoryTier, OriginTier, Overlay,
@@ -250,6 +251,7 @@ pub struct Agent {
     nbd_tcp: Option<SocketAddr>,
     files: std::sync::Mutex<Option<FuseMount>>,
     az: Option<Arc<AzTier>>,
+    watch: Arc<RootWatch>,
     table: Mutex<BTreeMap<String, Live>>,
 }
 
@@ -297,7 +299,11 @@ impl Agent {
         let dir = &config.state_dir;
         std::fs::create_dir_all(dir.join("overlays"))
             .map_err(io("creating", dir.join("overlays")))?;
-        let (cache, az) = build_cache(&config, store.clone())?;
+        let watch = Arc::new(RootWatch::new(
+            store.clone(),
+            lode_image::reader_name("lode agent"),
+        ));
+        let (cache, az) = build_tiers(&config, store.clone(), Some(watch.clone()))?;
         let exports = Exports::new();
         let server = nbd_server(exports.clone(), &config.nbd_limits)?;
         remove_stale_socket(&config.nbd_unix)?;
@@ -326,6 +332,7 @@ impl Agent {
             nbd_tcp,
             files: std::sync::Mutex::new(files),
             az,
+            watch,
             table: Mutex::new(BTreeMap::new()),
             config,
         });
@@ -371,24 +378,33 @@ impl Agent {
         self.server.stats()
     }
 
-    /// The metrics snapshot as JSON, with the NBD server's counters under `nbd` and
-    /// the AZ client's under `az`.
+    /// The metrics snapshot as JSON, with the NBD server's counters under `nbd`, the
+    /// AZ client's under `az`, and the reads that raised a read alarm, per root, under
+    /// `root_alarm_reads`.
     pub fn stats_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self.cache.snapshot()).expect("metrics serialise");
         v["nbd"] = crate::metrics::nbd_json(&self.nbd_stats(), &self.config.nbd_limits);
+        v["root_alarm_reads"] = self
+            .watch
+            .reads()
+            .into_iter()
+            .map(|(root, n)| (root.to_string(), serde_json::Value::from(n)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
         if let Some(m) = self.az_metrics() {
             v["az"] = serde_json::to_value(m).expect("metrics serialise");
         }
         v
     }
 
-    /// The metrics in Prometheus text, AZ counters included.
+    /// The metrics in Prometheus text, AZ counters and read alarms included.
     pub fn prometheus(&self) -> String {
         let mut text = self.cache.snapshot().to_prometheus();
         text.push_str(&crate::metrics::nbd_prometheus(
             &self.nbd_stats(),
             &self.config.nbd_limits,
         ));
+        text.push_str(&crate::metrics::root_alarms_prometheus(&self.watch.reads()));
         if let Some(m) = self.az_metrics() {
             text.push_str(&crate::az::az_prometheus(&m));
         }
@@ -433,6 +449,8 @@ impl Agent {
                 image: image.to_string(),
                 source: Box::new(e),
             })?;
+        // The manifest was just read from its root: a read like any other.
+        self.watch.opened(opened.root, opened.id, name).await;
         let id = opened.id.to_string();
         let c = &opened.manifest.header().config;
         let config = RunConfig {
@@ -465,6 +483,7 @@ impl Agent {
                 return Err(e);
             }
         };
+        self.watch.attached(dev.id(), name);
         Ok(Live {
             att: Attachment {
                 name: name.to_string(),
@@ -524,7 +543,9 @@ impl Agent {
         let att = live.att.clone();
         table.insert(name.to_string(), live);
         if let Err(e) = self.save_table(&table) {
-            table.remove(name);
+            if let Some(live) = table.remove(name) {
+                self.watch.detached(live.dev.id(), name);
+            }
             self.exports.remove(name);
             self.remove_file(name);
             return Err(e);
@@ -540,6 +561,7 @@ impl Agent {
         };
         self.exports.remove(name);
         self.remove_file(name);
+        self.watch.detached(live.dev.id(), name);
         self.save_table(&table)?;
         if let Some(ov) = live.dev.overlay() {
             if keep_overlay {
@@ -595,10 +617,20 @@ impl Agent {
 
 /// The worker's chunk cache as `config` describes it: decrypted memory over ciphertext
 /// memory, disk (in `STATE_DIR/cache`), the AZ fleet when configured, and the origin
-/// `store`. Returns the AZ tier too, for its metrics.
+/// `store`. Returns the AZ tier too, for its metrics. (The agent's own cache also
+/// raises read alarms on its origin reads.)
 pub fn build_cache(
     config: &AgentConfig,
     store: Store,
+) -> Result<(Arc<ChunkCache>, Option<Arc<AzTier>>), AgentError> {
+    build_tiers(config, store, None)
+}
+
+/// [`build_cache`], its origin tier reporting to `watch` when given.
+fn build_tiers(
+    config: &AgentConfig,
+    store: Store,
+    watch: Option<Arc<RootWatch>>,
 ) -> Result<(Arc<ChunkCache>, Option<Arc<AzTier>>), AgentError> {
     let az = match &config.az {
         Some(c) => Some(Arc::new(AzTier::new(c.clone())?)),
@@ -614,12 +646,11 @@ pub fn build_cache(
     if let Some(az) = &az {
         cache = cache.tier(az.clone());
     }
-    let cache = cache
-        .tier(Arc::new(OriginTier::with_concurrency(
-            store,
-            config.origin_concurrency,
-        )))
-        .build()?;
+    let mut origin = OriginTier::with_concurrency(store, config.origin_concurrency);
+    if let Some(w) = watch {
+        origin = origin.watched(w);
+    }
+    let cache = cache.tier(Arc::new(origin)).build()?;
     Ok((cache, az))
 }
 

@@ -157,6 +157,7 @@ impl ImageDevice {
         let expected = self.chunk_size.len_of(i, self.size);
         let chunk = ChunkRef {
             root: self.root,
+            manifest: self.id,
             name,
             max_bytes: expected as u64 + lode_format::chunk::TAG_LEN as u64,
         };

@@ -13,6 +13,7 @@
 //! file per attachment, state directory), [`control`] its HTTP control API and metrics
 //! endpoint, and [`config`] its TOML configuration file.
 
+mod alarm;
 mod az;
 mod cache;
 pub mod config;
@@ -25,6 +26,7 @@ mod metrics;
 mod overlay;
 mod tier;
 
+pub use alarm::{ALARM_LOG_INTERVAL, ROOT_STATE_TTL};
 pub use az::AzTier;
 pub use cache::{CacheBuilder, ChunkCache};
 pub use daemon::{

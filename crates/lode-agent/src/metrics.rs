@@ -471,6 +471,22 @@ pub fn nbd_prometheus(s: &lode_nbd::ServerStats, limits: &crate::NbdLimits) -> S
     o
 }
 
+/// Reads of roots past expiry (each raised a read alarm, docs/gc.md), per root, in the
+/// Prometheus text format; the HELP and TYPE lines even when there are none.
+pub fn root_alarms_prometheus(
+    reads: &std::collections::BTreeMap<lode_format::RootId, u64>,
+) -> String {
+    let name = "lode_root_alarm_reads_total";
+    let mut o = format!(
+        "# HELP {name} Reads from the origin store (chunks, and manifests at attach) of a root \
+         that is expired, deleting or deleted: each raised a read alarm.\n# TYPE {name} counter\n"
+    );
+    for (root, n) in reads {
+        let _ = writeln!(o, "{name}{{root=\"{root}\"}} {n}");
+    }
+    o
+}
+
 fn histogram(
     o: &mut String,
     name: &str,
@@ -560,5 +576,21 @@ mod tests {
         let j = nbd_json(&s, &limits);
         assert_eq!(j["connections_refused"], 3);
         assert_eq!(j["max_connections"], 64);
+    }
+
+    #[test]
+    fn root_alarm_reads_render_per_root() {
+        let p = root_alarms_prometheus(&std::collections::BTreeMap::from([
+            (lode_format::RootId(2), 7),
+            (lode_format::RootId(10), 1),
+        ]));
+        assert_eq!(
+            p.lines().skip(1).collect::<Vec<_>>(),
+            [
+                "# TYPE lode_root_alarm_reads_total counter",
+                "lode_root_alarm_reads_total{root=\"2\"} 7",
+                "lode_root_alarm_reads_total{root=\"10\"} 1",
+            ]
+        );
     }
 }

@@ -14,18 +14,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use lode_format::{ChunkName, RootId};
+use lode_format::{ChunkName, ManifestId, RootId};
 use lode_store::{Store, StoreError};
 
+use crate::alarm::RootWatch;
 use crate::error::{blocking, io};
 use crate::{AgentError, Lru};
 
-/// A chunk as the tiers know it: its name and the store root it lives under (the origin
-/// needs the root; local tiers key by name alone, as a name fixes the bytes).
+/// A chunk as the tiers know it: its name, the store root it lives under and the
+/// manifest that asked for it (the origin needs the root, and names both in a read
+/// alarm; local tiers key by name alone, as a name fixes the bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ChunkRef {
     /// The root.
     pub root: RootId,
+    /// The manifest the chunk is read for (one of those that name it).
+    pub manifest: ManifestId,
     /// The chunk's name (SHA-256 of its ciphertext).
     pub name: ChunkName,
     /// The most bytes its ciphertext may be (its plaintext length plus the seal's tag):
@@ -281,11 +285,14 @@ impl ChunkTier for DiskTier {
 /// is an [`AgentError::Corrupt`], which the cache counts and, as this is the last tier,
 /// returns as an error: a wrong byte is never served. At most
 /// [`concurrency`](Self::with_concurrency) fetches run at once, so an empty cache in
-/// front of it does not flood the store; the rest queue.
+/// front of it does not flood the store; the rest queue. In the agent, every fetch is
+/// also reported to its [`RootWatch`], which raises a read alarm when the chunk's root has
+/// expired (docs/gc.md); the fetch itself never waits on that.
 #[derive(Debug)]
 pub struct OriginTier {
     store: Store,
     permits: tokio::sync::Semaphore,
+    watch: Option<Arc<RootWatch>>,
 }
 
 /// Concurrent origin fetches allowed by default.
@@ -302,7 +309,14 @@ impl OriginTier {
         Self {
             store,
             permits: tokio::sync::Semaphore::new(n.max(1)),
+            watch: None,
         }
+    }
+
+    /// Reports every fetch to `watch`, for read alarms.
+    pub(crate) fn watched(mut self, watch: Arc<RootWatch>) -> Self {
+        self.watch = Some(watch);
+        self
     }
 }
 
@@ -313,16 +327,21 @@ impl ChunkTier for OriginTier {
     }
 
     async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, AgentError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|e| AgentError::Task(e.to_string()))?;
-        match self
-            .store
-            .get_chunk(chunk.root, &chunk.name, chunk.max_bytes)
-            .await
-        {
+        let fetched = {
+            let _permit = self
+                .permits
+                .acquire()
+                .await
+                .map_err(|e| AgentError::Task(e.to_string()))?;
+            self.store
+                .get_chunk(chunk.root, &chunk.name, chunk.max_bytes)
+                .await
+        };
+        // Whatever the fetch found: a read of a deleted root, which fails, is an alarm too.
+        if let Some(w) = &self.watch {
+            w.origin_read(chunk.root, chunk.manifest);
+        }
+        match fetched {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::NotFound { .. }) => Ok(None),
             Err(StoreError::CorruptChunk { name, got, .. }) => Err(AgentError::Corrupt {
