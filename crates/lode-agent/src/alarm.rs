@@ -31,6 +31,11 @@ pub const ROOT_STATE_TTL: Duration = Duration::from_secs(10);
 /// most one warning per root in it when the root's record cannot be read.
 pub const ALARM_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How often the root of every attached manifest is checked, whether or not its reads
+/// reach the store: an attachment served wholly from the caches still holds its root, and
+/// must raise the alarm before that root is deleted under it.
+pub const ATTACHED_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Each critical section below leaves its map consistent before anything can panic.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -146,6 +151,8 @@ pub struct RootWatch {
     states: Mutex<StateCache>,
     /// The attachments of each manifest, to name them in an alarm.
     attached: Mutex<HashMap<ManifestId, BTreeSet<String>>>,
+    /// The root each opened manifest was found under.
+    roots: Mutex<HashMap<ManifestId, RootId>>,
     alarm_gate: Mutex<Gate<(RootId, ManifestId)>>,
     error_gate: Mutex<Gate<RootId>>,
     reads: Mutex<BTreeMap<RootId, u64>>,
@@ -159,6 +166,7 @@ impl RootWatch {
             reader,
             states: Mutex::new(StateCache::new(ROOT_STATE_TTL)),
             attached: Mutex::new(HashMap::new()),
+            roots: Mutex::new(HashMap::new()),
             alarm_gate: Mutex::new(Gate::new(ALARM_LOG_INTERVAL)),
             error_gate: Mutex::new(Gate::new(ALARM_LOG_INTERVAL)),
             reads: Mutex::new(BTreeMap::new()),
@@ -216,9 +224,42 @@ impl RootWatch {
     /// is read afresh (an attach is rare, and should see the root as it is now) and an
     /// alarm raised before the attach returns if the root is expired or further along.
     pub async fn opened(&self, root: RootId, manifest: ManifestId, name: &str) {
+        lock(&self.roots).insert(manifest, root);
         if let Some(s) = self.refresh(root, &manifest).await {
             self.raise(root, s, manifest, Some(name)).await;
         }
+    }
+
+    /// Checks the root of every attached manifest as if a chunk of it had been read from
+    /// the store (see [`ATTACHED_CHECK_INTERVAL`]).
+    pub fn check_attached(self: &Arc<Self>) {
+        let held: Vec<(RootId, ManifestId)> = {
+            let attached = lock(&self.attached);
+            let roots = lock(&self.roots);
+            attached
+                .keys()
+                .filter_map(|m| roots.get(m).map(|r| (*r, *m)))
+                .collect()
+        };
+        for (root, manifest) in held {
+            self.origin_read(root, manifest);
+        }
+    }
+
+    /// Runs [`RootWatch::check_attached`] every [`ATTACHED_CHECK_INTERVAL`] for as long
+    /// as the watch exists.
+    pub fn spawn_attached_checks(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ATTACHED_CHECK_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(watch) = weak.upgrade() else { return };
+                watch.check_attached();
+            }
+        });
     }
 
     /// Reads the root's record into the cache; its state, or `None` (logged, at most once
@@ -378,6 +419,41 @@ mod tests {
         assert_eq!(alarms[0].manifest, id);
         assert_eq!(alarms[0].reader, "lode agent on h (pid 1), attachment app");
         assert_eq!(watch.reads(), BTreeMap::from([(RootId(1), 2)]));
+    }
+
+    #[tokio::test]
+    async fn an_attachment_served_from_cache_still_raises_the_alarm() {
+        let (_dir, store) = store_with_root(RootState::Retired).await;
+        let watch = Arc::new(RootWatch::new(store.clone(), "agent".to_owned()));
+        let id = ManifestId::from_bytes([4; 32]);
+        watch.opened(RootId(1), id, "app").await;
+        watch.attached(id, "app");
+        // The root expires while every read of the attachment hits the caches.
+        let (rec, version) = store.get_root_versioned(RootId(1)).await.unwrap();
+        let expired = lode_store::RootRecord {
+            state: RootState::Expired,
+            ..rec
+        };
+        store.update_root(&expired, &version).await.unwrap();
+        lock(&watch.states).store(RootId(1), None, Instant::now() - 2 * ROOT_STATE_TTL);
+        watch.check_attached();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let alarms = loop {
+            let a = store.list_alarms(RootId(1)).await.unwrap().alarms;
+            if !a.is_empty() || Instant::now() > deadline {
+                break a;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(alarms.len(), 1, "no alarm from the periodic check");
+        assert_eq!(alarms[0].reader, "agent, attachment app");
+        // A detached manifest is no longer checked.
+        watch.detached(id, "app");
+        store.clear_alarms(RootId(1)).await.unwrap();
+        *lock(&watch.alarm_gate) = Gate::new(ALARM_LOG_INTERVAL);
+        watch.check_attached();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(store.list_alarms(RootId(1)).await.unwrap().is_empty());
     }
 
     #[tokio::test]

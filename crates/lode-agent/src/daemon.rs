@@ -303,6 +303,7 @@ impl Agent {
             store.clone(),
             lode_image::reader_name("lode agent"),
         ));
+        watch.spawn_attached_checks();
         let (cache, az) = build_tiers(&config, store.clone(), Some(watch.clone()))?;
         let exports = Exports::new();
         let server = nbd_server(exports.clone(), &config.nbd_limits)?;

@@ -26,7 +26,7 @@ mod metrics;
 mod overlay;
 mod tier;
 
-pub use alarm::{ALARM_LOG_INTERVAL, ROOT_STATE_TTL};
+pub use alarm::{ALARM_LOG_INTERVAL, ATTACHED_CHECK_INTERVAL, ROOT_STATE_TTL};
 pub use az::AzTier;
 pub use cache::{CacheBuilder, ChunkCache};
 pub use daemon::{
