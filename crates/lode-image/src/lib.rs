@@ -32,7 +32,9 @@ pub use forward::{ForwardReport, Moved, copy_forward};
 pub use fsck::{DEFAULT_STAGING_MIN_AGE, Fault, FsckOptions, FsckReport, fsck};
 pub use gc::{DEFAULT_GRACE, GcOptions, GcReport, RootStep, gc, parse_duration, show_duration};
 pub use inspect::ManifestView;
-pub use live::{Holders, LiveError, Liveness, RemovedManifest, Untagged, remove_manifest, untag};
+pub use live::{
+    Holders, LiveError, Liveness, RemovedManifest, Untagged, pin, remove_manifest, untag,
+};
 pub use lode_registry::{PullOptions, RegistryAuth};
 pub use publish::{PublishOptions, PublishStats, Published, Publisher};
 pub use reference::{OpenedImage, open_image, resolve};

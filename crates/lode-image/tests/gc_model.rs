@@ -379,6 +379,7 @@ fn gc_opts(grace: Duration) -> GcOptions {
         grace,
         dry_run: false,
         key_id: KEY.to_owned(),
+        only: None,
     }
 }
 
@@ -408,8 +409,7 @@ async fn publish(store: &Store, kms: &dyn Kms, work: &FsPath, tag: &str, bytes: 
 /// Pins the manifest `tag` names, as `lode pin TAG` does.
 async fn pin(store: &Store, tag: &str) -> Res<ManifestId> {
     let id = lode_image::resolve(store, tag).await?;
-    store.find_manifest(&id).await?;
-    store.put_pin(&id).await?;
+    lode_image::pin(store, &id).await?;
     Ok(id)
 }
 
@@ -820,4 +820,48 @@ proptest! {
             return Err(TestCaseError::fail(e.to_string()));
         }
     }
+}
+
+/// A pin can make nothing of an expired root live again: a manifest copied forward is
+/// refused naming its new id, a dead one is refused outright, and gc then deletes the root.
+#[tokio::test]
+async fn pins_on_an_expired_root_are_refused() -> Res<()> {
+    let tmp = tempfile::tempdir()?;
+    let store = Store::open(tmp.path().join("store").to_str().ok_or("path")?)?;
+    let kms = Keyring::open_or_create(tmp.path().join("keyring"))?;
+    publish(&store, &kms, tmp.path(), "kept", &[1; CHUNK * 2]).await?;
+    publish(&store, &kms, tmp.path(), "dropped", &[2; CHUNK]).await?;
+    let kept = lode_image::resolve(&store, "kept").await?;
+    let dropped = lode_image::resolve(&store, "dropped").await?;
+    lode_image::untag(&store, "dropped").await?;
+    lode_image::rotate(&store, &kms, KEY).await?;
+    let r = lode_image::gc(&store, &kms, &gc_opts(LONG_GRACE)).await?;
+    assert!(r.ok(), "{}", first_error(&r));
+    let moved = lode_image::resolve(&store, "kept").await?;
+    assert_ne!(moved, kept);
+    let e = lode_image::pin(&store, &kept)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("copied forward as manifest {moved}")),
+        "{e}"
+    );
+    let e = lode_image::pin(&store, &dropped)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("which is expired"), "{e}");
+    assert!(store.list_pins().await?.pins.is_empty());
+    lode_image::pin(&store, &moved).await?;
+    let r = lode_image::gc(&store, &kms, &gc_opts(Duration::ZERO)).await?;
+    assert!(r.ok(), "{}", first_error(&r));
+    assert_eq!(
+        states(&store).await?,
+        [
+            (RootId(1), RootState::Deleted),
+            (RootId(2), RootState::Active)
+        ]
+    );
+    Ok(())
 }

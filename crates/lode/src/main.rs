@@ -402,10 +402,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Pin(a) => {
             let store = env.store()?;
             let id = lode_image::resolve(&store, &a.image).await?;
-            // Only a manifest the store holds can be pinned: a pin on nothing keeps
-            // nothing and would hide a typo.
-            store.find_manifest(&id).await?;
-            let outcome = store.put_pin(&id).await?;
+            let outcome = lode_image::pin(&store, &id).await?;
             if env.cli_json {
                 print_json(&serde_json::json!({"pinned": id}))?;
             } else if outcome == lode_store::PutOutcome::AlreadyPresent {
