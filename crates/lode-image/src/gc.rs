@@ -133,12 +133,11 @@ async fn advance(
         step.after = Some(rec.state);
         match rec.state {
             RootState::Active => {
-                step.waiting = Some(
-                    "active: new images go here (`lode root rotate` retires it)".to_owned(),
-                );
+                step.waiting =
+                    Some("active: new images go here (`lode root rotate` retires it)".to_owned());
                 return Ok(());
             }
-            RootState::Deleted => return Ok(()),
+            RootState::Deleted => return sweep(store, opts, root, step).await,
             RootState::Retired => {
                 if !retire_step(store, kms, opts, &rec, &version, step).await? {
                     return Ok(());
@@ -188,6 +187,7 @@ async fn advance_record(
     version: &ObjectVersion,
     step: &mut RootStep,
 ) -> Result<bool, ImageError> {
+    failpoint::pause("gc:before-advance").await;
     match store.update_root(rec, version).await {
         Ok(()) => Ok(true),
         Err(StoreError::Conflict { .. }) => {
@@ -281,7 +281,11 @@ async fn expired_step(
                 .unwrap_or_default()
         ));
         step.alarms = alarms.alarms;
-        step.bad_alarms = alarms.bad.into_iter().map(|(k, e)| format!("{k}: {e}")).collect();
+        step.bad_alarms = alarms
+            .bad
+            .into_iter()
+            .map(|(k, e)| format!("{k}: {e}"))
+            .collect();
         return Ok(false);
     }
     let now = unix_now();
@@ -358,8 +362,9 @@ async fn delete_step(
     let root = rec.root;
     if opts.dry_run {
         let (n, bytes) = deletable(store, root).await?;
-        step.did
-            .push(format!("would finish deleting it: {n} object(s), {bytes} bytes"));
+        step.did.push(format!(
+            "would finish deleting it: {n} object(s), {bytes} bytes"
+        ));
         return Ok(false);
     }
     let objs: Vec<_> = store
@@ -396,13 +401,53 @@ async fn delete_step(
     Ok(true)
 }
 
+/// A deleted root: objects written into it after its deletion (a publisher that read
+/// the root while it was active uploads chunks and writes its manifest, then finds the
+/// root gone and starts over under the active root) are dead; delete them.
+async fn sweep(
+    store: &Store,
+    opts: &GcOptions,
+    root: RootId,
+    step: &mut RootStep,
+) -> Result<(), ImageError> {
+    let objs: Vec<_> = store
+        .root_contents(root)
+        .await?
+        .into_iter()
+        .filter(|o| !o.kind.kept_after_deletion())
+        .collect();
+    if objs.is_empty() {
+        return Ok(());
+    }
+    if opts.dry_run {
+        step.did.push(format!(
+            "would delete {} object(s), {} bytes, written after it was deleted",
+            objs.len(),
+            objs.iter().map(|o| o.size).sum::<u64>()
+        ));
+        return Ok(());
+    }
+    let sizes: Vec<u64> = futures::stream::iter(objs)
+        .map(|o| async move { store.delete_root_object(&o).await.map(|()| o.size) })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect()
+        .await?;
+    let (n, bytes) = (sizes.len() as u64, sizes.iter().sum::<u64>());
+    step.deleted_objects += n;
+    step.reclaimed_bytes += bytes;
+    step.did.push(format!(
+        "deleted {n} object(s), {bytes} bytes, written after it was deleted"
+    ));
+    Ok(())
+}
+
 /// A duration as a person reads it: `90s`, `15m`, `36h`, `7d`.
 pub fn show_duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
-        _ if s >= 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
-        _ if s >= 3_600 && s % 3_600 == 0 => format!("{}h", s / 3_600),
-        _ if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        _ if s >= 86_400 && s.is_multiple_of(86_400) => format!("{}d", s / 86_400),
+        _ if s >= 3_600 && s.is_multiple_of(3_600) => format!("{}h", s / 3_600),
+        _ if s >= 60 && s.is_multiple_of(60) => format!("{}m", s / 60),
         _ => format!("{s}s"),
     }
 }
