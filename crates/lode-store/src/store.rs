@@ -1122,11 +1122,11 @@ impl Store {
                 Err(e) => highest_unreadable = Some((id, e)),
             }
         }
-        let active = self.active_among(&readable)?.cloned();
-        match (highest_unreadable, &active) {
-            (Some((id, _)), Some(a)) if id < a.root => Ok(active),
+        let active = self.active_among(&readable).map(|a| a.cloned());
+        match (highest_unreadable, active) {
+            (None, active) => active,
+            (Some((id, _)), Ok(Some(a))) if id < a.root => Ok(Some(a)),
             (Some((_, e)), _) => Err(e),
-            (None, _) => Ok(active),
         }
     }
 

@@ -403,8 +403,8 @@ fn copy_forward_survives_kills(t: &Target) {
     assert_eq!(
         t.fails(&["root", "copy-forward", "1"]),
         format!(
-            "lode: error: root 1 of store {} is active: only a retired root is copied forward \
-             (lode root rotate retires the active one)\n",
+            "lode: error: root 1 of store {} is active: only a retired or expired root is \
+             copied forward (lode root rotate retires the active one)\n",
             t.store
         )
     );
