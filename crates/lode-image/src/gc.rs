@@ -192,6 +192,7 @@ async fn advance_record(
     version: &ObjectVersion,
     step: &mut RootStep,
 ) -> Result<bool, ImageError> {
+    failpoint::pause("gc:before-advance").await;
     match store.update_root(rec, version).await {
         Ok(()) => Ok(true),
         Err(StoreError::Conflict { .. }) => {

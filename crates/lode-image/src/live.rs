@@ -247,6 +247,33 @@ pub async fn remove_manifest(
     })
 }
 
+/// Pins manifest `id`, so it stays live without a tag. Only a manifest the store holds
+/// can be pinned (a pin on nothing would hide a typo), and only one in a root that may
+/// still hold live manifests: a manifest copied forward is refused, naming the id it was
+/// copied to, and one of an expired root (dead when the root expired, and due to be
+/// deleted with it) is refused.
+pub async fn pin(store: &Store, id: &ManifestId) -> Result<lode_store::PutOutcome, ImageError> {
+    let (root, _) = store.find_manifest(id).await?;
+    let state = store.get_root(root).await?.state;
+    if !matches!(
+        state,
+        lode_store::RootState::Active | lode_store::RootState::Retired
+    ) {
+        return Err(match store.get_forward(root, id).await? {
+            Some(to) => ImageError::Invalid(format!(
+                "manifest {id} of root {root} ({state}) was copied forward as manifest {to}: \
+                 pin that (lode pin {to})"
+            )),
+            None => ImageError::Invalid(format!(
+                "manifest {id} is in root {root}, which is {state}: nothing held it when the \
+                 root expired, and it goes with the root; import or flatten the image again \
+                 to keep it"
+            )),
+        });
+    }
+    Ok(store.put_pin(id).await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,31 +304,4 @@ mod tests {
             )
         );
     }
-}
-
-/// Pins manifest `id`, so it stays live without a tag. Only a manifest the store holds
-/// can be pinned (a pin on nothing would hide a typo), and only one in a root that may
-/// still hold live manifests: a manifest copied forward is refused, naming the id it was
-/// copied to, and one of an expired root (dead when the root expired, and due to be
-/// deleted with it) is refused.
-pub async fn pin(store: &Store, id: &ManifestId) -> Result<lode_store::PutOutcome, ImageError> {
-    let (root, _) = store.find_manifest(id).await?;
-    let state = store.get_root(root).await?.state;
-    if !matches!(
-        state,
-        lode_store::RootState::Active | lode_store::RootState::Retired
-    ) {
-        return Err(match store.get_forward(root, id).await? {
-            Some(to) => ImageError::Invalid(format!(
-                "manifest {id} of root {root} ({state}) was copied forward as manifest {to}: \
-                 pin that (lode pin {to})"
-            )),
-            None => ImageError::Invalid(format!(
-                "manifest {id} is in root {root}, which is {state}: nothing held it when the \
-                 root expired, and it goes with the root; import or flatten the image again \
-                 to keep it"
-            )),
-        });
-    }
-    Ok(store.put_pin(id).await?)
 }

@@ -1108,8 +1108,26 @@ impl Store {
         }
     }
     /// The active root, if the store has one. More than one active root is corruption.
+    /// A record that cannot be read is an error unless a readable root above it is
+    /// active: roots are made in order, each after the one below was retired, so a root
+    /// below the active one is not active, and its damaged record (a fault of that root,
+    /// which the collector reports) stops neither publishers nor copy-forward.
     pub async fn active_root(&self) -> Result<Option<RootRecord>, StoreError> {
-        Ok(self.active_among(&self.roots().await?)?.cloned())
+        let mut readable = Vec::new();
+        let mut highest_unreadable = None;
+        for id in self.root_ids().await? {
+            match self.get_root(id).await {
+                Ok(r) => readable.push(r),
+                Err(StoreError::NotFound { .. }) => continue,
+                Err(e) => highest_unreadable = Some((id, e)),
+            }
+        }
+        let active = self.active_among(&readable).map(|a| a.cloned());
+        match (highest_unreadable, active) {
+            (None, active) => active,
+            (Some((id, _)), Ok(Some(a))) if id < a.root => Ok(Some(a)),
+            (Some((_, e)), _) => Err(e),
+        }
     }
 
     /// The active root among `roots` (one listing, so that a caller deciding what to do

@@ -7,168 +7,21 @@
 #[path = "common/harness.rs"]
 mod harness;
 
+#[path = "common/target.rs"]
+mod target;
+
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Child;
 
-use harness::{Home, random_image};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use s3s::auth::SimpleAuth;
-use s3s::service::S3ServiceBuilder;
+use harness::random_image;
 use serde_json::Value;
+use target::{
+    CHUNK, SEALED, Target, chunk_file, exports_as, finish, new_gate, root_states, stored_names,
+    wait_for_marks,
+};
 
-const CHUNK: usize = 512 * 1024;
-/// A stored chunk: its plaintext and the seal's 16-byte tag.
-const SEALED: u64 = CHUNK as u64 + 16;
-const BUCKET: &str = "lode-gc";
-const ACCESS_KEY: &str = "lode-gc-access";
-const SECRET_KEY: &str = "lode-gc-secret";
 const SECRET: &str = "root:$6$hostsalt$thisisthehostpasswordhash:19000:0:99999:7:::";
-
-/// A scratch home and the store the binary is pointed at.
-struct Target {
-    h: Home,
-    /// The value of LODE_STORE.
-    store: String,
-    /// Where the store's objects are files, to damage them behind lode's back.
-    objects: PathBuf,
-    env: Vec<(&'static str, String)>,
-    /// Keeps the S3 server's runtime (and the server) alive.
-    _server: Option<tokio::runtime::Runtime>,
-    _fs: Option<tempfile::TempDir>,
-}
-
-impl Target {
-    fn local() -> Target {
-        let h = Home::new();
-        let objects = h.path("store");
-        Target {
-            store: objects.to_str().unwrap().to_owned(),
-            h,
-            objects,
-            env: Vec::new(),
-            _server: None,
-            _fs: None,
-        }
-    }
-
-    fn s3() -> Target {
-        let fs_root = tempfile::tempdir().unwrap();
-        let bucket = fs_root.path().join(BUCKET);
-        fs::create_dir(&bucket).unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let root = fs_root.path().to_owned();
-        rt.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let fs = s3s_fs::FileSystem::new(root).unwrap();
-            let mut b = S3ServiceBuilder::new(fs);
-            b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-            let service = b.build();
-            let http = ConnBuilder::new(TokioExecutor::new());
-            loop {
-                let (socket, _) = listener.accept().await.unwrap();
-                let conn = http
-                    .serve_connection(TokioIo::new(socket), service.clone())
-                    .into_owned();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-        });
-        Target {
-            h: Home::new(),
-            store: format!("s3://{BUCKET}/gc"),
-            objects: bucket.join("gc"),
-            env: vec![
-                ("AWS_ENDPOINT_URL", endpoint),
-                ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_owned()),
-                ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_owned()),
-                ("AWS_REGION", "us-east-1".to_owned()),
-            ],
-            _server: Some(rt),
-            _fs: Some(fs_root),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut cmd = self.h.cmd(args);
-        cmd.env("LODE_STORE", &self.store);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().expect("run lode");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!err.contains("panicked"), "lode {args:?} panicked:\n{err}");
-        out
-    }
-
-    /// Starts lode in the background, paused at the failpoint `point` until `go` is
-    /// written into `gate`.
-    fn spawn_paused(&self, args: &[&str], point: &str, gate: &Path) -> Child {
-        let mut cmd = self.h.cmd(args);
-        cmd.env("LODE_STORE", &self.store)
-            .env("LODE_FAILPOINT", point)
-            .env("LODE_FAILPOINT_GATE", gate)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        cmd.spawn().expect("spawn lode")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "lode {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs a command that must fail with exit status 1; returns its stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert_eq!(out.status.code(), Some(1), "lode {args:?}: {out:?}");
-        String::from_utf8(out.stderr).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        let s = self.ok(&a);
-        serde_json::from_str(&s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-    }
-
-    fn import(&self, file: &Path, tag: &str) -> String {
-        self.json(&["import", file.to_str().unwrap(), "--tag", tag])["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    /// Root 1's figures from `store stats --json`.
-    fn root1(&self) -> Value {
-        let st = self.json(&["store", "stats"]);
-        let roots = st["per_root"].as_array().unwrap();
-        assert_eq!(roots.len(), 1, "{st}");
-        assert_eq!(roots[0]["live_bytes"], st["live_bytes"]);
-        assert_eq!(roots[0]["dead_bytes"], st["dead_bytes"]);
-        roots[0].clone()
-    }
-}
 
 fn figures(root: &Value) -> (u64, u64, u64, u64) {
     let n = |k: &str| root[k].as_u64().unwrap_or_else(|| panic!("{k} in {root}"));
@@ -336,80 +189,6 @@ fn unreadable_pins_block_deletion(t: &Target) {
     );
     fs::remove_file(&pin).unwrap();
     t.ok(&["rm", "--manifest", &id]);
-}
-
-/// Waits until `n` processes have reached the failpoint `point` (marks in `gate`).
-fn wait_for_marks(gate: &Path, point: &str, n: usize) {
-    let prefix = format!("{}.", point.replace(':', "-"));
-    let started = Instant::now();
-    loop {
-        let got = fs::read_dir(gate)
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with(&prefix)
-            })
-            .count();
-        if got >= n {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "{got} of {n} processes reached {point}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn new_gate(t: &Target, name: &str) -> PathBuf {
-    let gate = t.h.path(name);
-    fs::create_dir(&gate).unwrap();
-    gate
-}
-
-fn finish(child: Child) -> (bool, String, String) {
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn stored_names(t: &Target, image: &str) -> Vec<String> {
-    t.json(&["inspect", image])["chunks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|c| c.as_str().map(str::to_owned))
-        .collect()
-}
-
-fn root_states(t: &Target) -> Vec<(u64, String)> {
-    t.json(&["root", "ls"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["root"].as_u64().unwrap(),
-                r["state"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
-fn exports_as(t: &Target, image: &str, want: &[u8]) {
-    let out = t.h.path("export.out");
-    let _ = fs::remove_file(&out);
-    t.ok(&["export", image, out.to_str().unwrap()]);
-    assert!(
-        fs::read(&out).unwrap() == want,
-        "{image} exported other bytes"
-    );
 }
 
 /// A rotation retires root 1 and makes root 2 active; the same plaintext published
@@ -597,11 +376,6 @@ fn inspect_root(t: &Target, image: &str) -> u64 {
     t.json(&["inspect", image])["root"].as_u64().unwrap()
 }
 
-fn chunk_file(t: &Target, root: u64, name: &str) -> PathBuf {
-    t.objects
-        .join(format!("roots/{root}/chunks/{}/{name}", &name[..2]))
-}
-
 /// Copy-forward killed (kill -9) at each step boundary and run again ends with every
 /// live image in the active root under new chunk names, tags and pin moved, exporting
 /// byte for byte; a reader holding an old id is told the new one; a chunk missing from
@@ -629,8 +403,8 @@ fn copy_forward_survives_kills(t: &Target) {
     assert_eq!(
         t.fails(&["root", "copy-forward", "1"]),
         format!(
-            "lode: error: root 1 of store {} is active: only a retired root is copied forward \
-             (lode root rotate retires the active one)\n",
+            "lode: error: root 1 of store {} is active: only a retired or expired root is \
+             copied forward (lode root rotate retires the active one)\n",
             t.store
         )
     );
