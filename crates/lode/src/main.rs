@@ -340,6 +340,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 print_gc(&report);
             }
             if !report.ok() {
+                for e in report.roots.iter().filter_map(|r| r.error.as_ref()) {
+                    eprintln!("lode: error: {e}");
+                }
                 return Ok(ExitCode::from(2));
             }
         }
