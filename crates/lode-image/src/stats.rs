@@ -46,6 +46,9 @@ pub struct StoreStats {
     pub unreadable_holders: Vec<String>,
     /// The same figures per root.
     pub per_root: Vec<RootStats>,
+    /// Roots whose ROOT record could not be read, each with why; their objects are not
+    /// counted (`lode store fsck` names them too).
+    pub unreadable_roots: Vec<String>,
 }
 
 /// What one root holds, live and dead.
@@ -80,7 +83,14 @@ pub async fn store_stats(store: &Store) -> Result<StoreStats, ImageError> {
     st.bad_tags = tags.bad.iter().map(|b| b.error.to_string()).collect();
     let live = Liveness::load(store).await?;
     st.unreadable_holders = live.unreadable().to_vec();
-    for root in store.roots().await? {
+    for (id, read) in store.root_records().await? {
+        let root = match read {
+            Ok((rec, _)) => rec,
+            Err(e) => {
+                st.unreadable_roots.push(format!("root {id}: {e}"));
+                continue;
+            }
+        };
         st.roots += 1;
         let chunks = store.list_chunks(root.root).await?;
         let mut rs = RootStats {

@@ -286,6 +286,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     .collect();
                 print_json(&v)?;
             } else {
+                for e in &st.unreadable_roots {
+                    println!("UNREADABLE {e}");
+                }
                 for (r, a) in st.per_root.iter().zip(&alarms) {
                     println!(
                         "root {} {:<8} {} stored, {} of {} manifests live, {} live, {} dead, {}",
@@ -429,6 +432,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let st = lode_image::store_stats(&store).await?;
             for bad in &st.bad_tags {
                 eprintln!("warning: tag not counted: {bad}");
+            }
+            for bad in &st.unreadable_roots {
+                eprintln!("warning: root not counted: {bad}");
             }
             if !st.unreadable_holders.is_empty() {
                 eprintln!(
