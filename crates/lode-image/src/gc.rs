@@ -346,13 +346,23 @@ async fn expired_step(
     Ok(true)
 }
 
+/// The objects deleting `root` removes.
+async fn deletable_objects(
+    store: &Store,
+    root: RootId,
+) -> Result<Vec<lode_store::RootObject>, ImageError> {
+    Ok(store
+        .root_contents(root)
+        .await?
+        .into_iter()
+        .filter(|o| !o.kind.kept_after_deletion())
+        .collect())
+}
+
 /// How many objects deleting `root` removes, and their bytes.
 async fn deletable(store: &Store, root: RootId) -> Result<(u64, u64), ImageError> {
-    let objs = store.root_contents(root).await?;
-    Ok(objs
-        .iter()
-        .filter(|o| !o.kind.kept_after_deletion())
-        .fold((0, 0), |(n, b), o| (n + 1, b + o.size)))
+    let objs = deletable_objects(store, root).await?;
+    Ok((objs.len() as u64, objs.iter().map(|o| o.size).sum()))
 }
 
 /// A root being deleted: delete every object but its record and forwarding records,
@@ -372,12 +382,7 @@ async fn delete_step(
         ));
         return Ok(false);
     }
-    let objs: Vec<_> = store
-        .root_contents(root)
-        .await?
-        .into_iter()
-        .filter(|o| !o.kind.kept_after_deletion())
-        .collect();
+    let objs = deletable_objects(store, root).await?;
     let (mut n, mut bytes) = (0u64, 0u64);
     let mut rest = objs.into_iter();
     if let Some(first) = rest.next() {
@@ -411,22 +416,18 @@ async fn sweep_deleted(
     root: RootId,
     step: &mut RootStep,
 ) -> Result<(), ImageError> {
-    let (n, bytes) = deletable(store, root).await?;
-    if n == 0 {
+    let objs = deletable_objects(store, root).await?;
+    if objs.is_empty() {
         return Ok(());
     }
     if opts.dry_run {
         step.did.push(format!(
-            "would delete {n} stray object(s), {bytes} bytes, written after the root was deleted"
+            "would delete {} stray object(s), {} bytes, written after the root was deleted",
+            objs.len(),
+            objs.iter().map(|o| o.size).sum::<u64>()
         ));
         return Ok(());
     }
-    let objs: Vec<_> = store
-        .root_contents(root)
-        .await?
-        .into_iter()
-        .filter(|o| !o.kind.kept_after_deletion())
-        .collect();
     let (n, bytes) = delete_all(store, objs).await?;
     step.deleted_objects += n;
     step.reclaimed_bytes += bytes;

@@ -1187,17 +1187,7 @@ impl Store {
     /// read or parsed is still an alarm (it halts deletion): it comes back as its object
     /// key and the reason, never its bytes.
     pub async fn list_alarms(&self, root: RootId) -> Result<AlarmList, StoreError> {
-        let prefix = self.path([
-            "roots".into(),
-            PathPart::from(root.to_string()),
-            "alarms".into(),
-        ]);
-        let metas: Vec<_> = self
-            .os
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| self.backend("list", &prefix, e))?;
+        let metas = self.list_alarm_objects(root).await?;
         let mut out = AlarmList::default();
         for m in metas {
             let name = m.location.filename().unwrap_or_default().to_owned();
@@ -1221,19 +1211,25 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes every alarm object of `root`; returns how many there were.
-    pub async fn clear_alarms(&self, root: RootId) -> Result<usize, StoreError> {
+    async fn list_alarm_objects(
+        &self,
+        root: RootId,
+    ) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
         let prefix = self.path([
             "roots".into(),
             PathPart::from(root.to_string()),
             "alarms".into(),
         ]);
-        let metas: Vec<_> = self
-            .os
+        self.os
             .list(Some(&prefix))
             .try_collect()
             .await
-            .map_err(|e| self.backend("list", &prefix, e))?;
+            .map_err(|e| self.backend("list", &prefix, e))
+    }
+
+    /// Removes every alarm object of `root`; returns how many there were.
+    pub async fn clear_alarms(&self, root: RootId) -> Result<usize, StoreError> {
+        let metas = self.list_alarm_objects(root).await?;
         for m in &metas {
             match self.os.delete(&m.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
