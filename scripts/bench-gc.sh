@@ -14,8 +14,8 @@
 # docs/evaluation/gc.md). The store is a local directory: one machine, local disk.
 #
 # Usage (as root):  scripts/bench-gc.sh [--quick] [--out FILE.md] [--parts LIST] [--keep]
-#   --quick        one run per figure and 10 s read windows (about 3 minutes with lode
-#                  built); without it 3 runs and 20 s windows (about 6 minutes)
+#   --quick        one run per figure and 10 s read windows (about 70 s with lode and
+#                  the family built); without it 3 runs and 20 s windows (about 2 minutes)
 #   --out FILE     the markdown summary (default docs/evaluation/gc.md; the JSON goes
 #                  beside it as gc.json)
 #   --parts LIST   comma-separated subset of copy,reclaim,readers (default: all)
