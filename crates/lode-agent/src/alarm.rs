@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use lode_format::{ManifestId, RootId};
 use lode_image::ReadAlarm;
@@ -305,7 +305,7 @@ impl RootWatch {
                         ReadAlarm {
                             root,
                             state,
-                            alarm: Alarm::new(manifest, &reader, unix_now()),
+                            alarm: Alarm::new(manifest, &reader, lode_image::unix_now()),
                             recorded: false,
                         },
                         Some(e),
@@ -342,13 +342,6 @@ impl RootWatch {
             many => format!("{}, attachments {}", self.reader, many.join(", ")),
         }
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

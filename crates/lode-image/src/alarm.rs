@@ -35,8 +35,8 @@ impl std::fmt::Display for ReadAlarm {
     }
 }
 
-/// Seconds since the epoch, now.
-pub(crate) fn unix_now() -> u64 {
+/// Seconds since the epoch, now: the clock of alarms and root expiry.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

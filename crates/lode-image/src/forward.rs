@@ -62,6 +62,19 @@ pub async fn copy_forward(
     key_id: &str,
     from: RootId,
 ) -> Result<ForwardReport, ImageError> {
+    let live = Liveness::load(store).await?;
+    copy_forward_with(store, kms, key_id, from, &live).await
+}
+
+/// [`copy_forward`] judging what is live by `live`, read by the caller (the collector,
+/// which has read it already to decide whether anything needs copying).
+pub async fn copy_forward_with(
+    store: &Store,
+    kms: &dyn Kms,
+    key_id: &str,
+    from: RootId,
+    live: &Liveness,
+) -> Result<ForwardReport, ImageError> {
     let old = store.get_root(from).await?;
     // An expired root is copied from too: a manifest found live there (a tag set by a
     // process that read the store before the rotation) must be moved before deletion.
@@ -84,7 +97,6 @@ pub async fn copy_forward(
         .unwrap(&active.salt)
         .await
         .map_err(|e| ImageError::Invalid(format!("root {}: its salt: {e}", active.root)))?;
-    let live = Liveness::load(store).await?;
     if let Some(first) = live.unreadable().first() {
         return Err(ImageError::Invalid(format!(
             "cannot tell what in root {from} is live: {first}; repair or remove it first"

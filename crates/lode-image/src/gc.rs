@@ -19,7 +19,7 @@ use lode_store::{Alarm, ObjectVersion, RootRecord, RootState, Store, StoreError}
 use serde::Serialize;
 
 use crate::alarm::unix_now;
-use crate::{CONCURRENCY, ImageError, Liveness, copy_forward, failpoint};
+use crate::{CONCURRENCY, ImageError, Liveness, copy_forward_with, failpoint};
 
 /// How a collection runs.
 #[derive(Clone, Debug)]
@@ -136,38 +136,33 @@ async fn advance(
             None => store.get_root_versioned(root).await?,
         };
         step.after = Some(rec.state);
-        match rec.state {
+        let go_on = match rec.state {
             RootState::Active => {
                 step.waiting =
                     Some("active: new images go here (`lode root rotate` retires it)".to_owned());
-                return Ok(());
+                false
             }
-            RootState::Deleted => return sweep_deleted(store, opts, root, step).await,
-            RootState::Retired => {
-                if !retire_step(store, kms, opts, &rec, &version, step).await? {
-                    return Ok(());
-                }
+            RootState::Deleted => {
+                sweep_deleted(store, opts, root, step).await?;
+                false
             }
-            RootState::Expired => {
-                if !expired_step(store, opts, &rec, &version, step).await? {
-                    return Ok(());
-                }
-            }
-            RootState::Deleting => {
-                if !delete_step(store, opts, &rec, &version, step).await? {
-                    return Ok(());
-                }
-            }
+            RootState::Retired => retire_step(store, kms, opts, &rec, &version, step).await?,
+            RootState::Expired => expired_step(store, opts, &rec, &version, step).await?,
+            RootState::Deleting => delete_step(store, opts, &rec, &version, step).await?,
+        };
+        if !go_on {
+            return Ok(());
         }
     }
     Ok(())
 }
 
-/// The manifests of `root` that are live, with what holds each.
+/// The store's liveness, and the manifests of `root` that are live with what holds each.
+/// A tag or pin that cannot be read is an error: nothing can be proven dead.
 async fn live_in(
     store: &Store,
     root: RootId,
-) -> Result<Vec<(ManifestId, crate::Holders)>, ImageError> {
+) -> Result<(Liveness, Vec<(ManifestId, crate::Holders)>), ImageError> {
     let live = Liveness::load(store).await?;
     if let Some(first) = live.unreadable().first() {
         return Err(ImageError::Invalid(format!(
@@ -177,11 +172,12 @@ async fn live_in(
     }
     let mut ids = store.list_manifests(root).await?;
     ids.sort();
-    Ok(ids
+    let held = ids
         .into_iter()
         .map(|id| (id, live.holders(&id)))
         .filter(|(_, h)| h.any())
-        .collect())
+        .collect();
+    Ok((live, held))
 }
 
 /// Writes `rec` over the version read; false (and a note) if another process changed
@@ -216,7 +212,7 @@ async fn retire_step(
     step: &mut RootStep,
 ) -> Result<bool, ImageError> {
     let root = rec.root;
-    let live = live_in(store, root).await?;
+    let (liveness, live) = live_in(store, root).await?;
     if opts.dry_run {
         if !live.is_empty() {
             step.did.push(format!(
@@ -229,7 +225,7 @@ async fn retire_step(
         return Ok(false);
     }
     if !live.is_empty() {
-        let r = copy_forward(store, kms, &opts.key_id, root).await?;
+        let r = copy_forward_with(store, kms, &opts.key_id, root, &liveness).await?;
         step.copied += r.moved.len() as u64;
         step.did.push(format!(
             "copied {} manifest(s) forward into root {} ({} chunks, {} bytes sealed again)",
@@ -238,7 +234,7 @@ async fn retire_step(
             r.chunks,
             r.bytes
         ));
-        let still = live_in(store, root).await?;
+        let (_, still) = live_in(store, root).await?;
         if let Some((id, holders)) = still.first() {
             step.waiting = Some(format!(
                 "{} manifest(s) are still live after copy-forward (manifest {id}: {holders}; \
@@ -321,7 +317,7 @@ async fn expired_step(
         ));
         return Ok(false);
     }
-    let live = live_in(store, root).await?;
+    let (_, live) = live_in(store, root).await?;
     if let Some((id, holders)) = live.first() {
         return Err(ImageError::Invalid(format!(
             "manifest {id} of expired root {root} is live ({holders}): nothing was deleted; \

@@ -21,14 +21,16 @@ mod roots;
 mod stats;
 mod verify;
 
-pub use alarm::{Cleared, ReadAlarm, check_read, check_read_in, clear_alarms, reader_name};
+pub use alarm::{
+    Cleared, ReadAlarm, check_read, check_read_in, clear_alarms, reader_name, unix_now,
+};
 pub use error::ImageError;
 pub use export::{ExportStats, export};
 pub use flatten::{
     FlattenProgress, FlattenReport, FlattenRequest, Reclaimed, default_work_dir,
     flatten_and_publish, reclaim_scratch,
 };
-pub use forward::{ForwardReport, Moved, copy_forward};
+pub use forward::{ForwardReport, Moved, copy_forward, copy_forward_with};
 pub use fsck::{DEFAULT_STAGING_MIN_AGE, Fault, FsckOptions, FsckReport, fsck};
 pub use gc::{DEFAULT_GRACE, GcOptions, GcReport, RootStep, gc, parse_duration, show_duration};
 pub use inspect::ManifestView;

@@ -317,19 +317,19 @@ impl Store {
     }
 
     fn manifest_path(&self, root: RootId, id: &ManifestId) -> Path {
-        self.path([
-            "roots".into(),
-            PathPart::from(root.to_string()),
-            "manifests".into(),
-            PathPart::from(id.to_hex()),
-        ])
+        self.per_manifest(root, "manifests", id)
     }
 
     fn working_set_path(&self, root: RootId, id: &ManifestId) -> Path {
+        self.per_manifest(root, "worksets", id)
+    }
+
+    /// `roots/<root>/<dir>/<manifest id>`: the objects kept per manifest of a root.
+    fn per_manifest(&self, root: RootId, dir: &'static str, id: &ManifestId) -> Path {
         self.path([
             "roots".into(),
             PathPart::from(root.to_string()),
-            "worksets".into(),
+            dir.into(),
             PathPart::from(id.to_hex()),
         ])
     }
@@ -347,21 +347,11 @@ impl Store {
     }
 
     fn forward_path(&self, root: RootId, id: &ManifestId) -> Path {
-        self.path([
-            "roots".into(),
-            PathPart::from(root.to_string()),
-            "forwards".into(),
-            PathPart::from(id.to_hex()),
-        ])
+        self.per_manifest(root, "forwards", id)
     }
 
     fn alarm_path(&self, root: RootId, id: &ManifestId) -> Path {
-        self.path([
-            "roots".into(),
-            PathPart::from(root.to_string()),
-            "alarms".into(),
-            PathPart::from(id.to_hex()),
-        ])
+        self.per_manifest(root, "alarms", id)
     }
 
     fn tag_path(&self, tag: &str) -> Result<Path, StoreError> {
