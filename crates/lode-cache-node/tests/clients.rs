@@ -18,7 +18,9 @@ use lode_cache_node::NodeConfig;
 fn tool(name: &str) -> Option<std::path::PathBuf> {
     let found = which(name);
     if found.is_none() {
-        eprintln!("SKIP: {name} is not installed (apt-get install libmemcached-tools)");
+        lode_testkit::skip(&format!(
+            "{name} is not installed (apt-get install libmemcached-tools)"
+        ));
     }
     found
 }

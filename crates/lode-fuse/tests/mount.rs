@@ -58,7 +58,7 @@ fn fuse_missing() -> Option<String> {
 macro_rules! require_fuse {
     () => {
         if let Some(why) = fuse_missing() {
-            eprintln!("SKIP: {why}");
+            lode_testkit::skip(&format!("{why}"));
             return;
         }
     };
@@ -198,12 +198,12 @@ fn ext4_image_mounts_through_a_loop_device_on_the_fuse_file() {
     require_fuse!();
     for tool in ["mkfs.ext4", "losetup", "mount"] {
         if !have_tool(tool) {
-            eprintln!("SKIP: {tool} is absent");
+            lode_testkit::skip(&format!("{tool} is absent"));
             return;
         }
     }
     if !is_root() {
-        eprintln!("SKIP: loop devices and mount need root");
+        lode_testkit::skip("loop devices and mount need root");
         return;
     }
     let work = tempfile::tempdir().unwrap();

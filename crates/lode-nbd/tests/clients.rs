@@ -166,7 +166,7 @@ fn fio_nbd_engine_random_reads_verify() {
     let Some(fio) = tool("fio") else { return };
     let probe = run(Command::new(&fio).arg("--enghelp"), LIMIT);
     if !String::from_utf8_lossy(&probe.stdout).contains("nbd") {
-        eprintln!("SKIPPED: fio was built without the nbd engine");
+        lode_testkit::skip("fio was built without the nbd engine");
         return;
     }
     let size = 16 << 20;
@@ -243,7 +243,7 @@ fn nbdsh_protocol_edges() {
                 .is_ok_and(|o| o.status.success())
         });
     let Some(python_path) = python_path else {
-        eprintln!("SKIPPED: no python3 with the nbd module (python3-libnbd)");
+        lode_testkit::skip("no python3 with the nbd module (python3-libnbd)");
         return;
     };
 

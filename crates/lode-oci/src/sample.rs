@@ -549,7 +549,7 @@ mod tests {
 
     fn e2fsck(img: &Path) {
         let Ok(out) = Command::new("e2fsck").arg("-fn").arg(img).output() else {
-            eprintln!("SKIP e2fsck: not installed");
+            lode_testkit::skip("e2fsck: not installed");
             return;
         };
         let text = String::from_utf8_lossy(&out.stdout).into_owned()

@@ -136,7 +136,7 @@ fn gnu_tar_sparse_formats() {
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("GNU tar"))
     {
-        eprintln!("SKIP sparse: GNU tar not installed");
+        lode_testkit::skip("sparse: GNU tar not installed");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -73,7 +73,7 @@ fn docker_archive_matches_oci_layout() {
 #[test]
 fn skopeo_docker_archive() {
     if !have("skopeo") {
-        eprintln!("SKIP skopeo docker-archive: skopeo not installed");
+        lode_testkit::skip("skopeo docker-archive: skopeo not installed");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

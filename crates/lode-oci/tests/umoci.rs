@@ -117,11 +117,11 @@ fn matches_umoci_unpack() {
     assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(&img2).unwrap());
 
     if !can_mount() {
-        eprintln!("SKIP mount comparison: needs root and loop devices");
+        lode_testkit::skip("mount comparison: needs root and loop devices");
         return;
     }
     if !have("umoci") {
-        eprintln!("SKIP umoci comparison: umoci not installed");
+        lode_testkit::skip("umoci comparison: umoci not installed");
         return;
     }
     let bundle = tmp.path().join("bundle");

@@ -273,6 +273,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 alarms.push(store.list_alarms(r.root).await?);
             }
             if env.cli_json {
+                for e in &st.unreadable_roots {
+                    eprintln!("warning: root not listed: {e}");
+                }
                 let v: Vec<_> = st
                     .per_root
                     .iter()
@@ -677,7 +680,6 @@ async fn cache_node(env: &Env, a: cli::CacheNodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// `lode rm`: a tag, every tag of a manifest, or a dead manifest.
 /// Raises the read alarm if the image's root has expired (docs/gc.md); the read goes on.
 async fn alarm_on_read(store: &lode_store::Store, img: &lode_image::OpenedImage, role: &str) {
     match lode_image::check_read(store, img.root, &img.id, &lode_image::reader_name(role)).await {
@@ -723,6 +725,7 @@ fn print_gc(report: &lode_image::GcReport) {
     );
 }
 
+/// `lode rm`: a tag, every tag of a manifest, or a dead manifest.
 async fn rm(env: &Env, a: &cli::RmArgs) -> Result<()> {
     let store = env.store()?;
     if a.manifest {

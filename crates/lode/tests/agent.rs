@@ -80,40 +80,13 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// Whether `tool ARGS` runs and exits 0; if not, says the test is skipped and why.
-fn have(tool: &str, args: &[&str], package: &str) -> bool {
-    let ok = Command::new(tool)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIPPED: {tool} ({package}) is not installed");
-    }
-    ok
-}
-
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        eprintln!("SKIPPED: loop devices and mounts need root");
+        lode_testkit::skip("loop devices and mounts need root");
     }
     root
-}
-
-fn have_nbdcopy() -> bool {
-    let ok = Command::new("nbdcopy")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIPPED: nbdcopy (libnbd-bin) is not installed");
-    }
-    ok
 }
 
 fn names(ls: &Value) -> Vec<String> {
@@ -259,7 +232,7 @@ fn python_with_nbd() -> Option<&'static str> {
             .is_ok_and(|s| s.success())
     });
     if found.is_none() {
-        eprintln!("SKIPPED: no python3 with the nbd module (python3-libnbd)");
+        lode_testkit::skip("no python3 with the nbd module (python3-libnbd)");
     }
     found
 }

@@ -364,7 +364,7 @@ fn generated_image_round_trips_byte_for_byte() {
 #[test]
 fn ext4_image_round_trips_and_checks_clean() {
     if !have("mkfs.ext4") || !have("e2fsck") {
-        eprintln!("SKIP ext4_image_round_trips_and_checks_clean: mkfs.ext4/e2fsck not found");
+        lode_testkit::skip("ext4_image_round_trips_and_checks_clean: mkfs.ext4/e2fsck not found");
         return;
     }
     let lode = Lode::new();
@@ -1134,7 +1134,7 @@ fn manifest_count(lode: &Lode) -> usize {
 
 fn e2fsck_clean(image: &Path) {
     match Command::new("e2fsck").args(["-fn", s(image)]).output() {
-        Err(e) => println!("SKIP e2fsck check: e2fsck not runnable: {e}"),
+        Err(e) => lode_testkit::skip(&format!("e2fsck check: e2fsck not runnable: {e}")),
         Ok(o) => assert!(
             o.status.success(),
             "e2fsck -fn {}:\n{}{}",

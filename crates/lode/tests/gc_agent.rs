@@ -11,28 +11,15 @@ mod harness;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{Home, random_image};
+use harness::{Home, have_nbdcopy, random_image};
 use serde_json::Value;
 
 /// How long a test waits for the agent to notice a root's new state: its cache of root
 /// states (lode_agent::ROOT_STATE_TTL, 10 s) and a margin for busy machines.
 const NOTICE_DEADLINE: Duration = Duration::from_secs(60);
-
-fn have_nbdcopy() -> bool {
-    let ok = Command::new("nbdcopy")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIPPED: nbdcopy (libnbd-bin) is not installed");
-    }
-    ok
-}
 
 /// `nbdcopy` of the agent's export `name`; its bytes.
 fn read_export(h: &Home, name: &str) -> Vec<u8> {

@@ -152,17 +152,8 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-pub fn tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join(name);
-        if candidate.is_file() {
-            return Some(candidate);
-        }
-    }
-    eprintln!("SKIPPED: {name} is not installed (CI installs it)");
-    None
-}
+#[allow(unused_imports)] // not every test file uses it
+pub use lode_testkit::tool;
 
 /// Runs a command on the blocking pool (the NBD server shares the runtime).
 pub async fn run(mut cmd: Command) -> Output {
@@ -197,7 +188,7 @@ pub fn nbd_python_path() -> Option<String> {
                 .is_ok_and(|o| o.status.success())
         });
     if found.is_none() {
-        eprintln!("SKIPPED: no python3 with the nbd module (python3-libnbd)");
+        lode_testkit::skip("no python3 with the nbd module (python3-libnbd)");
     }
     found
 }

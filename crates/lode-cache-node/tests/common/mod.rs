@@ -125,7 +125,7 @@ impl Memcached {
 
     pub fn start_with(extra: &[&str]) -> Option<Memcached> {
         let Some(bin) = which("memcached") else {
-            eprintln!("SKIP: memcached is not installed (apt-get install memcached)");
+            lode_testkit::skip("memcached is not installed (apt-get install memcached)");
             return None;
         };
         for _attempt in 0..5 {

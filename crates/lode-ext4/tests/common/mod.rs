@@ -152,7 +152,7 @@ fn tool(name: &str) -> Option<PathBuf> {
 /// Returns false (after printing why) only when e2fsck is not installed.
 pub fn fsck(image: &Path) -> bool {
     let Some(e2fsck) = tool("e2fsck") else {
-        eprintln!("SKIP e2fsck: not installed");
+        lode_testkit::skip("e2fsck: not installed");
         return false;
     };
     let out = Command::new(e2fsck)
@@ -191,7 +191,7 @@ impl Mount {
     /// mount (not root, or no `mount`).
     pub fn new(image: &Path) -> Option<Self> {
         let Some(mount) = tool("mount") else {
-            eprintln!("SKIP mount: `mount` not installed");
+            lode_testkit::skip("mount: `mount` not installed");
             return None;
         };
         // SAFETY-free check for root: the effective uid via /proc.
@@ -202,7 +202,7 @@ impl Mount {
             .and_then(|l| l.split_whitespace().nth(2))
             == Some("0");
         if !root {
-            eprintln!("SKIP mount: not running as root");
+            lode_testkit::skip("mount: not running as root");
             return None;
         }
         let dir = tempfile::tempdir().expect("mountpoint");

@@ -87,18 +87,8 @@ impl Drop for TestServer {
     }
 }
 
-/// The path of `tool` if installed; otherwise prints why the test is skipped.
-pub fn tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join(name);
-        if candidate.is_file() {
-            return Some(candidate);
-        }
-    }
-    eprintln!("SKIPPED: {name} is not installed (CI installs it)");
-    None
-}
+#[allow(unused_imports)] // not every test file uses it
+pub use lode_testkit::tool;
 
 /// Runs a command to completion with a time limit, capturing output.
 pub fn run(cmd: &mut Command, limit: Duration) -> Output {

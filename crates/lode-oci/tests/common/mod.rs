@@ -374,7 +374,7 @@ pub fn have(tool: &str) -> bool {
 /// `e2fsck -fn` must report nothing but its passes.
 pub fn e2fsck(img: &Path) {
     if !have("e2fsck") {
-        eprintln!("SKIP e2fsck: not installed");
+        lode_testkit::skip("e2fsck: not installed");
         return;
     }
     let out = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();

@@ -228,3 +228,22 @@ pub fn random_image(chunks: usize, seed: u64) -> Vec<u8> {
     }
     v
 }
+
+/// Whether `tool ARGS` runs and exits 0; if not, says the test is skipped and why.
+pub fn have(tool: &str, args: &[&str], package: &str) -> bool {
+    let ok = Command::new(tool)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        lode_testkit::skip(&format!("{tool} ({package}) is not installed"));
+    }
+    ok
+}
+
+/// Whether nbdcopy (libnbd-bin) runs; if not, says the test is skipped.
+pub fn have_nbdcopy() -> bool {
+    have("nbdcopy", &["--version"], "libnbd-bin")
+}
