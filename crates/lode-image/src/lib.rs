@@ -39,7 +39,9 @@ pub use live::{
 };
 pub use lode_registry::{PullOptions, RegistryAuth};
 pub use publish::{PublishOptions, PublishStats, Published, Publisher};
-pub use reference::{OpenedImage, open_image, resolve};
+pub use reference::{
+    KeySource, KmsKeys, OpenedImage, open_image, open_image_with, resolve, unwrap_data_key,
+};
 pub use roots::{Rotation, rotate};
 pub use stats::{RootStats, StoreStats, store_stats};
 pub use verify::{Problem, VerifyReport, verify, verify_with};
