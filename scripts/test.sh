@@ -28,6 +28,12 @@ if ((${#missing[@]})); then
     echo "== missing packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})"
   fi
 fi
+# moto's server (PyPI `moto[server]`): the real S3, KMS and IAM protocol server that the
+# AWS KMS backend, the store role policies and the control service are tested against.
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "== installing moto[server]"
+  python3 -m pip install --quiet 'moto[server]>=5.2,<5.3'
+fi
 # As root (or under CI) every tool above is installed and the tests run as root, so a
 # test that would skip for want of a tool or of root fails instead (lode-testkit).
 if [ "$(id -u)" = 0 ] || [ "${CI:-}" = true ]; then
