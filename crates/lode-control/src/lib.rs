@@ -1,0 +1,10 @@
+//! The assignment service (`lode control`): the control plane of a lode fleet.
+//!
+//! Workers register and heartbeat; a start is placed on a worker (one that has the image
+//! warm first, else by consistent hashing with bounded load), recorded as an assignment
+//! with a lease, and sent to that worker; the service alone asks the KMS to unwrap image
+//! keys, and grants a manifest's data key only to the worker that manifest is assigned to
+//! while its lease lasts.
+
+pub mod api;
+pub mod placement;
