@@ -12,7 +12,7 @@
 //! 2. **Hashed** (consistent hashing with bounded loads, Mirrokni, Thorup and Zadimoghaddam,
 //!    2018). Each worker sits at [`POINTS_PER_WORKER`] points on a 64-bit ring, each point
 //!    the first 8 bytes of a SHA-256 of the worker's id and the point's number; the
-//!    image's point is the first 8 bytes of a SHA-256 of its manifest id. From the image's
+//!    image's point is its manifest id (itself a SHA-256) folded to 64 bits. From the image's
 //!    point, walk clockwise to the first live worker whose load is under
 //!    `min(capacity, ceil((1 + epsilon) * (total load + 1) / live workers))`, the total
 //!    over live workers. Without loads this is plain consistent hashing: an image always
@@ -39,7 +39,8 @@ pub const POINTS_PER_WORKER: u32 = 128;
 /// Domain separation, so a ring point never equals the hash of anything else lode hashes.
 const POINT_DOMAIN: &[u8] = b"lode placement point\0";
 const SEED_DOMAIN: &[u8] = b"lode placement worker\0";
-const IMAGE_DOMAIN: &[u8] = b"lode placement image\0";
+/// The image hash's starting state (the fractional part of the golden ratio).
+const IMAGE_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// The workers, in a fixed order, hashed onto a ring.
 #[derive(Clone, Debug)]
@@ -79,6 +80,19 @@ fn fmix64(mut x: u64) -> u64 {
     x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     x ^= x >> 33;
     x
+}
+
+/// The image's point on the ring: every byte of its id folded through [`fmix64`]. A
+/// manifest id is already a SHA-256, so a second cryptographic hash (several times the
+/// cost of the rest of a placement) would add no evenness, and no defence either: anyone
+/// who grinds manifests to aim at a worker can grind against any public hash, and the
+/// load bound is what caps what aiming achieves.
+fn image_point(image: &[u8; 32]) -> u64 {
+    image.chunks_exact(8).fold(IMAGE_SEED, |h, word| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(word);
+        fmix64(h ^ u64::from_le_bytes(b))
+    })
 }
 
 impl Ring {
@@ -199,7 +213,7 @@ pub fn place(ring: &Ring, image: &[u8; 32], loads: &[Load], epsilon: f64) -> Opt
     }
     let bound = load_bound(total, live, epsilon);
     let under = |l: &Load| l.has_room() && u64::from(l.load) < bound;
-    let key = hash64(&[IMAGE_DOMAIN, image]);
+    let key = image_point(image);
 
     let warm = loads
         .iter()
