@@ -186,7 +186,7 @@ fn simulate(sc: &Scenario, seed: u64, policy: Policy) -> Outcome {
     let requests: Vec<usize> = (0..sc.starts).map(|_| zipf.draw(&mut rng)).collect();
     let ids: Vec<[u8; 32]> = (0..sc.images as u64).map(image_id).collect();
     let ring = Ring::new(worker_ids(sc.workers));
-    let mut pick = Rng(seed ^ 0x5eed_0f_7a11_d0d0);
+    let mut pick = Rng(seed ^ 0x5eed_0f7a_11d0_d0d0);
     let mut caches: Vec<Lru> = (0..sc.workers)
         .map(|_| Lru {
             held: Vec::with_capacity(sc.cache),
