@@ -634,7 +634,12 @@ pub struct PutOnlyArg {
     /// Given up: the read-back that replaces a damaged chunk already in the store. Readers
     /// still detect damage (names are hashes; the AEAD tag fails), and `lode verify
     /// --repair` with read credentials removes it, so the next publish uploads it again.
-    #[arg(long, env = "LODE_PUT_ONLY")]
+    #[arg(
+        long,
+        env = "LODE_PUT_ONLY",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub put_only: bool,
 }
 
