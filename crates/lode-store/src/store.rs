@@ -176,6 +176,21 @@ pub enum StoreError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// A read of a chunk or manifest asked of a store working put-only ([`Store::put_only`]):
+    /// refused before any request is made, so a put-only process provably reads no image
+    /// bytes.
+    #[error(
+        "store {store} is working put-only (a flattener's credentials): reading {what} {key} \
+         is not allowed"
+    )]
+    PutOnly {
+        /// The store.
+        store: String,
+        /// "chunk", "manifest".
+        what: &'static str,
+        /// The name or id asked for.
+        key: String,
+    },
     /// The backend failed (network, permissions, disk).
     #[error("store {store}: {op} {object} failed: {source}")]
     Backend {
@@ -271,6 +286,9 @@ pub struct Store {
     label: String,
     /// The directory backend, when the store is one (for its staging files).
     local: Option<LocalDir>,
+    /// Whether chunks and manifests are only ever created, never read (see
+    /// [`Store::put_only`]).
+    put_only: bool,
 }
 
 impl Store {
@@ -283,6 +301,7 @@ impl Store {
             prefix,
             label: loc.to_string(),
             local,
+            put_only: false,
         })
     }
 
@@ -293,7 +312,51 @@ impl Store {
             prefix,
             label,
             local: None,
+            put_only: false,
         }
+    }
+
+    /// The same store, working put-only: what a flattener does with credentials that may
+    /// put chunks, manifests and tags but read no object's bytes. A chunk or manifest is
+    /// created by a conditional put that refuses an existing name (S3's `If-None-Match:
+    /// *`, a local directory's atomic create), and a name already there counts as present
+    /// (deduplicated); no chunk or manifest is ever fetched or probed (GET or HEAD), and a
+    /// read of one is refused with [`StoreError::PutOnly`] before any request is made.
+    ///
+    /// What is given up: the read-back that replaces a damaged object already under the
+    /// name (see [`Store::put_chunk`]). Readers still detect damage (names are hashes, and
+    /// the AEAD tag fails), and `lode verify --repair`, with read credentials, removes a
+    /// damaged chunk so that the next publish uploads it again.
+    pub fn put_only(mut self) -> Store {
+        self.put_only = true;
+        self
+    }
+
+    /// Whether the store works put-only ([`Store::put_only`]).
+    pub fn is_put_only(&self) -> bool {
+        self.put_only
+    }
+
+    /// Refuses, when working put-only, a read (GET or HEAD) of an object under a root's
+    /// `chunks/` or `manifests/`: the one check every read of the store passes through.
+    fn readable(&self, path: &Path, key: impl FnOnce() -> String) -> Result<(), StoreError> {
+        if !self.put_only {
+            return Ok(());
+        }
+        let depth = self.prefix.parts().count();
+        let mut parts = path.parts().skip(depth);
+        let under_root = parts.next().is_some_and(|p| p.as_ref() == "roots");
+        let kind = parts.nth(1);
+        let what = match kind.as_ref().map(|p| p.as_ref()) {
+            Some("chunks") if under_root => "chunk",
+            Some("manifests") if under_root => "manifest",
+            _ => return Ok(()),
+        };
+        Err(StoreError::PutOnly {
+            store: self.label.clone(),
+            what,
+            key: key(),
+        })
     }
 
     /// Where the store is, for messages.
@@ -379,6 +442,7 @@ impl Store {
     }
 
     async fn exists(&self, path: &Path) -> Result<bool, StoreError> {
+        self.readable(path, || path.to_string())?;
         match self.os.head(path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -386,18 +450,23 @@ impl Store {
         }
     }
 
-    /// Creates a content-addressed object (chunk, manifest) unless a good one is there (chunk, manifest), whose
-    /// bytes are known exactly. An object already under the name is read back (bounded by
-    /// the right size) and compared: its size alone proves nothing, as a flipped bit or a
-    /// tail of zeros keeps the size. Damage — other bytes, another size, a link or special
-    /// file — is removed and the good bytes stored ([`PutOutcome::Repaired`]), so a
-    /// republish heals the store instead of naming the damage again.
+    /// Creates a content-addressed object (chunk, manifest, pin, forward), whose bytes are
+    /// known exactly, unless a good one is there. An object already under the name is read
+    /// back (bounded by the right size) and compared: its size alone proves nothing, as a
+    /// flipped bit or a tail of zeros keeps the size. Damage — other bytes, another size,
+    /// a link or special file — is removed and the good bytes stored
+    /// ([`PutOutcome::Repaired`]), so a republish heals the store instead of naming the
+    /// damage again. Working put-only, the create alone decides: an object already under
+    /// the name is taken as present, unread.
     async fn create_addressed(
         &self,
         path: &Path,
         bytes: Bytes,
         what: &'static str,
     ) -> Result<PutOutcome, StoreError> {
+        if self.put_only {
+            return self.put_create(path, bytes).await;
+        }
         let damaged = match self
             .read(path, what, path.to_string(), bytes.len() as u64)
             .await
@@ -464,6 +533,7 @@ impl Store {
         key: String,
         max: u64,
     ) -> Result<(Bytes, UpdateVersion), StoreError> {
+        self.readable(path, || key.clone())?;
         let got = match self.os.get(path).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => {
@@ -534,7 +604,8 @@ impl Store {
     }
 
     /// Stores a chunk's ciphertext under its name, checking that the bytes hash to it. An
-    /// object already there is checked too, and replaced if damaged.
+    /// object already there is checked too, and replaced if damaged (not when working
+    /// put-only: see [`Store::put_only`]).
     pub async fn put_chunk(
         &self,
         root: RootId,
@@ -653,7 +724,7 @@ impl Store {
     }
 
     /// Stores manifest bytes under their id; returns the id. An object already there is
-    /// checked, and replaced if damaged.
+    /// checked, and replaced if damaged (not when working put-only).
     pub async fn put_manifest(
         &self,
         root: RootId,
@@ -1530,6 +1601,65 @@ mod tests {
             let hex = id.to_hex();
             proptest::prop_assert_eq!(parse_pin_body(&hex, format!("{hex}\n").as_bytes()), Ok(id));
         }
+    }
+
+    /// Working put-only, chunks and manifests are created or found present, never read:
+    /// an object already under the name counts as present even when damaged (the
+    /// read-back repair is what is given up), and a read of one is refused by name
+    /// before any request.
+    #[tokio::test]
+    async fn put_only_creates_and_never_reads_chunks_or_manifests() {
+        let mem = Arc::new(object_store::memory::InMemory::new());
+        let open = || Store::from_object_store(mem.clone(), Path::from("p"), "memory:".into());
+        let store = open().put_only();
+        assert!(store.is_put_only() && !open().is_put_only());
+        let root = RootId(1);
+        let bytes = Bytes::from_static(b"a sealed chunk");
+        let name = ChunkName::of(&bytes);
+        let put = |b: Bytes| {
+            let store = store.clone();
+            async move { store.put_chunk(root, &name, b).await.unwrap() }
+        };
+        assert_eq!(put(bytes.clone()).await, PutOutcome::Stored);
+        assert_eq!(put(bytes.clone()).await, PutOutcome::AlreadyPresent);
+
+        let path = store.chunk_path(root, &name);
+        mem.put(&path, PutPayload::from_static(b"damaged"))
+            .await
+            .unwrap();
+        assert_eq!(put(bytes.clone()).await, PutOutcome::AlreadyPresent);
+        let held = mem.get(&path).await.unwrap().bytes().await.unwrap();
+        assert_eq!(&held[..], b"damaged");
+
+        let refused = |what: &str, key: String| {
+            format!(
+                "store memory: is working put-only (a flattener's credentials): reading \
+                 {what} {key} is not allowed"
+            )
+        };
+        let e = store.get_chunk(root, &name, 1024).await.unwrap_err();
+        assert_eq!(e.to_string(), refused("chunk", name.to_hex()));
+        assert!(matches!(
+            store.has_chunk(root, &name).await,
+            Err(StoreError::PutOnly { what: "chunk", .. })
+        ));
+
+        let manifest = Bytes::from_static(b"a manifest");
+        let (id, outcome) = store.put_manifest(root, manifest.clone()).await.unwrap();
+        assert_eq!(outcome, PutOutcome::Stored);
+        let (_, again) = store.put_manifest(root, manifest).await.unwrap();
+        assert_eq!(again, PutOutcome::AlreadyPresent);
+        let e = store.get_manifest(root, &id).await.unwrap_err();
+        assert_eq!(e.to_string(), refused("manifest", id.to_hex()));
+
+        // Tags and root records are not image bytes: a put-only store still reads them.
+        store.set_tag("t", &id).await.unwrap();
+        assert_eq!(store.get_tag("t").await.unwrap(), id);
+        // With reads allowed, the same store repairs the damaged chunk.
+        assert_eq!(
+            open().put_chunk(root, &name, bytes).await.unwrap(),
+            PutOutcome::Repaired
+        );
     }
 
     #[test]

@@ -258,6 +258,8 @@ pub struct SnapshotImportArgs {
     /// Chunk size in bytes: a power of two from 4096 to 67108864.
     #[arg(long, default_value_t = lode_format::ChunkSize::new(u64::from(lode_snap::DEFAULT_CHUNK_SIZE)).unwrap_or_default(), value_parser = parse_chunk_size)]
     pub chunk_size: ChunkSize,
+    #[command(flatten)]
+    pub put_only: PutOnlyArg,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -576,6 +578,8 @@ pub struct ImportArgs {
     /// Chunk size in bytes: a power of two from 4096 to 67108864.
     #[arg(long, default_value = "524288", value_parser = parse_chunk_size)]
     pub chunk_size: ChunkSize,
+    #[command(flatten)]
+    pub put_only: PutOnlyArg,
 }
 
 #[derive(Debug, Args)]
@@ -616,6 +620,27 @@ pub struct FlattenArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub pull_rate_window: u64,
+    #[command(flatten)]
+    pub put_only: PutOnlyArg,
+}
+
+/// How a publishing command may touch the store.
+#[derive(Debug, Args)]
+pub struct PutOnlyArg {
+    /// Publish with put-only credentials (a flattener's; docs/policies/flattener.json):
+    /// chunks and manifests are created by conditional puts that refuse an existing name
+    /// (S3 `If-None-Match: *`), a name already there counts as stored, and no chunk or
+    /// manifest is ever read or probed. Root records (wrapped salts only) are still read.
+    /// Given up: the read-back that replaces a damaged chunk already in the store. Readers
+    /// still detect damage (names are hashes; the AEAD tag fails), and `lode verify
+    /// --repair` with read credentials removes it, so the next publish uploads it again.
+    #[arg(
+        long,
+        env = "LODE_PUT_ONLY",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub put_only: bool,
 }
 
 #[derive(Debug, Args)]

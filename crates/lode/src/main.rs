@@ -101,6 +101,12 @@ impl Env {
         Ok(Store::open(&self.store_spec)?)
     }
 
+    /// The store for a publishing command: put-only when asked (see `--put-only`).
+    fn publish_store(&self, put_only: bool) -> Result<Store> {
+        let store = self.store()?;
+        Ok(if put_only { store.put_only() } else { store })
+    }
+
     /// The KMS for making images: a missing keyring is created.
     fn kms(&self) -> Result<Box<dyn Kms>> {
         Ok(lode_kms::open(&self.kms_spec)?)
@@ -134,9 +140,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         kms_given: cli.kms.is_some(),
     };
     match cli.command {
-        Command::Import(a) => import(&env, &a.file, a.tag.as_deref(), a.chunk_size).await?,
+        Command::Import(a) => {
+            let put_only = a.put_only.put_only;
+            import(&env, &a.file, a.tag.as_deref(), a.chunk_size, put_only).await?
+        }
         Command::Flatten(a) => {
-            let store = env.store()?;
+            let store = env.publish_store(a.put_only.put_only)?;
             let kms = env.kms()?;
             let key_id = env.kms_key.clone().unwrap_or_else(|| kms.default_key_id());
             let publisher = Publisher::new(&store, kms.as_ref(), key_id);
@@ -591,8 +600,9 @@ pub(crate) async fn import(
     file: &std::path::Path,
     tag: Option<&str>,
     chunk_size: lode_format::ChunkSize,
+    put_only: bool,
 ) -> Result<()> {
-    let store = env.store()?;
+    let store = env.publish_store(put_only)?;
     let kms = env.kms()?;
     let key_id = env.kms_key.clone().unwrap_or_else(|| kms.default_key_id());
     let opts = PublishOptions {

@@ -24,7 +24,14 @@ const HANDLER_GONE: u8 = 3;
 pub async fn run(env: &Env, home: &Path, c: SnapshotCommand) -> Result<std::process::ExitCode> {
     match c {
         SnapshotCommand::Import(a) => {
-            crate::import(env, &a.file, a.tag.as_deref(), a.chunk_size).await?
+            crate::import(
+                env,
+                &a.file,
+                a.tag.as_deref(),
+                a.chunk_size,
+                a.put_only.put_only,
+            )
+            .await?
         }
         SnapshotCommand::Serve(a) => serve(env, home, a).await?,
         SnapshotCommand::Restore(a) => {

@@ -117,6 +117,7 @@ impl Home {
             "LODE_KMS",
             "LODE_KMS_KEY",
             "LODE_AGENT_CONTROL",
+            "LODE_PUT_ONLY",
         ] {
             cmd.env_remove(var);
         }
