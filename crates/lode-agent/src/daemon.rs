@@ -605,11 +605,6 @@ impl Agent {
         let name = name.unwrap_or(image);
         check_name(name)?;
         let mut table = self.table.lock().await;
-        if table.contains_key(name) {
-            return Err(AgentError::Conflict(format!(
-                "an attachment named {name:?} already exists"
-            )));
-        }
         if let Some(start) = start
             && let Some(other) = table
                 .values()
@@ -618,6 +613,11 @@ impl Agent {
             return Err(AgentError::Conflict(format!(
                 "start {start} is already attached here, as {:?}: the order was replayed",
                 other.att.name
+            )));
+        }
+        if table.contains_key(name) {
+            return Err(AgentError::Conflict(format!(
+                "an attachment named {name:?} already exists"
             )));
         }
         if let Keys::Grants(g) = &self.keys

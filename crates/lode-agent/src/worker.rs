@@ -125,6 +125,45 @@ pub trait ControlCalls: Send + Sync + std::fmt::Debug + 'static {
     async fn call(&self, path: &str, body: Vec<u8>) -> Result<Vec<u8>, CallError>;
 }
 
+/// [`ControlCalls`] over the control plane's mTLS client.
+#[derive(Debug)]
+pub struct RpcControl(pub lode_control::rpc::Client);
+
+#[async_trait::async_trait]
+impl ControlCalls for RpcControl {
+    async fn call(&self, path: &str, body: Vec<u8>) -> Result<Vec<u8>, CallError> {
+        let (status, reply) = self
+            .0
+            .exchange(path, body)
+            .await
+            .map_err(|e| CallError::Failed(e.to_string()))?;
+        if (200..300).contains(&status) {
+            return Ok(reply.to_vec());
+        }
+        let error = serde_json::from_slice::<lode_control::api::ErrorReply>(&reply)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&reply).chars().take(500).collect());
+        Err(CallError::Refused { status, error })
+    }
+}
+
+/// The worker's order endpoint: [`order`] behind [`lode_control::rpc::serve`].
+#[derive(Debug)]
+pub struct Orders(pub Arc<Agent>);
+
+#[async_trait::async_trait]
+impl lode_control::rpc::Handler for Orders {
+    async fn handle(
+        &self,
+        peer: Identity,
+        path: &str,
+        body: bytes::Bytes,
+    ) -> lode_control::rpc::Reply {
+        let (status, body) = order(&self.0, &peer, path, &body).await;
+        lode_control::rpc::Reply { status, body }
+    }
+}
+
 /// The worker's link to its control service: registration, heartbeats, releases and key
 /// grants, with the grants received and refused counted.
 #[derive(Debug)]
@@ -295,13 +334,17 @@ impl KeySource for StartKeys<'_> {
     }
 }
 
-/// Registers, then heartbeats every [`HEARTBEAT_INTERVAL`] until the task is aborted;
-/// a failed registration is retried at the next beat, and a heartbeat the control
+/// Heartbeats every [`HEARTBEAT_INTERVAL`] until the task is aborted, registering
+/// first unless `registered`; a failed registration is retried at the next beat, and a heartbeat the control
 /// service refuses (it lost this worker, say) registers again. Failures are logged, one
 /// line per change of state.
-pub fn spawn_heartbeats(agent: Arc<Agent>, grants: Arc<Grants>) -> tokio::task::JoinHandle<()> {
+pub fn spawn_heartbeats(
+    agent: Arc<Agent>,
+    grants: Arc<Grants>,
+    registered: bool,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut registered = false;
+        let mut registered = registered;
         let mut last_error: Option<String> = None;
         let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

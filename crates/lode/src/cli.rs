@@ -506,7 +506,35 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
     pub cache: CacheArgs,
+}
+
+/// Running as a worker of a control service (`lode control`): the agent then takes
+/// attach orders from it, gets each image's key as a grant for that start, and opens no
+/// KMS (--kms and a config file's `kms` are refused).
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The control service: https://HOST:PORT or unix:/PATH. Makes this agent a worker.
+    #[arg(long, env = "LODE_CONTROL_ENDPOINT", value_name = "URL")]
+    pub control_endpoint: Option<String>,
+    /// The directory holding this worker's certificate and key (`lode control issue`)
+    /// and the fleet's CA.
+    #[arg(long, value_name = "DIR")]
+    pub credentials: Option<PathBuf>,
+    /// This worker's id (its certificate's).
+    #[arg(long, value_name = "ID")]
+    pub worker_id: Option<String>,
+    /// Where attach orders are taken (mTLS, control replicas only). [default: 127.0.0.1:0]
+    #[arg(long, value_name = "ADDR")]
+    pub orders_listen: Option<std::net::SocketAddr>,
+    /// The address registered with the control service. [default: the one bound]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub orders_advertise: Option<String>,
+    /// Images attached at once, at most. [default: 16]
+    #[arg(long, value_name = "N")]
+    pub capacity: Option<u32>,
 }
 
 /// Where a worker keeps its cache and how big the cache's tiers are (the agent and the
