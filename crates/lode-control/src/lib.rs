@@ -7,9 +7,12 @@
 //! while its lease lasts.
 
 pub mod api;
+mod failpoint;
 pub mod pki;
 pub mod placement;
 pub mod rpc;
+pub mod service;
+pub mod state;
 
 use std::path::PathBuf;
 
