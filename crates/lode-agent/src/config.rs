@@ -76,6 +76,37 @@ pub struct ConfigFile {
     /// The origin store.
     #[serde(default)]
     pub origin: OriginSection,
+    /// The control service this agent works for, if any.
+    pub worker: Option<WorkerSection>,
+}
+
+/// `[worker]`: run as a worker of a control service (`lode control`), which sends the
+/// attach orders and grants the image keys; the agent then opens no KMS.
+///
+/// ```toml
+/// [worker]
+/// control = "https://control.internal:7443"  # or "unix:/run/lode/control-api.sock"
+/// credentials = "/etc/lode/pki"             # worker-<id>.pem/.key and the fleet's CA
+/// id = "worker-1"                           # must match its certificate
+/// listen = "0.0.0.0:7444"                   # attach orders (mTLS, control replicas only)
+/// advertise = "10.0.1.5:7444"               # the address registered [default: listen's]
+/// capacity = 32                             # images attached at once
+/// ```
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSection {
+    /// The control service's endpoint: `https://host:port` or `unix:/path`.
+    pub control: Option<String>,
+    /// The directory of this worker's certificate and key and the fleet's CA.
+    pub credentials: Option<PathBuf>,
+    /// The worker's id.
+    pub id: Option<String>,
+    /// Where attach orders are taken.
+    pub listen: Option<SocketAddr>,
+    /// The address registered with the control service.
+    pub advertise: Option<String>,
+    /// Images attached at once, at most.
+    pub capacity: Option<u32>,
 }
 
 /// `[az]`.
@@ -317,6 +348,30 @@ mod tests {
             crate::NbdLimits::default(),
             "the example shows the defaults"
         );
+    }
+
+    #[test]
+    fn the_worker_section_parses() {
+        let doc = include_str!("config.rs");
+        let example: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("/// ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("/// ```"))
+            .map(|l| format!("{}\n", l.trim_start_matches("///").trim_start()))
+            .collect();
+        let c = ConfigFile::parse(&example, Path::new("example.toml")).unwrap();
+        let w = c.worker.expect("[worker]");
+        assert_eq!(w.control.as_deref(), Some("https://control.internal:7443"));
+        assert_eq!(w.credentials, Some(PathBuf::from("/etc/lode/pki")));
+        assert_eq!(w.id.as_deref(), Some("worker-1"));
+        assert_eq!(w.listen, Some("0.0.0.0:7444".parse().unwrap()));
+        assert_eq!(w.advertise.as_deref(), Some("10.0.1.5:7444"));
+        assert_eq!(w.capacity, Some(32));
+        let e = ConfigFile::parse("[worker]\nkeyring = \"/x\"\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keyring"), "{e}");
     }
 
     #[test]

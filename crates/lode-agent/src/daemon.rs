@@ -5,12 +5,13 @@
 //! `cache/` (the disk tier), `overlays/<hex of name>.overlay` (+ `.bitmap`), and by
 //! default `files/`, the FUSE mount holding one file per attachment.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use lode_control::api::{AttachOrder, AttachReply};
 use lode_fuse::{FuseMount, MountOptions};
 use lode_kms::Kms;
 use lode_nbd::{Export, Exports, Server};
@@ -20,6 +21,7 @@ use tokio::sync::Mutex;
 
 use crate::alarm::RootWatch;
 use crate::error::io;
+use crate::worker::{Grants, MAX_WARM};
 use crate::{
     AgentError, AzTier, ChunkCache, DiskTier, ImageDevice, MemoryTier, OriginTier, Overlay,
 };
@@ -217,6 +219,10 @@ pub struct Attachment {
     /// What the image runs (from its OCI config), for `lode run`.
     #[serde(default)]
     pub config: RunConfig,
+    /// The start whose attach order made it, on a worker of a control service: its keys
+    /// are granted for this start, so a restarted agent asks again with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
 }
 
 /// The OCI config fields an image carries, as `lode run` needs them.
@@ -240,10 +246,20 @@ struct Live {
     dev: Arc<ImageDevice>,
 }
 
+/// Where the agent's image keys come from.
+#[derive(Clone, Debug)]
+pub enum Keys {
+    /// A KMS this agent may use itself (a single host).
+    Kms(Arc<dyn Kms>),
+    /// Grants from a control service, one start at a time (a worker of a fleet).
+    Grants(Arc<Grants>),
+}
+
 /// The running agent.
 pub struct Agent {
     store: Store,
-    kms: Arc<dyn Kms>,
+    keys: Keys,
+    warm: std::sync::Mutex<VecDeque<String>>,
     cache: Arc<ChunkCache>,
     exports: Exports,
     server: Server,
@@ -296,6 +312,16 @@ impl Agent {
         store: Store,
         kms: Arc<dyn Kms>,
     ) -> Result<Arc<Agent>, AgentError> {
+        Self::start_with(config, store, Keys::Kms(kms)).await
+    }
+
+    /// [`Agent::start`] with image keys from `keys`: under a control service, only as
+    /// grants (the agent then holds no KMS at all).
+    pub async fn start_with(
+        config: AgentConfig,
+        store: Store,
+        keys: Keys,
+    ) -> Result<Arc<Agent>, AgentError> {
         let dir = &config.state_dir;
         std::fs::create_dir_all(dir.join("overlays"))
             .map_err(io("creating", dir.join("overlays")))?;
@@ -326,7 +352,8 @@ impl Agent {
         };
         let agent = Arc::new(Agent {
             store,
-            kms,
+            keys,
+            warm: std::sync::Mutex::new(VecDeque::new()),
             cache,
             exports,
             server,
@@ -341,9 +368,13 @@ impl Agent {
         {
             let mut table = agent.table.lock().await;
             for att in saved {
-                match agent.open(&att.id, &att.name, att.writable).await {
+                match agent
+                    .open(&att.id, &att.name, att.writable, att.start.as_deref())
+                    .await
+                {
                     Ok(mut live) => {
                         live.att.image = att.image.clone();
+                        agent.touch_warm(&live.att.id);
                         table.insert(att.name.clone(), live);
                     }
                     Err(e) => eprintln!("lode agent: could not re-attach {}: {e}", att.name),
@@ -395,6 +426,10 @@ impl Agent {
         if let Some(m) = self.az_metrics() {
             v["az"] = serde_json::to_value(m).expect("metrics serialise");
         }
+        if let Some(g) = self.grants() {
+            v["key_grants"] = g.granted().into();
+            v["key_refusals"] = g.refused().into();
+        }
         v
     }
 
@@ -408,6 +443,9 @@ impl Agent {
         text.push_str(&crate::metrics::root_alarms_prometheus(&self.watch.reads()));
         if let Some(m) = self.az_metrics() {
             text.push_str(&crate::az::az_prometheus(&m));
+        }
+        if let Some(g) = self.grants() {
+            text.push_str(&g.prometheus());
         }
         text
     }
@@ -443,13 +481,34 @@ impl Agent {
             .join(format!("{}.overlay", hex_name(name)))
     }
 
-    async fn open(&self, image: &str, name: &str, writable: bool) -> Result<Live, AgentError> {
-        let opened = lode_image::open_image(&self.store, Some(self.kms.as_ref()), image)
-            .await
-            .map_err(|e| AgentError::Image {
-                image: image.to_string(),
-                source: Box::new(e),
-            })?;
+    async fn open(
+        &self,
+        image: &str,
+        name: &str,
+        writable: bool,
+        start: Option<&str>,
+    ) -> Result<Live, AgentError> {
+        let opened = match (&self.keys, start) {
+            (Keys::Kms(kms), _) => {
+                let keys = lode_image::KmsKeys(kms.clone());
+                lode_image::open_image_with(&self.store, Some(&keys), image).await
+            }
+            (Keys::Grants(grants), Some(start)) => {
+                lode_image::open_image_with(&self.store, Some(&grants.for_start(start)), image)
+                    .await
+            }
+            (Keys::Grants(grants), None) => {
+                return Err(AgentError::Request(format!(
+                    "worker {} attaches images only by order of its control service \
+                     (it holds no image keys of its own)",
+                    grants.config().worker
+                )));
+            }
+        }
+        .map_err(|e| AgentError::Image {
+            image: image.to_string(),
+            source: Box::new(e),
+        })?;
         // The manifest was just read from its root: a read like any other.
         self.watch.opened(opened.root, opened.id, name).await;
         let id = opened.id.to_string();
@@ -495,6 +554,7 @@ impl Agent {
                 overlay,
                 file,
                 config,
+                start: start.map(str::to_string),
             },
             dev,
         })
@@ -532,15 +592,46 @@ impl Agent {
         name: Option<&str>,
         writable: bool,
     ) -> Result<Attachment, AgentError> {
+        self.attach_as(image, name, writable, None).await
+    }
+
+    async fn attach_as(
+        &self,
+        image: &str,
+        name: Option<&str>,
+        writable: bool,
+        start: Option<&str>,
+    ) -> Result<Attachment, AgentError> {
         let name = name.unwrap_or(image);
         check_name(name)?;
         let mut table = self.table.lock().await;
+        if let Some(start) = start
+            && let Some(other) = table
+                .values()
+                .find(|l| l.att.start.as_deref() == Some(start))
+        {
+            return Err(AgentError::Conflict(format!(
+                "start {start} is already attached here, as {:?}: the order was replayed",
+                other.att.name
+            )));
+        }
         if table.contains_key(name) {
             return Err(AgentError::Conflict(format!(
                 "an attachment named {name:?} already exists"
             )));
         }
-        let live = self.open(image, name, writable).await?;
+        if let Keys::Grants(g) = &self.keys
+            && table.len() >= g.config().capacity as usize
+        {
+            return Err(AgentError::Conflict(format!(
+                "worker {} is full: {} of {} images attached",
+                g.config().worker,
+                table.len(),
+                g.config().capacity
+            )));
+        }
+        let live = self.open(image, name, writable, start).await?;
+        self.touch_warm(&live.att.id);
         let att = live.att.clone();
         table.insert(name.to_string(), live);
         if let Err(e) = self.save_table(&table) {
@@ -564,6 +655,16 @@ impl Agent {
         self.remove_file(name);
         self.watch.detached(live.dev.id(), name);
         self.save_table(&table)?;
+        drop(table);
+        self.touch_warm(&live.att.id);
+        if let (Keys::Grants(g), Some(start)) = (&self.keys, &live.att.start)
+            && let Err(e) = g.release(&live.att.id, start).await
+        {
+            eprintln!(
+                "lode agent: telling the control service that start {start} (manifest {}) was released: {e}",
+                live.att.id
+            );
+        }
         if let Some(ov) = live.dev.overlay() {
             if keep_overlay {
                 ov.flush().await?;
@@ -579,6 +680,76 @@ impl Agent {
             }
         }
         Ok(live.att)
+    }
+
+    /// Carries out an attach order from the control service: attaches exactly the
+    /// manifest ordered, read-only, under the name ordered, keyed by the order's start.
+    /// Refused: a malformed manifest or start id, a lease already over, a start already
+    /// attached (a replayed order), a full worker, or an agent with no control service.
+    pub async fn attach_order(&self, order: &AttachOrder) -> Result<AttachReply, AgentError> {
+        if !matches!(self.keys, Keys::Grants(_)) {
+            return Err(AgentError::Request(
+                "this agent runs without a control service and takes no attach orders".into(),
+            ));
+        }
+        let manifest: lode_format::ManifestId = order.manifest.parse().map_err(|_| {
+            AgentError::Request(format!(
+                "manifest id {:?} is malformed: 64 hex digits expected",
+                order.manifest.chars().take(80).collect::<String>()
+            ))
+        })?;
+        crate::worker::check_start(&order.start)?;
+        let now = crate::worker::unix_now_ms();
+        if order.lease_expires_unix_ms <= now {
+            return Err(AgentError::Request(format!(
+                "the lease of start {} ended at {} ms, before the order arrived ({now} ms)",
+                order.start, order.lease_expires_unix_ms
+            )));
+        }
+        let att = self
+            .attach_as(
+                &manifest.to_string(),
+                Some(&order.name),
+                false,
+                Some(&order.start),
+            )
+            .await?;
+        Ok(AttachReply {
+            nbd_export: Some(att.name.clone()),
+            file: att.file.map(|f| f.display().to_string()),
+            name: att.name,
+        })
+    }
+
+    /// What a heartbeat carries: the manifests attached now, and the warm list — those
+    /// attached now or lately, newest first, at most [`MAX_WARM`].
+    pub async fn heartbeat_lists(&self) -> (Vec<String>, Vec<String>) {
+        let mut attached: Vec<String> = self
+            .table
+            .lock()
+            .await
+            .values()
+            .map(|l| l.att.id.clone())
+            .collect();
+        attached.sort();
+        attached.dedup();
+        let warm = lock(&self.warm).iter().cloned().collect();
+        (attached, warm)
+    }
+
+    fn touch_warm(&self, id: &str) {
+        let mut warm = lock(&self.warm);
+        warm.retain(|w| w != id);
+        warm.push_front(id.to_string());
+        warm.truncate(MAX_WARM);
+    }
+
+    /// The control-service link, on a worker of one.
+    pub fn grants(&self) -> Option<&Arc<Grants>> {
+        match &self.keys {
+            Keys::Grants(g) => Some(g),
+            Keys::Kms(_) => None,
+        }
     }
 
     /// The attachments, by name.

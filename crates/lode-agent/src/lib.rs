@@ -25,12 +25,14 @@ mod lru;
 mod metrics;
 mod overlay;
 mod tier;
+pub mod worker;
 
 pub use alarm::{ALARM_LOG_INTERVAL, ATTACHED_CHECK_INTERVAL, ROOT_STATE_TTL};
 pub use az::AzTier;
 pub use cache::{CacheBuilder, ChunkCache};
 pub use daemon::{
-    Agent, AgentConfig, Attachment, MAX_NAME_LEN, NbdLimits, RunConfig, build_cache, nbd_server,
+    Agent, AgentConfig, Attachment, Keys, MAX_NAME_LEN, NbdLimits, RunConfig, build_cache,
+    nbd_server,
 };
 pub use device::ImageDevice;
 pub use error::AgentError;

@@ -7,4 +7,27 @@
 //! while its lease lasts.
 
 pub mod api;
+mod failpoint;
+pub mod pki;
 pub mod placement;
+pub mod rpc;
+pub mod service;
+pub mod state;
+
+use std::path::PathBuf;
+
+/// What went wrong in the control plane, outside a call (see [`rpc::RpcError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A certificate or key could not be made, read or used.
+    #[error("{0}")]
+    Pki(String),
+}

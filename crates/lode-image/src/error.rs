@@ -40,6 +40,15 @@ pub enum ImageError {
         /// What the KMS said.
         source: KmsError,
     },
+    /// A manifest's data key was not granted by the control service (or the grant was
+    /// malformed).
+    #[error("manifest {id}: {reason}")]
+    KeyGrant {
+        /// The manifest.
+        id: ManifestId,
+        /// Who refused what, and why.
+        reason: String,
+    },
     /// A manifest could not be built.
     #[error(transparent)]
     Build(ManifestError),

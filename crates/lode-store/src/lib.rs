@@ -9,6 +9,7 @@
 //! roots/<root>/forwards/<id>           the id manifest <id> was copied forward as
 //! pins/<manifest id>                    the same id in hex: the manifest is kept untagged
 //! roots/<root>/alarms/<id>             a read of manifest <id> after the root expired
+//! control/<key>                         the assignment service's records (JSON)
 //! ```
 //!
 //! Chunks and manifests are content-addressed: a put checks that the bytes hash to the
@@ -34,7 +35,8 @@ pub use local::StagingFile;
 pub use location::StoreLocation;
 pub use root::{RootRecord, RootState};
 pub use store::{
-    AlarmList, BadPin, BadTag, MAX_MANIFEST_OBJECT, MAX_PIN_OBJECT, MAX_ROOT_OBJECT,
-    MAX_TAG_OBJECT, ObjectVersion, PinList, PutOutcome, RootObject, RootObjectKind, Store,
-    StoreError, TagList, parse_pin_body, parse_tag_body,
+    AlarmList, BadPin, BadTag, MAX_CONTROL_LIST, MAX_CONTROL_OBJECT, MAX_MANIFEST_OBJECT,
+    MAX_PIN_OBJECT, MAX_ROOT_OBJECT, MAX_TAG_OBJECT, ObjectVersion, PinList, PutOutcome,
+    RootObject, RootObjectKind, Store, StoreError, TagList, check_control_key, parse_pin_body,
+    parse_tag_body,
 };

@@ -14,6 +14,9 @@ use crate::local::{LocalDir, Refused, StagingFile};
 use crate::location::StoreLocation;
 use crate::root::{RootRecord, RootState};
 
+mod control;
+pub use control::{MAX_CONTROL_LIST, MAX_CONTROL_OBJECT, check_control_key};
+
 /// The longest tag lode accepts, counted once encoded as an object name (each `/` and
 /// other reserved byte becomes `%XX`): a tag is one file name on a local store (255 bytes
 /// at most, and object_store stages it under a longer temporary name first), so the cap
@@ -163,6 +166,14 @@ pub enum StoreError {
     BadTag {
         /// The tag.
         tag: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A control record key lode cannot store.
+    #[error("control key {key:?} is invalid: {reason}")]
+    BadControlKey {
+        /// The key.
+        key: String,
         /// Why.
         reason: &'static str,
     },

@@ -3,12 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use lode_agent::control;
 use serde_json::{Value, json};
 
 use crate::Env;
-use crate::cli::{AgentArgs, AttachArgs, CacheArgs, ControlArg, DetachArgs};
+use crate::cli::{AgentArgs, AttachArgs, CacheArgs, ControlArg, DetachArgs, WorkerArgs};
 use crate::output::{human_bytes, print_json};
 
 fn agent_dir(home: &Path) -> PathBuf {
@@ -90,14 +90,38 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
         .or(file.control)
         .unwrap_or_else(|| state_dir.join("control.sock"));
     let store = env.store()?;
-    let kms: Arc<dyn lode_kms::Kms> = Arc::from(env.kms_existing()?);
+    let worker = match worker_settings(&a.worker, file.worker.as_ref())? {
+        Some(w) => {
+            if env.kms_given || file.kms.is_some() {
+                bail!(
+                    "a worker of a control service holds no KMS or keyring: it gets each \
+                     image's key as a grant; drop --kms/LODE_KMS and the config file's `kms`"
+                );
+            }
+            Some(start_worker(w).await?)
+        }
+        None => None,
+    };
+    let keys = match &worker {
+        Some(w) => lode_agent::Keys::Grants(w.grants.clone()),
+        None => lode_agent::Keys::Kms(Arc::from(env.kms_existing()?)),
+    };
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    let agent = lode_agent::Agent::start(config, store, kms)
+    let agent = lode_agent::Agent::start_with(config, store, keys)
         .await
         .context("starting the agent")?;
     let task =
         control::serve_control(agent.clone(), &control).context("starting the control API")?;
+    let worker_tasks = worker.map(|w| {
+        let orders = lode_control::rpc::serve(
+            w.listener,
+            Arc::new(lode_agent::worker::Orders(agent.clone())),
+        );
+        let beats =
+            lode_agent::worker::spawn_heartbeats(agent.clone(), w.grants.clone(), w.registered);
+        (w.grants, w.bound, orders, beats)
+    });
     let metrics_task = match metrics {
         Some(addr) => Some(control::serve_metrics(agent.clone(), addr).await?),
         None => None,
@@ -118,8 +142,18 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
             .as_ref()
             .map(|(a, _)| format!("; metrics on http://{a}/metrics"))
             .unwrap_or_default();
+        let worker = worker_tasks
+            .as_ref()
+            .map(|(g, bound, _, _)| {
+                format!(
+                    "; worker {} taking orders on {bound} (registered as {})",
+                    g.config().worker,
+                    g.config().address
+                )
+            })
+            .unwrap_or_default();
         println!(
-            "lode agent: nbd on unix {}{tcp}; control on {}{files}{metrics}; state in {}; {n} attachment(s) restored",
+            "lode agent: nbd on unix {}{tcp}; control on {}{files}{metrics}{worker}; state in {}; {n} attachment(s) restored",
             agent.config().nbd_unix.display(),
             control.display(),
             state_dir.display()
@@ -133,12 +167,126 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
     if let Some((_, t)) = metrics_task {
         t.abort();
     }
+    if let Some((_, _, orders, beats)) = worker_tasks {
+        orders.abort();
+        beats.abort();
+    }
     let _ = std::fs::remove_file(&control);
     agent.shutdown().await;
     if !env.quiet {
         println!("lode agent: stopped");
     }
     Ok(())
+}
+
+/// What `[worker]` and the worker flags say, flags winning; `None` when neither names a
+/// control service.
+struct WorkerSettings {
+    control: String,
+    credentials: PathBuf,
+    id: String,
+    listen: std::net::SocketAddr,
+    advertise: Option<String>,
+    capacity: u32,
+}
+
+fn worker_settings(
+    a: &WorkerArgs,
+    file: Option<&lode_agent::config::WorkerSection>,
+) -> Result<Option<WorkerSettings>> {
+    let file = file.cloned().unwrap_or_default();
+    let Some(control) = a.control_endpoint.clone().or(file.control) else {
+        if a.credentials.is_some() || a.worker_id.is_some() || a.orders_listen.is_some() {
+            bail!("--credentials, --worker-id and --orders-listen need --control-endpoint");
+        }
+        return Ok(None);
+    };
+    let credentials = a
+        .credentials
+        .clone()
+        .or(file.credentials)
+        .context("a worker needs --credentials DIR (or [worker] credentials)")?;
+    let id = a
+        .worker_id
+        .clone()
+        .or(file.id)
+        .context("a worker needs --worker-id ID (or [worker] id)")?;
+    lode_agent::worker::check_worker_id(&id)?;
+    Ok(Some(WorkerSettings {
+        control,
+        credentials,
+        id,
+        listen: a
+            .orders_listen
+            .or(file.listen)
+            .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        advertise: a.orders_advertise.clone().or(file.advertise),
+        capacity: a.capacity.or(file.capacity).unwrap_or(16),
+    }))
+}
+
+/// A worker's link to its control service, its order listener bound, and whether its
+/// first registration went through.
+struct Worker {
+    grants: Arc<lode_agent::worker::Grants>,
+    listener: lode_control::rpc::Listener,
+    bound: std::net::SocketAddr,
+    registered: bool,
+}
+
+/// Loads the worker's credentials, binds its order listener and registers it (a
+/// control service that does not answer yet is retried by the heartbeats).
+async fn start_worker(w: WorkerSettings) -> Result<Worker> {
+    use lode_control::api::{Identity, Role};
+    let who = Identity {
+        role: Role::Worker,
+        id: w.id.clone(),
+    };
+    let creds = Arc::new(
+        lode_control::pki::Credentials::load(&w.credentials, &who)
+            .with_context(|| format!("loading worker {}'s credentials", w.id))?,
+    );
+    let endpoint: lode_control::rpc::Endpoint = w
+        .control
+        .parse()
+        .with_context(|| format!("control endpoint {:?}", w.control))?;
+    let listener = lode_control::rpc::Listener::tls(&w.listen.to_string(), creds.clone())
+        .await
+        .with_context(|| format!("taking attach orders on {}", w.listen))?;
+    let bound = listener
+        .local_addr()
+        .context("the order listener has no address")?;
+    let address = match w.advertise {
+        Some(a) => a,
+        None if bound.ip().is_unspecified() => bail!(
+            "orders are taken on {bound}, which the control service cannot dial: give \
+             --orders-advertise HOST:PORT"
+        ),
+        None => bound.to_string(),
+    };
+    let client = lode_control::rpc::Client::new(endpoint, creds)
+        .with_context(|| format!("a client of the control service at {}", w.control))?;
+    let grants = Arc::new(lode_agent::worker::Grants::new(
+        Arc::new(lode_agent::worker::RpcControl(client)),
+        lode_agent::worker::WorkerConfig {
+            worker: w.id,
+            address,
+            capacity: w.capacity,
+        },
+    )?);
+    let registered = match grants.register().await {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("lode agent: registering with the control service: {e} (retrying)");
+            false
+        }
+    };
+    Ok(Worker {
+        grants,
+        listener,
+        bound,
+        registered,
+    })
 }
 
 pub(crate) fn call(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {

@@ -141,6 +141,36 @@ pub enum Command {
     )]
     Agent(AgentArgs),
 
+    /// The assignment service: its certificates, the service itself, its state.
+    ///
+    /// `lode control` is the control plane of a fleet: workers register and heartbeat,
+    /// `lode start` places an image on a worker (one with it warm first, else by
+    /// consistent hashing with bounded load) under a lease, and the service, the only
+    /// process with KMS access, hands an image's data key only to the worker it is
+    /// assigned to while the lease lasts. Its state lives in the store (--store), so it
+    /// survives restarts and replicas over one store share it.
+    #[command(
+        subcommand,
+        after_help = "A fleet in four steps:\n  \
+                      lode control init --dir ca --host control.internal\n  \
+                      lode control issue --dir ca --worker w1 --host w1.internal\n  \
+                      lode control issue --dir ca --admin ops\n  \
+                      lode control serve --listen 0.0.0.0:7443 --creds ca --store s3://bucket/lode\n\
+                      then, from an operator's machine:\n  \
+                      lode start myapp:1.0 --control https://control.internal:7443 --creds ca --as ops"
+    )]
+    Control(ControlCommand),
+
+    /// Start an image on the fleet: the control service places it on a worker.
+    ///
+    /// Prints the start's id, the worker, the manifest, how it was placed and where the
+    /// image appears on the worker (its NBD export or its file). Needs an admin
+    /// certificate (`lode control issue --admin NAME`).
+    #[command(
+        after_help = "Example:\n  lode start myapp:1.0 --control https://control.internal:7443 --creds ca --as ops"
+    )]
+    Start(StartArgs),
+
     /// Attach an image to the running agent (served as the NBD export NAME).
     Attach(AttachArgs),
 
@@ -508,7 +538,35 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
     pub cache: CacheArgs,
+}
+
+/// Running as a worker of a control service (`lode control`): the agent then takes
+/// attach orders from it, gets each image's key as a grant for that start, and opens no
+/// KMS (--kms and a config file's `kms` are refused).
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The control service: https://HOST:PORT or unix:/PATH. Makes this agent a worker.
+    #[arg(long, env = "LODE_CONTROL_ENDPOINT", value_name = "URL")]
+    pub control_endpoint: Option<String>,
+    /// The directory holding this worker's certificate and key (`lode control issue`)
+    /// and the fleet's CA.
+    #[arg(long, value_name = "DIR")]
+    pub credentials: Option<PathBuf>,
+    /// This worker's id (its certificate's).
+    #[arg(long, value_name = "ID")]
+    pub worker_id: Option<String>,
+    /// Where attach orders are taken (mTLS, control replicas only). [default: 127.0.0.1:0]
+    #[arg(long, value_name = "ADDR")]
+    pub orders_listen: Option<std::net::SocketAddr>,
+    /// The address registered with the control service. [default: the one bound]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub orders_advertise: Option<String>,
+    /// Images attached at once, at most. [default: 16]
+    #[arg(long, value_name = "N")]
+    pub capacity: Option<u32>,
 }
 
 /// Where a worker keeps its cache and how big the cache's tiers are (the agent and the
@@ -811,4 +869,114 @@ pub fn data_dir() -> Result<PathBuf> {
         .filter(|h| !h.is_empty())
         .context("neither LODE_HOME nor HOME is set: set LODE_HOME to lode's data directory")?;
     Ok(PathBuf::from(home).join(".local/share/lode"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ControlCommand {
+    /// Create the fleet's CA in DIR and the control service's certificate.
+    ///
+    /// Writes ca.pem (give it to every member), ca.key (keep it where certificates are
+    /// issued, mode 0600) and control-control.pem/.key. Each --host (a DNS name or an IP
+    /// address) is a name the service answers TLS under.
+    #[command(after_help = "Example:\n  lode control init --dir ca --host control.internal --host 10.0.0.5")]
+    Init {
+        /// The credentials directory.
+        #[arg(long, value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// A name or address the control service is reached at (repeatable).
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+        /// How long the certificates are valid.
+        #[arg(long, value_name = "N", default_value_t = 365)]
+        days: u32,
+    },
+    /// Issue a certificate from DIR's CA: DIR/<role>-<id>.pem and .key (mode 0600).
+    ///
+    /// Exactly one of --worker, --admin, --control names who it is for; the identity is
+    /// in the certificate, so the service knows a caller by its certificate alone. Copy
+    /// ca.pem and the two files to the holder.
+    #[command(after_help = "Examples:\n  lode control issue --dir ca --worker w1 --host w1.internal\n  \
+                            lode control issue --dir ca --admin ops\n  \
+                            lode control issue --dir ca --control replica-b --host control-b.internal")]
+    Issue(IssueArgs),
+    /// Run the assignment service.
+    ///
+    /// Listens for TLS with client certificates on --listen, or on a Unix socket
+    /// (--socket, mode 0600, a single host). Uses the global --store for its state and
+    /// --kms to unwrap image keys.
+    #[command(after_help = "Examples:\n  lode control serve --listen 0.0.0.0:7443 --creds ca --store s3://bucket/lode\n  \
+                            lode control serve --socket /run/lode/control.sock --creds ca")]
+    Serve(ServeArgs),
+    /// Print the workers and the assignments the service knows.
+    Status(ControlClientArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["worker", "admin", "control"])))]
+pub struct IssueArgs {
+    /// The credentials directory holding the CA.
+    #[arg(long, value_name = "DIR")]
+    pub dir: std::path::PathBuf,
+    /// A worker's certificate, for worker ID.
+    #[arg(long, value_name = "ID")]
+    pub worker: Option<String>,
+    /// An operator's or front end's certificate.
+    #[arg(long, value_name = "NAME")]
+    pub admin: Option<String>,
+    /// Another control service replica's certificate.
+    #[arg(long, value_name = "NAME")]
+    pub control: Option<String>,
+    /// A name or address the holder serves TLS under (repeatable).
+    #[arg(long = "host", value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// How long the certificate is valid.
+    #[arg(long, value_name = "N", default_value_t = 365)]
+    pub days: u32,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("on").required(true).args(["listen", "socket"])))]
+pub struct ServeArgs {
+    /// Listen for TLS on ADDR (host:port; port 0 picks one, printed on start).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Listen on a Unix socket at PATH instead (single host).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<std::path::PathBuf>,
+    /// The credentials directory (ca.pem and this replica's certificate).
+    #[arg(long, value_name = "DIR")]
+    pub creds: std::path::PathBuf,
+    /// This replica's name: its certificate is control-NAME.pem.
+    #[arg(long, value_name = "NAME", default_value = "control")]
+    pub name: String,
+    /// How long an assignment lasts unless the worker's heartbeats renew it.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = lode_image::parse_duration)]
+    pub lease: std::time::Duration,
+    /// How often workers heartbeat; a worker silent for three of these takes no starts.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = lode_image::parse_duration)]
+    pub heartbeat_interval: std::time::Duration,
+    /// How long one KMS unwrap may take before the key request fails.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = lode_image::parse_duration)]
+    pub kms_timeout: std::time::Duration,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ControlClientArgs {
+    /// The control service: https://HOST:PORT or unix:/PATH.
+    #[arg(long, value_name = "ENDPOINT", env = "LODE_CONTROL")]
+    pub control: String,
+    /// The credentials directory (ca.pem and admin-NAME.pem/.key).
+    #[arg(long, value_name = "DIR", env = "LODE_CONTROL_CREDS")]
+    pub creds: std::path::PathBuf,
+    /// The admin identity to call as.
+    #[arg(long = "as", value_name = "NAME", default_value = "admin")]
+    pub as_name: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StartArgs {
+    /// The image: a tag or a manifest id.
+    pub image: String,
+    #[command(flatten)]
+    pub client: ControlClientArgs,
 }

@@ -3,6 +3,7 @@
 
 mod agent;
 mod cli;
+mod control;
 mod demo;
 mod mount;
 mod output;
@@ -579,6 +580,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Demo(a) => demo::run(&env_for_demo(&env), a).await?,
         Command::Agent(a) => agent::run(&env, &home, a).await?,
+        Command::Control(c) => control::run(&env, c).await?,
+        Command::Start(a) => control::start(&env, a).await?,
         Command::Attach(a) => agent::attach(&env, &home, a)?,
         Command::Detach(a) => agent::detach(&env, &home, a)?,
         Command::Ls(a) => agent::ls(&env, &home, a)?,
