@@ -225,7 +225,10 @@ impl Service {
             return Err(refuse(
                 400,
                 "malformed",
-                format!("{path}: worker {}: more than {MAX_HEARTBEAT_LIST} manifests listed", peer.id),
+                format!(
+                    "{path}: worker {}: more than {MAX_HEARTBEAT_LIST} manifests listed",
+                    peer.id
+                ),
             ));
         }
         let attached = beat

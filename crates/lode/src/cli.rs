@@ -878,7 +878,9 @@ pub enum ControlCommand {
     /// Writes ca.pem (give it to every member), ca.key (keep it where certificates are
     /// issued, mode 0600) and control-control.pem/.key. Each --host (a DNS name or an IP
     /// address) is a name the service answers TLS under.
-    #[command(after_help = "Example:\n  lode control init --dir ca --host control.internal --host 10.0.0.5")]
+    #[command(
+        after_help = "Example:\n  lode control init --dir ca --host control.internal --host 10.0.0.5"
+    )]
     Init {
         /// The credentials directory.
         #[arg(long, value_name = "DIR")]
@@ -895,17 +897,21 @@ pub enum ControlCommand {
     /// Exactly one of --worker, --admin, --control names who it is for; the identity is
     /// in the certificate, so the service knows a caller by its certificate alone. Copy
     /// ca.pem and the two files to the holder.
-    #[command(after_help = "Examples:\n  lode control issue --dir ca --worker w1 --host w1.internal\n  \
+    #[command(
+        after_help = "Examples:\n  lode control issue --dir ca --worker w1 --host w1.internal\n  \
                             lode control issue --dir ca --admin ops\n  \
-                            lode control issue --dir ca --control replica-b --host control-b.internal")]
+                            lode control issue --dir ca --control replica-b --host control-b.internal"
+    )]
     Issue(IssueArgs),
     /// Run the assignment service.
     ///
     /// Listens for TLS with client certificates on --listen, or on a Unix socket
     /// (--socket, mode 0600, a single host). Uses the global --store for its state and
     /// --kms to unwrap image keys.
-    #[command(after_help = "Examples:\n  lode control serve --listen 0.0.0.0:7443 --creds ca --store s3://bucket/lode\n  \
-                            lode control serve --socket /run/lode/control.sock --creds ca")]
+    #[command(
+        after_help = "Examples:\n  lode control serve --listen 0.0.0.0:7443 --creds ca --store s3://bucket/lode\n  \
+                            lode control serve --socket /run/lode/control.sock --creds ca"
+    )]
     Serve(ServeArgs),
     /// Print the workers and the assignments the service knows.
     Status(ControlClientArgs),

@@ -38,7 +38,9 @@ pub async fn run(env: &Env, command: ControlCommand) -> Result<()> {
                     role: Role::Control,
                     id,
                 },
-                _ => anyhow::bail!("name who the certificate is for: --worker, --admin or --control"),
+                _ => {
+                    anyhow::bail!("name who the certificate is for: --worker, --admin or --control")
+                }
             };
             pki::issue(&a.dir, &who, &a.hosts, a.days)?;
             let stem = format!("{}-{}", pki::role_name(who.role), who.id);
@@ -85,8 +87,7 @@ pub async fn run(env: &Env, command: ControlCommand) -> Result<()> {
         ControlCommand::Status(a) => {
             let client = client(&a)?;
             let workers: Vec<WorkerRecord> = client.call("/v1/workers", &()).await?;
-            let assignments: Vec<AssignmentRecord> =
-                client.call("/v1/assignments", &()).await?;
+            let assignments: Vec<AssignmentRecord> = client.call("/v1/assignments", &()).await?;
             if env.cli_json {
                 print_json(&serde_json::json!({
                     "workers": workers,
