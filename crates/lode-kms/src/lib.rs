@@ -2,11 +2,14 @@
 //!
 //! Every manifest's key table is encrypted under a fresh random data key, and that data
 //! key is wrapped by a KMS key; so is each root's salt. [`Kms`] is the small trait a key
-//! service implements: wrap and unwrap 32-byte secrets under a named key. The embedded
-//! default is [`Keyring`], a local file of named keys; a cloud KMS slots in behind the
-//! same trait. Whoever can unwrap can read images: a worker gets a KMS that unwraps only
-//! the images assigned to it.
+//! service implements: wrap and unwrap 32-byte secrets under a named key, each bound to
+//! an encryption [`Context`] naming what it protects, so a wrapped secret moved to
+//! another manifest (or used as a root salt) does not unwrap there. The embedded default
+//! is [`Keyring`], a local file of named keys; a cloud KMS slots in behind the same
+//! trait. Whoever can unwrap can read images: a worker gets a KMS that unwraps only the
+//! images assigned to it.
 
+mod context;
 mod keyring;
 
 use std::fmt;
@@ -16,6 +19,7 @@ use async_trait::async_trait;
 use lode_format::{DataKey, Secret32, WrappedKey};
 use thiserror::Error;
 
+pub use context::Context;
 pub use keyring::Keyring;
 
 /// A key service failed or refused.
@@ -67,16 +71,39 @@ pub enum KmsError {
         /// The name given.
         key_id: String,
     },
-    /// The wrapped secret did not open under the named key.
+    /// The wrapped secret did not open under the named key and context.
     #[error(
-        "cannot unwrap with KMS key {key_id:?} of {kms}: the wrapped key is corrupt or was \
-         made under another key"
+        "cannot unwrap with KMS key {key_id:?} of {kms}: the wrapped key does not unwrap \
+         under this key and context ({context}); it is corrupt, or was made under another \
+         key or for something else"
     )]
     Unwrap {
         /// The key named by the wrapped secret.
         key_id: String,
         /// Which KMS was asked.
         kms: String,
+        /// The context it was asked under.
+        context: Context,
+    },
+    /// The KMS could not be reached, or did not answer in time.
+    #[error("KMS {kms} is unreachable for key {key_id:?}: {reason}")]
+    Unreachable {
+        /// Which KMS (its endpoint and region).
+        kms: String,
+        /// The key asked for.
+        key_id: String,
+        /// What went wrong, after the retries.
+        reason: String,
+    },
+    /// The KMS refused: no credentials, no permission, or a disabled key.
+    #[error("KMS {kms} refused key {key_id:?}: {reason}")]
+    Denied {
+        /// Which KMS (its endpoint and region).
+        kms: String,
+        /// The key asked for.
+        key_id: String,
+        /// What the KMS said.
+        reason: String,
     },
     /// A KMS location that is not understood.
     #[error("KMS {spec:?} is not supported: {reason}")]
@@ -100,16 +127,26 @@ pub trait Kms: Send + Sync + fmt::Debug {
     /// The key that wraps new secrets when none is named.
     fn default_key_id(&self) -> String;
 
-    /// Wraps `secret` under key `key_id`.
-    async fn wrap(&self, key_id: &str, secret: &Secret32) -> Result<WrappedKey, KmsError>;
+    /// Wraps `secret` under key `key_id`, bound to `context`.
+    async fn wrap(
+        &self,
+        key_id: &str,
+        secret: &Secret32,
+        context: &Context,
+    ) -> Result<WrappedKey, KmsError>;
 
-    /// Unwraps a secret that [`Kms::wrap`] made.
-    async fn unwrap(&self, wrapped: &WrappedKey) -> Result<Secret32, KmsError>;
+    /// Unwraps a secret that [`Kms::wrap`] made under the same `context`; under any
+    /// other context it fails.
+    async fn unwrap(&self, wrapped: &WrappedKey, context: &Context) -> Result<Secret32, KmsError>;
 
-    /// A fresh random data key and its wrapped form.
-    async fn generate_data_key(&self, key_id: &str) -> Result<(DataKey, WrappedKey), KmsError> {
+    /// A fresh random data key and its wrapped form, bound to `context`.
+    async fn generate_data_key(
+        &self,
+        key_id: &str,
+        context: &Context,
+    ) -> Result<(DataKey, WrappedKey), KmsError> {
         let key = Secret32::random().map_err(|_| KmsError::Random)?;
-        let wrapped = self.wrap(key_id, &key).await?;
+        let wrapped = self.wrap(key_id, &key, context).await?;
         Ok((key, wrapped))
     }
 }
