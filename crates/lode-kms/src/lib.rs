@@ -9,6 +9,7 @@
 //! trait. Whoever can unwrap can read images: a worker gets a KMS that unwraps only the
 //! images assigned to it.
 
+mod aws;
 mod context;
 mod keyring;
 
@@ -19,6 +20,7 @@ use async_trait::async_trait;
 use lode_format::{DataKey, Secret32, WrappedKey};
 use thiserror::Error;
 
+pub use aws::AwsKms;
 pub use context::Context;
 pub use keyring::Keyring;
 
@@ -86,7 +88,7 @@ pub enum KmsError {
         context: Context,
     },
     /// The KMS could not be reached, or did not answer in time.
-    #[error("KMS {kms} is unreachable for key {key_id:?}: {reason}")]
+    #[error("{kms} is unreachable for KMS key {key_id:?}: {reason}")]
     Unreachable {
         /// Which KMS (its endpoint and region).
         kms: String,
@@ -96,7 +98,7 @@ pub enum KmsError {
         reason: String,
     },
     /// The KMS refused: no credentials, no permission, or a disabled key.
-    #[error("KMS {kms} refused key {key_id:?}: {reason}")]
+    #[error("{kms} refused KMS key {key_id:?}: {reason}")]
     Denied {
         /// Which KMS (its endpoint and region).
         kms: String,
@@ -155,7 +157,7 @@ pub trait Kms: Send + Sync + fmt::Debug {
 /// file that does not exist is an error rather than a new, empty keyring — a fresh
 /// keyring could never unwrap the images already stored.
 pub fn open_existing(spec: &str) -> Result<Box<dyn Kms>, KmsError> {
-    if !spec.contains("://") && !std::path::Path::new(spec).exists() {
+    if is_keyring(spec) && !std::path::Path::new(spec).exists() {
         return Err(KmsError::Io {
             path: PathBuf::from(spec),
             source: std::io::Error::new(
@@ -168,16 +170,25 @@ pub fn open_existing(spec: &str) -> Result<Box<dyn Kms>, KmsError> {
     open(spec)
 }
 
-/// Opens the KMS a user named: a keyring file path (created on first use), or a URL of a
-/// service this build knows.
+/// Opens the KMS a user named: `aws:KEY_ID_OR_ARN` for AWS KMS (configured from the AWS
+/// environment), or a keyring file path (created on first use). A keyring path that
+/// starts with `aws:` is written `./aws:…`.
 pub fn open(spec: &str) -> Result<Box<dyn Kms>, KmsError> {
+    if let Some(key_id) = spec.strip_prefix("aws:") {
+        return Ok(Box::new(AwsKms::from_env(key_id)?));
+    }
     if let Some((scheme, _)) = spec.split_once("://") {
         return Err(KmsError::Unsupported {
             spec: spec.to_owned(),
             reason: format!(
-                "{scheme}:// is not a KMS this build supports; give a keyring file path"
+                "{scheme}:// is not a KMS this build supports; give aws:KEY_ID_OR_ARN or a \
+                 keyring file path"
             ),
         });
     }
     Ok(Box::new(Keyring::open_or_create(PathBuf::from(spec))?))
+}
+
+fn is_keyring(spec: &str) -> bool {
+    !spec.starts_with("aws:") && !spec.contains("://")
 }
