@@ -46,7 +46,7 @@ enum Source {
     /// The AWS environment, read on first use.
     Env,
     /// Given by the caller.
-    Given(SdkConfig),
+    Given(Box<SdkConfig>),
 }
 
 /// An AWS KMS key (or any KMS that speaks its protocol).
@@ -87,7 +87,7 @@ impl AwsKms {
         let endpoint = config.endpoint_url().map(str::to_owned);
         AwsKms::new(
             key_id,
-            Source::Given(config),
+            Source::Given(Box::new(config)),
             region.as_deref(),
             endpoint.as_deref(),
         )
@@ -126,7 +126,7 @@ impl AwsKms {
         self.client
             .get_or_try_init(|| async {
                 let config = match &self.source {
-                    Source::Given(c) => c.clone(),
+                    Source::Given(c) => SdkConfig::clone(c),
                     Source::Env => {
                         let load = aws_config::defaults(BehaviorVersion::latest())
                             .http_client(http_client())

@@ -186,3 +186,33 @@ fn aws_specs_open_and_bad_ones_are_named() {
     let err = lode_kms::open("gcp://x").unwrap_err();
     assert!(err.to_string().contains("aws:KEY_ID_OR_ARN"), "{err}");
 }
+
+#[tokio::test]
+async fn a_kms_that_accepts_and_never_answers_times_out() {
+    // The kernel completes the TCP handshake for a listener nobody accepts from, so
+    // each request is sent and never answered: only the client's timeouts end it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let kms = AwsKms::with_config("alias/lode", sdk_config(&endpoint)).unwrap();
+    let err = tokio::time::timeout(
+        HANG,
+        kms.unwrap(
+            &lode_format::WrappedKey {
+                key_id: "alias/lode".into(),
+                blob: vec![1; 100],
+            },
+            &Context::root_salt(RootId(1)),
+        ),
+    )
+    .await
+    .expect("a silent KMS is an error, not a hang")
+    .unwrap_err();
+    assert!(matches!(err, KmsError::Unreachable { .. }), "{err:?}");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "AWS KMS at {endpoint} (region us-east-1) is unreachable for KMS key \"alias/lode\""
+        )),
+        "{err}"
+    );
+    drop(silent);
+}
