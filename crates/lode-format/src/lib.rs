@@ -21,4 +21,5 @@ pub use ids::{
 };
 pub use manifest::{
     ChunkEntry, ImageConfig, KeyTable, Manifest, ManifestError, ManifestHeader, WrappedKey,
+    binding_of,
 };

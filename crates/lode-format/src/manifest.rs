@@ -241,51 +241,7 @@ impl Manifest {
                 wrapped_key.blob.len()
             )));
         }
-        let mut config = Vec::new();
-        for list in [
-            &header.config.entrypoint,
-            &header.config.cmd,
-            &header.config.env,
-        ] {
-            put_u32(&mut config, len_u32(list.len())?);
-            for s in list {
-                put_str(&mut config, s)?;
-            }
-        }
-        put_str(&mut config, &header.config.working_dir)?;
-        put_str(&mut config, &header.config.user)?;
-        if config.len() > MAX_CONFIG_BYTES {
-            return Err(ManifestError::Build(format!(
-                "image config is {} bytes, over the {MAX_CONFIG_BYTES}-byte limit",
-                config.len()
-            )));
-        }
-
-        let mut b = Vec::with_capacity(FIXED_HEADER + config.len() + chunks.len() * 64 + 512);
-        b.extend_from_slice(&MAGIC);
-        b.extend_from_slice(&VERSION.to_le_bytes());
-        b.extend_from_slice(&0u16.to_le_bytes());
-        b.extend_from_slice(&header.root.0.to_le_bytes());
-        b.extend_from_slice(&header.chunk_size.bytes().to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.extend_from_slice(&header.device_size.to_le_bytes());
-        b.extend_from_slice(header.image_digest.as_bytes());
-        b.extend_from_slice(&(chunks.len() as u64).to_le_bytes());
-        put_u32(&mut b, len_u32(config.len())?);
-        b.extend_from_slice(&config);
-        for c in &chunks {
-            match c {
-                ChunkEntry::Zero => b.extend_from_slice(&[0u8; NAME_LEN]),
-                ChunkEntry::Stored(n) => {
-                    if n.as_bytes() == &[0u8; NAME_LEN] {
-                        return Err(ManifestError::Build(
-                            "a stored chunk cannot have the all-zero name".into(),
-                        ));
-                    }
-                    b.extend_from_slice(n.as_bytes())
-                }
-            }
-        }
+        let mut b = encode_body(&header, &chunks)?;
         let key_id_len = u16::try_from(wrapped_key.key_id.len())
             .map_err(|_| ManifestError::Build("KMS key id too long".into()))?;
         b.extend_from_slice(&key_id_len.to_le_bytes());
@@ -471,6 +427,16 @@ impl Manifest {
         Ok(KeyTable { keys: table })
     }
 
+    /// SHA-256 of every byte before the KMS key id field (header, config and chunk
+    /// table): what a wrapped data key is bound to, through the KMS's encryption context,
+    /// so a wrapped key copied into another manifest does not unwrap there.
+    pub fn binding(&self) -> [u8; 32] {
+        // The key table starts after the key id (u16 length + bytes) and the wrapped key
+        // (u32 length + bytes), both of which this manifest holds.
+        let tail = 2 + self.wrapped_key.key_id.len() + 4 + self.wrapped_key.blob.len();
+        sha256(&self.bytes[..self.key_table_at - tail])
+    }
+
     /// The manifest's id: SHA-256 of its bytes.
     pub fn id(&self) -> ManifestId {
         ManifestId::of(&self.bytes)
@@ -511,6 +477,73 @@ impl Manifest {
             .map(|(i, _)| cs.len_of(ChunkIndex(i as u64), self.header.device_size) as u64)
             .sum()
     }
+}
+
+/// The manifest's bytes before the KMS key id: magic, header, config and chunk table —
+/// what [`Manifest::binding`] hashes. [`Manifest::seal`] writes exactly these bytes first.
+fn encode_body(header: &ManifestHeader, chunks: &[ChunkEntry]) -> Result<Vec<u8>, ManifestError> {
+    let mut config = Vec::new();
+    for list in [
+        &header.config.entrypoint,
+        &header.config.cmd,
+        &header.config.env,
+    ] {
+        put_u32(&mut config, len_u32(list.len())?);
+        for s in list {
+            put_str(&mut config, s)?;
+        }
+    }
+    put_str(&mut config, &header.config.working_dir)?;
+    put_str(&mut config, &header.config.user)?;
+    if config.len() > MAX_CONFIG_BYTES {
+        return Err(ManifestError::Build(format!(
+            "image config is {} bytes, over the {MAX_CONFIG_BYTES}-byte limit",
+            config.len()
+        )));
+    }
+
+    let mut b = Vec::with_capacity(FIXED_HEADER + config.len() + chunks.len() * 64 + 512);
+    b.extend_from_slice(&MAGIC);
+    b.extend_from_slice(&VERSION.to_le_bytes());
+    b.extend_from_slice(&0u16.to_le_bytes());
+    b.extend_from_slice(&header.root.0.to_le_bytes());
+    b.extend_from_slice(&header.chunk_size.bytes().to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&header.device_size.to_le_bytes());
+    b.extend_from_slice(header.image_digest.as_bytes());
+    b.extend_from_slice(&(chunks.len() as u64).to_le_bytes());
+    put_u32(&mut b, len_u32(config.len())?);
+    b.extend_from_slice(&config);
+    for c in chunks {
+        match c {
+            ChunkEntry::Zero => b.extend_from_slice(&[0u8; NAME_LEN]),
+            ChunkEntry::Stored(n) => {
+                if n.as_bytes() == &[0u8; NAME_LEN] {
+                    return Err(ManifestError::Build(
+                        "a stored chunk cannot have the all-zero name".into(),
+                    ));
+                }
+                b.extend_from_slice(n.as_bytes())
+            }
+        }
+    }
+    Ok(b)
+}
+
+/// The binding of the manifest that `header` and `chunks` will make, before it is sealed:
+/// the same digest as [`Manifest::binding`] of the sealed manifest. A publisher asks the
+/// KMS for a data key bound to it, then seals with that key.
+pub fn binding_of(
+    header: &ManifestHeader,
+    chunks: &[ChunkEntry],
+) -> Result<[u8; 32], ManifestError> {
+    Ok(sha256(&encode_body(header, chunks)?))
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
 }
 
 fn key_table_cipher(key: &DataKey) -> LessSafeKey {
@@ -674,6 +707,34 @@ mod tests {
         assert!(keys.get(ChunkIndex(4)).is_none());
         assert_eq!(p.stored_chunks(), 3);
         assert_eq!(p.stored_plain_bytes(), 2 * 4096 + 100);
+    }
+
+    #[test]
+    fn binding_covers_the_body_and_not_the_wrapped_key() {
+        let (m, dk) = sample();
+        let p = Manifest::parse(m.bytes()).unwrap();
+        let before = binding_of(m.header(), m.chunks()).unwrap();
+        assert_eq!(m.binding(), before);
+        assert_eq!(p.binding(), before);
+        let key_id_at = m.bytes().len() - (2 + 7 + 4 + 60 + 3 * 32 + TAG_LEN);
+        assert_eq!(before, sha256(&m.bytes()[..key_id_at]));
+        // Another wrapped key leaves the binding alone; another chunk table changes it.
+        let other = WrappedKey {
+            key_id: "another-key".into(),
+            blob: vec![1; 9],
+        };
+        let keys: Vec<ChunkKey> = (0..3).map(|_| ChunkKey::from_bytes([1; 32])).collect();
+        let resealed =
+            Manifest::seal(m.header().clone(), m.chunks().to_vec(), &keys, &dk, other).unwrap();
+        assert_eq!(resealed.binding(), before);
+        let mut chunks = m.chunks().to_vec();
+        chunks.swap(0, 3);
+        assert_ne!(binding_of(m.header(), &chunks).unwrap(), before);
+        let header = ManifestHeader {
+            root: RootId(8),
+            ..m.header().clone()
+        };
+        assert_ne!(binding_of(&header, m.chunks()).unwrap(), before);
     }
 
     #[test]

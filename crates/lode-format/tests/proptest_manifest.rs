@@ -227,6 +227,10 @@ proptest! {
         prop_assert_eq!(p.header(), &input.header);
         prop_assert_eq!(p.chunks(), &input.chunks[..]);
         prop_assert_eq!(p.wrapped_key(), &input.wrapped);
+        prop_assert_eq!(
+            p.binding(),
+            lode_format::binding_of(&input.header, &input.chunks).unwrap()
+        );
         let table = p.open_keys(&DataKey::from_bytes(input.data_key)).unwrap();
         let mut keys = input.keys.iter();
         for (i, c) in input.chunks.iter().enumerate() {

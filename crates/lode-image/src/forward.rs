@@ -17,7 +17,7 @@ use lode_format::chunk::seal_chunk_in_place;
 use lode_format::{
     ChunkEntry, ChunkIndex, ChunkKey, Manifest, ManifestHeader, ManifestId, RootId, RootSalt,
 };
-use lode_kms::Kms;
+use lode_kms::{Context, Kms};
 use lode_store::{RootState, Store, StoreError};
 use serde::Serialize;
 
@@ -94,7 +94,7 @@ pub async fn copy_forward_with(
         ))
     })?;
     let salt = kms
-        .unwrap(&active.salt)
+        .unwrap(&active.salt, &Context::root_salt(active.root))
         .await
         .map_err(|e| ImageError::Invalid(format!("root {}: its salt: {e}", active.root)))?;
     if let Some(first) = live.unreadable().first() {
@@ -219,10 +219,7 @@ async fn copy_manifest(
 ) -> Result<ManifestId, ImageError> {
     let bytes = store.get_manifest(from, id).await?;
     let m = Manifest::parse(&bytes).map_err(|source| ImageError::Manifest { id: *id, source })?;
-    let data_key = kms
-        .unwrap(m.wrapped_key())
-        .await
-        .map_err(|source| ImageError::ManifestKey { id: *id, source })?;
+    let data_key = crate::unwrap_data_key(kms, id, from, &m).await?;
     let keys = m
         .open_keys(&data_key)
         .map_err(|source| ImageError::Manifest { id: *id, source })?;
@@ -287,7 +284,10 @@ async fn copy_manifest(
         root: to,
         ..header.clone()
     };
-    let (data_key, wrapped) = kms.generate_data_key(key_id).await?;
+    let binding = lode_format::binding_of(&header, &entries).map_err(ImageError::Build)?;
+    let (data_key, wrapped) = kms
+        .generate_data_key(key_id, &Context::manifest(to, &binding))
+        .await?;
     let manifest = Manifest::seal(header, entries, &new_keys, &data_key, wrapped)
         .map_err(ImageError::Build)?;
     let (new, _) = store

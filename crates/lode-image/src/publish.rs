@@ -19,7 +19,7 @@ use lode_format::{
     ChunkEntry, ChunkIndex, ChunkKey, ChunkName, ChunkSize, ImageConfig, ImageDigest, Manifest,
     ManifestHeader, ManifestId, RootId, RootSalt, Secret32,
 };
-use lode_kms::Kms;
+use lode_kms::{Context, Kms};
 use lode_store::{PutOutcome, RootRecord, RootState, Store};
 use serde::Serialize;
 
@@ -142,7 +142,10 @@ impl<'a> Publisher<'a> {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             };
             if let Some(rec) = self.store.active_among(&roots)? {
-                let salt = self.kms.unwrap(&rec.salt).await?;
+                let salt = self
+                    .kms
+                    .unwrap(&rec.salt, &Context::root_salt(rec.root))
+                    .await?;
                 return Ok((rec.root, salt));
             }
             if let Some(last) = roots.last() {
@@ -159,7 +162,10 @@ impl<'a> Publisher<'a> {
             let rec = RootRecord {
                 root: RootId(1),
                 state: RootState::Active,
-                salt: self.kms.wrap(&self.key_id, &salt).await?,
+                salt: self
+                    .kms
+                    .wrap(&self.key_id, &salt, &Context::root_salt(RootId(1)))
+                    .await?,
                 since: None,
             };
             // Whether we won or another publisher did, read the root back and use what
@@ -361,7 +367,11 @@ impl<'a> Publisher<'a> {
             image_digest,
             config: opts.config.clone(),
         };
-        let (data_key, wrapped) = self.kms.generate_data_key(&self.key_id).await?;
+        let binding = lode_format::binding_of(&header, &entries).map_err(ImageError::Build)?;
+        let (data_key, wrapped) = self
+            .kms
+            .generate_data_key(&self.key_id, &Context::manifest(root, &binding))
+            .await?;
         let manifest = Manifest::seal(header, entries, &keys, &data_key, wrapped)
             .map_err(ImageError::Build)?;
         failpoint::pause("publish:before-manifest").await;

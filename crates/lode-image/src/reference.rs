@@ -2,7 +2,7 @@
 //! same spelling), resolved to a parsed manifest and, when asked, its key table.
 
 use lode_format::{DataKey, KeyTable, Manifest, ManifestId, RootId};
-use lode_kms::Kms;
+use lode_kms::{Context, Kms};
 use lode_store::Store;
 
 use crate::ImageError;
@@ -63,10 +63,11 @@ impl KeySource for KmsKeys {
 pub async fn unwrap_data_key(
     kms: &dyn Kms,
     id: &ManifestId,
-    _root: RootId,
+    root: RootId,
     manifest: &Manifest,
 ) -> Result<DataKey, ImageError> {
-    kms.unwrap(manifest.wrapped_key())
+    let context = Context::manifest(root, &manifest.binding());
+    kms.unwrap(manifest.wrapped_key(), &context)
         .await
         .map_err(|source| match source {
             // The key id is part of the manifest: a name the KMS lacks means a

@@ -5,7 +5,7 @@
 //! fail having changed nothing.
 
 use lode_format::{RootId, Secret32};
-use lode_kms::Kms;
+use lode_kms::{Context, Kms};
 use lode_store::{RootRecord, RootState, Store, StoreError};
 use serde::Serialize;
 
@@ -82,7 +82,7 @@ pub async fn rotate(store: &Store, kms: &dyn Kms, key_id: &str) -> Result<Rotati
     let rec = RootRecord {
         root: next,
         state: RootState::Active,
-        salt: kms.wrap(key_id, &salt).await?,
+        salt: kms.wrap(key_id, &salt, &Context::root_salt(next)).await?,
         since: None,
     };
     match store.create_root(&rec).await? {

@@ -4,10 +4,14 @@
 //! {"version": 1, "default": "default", "keys": {"default": "<64 hex digits>"}}
 //! ```
 //!
-//! A wrapped secret is `0x01 ‖ nonce (12 random bytes) ‖ AES-256-GCM(key, nonce,
-//! secret, AAD = "lode-keyring-v1:" ‖ key name) ‖ tag`: 61 bytes. The key name is bound in
-//! the AAD, so a blob cannot be replayed as if made under another key. The file is
-//! replaced atomically (write a temporary file, then rename or link), so a crash never
+//! A wrapped secret is `0x02 ‖ nonce (12 random bytes) ‖ AES-256-GCM(key, nonce,
+//! secret, AAD = "lode-keyring-v2:" ‖ key name ‖ 0x00 ‖ canonical context) ‖ tag`: 61
+//! bytes. The key name and the encryption context are bound in the AAD, so a blob cannot
+//! be replayed as if made under another key or for another manifest or root. (The zero
+//! byte ends the key name, which never holds one.) Blobs of version 1, made before
+//! contexts, have AAD `"lode-keyring-v1:" ‖ key name`; they still unwrap, whatever the
+//! context, so stores made then keep working; new blobs are always version 2. The file
+//! is replaced atomically (write a temporary file, then rename or link), so a crash never
 //! leaves half a keyring behind.
 
 use std::collections::BTreeMap;
@@ -23,9 +27,12 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
-use crate::{Kms, KmsError};
+use crate::{Context, Kms, KmsError};
 
-const BLOB_VERSION: u8 = 1;
+/// The blob version written: the AAD binds the key name and the context.
+const BLOB_V2: u8 = 2;
+/// The blob version before contexts: the AAD binds the key name only.
+const BLOB_V1: u8 = 1;
 const BLOB_LEN: usize = 1 + NONCE_LEN + 32 + 16;
 const DEFAULT_KEY: &str = "default";
 
@@ -197,9 +204,17 @@ impl Keyring {
     }
 }
 
-fn aad(key_id: &str) -> Vec<u8> {
-    let mut a = b"lode-keyring-v1:".to_vec();
+/// The associated data of a blob of `version`; version 1 ignores the context.
+fn aad(version: u8, key_id: &str, context: &Context) -> Vec<u8> {
+    if version == BLOB_V1 {
+        let mut a = b"lode-keyring-v1:".to_vec();
+        a.extend_from_slice(key_id.as_bytes());
+        return a;
+    }
+    let mut a = b"lode-keyring-v2:".to_vec();
     a.extend_from_slice(key_id.as_bytes());
+    a.push(0);
+    a.extend_from_slice(&context.canonical());
     a
 }
 
@@ -213,7 +228,12 @@ impl Kms for Keyring {
         self.lock().default.clone()
     }
 
-    async fn wrap(&self, key_id: &str, secret: &Secret32) -> Result<WrappedKey, KmsError> {
+    async fn wrap(
+        &self,
+        key_id: &str,
+        secret: &Secret32,
+        context: &Context,
+    ) -> Result<WrappedKey, KmsError> {
         let key = self.key(key_id)?;
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
@@ -223,12 +243,12 @@ impl Kms for Keyring {
         let tag = key
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad(key_id)),
+                Aad::from(aad(BLOB_V2, key_id, context)),
                 &mut buf,
             )
             .map_err(|_| KmsError::Random)?;
         let mut blob = Vec::with_capacity(BLOB_LEN);
-        blob.push(BLOB_VERSION);
+        blob.push(BLOB_V2);
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&buf);
         blob.extend_from_slice(tag.as_ref());
@@ -238,14 +258,15 @@ impl Kms for Keyring {
         })
     }
 
-    async fn unwrap(&self, wrapped: &WrappedKey) -> Result<Secret32, KmsError> {
+    async fn unwrap(&self, wrapped: &WrappedKey, context: &Context) -> Result<Secret32, KmsError> {
         let key = self.key(&wrapped.key_id)?;
         let fail = || KmsError::Unwrap {
             key_id: wrapped.key_id.clone(),
             kms: self.describe(),
+            context: context.clone(),
         };
         let b = &wrapped.blob;
-        if b.len() != BLOB_LEN || b[0] != BLOB_VERSION {
+        if b.len() != BLOB_LEN || !matches!(b[0], BLOB_V1 | BLOB_V2) {
             return Err(fail());
         }
         let mut nonce = [0u8; NONCE_LEN];
@@ -254,7 +275,7 @@ impl Kms for Keyring {
         let plain = key
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad(&wrapped.key_id)),
+                Aad::from(aad(b[0], &wrapped.key_id, context)),
                 &mut buf,
             )
             .map_err(|_| fail())?;
@@ -335,6 +356,11 @@ fn replace(path: &Path, st: &State) -> Result<(), KmsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lode_format::RootId;
+
+    fn ctx() -> Context {
+        Context::manifest(RootId(1), &[7; 32])
+    }
 
     #[tokio::test]
     async fn created_on_first_use_with_mode_0600() {
@@ -346,9 +372,9 @@ mod tests {
         assert_eq!(k.key_names(), vec!["default".to_string()]);
         // Reopening gives the same key: a secret wrapped before unwraps after.
         let s = Secret32::from_bytes([5; 32]);
-        let w = k.wrap("default", &s).await.unwrap();
+        let w = k.wrap("default", &s, &ctx()).await.unwrap();
         let k2 = Keyring::open_or_create(path).unwrap();
-        assert_eq!(k2.unwrap(&w).await.unwrap(), s);
+        assert_eq!(k2.unwrap(&w, &ctx()).await.unwrap(), s);
     }
 
     #[tokio::test]
@@ -357,16 +383,19 @@ mod tests {
         let a = Keyring::open_or_create(dir.path().join("a")).unwrap();
         let b = Keyring::open_or_create(dir.path().join("b")).unwrap();
         let w = a
-            .wrap("default", &Secret32::from_bytes([1; 32]))
+            .wrap("default", &Secret32::from_bytes([1; 32]), &ctx())
             .await
             .unwrap();
-        let err = b.unwrap(&w).await.unwrap_err();
+        let err = b.unwrap(&w, &ctx()).await.unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
-                "cannot unwrap with KMS key \"default\" of keyring {}: the wrapped key is \
-                 corrupt or was made under another key",
-                dir.path().join("b").display()
+                "cannot unwrap with KMS key \"default\" of keyring {}: the wrapped key does \
+                 not unwrap under this key and context (lode:manifest={}, \
+                 lode:purpose=manifest, lode:root=1); it is corrupt, or was made under \
+                 another key or for something else",
+                dir.path().join("b").display(),
+                "07".repeat(32)
             )
         );
     }
@@ -377,23 +406,26 @@ mod tests {
         let k = Keyring::open_or_create(dir.path().join("k")).unwrap();
         k.create_key("other", false).unwrap();
         let w = k
-            .wrap("default", &Secret32::from_bytes([1; 32]))
+            .wrap("default", &Secret32::from_bytes([1; 32]), &ctx())
             .await
             .unwrap();
         for i in 0..w.blob.len() {
             let mut bad = w.clone();
             bad.blob[i] ^= 1;
-            assert!(k.unwrap(&bad).await.is_err(), "flip at {i} accepted");
+            assert!(
+                k.unwrap(&bad, &ctx()).await.is_err(),
+                "flip at {i} accepted"
+            );
         }
         let mut moved = w.clone();
         moved.key_id = "other".into();
         assert!(matches!(
-            k.unwrap(&moved).await,
+            k.unwrap(&moved, &ctx()).await,
             Err(KmsError::Unwrap { .. })
         ));
         moved.key_id = "nope".into();
         assert!(matches!(
-            k.unwrap(&moved).await,
+            k.unwrap(&moved, &ctx()).await,
             Err(KmsError::UnknownKey { .. })
         ));
     }
@@ -431,5 +463,86 @@ mod tests {
         ));
         let again = Keyring::open(dir.path().join("k")).unwrap();
         assert_eq!(again.key_names(), vec!["default", "tenant-a"]);
+    }
+
+    #[tokio::test]
+    async fn a_blob_unwraps_only_under_its_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = Keyring::open_or_create(dir.path().join("k")).unwrap();
+        let s = Secret32::from_bytes([4; 32]);
+        let a = Context::manifest(RootId(1), &[1; 32]);
+        let w = k.wrap("default", &s, &a).await.unwrap();
+        assert_eq!(w.blob[0], 2);
+        assert_eq!(w.blob.len(), BLOB_LEN);
+        assert_eq!(k.unwrap(&w, &a).await.unwrap(), s);
+        for other in [
+            Context::manifest(RootId(1), &[2; 32]),
+            Context::manifest(RootId(2), &[1; 32]),
+            Context::root_salt(RootId(1)),
+        ] {
+            let err = k.unwrap(&w, &other).await.unwrap_err();
+            assert!(
+                err.to_string().contains(&format!(
+                    "does not unwrap under this key and context ({other})"
+                )),
+                "{err}"
+            );
+        }
+    }
+
+    /// A version-1 blob, made before contexts, as the keyring then made it: it unwraps
+    /// under any context, so stores made then keep working.
+    #[tokio::test]
+    async fn version_1_blobs_still_unwrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let key = [0x11u8; 32];
+        let file = format!(
+            "{{\"version\": 1, \"default\": \"default\", \"keys\": {{\"default\": \"{}\"}}}}",
+            hex::encode(key)
+        );
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap()
+            .write_all(file.as_bytes())
+            .unwrap();
+        let k = Keyring::open(path).unwrap();
+
+        let nonce = [0x22u8; NONCE_LEN];
+        let mut buf = [0x33u8; 32].to_vec();
+        let tag = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).unwrap())
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(b"lode-keyring-v1:default"),
+                &mut buf,
+            )
+            .unwrap();
+        let mut blob = vec![1u8];
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&buf);
+        blob.extend_from_slice(tag.as_ref());
+        let v1 = WrappedKey {
+            key_id: "default".into(),
+            blob,
+        };
+        for c in [ctx(), Context::root_salt(RootId(9))] {
+            assert_eq!(
+                k.unwrap(&v1, &c).await.unwrap(),
+                Secret32::from_bytes([0x33; 32])
+            );
+        }
+        // The version byte is bound too: the same bytes as version 2 do not open.
+        let mut as_v2 = v1.clone();
+        as_v2.blob[0] = 2;
+        assert!(matches!(
+            k.unwrap(&as_v2, &ctx()).await,
+            Err(KmsError::Unwrap { .. })
+        ));
+        let mut v3 = v1;
+        v3.blob[0] = 3;
+        assert!(k.unwrap(&v3, &ctx()).await.is_err());
     }
 }

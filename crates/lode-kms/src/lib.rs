@@ -2,11 +2,15 @@
 //!
 //! Every manifest's key table is encrypted under a fresh random data key, and that data
 //! key is wrapped by a KMS key; so is each root's salt. [`Kms`] is the small trait a key
-//! service implements: wrap and unwrap 32-byte secrets under a named key. The embedded
-//! default is [`Keyring`], a local file of named keys; a cloud KMS slots in behind the
-//! same trait. Whoever can unwrap can read images: a worker gets a KMS that unwraps only
-//! the images assigned to it.
+//! service implements: wrap and unwrap 32-byte secrets under a named key, each bound to
+//! an encryption [`Context`] naming what it protects, so a wrapped secret moved to
+//! another manifest (or used as a root salt) does not unwrap there. The embedded default
+//! is [`Keyring`], a local file of named keys; a cloud KMS slots in behind the same
+//! trait. Whoever can unwrap can read images: a worker gets a KMS that unwraps only the
+//! images assigned to it.
 
+mod aws;
+mod context;
 mod keyring;
 
 use std::fmt;
@@ -16,6 +20,8 @@ use async_trait::async_trait;
 use lode_format::{DataKey, Secret32, WrappedKey};
 use thiserror::Error;
 
+pub use aws::AwsKms;
+pub use context::Context;
 pub use keyring::Keyring;
 
 /// A key service failed or refused.
@@ -67,16 +73,39 @@ pub enum KmsError {
         /// The name given.
         key_id: String,
     },
-    /// The wrapped secret did not open under the named key.
+    /// The wrapped secret did not open under the named key and context.
     #[error(
-        "cannot unwrap with KMS key {key_id:?} of {kms}: the wrapped key is corrupt or was \
-         made under another key"
+        "cannot unwrap with KMS key {key_id:?} of {kms}: the wrapped key does not unwrap \
+         under this key and context ({context}); it is corrupt, or was made under another \
+         key or for something else"
     )]
     Unwrap {
         /// The key named by the wrapped secret.
         key_id: String,
         /// Which KMS was asked.
         kms: String,
+        /// The context it was asked under.
+        context: Context,
+    },
+    /// The KMS could not be reached, or did not answer in time.
+    #[error("{kms} is unreachable for KMS key {key_id:?}: {reason}")]
+    Unreachable {
+        /// Which KMS (its endpoint and region).
+        kms: String,
+        /// The key asked for.
+        key_id: String,
+        /// What went wrong, after the retries.
+        reason: String,
+    },
+    /// The KMS refused: no credentials, no permission, or a disabled key.
+    #[error("{kms} refused KMS key {key_id:?}: {reason}")]
+    Denied {
+        /// Which KMS (its endpoint and region).
+        kms: String,
+        /// The key asked for.
+        key_id: String,
+        /// What the KMS said.
+        reason: String,
     },
     /// A KMS location that is not understood.
     #[error("KMS {spec:?} is not supported: {reason}")]
@@ -100,16 +129,26 @@ pub trait Kms: Send + Sync + fmt::Debug {
     /// The key that wraps new secrets when none is named.
     fn default_key_id(&self) -> String;
 
-    /// Wraps `secret` under key `key_id`.
-    async fn wrap(&self, key_id: &str, secret: &Secret32) -> Result<WrappedKey, KmsError>;
+    /// Wraps `secret` under key `key_id`, bound to `context`.
+    async fn wrap(
+        &self,
+        key_id: &str,
+        secret: &Secret32,
+        context: &Context,
+    ) -> Result<WrappedKey, KmsError>;
 
-    /// Unwraps a secret that [`Kms::wrap`] made.
-    async fn unwrap(&self, wrapped: &WrappedKey) -> Result<Secret32, KmsError>;
+    /// Unwraps a secret that [`Kms::wrap`] made under the same `context`; under any
+    /// other context it fails.
+    async fn unwrap(&self, wrapped: &WrappedKey, context: &Context) -> Result<Secret32, KmsError>;
 
-    /// A fresh random data key and its wrapped form.
-    async fn generate_data_key(&self, key_id: &str) -> Result<(DataKey, WrappedKey), KmsError> {
+    /// A fresh random data key and its wrapped form, bound to `context`.
+    async fn generate_data_key(
+        &self,
+        key_id: &str,
+        context: &Context,
+    ) -> Result<(DataKey, WrappedKey), KmsError> {
         let key = Secret32::random().map_err(|_| KmsError::Random)?;
-        let wrapped = self.wrap(key_id, &key).await?;
+        let wrapped = self.wrap(key_id, &key, context).await?;
         Ok((key, wrapped))
     }
 }
@@ -118,7 +157,7 @@ pub trait Kms: Send + Sync + fmt::Debug {
 /// file that does not exist is an error rather than a new, empty keyring — a fresh
 /// keyring could never unwrap the images already stored.
 pub fn open_existing(spec: &str) -> Result<Box<dyn Kms>, KmsError> {
-    if !spec.contains("://") && !std::path::Path::new(spec).exists() {
+    if is_keyring(spec) && !std::path::Path::new(spec).exists() {
         return Err(KmsError::Io {
             path: PathBuf::from(spec),
             source: std::io::Error::new(
@@ -131,16 +170,25 @@ pub fn open_existing(spec: &str) -> Result<Box<dyn Kms>, KmsError> {
     open(spec)
 }
 
-/// Opens the KMS a user named: a keyring file path (created on first use), or a URL of a
-/// service this build knows.
+/// Opens the KMS a user named: `aws:KEY_ID_OR_ARN` for AWS KMS (configured from the AWS
+/// environment), or a keyring file path (created on first use). A keyring path that
+/// starts with `aws:` is written `./aws:…`.
 pub fn open(spec: &str) -> Result<Box<dyn Kms>, KmsError> {
+    if let Some(key_id) = spec.strip_prefix("aws:") {
+        return Ok(Box::new(AwsKms::from_env(key_id)?));
+    }
     if let Some((scheme, _)) = spec.split_once("://") {
         return Err(KmsError::Unsupported {
             spec: spec.to_owned(),
             reason: format!(
-                "{scheme}:// is not a KMS this build supports; give a keyring file path"
+                "{scheme}:// is not a KMS this build supports; give aws:KEY_ID_OR_ARN or a \
+                 keyring file path"
             ),
         });
     }
     Ok(Box::new(Keyring::open_or_create(PathBuf::from(spec))?))
+}
+
+fn is_keyring(spec: &str) -> bool {
+    !spec.starts_with("aws:") && !spec.contains("://")
 }

@@ -25,11 +25,14 @@ pub struct Cli {
     #[arg(long, global = true, env = "LODE_STORE", value_name = "STORE")]
     pub store: Option<String>,
 
-    /// Key service: the path of a keyring file. [default: $LODE_HOME/keyring.json]
+    /// Key service: the path of a keyring file, or aws:KEY_ID_OR_ARN for AWS KMS
+    /// (region, endpoint and credentials from AWS_REGION, AWS_ENDPOINT_URL,
+    /// AWS_ACCESS_KEY_ID, …). [default: $LODE_HOME/keyring.json]
     #[arg(long, global = true, env = "LODE_KMS", value_name = "KMS")]
     pub kms: Option<String>,
 
-    /// The KMS key that wraps new images' keys. [default: the keyring's default key]
+    /// The KMS key that wraps new images' keys. [default: the keyring's default key, or
+    /// the key of aws:KEY]
     #[arg(long, global = true, env = "LODE_KMS_KEY", value_name = "NAME")]
     pub kms_key: Option<String>,
 

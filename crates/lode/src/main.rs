@@ -797,7 +797,7 @@ fn print_publish_stats(s: &lode_image::PublishStats) {
 }
 
 fn keyring(env: &Env) -> Result<lode_kms::Keyring> {
-    if env.kms_spec.contains("://") {
+    if env.kms_spec.contains("://") || env.kms_spec.starts_with("aws:") {
         bail!(
             "`lode kms` manages a local keyring file; {:?} is not one",
             env.kms_spec
