@@ -388,7 +388,7 @@ fn starts_run_on_workers_that_hold_only_grants() {
     assert!(!out.status.success(), "a worker ran with --kms");
     assert!(err.contains("holds no KMS or keyring"), "{err}");
 
-    let mut workers = vec![
+    let mut workers = [
         Some(fleet.start_worker("worker-a")),
         Some(fleet.start_worker("worker-b")),
     ];

@@ -643,15 +643,16 @@ async fn hashing_spreads_images_and_concentrates_each_one() {
     }
 }
 
+/// What a recording proxy saw: per connection, the client's bytes and whether it closed.
+type Recorded = Arc<Mutex<Vec<(Vec<u8>, bool)>>>;
+
 /// A TCP proxy on 127.0.0.1 to `upstream` that records what each client sends, one entry
 /// per connection, marked done when the client closed its side.
-async fn recording_proxy(
-    upstream: std::net::SocketAddr,
-) -> (std::net::SocketAddr, Arc<Mutex<Vec<(Vec<u8>, bool)>>>) {
+async fn recording_proxy(upstream: std::net::SocketAddr) -> (std::net::SocketAddr, Recorded) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let at = listener.local_addr().unwrap();
-    let seen: Arc<Mutex<Vec<(Vec<u8>, bool)>>> = Arc::default();
+    let seen: Recorded = Arc::default();
     let record = seen.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
