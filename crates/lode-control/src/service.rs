@@ -23,7 +23,7 @@ use crate::api::{
 use crate::pki::Credentials;
 use crate::placement::{self, Load, Ring};
 use crate::rpc::{Client, Endpoint, Handler, Reply};
-use crate::state::{AssignmentRecord, State, WorkerRecord};
+use crate::state::{AddStartError, StartLease, State, WorkerRecord};
 
 /// How the service behaves.
 #[derive(Clone, Debug)]
@@ -254,29 +254,16 @@ impl Service {
         let until = now.saturating_add(ms(self.config.lease));
         let mut renewed = Vec::new();
         for id in attached {
-            let Some((mut assignment, version)) = self
+            // Every live start of the manifest on this worker is renewed; an ended lease
+            // stays ended: its key may already have been refused, and a late heartbeat
+            // must not bring a grant back.
+            let n = self
                 .state
-                .assignment(&id, &peer.id)
+                .renew(&id, &peer.id, now, until)
                 .await
-                .map_err(store_failed)?
-            else {
-                continue;
-            };
-            // An expired lease stays expired: its key may already have been refused, and
-            // a late heartbeat must not bring a grant back.
-            if !assignment.live(now) {
-                continue;
-            }
-            assignment.lease_expires_unix_ms = until;
-            match self
-                .state
-                .update_assignment(&id, &assignment, &version)
-                .await
-            {
-                Ok(()) => renewed.push(id.to_hex()),
-                // Released or replaced meanwhile: nothing to renew.
-                Err(lode_store::StoreError::Conflict { .. }) => {}
-                Err(e) => return Err(store_failed(e)),
+                .map_err(store_failed)?;
+            if n > 0 {
+                renewed.push(id.to_hex());
             }
         }
         Ok(Reply::json(&HeartbeatReply {
@@ -287,7 +274,18 @@ impl Service {
 
     async fn start(&self, peer: &Identity, body: &[u8]) -> Result<Reply, Refusal> {
         let path = "/v1/start";
-        self.require(peer, Role::Admin, path)?;
+        if let Err(mut refusal) = self.require(peer, Role::Admin, path) {
+            if let Ok(request) = serde_json::from_slice::<StartRequest>(body) {
+                refusal.message = format!(
+                    "start of {:?} refused to {}/{}: {}",
+                    clip(&request.image),
+                    crate::pki::role_name(peer.role),
+                    peer.id,
+                    refusal.message
+                );
+            }
+            return Err(refusal);
+        }
         let request: StartRequest = parse(peer, path, body)?;
         let id = lode_image::resolve(self.state.store(), &request.image)
             .await
@@ -318,8 +316,9 @@ impl Service {
                 load: u32::try_from(
                     assignments
                         .iter()
-                        .filter(|a| a.worker == w.worker && a.live(now))
-                        .count(),
+                        .filter(|a| a.worker == w.worker)
+                        .map(|a| a.live(now))
+                        .sum::<usize>(),
                 )
                 .unwrap_or(u32::MAX),
                 warm: w.warm.contains(&hex) || w.attached.contains(&hex),
@@ -346,19 +345,34 @@ impl Service {
             .ok_or_else(|| refuse(500, "random", "the system random source failed"))?;
         let name = format!("s-{}", &start[..12]);
         let lease_end = now.saturating_add(ms(self.config.lease));
-        let record = AssignmentRecord {
-            manifest: hex.clone(),
-            worker: worker.worker.clone(),
+        let lease = StartLease {
             start: start.clone(),
             image: request.image.clone(),
             name: name.clone(),
             lease_expires_unix_ms: lease_end,
             created_unix_ms: now,
         };
-        self.state
-            .put_assignment(&id, &record)
+        let bound = usize::try_from(worker.capacity).unwrap_or(usize::MAX);
+        match self
+            .state
+            .add_start(&id, &worker.worker, lease, bound)
             .await
-            .map_err(store_failed)?;
+        {
+            Ok(()) => {}
+            Err(AddStartError::Store(e)) => return Err(store_failed(e)),
+            Err(AddStartError::Full(n)) => {
+                self.count("lode_control_starts_total{placed=\"none\"}".to_owned());
+                return Err(refuse(
+                    503,
+                    "no-worker",
+                    format!(
+                        "start of {:?} (manifest {hex}) for {}: worker {} already runs {n} \
+                         start(s) of it, its limit",
+                        request.image, peer.id, worker.worker
+                    ),
+                ));
+            }
+        }
         crate::failpoint::pause("control:after-assign").await;
 
         let order = AttachOrder {
@@ -382,7 +396,7 @@ impl Service {
             Ok(reply) => reply,
             Err(e) => {
                 // The order did not land: the assignment must not outlive it.
-                let _ = self.state.delete_assignment(&id, &worker.worker).await;
+                let _ = self.state.remove_start(&id, &worker.worker, &start).await;
                 self.count("lode_control_starts_total{placed=\"failed\"}".to_owned());
                 return Err(refuse(
                     502,
@@ -423,16 +437,28 @@ impl Service {
             .assignment(&id, &peer.id)
             .await
             .map_err(store_failed)?;
-        let Some((assignment, _)) = assignment else {
+        let now = now_ms();
+        let record = assignment.map(|(record, _)| record);
+        let live = record.as_ref().map_or(0, |r| r.live(now));
+        let Some(lease) = record.as_ref().and_then(|r| r.start(&request.start)) else {
+            if live > 0 {
+                return Err(refuse(
+                    403,
+                    "wrong-start",
+                    format!(
+                        "start {} is not among this worker's {live} live start(s) of it",
+                        request.start
+                    ),
+                ));
+            }
             let others = self
                 .state
                 .assignments(Some(&id))
                 .await
                 .map_err(store_failed)?;
-            let now = now_ms();
             let holders: Vec<&str> = others
                 .iter()
-                .filter(|a| a.live(now))
+                .filter(|a| a.live(now) > 0)
                 .map(|a| a.worker.as_str())
                 .collect();
             let message = if holders.is_empty() {
@@ -442,27 +468,18 @@ impl Service {
             };
             return Err(refuse(403, "not-assigned", message));
         };
-        if assignment.start != request.start {
-            return Err(refuse(
-                403,
-                "wrong-start",
-                format!(
-                    "start {} is not the current assignment (start {})",
-                    request.start, assignment.start
-                ),
-            ));
-        }
-        let now = now_ms();
-        if !assignment.live(now) {
+        if !lease.live(now) {
             return Err(refuse(
                 403,
                 "lease-expired",
                 format!(
-                    "the assignment's lease ended {} ms ago",
-                    now - assignment.lease_expires_unix_ms
+                    "start {}'s lease ended {} ms ago",
+                    request.start,
+                    now - lease.lease_expires_unix_ms
                 ),
             ));
         }
+        let lease_expires_unix_ms = lease.lease_expires_unix_ms;
         let (root, bytes) = self
             .state
             .store()
@@ -504,13 +521,24 @@ impl Service {
         Ok(KeyGrant {
             manifest: id.to_hex(),
             data_key: hex::encode(data_key.expose()),
-            lease_expires_unix_ms: assignment.lease_expires_unix_ms,
+            lease_expires_unix_ms,
         })
     }
 
     async fn grant(&self, peer: &Identity, body: &[u8]) -> Result<Reply, Refusal> {
         let path = "/v1/keys";
-        self.require(peer, Role::Worker, path)?;
+        if let Err(mut refusal) = self.require(peer, Role::Worker, path) {
+            if let Ok(request) = serde_json::from_slice::<KeyRequest>(body) {
+                refusal.message = format!(
+                    "key of manifest {:?} refused to {}/{}: {}",
+                    clip(&request.manifest),
+                    crate::pki::role_name(peer.role),
+                    peer.id,
+                    refusal.message
+                );
+            }
+            return Err(refusal);
+        }
         let request: KeyRequest = parse(peer, path, body)?;
         let outcome = match Self::same_worker(peer, &request.worker, path) {
             Ok(()) => self.keys(peer, &request).await,
@@ -541,26 +569,19 @@ impl Service {
         let release: Release = parse(peer, path, body)?;
         Self::same_worker(peer, &release.worker, path)?;
         let id = manifest_id(&release.manifest)?;
-        let found = self
+        let released = self
             .state
-            .assignment(&id, &peer.id)
+            .remove_start(&id, &peer.id, &release.start)
             .await
             .map_err(store_failed)?;
-        match found {
-            Some((assignment, _)) if assignment.start == release.start => {
-                self.state
-                    .delete_assignment(&id, &peer.id)
-                    .await
-                    .map_err(store_failed)?;
-                eprintln!(
-                    "lode control: worker {} released manifest {} (start {})",
-                    peer.id, release.manifest, release.start
-                );
-                Ok(Reply::json(&serde_json::json!({ "released": true })))
-            }
-            // Already gone, or replaced by a newer start: nothing of this start remains.
-            _ => Ok(Reply::json(&serde_json::json!({ "released": false }))),
+        if released {
+            eprintln!(
+                "lode control: worker {} released manifest {} (start {})",
+                peer.id, release.manifest, release.start
+            );
         }
+        // Not there: already released, or its lease ended and a later start dropped it.
+        Ok(Reply::json(&serde_json::json!({ "released": released })))
     }
 
     async fn read_state(&self, peer: &Identity, path: &str) -> Result<Reply, Refusal> {
@@ -591,6 +612,12 @@ fn worker_endpoint(address: &str) -> Result<Endpoint, String> {
             .parse::<Endpoint>()
             .map_err(|e| e.to_string())
     }
+}
+
+/// At most the first 100 characters of `text`, which a caller chose: enough to name it in a
+/// refusal, not enough to flood the log.
+fn clip(text: &str) -> String {
+    text.chars().take(100).collect()
 }
 
 fn random_hex16() -> Option<String> {

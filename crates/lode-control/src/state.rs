@@ -1,7 +1,8 @@
 //! The service's state, kept in the store under `control/` so that it survives a restart
 //! and replicas over one store share it: `control/workers/<id>` (where a worker takes
 //! orders, its capacity, what it has attached and warm, its last heartbeat) and
-//! `control/assignments/<manifest>/<worker>` (the start, its lease, when it was made).
+//! `control/assignments/<manifest>/<worker>` (the live starts of that manifest there, each
+//! with its lease).
 //! Nothing here is cached: every decision reads the records it rests on.
 
 use bytes::Bytes;
@@ -26,14 +27,10 @@ pub struct WorkerRecord {
     pub heartbeat_unix_ms: u64,
 }
 
-/// A start placed on a worker: while its lease lasts, the worker may have the manifest's
-/// data key.
+/// One start of a manifest on a worker: while its lease lasts, the worker may have the
+/// manifest's data key for it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AssignmentRecord {
-    /// The manifest (64 hex digits).
-    pub manifest: String,
-    /// The worker.
-    pub worker: String,
+pub struct StartLease {
     /// The start's id.
     pub start: String,
     /// The image as the user named it.
@@ -42,15 +39,57 @@ pub struct AssignmentRecord {
     pub name: String,
     /// When the lease ends unless renewed (Unix milliseconds).
     pub lease_expires_unix_ms: u64,
-    /// When the assignment was made (Unix milliseconds).
+    /// When the start was placed (Unix milliseconds).
     pub created_unix_ms: u64,
 }
 
-impl AssignmentRecord {
+impl StartLease {
     /// Whether the lease still holds at `now_ms`.
     pub fn live(&self, now_ms: u64) -> bool {
         now_ms < self.lease_expires_unix_ms
     }
+}
+
+/// A manifest assigned to a worker: the starts of it placed there, each with its own
+/// lease. A worker may run one image several times; each start keeps its key until it
+/// is released or its lease ends, whatever later starts of the same image do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentRecord {
+    /// The manifest (64 hex digits).
+    pub manifest: String,
+    /// The worker.
+    pub worker: String,
+    /// Its starts, oldest first.
+    pub starts: Vec<StartLease>,
+}
+
+impl AssignmentRecord {
+    /// The start `start`, if it is one of this record's.
+    pub fn start(&self, start: &str) -> Option<&StartLease> {
+        self.starts.iter().find(|s| s.start == start)
+    }
+
+    /// How many of its starts' leases hold at `now_ms`.
+    pub fn live(&self, now_ms: u64) -> usize {
+        self.starts.iter().filter(|s| s.live(now_ms)).count()
+    }
+}
+
+/// The most starts of one manifest one worker holds at once, whatever its capacity says
+/// (a record must fit the store's limit on control objects).
+pub const MAX_STARTS_PER_ASSIGNMENT: usize = 32;
+
+/// How often a read-modify-write of an assignment is retried when another writer got in
+/// between, before the store is reported busy.
+const UPDATE_ATTEMPTS: usize = 16;
+
+/// Why a start could not be added to an assignment.
+#[derive(Debug)]
+pub enum AddStartError {
+    /// The worker already runs this many live starts of the manifest.
+    Full(usize),
+    /// The store failed.
+    Store(StoreError),
 }
 
 /// The records, in one store.
@@ -116,18 +155,6 @@ impl State {
         Ok(out)
     }
 
-    /// Records an assignment, replacing an earlier one of the same manifest to the same
-    /// worker.
-    pub async fn put_assignment(
-        &self,
-        manifest: &ManifestId,
-        record: &AssignmentRecord,
-    ) -> Result<(), StoreError> {
-        let key = assignment_key(manifest, &record.worker);
-        let body = serde_json::to_vec(record).map_err(|e| corrupt(&key, e))?;
-        self.store.put_control(&key, Bytes::from(body)).await
-    }
-
     /// The assignment of `manifest` to `worker` and its version, read from the store now.
     pub async fn assignment(
         &self,
@@ -145,33 +172,135 @@ impl State {
         }
     }
 
-    /// Replaces an assignment only if it is unchanged since `read` (a release or a new
-    /// start in between wins).
-    pub async fn update_assignment(
-        &self,
-        manifest: &ManifestId,
-        record: &AssignmentRecord,
-        read: &ObjectVersion,
-    ) -> Result<(), StoreError> {
-        let key = assignment_key(manifest, &record.worker);
-        let body = serde_json::to_vec(record).map_err(|e| corrupt(&key, e))?;
-        self.store
-            .update_control(&key, Bytes::from(body), read)
-            .await
-    }
-
-    /// Deletes the assignment of `manifest` to `worker`.
-    pub async fn delete_assignment(
+    /// Applies `change` to the assignment of `manifest` to `worker` (an empty one if there
+    /// is none) and writes it back only if nobody wrote it in between, retrying on a lost
+    /// race. `change` answers what to return, or `None` to leave the record as it is.
+    async fn modify<T>(
         &self,
         manifest: &ManifestId,
         worker: &str,
-    ) -> Result<(), StoreError> {
-        self.store
-            .delete_control(&assignment_key(manifest, worker))
-            .await
+        mut change: impl FnMut(&mut AssignmentRecord) -> Option<T>,
+        unchanged: T,
+    ) -> Result<T, StoreError> {
+        let key = assignment_key(manifest, worker);
+        for _ in 0..UPDATE_ATTEMPTS {
+            let found = self.assignment(manifest, worker).await?;
+            let (mut record, version) = match found {
+                Some((record, version)) => (record, Some(version)),
+                None => (
+                    AssignmentRecord {
+                        manifest: manifest.to_hex(),
+                        worker: worker.to_owned(),
+                        starts: Vec::new(),
+                    },
+                    None,
+                ),
+            };
+            let Some(answer) = change(&mut record) else {
+                return Ok(unchanged);
+            };
+            let body = Bytes::from(serde_json::to_vec(&record).map_err(|e| corrupt(&key, e))?);
+            let written = match &version {
+                Some(version) => self.store.update_control(&key, body, version).await,
+                None => match self.store.create_control(&key, body).await? {
+                    lode_store::PutOutcome::Stored => Ok(()),
+                    // Another writer created it first: read it again.
+                    _ => continue,
+                },
+            };
+            match written {
+                Ok(()) => return Ok(answer),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict {
+            store: String::from("control"),
+            object: format!("control/{key}"),
+        })
     }
 
-    /// Every assignment, of one manifest or of all.
+    /// Adds `lease` to the starts of `manifest` on `worker`, dropping starts whose leases
+    /// ended; refused when `bound` live starts are there already.
+    pub async fn add_start(
+        &self,
+        manifest: &ManifestId,
+        worker: &str,
+        lease: StartLease,
+        bound: usize,
+    ) -> Result<(), AddStartError> {
+        let bound = bound.min(MAX_STARTS_PER_ASSIGNMENT);
+        let now = lease.created_unix_ms;
+        let mut full = None;
+        self.modify(
+            manifest,
+            worker,
+            |record| {
+                record.starts.retain(|s| s.live(now));
+                if record.starts.len() >= bound {
+                    full = Some(record.starts.len());
+                    return None;
+                }
+                full = None;
+                record.starts.push(lease.clone());
+                Some(())
+            },
+            (),
+        )
+        .await
+        .map_err(AddStartError::Store)?;
+        match full {
+            Some(n) => Err(AddStartError::Full(n)),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes start `start` of `manifest` from `worker`; whether it was there.
+    pub async fn remove_start(
+        &self,
+        manifest: &ManifestId,
+        worker: &str,
+        start: &str,
+    ) -> Result<bool, StoreError> {
+        self.modify(
+            manifest,
+            worker,
+            |record| {
+                let before = record.starts.len();
+                record.starts.retain(|s| s.start != start);
+                (record.starts.len() != before).then_some(true)
+            },
+            false,
+        )
+        .await
+    }
+
+    /// Extends to `until` the leases of the starts of `manifest` on `worker` that still
+    /// hold at `now`; how many were renewed. An ended lease stays ended.
+    pub async fn renew(
+        &self,
+        manifest: &ManifestId,
+        worker: &str,
+        now: u64,
+        until: u64,
+    ) -> Result<usize, StoreError> {
+        self.modify(
+            manifest,
+            worker,
+            |record| {
+                let mut renewed = 0;
+                for s in record.starts.iter_mut().filter(|s| s.live(now)) {
+                    s.lease_expires_unix_ms = s.lease_expires_unix_ms.max(until);
+                    renewed += 1;
+                }
+                (renewed > 0).then_some(renewed)
+            },
+            0,
+        )
+        .await
+    }
+
+    /// Every assignment that holds a start, of one manifest or of all.
     pub async fn assignments(
         &self,
         manifest: Option<&ManifestId>,
@@ -183,7 +312,11 @@ impl State {
         let mut out = Vec::new();
         for key in self.store.list_control(&prefix).await? {
             if let Some((bytes, _)) = self.store.get_control(&key).await? {
-                out.push(serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e))?);
+                let record: AssignmentRecord =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e))?;
+                if !record.starts.is_empty() {
+                    out.push(record);
+                }
             }
         }
         Ok(out)

@@ -106,12 +106,17 @@ pub async fn run(env: &Env, command: ControlCommand) -> Result<()> {
                         w.heartbeat_unix_ms
                     );
                 }
-                println!("{} assignment(s)", assignments.len());
+                println!(
+                    "{} start(s)",
+                    assignments.iter().map(|x| x.starts.len()).sum::<usize>()
+                );
                 for x in &assignments {
-                    println!(
-                        "  {}  {}  on {}  start {}  lease until {}",
-                        x.image, x.manifest, x.worker, x.start, x.lease_expires_unix_ms
-                    );
+                    for s in &x.starts {
+                        println!(
+                            "  {}  {}  on {}  start {}  lease until {}",
+                            s.image, x.manifest, x.worker, s.start, s.lease_expires_unix_ms
+                        );
+                    }
                 }
             }
         }

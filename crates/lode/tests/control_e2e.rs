@@ -1,26 +1,20 @@
-//! The control plane end to end, with real processes: two `lode agent` workers on
-//! 127.0.0.1 with certificates from the control plane's PKI, a local directory store, and
-//! a keyring that only the control side holds. The agents get no keyring and no KMS
-//! environment; every image key they use arrives as a grant over mTLS.
-//!
-//! The control side here is the control plane's own mTLS server (`rpc::serve`) with a
-//! small assignment table: it registers workers, records their heartbeats, places a start
-//! on a worker that has the image warm (else the least loaded), sends the attach order,
-//! and grants a manifest's key only to the worker it is assigned to while the lease lasts.
+//! The control plane end to end, with real processes only: `lode control serve` with the
+//! keyring, two `lode agent` workers on 127.0.0.1 with certificates made by `lode control
+//! init` and `lode control issue`, starts asked for with `lode start`, and a local
+//! directory store. The agents get no keyring and no KMS environment; every image key
+//! they use arrives from the service as a grant over mutual TLS.
 
-use std::collections::BTreeMap;
 use std::fs;
+use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lode_control::api::{
-    AttachOrder, AttachReply, ErrorReply, Heartbeat, HeartbeatReply, Identity, KeyGrant,
-    KeyRequest, Register, Release, Role,
-};
-use lode_control::rpc::{Client, Endpoint, Handler, Listener, Reply};
-use lode_control::{pki, rpc};
+use lode_control::api::{AttachOrder, AttachReply, ErrorReply, Identity, Role};
+use lode_control::pki;
+use lode_control::rpc::{Client, Endpoint};
+use lode_control::state::{AssignmentRecord, WorkerRecord};
 use serde_json::Value;
 
 #[path = "common/harness.rs"]
@@ -29,116 +23,6 @@ use harness::*;
 
 fn now_ms() -> u64 {
     lode_agent::worker::unix_now_ms()
-}
-
-#[derive(Clone, Debug)]
-struct Assignment {
-    worker: String,
-    manifest: String,
-    lease: u64,
-}
-
-#[derive(Default)]
-struct State {
-    /// Worker id → the address it registered.
-    workers: BTreeMap<String, String>,
-    /// Worker id → its last heartbeat.
-    beats: BTreeMap<String, Heartbeat>,
-    /// Start id → assignment.
-    starts: BTreeMap<String, Assignment>,
-    released: Vec<String>,
-}
-
-/// The control side: the assignment table and the keyring.
-struct Control {
-    kms: Arc<dyn lode_kms::Kms>,
-    store: lode_store::Store,
-    state: Mutex<State>,
-}
-
-impl Control {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap()
-    }
-
-    async fn grant(&self, peer: &Identity, req: KeyRequest) -> Reply {
-        let refuse = |why: String| {
-            Reply::error(
-                403,
-                format!(
-                    "worker {} may not have the key of manifest {}: {why}",
-                    peer.id, req.manifest
-                ),
-            )
-        };
-        let Some(a) = self.state().starts.get(&req.start).cloned() else {
-            return refuse(format!("start {} is not assigned", req.start));
-        };
-        if a.worker != peer.id || a.manifest != req.manifest {
-            return refuse(format!(
-                "start {} is manifest {} on worker {}",
-                req.start, a.manifest, a.worker
-            ));
-        }
-        if a.lease <= now_ms() {
-            return refuse(format!("the lease of start {} has expired", req.start));
-        }
-        let id: lode_format::ManifestId = req.manifest.parse().expect("a manifest id");
-        let (root, bytes) = self.store.find_manifest(&id).await.expect("manifest");
-        let manifest = lode_format::Manifest::parse(&bytes).expect("parse");
-        let key = lode_image::unwrap_data_key(self.kms.as_ref(), &id, root, &manifest)
-            .await
-            .expect("unwrap");
-        Reply::json(&KeyGrant {
-            manifest: req.manifest,
-            data_key: hex::encode(key.expose()),
-            lease_expires_unix_ms: a.lease,
-        })
-    }
-}
-
-#[async_trait::async_trait]
-impl Handler for Control {
-    async fn handle(&self, peer: Identity, path: &str, body: bytes::Bytes) -> Reply {
-        if peer.role != Role::Worker {
-            return Reply::error(403, format!("{} is not a worker", peer.id));
-        }
-        let worker_is_caller = |w: &str| w == peer.id;
-        match path {
-            "/v1/workers/register" => {
-                let r: Register = serde_json::from_slice(&body).expect("register");
-                assert!(worker_is_caller(&r.worker));
-                self.state().workers.insert(r.worker, r.address);
-                Reply::json(&serde_json::json!({}))
-            }
-            "/v1/workers/heartbeat" => {
-                let h: Heartbeat = serde_json::from_slice(&body).expect("heartbeat");
-                assert!(worker_is_caller(&h.worker));
-                if !self.state().workers.contains_key(&h.worker) {
-                    return Reply::error(404, format!("worker {} is not registered", h.worker));
-                }
-                self.state().beats.insert(h.worker.clone(), h);
-                Reply::json(&HeartbeatReply {
-                    renewed: Vec::new(),
-                    lease_expires_unix_ms: 0,
-                })
-            }
-            "/v1/keys" => {
-                let k: KeyRequest = serde_json::from_slice(&body).expect("key request");
-                assert!(worker_is_caller(&k.worker));
-                self.grant(&peer, k).await
-            }
-            "/v1/release" => {
-                let r: Release = serde_json::from_slice(&body).expect("release");
-                assert!(worker_is_caller(&r.worker));
-                let mut s = self.state();
-                s.starts.remove(&r.start);
-                s.released.push(r.start);
-                Reply::json(&serde_json::json!({}))
-            }
-            _ => Reply::error(404, format!("no route {path}")),
-        }
-    }
 }
 
 /// A worker agent process and where it lives.
@@ -162,14 +46,21 @@ struct Fleet {
     h: Home,
     rt: tokio::runtime::Runtime,
     pki: PathBuf,
-    control: Arc<Control>,
     control_url: String,
-    orders_as_control: Arc<pki::Credentials>,
-    _server: tokio::task::JoinHandle<()>,
+    service: ChildGuard,
+    service_err: PathBuf,
+    /// The admin `ops`, to read the service's state.
+    admin: Client,
 }
 
+/// The lease the service gives: long enough for a killed agent to come back within it,
+/// short enough to wait out.
+const LEASE: &str = "8s";
+
 impl Fleet {
-    fn new() -> Fleet {
+    /// A fleet whose store holds `images` (tag, bytes), imported with the service's
+    /// keyring; their manifest ids.
+    fn new(images: &[(&str, &[u8])]) -> (Fleet, Vec<String>) {
         let h = Home::new();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -177,44 +68,82 @@ impl Fleet {
             .build()
             .expect("runtime");
         let pki_dir = h.path("pki");
-        let hosts = vec!["127.0.0.1".to_string()];
-        pki::init(&pki_dir, &hosts, 1).expect("pki init");
+        let dir = pki_dir.to_str().expect("path");
+        h.ok(&["control", "init", "--dir", dir, "--host", "127.0.0.1"]);
         for w in ["worker-a", "worker-b"] {
-            let who = Identity {
-                role: Role::Worker,
-                id: w.into(),
-            };
-            pki::issue(&pki_dir, &who, &hosts, 1).expect("issue");
+            h.ok(&[
+                "control",
+                "issue",
+                "--dir",
+                dir,
+                "--worker",
+                w,
+                "--host",
+                "127.0.0.1",
+            ]);
         }
-        let creds = Arc::new(
-            pki::Credentials::load(&pki_dir, &pki::control_identity()).expect("control creds"),
-        );
-        // The keyring exists only here, made by the import below.
+        h.ok(&["control", "issue", "--dir", dir, "--admin", "ops"]);
+        // The keyring is made by the first import and given only to the service.
         let keyring = h.path("control-keyring.json");
-        let store = h.home().join("store");
-        let kms: Arc<dyn lode_kms::Kms> =
-            Arc::from(lode_kms::open(keyring.to_str().expect("path")).expect("keyring"));
-        let control = Arc::new(Control {
-            kms,
-            store: lode_store::Store::open(store.to_str().expect("path")).expect("store"),
-            state: Mutex::new(State::default()),
-        });
-        let (server, addr) = rt.block_on(async {
-            let l = Listener::tls("127.0.0.1:0", creds.clone())
-                .await
-                .expect("control listener");
-            let addr = l.local_addr().expect("addr");
-            (rpc::serve(l, control.clone() as Arc<dyn Handler>), addr)
-        });
-        Fleet {
+        let ids = images
+            .iter()
+            .map(|(tag, img)| import(&h, &keyring, tag, img))
+            .collect();
+        let service_err = h.path("control.err");
+        let mut child = h
+            .cmd(&[
+                "--kms",
+                keyring.to_str().expect("path"),
+                "control",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--creds",
+                dir,
+                "--lease",
+                LEASE,
+                "--heartbeat-interval",
+                "2s",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&service_err).expect("log"))
+            .spawn()
+            .expect("spawn lode control serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        let service = ChildGuard(child);
+        let control_url = line
+            .trim()
+            .strip_prefix("lode control: listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "serve printed {line:?}:\n{}",
+                    fs::read_to_string(&service_err).unwrap_or_default()
+                )
+            })
+            .to_owned();
+        let ops = Identity {
+            role: Role::Admin,
+            id: "ops".into(),
+        };
+        let admin = Client::new(
+            control_url.parse().expect("endpoint"),
+            Arc::new(pki::Credentials::load(&pki_dir, &ops).expect("admin credentials")),
+        )
+        .expect("client");
+        let fleet = Fleet {
             h,
             rt,
             pki: pki_dir,
-            control,
-            control_url: format!("https://{addr}"),
-            orders_as_control: creds,
-            _server: server,
-        }
+            control_url,
+            service,
+            service_err,
+            admin,
+        };
+        (fleet, ids)
     }
 
     fn keyring(&self) -> String {
@@ -225,19 +154,30 @@ impl Fleet {
         self.h.home().join("store").display().to_string()
     }
 
-    /// `img` imported as `tag` with the control side's keyring; its manifest id.
-    fn import(&self, tag: &str, img: &[u8]) -> String {
-        let raw = self.h.path(&format!("{tag}.raw").replace(':', "_"));
-        fs::write(&raw, img).expect("write image");
-        let v = self.h.json(&[
-            "import",
-            raw.to_str().expect("path"),
-            "--tag",
-            tag,
-            "--kms",
-            &self.keyring(),
-        ]);
-        v["id"].as_str().expect("id").to_string()
+    /// `lode start IMAGE` as admin ops.
+    fn start(&self, image: &str) -> Value {
+        self.h.json(&[
+            "start",
+            image,
+            "--control",
+            &self.control_url,
+            "--creds",
+            self.pki.to_str().expect("path"),
+            "--as",
+            "ops",
+        ])
+    }
+
+    fn workers(&self) -> Vec<WorkerRecord> {
+        self.rt
+            .block_on(self.admin.call("/v1/workers", &()))
+            .expect("the service's workers")
+    }
+
+    fn assignments(&self) -> Vec<AssignmentRecord> {
+        self.rt
+            .block_on(self.admin.call("/v1/assignments", &()))
+            .expect("the service's assignments")
     }
 
     /// A credentials directory holding only what worker `id` needs: the CA certificate
@@ -277,8 +217,8 @@ impl Fleet {
         (cmd, home, state)
     }
 
-    /// Starts worker `id` and waits until it says where it takes orders and has
-    /// registered.
+    /// Starts worker `id` and waits until it says where it takes orders and the service
+    /// has it registered there.
     fn start_worker(&self, id: &str) -> Worker {
         let (mut cmd, home, state) = self.agent_cmd(id, &[]);
         let out = self.h.path(&format!("{id}.out"));
@@ -312,7 +252,9 @@ impl Fleet {
             std::thread::sleep(Duration::from_millis(20));
         };
         self.wait_for(&format!("worker {id} to register"), || {
-            self.control.state().workers.get(id) == Some(&orders)
+            self.workers()
+                .iter()
+                .any(|w| w.worker == id && w.address == orders)
         });
         Worker {
             id: id.into(),
@@ -326,21 +268,23 @@ impl Fleet {
     }
 
     fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !done() {
-            assert!(Instant::now() < deadline, "waited 20 s for {what}");
-            std::thread::sleep(Duration::from_millis(20));
+            assert!(Instant::now() < deadline, "waited 30 s for {what}");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Sends `order` to `worker` as the control service (or as `as_whom`).
+    /// Sends `order` to `worker` as `as_whom` (the service's own certificate, as a
+    /// replica replaying it would, unless another is given).
     fn send(
         &self,
         worker: &Worker,
         order: &AttachOrder,
-        as_whom: Option<Arc<pki::Credentials>>,
+        as_whom: Option<Identity>,
     ) -> Result<AttachReply, (u16, String)> {
-        let creds = as_whom.unwrap_or_else(|| self.orders_as_control.clone());
+        let who = as_whom.unwrap_or_else(pki::control_identity);
+        let creds = Arc::new(pki::Credentials::load(&self.pki, &who).expect("credentials"));
         let endpoint: Endpoint = format!("https://{}", worker.orders).parse().expect("url");
         let client = Client::new(endpoint, creds).expect("client");
         let body = serde_json::to_vec(order).expect("JSON");
@@ -356,55 +300,60 @@ impl Fleet {
         }
     }
 
-    /// Places a start of `manifest`: on a worker whose last heartbeat lists it warm,
-    /// else on the one with the fewest starts; records the assignment and builds the
-    /// order (not sent).
-    fn place(&self, manifest: &str, workers: &[&Worker], lease_ms: u64) -> (usize, AttachOrder) {
-        let s = self.control.state();
-        let warm = workers.iter().position(|w| {
-            s.beats
-                .get(&w.id)
-                .is_some_and(|b| b.warm.iter().any(|m| m == manifest))
-        });
-        let load = |w: &Worker| s.starts.values().filter(|a| a.worker == w.id).count();
-        let i = warm.unwrap_or_else(|| {
-            (0..workers.len())
-                .min_by_key(|&i| load(workers[i]))
-                .expect("a worker")
-        });
-        drop(s);
-        let start = format!("{:032x}", rand_u128());
-        let lease = now_ms() + lease_ms;
-        self.control.state().starts.insert(
-            start.clone(),
-            Assignment {
-                worker: workers[i].id.clone(),
-                manifest: manifest.into(),
-                lease,
-            },
-        );
-        let order = AttachOrder {
-            name: format!("s-{}", &start[..8]),
-            start,
-            image: manifest.into(),
-            manifest: manifest.into(),
-            lease_expires_unix_ms: lease,
-        };
-        (i, order)
-    }
-
     fn stats(&self, w: &Worker) -> Value {
         self.h.json(&["stats", "--control", &w.control()])
     }
+
+    /// The names attached on `w`.
+    fn names(&self, w: &Worker) -> Vec<String> {
+        self.h
+            .json(&["ls", "--control", &w.control()])
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|a| a["name"].as_str().expect("name").to_string())
+            .collect()
+    }
+
+    /// The service's `/metrics`.
+    fn metrics(&self) -> String {
+        let (status, body) = self
+            .rt
+            .block_on(self.admin.exchange("/metrics", Vec::new()))
+            .expect("metrics");
+        assert_eq!(status, 200);
+        String::from_utf8(body.to_vec()).expect("text")
+    }
 }
 
-fn rand_u128() -> u128 {
-    let mut b = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("random");
-    u128::from_le_bytes(b)
+/// `img` imported as `tag` with `keyring`; its manifest id.
+fn import(h: &Home, keyring: &std::path::Path, tag: &str, img: &[u8]) -> String {
+    let raw = h.path(&format!("{tag}.raw").replace(':', "_"));
+    fs::write(&raw, img).expect("write image");
+    let v = h.json(&[
+        "import",
+        raw.to_str().expect("path"),
+        "--tag",
+        tag,
+        "--kms",
+        keyring.to_str().expect("path"),
+    ]);
+    v["id"].as_str().expect("id").to_string()
 }
 
-/// The agent's environment: none of the variables that name a KMS or cloud credentials.
+/// The attach order the service sent for a start, rebuilt from `lode start`'s answer.
+fn order_of(reply: &Value, image: &str) -> AttachOrder {
+    AttachOrder {
+        start: reply["start"].as_str().expect("start").into(),
+        image: image.into(),
+        manifest: reply["manifest"].as_str().expect("manifest").into(),
+        name: reply["name"].as_str().expect("name").into(),
+        lease_expires_unix_ms: reply["lease_expires_unix_ms"].as_u64().expect("lease"),
+    }
+}
+
+/// The agent's environment: none of the variables that name a KMS or cloud credentials,
+/// and no keyring in its directories.
 fn assert_no_kms_environment(w: &Worker) {
     let environ = fs::read(format!("/proc/{}/environ", w.proc.child.id())).expect("environ");
     for var in environ.split(|&b| b == 0) {
@@ -427,11 +376,10 @@ fn assert_no_kms_environment(w: &Worker) {
 
 #[test]
 fn starts_run_on_workers_that_hold_only_grants() {
-    let fleet = Fleet::new();
     let app = harness::random_image(6, 11);
     let other = harness::random_image(3, 12);
-    let m_app = fleet.import("app:1", &app);
-    let m_other = fleet.import("other:1", &other);
+    let (mut fleet, ids) = Fleet::new(&[("app:1", &app), ("other:1", &other)]);
+    let (m_app, m_other) = (ids[0].clone(), ids[1].clone());
 
     // A worker refuses a KMS of its own.
     let (mut cmd, _, _) = fleet.agent_cmd("worker-a", &["--kms", &fleet.keyring()]);
@@ -440,160 +388,228 @@ fn starts_run_on_workers_that_hold_only_grants() {
     assert!(!out.status.success(), "a worker ran with --kms");
     assert!(err.contains("holds no KMS or keyring"), "{err}");
 
-    let a = fleet.start_worker("worker-a");
-    let b = fleet.start_worker("worker-b");
-    let workers = [&a, &b];
+    let mut workers = [
+        Some(fleet.start_worker("worker-a")),
+        Some(fleet.start_worker("worker-b")),
+    ];
 
-    // A start is placed (neither has it warm: the least loaded, A), attached, and reads
-    // back through the FUSE file and the NBD export.
-    let (i, first) = fleet.place(&m_app, &workers, 60_000);
-    assert_eq!(i, 0);
-    let reply = fleet.send(&a, &first, None).expect("first start attached");
-    assert_eq!(reply.name, first.name);
-    let file = PathBuf::from(reply.file.expect("a FUSE file"));
-    assert!(
-        fs::read(&file).expect("read the FUSE file") == app,
-        "image differs"
-    );
-    if have_nbdcopy() {
-        let out = fleet.h.path("nbd.out");
-        let uri = format!(
-            "nbd+unix:///{}?socket={}",
-            reply.nbd_export.expect("export"),
-            a.state.join("nbd.sock").display()
-        );
-        let st = Command::new("nbdcopy")
-            .arg(&uri)
-            .arg(&out)
-            .status()
-            .expect("nbdcopy");
-        assert!(st.success(), "nbdcopy {uri}");
-        assert!(fs::read(&out).expect("read") == app, "NBD export differs");
-    }
-    let ls = fleet.h.json(&["ls", "--control", &a.control()]);
-    assert_eq!(ls[0]["start"], first.start.as_str(), "{ls}");
-    assert_eq!(ls[0]["id"], m_app.as_str());
-
-    // A's heartbeat lists the image attached and warm; the next start of it goes to A
-    // though B has nothing.
-    fleet.wait_for("A's heartbeat to list the image", || {
-        fleet
-            .control
-            .state()
-            .beats
-            .get("worker-a")
-            .is_some_and(|h| h.attached == vec![m_app.clone()] && h.warm.first() == Some(&m_app))
-    });
-    let (i, second) = fleet.place(&m_app, &workers, 60_000);
-    assert_eq!(i, 0, "the warm worker");
-    fleet
-        .send(&a, &second, None)
-        .expect("second start attached");
-
-    // The same order again is refused, naming the start.
-    let (status, e) = fleet.send(&a, &first, None).unwrap_err();
-    assert_eq!(status, 409, "{e}");
-    assert!(e.contains(&first.start) && e.contains("replayed"), "{e}");
-
-    // Only a control service may order: a worker's certificate is refused.
-    let as_b = Arc::new(
-        pki::Credentials::load(
-            &fleet.pki,
-            &Identity {
-                role: Role::Worker,
-                id: "worker-b".into(),
-            },
-        )
-        .expect("B's credentials"),
-    );
-    let (status, e) = fleet.send(&a, &second, Some(as_b)).unwrap_err();
-    assert_eq!(status, 403, "{e}");
-
-    // B given A's start asks for the key and is refused, naming B and the manifest.
-    let stolen = AttachOrder {
-        name: "stolen".into(),
-        ..first.clone()
+    // A start is placed by hashing (neither worker has the image), attached there, and
+    // reads back through the FUSE file and the NBD export.
+    let first = fleet.start("app:1");
+    assert_eq!(first["placed"], "hashed", "{first}");
+    assert_eq!(first["manifest"], m_app.as_str());
+    let (x, y) = if first["worker"] == "worker-a" {
+        (0, 1)
+    } else {
+        (1, 0)
     };
-    let (status, e) = fleet.send(&b, &stolen, None).unwrap_err();
-    assert_eq!(status, 502, "{e}");
-    assert!(
-        e.contains("worker worker-b may not have the key of manifest") && e.contains(&m_app),
-        "{e}"
-    );
-    let names = |w: &Worker| -> Vec<String> {
+    let first_order = order_of(&first, "app:1");
+    let file = PathBuf::from(first["file"].as_str().expect("a FUSE file"));
+    {
+        let a = workers[x].as_ref().expect("X");
+        assert_eq!(first["worker"], a.id.as_str());
+        assert!(
+            fs::read(&file).expect("read the FUSE file") == app,
+            "image differs"
+        );
+        if have_nbdcopy() {
+            let out = fleet.h.path("nbd.out");
+            let uri = format!(
+                "nbd+unix:///{}?socket={}",
+                first["nbd_export"].as_str().expect("export"),
+                a.state.join("nbd.sock").display()
+            );
+            let st = Command::new("nbdcopy")
+                .arg(&uri)
+                .arg(&out)
+                .status()
+                .expect("nbdcopy");
+            assert!(st.success(), "nbdcopy {uri}");
+            assert!(fs::read(&out).expect("read") == app, "NBD export differs");
+        }
+        let ls = fleet.h.json(&["ls", "--control", &a.control()]);
+        assert_eq!(ls[0]["start"], first_order.start.as_str(), "{ls}");
+        assert_eq!(ls[0]["id"], m_app.as_str());
+    }
+    let x_id = workers[x].as_ref().expect("X").id.clone();
+    let y_id = workers[y].as_ref().expect("Y").id.clone();
+
+    // X's heartbeat lists the image attached and warm; the next start of it goes to X,
+    // warm, and both starts keep their keys.
+    fleet.wait_for("X's heartbeat to list the image", || {
+        fleet.workers().iter().any(|w| {
+            w.worker == x_id && w.attached == vec![m_app.clone()] && w.warm.first() == Some(&m_app)
+        })
+    });
+    let second = fleet.start("app:1");
+    assert_eq!(second["worker"], x_id.as_str(), "{second}");
+    assert_eq!(second["placed"], "warm", "{second}");
+    let second_order = order_of(&second, "app:1");
+    let on_x = fleet.assignments();
+    assert_eq!(on_x.len(), 1, "{on_x:?}");
+    assert_eq!(on_x[0].starts.len(), 2, "{on_x:?}");
+
+    {
+        let a = workers[x].as_ref().expect("X");
+        let b = workers[y].as_ref().expect("Y");
+        // The same order again is refused, naming the start.
+        let (status, e) = fleet.send(a, &first_order, None).unwrap_err();
+        assert_eq!(status, 409, "{e}");
+        assert!(
+            e.contains(&first_order.start) && e.contains("replayed"),
+            "{e}"
+        );
+
+        // Only a control service may order: a worker's certificate is refused.
+        let as_y = Identity {
+            role: Role::Worker,
+            id: y_id.clone(),
+        };
+        let (status, e) = fleet.send(a, &second_order, Some(as_y)).unwrap_err();
+        assert_eq!(status, 403, "{e}");
+
+        // Y given X's start asks the service for the key and is refused, naming Y and
+        // the manifest; it attaches nothing.
+        let stolen = AttachOrder {
+            name: "stolen".into(),
+            ..first_order.clone()
+        };
+        let (status, e) = fleet.send(b, &stolen, None).unwrap_err();
+        assert_eq!(status, 502, "{e}");
+        assert!(
+            e.contains(&format!("refused to worker {y_id}"))
+                && e.contains(&m_app)
+                && e.contains(&format!("assigned to worker {x_id}")),
+            "{e}"
+        );
+        assert!(
+            fleet.names(b).is_empty(),
+            "Y attached what it has no key for"
+        );
+        let sb = fleet.stats(b);
+        assert_eq!(sb["key_grants"], 0, "{sb}");
+        assert_eq!(sb["key_refusals"], 1, "{sb}");
+        let metrics =
+            lode_agent::control::request(&b.state.join("control.sock"), "GET", "/metrics", None)
+                .expect("metrics");
+        let text = String::from_utf8(metrics.body).expect("text");
+        assert!(text.contains("\nlode_agent_key_grants_total 0\n"), "{text}");
+        assert!(
+            text.contains("\nlode_agent_key_refusals_total 1\n"),
+            "{text}"
+        );
+
+        // An order whose lease already ended is refused by the worker itself.
+        let late = AttachOrder {
+            start: format!("{:032x}", 0xfeed_u128),
+            image: "other:1".into(),
+            manifest: m_other.clone(),
+            name: "late".into(),
+            lease_expires_unix_ms: now_ms() - 1,
+        };
+        let (status, e) = fleet.send(b, &late, None).unwrap_err();
+        assert_eq!(status, 400, "{e}");
+        assert!(e.contains("lease") && e.contains(&late.start), "{e}");
+
+        // Detaching the second start tells the service, which drops only that start.
         fleet
             .h
-            .json(&["ls", "--control", &w.control()])
-            .as_array()
-            .expect("array")
-            .iter()
-            .map(|a| a["name"].as_str().expect("name").to_string())
-            .collect()
-    };
-    assert!(names(&b).is_empty(), "B attached what it has no key for");
+            .ok(&["detach", &second_order.name, "--control", &a.control()]);
+    }
+    let left = fleet.assignments();
+    let starts: Vec<&str> = left
+        .iter()
+        .flat_map(|r| r.starts.iter().map(|s| s.start.as_str()))
+        .collect();
+    assert_eq!(starts, [first_order.start.as_str()], "{left:?}");
 
-    // An order whose lease already ended is refused by the worker itself.
-    let (_, mut late) = fleet.place(&m_other, &workers, 60_000);
-    late.lease_expires_unix_ms = now_ms() - 1;
-    let (status, e) = fleet.send(&b, &late, None).unwrap_err();
-    assert_eq!(status, 400, "{e}");
-    assert!(e.contains("lease") && e.contains(&late.start), "{e}");
+    // A restarted X asks again for the first start's key, which it still has, and gets
+    // it: the second start did not displace it.
+    let dead = workers[x].take().expect("X").proc.kill_hard();
+    workers[x] = Some(fleet.start_worker(&x_id));
+    drop(dead);
+    {
+        let a = workers[x].as_ref().expect("X");
+        assert_eq!(fleet.names(a), vec![first_order.name.clone()]);
+        assert!(fs::read(&file).expect("read after restart") == app);
+        let text = fs::read_to_string(&a.out).unwrap_or_default();
+        assert!(text.contains("1 attachment(s) restored"), "{text}");
+        assert_eq!(fleet.stats(a)["key_grants"], 1);
+    }
 
-    // A start on B with a short lease: attached while it lasts; once it has ended a
-    // restarted B asks again for the key with the start it kept, and is refused.
-    let (i, short) = fleet.place(&m_other, &workers, 3_000);
-    assert_eq!(i, 1, "B is the least loaded");
-    let reply = fleet.send(&b, &short, None).expect("short start attached");
+    // A start of another image reads back; its worker is killed, the lease runs out
+    // with no heartbeat to renew it, and the restarted worker asking again with the
+    // start it kept is refused.
+    let short = fleet.start("other:1");
+    let short_order = order_of(&short, "other:1");
     assert!(
-        fs::read(reply.file.expect("file")).expect("read") == other,
+        fs::read(short["file"].as_str().expect("file")).expect("read") == other,
         "image differs"
     );
-    let sb = fleet.stats(&b);
-    assert_eq!(sb["key_grants"], 1, "{sb}");
-    assert_eq!(sb["key_refusals"], 1, "{sb}");
-    let metrics =
-        lode_agent::control::request(&b.state.join("control.sock"), "GET", "/metrics", None)
-            .expect("metrics");
-    let text = String::from_utf8(metrics.body).expect("text");
-    assert!(text.contains("\nlode_agent_key_grants_total 1\n"), "{text}");
-    assert!(
-        text.contains("\nlode_agent_key_refusals_total 1\n"),
-        "{text}"
-    );
-    fleet.wait_for("the short lease to end", || {
-        now_ms() > short.lease_expires_unix_ms
-    });
-    let b_id = b.id.clone();
-    let dead = b.proc.kill_hard();
-    let b = fleet.start_worker(&b_id);
+    let w = if short["worker"] == x_id.as_str() {
+        x
+    } else {
+        y
+    };
+    let w_id = workers[w].as_ref().expect("W").id.clone();
+    let dead = workers[w].take().expect("W").proc.kill_hard();
+    let lease_end = fleet
+        .assignments()
+        .iter()
+        .flat_map(|r| r.starts.iter())
+        .find(|s| s.start == short_order.start)
+        .expect("the short start is recorded")
+        .lease_expires_unix_ms;
+    fleet.wait_for("the short start's lease to end", || now_ms() > lease_end);
+    workers[w] = Some(fleet.start_worker(&w_id));
     drop(dead);
-    assert!(names(&b).is_empty(), "B re-attached after its lease ended");
-    let err = fs::read_to_string(&b.err).unwrap_or_default();
+    {
+        let b = workers[w].as_ref().expect("W");
+        assert!(
+            !fleet.names(b).contains(&short_order.name),
+            "the worker re-attached after its lease ended"
+        );
+        let err = fs::read_to_string(&b.err).unwrap_or_default();
+        assert!(
+            err.contains(&format!("could not re-attach {}", short_order.name))
+                && err.contains(&format!("start {}'s lease ended", short_order.start)),
+            "{err}"
+        );
+        assert!(fleet.stats(b)["key_refusals"].as_u64() >= Some(1));
+    }
+
+    // The service granted exactly the four keys above (first, second, first again after
+    // the restart, the short start) and logged the refusals.
+    let metrics = fleet.metrics();
     assert!(
-        err.contains(&format!("could not re-attach {}", short.name))
-            && err.contains("lease of start")
-            && err.contains(&short.start),
-        "{err}"
+        metrics.contains("\nlode_control_grants_total 4\n"),
+        "{metrics}"
     );
-    assert_eq!(fleet.stats(&b)["key_refusals"], 1);
+    assert!(
+        metrics.contains("lode_control_refusals_total{reason=\"not-assigned\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lode_control_refusals_total{reason=\"lease-expired\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lode_control_starts_total{placed=\"warm\"} 1"),
+        "{metrics}"
+    );
+    let log = fs::read_to_string(&fleet.service_err).unwrap_or_default();
+    assert!(
+        log.contains(&format!(
+            "granted worker {x_id} the key of manifest {m_app} (start {})",
+            first_order.start
+        )),
+        "{log}"
+    );
 
-    // Detaching tells the control service, which ends the assignment.
-    fleet
-        .h
-        .ok(&["detach", &second.name, "--control", &a.control()]);
-    assert!(fleet.control.state().released.contains(&second.start));
-    assert!(!fleet.control.state().starts.contains_key(&second.start));
-    // A restarted A asks again for the start it still has, and gets it.
-    let a_id = a.id.clone();
-    let dead = a.proc.kill_hard();
-    let a = fleet.start_worker(&a_id);
-    drop(dead);
-    assert_eq!(names(&a), vec![first.name.clone()]);
-    assert!(fs::read(&file).expect("read after restart") == app);
-    let text = fs::read_to_string(&a.out).unwrap_or_default();
-    assert!(text.contains("1 attachment(s) restored"), "{text}");
-
-    for w in [&a, &b] {
+    for w in workers.iter().flatten() {
         assert_no_kms_environment(w);
     }
+    // The keyring is the service's alone.
+    assert!(fs::metadata(fleet.keyring()).is_ok(), "no keyring at all");
+    let _ = fleet.service.0.kill();
 }

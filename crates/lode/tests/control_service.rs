@@ -133,9 +133,38 @@ impl Worker {
     async fn keys(&self, manifest: &str, start: &str) -> Result<KeyGrant, RpcError> {
         self.keys_via(&self.client, manifest, start).await
     }
+
+    /// Releases `start` of `manifest`; whether the service still had it.
+    async fn release(&self, manifest: &str, start: &str) -> bool {
+        let reply: serde_json::Value = self
+            .client
+            .call(
+                "/v1/release",
+                &Release {
+                    worker: self.id.clone(),
+                    manifest: manifest.to_owned(),
+                    start: start.to_owned(),
+                },
+            )
+            .await
+            .unwrap();
+        reply["released"].as_bool().unwrap()
+    }
 }
 
-/// A home with two images, a CA, workers w1 and w2, and admin ops.
+/// The service's `lode_control_grants_total`, read from `/metrics` as `client`.
+async fn grants_total(client: &Client) -> u64 {
+    let (code, metrics) = client.exchange("/metrics", Vec::new()).await.unwrap();
+    assert_eq!(code, 200);
+    let text = String::from_utf8_lossy(&metrics).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("lode_control_grants_total "))
+        .unwrap_or_else(|| panic!("no grant counter in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// A home with two images, a CA, workers w1, w2 and w3, and admin ops.
 fn fleet() -> (Home, String, String) {
     let h = Home::new();
     for (i, tag) in ["app:1", "db:1"].iter().enumerate() {
@@ -146,7 +175,7 @@ fn fleet() -> (Home, String, String) {
     let ca = h.path("ca");
     let ca = ca.to_str().unwrap();
     h.ok(&["control", "init", "--dir", ca, "--host", "127.0.0.1"]);
-    for w in ["w1", "w2"] {
+    for w in ["w1", "w2", "w3"] {
         h.ok(&[
             "control",
             "issue",
@@ -449,7 +478,10 @@ async fn killed_between_assigning_and_ordering_grants_nothing_by_accident() {
     ]);
     let assignments = status["assignments"].as_array().unwrap();
     assert_eq!(assignments.len(), 1, "{status}");
-    let start_id = assignments[0]["start"].as_str().unwrap().to_owned();
+    let start_id = assignments[0]["starts"][0]["start"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let expired = eventually(Duration::from_secs(20), async || {
         match w1.keys(&app, &start_id).await {
             Err(e) => e.to_string().contains("lease ended"),
@@ -466,4 +498,384 @@ async fn killed_between_assigning_and_ordering_grants_nothing_by_accident() {
     assert_eq!(reply["worker"], "w1", "{reply}");
     let new_start = reply["start"].as_str().unwrap();
     w1.keys(&app, new_start).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_keeps_every_live_start_of_an_image() {
+    let (h, app, _db) = fleet();
+    let ca: PathBuf = h.path("ca");
+    let (_a, control) = serve(&h, &["--listen", "127.0.0.1:0", "--lease", "3s"], &[]);
+    let w1 = Worker::new(&ca, "w1", &control).await;
+    w1.register().await;
+    w1.heartbeat(&[], &[]).await;
+
+    // Three starts of one image on the only worker: each keeps its own key.
+    let starts: Vec<String> = (0..3)
+        .map(|_| {
+            let reply = start(&h, &control, "app:1");
+            assert_eq!(reply["worker"], "w1", "{reply}");
+            reply["start"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    for s in &starts {
+        w1.keys(&app, s).await.unwrap();
+    }
+    let status = h.json(&[
+        "control",
+        "status",
+        "--control",
+        &control.to_string(),
+        "--creds",
+        ca.to_str().unwrap(),
+        "--as",
+        "ops",
+    ]);
+    let assignments = status["assignments"].as_array().unwrap();
+    assert_eq!(assignments.len(), 1, "{status}");
+    assert_eq!(
+        assignments[0]["starts"].as_array().unwrap().len(),
+        3,
+        "{status}"
+    );
+
+    // Releasing the first removes only it.
+    assert!(w1.release(&app, &starts[0]).await);
+    assert!(!w1.release(&app, &starts[0]).await, "released twice");
+    let gone = w1.keys(&app, &starts[0]).await.unwrap_err().to_string();
+    assert!(
+        gone.contains(&starts[0]) && gone.contains("not among"),
+        "{gone}"
+    );
+    w1.keys(&app, &starts[1]).await.unwrap();
+    w1.keys(&app, &starts[2]).await.unwrap();
+
+    // Heartbeats naming the image attached renew every remaining start past the lease
+    // they were given.
+    let first_lease = assignments[0]["starts"][1]["lease_expires_unix_ms"]
+        .as_u64()
+        .unwrap();
+    let renewed = eventually(Duration::from_secs(20), async || {
+        w1.heartbeat(&[&app], &[&app]).await;
+        lode_agent::worker::unix_now_ms() > first_lease + 500
+    })
+    .await;
+    assert!(renewed, "the clock never passed the first lease");
+    w1.keys(&app, &starts[1]).await.unwrap();
+    w1.keys(&app, &starts[2]).await.unwrap();
+
+    // Without heartbeats both run out together.
+    let expired = eventually(Duration::from_secs(20), async || {
+        w1.keys(&app, &starts[2]).await.is_err()
+    })
+    .await;
+    assert!(expired, "the leases never ran out");
+    let err = w1.keys(&app, &starts[1]).await.unwrap_err().to_string();
+    assert!(
+        err.contains("lease ended") && err.contains(&starts[1]),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashing_spreads_images_and_concentrates_each_one() {
+    let (h, _app, _db) = fleet();
+    let ca: PathBuf = h.path("ca");
+    // Twelve small distinct images besides the fleet's two.
+    let mut images = Vec::new();
+    for i in 0..12u64 {
+        let file = h.path(&format!("small{i}"));
+        std::fs::write(&file, random_image(1, 100 + i)).unwrap();
+        let tag = format!("small:{i}");
+        h.ok(&["import", file.to_str().unwrap(), "--tag", &tag]);
+        images.push(tag);
+    }
+    let (_a, control) = serve(&h, &["--listen", "127.0.0.1:0"], &[]);
+    let mut workers = Vec::new();
+    for id in ["w1", "w2", "w3"] {
+        let w = Worker::new(&ca, id, &control).await;
+        w.register().await;
+        w.heartbeat(&[], &[]).await;
+        workers.push(w);
+    }
+    let by_id = |id: &str| workers.iter().find(|w| w.id == id).unwrap();
+    let ring = lode_control::placement::Ring::new(["w1", "w2", "w3"].map(String::from));
+    let idle = [lode_control::placement::Load {
+        capacity: 8,
+        load: 0,
+        warm: false,
+        alive: true,
+    }; 3];
+
+    // Each start released before the next, so no load bends the hashing: every image
+    // lands where the ring puts it, and the twelve use more than one worker.
+    let mut used = std::collections::BTreeSet::new();
+    for tag in &images {
+        let reply = start(&h, &control, tag);
+        let manifest = reply["manifest"].as_str().unwrap();
+        let id: lode_format::ManifestId = manifest.parse().unwrap();
+        let want = lode_control::placement::place(&ring, id.as_bytes(), &idle, 0.25).unwrap();
+        let worker = reply["worker"].as_str().unwrap().to_owned();
+        assert_eq!(worker, ring.workers()[want.worker], "{tag}: {reply}");
+        assert_eq!(reply["placed"], "hashed", "{reply}");
+        assert!(
+            by_id(&worker)
+                .release(manifest, reply["start"].as_str().unwrap())
+                .await
+        );
+        used.insert(worker);
+    }
+    assert!(used.len() > 1, "twelve images all went to {used:?}");
+
+    // Repeated starts of one image all go to one worker.
+    let mut first = None;
+    for _ in 0..5 {
+        let reply = start(&h, &control, &images[0]);
+        let worker = reply["worker"].as_str().unwrap().to_owned();
+        assert_eq!(*first.get_or_insert(worker.clone()), worker, "{reply}");
+        assert!(
+            by_id(&worker)
+                .release(
+                    reply["manifest"].as_str().unwrap(),
+                    reply["start"].as_str().unwrap()
+                )
+                .await
+        );
+    }
+}
+
+/// What a recording proxy saw: per connection, the client's bytes and whether it closed.
+type Recorded = Arc<Mutex<Vec<(Vec<u8>, bool)>>>;
+
+/// A TCP proxy on 127.0.0.1 to `upstream` that records what each client sends, one entry
+/// per connection, marked done when the client closed its side.
+async fn recording_proxy(upstream: std::net::SocketAddr) -> (std::net::SocketAddr, Recorded) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let seen: Recorded = Arc::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let record = record.clone();
+            let slot = {
+                let mut r = record.lock().unwrap();
+                r.push((Vec::new(), false));
+                r.len() - 1
+            };
+            tokio::spawn(async move {
+                let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    let _ = cw.shutdown().await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            record.lock().unwrap()[slot].0.extend_from_slice(&buf[..n]);
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                record.lock().unwrap()[slot].1 = true;
+                let _ = sw.shutdown().await;
+                let _ = down.await;
+            });
+        }
+    });
+    (at, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_tls_bytes_get_no_grant() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (h, app, _db) = fleet();
+    let ca: PathBuf = h.path("ca");
+    let (_a, control) = serve(&h, &["--listen", "127.0.0.1:0"], &[]);
+    let w1 = Worker::new(&ca, "w1", &control).await;
+    w1.register().await;
+    w1.heartbeat(&[], &[]).await;
+    let reply = start(&h, &control, "app:1");
+    let start_id = reply["start"].as_str().unwrap().to_owned();
+
+    // The worker asks for the key through the proxy and is granted it.
+    let upstream: std::net::SocketAddr = control
+        .to_string()
+        .strip_prefix("https://")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (proxy, seen) = recording_proxy(upstream).await;
+    let via_proxy = w1.at(&format!("https://{proxy}").parse().unwrap(), &ca);
+    let before = grants_total(&w1.client).await;
+    let grant = w1.keys_via(&via_proxy, &app, &start_id).await.unwrap();
+    assert_eq!(grant.manifest, app);
+    assert_eq!(grants_total(&w1.client).await, before + 1);
+    let done = eventually(Duration::from_secs(10), async || {
+        seen.lock().unwrap().first().is_some_and(|c| c.1)
+    })
+    .await;
+    assert!(done, "the proxied connection never closed");
+    let recorded = seen.lock().unwrap()[0].0.clone();
+    assert!(
+        recorded.len() > 1000,
+        "recorded only {} bytes",
+        recorded.len()
+    );
+    assert_eq!(recorded[0], 0x16, "not a TLS handshake record");
+
+    // The same bytes on a new connection: the server ends it, and grants nothing.
+    let mut replay = tokio::net::TcpStream::connect(upstream).await.unwrap();
+    // The server may close before it read everything; a failed write is an end too.
+    let _ = replay.write_all(&recorded).await;
+    let mut answer = Vec::new();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(30), replay.read_to_end(&mut answer)).await;
+    assert!(
+        ended.is_ok(),
+        "the server kept the replayed connection open"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(!text.contains("HTTP/1.1"), "a plain answer: {text}");
+    assert!(!text.contains(&grant.data_key), "the key came back");
+    assert_eq!(
+        grants_total(&w1.client).await,
+        before + 1,
+        "the replay was granted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_service_keeps_workers_and_grants_by_the_records() {
+    let (h, app, _db) = fleet();
+    let ca: PathBuf = h.path("ca");
+    let (mut first, control) = serve(&h, &["--listen", "127.0.0.1:0"], &[]);
+    let w1 = Worker::new(&ca, "w1", &control).await;
+    let w2 = Worker::new(&ca, "w2", &control).await;
+    w1.register().await;
+    w2.register().await;
+    w1.heartbeat(&[], &[]).await;
+    w2.heartbeat(&[], &[]).await;
+    let reply = start(&h, &control, "app:1");
+    let holder = reply["worker"].as_str().unwrap().to_owned();
+    let start_id = reply["start"].as_str().unwrap().to_owned();
+    let (owner, other) = if holder == "w1" {
+        (&w1, &w2)
+    } else {
+        (&w2, &w1)
+    };
+    owner.keys(&app, &start_id).await.unwrap();
+
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+    let (_again, control) = serve(&h, &["--listen", "127.0.0.1:0"], &[]);
+    let status = h.json(&[
+        "control",
+        "status",
+        "--control",
+        &control.to_string(),
+        "--creds",
+        ca.to_str().unwrap(),
+        "--as",
+        "ops",
+    ]);
+    let workers: Vec<&str> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["worker"].as_str().unwrap())
+        .collect();
+    assert_eq!(workers, ["w1", "w2"], "{status}");
+    let assignments = status["assignments"].as_array().unwrap();
+    assert_eq!(assignments.len(), 1, "{status}");
+    assert_eq!(assignments[0]["worker"], holder.as_str(), "{status}");
+    assert_eq!(assignments[0]["starts"][0]["start"], start_id.as_str());
+
+    // The new process grants what the records say, to whom they say.
+    let owner_now = owner.at(&control, &ca);
+    let other_now = other.at(&control, &ca);
+    let grant = owner.keys_via(&owner_now, &app, &start_id).await.unwrap();
+    assert_eq!(grant.manifest, app);
+    let err = other
+        .keys_via(&other_now, &app, &start_id)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("assigned to worker {holder}"))
+            && err.contains(&format!("worker {}", other.id)),
+        "{err}"
+    );
+    // And a start of the same image goes where the hashing put the first.
+    let again = start(&h, &control, "app:1");
+    assert_eq!(again["worker"], holder.as_str(), "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_asking_outside_its_role_is_refused_by_name() {
+    let (h, app, _db) = fleet();
+    let ca: PathBuf = h.path("ca");
+    let (_a, control) = serve(&h, &["--listen", "127.0.0.1:0"], &[]);
+    let w1 = Worker::new(&ca, "w1", &control).await;
+    w1.register().await;
+    w1.heartbeat(&[], &[]).await;
+    let reply = start(&h, &control, "app:1");
+    let start_id = reply["start"].as_str().unwrap().to_owned();
+    let before = grants_total(&w1.client).await;
+
+    // A worker's certificate asking for a start.
+    let err = w1
+        .client
+        .call::<_, serde_json::Value>("/v1/start", &serde_json::json!({"image": "app:1"}))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, RpcError::Refused { status: 403, .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("start of \"app:1\" refused to worker/w1") && text.contains("/v1/start"),
+        "{text}"
+    );
+
+    // An admin's certificate asking for the key of a started image.
+    let ops = Identity {
+        role: Role::Admin,
+        id: "ops".to_owned(),
+    };
+    let admin = Client::new(
+        control.clone(),
+        Arc::new(Credentials::load(&ca, &ops).unwrap()),
+    )
+    .unwrap();
+    let err = admin
+        .call::<_, KeyGrant>(
+            "/v1/keys",
+            &KeyRequest {
+                worker: "w1".to_owned(),
+                manifest: app.clone(),
+                start: start_id.clone(),
+            },
+        )
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, RpcError::Refused { status: 403, .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("key of manifest \"{app}\" refused to admin/ops"))
+            && text.contains("/v1/keys"),
+        "{text}"
+    );
+    assert_eq!(grants_total(&w1.client).await, before, "a grant went out");
+    // The worker itself still gets it.
+    w1.keys(&app, &start_id).await.unwrap();
 }
