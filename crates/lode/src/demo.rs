@@ -737,7 +737,7 @@ async fn roles(
     // The flattener: chunks and manifests by conditional create, never read back.
     let flattener = store.clone().put_only();
     let publisher = Publisher::new(&flattener, kms.as_ref(), key_id.to_owned());
-    let mut flattened = Vec::new();
+    let (mut flattened, mut ids) = (Vec::new(), Vec::new());
     for app in lode_oci::sample::SAMPLE_TAGS {
         let req = lode_image::FlattenRequest {
             source: format!("oci:{}:{app}", layout.display()),
@@ -761,12 +761,10 @@ async fn roles(
         flattened.push(serde_json::json!({
             "tag": format!("demo/{app}"), "id": r.published.id, "stats": r.published.stats,
         }));
+        ids.push(r.published.id);
     }
-    let app1: lode_format::ManifestId = flattened[0]["id"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .context("the flattener published no manifest id")?;
-    let read_back = match flattener.find_manifest(&app1).await {
+    let app1 = ids.first().context("the flattener published nothing")?;
+    let read_back = match flattener.find_manifest(app1).await {
         Ok(_) => anyhow::bail!("the flattener's put-only handle read a manifest back"),
         Err(e) => e.to_string(),
     };
@@ -835,11 +833,16 @@ async fn roles(
         ),
     );
 
-    let outcome = starts(env, &endpoint, &pki_dir, &admin, &workers).await;
+    let mut outcome = starts(env, &endpoint, &pki_dir, &admin, &workers).await;
     for w in &workers {
         for att in w.agent.list().await {
-            // A detach tells the control service the start is over.
-            w.agent.detach(&att.name, false).await?;
+            // A detach tells the control service the start is over. A failure here
+            // matters only if the starts went well: otherwise theirs is the error to show.
+            let detached = w.agent.detach(&att.name, false).await;
+            if let (Ok(_), Err(e)) = (&outcome, detached) {
+                outcome =
+                    Err(anyhow::Error::new(e).context(format!("{} detaching {}", w.id, att.name)));
+            }
         }
         w.agent.shutdown().await;
         w.orders.abort();
