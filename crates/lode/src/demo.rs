@@ -3,6 +3,8 @@
 //! flattens and publishes both, exports one and compares it with the flattened image,
 //! verifies it, starts a worker agent in-process and reads one image's start-up files
 //! lazily over NBD (printing the share of the image fetched and each tier's latency),
+//! shows who may do what (a put-only flattener, a control service that alone holds the
+//! KMS, two workers that get an image's key only for a start assigned to them),
 //! imports two raw disk images that share most of their bytes, and prints what the
 //! store holds and what deduplicated.
 
@@ -208,13 +210,16 @@ pub async fn run(env: &DemoEnv, args: DemoArgs) -> Result<()> {
     // Part two: a lazy start through a worker agent.
     let lazy = lazy_start(env, &store, kms.clone(), work.path()).await?;
 
-    // Part three: a raw disk image and a new version of it, imported as they are.
+    // Part three: who may do what — a flattener, a control service and two workers.
+    let who_may = roles(env, kms.clone(), &key_id, &layout, work.path()).await?;
+
+    // Part four: a raw disk image and a new version of it, imported as they are.
     let chunks = args.size_mib * 2;
     let (base, v2) = (work.path().join("base.img"), work.path().join("v2.img"));
     say(
         env,
         format!(
-            "6. importing raw disk images: {} MiB, and a v2 that rewrites a tenth and adds 4 MiB",
+            "7. importing raw disk images: {} MiB, and a v2 that rewrites a tenth and adds 4 MiB",
             args.size_mib
         ),
     );
@@ -242,7 +247,7 @@ pub async fn run(env: &DemoEnv, args: DemoArgs) -> Result<()> {
 
     let snapshot = snapshot_restore(env, &store, &publisher, kms.clone(), work.path()).await?;
 
-    say(env, "8. the store".into());
+    say(env, "9. the store".into());
     let st = lode_image::store_stats(&store).await?;
     say(
         env,
@@ -277,13 +282,13 @@ pub async fn run(env: &DemoEnv, args: DemoArgs) -> Result<()> {
         print_json(&serde_json::json!({
             "flattened": flat, "imports": imports, "export": ex,
             "export_matches_source": true, "verify": report, "store": st,
-            "lazy_start": lazy, "snapshot": snapshot, "gc": collected,
+            "lazy_start": lazy, "roles": who_may, "snapshot": snapshot, "gc": collected,
         }))?;
     }
     Ok(())
 }
 
-/// Step 9: delete one image, rotate the root and collect the old one, printing the bytes
+/// Step 10: delete one image, rotate the root and collect the old one, printing the bytes
 /// reclaimed; then read an image back from the new root. Rotation and collection act on
 /// the whole store, so a store holding images other than the demo's is left alone.
 async fn collect(
@@ -296,7 +301,7 @@ async fn collect(
 ) -> Result<serde_json::Value> {
     say(
         env,
-        "9. deleting demo/raw-base, rotating the root and collecting the old one".into(),
+        "10. deleting demo/raw-base, rotating the root and collecting the old one".into(),
     );
     let tags = store.list_tags().await?;
     if let Some((other, _)) = tags.tags.iter().find(|(t, _)| !t.starts_with("demo/")) {
@@ -544,7 +549,7 @@ async fn lazy_start(
     Ok(serde_json::json!({ "fleet": fleet, "workers": runs }))
 }
 
-/// Part three: a memory snapshot restored lazily through userfaultfd, twice.
+/// Part five: a memory snapshot restored lazily through userfaultfd, twice.
 async fn snapshot_restore(
     env: &DemoEnv,
     store: &Store,
@@ -555,7 +560,7 @@ async fn snapshot_restore(
     const SIZE: u64 = 64 << 20;
     say(
         env,
-        "7. a memory snapshot: 64 MiB of process memory holding a key-value index is \
+        "8. a memory snapshot: 64 MiB of process memory holding a key-value index is \
          imported (64 KiB chunks), and a page-fault handler in this process (`lode snapshot \
          serve`, Firecracker's UFFD protocol) restores it into userfaultfd-registered memory \
          that a client (playing Firecracker) queries 1,000 times, checking every answer; \
@@ -639,4 +644,352 @@ async fn snapshot_restore(
         "  next: `lode snapshot --help`, docs/snapshots.md (Firecracker's UFFD backend)".into(),
     );
     Ok(serde_json::json!({ "id": p.id, "stored": p.stats, "restores": runs }))
+}
+
+/// One worker of the multi-role step: an agent in this process that holds no KMS, its
+/// link to the control service, and the task taking its attach orders.
+struct RoleWorker {
+    id: String,
+    agent: Arc<lode_agent::Agent>,
+    grants: Arc<lode_agent::worker::Grants>,
+    client: lode_control::rpc::Client,
+    orders: tokio::task::JoinHandle<()>,
+}
+
+/// Starts worker `id`: its order listener on 127.0.0.1 (mTLS under its certificate), its
+/// agent keyed only by grants, and its registration with the control service.
+async fn role_worker(
+    id: &str,
+    pki_dir: &Path,
+    endpoint: &lode_control::rpc::Endpoint,
+    store: &Store,
+    state: &Path,
+) -> Result<RoleWorker> {
+    use lode_agent::worker::{Grants, Orders, RpcControl, WorkerConfig};
+    use lode_control::api::{Identity, Role};
+    let who = Identity {
+        role: Role::Worker,
+        id: id.to_owned(),
+    };
+    let creds = Arc::new(lode_control::pki::Credentials::load(pki_dir, &who)?);
+    let listener = lode_control::rpc::Listener::tls("127.0.0.1:0", creds.clone()).await?;
+    let bound = listener
+        .local_addr()
+        .context("the order listener has no address")?;
+    let client = lode_control::rpc::Client::new(endpoint.clone(), creds)?;
+    let grants = Arc::new(Grants::new(
+        Arc::new(RpcControl(client.clone())),
+        WorkerConfig {
+            worker: id.to_owned(),
+            address: bound.to_string(),
+            capacity: 4,
+        },
+    )?);
+    let mut config = lode_agent::AgentConfig::new(state);
+    config.files = None;
+    let agent = lode_agent::Agent::start_with(
+        config,
+        store.clone(),
+        lode_agent::Keys::Grants(grants.clone()),
+    )
+    .await?;
+    let orders = lode_control::rpc::serve(listener, Arc::new(Orders(agent.clone())));
+    grants
+        .register()
+        .await
+        .map_err(|e| anyhow::anyhow!("worker {id} registering with the control service: {e}"))?;
+    Ok(RoleWorker {
+        id: id.to_owned(),
+        agent,
+        grants,
+        client,
+        orders,
+    })
+}
+
+/// Step 6: who may do what, every role in this process on 127.0.0.1 over a fresh store. A
+/// flattener publishes with a put-only handle; a control service, the only holder of the
+/// KMS, serves over mTLS with certificates from a fresh CA; two workers hold no KMS. An
+/// admin starts demo/app1 twice (the second start goes to the worker that has it warm)
+/// and a file is read through that worker; then the other worker asks for the image's
+/// key and is refused.
+async fn roles(
+    env: &DemoEnv,
+    kms: Arc<dyn lode_kms::Kms>,
+    key_id: &str,
+    layout: &Path,
+    work: &Path,
+) -> Result<serde_json::Value> {
+    use lode_control::api::{Identity, Role};
+    use lode_control::{pki, rpc, service, state};
+    say(
+        env,
+        "6. who may do what, all in this process on 127.0.0.1 over a fresh store: a \
+         flattener with put-only credentials publishes; a control service (mTLS, \
+         certificates from a fresh CA) is the only holder of the KMS; two workers hold no \
+         KMS and get an image's key only for a start assigned to them"
+            .into(),
+    );
+    let dir = work.join("roles");
+    let spec = dir.join("store");
+    let store = Store::open(spec.to_str().context("the scratch path is not UTF-8")?)?;
+
+    // The flattener: chunks and manifests by conditional create, never read back.
+    let flattener = store.clone().put_only();
+    let publisher = Publisher::new(&flattener, kms.as_ref(), key_id.to_owned());
+    let (mut flattened, mut ids) = (Vec::new(), Vec::new());
+    for app in lode_oci::sample::SAMPLE_TAGS {
+        let req = lode_image::FlattenRequest {
+            source: format!("oci:{}:{app}", layout.display()),
+            tag: Some(format!("demo/{app}")),
+            chunk_size: Default::default(),
+            work_dir: dir.join("tmp"),
+            keep_image: None,
+            registry_cache: dir.join("registry"),
+            registry_auth: lode_image::RegistryAuth::Anonymous,
+            pull: Default::default(),
+        };
+        let news = Arc::new(crate::output::News::new(true, true));
+        let r = lode_image::flatten_and_publish(&publisher, &req, news).await?;
+        say(
+            env,
+            format!(
+                "  flattener (put-only): demo/{app}: {}",
+                import_line(&r.published.stats, r.flatten_seconds + r.publish_seconds)
+            ),
+        );
+        flattened.push(serde_json::json!({
+            "tag": format!("demo/{app}"), "id": r.published.id, "stats": r.published.stats,
+        }));
+        ids.push(r.published.id);
+    }
+    let app1 = ids.first().context("the flattener published nothing")?;
+    let read_back = match flattener.find_manifest(app1).await {
+        Ok(_) => anyhow::bail!("the flattener's put-only handle read a manifest back"),
+        Err(e) => e.to_string(),
+    };
+    say(
+        env,
+        format!("  the flattener reads nothing back: {read_back}"),
+    );
+
+    // The CA, the control service's certificate, each worker's and an admin's.
+    let pki_dir = dir.join("pki");
+    let hosts = vec!["127.0.0.1".to_owned()];
+    pki::init(&pki_dir, &hosts, 1)?;
+    let worker_ids = ["worker-a", "worker-b"];
+    for id in worker_ids {
+        let who = Identity {
+            role: Role::Worker,
+            id: id.to_owned(),
+        };
+        pki::issue(&pki_dir, &who, &hosts, 1)?;
+    }
+    let admin = Identity {
+        role: Role::Admin,
+        id: "demo".to_owned(),
+    };
+    pki::issue(&pki_dir, &admin, &[], 1)?;
+
+    let control_creds = Arc::new(pki::Credentials::load(&pki_dir, &pki::control_identity())?);
+    let config = service::Config {
+        // The demo's workers heartbeat when the demo says so, not on a timer: the warm
+        // placement below rests on the heartbeat it sends, never on a race with a timer.
+        heartbeat_interval: std::time::Duration::from_secs(60),
+        ..service::Config::default()
+    };
+    let service = Arc::new(service::Service::new(
+        state::State::new(store.clone()),
+        kms,
+        control_creds.clone(),
+        config,
+    ));
+    let listener = rpc::Listener::tls("127.0.0.1:0", control_creds).await?;
+    let at = listener
+        .local_addr()
+        .context("the control service has no address")?;
+    let endpoint: rpc::Endpoint = format!("https://{at}").parse()?;
+    let control = rpc::serve(listener, service);
+    say(
+        env,
+        format!(
+            "  a CA and certificates for control, {} and admin/demo in {}; the control \
+             service listens on https://{at}",
+            worker_ids.join(", "),
+            pki_dir.display()
+        ),
+    );
+
+    let mut workers = Vec::new();
+    for id in worker_ids {
+        let w = role_worker(id, &pki_dir, &endpoint, &store, &dir.join(id)).await?;
+        workers.push(w);
+    }
+    say(
+        env,
+        format!(
+            "  {} registered, each taking attach orders over mTLS and holding no KMS",
+            worker_ids.join(" and ")
+        ),
+    );
+
+    let mut outcome = starts(env, &endpoint, &pki_dir, &admin, &workers).await;
+    for w in &workers {
+        for att in w.agent.list().await {
+            // A detach tells the control service the start is over. A failure here
+            // matters only if the starts went well: otherwise theirs is the error to show.
+            let detached = w.agent.detach(&att.name, false).await;
+            if let (Ok(_), Err(e)) = (&outcome, detached) {
+                outcome =
+                    Err(anyhow::Error::new(e).context(format!("{} detaching {}", w.id, att.name)));
+            }
+        }
+        w.agent.shutdown().await;
+        w.orders.abort();
+    }
+    control.abort();
+    let mut v = outcome?;
+    v["flattened"] = serde_json::json!(flattened);
+    v["flattener_read_back"] = serde_json::json!(read_back);
+    Ok(v)
+}
+
+/// The admin's two starts of demo/app1, a read through the worker that has it, and the
+/// other worker refused its key.
+async fn starts(
+    env: &DemoEnv,
+    endpoint: &lode_control::rpc::Endpoint,
+    pki_dir: &Path,
+    admin: &lode_control::api::Identity,
+    workers: &[RoleWorker],
+) -> Result<serde_json::Value> {
+    use lode_control::api::{KeyGrant, KeyRequest, Placed, StartReply, StartRequest};
+    let creds = Arc::new(lode_control::pki::Credentials::load(pki_dir, admin)?);
+    let admin = lode_control::rpc::Client::new(endpoint.clone(), creds)?;
+    let request = StartRequest {
+        image: "demo/app1".into(),
+    };
+    let placed = |p: Placed| match p {
+        Placed::Warm => "warm",
+        Placed::Hashed => "hashed",
+    };
+
+    let t = Instant::now();
+    let first: StartReply = admin.call("/v1/start", &request).await?;
+    let first_ms = t.elapsed().as_secs_f64() * 1e3;
+    say(
+        env,
+        format!(
+            "  admin starts demo/app1: placed: {} on {} (start {}); it attached the image \
+             with the key the control service granted it; {first_ms:.0} ms",
+            placed(first.placed),
+            first.worker,
+            first.start
+        ),
+    );
+    for w in workers {
+        let (attached, warm) = w.agent.heartbeat_lists().await;
+        w.grants
+            .heartbeat(attached, warm)
+            .await
+            .map_err(|e| anyhow::anyhow!("worker {} heartbeating: {e}", w.id))?;
+    }
+    say(
+        env,
+        format!(
+            "  the workers heartbeat: {} has manifest {} warm",
+            first.worker,
+            &first.manifest[..16]
+        ),
+    );
+
+    let t = Instant::now();
+    let second: StartReply = admin.call("/v1/start", &request).await?;
+    let second_ms = t.elapsed().as_secs_f64() * 1e3;
+    say(
+        env,
+        format!(
+            "  admin starts demo/app1 again: placed: {} on {} (start {}); {second_ms:.0} ms",
+            placed(second.placed),
+            second.worker,
+            second.start
+        ),
+    );
+    ensure!(
+        second.placed == Placed::Warm && second.worker == first.worker,
+        "the second start of demo/app1 went to {} ({}), not to {}, which had it warm",
+        second.worker,
+        placed(second.placed),
+        first.worker
+    );
+
+    let owner = workers
+        .iter()
+        .find(|w| w.id == second.worker)
+        .context("the start went to no worker of the demo")?;
+    let sock = owner.agent.config().nbd_unix.clone();
+    let export = second
+        .nbd_export
+        .clone()
+        .context("the worker serves no NBD export for the start")?;
+    let name = export.clone();
+    let conf = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+        let client = lode_nbd::Client::connect_unix(&sock, &export)?;
+        let fs = ext4_view::Ext4::load(Box::new(NbdReader(client)))
+            .context("reading the ext4 image over NBD")?;
+        Ok(fs.read("/etc/app.conf")?)
+    })
+    .await
+    .context("the NBD reader")??;
+    ensure!(
+        conf.starts_with(b"[server]"),
+        "/etc/app.conf read through {} is not the sample's",
+        owner.id
+    );
+    let text = String::from_utf8_lossy(&conf);
+    let first_line = text.lines().take(2).collect::<Vec<_>>().join(" ");
+    say(
+        env,
+        format!(
+            "  read /etc/app.conf ({} bytes) through {}'s NBD export {name}: {first_line:?} …",
+            conf.len(),
+            owner.id
+        ),
+    );
+
+    let other = workers
+        .iter()
+        .find(|w| w.id != second.worker)
+        .context("the demo has no second worker")?;
+    let ask = KeyRequest {
+        worker: other.id.clone(),
+        manifest: second.manifest.clone(),
+        start: second.start.clone(),
+    };
+    let refusal = match other.client.call::<_, KeyGrant>("/v1/keys", &ask).await {
+        Ok(_) => anyhow::bail!(
+            "{} was granted the key of an image assigned to {}",
+            other.id,
+            second.worker
+        ),
+        Err(lode_control::rpc::RpcError::Refused { status, error, .. }) => {
+            format!("refused ({status}): {error}")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    say(
+        env,
+        format!(
+            "  {} asks for demo/app1's key with that start's id: {refusal}",
+            other.id
+        ),
+    );
+    Ok(serde_json::json!({
+        "starts": [
+            {"worker": first.worker, "placed": first.placed, "start": first.start, "ms": first_ms},
+            {"worker": second.worker, "placed": second.placed, "start": second.start, "ms": second_ms},
+        ],
+        "read": {"worker": owner.id, "path": "/etc/app.conf", "bytes": conf.len()},
+        "refusal": {"worker": other.id, "message": refusal},
+    }))
 }

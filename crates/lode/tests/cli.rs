@@ -1016,6 +1016,18 @@ fn demo_runs_on_a_fresh_home() {
     assert!(o.stdout.contains("demo/app2"), "{}", o.stdout);
     assert!(o.stdout.contains("dedup ratio"), "{}", o.stdout);
     assert!(lode.keyring().exists());
+    // Step 6: the second start goes to the worker that has the image warm, a file is
+    // read through it, and the other worker is refused the image's key.
+    for want in [
+        "flattener (put-only): demo/app2",
+        "the flattener reads nothing back: store",
+        "placed: warm on worker-",
+        "read /etc/app.conf",
+        "refused (403): key of manifest",
+        "it is assigned to worker worker-",
+    ] {
+        assert!(o.stdout.contains(want), "{want:?} missing: {}", o.stdout);
+    }
 
     let other = Lode::new();
     let j = other.ok(&["demo", "--json", "--size-mib", "8"]).json();
@@ -1031,7 +1043,43 @@ fn demo_runs_on_a_fresh_home() {
         "app2 reused too little of app1: {j}"
     );
 
-    // Step 9: one image deleted, the root rotated and the old one collected; the store
+    // Step 6, in figures: the put-only flattener still deduplicated app2's base layer;
+    // both starts went to one worker, the second because it was warm; the other worker
+    // was refused.
+    let roles = &j["roles"];
+    let flat = roles["flattened"].as_array().unwrap();
+    assert!(
+        u64_of(&flat[1]["stats"]["present_chunks"], "present") >= 40,
+        "the put-only flattener deduplicated too little: {roles}"
+    );
+    assert!(
+        roles["flattener_read_back"]
+            .as_str()
+            .unwrap()
+            .contains("put-only"),
+        "{roles}"
+    );
+    let starts = roles["starts"].as_array().unwrap();
+    assert_eq!(starts.len(), 2, "{roles}");
+    assert_eq!(starts[0]["placed"], "hashed", "{roles}");
+    assert_eq!(starts[1]["placed"], "warm", "{roles}");
+    assert_eq!(starts[0]["worker"], starts[1]["worker"], "{roles}");
+    assert_ne!(starts[0]["start"], starts[1]["start"], "{roles}");
+    assert!(u64_of(&roles["read"]["bytes"], "bytes read") > 0, "{roles}");
+    let refusal = &roles["refusal"];
+    assert_ne!(refusal["worker"], starts[1]["worker"], "{roles}");
+    let message = refusal["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("refused (403)")
+            && message.contains(starts[1]["start"].as_str().unwrap())
+            && message.contains(&format!(
+                "it is assigned to worker {}",
+                starts[1]["worker"].as_str().unwrap()
+            )),
+        "{roles}"
+    );
+
+    // Step 10: one image deleted, the root rotated and the old one collected; the store
     // shrank by exactly the dead bytes the old root held, and app2 still reads.
     let gc = &j["gc"];
     assert_eq!(gc["retired"], 1, "{j}");
