@@ -2,6 +2,8 @@
 //! start`), with workers played by this test: each has its own certificate, answers
 //! attach orders over mutual TLS, and calls the service with the real rpc client.
 
+#[path = "common/aws.rs"]
+mod aws;
 #[path = "common/harness.rs"]
 mod harness;
 
@@ -878,4 +880,124 @@ async fn a_certificate_asking_outside_its_role_is_refused_by_name() {
     assert_eq!(grants_total(&w1.client).await, before, "a grant went out");
     // The worker itself still gets it.
     w1.keys(&app, &start_id).await.unwrap();
+}
+
+/// The service given AWS KMS that does not answer: the start is placed (it needs no key),
+/// the worker's key request is refused in bounded time with an error naming the KMS and
+/// the key, and nothing is granted. A second replica over the same store, whose KMS
+/// answers, grants the same start: the records were right, only the KMS was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_kms_is_named_and_grants_nothing() {
+    let Some(moto) = lode_testkit::Moto::start() else {
+        return;
+    };
+    let (h, _app, _db) = fleet();
+    let ca: PathBuf = h.path("ca");
+    // The SDK's own runtime, off this test's.
+    let key = {
+        let endpoint = moto.endpoint();
+        std::thread::spawn(move || aws::create_key(&endpoint))
+            .join()
+            .unwrap()
+    };
+    let file = h.path("aws-img");
+    std::fs::write(&file, random_image(2, 99)).unwrap();
+    let lode = aws::AwsLode {
+        home: &h,
+        endpoint: moto.endpoint(),
+        key: key.clone(),
+    };
+    // A store of its own: a store's root salt is wrapped by the one KMS it was made with.
+    let store = h.path("aws-store");
+    let store = store.to_str().unwrap();
+    lode.ok(&[
+        "--store",
+        store,
+        "import",
+        file.to_str().unwrap(),
+        "--tag",
+        "aws:1",
+    ]);
+    let manifest = lode.json(&["--store", store, "inspect", "aws:1"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A port that was just free and has no listener.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let closed = format!("http://127.0.0.1:{closed}");
+    let spec = format!("aws:{key}");
+    let serve_aws = |endpoint: &str, name: &str| {
+        let mut cmd = h.cmd(&[
+            "--kms",
+            &spec,
+            "--store",
+            store,
+            "control",
+            "serve",
+            "--creds",
+            ca.to_str().unwrap(),
+            "--name",
+            name,
+            "--listen",
+            "127.0.0.1:0",
+            "--kms-timeout",
+            "20s",
+        ]);
+        aws::aws_env(&mut cmd, &h, endpoint);
+        let mut child: Child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let at: Endpoint = line
+            .trim()
+            .strip_prefix("lode control: listening on ")
+            .unwrap_or_else(|| panic!("serve printed {line:?}"))
+            .parse()
+            .unwrap();
+        (ChildGuard(child), at)
+    };
+
+    let (_down, control) = serve_aws(&closed, "control");
+    let w1 = Worker::new(&ca, "w1", &control).await;
+    w1.register().await;
+    w1.heartbeat(&[], &[]).await;
+    let reply = start(&h, &control, "aws:1");
+    assert_eq!(reply["worker"], "w1");
+    let start_id = reply["start"].as_str().unwrap().to_owned();
+    let err = w1.keys(&manifest, &start_id).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err,
+            RpcError::Refused {
+                status: 502 | 504,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("AWS KMS at {closed}")) && text.contains(&key),
+        "the refusal names neither the KMS nor the key: {text}"
+    );
+    assert_eq!(grants_total(&w1.client).await, 0, "a grant went out");
+
+    // Replica b, same store, a KMS that answers: the same start is granted.
+    let (_up, replica) = serve_aws(&moto.endpoint(), "b");
+    let grant = w1
+        .keys_via(&w1.at(&replica, &ca), &manifest, &start_id)
+        .await
+        .unwrap();
+    assert_eq!(grant.manifest, manifest);
+    assert_eq!(grant.data_key.len(), 64);
 }

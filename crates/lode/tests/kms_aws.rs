@@ -4,111 +4,18 @@
 //! wrapped key was swapped for another manifest's is refused by the KMS, naming the
 //! manifest and the key; an unreachable KMS is an error naming its endpoint and the key.
 
+#[path = "common/aws.rs"]
+mod aws;
 #[path = "common/harness.rs"]
 mod harness;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_sdk_kms::config::{Credentials, SharedCredentialsProvider};
+use aws::{AwsLode, create_key};
 use harness::{Home, random_image};
 use lode_format::Manifest;
 use lode_testkit::Moto;
-use serde_json::Value;
-
-/// Makes a symmetric key in the KMS at `endpoint`; returns its ARN.
-fn create_key(endpoint: &str) -> String {
-    let config = SdkConfig::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "lode-test",
-            "lode-test-secret",
-            None,
-            None,
-            "test",
-        )))
-        .http_client(aws_smithy_http_client::Builder::new().build_http())
-        .build();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let out = aws_sdk_kms::Client::new(&config)
-            .create_key()
-            .send()
-            .await
-            .expect("CreateKey");
-        out.key_metadata().unwrap().arn().unwrap().to_owned()
-    })
-}
-
-/// `lode --kms aws:KEY ARGS`, with the AWS settings for `endpoint` on the child only.
-struct AwsLode<'a> {
-    home: &'a Home,
-    endpoint: String,
-    key: String,
-}
-
-impl AwsLode<'_> {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let spec = format!("aws:{}", self.key);
-        let mut all = vec!["--kms", spec.as_str()];
-        all.extend_from_slice(args);
-        let mut cmd = self.home.cmd(&all);
-        cmd.env("AWS_ENDPOINT_URL", &self.endpoint)
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "lode-test")
-            .env("AWS_SECRET_ACCESS_KEY", "lode-test-secret")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", self.home.path("no-aws-config"))
-            .env(
-                "AWS_SHARED_CREDENTIALS_FILE",
-                self.home.path("no-aws-credentials"),
-            )
-            .env_remove("AWS_PROFILE")
-            .env_remove("AWS_SESSION_TOKEN")
-            .env_remove("AWS_ENDPOINT_URL_KMS");
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = self.cmd(args).output().expect("run lode");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            !stderr.contains("panicked"),
-            "lode {args:?} panicked:\n{stderr}"
-        );
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr,
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let (ok, stdout, stderr) = self.run(args);
-        assert!(ok, "lode {args:?} failed:\n{stdout}\n{stderr}");
-        stdout
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        let out = self.ok(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let (ok, _, stderr) = self.run(args);
-        assert!(!ok, "lode {args:?} succeeded");
-        stderr
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
