@@ -272,6 +272,9 @@ fn main() -> Result<()> {
         }
     }
 
+    // Placement learns what is warm from heartbeats: wait for one from every worker.
+    std::thread::sleep(lode_agent::worker::HEARTBEAT_INTERVAL + Duration::from_millis(500));
+
     // 1. Latency, the two kinds interleaved, in alternating order.
     eprintln!("control_start: {} starts of each kind", a.starts);
     let mut via_control = Vec::with_capacity(a.starts);
