@@ -687,6 +687,11 @@ fleet is six lode cache nodes on loopback sharing the same two cores, so latenci
 lode's own costs, not a network's, and ratios measured in the same run mean more than any
 absolute figure.
 
+Studies measured on their own, outside `scripts/bench.sh`: garbage collection
+([evaluation/gc.md](evaluation/gc.md)), the control plane's start latency and throughput
+([evaluation/control.md](evaluation/control.md)) and warm placement against random
+([evaluation/placement.md](evaluation/placement.md)).
+
 """
     r.add(head)
     r.add(headline(dedup, starts, replay, peers, snap))
