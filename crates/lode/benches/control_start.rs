@@ -91,11 +91,11 @@ fn summarize(samples: &[Duration]) -> Summary {
     us.sort_by(f64::total_cmp);
     let n = us.len();
     // Nearest rank: the smallest sample with at least p% of the samples at or below it.
-    let rank = |p: f64| us[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1];
+    let rank = |percent: usize| us[(percent * n).div_ceil(100).clamp(1, n) - 1];
     Summary {
         n,
-        p50: rank(50.0),
-        p99: rank(99.0),
+        p50: rank(50),
+        p99: rank(99),
         mean: us.iter().sum::<f64>() / n as f64,
         min: us[0],
         max: us[n - 1],
