@@ -7,7 +7,7 @@
 # Images are flattened in the order given, so each later image dedups against the
 # earlier ones. mkfs.ext4 gets a fixed UUID, hash seed and clock, its best case for
 # dedup. Also reports the share of the base layer's region chunks that each app image
-# found already stored (the goal: at least 95%).
+# found already stored (lode's goal: at least 95%).
 #
 # Usage: scripts/bench-flatten.sh [LAYOUT] [TAGS...]
 #   LAYOUT defaults to /var/tmp/lode-family/family (scripts/build-image-family.sh builds

@@ -1,9 +1,9 @@
 //! A byte-bounded LRU map, the eviction policy of every local tier.
 //!
 //! Plain LRU: a recency tick per entry and a `BTreeMap` from tick to key, so a touch
-//! and an eviction are O(log n). The issue asks for scan resistance only of the AZ
-//! cache nodes (LRU-K); a worker's own cache serves one worker's images, where recency
-//! is a fair guess.
+//! and an eviction are O(log n). Scan resistance (LRU-K) is kept for the AZ cache
+//! nodes, which many workers share; a worker's own cache serves one worker's images,
+//! where recency is a fair guess.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;

@@ -659,8 +659,8 @@ mod lode_only {
     use super::*;
     use lode_cache_node::NodeConfig;
 
-    /// memcached stores keys with control characters (it checks only the length); the
-    /// issue asks lode to refuse them.
+    /// memcached stores keys with control characters (it checks only the length); lode
+    /// refuses them, as the memcached protocol's key grammar asks.
     #[test]
     fn control_characters_in_keys_are_refused() {
         let node = TestNode::start();
