@@ -1,5 +1,5 @@
 //! Ciphertext tiers: one small trait, so the AZ cache slots in between the local cache
-//! and the origin later (docs/agent.md, tiers 3–5).
+//! and the origin (docs/agent.md).
 //!
 //! A tier only stores and returns bytes; checking them is the job of the
 //! [`ChunkCache`](crate::ChunkCache): it hashes whatever a remote tier returns, and lets

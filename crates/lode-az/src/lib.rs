@@ -1,5 +1,7 @@
 //! lode's AZ cache client (docs/agent.md, the AZ tier).
 //!
+//! Where this fits: docs/architecture.md, "The read path across the tiers".
+//!
 //! Between a worker's local cache and the origin store sits a fleet of cache nodes in
 //! the worker's availability zone, speaking the memcached text protocol (plain memcached
 //! works). A chunk's ciphertext is cut into `k` data stripes and `m` Reed-Solomon parity

@@ -1,5 +1,7 @@
 //! An AZ cache node: the memcached text protocol over a memory tier and a flash tier.
 //!
+//! Where this fits: docs/architecture.md, "The read path across the tiers".
+//!
 //! In lode's read path (docs/agent.md) a worker that
 //! misses its local cache asks the AZ cache: each 512 KiB chunk is erasure-coded into
 //! stripes (about 128 KiB for k = 4) kept on k + m nodes, and any k rebuild it. This

@@ -1,5 +1,7 @@
 //! The assignment service (`lode control`): the control plane of a lode fleet.
 //!
+//! Where this fits: docs/architecture.md, "The control plane and the KMS".
+//!
 //! Workers register and heartbeat; a start is placed on a worker (one that has the image
 //! warm first, else by consistent hashing with bounded load), recorded as an assignment
 //! with a lease, and sent to that worker; the service alone asks the KMS to unwrap image

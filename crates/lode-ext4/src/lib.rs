@@ -1,5 +1,7 @@
 //! A deterministic ext4 image writer, laid out for chunk deduplication.
 //!
+//! Where this fits: docs/architecture.md, "The flow of an image".
+//!
 //! lode's flattener (docs/flatten.md) merges an image's layers into
 //! one tree and writes it with an [`Ext4Writer`]; the image is then cut into
 //! chunks. The tree is a [`Tree`] (a map per directory, easy to edit) or,

@@ -1,5 +1,7 @@
 //! A FUSE filesystem presenting block devices as regular files.
 //!
+//! Where this fits: docs/architecture.md, "The flow of an image".
+//!
 //! The worker agent presents each attached image two ways (docs/agent.md): as an NBD export (`lode-nbd`) and as a file in the agent's FUSE mount, which
 //! is what Firecracker and the kernel loop device take. This crate is the FUSE half: a
 //! flat directory holding one regular file per [`BlockDevice`], whose bytes are the

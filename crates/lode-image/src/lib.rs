@@ -1,9 +1,11 @@
 //! lode's image pipeline (docs/flatten.md, docs/format.md): an image file — a raw disk
-//! image today, the flattener's ext4 output next — is cut into chunks, all-zero chunks are
+//! image, a memory snapshot or the flattener's ext4 output — is cut into chunks, all-zero chunks are
 //! dropped, the rest are sealed and put into the store if the store lacks them, and a
 //! manifest naming them is written under the active root. The way back (export), the
 //! integrity check (verify) and the store-wide accounting (stats) live here too, so the
 //! `lode` binary only parses arguments and prints.
+//!
+//! Where this fits: docs/architecture.md, "The flow of an image" and "Garbage collection".
 
 mod alarm;
 mod error;

@@ -1,13 +1,15 @@
 //! Key management for lode (docs/format.md, docs/security.md).
 //!
+//! Where this fits: docs/architecture.md, "The control plane and the KMS".
+//!
 //! Every manifest's key table is encrypted under a fresh random data key, and that data
 //! key is wrapped by a KMS key; so is each root's salt. [`Kms`] is the small trait a key
 //! service implements: wrap and unwrap 32-byte secrets under a named key, each bound to
 //! an encryption [`Context`] naming what it protects, so a wrapped secret moved to
 //! another manifest (or used as a root salt) does not unwrap there. The embedded default
-//! is [`Keyring`], a local file of named keys; a cloud KMS slots in behind the same
-//! trait. Whoever can unwrap can read images: a worker gets a KMS that unwraps only the
-//! images assigned to it.
+//! is [`Keyring`], a local file of named keys; AWS KMS ([`AwsKms`]) sits behind the same
+//! trait. Whoever can unwrap can read images: a worker of the control service holds no
+//! KMS, and is granted the data keys only of the images assigned to it.
 
 mod aws;
 mod context;

@@ -1,5 +1,7 @@
 //! An NBD (Network Block Device) server over a small block-device trait.
 //!
+//! Where this fits: docs/architecture.md, "The flow of an image".
+//!
 //! The worker agent exports each attached image as a block device (docs/agent.md); this crate is the NBD half of that: fixed newstyle handshake,
 //! pipelined requests answered out of order, TCP and Unix listeners. Whatever
 //! implements [`BlockDevice`] — the agent's lazily loaded image, or [`MemDevice`] and

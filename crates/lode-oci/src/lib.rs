@@ -1,9 +1,11 @@
 //! lode's flattener: OCI images into deterministic, dedup-friendly ext4
 //! images.
 //!
+//! Where this fits: docs/architecture.md, "The flow of an image".
+//!
 //! This is the first step of lode's flow (docs/flatten.md): an image (an OCI layout
-//! directory or a docker-archive tarball; a registry later, through the
-//! same [`Source`] trait) is read layer by layer, every blob checked
+//! directory or a docker-archive tarball, through the [`Source`] trait; a registry
+//! image is first pulled into a layout by lode-registry) is read layer by layer, every blob checked
 //! against its digest and every layer against its diff_id, the layers
 //! merged with OCI semantics (whiteouts, opaque directories, hardlinks
 //! across layers), and the result written by [`lode_ext4`] with one data

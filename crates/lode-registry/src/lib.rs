@@ -1,5 +1,7 @@
 //! Pulls a container image from an OCI / Docker registry into a local OCI image layout.
 //!
+//! Where this fits: docs/architecture.md, "The flow of an image".
+//!
 //! This is the registry input of the flattener (docs/flatten.md): `lode
 //! flatten docker://HOST/REPO:TAG` pulls the image into a layout directory with
 //! [`pull_to_layout`] and then flattens the pulled manifest digest from that directory

@@ -7,6 +7,8 @@
 //! /dev and no way to make device nodes. A SIGTERM, SIGINT or SIGHUP at any point leaves
 //! no mount, loop device or attachment behind ([`signals`]). docs/run.md describes what
 //! each runtime contains and what it does not.
+//!
+//! Where this fits: docs/architecture.md, "The flow of an image".
 
 pub mod control;
 pub mod image;

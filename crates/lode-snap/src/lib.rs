@@ -1,5 +1,7 @@
 //! Memory snapshots restored on demand (docs/snapshots.md).
 //!
+//! Where this fits: docs/architecture.md, "Memory snapshots".
+//!
 //! A snapshot is a memory file published like any image (same chunks, same keys, same
 //! store); [`handler`] serves a VMM's page faults on it through userfaultfd from the
 //! worker's tiers, speaking Firecracker's UFFD handshake; [`record`] keeps the pages a

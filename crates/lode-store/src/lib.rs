@@ -1,6 +1,8 @@
 //! lode's origin: chunks, manifests, tags and roots in an object store (docs/format.md). A local directory is the embedded default; S3 or any S3-compatible
 //! service is the scale-out origin; an in-memory store serves tests.
 //!
+//! Where this fits: docs/architecture.md, "The flow of an image".
+//!
 //! ```text
 //! roots/<root>/ROOT                     the root's state and wrapped salt (JSON)
 //! roots/<root>/chunks/<2 hex>/<name>    chunk ciphertext; name = SHA-256(bytes)

@@ -1,5 +1,7 @@
 //! The `lode` command: parses arguments, builds the pieces from the library crates, and
 //! prints. No logic of its own lives here.
+//!
+//! Where this fits: docs/architecture.md, "The crates".
 
 mod agent;
 mod cli;
