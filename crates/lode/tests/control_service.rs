@@ -9,7 +9,7 @@ mod harness;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -211,15 +211,23 @@ fn fleet() -> (Home, String, String) {
     (h, app, db)
 }
 
-/// Starts `lode control serve` with `args` and returns it and the endpoint it printed.
+/// Starts `lode control serve` with `args` and `envs` and returns it and the endpoint it
+/// printed.
 fn serve(h: &Home, args: &[&str], envs: &[(&str, &Path)]) -> (ChildGuard, Endpoint) {
+    serve_with(h, args, |cmd| {
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+    })
+}
+
+/// [`serve`], with `setup` given the command before it runs.
+fn serve_with(h: &Home, args: &[&str], setup: impl FnOnce(&mut Command)) -> (ChildGuard, Endpoint) {
     let ca = h.path("ca");
     let mut all = vec!["control", "serve", "--creds", ca.to_str().unwrap()];
     all.extend_from_slice(args);
     let mut cmd = h.cmd(&all);
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
+    setup(&mut cmd);
     let mut child: Child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -932,39 +940,19 @@ async fn an_unreachable_kms_is_named_and_grants_nothing() {
     let closed = format!("http://127.0.0.1:{closed}");
     let spec = format!("aws:{key}");
     let serve_aws = |endpoint: &str, name: &str| {
-        let mut cmd = h.cmd(&[
+        let args = [
             "--kms",
             &spec,
             "--store",
             store,
-            "control",
-            "serve",
-            "--creds",
-            ca.to_str().unwrap(),
             "--name",
             name,
             "--listen",
             "127.0.0.1:0",
             "--kms-timeout",
             "20s",
-        ]);
-        aws::aws_env(&mut cmd, &h, endpoint);
-        let mut child: Child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let at: Endpoint = line
-            .trim()
-            .strip_prefix("lode control: listening on ")
-            .unwrap_or_else(|| panic!("serve printed {line:?}"))
-            .parse()
-            .unwrap();
-        (ChildGuard(child), at)
+        ];
+        serve_with(&h, &args, |cmd| aws::aws_env(cmd, &h, endpoint))
     };
 
     let (_down, control) = serve_aws(&closed, "control");

@@ -408,6 +408,15 @@ pub async fn start(admin: &Client, image: &str) -> Result<StartReply> {
         .with_context(|| format!("starting {image}"))
 }
 
+/// The error for a start placed on a worker this fleet did not start.
+fn unknown_worker(reply: &StartReply) -> anyhow::Error {
+    anyhow!(
+        "start {} went to unknown worker {}",
+        reply.start,
+        reply.worker
+    )
+}
+
 /// `POST path` with `body` on an agent's control socket; fails with the agent's message.
 fn agent_call(socket: &Path, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
     Ok(lode_agent::control::request(socket, "POST", path, Some(body))?.json()?)
@@ -467,13 +476,7 @@ impl ControlFleet {
             .workers
             .iter()
             .find(|w| w.id == reply.worker)
-            .ok_or_else(|| {
-                anyhow!(
-                    "start {} went to unknown worker {}",
-                    reply.start,
-                    reply.worker
-                )
-            })?;
+            .ok_or_else(|| unknown_worker(reply))?;
         agent_call(
             &worker.control_socket(),
             "/detach",
@@ -701,13 +704,7 @@ impl ServiceOnly {
             .workers
             .iter()
             .find(|w| w.id == reply.worker)
-            .ok_or_else(|| {
-                anyhow!(
-                    "start {} went to unknown worker {}",
-                    reply.start,
-                    reply.worker
-                )
-            })?;
+            .ok_or_else(|| unknown_worker(reply))?;
         let _: serde_json::Value = worker
             .client
             .call(
