@@ -644,7 +644,8 @@ def section_peers(ctx):
     for m in re.finditer(r"seal_512KiB/(\w+)\s+time:\s+\[[\d.]+ \S+ ([\d.]+) (\S+)", text):
         scale = {"ns": 1e-3, "µs": 1.0, "us": 1.0, "ms": 1e3}[m[3]]
         seal[m[1]] = float(m[2]) * scale
-    if set(seal) != {"ring_primitives_alone", "lode_seal_chunk_in_place"}:
+    # The bench also seals as v2; the evaluation compares v1 and the primitives.
+    if not {"ring_primitives_alone", "lode_seal_chunk_in_place"} <= set(seal):
         raise Fail(f"no Criterion estimates in the seal bench output:\n{text}")
     out["seal"] = {"us_per_chunk": seal, "command": cmd, "secs": took}
 

@@ -85,7 +85,7 @@ fn derive_key_and_digest(salt: &RootSalt, plaintext: &[u8]) -> (ChunkKey, [u8; 3
     (ChunkKey::from_bytes(key), d)
 }
 
-fn aead_key(key: &ChunkKey) -> LessSafeKey {
+pub(crate) fn aead_key(key: &ChunkKey) -> LessSafeKey {
     // A 32-byte key is always the right length for AES-256-GCM.
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.expose()).expect("32-byte AES-256 key"))
 }

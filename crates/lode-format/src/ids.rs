@@ -279,6 +279,97 @@ impl fmt::Display for ChunkSize {
     }
 }
 
+/// The size of a v2 chunk's segments (docs/format.md, "Chunk v2"): a power of two from
+/// 4 KiB to 64 MiB, and at most the chunk size of the manifest that uses it. 32 KiB by
+/// default.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct SegmentSize(u32);
+
+/// A segment size outside what lode supports.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("segment size {0} is not a power of two between 4096 and 67108864 bytes")]
+pub struct InvalidSegmentSize(pub u64);
+
+impl SegmentSize {
+    /// 32 KiB, lode's default: a 512 KiB chunk in 16 segments.
+    pub const DEFAULT: SegmentSize = SegmentSize(32 * 1024);
+    /// The smallest allowed segment size (one page).
+    pub const MIN: u32 = 4096;
+    /// The largest allowed segment size (the largest chunk).
+    pub const MAX: u32 = ChunkSize::MAX;
+
+    /// Checks that `bytes` is a supported segment size.
+    pub fn new(bytes: u64) -> Result<Self, InvalidSegmentSize> {
+        match u32::try_from(bytes) {
+            Ok(b) if b.is_power_of_two() && (Self::MIN..=Self::MAX).contains(&b) => Ok(Self(b)),
+            _ => Err(InvalidSegmentSize(bytes)),
+        }
+    }
+
+    /// The size in bytes.
+    pub const fn bytes(self) -> u32 {
+        self.0
+    }
+
+    /// The size in bytes, as a `u64` for offset arithmetic.
+    pub const fn bytes_u64(self) -> u64 {
+        self.0 as u64
+    }
+
+    /// The size in bytes, as a `usize` for buffers.
+    pub const fn bytes_usize(self) -> usize {
+        self.0 as usize
+    }
+
+    /// How many segments hold `plain_len` bytes (the last may be short).
+    pub const fn count_for(self, plain_len: u64) -> u64 {
+        plain_len.div_ceil(self.0 as u64)
+    }
+
+    /// Whether segments of this size fit chunks of `chunk_size` (a segment is never
+    /// larger than its chunk).
+    pub const fn fits(self, chunk_size: ChunkSize) -> bool {
+        self.0 <= chunk_size.bytes()
+    }
+}
+
+impl Default for SegmentSize {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl TryFrom<u32> for SegmentSize {
+    type Error = InvalidSegmentSize;
+    fn try_from(v: u32) -> Result<Self, Self::Error> {
+        Self::new(u64::from(v))
+    }
+}
+
+impl From<SegmentSize> for u32 {
+    fn from(s: SegmentSize) -> u32 {
+        s.0
+    }
+}
+
+impl fmt::Display for SegmentSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The position of a segment in a v2 chunk: offset in the chunk / segment size.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SegmentIndex(pub u32);
+
+impl fmt::Display for SegmentIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +419,32 @@ mod tests {
         assert_eq!(c.len_of(ChunkIndex(1), 4097), 1);
         assert_eq!(c.len_of(ChunkIndex(0), 4097), 4096);
         assert_eq!(c.len_of(ChunkIndex(5), 4097), 0);
+    }
+
+    #[test]
+    fn segment_size_bounds() {
+        assert_eq!(SegmentSize::default().bytes(), 32768);
+        assert!(SegmentSize::new(4096).is_ok());
+        assert!(SegmentSize::new(64 << 20).is_ok());
+        assert_eq!(SegmentSize::new(2048), Err(InvalidSegmentSize(2048)));
+        assert!(SegmentSize::new(12288).is_err());
+        assert!(SegmentSize::new(128 << 20).is_err());
+        assert!(SegmentSize::new(u64::MAX).is_err());
+        assert_eq!(
+            InvalidSegmentSize(5).to_string(),
+            "segment size 5 is not a power of two between 4096 and 67108864 bytes"
+        );
+        let s = SegmentSize::new(32768).unwrap();
+        assert!(s.fits(ChunkSize::DEFAULT));
+        assert!(s.fits(ChunkSize::new(32768).unwrap()));
+        assert!(!s.fits(ChunkSize::new(16384).unwrap()));
+        assert_eq!(s.count_for(0), 0);
+        assert_eq!(s.count_for(1), 1);
+        assert_eq!(s.count_for(32768), 1);
+        assert_eq!(s.count_for(32769), 2);
+        assert_eq!(s.count_for(512 * 1024), 16);
+        assert_eq!(serde_json::to_string(&s).unwrap(), "32768");
+        assert!(serde_json::from_str::<SegmentSize>("1000").is_err());
     }
 
     #[test]

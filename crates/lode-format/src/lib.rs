@@ -6,20 +6,30 @@
 //!
 //! - [`chunk`]: `digest = SHA-256(plaintext)`, `key = HMAC-SHA256(root_salt, digest)`,
 //!   `ciphertext = AES-256-GCM(key, zero nonce, plaintext)`, `name = SHA-256(ciphertext)`.
+//! - [`segment`]: chunk format v2, the same chunk cut into segments that can each be
+//!   checked and decrypted alone; `name = SHA-256(header)`, the header listing every
+//!   segment's SHA-256.
 //! - [`manifest`]: the versioned binary record naming an image's chunks, with its key
-//!   table encrypted under a data key and the whole record authenticated.
-//! - [`ids`]: chunk names, manifest ids, root ids, chunk indexes and sizes.
+//!   table encrypted under a data key and the whole record authenticated. Version 1
+//!   names v1 chunks, version 2 v2 chunks of a given segment size.
+//! - [`ids`]: chunk names, manifest ids, root ids, chunk indexes, chunk and segment sizes.
 
 pub mod chunk;
 pub mod ids;
 pub mod manifest;
+pub mod segment;
 
 pub use chunk::{ChunkError, SealedChunk, open_chunk, seal_chunk, seal_chunk_in_place};
 pub use ids::{
     ByteOffset, ChunkIndex, ChunkKey, ChunkName, ChunkSize, DataKey, ImageDigest, ManifestId,
-    RootId, RootSalt, Secret32,
+    RootId, RootSalt, Secret32, SegmentIndex, SegmentSize,
 };
 pub use manifest::{
-    ChunkEntry, ImageConfig, KeyTable, Manifest, ManifestError, ManifestHeader, WrappedKey,
-    binding_of,
+    ChunkEntry, ChunkFormat, ImageConfig, KeyTable, Manifest, ManifestError, ManifestHeader,
+    WrappedKey, binding_of,
+};
+pub use segment::{
+    CheckedHeader, ChunkHeader, ChunkV2Error, HeaderError, SealedChunkV2, open_chunk_v2,
+    open_segment, open_segment_in_place, open_segment_unverified, seal_chunk_v2, verify_header,
+    verify_segment,
 };

@@ -4,11 +4,12 @@
 //! ```text
 //! offset  size      field (integers little-endian)
 //! 0       8         magic "LODEMNFT"
-//! 8       2         format version (1)
+//! 8       2         format version: 1 (v1 chunks) or 2 (v2 chunks, src/segment.rs)
 //! 10      2         flags (0; anything else is refused)
 //! 12      4         root id
 //! 16      4         chunk size in bytes (power of two, 4 KiB..64 MiB)
-//! 20      4         reserved (0)
+//! 20      4         version 1: reserved (0); version 2: the v2 chunks' segment size
+//!                   (power of two, 4 KiB..chunk size)
 //! 24      8         device size in bytes
 //! 32      32        image digest (SHA-256 of the source the image was made from)
 //! 64      8         chunk count N (must equal ceil(device size / chunk size))
@@ -28,6 +29,10 @@
 //! a flipped byte anywhere fails either the parser or [`Manifest::open_keys`]. The data
 //! key is fresh for every manifest and encrypts exactly one key table, so the zero nonce
 //! never repeats under a key. A manifest's id is the SHA-256 of its bytes.
+//!
+//! The version says how every chunk it names is sealed ([`ChunkFormat`]): a manifest
+//! never mixes v1 and v2 chunks, and the segment size is part of what the binding and the
+//! key table's tag cover.
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use serde::Serialize;
@@ -36,12 +41,15 @@ use thiserror::Error;
 use crate::chunk::TAG_LEN;
 use crate::ids::{
     ChunkIndex, ChunkKey, ChunkName, ChunkSize, DataKey, ImageDigest, ManifestId, RootId,
+    SegmentSize,
 };
 
 /// The first eight bytes of every manifest.
 pub const MAGIC: [u8; 8] = *b"LODEMNFT";
-/// The format version this code writes and reads.
-pub const VERSION: u16 = 1;
+/// The format version of a manifest of v1 chunks.
+pub const VERSION_1: u16 = 1;
+/// The format version of a manifest of v2 (segmented) chunks.
+pub const VERSION_2: u16 = 2;
 /// The largest manifest lode will parse. A 16 GiB image at 512 KiB chunks is about
 /// 2 MiB; 64 MiB allows half a terabyte.
 pub const MAX_MANIFEST_BYTES: usize = 64 * 1024 * 1024;
@@ -75,7 +83,8 @@ pub enum ManifestError {
     },
     /// Written by a newer lode.
     #[error(
-        "manifest is corrupt or from another lode: format version {found}, this lode reads {VERSION}"
+        "manifest is corrupt or from another lode: format version {found}, this lode reads \
+         {VERSION_1} and {VERSION_2}"
     )]
     UnsupportedVersion {
         /// The version found.
@@ -114,6 +123,47 @@ pub struct ImageConfig {
     pub user: String,
 }
 
+/// How the chunks a manifest names are sealed; the manifest's format version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "version", rename_all = "lowercase")]
+pub enum ChunkFormat {
+    /// Version 1: each chunk one AES-256-GCM message, named by SHA-256 of it
+    /// ([`crate::chunk`]).
+    V1,
+    /// Version 2: each chunk in segments of `segment_size`, named by SHA-256 of its
+    /// header ([`crate::segment`]).
+    V2 {
+        /// The segment size of every chunk; at most the chunk size.
+        segment_size: SegmentSize,
+    },
+}
+
+impl ChunkFormat {
+    /// The manifest format version that records this chunk format.
+    pub const fn version(self) -> u16 {
+        match self {
+            ChunkFormat::V1 => VERSION_1,
+            ChunkFormat::V2 { .. } => VERSION_2,
+        }
+    }
+
+    /// The segment size of v2 chunks; `None` for v1.
+    pub const fn segment_size(self) -> Option<SegmentSize> {
+        match self {
+            ChunkFormat::V1 => None,
+            ChunkFormat::V2 { segment_size } => Some(segment_size),
+        }
+    }
+
+    /// What the manifest stores at offset 20: 0 for v1, the segment size for v2.
+    const fn field(self) -> u32 {
+        match self {
+            ChunkFormat::V1 => 0,
+            ChunkFormat::V2 { segment_size } => segment_size.bytes(),
+        }
+    }
+}
+
 /// The fields of a manifest other than its chunk and key tables.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ManifestHeader {
@@ -121,6 +171,8 @@ pub struct ManifestHeader {
     pub root: RootId,
     /// The size of every chunk but a short last one.
     pub chunk_size: ChunkSize,
+    /// How the chunks are sealed (and so the manifest's format version).
+    pub chunk_format: ChunkFormat,
     /// The image's size in bytes.
     pub device_size: u64,
     /// SHA-256 of the source the image was made from.
@@ -213,6 +265,14 @@ impl Manifest {
         data_key: &DataKey,
         wrapped_key: WrappedKey,
     ) -> Result<Manifest, ManifestError> {
+        if let Some(s) = header.chunk_format.segment_size()
+            && !s.fits(header.chunk_size)
+        {
+            return Err(ManifestError::Build(format!(
+                "segment size {s} is larger than the {}-byte chunk size",
+                header.chunk_size
+            )));
+        }
         let expected = header.chunk_size.chunks_for(header.device_size);
         if chunks.len() as u64 != expected {
             return Err(ManifestError::Build(format!(
@@ -288,7 +348,7 @@ impl Manifest {
             return Err(corrupt(0, "bad magic (not a lode manifest)"));
         }
         let version = r.u16("format version")?;
-        if version != VERSION {
+        if version != VERSION_1 && version != VERSION_2 {
             return Err(ManifestError::UnsupportedVersion { found: version });
         }
         let flags = r.u16("flags")?;
@@ -298,9 +358,25 @@ impl Manifest {
         let root = RootId(r.u32("root id")?);
         let chunk_size = ChunkSize::new(u64::from(r.u32("chunk size")?))
             .map_err(|e| corrupt(16, e.to_string()))?;
-        if r.u32("reserved")? != 0 {
-            return Err(corrupt(20, "reserved field is not zero"));
-        }
+        let chunk_format = if version == VERSION_1 {
+            if r.u32("reserved")? != 0 {
+                return Err(corrupt(20, "reserved field is not zero"));
+            }
+            ChunkFormat::V1
+        } else {
+            let segment_size = SegmentSize::new(u64::from(r.u32("segment size")?))
+                .map_err(|e| corrupt(20, e.to_string()))?;
+            if !segment_size.fits(chunk_size) {
+                return Err(corrupt(
+                    20,
+                    format!(
+                        "segment size {segment_size} is larger than the {chunk_size}-byte \
+                         chunk size"
+                    ),
+                ));
+            }
+            ChunkFormat::V2 { segment_size }
+        };
         let device_size = r.u64("device size")?;
         let image_digest = ImageDigest::from_bytes(r.array32("image digest")?);
         let count_at = r.at;
@@ -395,6 +471,7 @@ impl Manifest {
             header: ManifestHeader {
                 root,
                 chunk_size,
+                chunk_format,
                 device_size,
                 image_digest,
                 config,
@@ -504,11 +581,11 @@ fn encode_body(header: &ManifestHeader, chunks: &[ChunkEntry]) -> Result<Vec<u8>
 
     let mut b = Vec::with_capacity(FIXED_HEADER + config.len() + chunks.len() * 64 + 512);
     b.extend_from_slice(&MAGIC);
-    b.extend_from_slice(&VERSION.to_le_bytes());
+    b.extend_from_slice(&header.chunk_format.version().to_le_bytes());
     b.extend_from_slice(&0u16.to_le_bytes());
     b.extend_from_slice(&header.root.0.to_le_bytes());
     b.extend_from_slice(&header.chunk_size.bytes().to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&header.chunk_format.field().to_le_bytes());
     b.extend_from_slice(&header.device_size.to_le_bytes());
     b.extend_from_slice(header.image_digest.as_bytes());
     b.extend_from_slice(&(chunks.len() as u64).to_le_bytes());
@@ -664,6 +741,7 @@ mod tests {
         let header = ManifestHeader {
             root: RootId(7),
             chunk_size: ChunkSize::new(4096).unwrap(),
+            chunk_format: ChunkFormat::V1,
             device_size: 3 * 4096 + 100,
             image_digest: ImageDigest::of(b"source"),
             config: ImageConfig {
@@ -784,10 +862,16 @@ mod tests {
             "manifest is corrupt: truncated device size: need 8 bytes, 6 left at byte 24"
         );
         let mut bad = m.bytes().to_vec();
-        bad[8] = 2;
+        bad[8] = 3;
         assert_eq!(
             Manifest::parse(&bad).unwrap_err().to_string(),
-            "manifest is corrupt or from another lode: format version 2, this lode reads 1"
+            "manifest is corrupt or from another lode: format version 3, this lode reads 1 and 2"
+        );
+        let mut bad = m.bytes().to_vec();
+        bad[20] = 1;
+        assert_eq!(
+            Manifest::parse(&bad).unwrap_err().to_string(),
+            "manifest is corrupt: reserved field is not zero at byte 20"
         );
         assert_eq!(
             Manifest::parse(b"not a manifest at all")
@@ -825,11 +909,125 @@ mod tests {
         );
     }
 
+    fn v2_header(segment_size: u64) -> ManifestHeader {
+        ManifestHeader {
+            root: RootId(3),
+            chunk_size: ChunkSize::new(65536).unwrap(),
+            chunk_format: ChunkFormat::V2 {
+                segment_size: SegmentSize::new(segment_size).unwrap(),
+            },
+            device_size: 65536 + 10,
+            image_digest: ImageDigest::of(b"v2"),
+            config: ImageConfig::default(),
+        }
+    }
+
+    fn seal_v2(header: ManifestHeader) -> Result<Manifest, ManifestError> {
+        let chunks = vec![
+            ChunkEntry::Stored(ChunkName::of(b"a")),
+            ChunkEntry::Stored(ChunkName::of(b"b")),
+        ];
+        let keys = [ChunkKey::from_bytes([1; 32]), ChunkKey::from_bytes([2; 32])];
+        let w = WrappedKey {
+            key_id: "k".into(),
+            blob: vec![1],
+        };
+        Manifest::seal(header, chunks, &keys, &DataKey::from_bytes([4; 32]), w)
+    }
+
+    #[test]
+    fn version_2_records_the_segment_size() {
+        let m = seal_v2(v2_header(32768)).unwrap();
+        assert_eq!(&m.bytes()[8..10], &2u16.to_le_bytes());
+        assert_eq!(&m.bytes()[20..24], &32768u32.to_le_bytes());
+        let p = Manifest::parse(m.bytes()).unwrap();
+        assert_eq!(p.header(), m.header());
+        assert_eq!(
+            p.header().chunk_format.segment_size(),
+            SegmentSize::new(32768).ok()
+        );
+        assert_eq!(p.header().chunk_format.version(), 2);
+        p.open_keys(&DataKey::from_bytes([4; 32])).unwrap();
+        // A segment as large as the chunk is allowed.
+        let whole = seal_v2(v2_header(65536)).unwrap();
+        assert!(Manifest::parse(whole.bytes()).is_ok());
+        // The binding covers the format: the same chunks as v1 bind differently.
+        let v1 = ManifestHeader {
+            chunk_format: ChunkFormat::V1,
+            ..m.header().clone()
+        };
+        assert_ne!(binding_of(&v1, m.chunks()).unwrap(), m.binding());
+        assert_ne!(
+            binding_of(&v2_header(4096), m.chunks()).unwrap(),
+            m.binding()
+        );
+    }
+
+    #[test]
+    fn version_2_segment_size_is_checked() {
+        let m = seal_v2(v2_header(32768)).unwrap();
+        let with = |v: u32| {
+            let mut b = m.bytes().to_vec();
+            b[20..24].copy_from_slice(&v.to_le_bytes());
+            Manifest::parse(&b).unwrap_err().to_string()
+        };
+        assert_eq!(
+            with(0),
+            "manifest is corrupt: segment size 0 is not a power of two between 4096 and \
+             67108864 bytes at byte 20"
+        );
+        assert_eq!(
+            with(2048),
+            "manifest is corrupt: segment size 2048 is not a power of two between 4096 and \
+             67108864 bytes at byte 20"
+        );
+        assert_eq!(
+            with(131072),
+            "manifest is corrupt: segment size 131072 is larger than the 65536-byte chunk \
+             size at byte 20"
+        );
+        // A v1 manifest relabelled as version 2 has segment size 0.
+        let (v1, _) = sample();
+        let mut b = v1.bytes().to_vec();
+        b[8] = 2;
+        assert!(
+            Manifest::parse(&b)
+                .unwrap_err()
+                .to_string()
+                .contains("segment size 0 is not")
+        );
+        let header = ManifestHeader {
+            chunk_size: ChunkSize::new(16384).unwrap(),
+            device_size: 16384 + 10,
+            ..v2_header(32768)
+        };
+        assert_eq!(
+            seal_v2(header).unwrap_err().to_string(),
+            "cannot build manifest: segment size 32768 is larger than the 16384-byte chunk size"
+        );
+    }
+
+    #[test]
+    fn chunk_format_renders_as_json() {
+        let v2 = ChunkFormat::V2 {
+            segment_size: SegmentSize::DEFAULT,
+        };
+        assert_eq!(
+            serde_json::to_string(&v2).unwrap(),
+            r#"{"version":"v2","segment_size":32768}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&ChunkFormat::V1).unwrap(),
+            r#"{"version":"v1"}"#
+        );
+    }
+
     #[test]
     fn empty_device() {
         let header = ManifestHeader {
             root: RootId(1),
             chunk_size: ChunkSize::DEFAULT,
+            chunk_format: ChunkFormat::V1,
             device_size: 0,
             image_digest: ImageDigest::of(b""),
             config: ImageConfig::default(),

@@ -9,11 +9,18 @@ the format rather than against itself. Needs python3 and the `cryptography` pack
     python3 crates/lode-format/tests/gen_vectors.py --dump   # also print the worked
                                                              # example used in docs/format.md
 
-Chunk sealing (docs/format.md):
+Chunk sealing, v1 (docs/format.md):
     digest     = SHA-256(plaintext)
     key        = HMAC-SHA256(root_salt, digest)
     ciphertext = AES-256-GCM(key, nonce = 12 zero bytes, no AAD, plaintext) || tag
     name       = SHA-256(ciphertext)
+
+Chunk sealing, v2 (docs/format.md, "Chunk v2"), segment size S, codec 0:
+    key        = HMAC-SHA256(root_salt, "lode chunk v2" || u8 0 || u32 S || digest)
+    sealed_j   = AES-256-GCM(key, nonce = u64 j || 4 zero bytes, no AAD, segment j) || tag
+    header     = "LDC2" || u8 2 || u8 0 || u16 0 || u32 S || u32 len || u32 n
+                 || for each j: u32 len(sealed_j) || SHA-256(sealed_j)
+    object     = header || sealed_0 || ... ;  name = SHA-256(header)
 """
 
 import hashlib
@@ -22,6 +29,19 @@ import json
 import struct
 import sys
 from pathlib import Path
+
+
+def u16(v):
+    return struct.pack("<H", v)
+
+
+def u32(v):
+    return struct.pack("<I", v)
+
+
+def u64(v):
+    return struct.pack("<Q", v)
+
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -43,6 +63,34 @@ def seal(salt: bytes, plaintext: bytes):
     assert len(ciphertext) == len(plaintext) + TAG_LEN
     assert AESGCM(key).decrypt(ZERO_NONCE, ciphertext, None) == plaintext
     return digest, key, ciphertext, sha256(ciphertext)
+
+
+V2_LABEL = b"lode chunk v2"
+# v2 objects up to this length are stored inline as hex; longer ones by their header
+# (which lists every segment's SHA-256) and the SHA-256 of the whole object.
+INLINE_V2_MAX = 8192
+
+
+def seal_v2(salt: bytes, plaintext: bytes, seg: int):
+    assert 1 <= len(plaintext) <= 64 << 20
+    assert seg & (seg - 1) == 0 and 4096 <= seg <= 64 << 20
+    codec = 0
+    digest = sha256(plaintext)
+    key = hmac.new(salt, V2_LABEL + bytes([codec]) + u32(seg) + digest,
+                   hashlib.sha256).digest()
+    n = -(-len(plaintext) // seg)
+    sealed = []
+    for j in range(n):
+        nonce = u64(j) + bytes(4)
+        part = plaintext[j * seg:(j + 1) * seg]
+        s = AESGCM(key).encrypt(nonce, part, None)
+        assert len(s) == len(part) + TAG_LEN
+        assert AESGCM(key).decrypt(nonce, s, None) == part
+        sealed.append(s)
+    header = (b"LDC2" + bytes([2, codec]) + u16(0) + u32(seg) + u32(len(plaintext)) + u32(n)
+              + b"".join(u32(len(s)) + sha256(s) for s in sealed))
+    assert len(header) == 20 + 36 * n
+    return digest, key, header, header + b"".join(sealed), sha256(header)
 
 
 def mul32(rule) -> bytes:
@@ -108,18 +156,41 @@ def chunk_vectors():
     return out
 
 
+# v2 chunks: (plaintext, salt, segment size). One segment exactly, a chunk smaller than
+# its segment size, the default 512 KiB chunk in 32 KiB segments and in 4 KiB ones, and a
+# short last chunk whose last segment is short.
+V2_CASES = [
+    ("one_byte", "counting", 4096),
+    ("short", "counting", 4096),
+    ("short", "hashed", 4096),
+    ("four_kib", "counting", 4096),
+    ("four_kib", "counting", 32768),
+    ("full_512k", "counting", 32768),
+    ("full_512k", "hashed", 4096),
+    ("short_last", "counting", 32768),
+    ("short_last", "counting", 65536),
+]
+
+
+def chunk_v2_vectors():
+    plains = {p["label"]: plaintext_of(p) for p in PLAINTEXTS}
+    out = []
+    for label, salt_label, seg in V2_CASES:
+        plain = plains[label]
+        digest, key, header, obj, name = seal_v2(SALTS[salt_label], plain, seg)
+        v = {"plaintext": label, "salt": salt_label, "segment_size": seg,
+             "plaintext_len": len(plain), "digest": digest.hex(), "key": key.hex(),
+             "segment_count": -(-len(plain) // seg), "header": header.hex(),
+             "object_len": len(obj)}
+        if len(obj) <= INLINE_V2_MAX:
+            v["object"] = obj.hex()
+        v["object_sha256"] = sha256(obj).hex()
+        v["name"] = name.hex()
+        out.append(v)
+    return out
+
+
 # ---- manifest, following the table in src/manifest.rs ------------------------------
-
-def u16(v):
-    return struct.pack("<H", v)
-
-
-def u32(v):
-    return struct.pack("<I", v)
-
-
-def u64(v):
-    return struct.pack("<Q", v)
 
 
 def enc_str(s: str) -> bytes:
@@ -143,12 +214,17 @@ def build_manifest(m):
     cs, dev = m["chunk_size"], m["device_size"]
     n = -(-dev // cs)  # ceil
     assert n == len(m["chunks"])
+    seg = m.get("segment_size")
     put(b"LODEMNFT", "magic")
-    put(u16(1), "format version")
+    put(u16(1 if seg is None else 2), "format version")
     put(u16(0), "flags")
     put(u32(m["root"]), "root id")
     put(u32(cs), "chunk size")
-    put(u32(0), "reserved")
+    if seg is None:
+        put(u32(0), "reserved")
+    else:
+        assert seg & (seg - 1) == 0 and 4096 <= seg <= cs
+        put(u32(seg), "segment size")
     put(u64(dev), "device size")
     put(bytes.fromhex(m["image_digest"]), "image digest")
     put(u64(n), "chunk count N")
@@ -179,12 +255,14 @@ def build_manifest(m):
     return bytes(out), key_table_at, fields
 
 
-def manifest_vector(chunks_by_label):
+def manifest_vector(chunks_by_label, segment_size=None):
     """A 4 KiB-chunk image of four chunks: the 4 KiB text, a zero chunk, the 4 KiB text
-    again (deduplicated: same name, same key), and a 12-byte short last chunk."""
+    again (deduplicated: same name, same key), and a 12-byte short last chunk. With a
+    segment size, the same image as a version 2 manifest of v2 chunks."""
     a = chunks_by_label[("four_kib", "counting")]
     b = chunks_by_label[("short", "counting")]
-    m = {
+    m = {} if segment_size is None else {"segment_size": segment_size}
+    m |= {
         "root": 7,
         "chunk_size": 4096,
         "device_size": 3 * 4096 + 12,
@@ -209,23 +287,42 @@ def manifest_vector(chunks_by_label):
     return m, raw, fields
 
 
-def dump(chunks, manifest, raw, fields):
+def dump(chunks, chunks_v2, manifest, raw, fields, manifest_v2, raw_v2, fields_v2):
     v = next(c for c in chunks if c["plaintext"] == "short" and c["salt"] == "counting")
     print("== chunk: 'hello, lode\\n' under salt 00 01 .. 1f ==")
     for k in ("plaintext_len", "digest", "key", "ciphertext", "name"):
         print(f"{k:14} {v[k]}")
+    print()
+    v = next(c for c in chunks_v2 if c["plaintext"] == "short" and c["salt"] == "counting"
+             and c["segment_size"] == 4096)
+    print("== v2 chunk: 'hello, lode\\n' under salt 00 01 .. 1f, S = 4096 ==")
+    for k in ("plaintext_len", "digest", "key", "object_len", "name"):
+        print(f"{k:14} {v[k]}")
+    header = bytes.fromhex(v["header"])
+    for off, ln in ((0, 4), (4, 1), (5, 1), (6, 2), (8, 4), (12, 4), (16, 4), (20, 4),
+                    (24, 32)):
+        print(f"header {off:3} {ln:3}  {header[off:off + ln].hex(' ')}")
+    print(f"{'sealed_0':14} {bytes.fromhex(v['object'])[len(header):].hex()}")
     print()
     print(f"== manifest ({len(raw)} bytes), id {manifest['id']} ==")
     for off, ln, what in fields:
         b = raw[off:off + ln]
         h = b.hex(" ")
         print(f"{off:5}  {ln:4}  {what:24} {h}")
+    print()
+    print(f"== manifest v2 ({len(raw_v2)} bytes), id {manifest_v2['id']} ==")
+    for off, ln, what in fields_v2:
+        print(f"{off:5}  {ln:4}  {what:24} {raw_v2[off:off + ln].hex(' ')}")
 
 
 def main():
     chunks = chunk_vectors()
     by_label = {(c["plaintext"], c["salt"]): c for c in chunks}
     manifest, raw, fields = manifest_vector(by_label)
+    chunks_v2 = chunk_v2_vectors()
+    by_label_v2 = {(c["plaintext"], c["salt"]): c for c in chunks_v2
+                   if c["segment_size"] == 4096}
+    manifest_v2, raw_v2, fields_v2 = manifest_vector(by_label_v2, segment_size=4096)
     doc = {
         "comment": "Generated by gen_vectors.py from docs/format.md and the layout in "
                    "src/manifest.rs; do not edit by hand.",
@@ -233,11 +330,13 @@ def main():
         "plaintexts": PLAINTEXTS,
         "chunks": chunks,
         "manifest": manifest,
+        "chunks_v2": chunks_v2,
+        "manifest_v2": manifest_v2,
     }
     path = Path(__file__).with_name("vectors.json")
     path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if "--dump" in sys.argv[1:]:
-        dump(chunks, manifest, raw, fields)
+        dump(chunks, chunks_v2, manifest, raw, fields, manifest_v2, raw_v2, fields_v2)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
 
 use lode_format::chunk::{open_chunk, open_unverified, seal_chunk};
 use lode_format::{
-    ChunkEntry, ChunkIndex, ChunkKey, ChunkName, ChunkSize, DataKey, ImageConfig, ImageDigest,
-    Manifest, ManifestHeader, RootId, RootSalt, WrappedKey,
+    ChunkEntry, ChunkFormat, ChunkIndex, ChunkKey, ChunkName, ChunkSize, DataKey, ImageConfig,
+    ImageDigest, Manifest, ManifestHeader, RootId, RootSalt, SegmentSize, WrappedKey,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -81,10 +81,19 @@ fn input() -> impl Strategy<Value = Input> {
         any::<u64>(),
         any::<[u8; 32]>(),
         config(),
+        // None: version 1; Some(k): version 2 with segments 2^k times smaller than chunks.
+        proptest::option::of(0u32..=14),
     );
     header
-        .prop_flat_map(|(root, shift, count, tail, digest, config)| {
+        .prop_flat_map(|(root, shift, count, tail, digest, config, segments)| {
             let chunk_size = ChunkSize::new(1u64 << shift).unwrap();
+            let chunk_format = match segments {
+                None => ChunkFormat::V1,
+                Some(k) => ChunkFormat::V2 {
+                    segment_size: SegmentSize::new(1u64 << shift.saturating_sub(k).max(12))
+                        .unwrap(),
+                },
+            };
             let cs = chunk_size.bytes_u64();
             // Any device size that needs exactly `count` chunks: the last may be short.
             let device_size = if count == 0 {
@@ -95,6 +104,7 @@ fn input() -> impl Strategy<Value = Input> {
             let header = ManifestHeader {
                 root: RootId(root),
                 chunk_size,
+                chunk_format,
                 device_size,
                 image_digest: ImageDigest::from_bytes(digest),
                 config,
@@ -285,6 +295,7 @@ fn key_field_limits() {
     let header = ManifestHeader {
         root: RootId(1),
         chunk_size: ChunkSize::DEFAULT,
+        chunk_format: ChunkFormat::V1,
         device_size: 1,
         image_digest: ImageDigest::of(b"limits"),
         config: ImageConfig::default(),

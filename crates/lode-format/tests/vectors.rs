@@ -1,4 +1,5 @@
-//! Checks chunk sealing and the manifest layout against `vectors.json`, which
+//! Checks chunk sealing (v1 and v2) and the manifest layout (versions 1 and 2) against
+//! `vectors.json`, which
 //! `gen_vectors.py` computes with Python's hashlib, hmac and `cryptography` from
 //! docs/format.md and the layout drawn in `src/manifest.rs` — a second, independent reading
 //! of the format. A mismatch here means one of the two departs from the documents; find
@@ -8,8 +9,9 @@ use std::collections::BTreeMap;
 
 use lode_format::chunk::{derive_key, open_chunk, seal_chunk};
 use lode_format::{
-    ChunkEntry, ChunkIndex, ChunkKey, ChunkName, ChunkSize, DataKey, ImageConfig, ImageDigest,
-    Manifest, ManifestHeader, ManifestId, RootId, RootSalt, WrappedKey,
+    ChunkEntry, ChunkFormat, ChunkIndex, ChunkKey, ChunkName, ChunkSize, DataKey, ImageConfig,
+    ImageDigest, Manifest, ManifestHeader, ManifestId, RootId, RootSalt, SegmentIndex, SegmentSize,
+    WrappedKey, open_chunk_v2, open_segment, seal_chunk_v2, verify_header,
 };
 use serde::Deserialize;
 
@@ -19,6 +21,8 @@ struct Vectors {
     plaintexts: Vec<Plaintext>,
     chunks: Vec<ChunkVector>,
     manifest: ManifestVector,
+    chunks_v2: Vec<ChunkV2Vector>,
+    manifest_v2: ManifestVector,
 }
 
 #[derive(Deserialize)]
@@ -54,7 +58,25 @@ struct ChunkVector {
 }
 
 #[derive(Deserialize)]
+struct ChunkV2Vector {
+    plaintext: String,
+    salt: String,
+    segment_size: u32,
+    plaintext_len: usize,
+    digest: String,
+    key: String,
+    segment_count: u32,
+    header: String,
+    object_len: usize,
+    object: Option<String>,
+    object_sha256: String,
+    name: String,
+}
+
+#[derive(Deserialize)]
 struct ManifestVector {
+    /// Present for a version 2 manifest.
+    segment_size: Option<u32>,
     root: u32,
     chunk_size: u32,
     device_size: u64,
@@ -81,6 +103,11 @@ struct Config {
 
 fn vectors() -> Vectors {
     serde_json::from_str(include_str!("vectors.json")).expect("vectors.json parses")
+}
+
+/// A range of object or plaintext offsets as a range of slice indexes.
+fn span(r: &std::ops::Range<u64>) -> std::ops::Range<usize> {
+    usize::try_from(r.start).unwrap()..usize::try_from(r.end).unwrap()
 }
 
 fn unhex(s: &str) -> Vec<u8> {
@@ -169,13 +196,90 @@ fn chunk_vectors_match() {
 }
 
 #[test]
+fn chunk_v2_vectors_match() {
+    let v = vectors();
+    let plains: BTreeMap<&str, Vec<u8>> = v
+        .plaintexts
+        .iter()
+        .map(|p| (p.label.as_str(), plaintext(p)))
+        .collect();
+    assert!(v.chunks_v2.len() >= 8);
+    for c in &v.chunks_v2 {
+        let what = format!(
+            "v2 {} under salt {} in {}-byte segments",
+            c.plaintext, c.salt, c.segment_size
+        );
+        let plain = &plains[c.plaintext.as_str()];
+        let salt = RootSalt::from_bytes(unhex32(&v.salts[&c.salt]));
+        let s = SegmentSize::new(u64::from(c.segment_size)).unwrap();
+        assert_eq!(plain.len(), c.plaintext_len, "{what}: plaintext length");
+
+        let sealed = seal_chunk_v2(&salt, plain, s).unwrap();
+        assert_eq!(hex::encode(sealed.digest), c.digest, "{what}: digest");
+        assert_eq!(hex::encode(sealed.key.expose()), c.key, "{what}: key");
+        let header = &sealed.object[..sealed.header_len];
+        assert_eq!(hex::encode(header), c.header, "{what}: header");
+        assert_eq!(sealed.object.len(), c.object_len, "{what}: object length");
+        if let Some(want) = &c.object {
+            assert_eq!(&hex::encode(&sealed.object), want, "{what}: object");
+        }
+        assert_eq!(
+            ChunkName::of(&sealed.object).to_hex(),
+            c.object_sha256,
+            "{what}: object SHA-256"
+        );
+        assert_eq!(sealed.name.to_hex(), c.name, "{what}: name");
+
+        // Reading the Python's header, and its object when inline (else our own, checked
+        // equal above), one segment at a time and whole.
+        let name: ChunkName = c.name.parse().unwrap();
+        let key = ChunkKey::from_bytes(unhex32(&c.key));
+        let object = c
+            .object
+            .as_deref()
+            .map_or_else(|| sealed.object.clone(), unhex);
+        let h = verify_header(&name, &unhex(&c.header)).expect("vector header checks");
+        assert_eq!(h.count(), c.segment_count, "{what}: segment count");
+        h.check_layout(s, plain.len() as u64).unwrap();
+        for j in (0..h.count()).map(SegmentIndex) {
+            let r = h.segment_range(j).unwrap();
+            let p = h.segment_plain_range(j).unwrap();
+            let got = open_segment(&h, &key, j, &object[span(&r)])
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(got, plain[span(&p)], "{what}: segment {j}");
+        }
+        assert_eq!(
+            &open_chunk_v2(&name, &key, &object).expect("vector opens"),
+            plain,
+            "{what}: open"
+        );
+    }
+}
+
+#[test]
 fn manifest_vector_matches() {
-    let m = vectors().manifest;
+    check_manifest(&vectors().manifest, ChunkFormat::V1);
+}
+
+#[test]
+fn manifest_v2_vector_matches() {
+    let format = ChunkFormat::V2 {
+        segment_size: SegmentSize::new(4096).unwrap(),
+    };
+    check_manifest(&vectors().manifest_v2, format);
+}
+
+fn check_manifest(m: &ManifestVector, chunk_format: ChunkFormat) {
+    assert_eq!(
+        m.segment_size,
+        chunk_format.segment_size().map(SegmentSize::bytes)
+    );
     let bytes = unhex(&m.bytes);
     let data_key = DataKey::from_bytes(unhex32(&m.data_key));
     let header = ManifestHeader {
         root: RootId(m.root),
         chunk_size: ChunkSize::new(u64::from(m.chunk_size)).unwrap(),
+        chunk_format,
         device_size: m.device_size,
         image_digest: m.image_digest.parse().unwrap(),
         config: ImageConfig {
@@ -228,6 +332,28 @@ fn manifest_vector_matches() {
     assert_eq!(hex::encode(sealed.bytes()), m.bytes, "sealed bytes");
     assert_eq!(sealed.id().to_hex(), m.id);
     assert_eq!(sealed.bytes().len() - m.key_table_offset, 3 * 32 + 16);
+}
+
+#[test]
+fn manifest_v2_vector_chunks_are_the_v2_chunk_vectors() {
+    let v = vectors();
+    let find = |label: &str| {
+        v.chunks_v2
+            .iter()
+            .find(|c| c.plaintext == label && c.salt == "counting" && c.segment_size == 4096)
+            .unwrap()
+    };
+    let (a, b) = (find("four_kib"), find("short"));
+    let m = &v.manifest_v2;
+    let names: Vec<Option<&str>> = m.chunks.iter().map(Option::as_deref).collect();
+    assert_eq!(
+        names,
+        [Some(a.name.as_str()), None, Some(&a.name), Some(&b.name)]
+    );
+    assert_eq!(m.keys, [a.key.as_str(), &a.key, &b.key]);
+    // The same image as the version 1 vector but for the format and its chunks.
+    assert_eq!(m.bytes.len(), v.manifest.bytes.len());
+    assert_ne!(m.id, v.manifest.id);
 }
 
 #[test]

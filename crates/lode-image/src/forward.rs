@@ -15,7 +15,8 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use lode_format::chunk::seal_chunk_in_place;
 use lode_format::{
-    ChunkEntry, ChunkIndex, ChunkKey, Manifest, ManifestHeader, ManifestId, RootId, RootSalt,
+    ChunkEntry, ChunkFormat, ChunkIndex, ChunkKey, Manifest, ManifestHeader, ManifestId, RootId,
+    RootSalt,
 };
 use lode_kms::{Context, Kms};
 use lode_store::{RootState, Store, StoreError};
@@ -280,8 +281,10 @@ async fn copy_manifest(
         report.chunks += 1;
         report.bytes += len as u64;
     }
+    // The chunks were resealed above as v1, whatever the old manifest held.
     let header = ManifestHeader {
         root: to,
+        chunk_format: ChunkFormat::V1,
         ..header.clone()
     };
     let binding = lode_format::binding_of(&header, &entries).map_err(ImageError::Build)?;

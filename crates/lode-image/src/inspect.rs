@@ -1,6 +1,8 @@
 //! A manifest rendered for people and scripts (`lode inspect`): everything but keys.
 
-use lode_format::{ChunkName, ChunkSize, ImageConfig, ImageDigest, Manifest, ManifestId, RootId};
+use lode_format::{
+    ChunkName, ChunkSize, ImageConfig, ImageDigest, Manifest, ManifestId, RootId, SegmentSize,
+};
 use serde::Serialize;
 
 /// The JSON form of a manifest. The key table and the wrapped data key are never shown;
@@ -11,12 +13,15 @@ pub struct ManifestView {
     pub id: ManifestId,
     /// Its size in bytes.
     pub manifest_bytes: usize,
-    /// The format version.
+    /// The format version: 1 for v1 chunks, 2 for v2 (segmented) chunks.
     pub format_version: u16,
     /// The root it lives under.
     pub root: RootId,
     /// Chunk size in bytes.
     pub chunk_size: ChunkSize,
+    /// Segment size in bytes of v2 chunks; absent for version 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segment_size: Option<SegmentSize>,
     /// Image size in bytes.
     pub device_size: u64,
     /// SHA-256 of the source.
@@ -44,9 +49,10 @@ impl ManifestView {
         ManifestView {
             id: m.id(),
             manifest_bytes: m.bytes().len(),
-            format_version: lode_format::manifest::VERSION,
+            format_version: h.chunk_format.version(),
             root: h.root,
             chunk_size: h.chunk_size,
+            segment_size: h.chunk_format.segment_size(),
             device_size: h.device_size,
             image_digest: h.image_digest,
             config: h.config.clone(),

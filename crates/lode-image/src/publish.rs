@@ -16,8 +16,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use lode_format::chunk::{is_zero, seal_chunk_in_place};
 use lode_format::{
-    ChunkEntry, ChunkIndex, ChunkKey, ChunkName, ChunkSize, ImageConfig, ImageDigest, Manifest,
-    ManifestHeader, ManifestId, RootId, RootSalt, Secret32,
+    ChunkEntry, ChunkFormat, ChunkIndex, ChunkKey, ChunkName, ChunkSize, ImageConfig, ImageDigest,
+    Manifest, ManifestHeader, ManifestId, RootId, RootSalt, Secret32,
 };
 use lode_kms::{Context, Kms};
 use lode_store::{PutOutcome, RootRecord, RootState, Store};
@@ -363,6 +363,7 @@ impl<'a> Publisher<'a> {
         let header = ManifestHeader {
             root,
             chunk_size: cs,
+            chunk_format: ChunkFormat::V1,
             device_size,
             image_digest,
             config: opts.config.clone(),

@@ -209,6 +209,7 @@ mod tests {
         let header = ManifestHeader {
             root: lode_format::RootId(1),
             chunk_size: lode_format::ChunkSize::default(),
+            chunk_format: lode_format::ChunkFormat::V1,
             device_size: 1 << 20,
             image_digest: lode_format::ImageDigest::from_bytes([0; 32]),
             config: ImageConfig::default(),

@@ -1,0 +1,1377 @@
+//! Chunk format v2: a chunk's plaintext cut into segments that can each be checked and
+//! decrypted alone (docs/format.md, "Chunk v2").
+//!
+//! A v1 chunk is one AES-GCM message named by the SHA-256 of all of it, so a 4 KiB read
+//! pays for hashing and decrypting 512 KiB. A v2 chunk keeps the chunk as the unit of
+//! dedup, naming and storage, but seals each segment (32 KiB by default) separately and
+//! names the chunk by a small header that lists the segments' hashes:
+//!
+//! ```text
+//!   plaintext P (1 ..= 64 MiB), segment size S, codec c (0 = none)
+//!     digest    = SHA-256(P)
+//!     key       = HMAC-SHA256(root_salt, "lode chunk v2" ‖ u8 c ‖ u32 S ‖ digest)
+//!     segment j = P[j·S .. min((j+1)·S, len P)]         j in 0..n, n = ceil(len P / S)
+//!     sealed_j  = AES-256-GCM(key, nonce = u64 j ‖ 4 zero bytes, no AAD, segment j) ‖ tag
+//!     object    = header ‖ sealed_0 ‖ … ‖ sealed_{n-1}
+//!     name      = SHA-256(header)
+//!
+//!   header (integers little-endian)
+//!     offset  size  field
+//!     0       4     magic "LDC2"
+//!     4       1     version (2)
+//!     5       1     codec c (0)
+//!     6       2     reserved (0)
+//!     8       4     segment size S
+//!     12      4     plaintext length
+//!     16      4     segment count n (= ceil(plaintext length / S))
+//!     20      36·n  per segment: u32 length of sealed_j ‖ SHA-256(sealed_j)
+//! ```
+//!
+//! A reader that wants one segment fetches the header (its length follows from the
+//! manifest: [`ChunkHeader::len_for`]), checks it against the name with
+//! [`verify_header`] — no key needed, so any tier can — then fetches
+//! [`ChunkHeader::segment_range`] and opens it with [`open_segment`].
+//!
+//! The key binds the format, codec and segment size as well as the plaintext. Without
+//! that, the same plaintext sealed as v1 (nonce 0 over the whole chunk) and as v2 (nonce 0
+//! over its first segment), or as v2 under two segment sizes, would put two different
+//! messages under one (key, nonce) pair, which GCM forbids. Convergence is kept: the same
+//! plaintext, root, codec and segment size always give the same object and name.
+//!
+//! Checked headers travel as [`CheckedHeader`], which only [`verify_header`] builds, so a
+//! segment cannot be checked against a header that was never checked against its name.
+
+use std::ops::{Deref, Range};
+
+use ring::aead::{Aad, NONCE_LEN, Nonce};
+use ring::{digest, hmac};
+use thiserror::Error;
+use zerocopy::little_endian::{U16, U32};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::chunk::{TAG_LEN, aead_key};
+use crate::ids::{ChunkKey, ChunkName, InvalidSegmentSize, RootSalt, SegmentIndex, SegmentSize};
+
+/// The first four bytes of every v2 chunk.
+pub const MAGIC: [u8; 4] = *b"LDC2";
+/// The chunk format version this module writes and reads.
+pub const VERSION: u8 = 2;
+/// The largest plaintext a v2 chunk holds: the largest chunk size.
+pub const MAX_PLAIN_LEN: u32 = crate::ids::ChunkSize::MAX;
+/// The most segments a header can list: the largest chunk in the smallest segments.
+pub const MAX_SEGMENTS: u32 = MAX_PLAIN_LEN / SegmentSize::MIN;
+/// The label that opens the key derivation's message, so v2 keys never equal v1 keys.
+pub const KEY_LABEL: &[u8; 13] = b"lode chunk v2";
+
+/// How segments are encoded before sealing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Codec {
+    /// Stored as they are (byte 0). The only codec so far; the byte exists so a
+    /// compressing codec can be added as a new value.
+    None,
+}
+
+impl Codec {
+    /// The byte that stands for this codec in headers and key derivation.
+    pub const fn byte(self) -> u8 {
+        match self {
+            Codec::None => 0,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Codec> {
+        match b {
+            0 => Some(Codec::None),
+            _ => None,
+        }
+    }
+
+    /// The sealed length of a segment of `plain_len` bytes.
+    fn sealed_len(self, plain_len: u32) -> u32 {
+        match self {
+            // plain_len <= MAX_PLAIN_LEN, far below u32::MAX - 16.
+            Codec::None => plain_len.saturating_add(TAG_LEN_U32),
+        }
+    }
+}
+
+const TAG_LEN_U32: u32 = 16;
+const _: () = assert!(TAG_LEN_U32 as usize == TAG_LEN);
+
+/// The fixed part of a header, as stored.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawFixed {
+    magic: [u8; 4],
+    version: u8,
+    codec: u8,
+    reserved: U16,
+    segment_size: U32,
+    plain_len: U32,
+    count: U32,
+}
+
+/// One segment's row in a header, as stored.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawRow {
+    sealed_len: U32,
+    sha256: [u8; 32],
+}
+
+const FIXED_LEN: usize = size_of::<RawFixed>();
+const ROW_LEN: usize = size_of::<RawRow>();
+const _: () = assert!(FIXED_LEN == 20);
+const _: () = assert!(ROW_LEN == 36);
+
+/// What is wrong with a header's bytes (wrapped, with the chunk's name, in
+/// [`ChunkV2Error::Header`]).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum HeaderError {
+    /// Fewer bytes than the header needs.
+    #[error("{len} bytes is shorter than the {need}-byte header")]
+    Truncated {
+        /// The bytes given.
+        len: usize,
+        /// The bytes the header needs (its fixed part, or all of it).
+        need: usize,
+    },
+    /// Not a v2 chunk.
+    #[error("bad magic {} (not a v2 chunk)", hex::encode(.found))]
+    Magic {
+        /// The first four bytes.
+        found: [u8; 4],
+    },
+    /// A chunk format this lode does not read.
+    #[error("chunk format version {found}, this lode reads {VERSION}")]
+    Version {
+        /// The version byte.
+        found: u8,
+    },
+    /// A codec this lode does not know.
+    #[error("unknown codec {found}")]
+    Codec {
+        /// The codec byte.
+        found: u8,
+    },
+    /// The reserved field is not zero.
+    #[error("reserved field is {found:#06x}, not 0")]
+    Reserved {
+        /// Its value.
+        found: u16,
+    },
+    /// The segment size is not one lode supports.
+    #[error(transparent)]
+    SegmentSize(#[from] InvalidSegmentSize),
+    /// The plaintext length is 0 or over the largest chunk.
+    #[error("plaintext length {len} is not 1 to {MAX_PLAIN_LEN} bytes")]
+    PlainLen {
+        /// The length recorded.
+        len: u32,
+    },
+    /// The segment count does not follow from the plaintext length and segment size.
+    #[error(
+        "segment count {count} does not cover {plain_len} bytes in {segment_size}-byte \
+         segments (want {want})"
+    )]
+    Count {
+        /// The count recorded.
+        count: u32,
+        /// The plaintext length recorded.
+        plain_len: u32,
+        /// The segment size recorded.
+        segment_size: SegmentSize,
+        /// The count they imply.
+        want: u64,
+    },
+    /// A segment's sealed length is not what its plaintext length and the codec give.
+    #[error(
+        "segment {segment} is listed as {len} sealed bytes, its {plain_len}-byte plaintext \
+         seals to {want}"
+    )]
+    SealedLen {
+        /// The segment at fault.
+        segment: SegmentIndex,
+        /// The length recorded.
+        len: u32,
+        /// The segment's plaintext length.
+        plain_len: u32,
+        /// The sealed length it must have.
+        want: u32,
+    },
+}
+
+/// A v2 chunk failed a check, or could not be sealed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ChunkV2Error {
+    /// The header's bytes are not a valid header.
+    #[error("chunk {chunk} is corrupt: its header is bad: {source}")]
+    Header {
+        /// The chunk at fault.
+        chunk: ChunkName,
+        /// What is wrong.
+        source: HeaderError,
+    },
+    /// The header does not hash to the name it was fetched under.
+    #[error("chunk {expected} is corrupt: its header hashes to {got}")]
+    HeaderMismatch {
+        /// The name the chunk was asked for by.
+        expected: ChunkName,
+        /// SHA-256 of the header that arrived.
+        got: ChunkName,
+    },
+    /// The object is not as long as its header says.
+    #[error("chunk {chunk} is corrupt: the object is {len} bytes, its header describes {want}")]
+    ObjectLength {
+        /// The chunk at fault.
+        chunk: ChunkName,
+        /// The object's length.
+        len: usize,
+        /// The length the header describes.
+        want: u64,
+    },
+    /// A segment index past the chunk's last segment.
+    #[error("chunk {chunk} has {count} segments, there is no segment {segment}")]
+    NoSegment {
+        /// The chunk asked about.
+        chunk: ChunkName,
+        /// The index asked for.
+        segment: SegmentIndex,
+        /// How many segments the chunk has.
+        count: u32,
+    },
+    /// A sealed segment is not as long as the header says.
+    #[error("chunk {chunk} segment {segment} is corrupt: {len} bytes, its header says {want}")]
+    SegmentLength {
+        /// The chunk at fault.
+        chunk: ChunkName,
+        /// The segment at fault.
+        segment: SegmentIndex,
+        /// Its length.
+        len: usize,
+        /// The length the header gives.
+        want: u32,
+    },
+    /// A sealed segment does not hash to its row in the header.
+    #[error(
+        "chunk {chunk} segment {segment} is corrupt: its bytes hash to {}, not to its \
+         header's row",
+        hex::encode(.got)
+    )]
+    SegmentMismatch {
+        /// The chunk at fault.
+        chunk: ChunkName,
+        /// The segment at fault.
+        segment: SegmentIndex,
+        /// SHA-256 of the bytes that arrived.
+        got: [u8; 32],
+    },
+    /// A segment's GCM tag did not verify under the key from the manifest.
+    #[error(
+        "chunk {chunk} segment {segment} does not decrypt under the key the manifest holds \
+         for it (wrong key table or tampered chunk)"
+    )]
+    Decrypt {
+        /// The chunk at fault.
+        chunk: ChunkName,
+        /// The segment at fault.
+        segment: SegmentIndex,
+    },
+    /// A header that checks, but describes another layout than the manifest expects.
+    #[error(
+        "chunk {chunk} disagrees with the manifest: its header holds {plain_len} bytes in \
+         {count} segments of {segment_size}, the manifest expects {want_plain_len} bytes in \
+         {want_count} segments of {want_segment_size}"
+    )]
+    Layout {
+        /// The chunk at fault.
+        chunk: ChunkName,
+        /// The plaintext length its header records.
+        plain_len: u32,
+        /// The segment size its header records.
+        segment_size: SegmentSize,
+        /// The segment count its header records.
+        count: u32,
+        /// The plaintext length the manifest gives for it.
+        want_plain_len: u64,
+        /// The manifest's segment size.
+        want_segment_size: SegmentSize,
+        /// The segment count those imply.
+        want_count: u64,
+    },
+    /// A plaintext that cannot be a v2 chunk.
+    #[error("cannot seal a {len}-byte chunk: a v2 chunk holds 1 to {MAX_PLAIN_LEN} bytes")]
+    SealLength {
+        /// The plaintext's length.
+        len: usize,
+    },
+}
+
+/// One segment's row, with its place in the object worked out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Row {
+    /// Where `sealed_j` starts in the object.
+    start: u64,
+    sealed_len: u32,
+    sha256: [u8; 32],
+}
+
+/// A parsed v2 chunk header: the segment layout and each segment's hash.
+///
+/// [`ChunkHeader::parse`] checks structure only; [`verify_header`] also checks the bytes
+/// against the chunk's name and gives a [`CheckedHeader`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkHeader {
+    codec: Codec,
+    segment_size: SegmentSize,
+    plain_len: u32,
+    rows: Vec<Row>,
+}
+
+/// The fixed part of a header, checked.
+struct Fixed {
+    codec: Codec,
+    segment_size: SegmentSize,
+    plain_len: u32,
+    count: u32,
+}
+
+/// Reads and checks the fixed part at the start of `bytes`, bounding the segment count
+/// before anything is allocated for the rows.
+fn parse_fixed(bytes: &[u8]) -> Result<Fixed, HeaderError> {
+    let (raw, _) = RawFixed::ref_from_prefix(bytes).map_err(|_| HeaderError::Truncated {
+        len: bytes.len(),
+        need: FIXED_LEN,
+    })?;
+    if raw.magic != MAGIC {
+        return Err(HeaderError::Magic { found: raw.magic });
+    }
+    if raw.version != VERSION {
+        return Err(HeaderError::Version { found: raw.version });
+    }
+    let codec = Codec::from_byte(raw.codec).ok_or(HeaderError::Codec { found: raw.codec })?;
+    if raw.reserved.get() != 0 {
+        return Err(HeaderError::Reserved {
+            found: raw.reserved.get(),
+        });
+    }
+    let segment_size = SegmentSize::new(u64::from(raw.segment_size.get()))?;
+    let plain_len = raw.plain_len.get();
+    if plain_len == 0 || plain_len > MAX_PLAIN_LEN {
+        return Err(HeaderError::PlainLen { len: plain_len });
+    }
+    let count = raw.count.get();
+    // With 1 <= plain_len <= 64 MiB and S >= 4 KiB this bounds count by MAX_SEGMENTS.
+    let want = segment_size.count_for(u64::from(plain_len));
+    if u64::from(count) != want {
+        return Err(HeaderError::Count {
+            count,
+            plain_len,
+            segment_size,
+            want,
+        });
+    }
+    Ok(Fixed {
+        codec,
+        segment_size,
+        plain_len,
+        count,
+    })
+}
+
+/// The plaintext length of segment `j` of a `plain_len`-byte chunk in segments of `s`;
+/// 0 past the end.
+fn plain_len_of(s: SegmentSize, plain_len: u32, j: u32) -> u32 {
+    let start = u64::from(j) * s.bytes_u64();
+    let len = u64::from(plain_len)
+        .saturating_sub(start)
+        .min(s.bytes_u64());
+    // len <= S, a u32.
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+impl ChunkHeader {
+    /// The length of a header's fixed part: enough to learn the segment count.
+    pub const fn fixed_len() -> usize {
+        FIXED_LEN
+    }
+
+    /// The length of a header listing `count` segments: `20 + 36 × count`.
+    pub const fn len_for(count: usize) -> usize {
+        FIXED_LEN.saturating_add(ROW_LEN.saturating_mul(count))
+    }
+
+    /// The whole header's length, from the first [`ChunkHeader::fixed_len`] bytes of an
+    /// object: a reader without a manifest fetches those, then the rest.
+    pub fn peek_len(bytes: &[u8]) -> Result<usize, HeaderError> {
+        let f = parse_fixed(bytes)?;
+        Ok(Self::len_for(u32_usize(f.count)))
+    }
+
+    /// Parses the header at the start of `bytes` (which may go on into the segments).
+    /// The only parser of header bytes: it reads the fixed part, checks the segment count
+    /// against the plaintext length (so it is at most [`MAX_SEGMENTS`]) and that the
+    /// bytes hold every row before allocating, then checks each row's sealed length.
+    pub fn parse(bytes: &[u8]) -> Result<ChunkHeader, HeaderError> {
+        let f = parse_fixed(bytes)?;
+        let len = Self::len_for(u32_usize(f.count));
+        let truncated = HeaderError::Truncated {
+            len: bytes.len(),
+            need: len,
+        };
+        let raw_rows = bytes
+            .get(FIXED_LEN..len)
+            .and_then(|b| <[RawRow]>::ref_from_bytes(b).ok())
+            .ok_or(truncated)?;
+        let mut rows = Vec::with_capacity(raw_rows.len());
+        let mut start = len as u64;
+        for (j, raw) in (0u32..).zip(raw_rows) {
+            let plain_len = plain_len_of(f.segment_size, f.plain_len, j);
+            let want = f.codec.sealed_len(plain_len);
+            let sealed_len = raw.sealed_len.get();
+            if sealed_len != want {
+                return Err(HeaderError::SealedLen {
+                    segment: SegmentIndex(j),
+                    len: sealed_len,
+                    plain_len,
+                    want,
+                });
+            }
+            rows.push(Row {
+                start,
+                sealed_len,
+                sha256: raw.sha256,
+            });
+            start += u64::from(sealed_len);
+        }
+        Ok(ChunkHeader {
+            codec: f.codec,
+            segment_size: f.segment_size,
+            plain_len: f.plain_len,
+            rows,
+        })
+    }
+
+    /// The header's bytes, exactly as [`ChunkHeader::parse`] read them.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = vec![0u8; self.header_len()];
+        self.write(&mut b);
+        b
+    }
+
+    /// Writes the header into `out`, which is exactly [`ChunkHeader::header_len`] bytes.
+    fn write(&self, out: &mut [u8]) {
+        let (fixed, rows) = out.split_at_mut(FIXED_LEN);
+        let raw = RawFixed {
+            magic: MAGIC,
+            version: VERSION,
+            codec: self.codec.byte(),
+            reserved: U16::new(0),
+            segment_size: U32::new(self.segment_size.bytes()),
+            plain_len: U32::new(self.plain_len),
+            count: U32::new(self.count()),
+        };
+        fixed.copy_from_slice(raw.as_bytes());
+        for (row, out) in self.rows.iter().zip(rows.chunks_exact_mut(ROW_LEN)) {
+            let raw = RawRow {
+                sealed_len: U32::new(row.sealed_len),
+                sha256: row.sha256,
+            };
+            out.copy_from_slice(raw.as_bytes());
+        }
+    }
+
+    /// The header's length in bytes.
+    pub fn header_len(&self) -> usize {
+        Self::len_for(self.rows.len())
+    }
+
+    /// The whole object's length: the header and every sealed segment.
+    pub fn object_len(&self) -> u64 {
+        self.rows.last().map_or(self.header_len() as u64, |r| {
+            r.start + u64::from(r.sealed_len)
+        })
+    }
+
+    /// How segments are encoded.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// The segment size.
+    pub fn segment_size(&self) -> SegmentSize {
+        self.segment_size
+    }
+
+    /// The chunk's plaintext length.
+    pub fn plain_len(&self) -> u32 {
+        self.plain_len
+    }
+
+    /// How many segments the chunk has.
+    pub fn count(&self) -> u32 {
+        // The parser bounds the rows by MAX_SEGMENTS, a u32.
+        u32::try_from(self.rows.len()).unwrap_or(u32::MAX)
+    }
+
+    fn row(&self, j: SegmentIndex) -> Option<&Row> {
+        self.rows.get(usize::try_from(j.0).ok()?)
+    }
+
+    /// The byte range of `sealed_j` in the object, or `None` past the last segment.
+    pub fn segment_range(&self, j: SegmentIndex) -> Option<Range<u64>> {
+        self.row(j)
+            .map(|r| r.start..r.start + u64::from(r.sealed_len))
+    }
+
+    /// The plaintext length of segment `j`: the segment size, except for a short last
+    /// segment; `None` past the last segment.
+    pub fn segment_plain_len(&self, j: SegmentIndex) -> Option<u32> {
+        self.row(j)
+            .map(|_| plain_len_of(self.segment_size, self.plain_len, j.0))
+    }
+
+    /// The bytes of the chunk's plaintext that segment `j` holds.
+    pub fn segment_plain_range(&self, j: SegmentIndex) -> Option<Range<u64>> {
+        let len = self.segment_plain_len(j)?;
+        let start = u64::from(j.0) * self.segment_size.bytes_u64();
+        Some(start..start + u64::from(len))
+    }
+
+    /// The segment holding byte `offset` of the chunk's plaintext.
+    pub fn segment_at(&self, offset: u64) -> Option<SegmentIndex> {
+        if offset >= u64::from(self.plain_len) {
+            return None;
+        }
+        u32::try_from(offset / self.segment_size.bytes_u64())
+            .ok()
+            .map(SegmentIndex)
+    }
+}
+
+fn u32_usize(n: u32) -> usize {
+    // A u32 fits usize on every target lode builds for; saturating keeps a 16-bit one from
+    // wrapping (it would then refuse the lengths).
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// A header whose bytes hash to the chunk's name: built only by [`verify_header`] (and
+/// by sealing), so segment checks can only run against a checked header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedHeader {
+    name: ChunkName,
+    header: ChunkHeader,
+}
+
+impl CheckedHeader {
+    /// The chunk's name.
+    pub fn name(&self) -> &ChunkName {
+        &self.name
+    }
+
+    /// The header.
+    pub fn header(&self) -> &ChunkHeader {
+        &self.header
+    }
+
+    /// Checks that the header describes the chunk the manifest expects: `plain_len` bytes
+    /// (the chunk's length from the manifest's chunk and device sizes) in segments of the
+    /// manifest's `segment_size`. A writer's bug could otherwise give a header that
+    /// checks against its name but disagrees with the manifest that names it.
+    pub fn check_layout(
+        &self,
+        segment_size: SegmentSize,
+        plain_len: u64,
+    ) -> Result<(), ChunkV2Error> {
+        let h = &self.header;
+        if h.segment_size == segment_size && u64::from(h.plain_len) == plain_len {
+            return Ok(());
+        }
+        Err(ChunkV2Error::Layout {
+            chunk: self.name,
+            plain_len: h.plain_len,
+            segment_size: h.segment_size,
+            count: h.count(),
+            want_plain_len: plain_len,
+            want_segment_size: segment_size,
+            want_count: segment_size.count_for(plain_len),
+        })
+    }
+
+    /// The row of segment `j`, or the error that names it.
+    fn row(&self, j: SegmentIndex) -> Result<&Row, ChunkV2Error> {
+        self.header.row(j).ok_or(ChunkV2Error::NoSegment {
+            chunk: self.name,
+            segment: j,
+            count: self.header.count(),
+        })
+    }
+
+    fn check_len(&self, j: SegmentIndex, row: &Row, sealed: &[u8]) -> Result<(), ChunkV2Error> {
+        if sealed.len() as u64 == u64::from(row.sealed_len) {
+            Ok(())
+        } else {
+            Err(ChunkV2Error::SegmentLength {
+                chunk: self.name,
+                segment: j,
+                len: sealed.len(),
+                want: row.sealed_len,
+            })
+        }
+    }
+
+    fn check_hash(&self, j: SegmentIndex, row: &Row, sealed: &[u8]) -> Result<(), ChunkV2Error> {
+        let got = sha256(sealed);
+        if got == row.sha256 {
+            Ok(())
+        } else {
+            Err(ChunkV2Error::SegmentMismatch {
+                chunk: self.name,
+                segment: j,
+                got,
+            })
+        }
+    }
+}
+
+impl Deref for CheckedHeader {
+    type Target = ChunkHeader;
+    fn deref(&self) -> &ChunkHeader {
+        &self.header
+    }
+}
+
+/// A v2 chunk after sealing: its name, its key (for the manifest's key table) and its
+/// object (for the store).
+#[derive(Debug)]
+pub struct SealedChunkV2 {
+    /// SHA-256 of the plaintext (an input to key derivation).
+    pub digest: [u8; 32],
+    /// SHA-256 of the header, the object's first `header_len` bytes.
+    pub name: ChunkName,
+    /// The key every segment is sealed under.
+    pub key: ChunkKey,
+    /// The header followed by the sealed segments.
+    pub object: Vec<u8>,
+    /// The header's length.
+    pub header_len: usize,
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, bytes).as_ref());
+    out
+}
+
+/// `HMAC-SHA256(root_salt, "lode chunk v2" ‖ u8 codec ‖ u32 LE segment size ‖ digest)`.
+fn derive_key(salt: &RootSalt, codec: Codec, s: SegmentSize, digest: &[u8; 32]) -> ChunkKey {
+    let mut h = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, salt.expose()));
+    h.update(KEY_LABEL);
+    h.update(&[codec.byte()]);
+    h.update(&s.bytes().to_le_bytes());
+    h.update(digest);
+    let mut key = [0u8; 32];
+    key.copy_from_slice(h.sign().as_ref());
+    ChunkKey::from_bytes(key)
+}
+
+/// The nonce of segment `j`: `u64 LE j ‖ 4 zero bytes`. The key is unique to one
+/// plaintext, codec and segment size, so each (key, nonce) pair seals exactly one segment.
+fn nonce(j: SegmentIndex) -> Nonce {
+    let mut n = [0u8; NONCE_LEN];
+    n[..8].copy_from_slice(&u64::from(j.0).to_le_bytes());
+    Nonce::assume_unique_for_key(n)
+}
+
+/// Seals `plaintext` as a v2 chunk in segments of `segment_size`.
+///
+/// The plaintext must be 1 to 64 MiB; as for v1, the caller leaves out all-zero chunks,
+/// which are never sealed.
+pub fn seal_chunk_v2(
+    salt: &RootSalt,
+    plaintext: &[u8],
+    segment_size: SegmentSize,
+) -> Result<SealedChunkV2, ChunkV2Error> {
+    let plain_len = u32::try_from(plaintext.len())
+        .ok()
+        .filter(|&n| (1..=MAX_PLAIN_LEN).contains(&n))
+        .ok_or(ChunkV2Error::SealLength {
+            len: plaintext.len(),
+        })?;
+    let codec = Codec::None;
+    let count = u32_usize(plain_len.div_ceil(segment_size.bytes()));
+    let header_len = ChunkHeader::len_for(count);
+    let digest = sha256(plaintext);
+    let key = derive_key(salt, codec, segment_size, &digest);
+    let aead = aead_key(&key);
+
+    let mut object = Vec::with_capacity(header_len + plaintext.len() + count * TAG_LEN);
+    object.resize(header_len, 0);
+    let mut rows = Vec::with_capacity(count);
+    for (j, segment) in (0u32..).zip(plaintext.chunks(segment_size.bytes_usize())) {
+        let start = object.len();
+        object.extend_from_slice(segment);
+        let tag = aead
+            .seal_in_place_separate_tag(nonce(SegmentIndex(j)), Aad::empty(), &mut object[start..])
+            // ring fails only for inputs over ~64 GiB; segments are at most 64 MiB.
+            .expect("segment within AES-GCM's length limit");
+        object.extend_from_slice(tag.as_ref());
+        let sealed = &object[start..];
+        rows.push(Row {
+            start: start as u64,
+            sealed_len: codec.sealed_len(plain_len_of(segment_size, plain_len, j)),
+            sha256: sha256(sealed),
+        });
+    }
+    let header = ChunkHeader {
+        codec,
+        segment_size,
+        plain_len,
+        rows,
+    };
+    header.write(&mut object[..header_len]);
+    Ok(SealedChunkV2 {
+        digest,
+        name: ChunkName::of(&object[..header_len]),
+        key,
+        object,
+        header_len,
+    })
+}
+
+/// Checks the header at the start of `bytes` (the header alone, or the object or any
+/// prefix of it holding the header) against the chunk's `name`, then parses it. Needs no
+/// key: any store, cache or peer can check a header.
+pub fn verify_header(name: &ChunkName, bytes: &[u8]) -> Result<CheckedHeader, ChunkV2Error> {
+    let bad = |source| ChunkV2Error::Header {
+        chunk: *name,
+        source,
+    };
+    // The fixed part gives the header's length; the hash is checked before the rows are
+    // read, so bytes that are not this chunk's header are refused by their hash.
+    let len = ChunkHeader::peek_len(bytes).map_err(bad)?;
+    let header_bytes = bytes.get(..len).ok_or(bad(HeaderError::Truncated {
+        len: bytes.len(),
+        need: len,
+    }))?;
+    let got = ChunkName::of(header_bytes);
+    if &got != name {
+        return Err(ChunkV2Error::HeaderMismatch {
+            expected: *name,
+            got,
+        });
+    }
+    let header = ChunkHeader::parse(header_bytes).map_err(bad)?;
+    Ok(CheckedHeader {
+        name: *name,
+        header,
+    })
+}
+
+/// Checks that `sealed` is segment `j` of the chunk: its length and its SHA-256 are the
+/// header's row `j`. Needs no key.
+pub fn verify_segment(
+    header: &CheckedHeader,
+    j: SegmentIndex,
+    sealed: &[u8],
+) -> Result<(), ChunkV2Error> {
+    let row = header.row(j)?;
+    header.check_len(j, row, sealed)?;
+    header.check_hash(j, row, sealed)
+}
+
+/// Checks segment `j` against the header, then decrypts it with the chunk's `key`.
+pub fn open_segment(
+    header: &CheckedHeader,
+    key: &ChunkKey,
+    j: SegmentIndex,
+    sealed: &[u8],
+) -> Result<Vec<u8>, ChunkV2Error> {
+    verify_segment(header, j, sealed)?;
+    let mut buf = sealed.to_vec();
+    let plain_len = open_segment_unverified(header, key, j, &mut buf)?.len();
+    buf.truncate(plain_len);
+    Ok(buf)
+}
+
+/// Checks segment `j` against the header, then decrypts it in place; returns the
+/// plaintext, the front of `sealed`.
+pub fn open_segment_in_place<'a>(
+    header: &CheckedHeader,
+    key: &ChunkKey,
+    j: SegmentIndex,
+    sealed: &'a mut [u8],
+) -> Result<&'a mut [u8], ChunkV2Error> {
+    verify_segment(header, j, sealed)?;
+    open_segment_unverified(header, key, j, sealed)
+}
+
+/// Decrypts segment `j` in place without checking its hash: for bytes a worker read back
+/// from its own disk, which were checked when they arrived. GCM alone authenticates them:
+/// the key is unique to the chunk's plaintext (and codec and segment size) and the nonce
+/// is the segment's index, so bytes of any other chunk, or of another segment of this
+/// one, or altered, fail the tag. GCM does not stop a holder of the key from forging a
+/// segment, which is why bytes from outside the worker go through [`open_segment`].
+pub fn open_segment_unverified<'a>(
+    header: &CheckedHeader,
+    key: &ChunkKey,
+    j: SegmentIndex,
+    sealed: &'a mut [u8],
+) -> Result<&'a mut [u8], ChunkV2Error> {
+    let row = header.row(j)?;
+    header.check_len(j, row, sealed)?;
+    aead_key(key)
+        .open_in_place(nonce(j), Aad::empty(), sealed)
+        .map_err(|_| ChunkV2Error::Decrypt {
+            chunk: header.name,
+            segment: j,
+        })
+}
+
+/// Checks a whole v2 object against `name` (header, length, every segment) and decrypts
+/// it with `key`.
+pub fn open_chunk_v2(
+    name: &ChunkName,
+    key: &ChunkKey,
+    object: &[u8],
+) -> Result<Vec<u8>, ChunkV2Error> {
+    let header = verify_header(name, object)?;
+    if object.len() as u64 != header.object_len() {
+        return Err(ChunkV2Error::ObjectLength {
+            chunk: *name,
+            len: object.len(),
+            want: header.object_len(),
+        });
+    }
+    let aead = aead_key(key);
+    let mut out = Vec::with_capacity(u32_usize(header.plain_len) + TAG_LEN);
+    for (j, row) in (0u32..).map(SegmentIndex).zip(&header.rows) {
+        // The length check above keeps every row's range inside the object.
+        let range = usize::try_from(row.start).unwrap_or(usize::MAX)
+            ..usize::try_from(row.start + u64::from(row.sealed_len)).unwrap_or(usize::MAX);
+        let sealed = object.get(range).ok_or(ChunkV2Error::ObjectLength {
+            chunk: *name,
+            len: object.len(),
+            want: header.object_len(),
+        })?;
+        header.check_hash(j, row, sealed)?;
+        let start = out.len();
+        out.extend_from_slice(sealed);
+        let plain_len = aead
+            .open_in_place(nonce(j), Aad::empty(), &mut out[start..])
+            .map_err(|_| ChunkV2Error::Decrypt {
+                chunk: *name,
+                segment: j,
+            })?
+            .len();
+        out.truncate(start + plain_len);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::seal_chunk;
+
+    const S4K: u32 = 4096;
+    const S32K: u32 = 32768;
+
+    fn salt() -> RootSalt {
+        RootSalt::from_bytes([0x11; 32])
+    }
+
+    /// A range of object or plaintext offsets as a range of slice indexes.
+    fn span(r: &Range<u64>) -> Range<usize> {
+        usize::try_from(r.start).unwrap()..usize::try_from(r.end).unwrap()
+    }
+
+    fn seg(bytes: u32) -> SegmentSize {
+        SegmentSize::new(u64::from(bytes)).unwrap()
+    }
+
+    /// Bytes that differ from segment to segment, so a swapped segment would show.
+    fn plain(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11).to_le_bytes()[0] | 1)
+            .collect()
+    }
+
+    fn seal(len: usize, s: u32) -> (Vec<u8>, SealedChunkV2) {
+        let p = plain(len);
+        let sealed = seal_chunk_v2(&salt(), &p, seg(s)).unwrap();
+        (p, sealed)
+    }
+
+    /// Rewrites a header field and renames the chunk, so the check reaches the parser.
+    fn renamed(object: &[u8], header_len: usize) -> ChunkName {
+        ChunkName::of(&object[..header_len])
+    }
+
+    #[test]
+    fn seal_then_open_at_every_boundary() {
+        for s in [S4K, S32K] {
+            let su = s as usize;
+            for len in [
+                1,
+                su - 1,
+                su,
+                su + 1,
+                3 * su + 123,
+                512 * 1024,
+                512 * 1024 - 5,
+            ] {
+                let (p, c) = seal(len, s);
+                let n = len.div_ceil(su);
+                assert_eq!(c.header_len, 20 + 36 * n, "len {len} S {s}");
+                assert_eq!(c.object.len(), c.header_len + len + 16 * n);
+                assert_eq!(c.name, ChunkName::of(&c.object[..c.header_len]));
+                assert_eq!(c.digest, sha256(&p));
+                assert_eq!(open_chunk_v2(&c.name, &c.key, &c.object).unwrap(), p);
+
+                let h = verify_header(&c.name, &c.object).unwrap();
+                assert_eq!(h.count() as usize, n);
+                assert_eq!(h.plain_len() as usize, len);
+                assert_eq!(h.segment_size(), seg(s));
+                assert_eq!(h.codec(), Codec::None);
+                assert_eq!(h.header_len(), c.header_len);
+                assert_eq!(h.object_len(), c.object.len() as u64);
+                assert_eq!(h.to_bytes(), &c.object[..c.header_len]);
+                h.check_layout(seg(s), len as u64).unwrap();
+                // The header alone checks as well as the whole object.
+                assert_eq!(
+                    verify_header(&c.name, &c.object[..c.header_len]).unwrap(),
+                    h
+                );
+
+                for j in (0..h.count()).map(SegmentIndex) {
+                    let r = h.segment_range(j).unwrap();
+                    let sealed = &c.object[span(&r)];
+                    let pr = h.segment_plain_range(j).unwrap();
+                    let want = &p[span(&pr)];
+                    assert_eq!(want.len(), h.segment_plain_len(j).unwrap() as usize);
+                    assert_eq!(h.segment_at(pr.start), Some(j));
+                    assert_eq!(h.segment_at(pr.end - 1), Some(j));
+                    verify_segment(&h, j, sealed).unwrap();
+                    assert_eq!(open_segment(&h, &c.key, j, sealed).unwrap(), want);
+                    let mut buf = sealed.to_vec();
+                    assert_eq!(
+                        open_segment_in_place(&h, &c.key, j, &mut buf).unwrap(),
+                        want
+                    );
+                    let mut buf = sealed.to_vec();
+                    assert_eq!(
+                        open_segment_unverified(&h, &c.key, j, &mut buf).unwrap(),
+                        want
+                    );
+                }
+                let last = h.count() - 1;
+                let short = len % su;
+                assert_eq!(
+                    h.segment_plain_len(SegmentIndex(last)).unwrap() as usize,
+                    if short == 0 { su } else { short }
+                );
+                assert_eq!(h.segment_range(SegmentIndex(h.count())), None);
+                assert_eq!(h.segment_plain_len(SegmentIndex(h.count())), None);
+                assert_eq!(h.segment_at(len as u64), None);
+            }
+        }
+    }
+
+    #[test]
+    fn the_layout_is_the_documented_one() {
+        let (p, c) = seal(S4K as usize + 10, S4K);
+        let o = &c.object;
+        assert_eq!(&o[..4], b"LDC2");
+        assert_eq!(o[4], 2);
+        assert_eq!(o[5], 0);
+        assert_eq!(&o[6..8], &[0, 0]);
+        assert_eq!(&o[8..12], &4096u32.to_le_bytes());
+        assert_eq!(&o[12..16], &4106u32.to_le_bytes());
+        assert_eq!(&o[16..20], &2u32.to_le_bytes());
+        assert_eq!(&o[20..24], &4112u32.to_le_bytes());
+        assert_eq!(&o[56..60], &26u32.to_le_bytes());
+        let seg0 = &o[92..92 + 4112];
+        let seg1 = &o[92 + 4112..];
+        assert_eq!(&o[24..56], &sha256(seg0));
+        assert_eq!(&o[60..92], &sha256(seg1));
+        // The key and nonces, derived by hand.
+        let mut msg = b"lode chunk v2".to_vec();
+        msg.push(0);
+        msg.extend_from_slice(&4096u32.to_le_bytes());
+        msg.extend_from_slice(&sha256(&p));
+        let k = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, salt().expose()), &msg);
+        assert_eq!(c.key.expose()[..], *k.as_ref());
+        let mut n1 = [0u8; 12];
+        n1[0] = 1;
+        let mut buf = seg1.to_vec();
+        let plain = aead_key(&c.key)
+            .open_in_place(Nonce::assume_unique_for_key(n1), Aad::empty(), &mut buf)
+            .unwrap();
+        assert_eq!(plain, &p[4096..]);
+    }
+
+    #[test]
+    fn convergent_and_bound_to_salt_segment_size_and_format() {
+        let p = plain(100_000);
+        let a = seal_chunk_v2(&salt(), &p, seg(S32K)).unwrap();
+        let b = seal_chunk_v2(&salt(), &p, seg(S32K)).unwrap();
+        assert_eq!(a.name, b.name);
+        assert_eq!(a.object, b.object);
+        assert_eq!(a.key, b.key);
+        let other_salt = seal_chunk_v2(&RootSalt::from_bytes([0x22; 32]), &p, seg(S32K)).unwrap();
+        assert_ne!(a.name, other_salt.name);
+        assert_ne!(a.key, other_salt.key);
+        let other_s = seal_chunk_v2(&salt(), &p, seg(S4K)).unwrap();
+        assert_ne!(a.name, other_s.name);
+        assert_ne!(a.key, other_s.key);
+        // Another segment size gives another key, so the first segments (both under
+        // nonce 0) are not the same message under one key and nonce.
+        assert_ne!(
+            a.object[a.header_len..a.header_len + 16],
+            other_s.object[other_s.header_len..other_s.header_len + 16]
+        );
+        let v1 = seal_chunk(&salt(), &p);
+        assert_ne!(v1.key, a.key);
+        assert_ne!(v1.name, a.name);
+        assert_eq!(v1.digest, a.digest);
+    }
+
+    #[test]
+    fn lengths_that_cannot_be_sealed() {
+        let err = seal_chunk_v2(&salt(), &[], seg(S4K)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot seal a 0-byte chunk: a v2 chunk holds 1 to 67108864 bytes"
+        );
+        let big = vec![0u8; (64 << 20) + 1];
+        assert_eq!(
+            seal_chunk_v2(&salt(), &big, seg(S4K)).unwrap_err(),
+            ChunkV2Error::SealLength { len: big.len() }
+        );
+    }
+
+    #[test]
+    fn a_wrong_length_object_is_refused_by_name() {
+        let (_, c) = seal(3 * S4K as usize + 7, S4K);
+        let mut longer = c.object.clone();
+        longer.push(0);
+        let err = open_chunk_v2(&c.name, &c.key, &longer).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "chunk {} is corrupt: the object is {} bytes, its header describes {}",
+                c.name,
+                longer.len(),
+                c.object.len()
+            )
+        );
+        let shorter = &c.object[..c.object.len() - 1];
+        assert!(matches!(
+            open_chunk_v2(&c.name, &c.key, shorter),
+            Err(ChunkV2Error::ObjectLength { .. })
+        ));
+        // Cut inside the header: the header itself is truncated.
+        for cut in [0, 19, 20, c.header_len - 1] {
+            let err = open_chunk_v2(&c.name, &c.key, &c.object[..cut]).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ChunkV2Error::Header {
+                        source: HeaderError::Truncated { .. },
+                        ..
+                    }
+                ),
+                "cut at {cut}: {err}"
+            );
+        }
+        let err = verify_header(&c.name, &c.object[..c.header_len - 1]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "chunk {} is corrupt: its header is bad: {} bytes is shorter than the {}-byte \
+                 header",
+                c.name,
+                c.header_len - 1,
+                c.header_len
+            )
+        );
+    }
+
+    #[test]
+    fn a_header_that_fails_its_hash_is_refused() {
+        let (_, c) = seal(2 * S4K as usize, S4K);
+        for i in [20, 24, 55, c.header_len - 1] {
+            let mut bad = c.object.clone();
+            bad[i] ^= 1;
+            let err = open_chunk_v2(&c.name, &c.key, &bad).unwrap_err();
+            let got = ChunkName::of(&bad[..c.header_len]);
+            assert_eq!(
+                err,
+                ChunkV2Error::HeaderMismatch {
+                    expected: c.name,
+                    got
+                }
+            );
+            assert_eq!(
+                err.to_string(),
+                format!("chunk {} is corrupt: its header hashes to {got}", c.name)
+            );
+        }
+    }
+
+    /// Each structural fault, with the chunk renamed after the change so that only the
+    /// parser stands in the way.
+    #[test]
+    fn each_bad_field_is_named() {
+        let (_, c) = seal(S4K as usize + 1, S4K);
+        let h = c.header_len;
+        let cases: Vec<(usize, Vec<u8>, HeaderError, &str)> = vec![
+            (
+                0,
+                b"LDC1".to_vec(),
+                HeaderError::Magic { found: *b"LDC1" },
+                "bad magic 4c444331 (not a v2 chunk)",
+            ),
+            (
+                4,
+                vec![3],
+                HeaderError::Version { found: 3 },
+                "chunk format version 3, this lode reads 2",
+            ),
+            (
+                5,
+                vec![1],
+                HeaderError::Codec { found: 1 },
+                "unknown codec 1",
+            ),
+            (
+                6,
+                vec![0, 1],
+                HeaderError::Reserved { found: 0x100 },
+                "reserved field is 0x0100, not 0",
+            ),
+            (
+                8,
+                12288u32.to_le_bytes().to_vec(),
+                HeaderError::SegmentSize(InvalidSegmentSize(12288)),
+                "segment size 12288 is not a power of two between 4096 and 67108864 bytes",
+            ),
+            (
+                8,
+                8192u32.to_le_bytes().to_vec(),
+                HeaderError::Count {
+                    count: 2,
+                    plain_len: 4097,
+                    segment_size: seg(8192),
+                    want: 1,
+                },
+                "segment count 2 does not cover 4097 bytes in 8192-byte segments (want 1)",
+            ),
+            (
+                12,
+                0u32.to_le_bytes().to_vec(),
+                HeaderError::PlainLen { len: 0 },
+                "plaintext length 0 is not 1 to 67108864 bytes",
+            ),
+            (
+                12,
+                ((64u32 << 20) + 1).to_le_bytes().to_vec(),
+                HeaderError::PlainLen {
+                    len: (64 << 20) + 1,
+                },
+                "plaintext length 67108865 is not 1 to 67108864 bytes",
+            ),
+            (
+                16,
+                3u32.to_le_bytes().to_vec(),
+                HeaderError::Count {
+                    count: 3,
+                    plain_len: 4097,
+                    segment_size: seg(4096),
+                    want: 2,
+                },
+                "segment count 3 does not cover 4097 bytes in 4096-byte segments (want 2)",
+            ),
+            (
+                56,
+                18u32.to_le_bytes().to_vec(),
+                HeaderError::SealedLen {
+                    segment: SegmentIndex(1),
+                    len: 18,
+                    plain_len: 1,
+                    want: 17,
+                },
+                "segment 1 is listed as 18 sealed bytes, its 1-byte plaintext seals to 17",
+            ),
+        ];
+        for (at, bytes, want, message) in cases {
+            let mut bad = c.object.clone();
+            bad[at..at + bytes.len()].copy_from_slice(&bytes);
+            assert_eq!(ChunkHeader::parse(&bad).unwrap_err(), want, "{message}");
+            assert_eq!(want.to_string(), message);
+            let name = renamed(&bad, h);
+            let err = verify_header(&name, &bad).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("chunk {name} is corrupt: its header is bad: {message}")
+            );
+            assert!(open_chunk_v2(&name, &c.key, &bad).is_err());
+        }
+    }
+
+    #[test]
+    fn a_huge_count_is_refused_before_allocating() {
+        // 64 MiB in 4 KiB segments: the most rows a header can have, claimed by 20 bytes.
+        let mut fixed = Vec::new();
+        fixed.extend_from_slice(b"LDC2\x02\x00\x00\x00");
+        fixed.extend_from_slice(&4096u32.to_le_bytes());
+        fixed.extend_from_slice(&(64u32 << 20).to_le_bytes());
+        fixed.extend_from_slice(&16384u32.to_le_bytes());
+        assert_eq!(ChunkHeader::peek_len(&fixed).unwrap(), 20 + 36 * 16384);
+        assert_eq!(
+            ChunkHeader::parse(&fixed).unwrap_err(),
+            HeaderError::Truncated {
+                len: 20,
+                need: 20 + 36 * 16384
+            }
+        );
+        // One more row than the length allows is a count error, whatever follows.
+        fixed[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            ChunkHeader::peek_len(&fixed),
+            Err(HeaderError::Count { want: 16384, .. })
+        ));
+        assert_eq!(MAX_SEGMENTS, 16384);
+    }
+
+    #[test]
+    fn a_bad_segment_is_named_by_hash_and_by_tag() {
+        let (_, c) = seal(3 * S4K as usize, S4K);
+        let h = verify_header(&c.name, &c.object).unwrap();
+        let j = SegmentIndex(1);
+        let r = h.segment_range(j).unwrap();
+        let mut bad = c.object.clone();
+        bad[span(&r).start + 7] ^= 0x80;
+        let sealed = &bad[span(&r)];
+        let err = open_chunk_v2(&c.name, &c.key, &bad).unwrap_err();
+        assert_eq!(
+            err,
+            ChunkV2Error::SegmentMismatch {
+                chunk: c.name,
+                segment: j,
+                got: sha256(sealed)
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "chunk {} segment 1 is corrupt: its bytes hash to {}, not to its header's row",
+                c.name,
+                hex::encode(sha256(sealed))
+            )
+        );
+        assert_eq!(verify_segment(&h, j, sealed).unwrap_err(), err);
+        assert_eq!(open_segment(&h, &c.key, j, sealed).unwrap_err(), err);
+        // Past the hash (bytes from the worker's own disk), the tag still refuses them.
+        let mut buf = sealed.to_vec();
+        let err = open_segment_unverified(&h, &c.key, j, &mut buf).unwrap_err();
+        assert_eq!(
+            err,
+            ChunkV2Error::Decrypt {
+                chunk: c.name,
+                segment: j
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "chunk {} segment 1 does not decrypt under the key the manifest holds for it \
+                 (wrong key table or tampered chunk)",
+                c.name
+            )
+        );
+    }
+
+    #[test]
+    fn gcm_alone_refuses_another_position_another_chunk_and_a_wrong_key() {
+        let (_, c) = seal(3 * S4K as usize, S4K);
+        let h = verify_header(&c.name, &c.object).unwrap();
+        let at = |j: u32| {
+            let r = h.segment_range(SegmentIndex(j)).unwrap();
+            c.object[span(&r)].to_vec()
+        };
+        // Segment 0's bytes offered as segment 2: same length, other nonce.
+        let mut buf = at(0);
+        assert_eq!(
+            open_segment_unverified(&h, &c.key, SegmentIndex(2), &mut buf).unwrap_err(),
+            ChunkV2Error::Decrypt {
+                chunk: c.name,
+                segment: SegmentIndex(2)
+            }
+        );
+        // The same position of another chunk: other key.
+        let other = seal_chunk_v2(&salt(), &[7u8; 3 * 4096], seg(S4K)).unwrap();
+        let mut buf = other.object[other.header_len..other.header_len + 4112].to_vec();
+        assert!(matches!(
+            open_segment_unverified(&h, &c.key, SegmentIndex(0), &mut buf),
+            Err(ChunkV2Error::Decrypt { .. })
+        ));
+        // A wrong key, through the checked path.
+        let err = open_chunk_v2(&c.name, &ChunkKey::from_bytes([0; 32]), &c.object).unwrap_err();
+        assert_eq!(
+            err,
+            ChunkV2Error::Decrypt {
+                chunk: c.name,
+                segment: SegmentIndex(0)
+            }
+        );
+    }
+
+    #[test]
+    fn segment_lengths_and_indexes_are_checked() {
+        let (_, c) = seal(S4K as usize + 100, S4K);
+        let h = verify_header(&c.name, &c.object).unwrap();
+        let r = h.segment_range(SegmentIndex(1)).unwrap();
+        let sealed = &c.object[span(&r)];
+        let err = verify_segment(&h, SegmentIndex(1), &sealed[1..]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "chunk {} segment 1 is corrupt: 115 bytes, its header says 116",
+                c.name
+            )
+        );
+        let mut buf = sealed[..100].to_vec();
+        assert!(matches!(
+            open_segment_unverified(&h, &c.key, SegmentIndex(1), &mut buf),
+            Err(ChunkV2Error::SegmentLength { .. })
+        ));
+        let err = open_segment(&h, &c.key, SegmentIndex(2), sealed).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("chunk {} has 2 segments, there is no segment 2", c.name)
+        );
+    }
+
+    #[test]
+    fn a_header_that_disagrees_with_the_manifest_is_named() {
+        let (_, c) = seal(100_000, S32K);
+        let h = verify_header(&c.name, &c.object).unwrap();
+        h.check_layout(seg(S32K), 100_000).unwrap();
+        let err = h.check_layout(seg(S4K), 100_000).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "chunk {} disagrees with the manifest: its header holds 100000 bytes in 4 \
+                 segments of 32768, the manifest expects 100000 bytes in 25 segments of 4096",
+                c.name
+            )
+        );
+        assert!(matches!(
+            h.check_layout(seg(S32K), 524_288),
+            Err(ChunkV2Error::Layout { want_count: 16, .. })
+        ));
+    }
+}

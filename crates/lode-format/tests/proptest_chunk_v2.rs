@@ -1,0 +1,354 @@
+//! Property tests for the v2 chunk, where untrusted bytes enter through
+//! [`ChunkHeader::parse`] (behind [`verify_header`]) and the segment checks:
+//!
+//! - arbitrary bytes never panic the header parser, never make it allocate more than the
+//!   rows the bytes hold, and whatever it accepts re-encodes to the same bytes;
+//! - a mutated header is refused, or (under its name) parses equal to the original;
+//! - every plaintext round-trips seal → open, whole and one segment at a time;
+//! - every mutation of a sealed object is refused as corrupt.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use lode_format::segment::MAX_SEGMENTS;
+use lode_format::{
+    ChunkHeader, ChunkName, RootSalt, SegmentIndex, SegmentSize, open_chunk_v2, open_segment,
+    open_segment_unverified, seal_chunk_v2, verify_header, verify_segment,
+};
+use proptest::prelude::*;
+use proptest::sample::Index;
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static ALLOCATED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The system allocator, counting the bytes asked for on a thread while that thread
+/// measures (proptest and the other tests run alongside, on other threads).
+struct Counting;
+
+fn note(bytes: usize) {
+    let on = COUNTING.try_with(Cell::get).unwrap_or(false);
+    if on {
+        let _ = ALLOCATED.try_with(|a| a.set(a.get().saturating_add(bytes)));
+    }
+}
+
+// SAFETY: every call goes to the system allocator unchanged; counting touches only
+// const-initialised thread-locals, which never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        // SAFETY: the caller's contract for `alloc` is passed on as it is.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, that is from `System`, with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        // SAFETY: as for `dealloc`, and the caller's contract for `new_size`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Runs `f`, returning what it returned and the bytes it asked the allocator for.
+fn allocated_by<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    ALLOCATED.with(|a| a.set(0));
+    COUNTING.with(|c| c.set(true));
+    let out = f();
+    COUNTING.with(|c| c.set(false));
+    (out, ALLOCATED.with(Cell::get))
+}
+
+/// Parses `bytes`, checking the allocation bound and, when accepted, that the header
+/// re-encodes to exactly the bytes it was read from.
+fn parse_checked(bytes: &[u8]) -> Option<ChunkHeader> {
+    let (parsed, allocated) = allocated_by(|| ChunkHeader::parse(bytes));
+    // The rows are allocated only after the bytes were found to hold them all: never more
+    // than twice the input, and never more than twice the largest header.
+    let largest = ChunkHeader::len_for(MAX_SEGMENTS as usize);
+    assert!(
+        allocated <= 2 * bytes.len() && allocated <= 2 * largest,
+        "{allocated} bytes allocated parsing {} bytes",
+        bytes.len()
+    );
+    let h = parsed.ok()?;
+    assert!(h.count() <= MAX_SEGMENTS);
+    // The count is real: the rows of an accepted header were allocated and seen.
+    assert!(
+        allocated >= 36 * h.count() as usize,
+        "{allocated} bytes counted"
+    );
+    assert_eq!(h.to_bytes(), &bytes[..h.header_len()]);
+    assert_eq!(ChunkHeader::parse(&h.to_bytes()).unwrap(), h);
+    Some(h)
+}
+
+/// A range of object or plaintext offsets as a range of slice indexes.
+fn span(r: &std::ops::Range<u64>) -> std::ops::Range<usize> {
+    usize::try_from(r.start).unwrap()..usize::try_from(r.end).unwrap()
+}
+
+/// `len` bytes from `seed`, cheap to make in bulk (proptest's byte vectors are slow at
+/// hundreds of KiB).
+fn bytes_from(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+fn segment_size() -> impl Strategy<Value = SegmentSize> {
+    (12u32..=18).prop_map(|k| SegmentSize::new(1u64 << k).unwrap())
+}
+
+/// The fixed part and rows of a header with the right sealed lengths and arbitrary
+/// hashes: what a writer would produce, without sealing anything.
+fn valid_header() -> impl Strategy<Value = Vec<u8>> {
+    (segment_size(), 1u32..=300_000, any::<u64>()).prop_map(|(s, len, seed)| {
+        let n = len.div_ceil(s.bytes());
+        let mut b = Vec::new();
+        b.extend_from_slice(b"LDC2\x02\x00\x00\x00");
+        b.extend_from_slice(&s.bytes().to_le_bytes());
+        b.extend_from_slice(&len.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        let hashes = bytes_from(seed, 32 * n as usize);
+        for j in 0..n {
+            let plain = (len - j * s.bytes()).min(s.bytes());
+            b.extend_from_slice(&(plain + 16).to_le_bytes());
+            b.extend_from_slice(&hashes[32 * j as usize..32 * (j as usize + 1)]);
+        }
+        b
+    })
+}
+
+#[derive(Clone, Debug)]
+enum Mutation {
+    /// XOR the byte at a position with a non-zero mask.
+    Flip(Index, u8),
+    /// Insert a byte before a position (or at the end).
+    Insert(Index, u8),
+    /// Remove the byte at a position.
+    Delete(Index),
+    /// Keep a strict prefix.
+    Truncate(Index),
+    /// Overwrite a little-endian u32 at a position (a count, a length, a size).
+    Word(Index, u32),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<Index>(), 1u8..=255).prop_map(|(i, m)| Mutation::Flip(i, m)),
+        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+        any::<Index>().prop_map(Mutation::Delete),
+        any::<Index>().prop_map(Mutation::Truncate),
+        (any::<Index>(), any::<u32>()).prop_map(|(i, w)| Mutation::Word(i, w)),
+    ]
+}
+
+impl Mutation {
+    /// Applies the mutation to the first `within` bytes of non-empty `bytes` (or, for an
+    /// insertion, at their end); the result always differs from `bytes`, except for a
+    /// `Word` that writes the value already there.
+    fn apply(&self, bytes: &[u8], within: usize) -> Vec<u8> {
+        let mut b = bytes.to_vec();
+        let len = within.min(b.len());
+        match self {
+            Mutation::Flip(i, mask) => b[i.index(len)] ^= mask,
+            Mutation::Insert(i, v) => b.insert(i.index(len + 1), *v),
+            Mutation::Delete(i) => {
+                b.remove(i.index(len));
+            }
+            Mutation::Truncate(i) => b.truncate(i.index(len)),
+            Mutation::Word(i, w) => {
+                let at = i.index(len.saturating_sub(3).max(1)).min(b.len() - 1);
+                for (k, byte) in w.to_le_bytes().into_iter().enumerate() {
+                    if let Some(slot) = b.get_mut(at + k) {
+                        *slot = byte;
+                    }
+                }
+            }
+        }
+        b
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// Arbitrary bytes: no panic, bounded allocation, canonical when accepted.
+    #[test]
+    fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        parse_checked(&bytes);
+        let _ = ChunkHeader::peek_len(&bytes);
+    }
+
+    /// Arbitrary bytes behind a valid magic and version, so the fuzzing reaches the
+    /// sizes, the count and the rows.
+    #[test]
+    fn parse_never_panics_past_the_magic(
+        fixed in any::<[u8; 16]>(),
+        tail in proptest::collection::vec(any::<u8>(), 0..4096),
+    ) {
+        let mut bytes = b"LDC2\x02\x00\x00\x00".to_vec();
+        bytes.extend_from_slice(&fixed[..12]);
+        bytes.extend_from_slice(&tail);
+        parse_checked(&bytes);
+    }
+
+    /// A valid header with several mutations: refused, or accepted and canonical.
+    #[test]
+    fn mutated_headers_parse_canonically_or_not_at_all(
+        header in valid_header(),
+        mutations in proptest::collection::vec(mutation(), 1..6),
+    ) {
+        prop_assert!(parse_checked(&header).is_some());
+        let mut bytes = header;
+        for m in &mutations {
+            if !bytes.is_empty() {
+                bytes = m.apply(&bytes, bytes.len());
+            }
+        }
+        parse_checked(&bytes);
+    }
+
+    /// Under its name, a mutated header is refused, or parses equal to the original
+    /// (bytes appended after it change nothing).
+    #[test]
+    fn mutated_header_under_its_name_is_refused_or_equal(
+        seed in any::<u64>(),
+        len in 1usize..70_000,
+        s in (12u32..=15).prop_map(|k| SegmentSize::new(1u64 << k).unwrap()),
+        mutations in proptest::collection::vec(mutation(), 1..4),
+    ) {
+        let plain = bytes_from(seed, len);
+        let c = seal_chunk_v2(&RootSalt::from_bytes([9; 32]), &plain, s).unwrap();
+        let original = verify_header(&c.name, &c.object).unwrap();
+        let mut header = c.object[..c.header_len].to_vec();
+        for m in &mutations {
+            if !header.is_empty() {
+                header = m.apply(&header, header.len());
+            }
+        }
+        match verify_header(&c.name, &header) {
+            Err(e) => prop_assert!(e.to_string().contains("corrupt"), "{}", e),
+            Ok(h) => prop_assert_eq!(h, original),
+        }
+    }
+
+    /// Every plaintext round-trips, whole and segment by segment, and seals the same way
+    /// twice.
+    #[test]
+    fn seal_open_round_trip(
+        seed in any::<u64>(),
+        len in 1usize..300_000,
+        s in segment_size(),
+        salt in any::<[u8; 32]>(),
+    ) {
+        let salt = RootSalt::from_bytes(salt);
+        let plain = bytes_from(seed, len);
+        let c = seal_chunk_v2(&salt, &plain, s).unwrap();
+        prop_assert_eq!(&open_chunk_v2(&c.name, &c.key, &c.object).unwrap(), &plain);
+        let again = seal_chunk_v2(&salt, &plain, s).unwrap();
+        prop_assert_eq!(again.name, c.name);
+        prop_assert_eq!(&again.object, &c.object);
+
+        let h = verify_header(&c.name, &c.object[..c.header_len]).unwrap();
+        h.check_layout(s, len as u64).unwrap();
+        prop_assert_eq!(h.object_len(), c.object.len() as u64);
+        let mut next = 0u64;
+        for j in (0..h.count()).map(SegmentIndex) {
+            let r = h.segment_range(j).unwrap();
+            let p = h.segment_plain_range(j).unwrap();
+            prop_assert_eq!(p.start, next);
+            next = p.end;
+            let sealed = &c.object[span(&r)];
+            let want = &plain[span(&p)];
+            prop_assert_eq!(open_segment(&h, &c.key, j, sealed).unwrap(), want);
+        }
+        prop_assert_eq!(next, len as u64);
+    }
+
+    /// Any flip, insertion, deletion or truncation of an object is refused as corrupt;
+    /// a changed segment is refused by its hash, and by its tag when the hash is skipped.
+    #[test]
+    fn mutated_object_is_refused_as_corrupt(
+        seed in any::<u64>(),
+        len in 1usize..70_000,
+        s in (12u32..=14).prop_map(|k| SegmentSize::new(1u64 << k).unwrap()),
+        mutation in mutation(),
+    ) {
+        let plain = bytes_from(seed, len);
+        let c = seal_chunk_v2(&RootSalt::from_bytes([3; 32]), &plain, s).unwrap();
+        let bad = mutation.apply(&c.object, c.object.len());
+        prop_assume!(bad != c.object);
+        let err = open_chunk_v2(&c.name, &c.key, &bad).unwrap_err();
+        prop_assert!(err.to_string().contains("corrupt"), "{:?}: {}", mutation, err);
+        // The same bytes renamed by their own header still do not open as the chunk.
+        if let Some(name) = ChunkHeader::peek_len(&bad)
+            .ok()
+            .and_then(|n| bad.get(..n))
+            .map(ChunkName::of)
+            && name != c.name
+        {
+            prop_assert!(open_chunk_v2(&name, &c.key, &bad).is_err());
+        }
+
+        // A flip inside one segment: refused by the hash and by GCM.
+        let h = verify_header(&c.name, &c.object).unwrap();
+        let j = SegmentIndex(u32::try_from(seed % u64::from(h.count())).unwrap());
+        let r = h.segment_range(j).unwrap();
+        let mut sealed = c.object[span(&r)].to_vec();
+        let at = usize::try_from(seed >> 32).unwrap() % sealed.len();
+        sealed[at] ^= 0x20;
+        prop_assert!(verify_segment(&h, j, &sealed).is_err());
+        prop_assert!(open_segment_unverified(&h, &c.key, j, &mut sealed).is_err());
+    }
+}
+
+/// A renamed object whose header was changed is refused by GCM even though its name
+/// checks: the rows are only hashes, the key and nonces still bind every segment.
+#[test]
+fn a_header_renamed_after_swapping_rows_does_not_open() {
+    let s = SegmentSize::new(4096).unwrap();
+    let plain = bytes_from(7, 3 * 4096);
+    let c = seal_chunk_v2(&RootSalt::from_bytes([1; 32]), &plain, s).unwrap();
+    let h = verify_header(&c.name, &c.object).unwrap();
+    // Swap segments 0 and 1 and their rows, then name the result by its new header.
+    let mut bad = c.object.clone();
+    let (r0, r1) = (
+        h.segment_range(SegmentIndex(0)).unwrap(),
+        h.segment_range(SegmentIndex(1)).unwrap(),
+    );
+    let (r0, r1) = (span(&r0), span(&r1));
+    let seg0 = c.object[r0.clone()].to_vec();
+    bad.copy_within(r1.clone(), r0.start);
+    bad[r1].copy_from_slice(&seg0);
+    let rows = c.object[20..20 + 72].to_vec();
+    bad[20..56].copy_from_slice(&rows[36..]);
+    bad[56..92].copy_from_slice(&rows[..36]);
+    let name = ChunkName::of(&bad[..c.header_len]);
+    let err = open_chunk_v2(&name, &c.key, &bad).unwrap_err();
+    assert!(
+        err.to_string().contains("segment 0 does not decrypt"),
+        "{err}"
+    );
+}
