@@ -11,6 +11,9 @@
 # Usage: scripts/bench-compress.sh [LAYOUT] [TAGS...]
 #   LAYOUT defaults to /var/tmp/lode-family/family (scripts/build-image-family.sh builds
 #   it); TAGS default to base python pyweb node gcc.
+#   LODE_COMPRESS_WORK=DIR keeps the flattened and exported images in DIR and reuses them
+#   on the next run; COMPRESS_ARGS passes more arguments to the bench (e.g.
+#   "--segment 16384 --json /tmp/c16.json": a later --json wins).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 layout=${1:-/var/tmp/lode-family/family}
@@ -19,16 +22,24 @@ tags=("$@")
 ((${#tags[@]})) || tags=(base python pyweb node gcc)
 [ -f "$layout/index.json" ] || { echo "bench-compress: no OCI layout at $layout (run scripts/build-image-family.sh /var/tmp/lode-family)" >&2; exit 1; }
 
-work=$(mktemp -d /var/tmp/lode-compress-bench.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+if [ -n "${LODE_COMPRESS_WORK:-}" ]; then
+  work=$LODE_COMPRESS_WORK
+  mkdir -p "$work"
+else
+  work=$(mktemp -d /var/tmp/lode-compress-bench.XXXXXX)
+  trap 'rm -rf "$work"' EXIT
+fi
 cargo build --release -q -p lode
 lode=$PWD/target/release/lode
 A=(--store "$work/store" --kms "$work/keyring.json")
 images=()
 for t in "${tags[@]}"; do
-  echo "== flatten and export $t" >&2
-  "$lode" "${A[@]}" -q flatten "oci:$layout:$t" --tag "f/$t" --work-dir "$work/tmp" >/dev/null
-  "$lode" "${A[@]}" -q export "f/$t" "$work/$t.img" >/dev/null
+  if [ ! -f "$work/$t.img" ]; then
+    echo "== flatten and export $t" >&2
+    "$lode" "${A[@]}" -q flatten "oci:$layout:$t" --tag "f/$t" --work-dir "$work/tmp" >/dev/null
+    "$lode" "${A[@]}" -q export "f/$t" "$work/$t.img.part" >/dev/null
+    mv "$work/$t.img.part" "$work/$t.img"
+  fi
   images+=("$work/$t.img")
 done
 
@@ -47,4 +58,4 @@ PY
 )
 echo "== the family's distinct layer blobs: $gzip_bytes bytes" >&2
 cargo bench -q -p lode-format --bench compress -- "${images[@]}" --gzip-bytes "$gzip_bytes" \
-  --json "$PWD/docs/evaluation/compress.json"
+  --json "$PWD/docs/evaluation/compress.json" ${COMPRESS_ARGS:-}

@@ -11,7 +11,10 @@
 //! fixed sample of the compressed segments, beside the time to open (AES-256-GCM) a
 //! 32 KiB segment, which every disk-tier read already pays.
 //!
-//! `cargo bench -p lode-format --bench compress -- IMAGE... [--segment BYTES]
+//! `--pad BYTES` rounds every compressed segment up to a multiple of BYTES before the
+//! 1/8 rule, to see what hiding exact lengths costs.
+//!
+//! `cargo bench -p lode-format --bench compress -- IMAGE... [--segment BYTES] [--pad BYTES]
 //! [--gzip-bytes N] [--json PATH]`; `scripts/bench-compress.sh` builds the image family,
 //! flattens and exports it, and runs this with the family's gzip layer bytes.
 
@@ -68,6 +71,7 @@ impl Codec {
 struct Args {
     images: Vec<PathBuf>,
     segment: usize,
+    pad: usize,
     gzip_bytes: Option<u64>,
     json: Option<PathBuf>,
 }
@@ -76,6 +80,7 @@ fn args() -> Args {
     let mut a = Args {
         images: Vec::new(),
         segment: 32 * 1024,
+        pad: 1,
         gzip_bytes: None,
         json: None,
     };
@@ -87,6 +92,13 @@ fn args() -> Args {
                     .next()
                     .and_then(|v| v.parse().ok())
                     .expect("--segment BYTES")
+            }
+            "--pad" => {
+                a.pad = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&p| p > 0)
+                    .expect("--pad BYTES")
             }
             "--gzip-bytes" => a.gzip_bytes = it.next().and_then(|v| v.parse().ok()),
             "--json" => a.json = it.next().map(PathBuf::from),
@@ -153,7 +165,7 @@ fn quantile(sorted: &[u64], percent: usize) -> u64 {
         - 1]
 }
 
-fn measure(codec: Codec, chunks: &[Vec<u8>], segment: usize) -> Row {
+fn measure(codec: Codec, chunks: &[Vec<u8>], segment: usize, pad: usize) -> Row {
     let mut stored = 0u64;
     let mut segments = 0usize;
     let mut packed_kept: Vec<(Vec<u8>, usize)> = Vec::new();
@@ -164,10 +176,12 @@ fn measure(codec: Codec, chunks: &[Vec<u8>], segment: usize) -> Row {
         for seg in c.chunks(segment) {
             segments += 1;
             let packed = codec.compress(seg);
-            let keep = codec != Codec::None && packed.len() <= seg.len() - seg.len() / 8;
+            // Padded up to a multiple of `pad`, so lengths say less about the content.
+            let padded = packed.len().div_ceil(pad) * pad;
+            let keep = codec != Codec::None && padded <= seg.len() - seg.len() / 8;
             if keep {
                 compressed_segments += 1;
-                stored += packed.len() as u64 + TAG;
+                stored += padded as u64 + TAG;
                 packed_kept.push((packed, seg.len()));
             } else {
                 stored += seg.len() as u64 + TAG;
@@ -251,15 +265,16 @@ fn main() {
         .iter()
         .map(|&c| {
             eprintln!("compress: {}", c.name());
-            measure(c, &chunks, a.segment)
+            measure(c, &chunks, a.segment, a.pad)
         })
         .collect();
     let base = rows[0].stored;
     println!();
     println!(
-        "{} segments of {} KiB in {} distinct chunks; opening one segment (GCM): p50 {:.1} µs, p99 {:.1} µs",
+        "{} segments of {} KiB (compressed ones padded to {} B) in {} distinct chunks; opening one segment (GCM): p50 {:.1} µs, p99 {:.1} µs",
         rows[0].segments,
         a.segment / 1024,
+        a.pad,
         chunks.len(),
         open50 as f64 / 1000.0,
         open99 as f64 / 1000.0
@@ -305,6 +320,7 @@ fn main() {
             "raw_bytes": raw,
             "distinct_chunks": chunks.len(),
             "segment_bytes": a.segment,
+            "pad_bytes": a.pad,
             "gzip_layer_bytes": a.gzip_bytes,
             "open_segment_p50_ns": open50,
             "open_segment_p99_ns": open99,
