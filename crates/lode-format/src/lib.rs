@@ -17,6 +17,7 @@
 pub mod chunk;
 pub mod ids;
 pub mod manifest;
+pub mod object;
 pub mod segment;
 
 pub use chunk::{ChunkError, SealedChunk, open_chunk, seal_chunk, seal_chunk_in_place};
@@ -28,8 +29,9 @@ pub use manifest::{
     ChunkEntry, ChunkFormat, ImageConfig, KeyTable, Manifest, ManifestError, ManifestHeader,
     WrappedKey, binding_of,
 };
+pub use object::{ObjectError, ObjectFormat, check_object};
 pub use segment::{
     CheckedHeader, ChunkHeader, ChunkV2Error, HeaderError, SealedChunkV2, open_chunk_v2,
     open_segment, open_segment_in_place, open_segment_unverified, seal_chunk_v2, verify_header,
-    verify_segment,
+    verify_object_v2, verify_segment,
 };

@@ -12,8 +12,9 @@ use std::cell::Cell;
 
 use lode_format::segment::MAX_SEGMENTS;
 use lode_format::{
-    ChunkHeader, ChunkName, RootSalt, SegmentIndex, SegmentSize, open_chunk_v2, open_segment,
-    open_segment_unverified, seal_chunk_v2, verify_header, verify_segment,
+    ChunkHeader, ChunkName, ObjectFormat, RootSalt, SegmentIndex, SegmentSize, check_object,
+    open_chunk_v2, open_segment, open_segment_unverified, seal_chunk_v2, verify_header,
+    verify_segment,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -196,6 +197,19 @@ proptest! {
 
     /// Arbitrary bytes: no panic, bounded allocation, canonical when accepted.
     #[test]
+    fn check_object_never_panics(
+        bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+        name in any::<[u8; 32]>(),
+    ) {
+        let name = ChunkName::from_bytes(name);
+        prop_assert!(check_object(&name, &bytes).is_err());
+        let mut v2 = b"LDC2".to_vec();
+        v2.extend_from_slice(&bytes);
+        prop_assert!(check_object(&name, &v2).is_err());
+        prop_assert_eq!(check_object(&ChunkName::of(&bytes), &bytes), Ok(ObjectFormat::V1));
+    }
+
+    #[test]
     fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
         parse_checked(&bytes);
         let _ = ChunkHeader::peek_len(&bytes);
@@ -301,6 +315,9 @@ proptest! {
         let bad = mutation.apply(&c.object, c.object.len());
         prop_assume!(bad != c.object);
         let err = open_chunk_v2(&c.name, &c.key, &bad).unwrap_err();
+        prop_assert!(err.to_string().contains("corrupt"), "{:?}: {}", mutation, err);
+        // The keyless check a store or cache makes refuses it too, in either format.
+        let err = check_object(&c.name, &bad).unwrap_err();
         prop_assert!(err.to_string().contains("corrupt"), "{:?}: {}", mutation, err);
         // The same bytes renamed by their own header still do not open as the chunk.
         if let Some(name) = ChunkHeader::peek_len(&bad)
