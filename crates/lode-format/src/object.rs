@@ -9,9 +9,15 @@
 
 use thiserror::Error;
 
-use crate::chunk::{ChunkError, verify_name};
-use crate::ids::ChunkName;
-use crate::segment::{ChunkHeader, ChunkV2Error, MAGIC, verify_object_v2};
+use crate::chunk::{
+    ChunkError, SealedChunk, TAG_LEN, open_unverified, seal_chunk_in_place, verify_name,
+};
+use crate::ids::{ChunkKey, ChunkName, RootSalt, SegmentIndex};
+use crate::manifest::ChunkFormat;
+use crate::segment::{
+    ChunkHeader, ChunkV2Error, MAGIC, open_segment_unverified, seal_chunk_v2, verify_header,
+    verify_object_v2,
+};
 
 /// The format a chunk object was found to be in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -29,9 +35,141 @@ pub enum ObjectError {
     #[error(transparent)]
     Name(#[from] ChunkError),
     /// The bytes hold this chunk's v2 header, but the object around it is wrong: its
-    /// length, or a segment.
+    /// length, or a segment; or a v2 object failed to open.
     #[error(transparent)]
     V2(#[from] ChunkV2Error),
+    /// The object is sound but in another format than the manifest says its chunks are.
+    #[error("chunk {chunk} is a {found:?} object, but its manifest names {expected:?} chunks")]
+    WrongFormat {
+        /// The chunk at fault.
+        chunk: ChunkName,
+        /// The format the object is in.
+        found: ObjectFormat,
+        /// The format the manifest gives.
+        expected: ObjectFormat,
+    },
+}
+
+impl ObjectFormat {
+    /// The object format of a manifest's chunks.
+    pub const fn of(format: ChunkFormat) -> ObjectFormat {
+        match format {
+            ChunkFormat::V1 => ObjectFormat::V1,
+            ChunkFormat::V2 { .. } => ObjectFormat::V2,
+        }
+    }
+}
+
+impl ChunkFormat {
+    /// The exact length of the object a `plain_len`-byte chunk seals to in this format:
+    /// the bound on every chunk object read from a store or a cache.
+    pub fn object_len(self, plain_len: usize) -> u64 {
+        let plain = plain_len as u64;
+        match self {
+            ChunkFormat::V1 => plain + TAG_LEN as u64,
+            ChunkFormat::V2 { segment_size } => {
+                let count = plain.div_ceil(segment_size.bytes_u64());
+                ChunkHeader::len_for(usize::try_from(count).unwrap_or(usize::MAX)) as u64
+                    + plain
+                    + count * TAG_LEN as u64
+            }
+        }
+    }
+
+    /// Seals `plaintext` (1 byte to 64 MiB, not all zero) in this format; the object is
+    /// the returned chunk's `ciphertext`.
+    pub fn seal(self, salt: &RootSalt, plaintext: Vec<u8>) -> Result<SealedChunk, ChunkV2Error> {
+        match self {
+            ChunkFormat::V1 => Ok(seal_chunk_in_place(salt, plaintext)),
+            ChunkFormat::V2 { segment_size } => {
+                let s = seal_chunk_v2(salt, &plaintext, segment_size)?;
+                Ok(SealedChunk {
+                    digest: s.digest,
+                    name: s.name,
+                    key: s.key,
+                    ciphertext: s.object,
+                })
+            }
+        }
+    }
+
+    /// Decrypts a whole object of this format whose name [`check_object`] (or an equal
+    /// check) already passed, authenticating it by GCM as it opens, as
+    /// [`open_unverified`] does for v1: a v2 object's header is checked again (it is a
+    /// few hundred bytes), its segments are not hashed a second time.
+    pub fn open_checked(
+        self,
+        name: &ChunkName,
+        key: &ChunkKey,
+        object: Vec<u8>,
+    ) -> Result<Vec<u8>, ObjectError> {
+        match self {
+            ChunkFormat::V1 => Ok(open_unverified(name, key, object)?),
+            ChunkFormat::V2 { .. } => Ok(open_v2_checked(name, key, object)?),
+        }
+    }
+
+    /// Checks `object` against `name` in this format (a sound object of the other format
+    /// is refused) and decrypts it.
+    pub fn open(
+        self,
+        name: &ChunkName,
+        key: &ChunkKey,
+        object: Vec<u8>,
+    ) -> Result<Vec<u8>, ObjectError> {
+        let found = check_object(name, &object)?;
+        let expected = ObjectFormat::of(self);
+        if found != expected {
+            return Err(ObjectError::WrongFormat {
+                chunk: *name,
+                found,
+                expected,
+            });
+        }
+        self.open_checked(name, key, object)
+    }
+}
+
+/// Opens every segment of a v2 object in place and packs the plaintexts to the front.
+fn open_v2_checked(
+    name: &ChunkName,
+    key: &ChunkKey,
+    mut object: Vec<u8>,
+) -> Result<Vec<u8>, ChunkV2Error> {
+    let header = verify_header(name, &object)?;
+    if object.len() as u64 != header.object_len() {
+        return Err(ChunkV2Error::ObjectLength {
+            chunk: *name,
+            len: object.len(),
+            want: header.object_len(),
+        });
+    }
+    let object_len = object.len();
+    let mut out = 0usize;
+    for j in (0..header.count()).map(SegmentIndex) {
+        let range = header.segment_range(j).ok_or(ChunkV2Error::NoSegment {
+            chunk: *name,
+            segment: j,
+            count: header.count(),
+        })?;
+        // The length check above keeps every range inside the object.
+        let (start, end) = (
+            usize::try_from(range.start).unwrap_or(usize::MAX),
+            usize::try_from(range.end).unwrap_or(usize::MAX),
+        );
+        let sealed = object
+            .get_mut(start..end)
+            .ok_or(ChunkV2Error::ObjectLength {
+                chunk: *name,
+                len: object_len,
+                want: header.object_len(),
+            })?;
+        let plain_len = open_segment_unverified(&header, key, j, sealed)?.len();
+        object.copy_within(start..start + plain_len, out);
+        out += plain_len;
+    }
+    object.truncate(out);
+    Ok(object)
 }
 
 /// Checks `bytes` against `name` and says which format they are in: a v2 object whose
@@ -125,6 +263,64 @@ mod tests {
             check_object(&v2.name, &long),
             Err(ObjectError::V2(ChunkV2Error::ObjectLength { .. }))
         ));
+    }
+
+    #[test]
+    fn every_format_seals_to_its_object_len_and_opens() {
+        let v2 = ChunkFormat::V2 {
+            segment_size: SegmentSize::new(4096).unwrap(),
+        };
+        for format in [ChunkFormat::V1, v2] {
+            for len in [1usize, 4095, 4096, 4097, 100_000] {
+                let p = plain()[..len].to_vec();
+                let s = format.seal(&salt(), p.clone()).unwrap();
+                assert_eq!(
+                    s.ciphertext.len() as u64,
+                    format.object_len(len),
+                    "{format:?} {len}"
+                );
+                assert_eq!(
+                    check_object(&s.name, &s.ciphertext),
+                    Ok(ObjectFormat::of(format))
+                );
+                assert_eq!(
+                    format.open(&s.name, &s.key, s.ciphertext.clone()).unwrap(),
+                    p
+                );
+                assert_eq!(
+                    format.open_checked(&s.name, &s.key, s.ciphertext).unwrap(),
+                    p
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_object_of_the_other_format_or_key_is_refused() {
+        let v2 = ChunkFormat::V2 {
+            segment_size: SegmentSize::DEFAULT,
+        };
+        let a = v2.seal(&salt(), plain()).unwrap();
+        let err = ChunkFormat::V1
+            .open(&a.name, &a.key, a.ciphertext.clone())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ObjectError::WrongFormat {
+                    found: ObjectFormat::V2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&a.name.to_string()), "{err}");
+        let b = v2.seal(&salt(), vec![9; 5000]).unwrap();
+        let err = v2.open(&a.name, &b.key, a.ciphertext).unwrap_err();
+        assert!(
+            matches!(err, ObjectError::V2(ChunkV2Error::Decrypt { .. })),
+            "{err}"
+        );
     }
 
     #[test]
