@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt;
-use lode_format::{ChunkName, ManifestId, RootId};
+use lode_format::{ChunkName, ManifestId, ObjectError, RootId, check_object};
 use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use thiserror::Error;
@@ -62,6 +62,27 @@ pub enum StoreError {
         name: ChunkName,
         /// SHA-256 of what was read.
         got: ChunkName,
+    },
+    /// Bytes that hold a chunk's v2 header but are not its whole, sound object (a wrong
+    /// length, a segment that does not hash to its row).
+    #[error("chunk {name} in store {store} is corrupt: {reason}")]
+    CorruptChunkObject {
+        /// The store.
+        store: String,
+        /// The chunk.
+        name: ChunkName,
+        /// What is wrong, naming the segment where one is at fault.
+        reason: Box<lode_format::ChunkV2Error>,
+    },
+    /// A put of bytes that hold a chunk's v2 header but are not its whole, sound object.
+    #[error("refusing to put chunk {name} into store {store}: {reason}")]
+    PutBadObject {
+        /// The store.
+        store: String,
+        /// The name given.
+        name: ChunkName,
+        /// What is wrong with the bytes.
+        reason: Box<lode_format::ChunkV2Error>,
     },
     /// A manifest's bytes do not hash to its id.
     #[error("manifest {id} in store {store} is corrupt: its bytes hash to {got}")]
@@ -614,7 +635,9 @@ impl Store {
         }
     }
 
-    /// Stores a chunk's ciphertext under its name, checking that the bytes hash to it. An
+    /// Stores a chunk's object under its name, checking that the bytes are that object in
+    /// either format (`lode_format::check_object`: v1 bytes hash to the name, a v2
+    /// header hashes to it and lists every segment's hash). An
     /// object already there is checked too, and replaced if damaged (not when working
     /// put-only: see [`Store::put_only`]).
     pub async fn put_chunk(
@@ -623,19 +646,28 @@ impl Store {
         name: &ChunkName,
         ciphertext: Bytes,
     ) -> Result<PutOutcome, StoreError> {
-        let got = ChunkName::of(&ciphertext);
-        if &got != name {
-            return Err(StoreError::PutMismatch {
-                store: self.label.clone(),
-                expected: *name,
-                got,
-            });
+        match check_object(name, &ciphertext) {
+            Ok(_) => {}
+            Err(ObjectError::V2(reason)) => {
+                return Err(StoreError::PutBadObject {
+                    store: self.label.clone(),
+                    name: *name,
+                    reason: Box::new(reason),
+                });
+            }
+            Err(_) => {
+                return Err(StoreError::PutMismatch {
+                    store: self.label.clone(),
+                    expected: *name,
+                    got: ChunkName::of(&ciphertext),
+                });
+            }
         }
         self.create_addressed(&self.chunk_path(root, name), ciphertext, "chunk")
             .await
     }
 
-    /// Fetches a chunk's ciphertext and checks it against its name. `max_bytes` is the
+    /// Fetches a chunk's object and checks it against its name, in either format. `max_bytes` is the
     /// most the chunk may be (its plaintext length plus the seal's overhead): a larger
     /// object is refused before it is read.
     pub async fn get_chunk(
@@ -652,15 +684,19 @@ impl Store {
                 max_bytes,
             )
             .await?;
-        let got = ChunkName::of(&bytes);
-        if &got != name {
-            return Err(StoreError::CorruptChunk {
+        match check_object(name, &bytes) {
+            Ok(_) => Ok(bytes),
+            Err(ObjectError::V2(reason)) => Err(StoreError::CorruptChunkObject {
                 store: self.label.clone(),
                 name: *name,
-                got,
-            });
+                reason: Box::new(reason),
+            }),
+            Err(_) => Err(StoreError::CorruptChunk {
+                store: self.label.clone(),
+                name: *name,
+                got: ChunkName::of(&bytes),
+            }),
         }
-        Ok(bytes)
     }
 
     /// Removes a chunk object if it is damaged (does not hash to its name, is larger than
@@ -677,6 +713,7 @@ impl Store {
             Ok(_) | Err(StoreError::NotFound { .. }) => Ok(false),
             Err(
                 StoreError::CorruptChunk { .. }
+                | StoreError::CorruptChunkObject { .. }
                 | StoreError::TooLarge { .. }
                 | StoreError::SizeChanged { .. }
                 | StoreError::Unreadable { .. },
