@@ -432,7 +432,8 @@ impl Codec {
     /// Rebuilds chunk `name` from `candidates` (checked stripes of it, any number, in
     /// arrival order): tries combinations of `k` with distinct indices, first to last
     /// (the first is the first `k` distinct to arrive), and returns the first whose
-    /// result hashes to `name`, and how many name checks failed before it. `None` when
+    /// result is the object named `name` in either chunk format
+    /// ([`lode_format::check_object`]), and how many name checks failed before it. `None` when
     /// no combination (of at most [`MAX_COMBINATIONS`]) checks out. When a check failed
     /// or `find_bad` is set, [`Rebuilt::bad`] lists the candidates that disagree with
     /// the chunk.
@@ -452,7 +453,7 @@ impl Codec {
             }
             let stripes: Vec<&Stripe> = combo.iter().map(|&i| &candidates[i]).collect();
             match self.decode(&stripes) {
-                Ok(chunk) if ChunkName::of(&chunk) == *name => {
+                Ok(chunk) if lode_format::check_object(name, &chunk).is_ok() => {
                     found = Some((chunk, combo.to_vec()));
                     false
                 }
@@ -557,6 +558,31 @@ mod tests {
         // Data stripes hold the chunk in order, the last one padded.
         assert_eq!(&stripes[0][48..], &data[..250]);
         assert_eq!(&stripes[3][48..], &data[750..]);
+    }
+
+    /// A v2 object (named by its header) rebuilds from any k stripes, and a stripe set
+    /// with a changed segment does not pass as it.
+    #[test]
+    fn rebuilds_a_v2_object_by_its_name() {
+        let sealed = lode_format::seal_chunk_v2(
+            &lode_format::RootSalt::from_bytes([4; 32]),
+            &chunk(50_000, 9),
+            lode_format::SegmentSize::new(4096).unwrap(),
+        )
+        .unwrap();
+        let codec = Codec::new(4, 2).unwrap();
+        let stripes = parse_all(&codec.encode(&sealed.name, &sealed.object).unwrap());
+        let (rebuilt, failed) = codec.rebuild(&sealed.name, &stripes[2..], false);
+        assert_eq!(rebuilt.unwrap().chunk, sealed.object);
+        assert_eq!(failed, 0);
+
+        let mut bad = sealed.object.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let bad_stripes = parse_all(&codec.encode(&sealed.name, &bad).unwrap());
+        let (rebuilt, failed) = codec.rebuild(&sealed.name, &bad_stripes[..4], false);
+        assert!(rebuilt.is_none());
+        assert_eq!(failed, 1);
     }
 
     #[test]
