@@ -31,9 +31,10 @@ pub enum ObjectFormat {
 /// Bytes that are not the chunk object named.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ObjectError {
-    /// Neither format's name check passes (for a v1 object: the bytes hash elsewhere).
+    /// A v1 object failed: the bytes hash elsewhere (neither format matches the name), or
+    /// it does not open.
     #[error(transparent)]
-    Name(#[from] ChunkError),
+    V1(#[from] ChunkError),
     /// The bytes hold this chunk's v2 header, but the object around it is wrong: its
     /// length, or a segment; or a v2 object failed to open.
     #[error(transparent)]
@@ -232,11 +233,11 @@ mod tests {
         let v2 = seal_chunk_v2(&salt(), &plain(), SegmentSize::DEFAULT).unwrap();
         assert!(matches!(
             check_object(&v1.name, &v2.object),
-            Err(ObjectError::Name(ChunkError::NameMismatch { .. }))
+            Err(ObjectError::V1(ChunkError::NameMismatch { .. }))
         ));
         assert!(matches!(
             check_object(&v2.name, &v1.ciphertext),
-            Err(ObjectError::Name(ChunkError::NameMismatch { .. }))
+            Err(ObjectError::V1(ChunkError::NameMismatch { .. }))
         ));
     }
 

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use lode_format::{ChunkError, ChunkIndex, ManifestError, ManifestId};
+use lode_format::{ChunkIndex, ManifestError, ManifestId};
 use lode_kms::KmsError;
 use lode_store::StoreError;
 use thiserror::Error;
@@ -60,7 +60,7 @@ pub enum ImageError {
         /// The chunk's index in it.
         index: ChunkIndex,
         /// What is wrong.
-        source: ChunkError,
+        source: lode_format::ObjectError,
     },
     /// A chunk decrypted to the wrong number of bytes.
     #[error(

@@ -96,6 +96,7 @@ async fn write_chunks(
 ) -> Result<(File, ExportStats), ImageError> {
     let header = img.manifest.header();
     let (cs, device_size) = (header.chunk_size, header.device_size);
+    let format = header.chunk_format;
     let file = Arc::new(file);
     let mut stats = ExportStats {
         device_size,
@@ -132,13 +133,20 @@ async fn write_chunks(
                 let key = key?;
                 let expected = cs.len_of(index, device_size);
                 let ciphertext = store
-                    .get_chunk(img.root, &name, crate::sealed_len(expected))
+                    .get_chunk(img.root, &name, crate::sealed_len(format, expected))
                     .await?;
                 let size = ciphertext.len() as u64;
                 let offset = cs.offset_of(index).0;
                 tokio::task::spawn_blocking(move || {
-                    let plain =
-                        crate::open_chunk_checked(id, index, &name, &key, &ciphertext, expected)?;
+                    let plain = crate::open_chunk_checked(
+                        format,
+                        id,
+                        index,
+                        &name,
+                        &key,
+                        &ciphertext,
+                        expected,
+                    )?;
                     file.write_all_at(&plain, offset)
                         .map_err(io("write", &target))?;
                     progress.advance(expected as u64);

@@ -154,6 +154,7 @@ pub async fn flatten_and_publish(
         },
         image_digest: Some(ImageDigest::from_bytes(flattened.image_digest.0)),
         tag: req.tag.clone(),
+        chunk_format: None,
     };
     progress.note(format!(
         "publishing {} ext4 image ({} layers)",

@@ -13,10 +13,8 @@
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use lode_format::chunk::seal_chunk_in_place;
 use lode_format::{
-    ChunkEntry, ChunkFormat, ChunkIndex, ChunkKey, Manifest, ManifestHeader, ManifestId, RootId,
-    RootSalt,
+    ChunkEntry, ChunkIndex, ChunkKey, Manifest, ManifestHeader, ManifestId, RootId, RootSalt,
 };
 use lode_kms::{Context, Kms};
 use lode_store::{RootState, Store, StoreError};
@@ -226,6 +224,7 @@ async fn copy_manifest(
         .map_err(|source| ImageError::Manifest { id: *id, source })?;
     let header = m.header();
     let (cs, device_size) = (header.chunk_size, header.device_size);
+    let (old_format, new_format) = (header.chunk_format, crate::new_chunk_format(cs));
     let salt = std::sync::Arc::new(salt.clone());
     let jobs: Vec<(ChunkIndex, lode_format::ChunkName, ChunkKey)> = m
         .chunks()
@@ -248,10 +247,11 @@ async fn copy_manifest(
                 async move {
                     let expected = cs.len_of(index, device_size);
                     let ciphertext = store
-                        .get_chunk(from, &name, crate::sealed_len(expected))
+                        .get_chunk(from, &name, crate::sealed_len(old_format, expected))
                         .await?;
                     let sealed = tokio::task::spawn_blocking(move || {
                         let plain = crate::open_chunk_checked(
+                            old_format,
                             id,
                             index,
                             &name,
@@ -259,7 +259,9 @@ async fn copy_manifest(
                             &ciphertext,
                             expected,
                         )?;
-                        Ok::<_, ImageError>(seal_chunk_in_place(&salt, plain))
+                        new_format
+                            .seal(&salt, plain)
+                            .map_err(|e| ImageError::Invalid(e.to_string()))
                     })
                     .await
                     .map_err(|e| ImageError::Task(e.to_string()))??;
@@ -281,10 +283,11 @@ async fn copy_manifest(
         report.chunks += 1;
         report.bytes += len as u64;
     }
-    // The chunks were resealed above as v1, whatever the old manifest held.
+    // The chunks were resealed above in the format new chunks are written in, whatever
+    // the old manifest held.
     let header = ManifestHeader {
         root: to,
-        chunk_format: ChunkFormat::V1,
+        chunk_format: new_format,
         ..header.clone()
     };
     let binding = lode_format::binding_of(&header, &entries).map_err(ImageError::Build)?;

@@ -65,15 +65,35 @@ impl Progress for NoProgress {
     fn advance(&self, _: u64) {}
 }
 
-/// The most bytes the sealed form of a `plaintext_len`-byte chunk may be: the bound on
-/// every chunk read from a store.
-pub(crate) fn sealed_len(plaintext_len: usize) -> u64 {
-    (plaintext_len + lode_format::chunk::TAG_LEN) as u64
+/// Whether new chunks are written in format v2 (segments). Off until every reader of
+/// chunks (the worker's read path, snapshots) reads v2; every reader here already does.
+const WRITE_V2: bool = false;
+
+/// The chunk format new images, snapshots and copied-forward manifests of chunk size `cs`
+/// are written in: v2 in segments of 32 KiB (or the chunk size, if smaller) once
+/// [`WRITE_V2`] is on, v1 until then.
+pub fn new_chunk_format(cs: lode_format::ChunkSize) -> lode_format::ChunkFormat {
+    if !WRITE_V2 {
+        return lode_format::ChunkFormat::V1;
+    }
+    let segment_size = lode_format::SegmentSize::new(u64::from(
+        lode_format::SegmentSize::DEFAULT.bytes().min(cs.bytes()),
+    ))
+    .unwrap_or(lode_format::SegmentSize::DEFAULT);
+    lode_format::ChunkFormat::V2 { segment_size }
+}
+
+/// The length of the object a `plaintext_len`-byte chunk seals to in `format`: the bound
+/// on every chunk read from a store.
+pub(crate) fn sealed_len(format: lode_format::ChunkFormat, plaintext_len: usize) -> u64 {
+    format.object_len(plaintext_len)
 }
 
 /// Opens chunk `index` of manifest `id` (its name checked, then decrypted) and checks it
 /// has the `expected` plaintext length: what every reader of a whole chunk needs.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn open_chunk_checked(
+    format: lode_format::ChunkFormat,
     id: lode_format::ManifestId,
     index: lode_format::ChunkIndex,
     name: &lode_format::ChunkName,
@@ -81,7 +101,8 @@ pub(crate) fn open_chunk_checked(
     ciphertext: &[u8],
     expected: usize,
 ) -> Result<Vec<u8>, ImageError> {
-    let plain = lode_format::chunk::open_unverified(name, key, ciphertext.to_vec())
+    let plain = format
+        .open_checked(name, key, ciphertext.to_vec())
         .map_err(|source| ImageError::Chunk { id, index, source })?;
     if plain.len() != expected {
         return Err(ImageError::ChunkLength {

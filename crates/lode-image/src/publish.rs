@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use lode_format::chunk::{is_zero, seal_chunk_in_place};
+use lode_format::chunk::is_zero;
 use lode_format::{
     ChunkEntry, ChunkFormat, ChunkIndex, ChunkKey, ChunkName, ChunkSize, ImageConfig, ImageDigest,
     Manifest, ManifestHeader, ManifestId, RootId, RootSalt, Secret32,
@@ -39,6 +39,9 @@ pub struct PublishOptions {
     pub image_digest: Option<ImageDigest>,
     /// A tag to point at the new manifest.
     pub tag: Option<String>,
+    /// The chunk format to seal in. [default: [`crate::new_chunk_format`] of the chunk
+    /// size]
+    pub chunk_format: Option<ChunkFormat>,
 }
 
 /// What publishing did.
@@ -235,6 +238,18 @@ impl<'a> Publisher<'a> {
         progress: &Arc<dyn Progress>,
     ) -> Result<Option<Published>, ImageError> {
         let cs = opts.chunk_size;
+        let format = opts
+            .chunk_format
+            .unwrap_or_else(|| crate::new_chunk_format(cs));
+        if let Some(s) = format.segment_size()
+            && s.bytes() > cs.bytes()
+        {
+            return Err(ImageError::Invalid(format!(
+                "segment size {} is larger than the chunk size {}",
+                s.bytes(),
+                cs.bytes()
+            )));
+        }
         let count = cs.chunks_for(device_size);
         progress.set_total(device_size);
 
@@ -265,7 +280,10 @@ impl<'a> Publisher<'a> {
                             };
                             return Ok::<_, ImageError>(Err(digest));
                         }
-                        Ok(Ok(seal_chunk_in_place(&salt, buf)))
+                        format
+                            .seal(&salt, buf)
+                            .map(Ok)
+                            .map_err(|e| ImageError::Invalid(e.to_string()))
                     })
                     .await
                     .map_err(|e| ImageError::Task(e.to_string()))??;
@@ -363,7 +381,7 @@ impl<'a> Publisher<'a> {
         let header = ManifestHeader {
             root,
             chunk_size: cs,
-            chunk_format: ChunkFormat::V1,
+            chunk_format: format,
             device_size,
             image_digest,
             config: opts.config.clone(),

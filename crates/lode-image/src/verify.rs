@@ -12,7 +12,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use lode_format::chunk::open_unverified;
 use lode_format::{ChunkIndex, ChunkName, ManifestId};
 use lode_store::{Store, StoreError};
 use serde::Serialize;
@@ -40,7 +39,7 @@ pub enum Problem {
         got: ChunkName,
     },
     /// The chunk object cannot be what the manifest names: larger than the chunk can
-    /// be, changed while read, or not a regular file.
+    /// be, changed while read, not a regular file, or a v2 object with a bad segment.
     Damaged {
         /// The first index that names it.
         index: ChunkIndex,
@@ -132,6 +131,7 @@ pub async fn verify_with(
 ) -> Result<VerifyReport, ImageError> {
     let header = img.manifest.header();
     let (cs, device_size) = (header.chunk_size, header.device_size);
+    let format = header.chunk_format;
     let mut seen = HashSet::new();
     let jobs: Vec<(ChunkIndex, ChunkName)> = img
         .manifest
@@ -153,7 +153,7 @@ pub async fn verify_with(
             let progress = Arc::clone(&progress);
             async move {
                 let expected = cs.len_of(index, device_size);
-                let max = sealed_len(expected);
+                let max = sealed_len(format, expected);
                 let damaged = |problem: Problem| async move {
                     let removed =
                         repair && store.remove_damaged_chunk(img.root, &chunk, max).await?;
@@ -170,7 +170,8 @@ pub async fn verify_with(
                     Err(
                         e @ (StoreError::TooLarge { .. }
                         | StoreError::SizeChanged { .. }
-                        | StoreError::Unreadable { .. }),
+                        | StoreError::Unreadable { .. }
+                        | StoreError::CorruptChunkObject { .. }),
                     ) => {
                         let detail = e.to_string();
                         return damaged(Problem::Damaged {
@@ -183,35 +184,34 @@ pub async fn verify_with(
                     Err(e) => return Err(ImageError::Store(e)),
                 };
                 let size = bytes.len() as u64;
-                let problem =
-                    match (has_keys, key) {
-                        (false, _) => None,
-                        (true, None) => Some(Problem::Undecryptable {
-                            index,
-                            chunk,
-                            detail: "the key table has no key for it".into(),
-                        }),
-                        (true, Some(key)) => tokio::task::spawn_blocking(move || {
-                            match open_unverified(&chunk, &key, bytes.to_vec()) {
-                                Err(e) => Some(Problem::Undecryptable {
-                                    index,
-                                    chunk,
-                                    detail: e.to_string(),
-                                }),
-                                Ok(p) if p.len() != expected => Some(Problem::Undecryptable {
-                                    index,
-                                    chunk,
-                                    detail: format!(
-                                        "it decrypts to {} bytes, the manifest says {expected}",
-                                        p.len()
-                                    ),
-                                }),
-                                Ok(_) => None,
-                            }
-                        })
-                        .await
-                        .map_err(|e| ImageError::Task(e.to_string()))?,
-                    };
+                let problem = match (has_keys, key) {
+                    (false, _) => None,
+                    (true, None) => Some(Problem::Undecryptable {
+                        index,
+                        chunk,
+                        detail: "the key table has no key for it".into(),
+                    }),
+                    (true, Some(key)) => tokio::task::spawn_blocking(move || {
+                        match format.open_checked(&chunk, &key, bytes.to_vec()) {
+                            Err(e) => Some(Problem::Undecryptable {
+                                index,
+                                chunk,
+                                detail: e.to_string(),
+                            }),
+                            Ok(p) if p.len() != expected => Some(Problem::Undecryptable {
+                                index,
+                                chunk,
+                                detail: format!(
+                                    "it decrypts to {} bytes, the manifest says {expected}",
+                                    p.len()
+                                ),
+                            }),
+                            Ok(_) => None,
+                        }
+                    })
+                    .await
+                    .map_err(|e| ImageError::Task(e.to_string()))?,
+                };
                 progress.advance(expected as u64);
                 Ok::<_, ImageError>((size, problem, None))
             }
