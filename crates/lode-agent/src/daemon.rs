@@ -521,7 +521,7 @@ impl Agent {
             user: c.user.clone(),
         };
         let mut dev = ImageDevice::new(self.cache.clone(), opened)?;
-        let size = lode_nbd::BlockDevice::size(&dev);
+        let size = lode_blockdev::BlockDevice::size(&dev);
         let overlay = if writable {
             let p = self.overlay_path(name);
             dev = dev.with_overlay(Overlay::open(&p, size)?)?;
@@ -533,7 +533,8 @@ impl Agent {
         self.exports
             .add(
                 name,
-                Export::new(dev.clone() as Arc<dyn lode_nbd::BlockDevice>).with_description(&id),
+                Export::new(dev.clone() as Arc<dyn lode_blockdev::BlockDevice>)
+                    .with_description(&id),
             )
             .map_err(|e| AgentError::Request(e.to_string()))?;
         let file = match self.add_file(name, &dev, writable) {
@@ -572,7 +573,7 @@ impl Agent {
         };
         m.add(
             name,
-            dev.clone() as Arc<dyn lode_nbd::BlockDevice>,
+            dev.clone() as Arc<dyn lode_blockdev::BlockDevice>,
             writable,
         )
         .map_err(|e| AgentError::Request(e.to_string()))?;

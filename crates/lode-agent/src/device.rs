@@ -1,5 +1,5 @@
 //! An attached image as a block device: [`ImageDevice`] implements
-//! [`lode_nbd::BlockDevice`] over the manifest, its key table and the worker's
+//! [`lode_blockdev::BlockDevice`] over the manifest, its key table and the worker's
 //! [`ChunkCache`], with an optional copy-on-write [`Overlay`].
 //!
 //! A read splits its range at 4 KiB blocks the overlay holds (those come from the
@@ -13,9 +13,9 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::try_join_all;
+use lode_blockdev::{BlockDevice, DeviceError};
 use lode_format::{ChunkEntry, ChunkIndex, ChunkName, ChunkSize, KeyTable, ManifestId, RootId};
 use lode_image::OpenedImage;
-use lode_nbd::{BlockDevice, DeviceError};
 
 use crate::overlay::{BLOCK_SIZE, Overlay};
 use crate::tier::ChunkRef;

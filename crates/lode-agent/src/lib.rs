@@ -2,7 +2,7 @@
 //!
 //! Where this fits: docs/architecture.md, "The read path across the tiers".
 //!
-//! An attached image is an [`ImageDevice`]: a [`lode_nbd::BlockDevice`] whose reads
+//! An attached image is an [`ImageDevice`]: a [`lode_blockdev::BlockDevice`] whose reads
 //! consult the copy-on-write [`Overlay`] first, then fetch whole chunks through one
 //! worker-wide [`ChunkCache`]. The cache keeps decrypted chunks in memory and walks a
 //! list of [`ChunkTier`]s for ciphertext — [`MemoryTier`], [`DiskTier`], then

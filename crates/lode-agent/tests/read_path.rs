@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use common::{CHUNK, Fixture, distinct_stored, run, run_ok, tool};
 use lode_agent::{AgentError, ChunkRef, ChunkTier, MemoryTier, OriginTier, Overlay};
-use lode_nbd::{BlockDevice, Errno, Export, Exports, Server};
+use lode_blockdev::BlockDevice;
+use lode_nbd::{Errno, Export, Exports, Server};
 
 struct Served {
     server: Server,
@@ -183,7 +184,7 @@ async fn a_corrupt_origin_chunk_is_an_error_never_wrong_bytes() {
     }
     let mut buf = vec![0; 4096];
     let err = dev.read_at(0, &mut buf).await.unwrap_err();
-    assert_eq!(err.errno(), Errno::EIO);
+    assert_eq!(Errno::from(&err), Errno::EIO);
     let msg = err.to_string();
     assert!(
         msg.contains("from tier origin is corrupt: its bytes hash to"),
@@ -369,7 +370,7 @@ assert h.pread(4096, 9 * 524288) == bytes(4096)
     let ro = fx.device(&cache).await;
     assert!(ro.read_only());
     assert_eq!(
-        ro.write_at(0, &[1]).await.unwrap_err().errno(),
+        Errno::from(&ro.write_at(0, &[1]).await.unwrap_err()),
         Errno::EPERM
     );
     // The overlay survives a reopen (bitmap persisted on flush).
