@@ -40,10 +40,10 @@ pub const fn usize_of(x: u64) -> usize {
     x as usize
 }
 
-use lode_agent::{AgentError, ChunkCache, ImageDevice};
 use lode_format::{ChunkSize, ManifestId};
 use lode_image::ImageError;
 use lode_kms::Kms;
+use lode_read::{ChunkCache, ImageDevice, ReadError};
 use lode_store::{Store, StoreError};
 use thiserror::Error;
 
@@ -67,7 +67,7 @@ pub enum SnapError {
     Store(#[from] StoreError),
     /// Reading a chunk failed.
     #[error(transparent)]
-    Agent(#[from] AgentError),
+    Read(#[from] ReadError),
     /// The handshake was refused.
     #[error("refused the VMM's handshake: {0}")]
     Handshake(String),

@@ -11,9 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use common::{CHUNK, Fixture, distinct_stored, run, run_ok, tool};
-use lode_agent::{AgentError, ChunkRef, ChunkTier, MemoryTier, OriginTier, Overlay};
 use lode_blockdev::BlockDevice;
 use lode_nbd::{Errno, Export, Exports, Server};
+use lode_read::{ChunkRef, ChunkTier, MemoryTier, OriginTier, Overlay, ReadError};
 
 struct Served {
     server: Server,
@@ -255,7 +255,7 @@ impl ChunkTier for SlowCounting {
     fn name(&self) -> &'static str {
         "origin"
     }
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, AgentError> {
+    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
         self.gets.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(300)).await;
         self.inner.get(chunk).await

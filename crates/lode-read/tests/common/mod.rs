@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use lode_agent::{
-    CacheBuilder, ChunkCache, ChunkTier, DiskTier, ImageDevice, MemoryTier, OriginTier,
-};
 use lode_image::{NoProgress, PublishOptions, Publisher};
 use lode_kms::{Keyring, Kms};
+use lode_read::{
+    CacheBuilder, ChunkCache, ChunkTier, DiskTier, ImageDevice, MemoryTier, OriginTier,
+};
 use lode_store::Store;
 
 pub const CHUNK: u64 = 512 * 1024;
