@@ -326,7 +326,7 @@ impl Agent {
             .map_err(io("creating", dir.join("overlays")))?;
         let watch = Arc::new(RootWatch::new(
             store.clone(),
-            lode_image::reader_name("lode agent"),
+            lode_read::reader_name("lode agent"),
         ));
         watch.spawn_attached_checks();
         let (cache, az) = build_tiers(&config, store.clone(), Some(watch.clone()))?;
@@ -489,12 +489,11 @@ impl Agent {
     ) -> Result<Live, AgentError> {
         let opened = match (&self.keys, start) {
             (Keys::Kms(kms), _) => {
-                let keys = lode_image::KmsKeys(kms.clone());
-                lode_image::open_image_with(&self.store, Some(&keys), image).await
+                let keys = lode_read::KmsKeys(kms.clone());
+                lode_read::open_image_with(&self.store, Some(&keys), image).await
             }
             (Keys::Grants(grants), Some(start)) => {
-                lode_image::open_image_with(&self.store, Some(&grants.for_start(start)), image)
-                    .await
+                lode_read::open_image_with(&self.store, Some(&grants.for_start(start)), image).await
             }
             (Keys::Grants(grants), None) => {
                 return Err(AgentError::Request(format!(

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use lode_read::ReadError;
+use lode_read::{OpenError, ReadError};
 use thiserror::Error;
 
 /// An agent failure.
@@ -43,7 +43,7 @@ pub enum AgentError {
         /// What was asked for.
         image: String,
         /// Why it failed.
-        source: Box<lode_image::ImageError>,
+        source: Box<OpenError>,
     },
     /// Nothing answers on the control socket.
     #[error("no agent listening on {}: start `lode agent`", .0.display())]

@@ -15,11 +15,10 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 use lode_blockdev::{BlockDevice, DeviceError};
 use lode_format::{ChunkEntry, ChunkIndex, ChunkName, ChunkSize, KeyTable, ManifestId, RootId};
-use lode_image::OpenedImage;
 
 use crate::overlay::{BLOCK_SIZE, Overlay};
 use crate::tier::ChunkRef;
-use crate::{ChunkCache, ReadError};
+use crate::{ChunkCache, OpenedImage, ReadError};
 
 /// The largest piece a trim or write-zeroes is split into, bounding its buffer.
 const ZERO_PIECE: u64 = 1 << 20;

@@ -1,12 +1,52 @@
-//! What can go wrong on the read path. Every variant names the chunk, offset or path it
-//! is about; [`ImageDevice`](crate::ImageDevice) hands them to its presentation (NBD,
-//! FUSE) as the device's own failure, answered EIO with this message.
+//! What can go wrong on the read path. Every variant names the chunk, offset, path or
+//! manifest it is about. [`ReadError`] is a failed read, which
+//! [`ImageDevice`](crate::ImageDevice) hands to its presentation (NBD, FUSE) as the
+//! device's own failure, answered EIO with this message; [`OpenError`] is an image that
+//! could not be opened (or a root that could not be checked for a read alarm).
 
 use std::path::PathBuf;
 
-use lode_format::{ChunkError, ChunkIndex, ChunkName};
+use lode_format::{ChunkError, ChunkIndex, ChunkName, ManifestError, ManifestId};
+use lode_kms::KmsError;
 use lode_store::StoreError;
 use thiserror::Error;
+
+/// Opening an image failed: its tag, its manifest, or its keys. `lode-image`'s
+/// `ImageError` takes each variant as its own of the same name.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    /// The store failed or refused (no such tag, no such manifest, a corrupt one).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The manifest could not be parsed, or its key table not opened.
+    #[error("manifest {id}: {source}")]
+    Manifest {
+        /// The manifest's id.
+        id: ManifestId,
+        /// What is wrong.
+        source: ManifestError,
+    },
+    /// The manifest's data key could not be unwrapped.
+    #[error("manifest {id}: {source}")]
+    ManifestKey {
+        /// The manifest.
+        id: ManifestId,
+        /// What the KMS said.
+        source: KmsError,
+    },
+    /// The manifest's data key was not granted by the control service (or the grant was
+    /// malformed).
+    #[error("manifest {id}: {reason}")]
+    KeyGrant {
+        /// The manifest.
+        id: ManifestId,
+        /// Who refused what, and why.
+        reason: String,
+    },
+    /// The manifest names something it cannot (a KMS key the KMS lacks).
+    #[error("{0}")]
+    Invalid(String),
+}
 
 /// A read-path failure.
 #[derive(Debug, Error)]

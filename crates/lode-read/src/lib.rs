@@ -12,9 +12,15 @@
 //! filling the tiers above on the way back. Concurrent misses for one chunk share one
 //! fetch. Everything is counted in [`Metrics`].
 //!
+//! An image is opened by tag or manifest id with [`open_image`] (or [`open_image_with`]
+//! and a [`KeySource`]): its manifest fetched, checked against its id and parsed, and its
+//! key table opened with the data key a KMS unwraps or a control service grants. A reader
+//! of an expired root raises a read alarm ([`check_read`]).
+//!
 //! The `lode agent` daemon (`lode-agent`) presents each device over NBD and FUSE, and
 //! `lode-snap` serves a memory snapshot's page faults from the same cache.
 
+mod alarm;
 mod az;
 mod cache;
 mod device;
@@ -22,15 +28,20 @@ mod error;
 mod lru;
 mod metrics;
 mod overlay;
+mod reference;
 mod tier;
 
+pub use alarm::{ReadAlarm, check_read, check_read_in, reader_name, unix_now};
 pub use az::{AzTier, az_prometheus};
 pub use cache::{CacheBuilder, ChunkCache};
 pub use device::ImageDevice;
-pub use error::ReadError;
+pub use error::{OpenError, ReadError};
 pub use lru::Lru;
 pub use metrics::{Histogram, LATENCY_BUCKETS_US, Metrics, MetricsSnapshot, TierSnapshot};
 pub use overlay::{BLOCK_SIZE, Overlay};
+pub use reference::{
+    KeySource, KmsKeys, OpenedImage, open_image, open_image_with, resolve, unwrap_data_key,
+};
 pub use tier::{
     ChunkRef, ChunkTier, DEFAULT_ORIGIN_CONCURRENCY, DiskTier, MemoryTier, OriginTier, OriginWatch,
 };

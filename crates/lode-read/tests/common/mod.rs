@@ -112,7 +112,7 @@ impl Fixture {
     }
 
     pub async fn device(&self, cache: &Arc<ChunkCache>) -> ImageDevice {
-        let opened = lode_image::open_image(&self.store, Some(&self.kms), &self.id)
+        let opened = lode_read::open_image(&self.store, Some(&self.kms), &self.id)
             .await
             .unwrap();
         ImageDevice::new(Arc::clone(cache), opened).unwrap()
