@@ -3,13 +3,13 @@
 //! root, every such read must still succeed, and must also halt the root's deletion and
 //! tell someone.
 //!
-//! [`RootWatch`] sits behind the origin tier: each chunk fetched from the store, and each
-//! manifest opened at attach, is checked against its root's state. A read of an expired
-//! (or deleting, or deleted) root leaves the store's alarm marker through
-//! [`lode_image::check_read_in`], is counted per root for the metrics, and is logged. The
-//! state is cached per root for [`ROOT_STATE_TTL`], so the root record is read at most
-//! once per root per TTL (and once per attach), never per chunk; reads of a root whose
-//! state is known need no request at all. The marker and the log line are left at most
+//! [`RootWatch`] sits behind the origin tier, as its [`OriginWatch`]: each chunk fetched
+//! from the store, and each manifest opened at attach, is checked against its root's
+//! state. A read of an expired (or deleting, or deleted) root leaves the store's alarm
+//! marker through [`lode_read::check_read_in`], is counted per root for the metrics, and
+//! is logged. The state is cached per root for [`ROOT_STATE_TTL`], so the root record is
+//! read at most once per root per TTL (and once per attach), never per chunk; reads of a
+//! root whose state is known need no request at all. The marker and the log line are left at most
 //! once per root and manifest per [`ALARM_LOG_INTERVAL`]: the marker is one object per
 //! manifest anyway, and a busy reader would otherwise write a log line per chunk.
 
@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use lode_format::{ManifestId, RootId};
-use lode_image::ReadAlarm;
+use lode_read::{OriginWatch, ReadAlarm};
 use lode_store::{Alarm, RootState, Store};
 
 /// How long a root's state, once read, is trusted before the origin path reads it again.
@@ -295,22 +295,28 @@ impl RootWatch {
         }
         if lock(&self.alarm_gate).allow((root, manifest), Instant::now()) {
             let reader = self.reader_of(manifest, name);
-            let (alarm, failed) =
-                match lode_image::check_read_in(&self.store, root, state, &manifest, &reader).await
-                {
-                    Ok(Some(a)) => (a, None),
-                    // check_read_in only passes on states that do not alarm.
-                    Ok(None) => return,
-                    Err(e) => (
-                        ReadAlarm {
-                            root,
-                            state,
-                            alarm: Alarm::new(manifest, &reader, lode_image::unix_now()),
-                            recorded: false,
-                        },
-                        Some(e),
-                    ),
-                };
+            let (alarm, failed) = match lode_read::check_read_in(
+                &self.store,
+                root,
+                state,
+                &manifest,
+                &reader,
+            )
+            .await
+            {
+                Ok(Some(a)) => (a, None),
+                // check_read_in only passes on states that do not alarm.
+                Ok(None) => return,
+                Err(e) => (
+                    ReadAlarm {
+                        root,
+                        state,
+                        alarm: Alarm::new(manifest, &reader, lode_read::unix_now()),
+                        recorded: false,
+                    },
+                    Some(e),
+                ),
+            };
             // Counted before the line is written, so that whoever sees the line sees the
             // count (and the marker) too.
             *lock(&self.reads).entry(root).or_default() += 1;
@@ -341,6 +347,12 @@ impl RootWatch {
             [one] => format!("{}, attachment {one}", self.reader),
             many => format!("{}, attachments {}", self.reader, many.join(", ")),
         }
+    }
+}
+
+impl OriginWatch for RootWatch {
+    fn fetched(self: Arc<Self>, root: RootId, manifest: ManifestId) {
+        self.origin_read(root, manifest);
     }
 }
 

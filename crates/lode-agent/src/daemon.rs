@@ -15,16 +15,15 @@ use lode_control::api::{AttachOrder, AttachReply};
 use lode_fuse::{FuseMount, MountOptions};
 use lode_kms::Kms;
 use lode_nbd::{Export, Exports, Server};
+use lode_read::{AzTier, ChunkCache, DiskTier, ImageDevice, MemoryTier, OriginTier, Overlay};
 use lode_store::Store;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use crate::AgentError;
 use crate::alarm::RootWatch;
 use crate::error::io;
 use crate::worker::{Grants, MAX_WARM};
-use crate::{
-    AgentError, AzTier, ChunkCache, DiskTier, ImageDevice, MemoryTier, OriginTier, Overlay,
-};
 
 /// Longest attachment name accepted.
 pub const MAX_NAME_LEN: usize = 128;
@@ -63,7 +62,7 @@ impl AgentConfig {
             nbd_unix: state_dir.join("nbd.sock"),
             files: Some(state_dir.join("files")),
             az: None,
-            origin_concurrency: crate::DEFAULT_ORIGIN_CONCURRENCY,
+            origin_concurrency: lode_read::DEFAULT_ORIGIN_CONCURRENCY,
             state_dir,
             nbd_tcp: None,
             nbd_limits: NbdLimits::default(),
@@ -327,7 +326,7 @@ impl Agent {
             .map_err(io("creating", dir.join("overlays")))?;
         let watch = Arc::new(RootWatch::new(
             store.clone(),
-            lode_image::reader_name("lode agent"),
+            lode_read::reader_name("lode agent"),
         ));
         watch.spawn_attached_checks();
         let (cache, az) = build_tiers(&config, store.clone(), Some(watch.clone()))?;
@@ -415,7 +414,7 @@ impl Agent {
     /// `root_alarm_reads`.
     pub fn stats_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self.cache.snapshot()).expect("metrics serialise");
-        v["nbd"] = crate::metrics::nbd_json(&self.nbd_stats(), &self.config.nbd_limits);
+        v["nbd"] = crate::stats::nbd_json(&self.nbd_stats(), &self.config.nbd_limits);
         v["root_alarm_reads"] = self
             .watch
             .reads()
@@ -436,13 +435,13 @@ impl Agent {
     /// The metrics in Prometheus text, AZ counters and read alarms included.
     pub fn prometheus(&self) -> String {
         let mut text = self.cache.snapshot().to_prometheus();
-        text.push_str(&crate::metrics::nbd_prometheus(
+        text.push_str(&crate::stats::nbd_prometheus(
             &self.nbd_stats(),
             &self.config.nbd_limits,
         ));
-        text.push_str(&crate::metrics::root_alarms_prometheus(&self.watch.reads()));
+        text.push_str(&crate::stats::root_alarms_prometheus(&self.watch.reads()));
         if let Some(m) = self.az_metrics() {
-            text.push_str(&crate::az::az_prometheus(&m));
+            text.push_str(&lode_read::az_prometheus(&m));
         }
         if let Some(g) = self.grants() {
             text.push_str(&g.prometheus());
@@ -490,12 +489,11 @@ impl Agent {
     ) -> Result<Live, AgentError> {
         let opened = match (&self.keys, start) {
             (Keys::Kms(kms), _) => {
-                let keys = lode_image::KmsKeys(kms.clone());
-                lode_image::open_image_with(&self.store, Some(&keys), image).await
+                let keys = lode_read::KmsKeys(kms.clone());
+                lode_read::open_image_with(&self.store, Some(&keys), image).await
             }
             (Keys::Grants(grants), Some(start)) => {
-                lode_image::open_image_with(&self.store, Some(&grants.for_start(start)), image)
-                    .await
+                lode_read::open_image_with(&self.store, Some(&grants.for_start(start)), image).await
             }
             (Keys::Grants(grants), None) => {
                 return Err(AgentError::Request(format!(
@@ -521,7 +519,7 @@ impl Agent {
             user: c.user.clone(),
         };
         let mut dev = ImageDevice::new(self.cache.clone(), opened)?;
-        let size = lode_nbd::BlockDevice::size(&dev);
+        let size = lode_blockdev::BlockDevice::size(&dev);
         let overlay = if writable {
             let p = self.overlay_path(name);
             dev = dev.with_overlay(Overlay::open(&p, size)?)?;
@@ -533,7 +531,8 @@ impl Agent {
         self.exports
             .add(
                 name,
-                Export::new(dev.clone() as Arc<dyn lode_nbd::BlockDevice>).with_description(&id),
+                Export::new(dev.clone() as Arc<dyn lode_blockdev::BlockDevice>)
+                    .with_description(&id),
             )
             .map_err(|e| AgentError::Request(e.to_string()))?;
         let file = match self.add_file(name, &dev, writable) {
@@ -572,7 +571,7 @@ impl Agent {
         };
         m.add(
             name,
-            dev.clone() as Arc<dyn lode_nbd::BlockDevice>,
+            dev.clone() as Arc<dyn lode_blockdev::BlockDevice>,
             writable,
         )
         .map_err(|e| AgentError::Request(e.to_string()))?;

@@ -1,72 +1,21 @@
-//! What can go wrong on the read path. Every variant names the chunk, offset or path it
-//! is about; [`ImageDevice`](crate::ImageDevice) hands them to NBD as EIO with this
-//! message.
+//! What can go wrong in the daemon: a control request it refuses, an image it cannot
+//! open, a listener it cannot set up, its state directory, and the read path below it
+//! ([`ReadError`], passed through unchanged). Every variant names the attachment, image
+//! or path it is about; the control API sends the message back with an HTTP status.
 
 use std::path::PathBuf;
 
-use lode_format::{ChunkError, ChunkIndex, ChunkName};
-use lode_store::StoreError;
+use lode_read::{OpenError, ReadError};
 use thiserror::Error;
 
-/// A read-path failure.
+/// An agent failure.
 #[derive(Debug, Error)]
 pub enum AgentError {
-    /// No tier, the origin included, holds the chunk.
-    #[error("chunk {chunk} is in no tier (tried {tried})")]
-    NotFound {
-        /// The chunk.
-        chunk: ChunkName,
-        /// The tiers asked, in order.
-        tried: String,
-    },
-    /// A tier returned bytes that do not hash to the chunk's name.
-    #[error("chunk {chunk} from tier {tier} is corrupt: its bytes hash to {got}")]
-    Corrupt {
-        /// The tier at fault.
-        tier: &'static str,
-        /// The chunk asked for.
-        chunk: ChunkName,
-        /// SHA-256 of what arrived.
-        got: ChunkName,
-    },
-    /// The origin store failed.
-    #[error("fetching chunk {chunk} from the origin: {source}")]
-    Store {
-        /// The chunk.
-        chunk: ChunkName,
-        /// What the store said (boxed: it is large, and rare).
-        source: Box<StoreError>,
-    },
-    /// The chunk's name checked out but it did not decrypt under the manifest's key.
-    #[error("opening chunk {index} of the image: {source}")]
-    Decrypt {
-        /// The chunk's index in the image.
-        index: ChunkIndex,
-        /// What failed.
-        source: ChunkError,
-    },
-    /// The chunk decrypted to the wrong length for its place in the image.
-    #[error("chunk {chunk} (index {index}) is {got} bytes of plaintext, expected {expected}")]
-    ChunkLength {
-        /// The chunk.
-        chunk: ChunkName,
-        /// Its index.
-        index: ChunkIndex,
-        /// Bytes expected there.
-        expected: usize,
-        /// Bytes it held.
-        got: usize,
-    },
-    /// The key table has no key for a stored chunk.
-    #[error("the key table has no key for stored chunk {index}")]
-    MissingKey {
-        /// The chunk's index.
-        index: ChunkIndex,
-    },
-    /// The image was opened without its key table.
-    #[error("image {0} was opened without its key table (open it with a KMS)")]
-    NoKeys(lode_format::ManifestId),
-    /// A local file (disk cache, overlay) could not be used.
+    /// The read path failed (a cache tier, the overlay, a device).
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// A file of the agent's (the state directory, the config file, a socket) could not
+    /// be used.
     #[error("{op} {path}: {source}")]
     Io {
         /// What was being done.
@@ -79,14 +28,6 @@ pub enum AgentError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// A tier failed in a way that is not a plain miss (the message names the chunk).
-    #[error("tier {tier}: {message}")]
-    Tier {
-        /// The tier.
-        tier: &'static str,
-        /// What it said.
-        message: String,
-    },
     /// A control request was invalid.
     #[error("{0}")]
     Request(String),
@@ -102,7 +43,7 @@ pub enum AgentError {
         /// What was asked for.
         image: String,
         /// Why it failed.
-        source: Box<lode_image::ImageError>,
+        source: Box<OpenError>,
     },
     /// Nothing answers on the control socket.
     #[error("no agent listening on {}: start `lode agent`", .0.display())]
@@ -110,9 +51,6 @@ pub enum AgentError {
     /// A listener could not be set up.
     #[error("listening: {0}")]
     Listen(String),
-    /// A blocking task panicked or was cancelled.
-    #[error("background task failed: {0}")]
-    Task(String),
 }
 
 /// Wraps an I/O error with what was done to which path.
@@ -122,34 +60,4 @@ pub(crate) fn io(
 ) -> impl FnOnce(std::io::Error) -> AgentError {
     let path = path.into();
     move |source| AgentError::Io { op, path, source }
-}
-
-/// Runs blocking work (hashing, decryption, file I/O) without stalling the runtime.
-///
-/// On a multi-threaded runtime the work runs right here, in `block_in_place`: tokio
-/// hands this worker's other tasks to another thread, and the read that waits for the
-/// work pays no wake-up of a pool thread (on an idle VM each such hop cost tens of µs,
-/// several per disk-cache hit). Elsewhere it goes to the blocking pool. A panic in `f`
-/// becomes [`AgentError::Task`] either way.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
-) -> Result<T, AgentError> {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    let multi =
-        Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
-    if multi {
-        tokio::task::block_in_place(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)))
-            .map_err(|p| {
-                let msg = p
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "panic".into());
-                AgentError::Task(format!("panicked: {msg}"))
-            })?
-    } else {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| AgentError::Task(e.to_string()))?
-    }
 }

@@ -1,46 +1,29 @@
-//! The worker agent's read path (docs/agent.md).
+//! The `lode agent` daemon (docs/agent.md).
 //!
-//! Where this fits: docs/architecture.md, "The read path across the tiers".
+//! Where this fits: docs/architecture.md, "The flow of an image" (serve) and "The
+//! control plane".
 //!
-//! An attached image is an [`ImageDevice`]: a [`lode_nbd::BlockDevice`] whose reads
-//! consult the copy-on-write [`Overlay`] first, then fetch whole chunks through one
-//! worker-wide [`ChunkCache`]. The cache keeps decrypted chunks in memory and walks a
-//! list of [`ChunkTier`]s for ciphertext — [`MemoryTier`], [`DiskTier`], then
-//! [`OriginTier`] (the store) — checking every chunk that comes from outside the
-//! worker's memory against its name, dropping and counting what fails, and filling the
-//! tiers above on the way back. Concurrent misses for one chunk share one fetch.
-//! Everything is counted in [`Metrics`].
-//!
-//! [`Agent`] is the `lode agent` daemon (attachments, NBD server, a FUSE mount with one
-//! file per attachment, state directory), [`control`] its HTTP control API and metrics
-//! endpoint, and [`config`] its TOML configuration file.
+//! [`Agent`] holds one worker-wide [`ChunkCache`] (the read path, `lode-read`) and a
+//! table of attachments, each an image opened by tag or manifest id and presented as a
+//! block device two ways: an NBD export and a file in the agent's FUSE mount. The table
+//! lives in a state directory and is re-attached on start. [`control`] is its HTTP
+//! control API and metrics endpoint, [`config`] its TOML configuration file, [`worker`]
+//! its side of a control service (attach orders, key grants, heartbeats), and read
+//! alarms are raised from what the origin tier fetches.
 
 mod alarm;
-mod az;
-mod cache;
 pub mod config;
 pub mod control;
 mod daemon;
-mod device;
 mod error;
-mod lru;
-mod metrics;
-mod overlay;
-mod tier;
+mod stats;
 pub mod worker;
 
 pub use alarm::{ALARM_LOG_INTERVAL, ATTACHED_CHECK_INTERVAL, ROOT_STATE_TTL};
-pub use az::AzTier;
-pub use cache::{CacheBuilder, ChunkCache};
 pub use daemon::{
     Agent, AgentConfig, Attachment, Keys, MAX_NAME_LEN, NbdLimits, RunConfig, build_cache,
     nbd_server,
 };
-pub use device::ImageDevice;
 pub use error::AgentError;
-pub use lru::Lru;
-pub use metrics::{
-    Histogram, LATENCY_BUCKETS_US, Metrics, MetricsSnapshot, TierSnapshot, nbd_json, nbd_prometheus,
-};
-pub use overlay::{BLOCK_SIZE, Overlay};
-pub use tier::{ChunkRef, ChunkTier, DEFAULT_ORIGIN_CONCURRENCY, DiskTier, MemoryTier, OriginTier};
+pub use lode_read::{AzTier, ChunkCache, ReadError};
+pub use stats::{nbd_json, nbd_prometheus};

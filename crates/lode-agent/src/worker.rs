@@ -3,7 +3,7 @@
 //! A worker run by `lode control` holds no KMS credentials and no keyring: it registers
 //! with the control service, heartbeats what it has attached and what its cache holds
 //! warm, takes attach orders from control replicas only, and gets each image's data key
-//! as a grant for the start an order named ([`Grants`], a [`lode_image::KeySource`] per
+//! as a grant for the start an order named ([`Grants`], a [`lode_read::KeySource`] per
 //! start). The control service grants a key only while that start's lease lasts, so a
 //! restarted worker asks again for the keys of what it had attached, and the lease
 //! decides.
@@ -16,7 +16,7 @@ use lode_control::api::{
     AttachOrder, Heartbeat, HeartbeatReply, Identity, KeyGrant, KeyRequest, Register, Release, Role,
 };
 use lode_format::{DataKey, Manifest, ManifestId, RootId};
-use lode_image::{ImageError, KeySource};
+use lode_read::{KeySource, OpenError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -254,7 +254,7 @@ impl Grants {
     }
 
     /// The data key of manifest `id`, granted for `start`.
-    pub async fn key(&self, id: &ManifestId, start: &str) -> Result<DataKey, ImageError> {
+    pub async fn key(&self, id: &ManifestId, start: &str) -> Result<DataKey, OpenError> {
         let worker = &self.config.worker;
         let req = KeyRequest {
             worker: worker.clone(),
@@ -265,7 +265,7 @@ impl Grants {
             Ok(g) => g,
             Err(CallError::Refused { status, error }) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                return Err(ImageError::KeyGrant {
+                return Err(OpenError::KeyGrant {
                     id: *id,
                     reason: format!(
                         "the control service refused worker {worker} the key for start \
@@ -274,13 +274,13 @@ impl Grants {
                 });
             }
             Err(CallError::Failed(e)) => {
-                return Err(ImageError::KeyGrant {
+                return Err(OpenError::KeyGrant {
                     id: *id,
                     reason: format!("worker {worker} asking for the key for start {start}: {e}"),
                 });
             }
         };
-        let bad = |why: String| ImageError::KeyGrant {
+        let bad = |why: String| OpenError::KeyGrant {
             id: *id,
             reason: format!("the control service's grant for start {start}: {why}"),
         };
@@ -329,7 +329,7 @@ impl KeySource for StartKeys<'_> {
         id: &ManifestId,
         _root: RootId,
         _manifest: &Manifest,
-    ) -> Result<DataKey, ImageError> {
+    ) -> Result<DataKey, OpenError> {
         self.grants.key(id, &self.start).await
     }
 }

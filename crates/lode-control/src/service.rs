@@ -287,7 +287,7 @@ impl Service {
             return Err(refusal);
         }
         let request: StartRequest = parse(peer, path, body)?;
-        let id = lode_image::resolve(self.state.store(), &request.image)
+        let id = lode_read::resolve(self.state.store(), &request.image)
             .await
             .map_err(|e| {
                 refuse(
@@ -491,7 +491,7 @@ impl Service {
         let key_id = manifest.wrapped_key().key_id.clone();
         let unwrapped = tokio::time::timeout(
             self.config.kms_timeout,
-            lode_image::unwrap_data_key(self.kms.as_ref(), &id, root, &manifest),
+            lode_read::unwrap_data_key(self.kms.as_ref(), &id, root, &manifest),
         )
         .await;
         let data_key = match unwrapped {

@@ -21,7 +21,7 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use futures::FutureExt;
-use lode_nbd::{BlockDevice, DeviceError};
+use lode_blockdev::{BlockDevice, DeviceError};
 use tokio::runtime::Handle;
 
 use crate::mount::{ErrorHook, FuseError, Op};

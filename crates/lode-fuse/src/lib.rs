@@ -4,7 +4,7 @@
 //!
 //! The worker agent presents each attached image two ways (docs/agent.md): as an NBD export (`lode-nbd`) and as a file in the agent's FUSE mount, which
 //! is what Firecracker and the kernel loop device take. This crate is the FUSE half: a
-//! flat directory holding one regular file per [`BlockDevice`], whose bytes are the
+//! flat directory holding one regular file per [`BlockDevice`](lode_blockdev::BlockDevice), whose bytes are the
 //! device's bytes, added and removed at runtime as images attach and detach.
 //!
 //! ```no_run
@@ -32,5 +32,4 @@ mod fs;
 mod mount;
 
 pub use fs::{CacheMode, FuseStats};
-pub use lode_nbd::BlockDevice;
 pub use mount::{FuseError, FuseMount, MountOptions, Op};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
-use lode_nbd::{BlockDevice, DeviceError};
+use lode_blockdev::{BlockDevice, DeviceError};
 use tokio::runtime::Handle;
 
 use crate::fs::{CacheMode, Fs, FuseStats, Shared, SharedConfig};

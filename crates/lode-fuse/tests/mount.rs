@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use lode_blockdev::{BlockDevice, DeviceError};
 use lode_fuse::{CacheMode, FuseError, FuseMount, MountOptions};
-use lode_nbd::{BlockDevice, DeviceError, MemDevice};
+use lode_nbd::MemDevice;
 use tempfile::TempDir;
 
 fn have_tool(name: &str) -> bool {

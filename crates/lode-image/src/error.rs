@@ -121,10 +121,92 @@ pub enum ImageError {
     Invalid(String),
 }
 
+impl From<lode_read::OpenError> for ImageError {
+    /// Each way opening an image fails becomes the variant of the same name and message
+    /// here, so an `ImageError` reads and matches alike whatever step failed.
+    fn from(e: lode_read::OpenError) -> Self {
+        use lode_read::OpenError;
+        match e {
+            OpenError::Store(e) => ImageError::Store(e),
+            OpenError::Manifest { id, source } => ImageError::Manifest { id, source },
+            OpenError::ManifestKey { id, source } => ImageError::ManifestKey { id, source },
+            OpenError::KeyGrant { id, reason } => ImageError::KeyGrant { id, reason },
+            OpenError::Invalid(message) => ImageError::Invalid(message),
+        }
+    }
+}
+
 pub(crate) fn io(
     op: &'static str,
     path: &std::path::Path,
 ) -> impl FnOnce(std::io::Error) -> ImageError {
     let path = path.to_owned();
     move |source| ImageError::Io { op, path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use lode_format::ManifestError;
+    use lode_read::OpenError;
+
+    use super::*;
+
+    #[test]
+    fn an_open_error_becomes_the_image_error_of_the_same_name_and_message() {
+        let id = ManifestId::from_bytes([7; 32]);
+        let store = || StoreError::NotFound {
+            store: "file:///s".into(),
+            what: "tag",
+            key: "\"app\"".into(),
+        };
+        let manifest = || ManifestError::TooLarge { len: 9, max: 8 };
+        type IsSame = fn(&ImageError) -> bool;
+        let cases: [(OpenError, IsSame); 5] = [
+            (OpenError::Store(store()), |e| {
+                matches!(e, ImageError::Store(_))
+            }),
+            (
+                OpenError::Manifest {
+                    id,
+                    source: manifest(),
+                },
+                |e| matches!(e, ImageError::Manifest { .. }),
+            ),
+            (
+                OpenError::ManifestKey {
+                    id,
+                    source: KmsError::Random,
+                },
+                |e| matches!(e, ImageError::ManifestKey { .. }),
+            ),
+            (
+                OpenError::KeyGrant {
+                    id,
+                    reason: "refused".into(),
+                },
+                |e| matches!(e, ImageError::KeyGrant { .. }),
+            ),
+            (OpenError::Invalid("names a key".into()), |e| {
+                matches!(e, ImageError::Invalid(_))
+            }),
+        ];
+        for (open, is_same) in cases {
+            let message = open.to_string();
+            let image = ImageError::from(open);
+            assert!(is_same(&image), "{image:?}");
+            assert_eq!(image.to_string(), message);
+        }
+        assert_eq!(
+            ImageError::from(OpenError::Store(store())).to_string(),
+            "tag \"app\" is not in store file:///s"
+        );
+        assert_eq!(
+            ImageError::from(OpenError::KeyGrant {
+                id,
+                reason: "refused".into()
+            })
+            .to_string(),
+            format!("manifest {id}: refused")
+        );
+    }
 }

@@ -18,7 +18,7 @@ use lode_kms::Kms;
 use lode_store::{Alarm, ObjectVersion, RootRecord, RootState, Store, StoreError};
 use serde::Serialize;
 
-use crate::alarm::unix_now;
+use crate::unix_now;
 use crate::{CONCURRENCY, ImageError, Liveness, copy_forward_with, failpoint};
 
 /// How a collection runs.

@@ -3,7 +3,8 @@
 //! dropped, the rest are sealed and put into the store if the store lacks them, and a
 //! manifest naming them is written under the active root. The way back (export), the
 //! integrity check (verify) and the store-wide accounting (stats) live here too, so the
-//! `lode` binary only parses arguments and prints.
+//! `lode` binary only parses arguments and prints. Opening an image by tag or id is the
+//! read path's (`lode-read`), re-exported here.
 //!
 //! Where this fits: docs/architecture.md, "The flow of an image" and "Garbage collection".
 
@@ -18,14 +19,11 @@ mod gc;
 mod inspect;
 mod live;
 mod publish;
-mod reference;
 mod roots;
 mod stats;
 mod verify;
 
-pub use alarm::{
-    Cleared, ReadAlarm, check_read, check_read_in, clear_alarms, reader_name, unix_now,
-};
+pub use alarm::{Cleared, clear_alarms};
 pub use error::ImageError;
 pub use export::{ExportStats, export};
 pub use flatten::{
@@ -41,8 +39,11 @@ pub use live::{
 };
 pub use lode_registry::{PullOptions, RegistryAuth};
 pub use publish::{PublishOptions, PublishStats, Published, Publisher};
-pub use reference::{
-    KeySource, KmsKeys, OpenedImage, open_image, open_image_with, resolve, unwrap_data_key,
+// Opening an image and raising a read alarm belong to the read path; they are re-exported
+// for those who open images to export, verify or collect them (and the CLI).
+pub use lode_read::{
+    KeySource, KmsKeys, OpenError, OpenedImage, ReadAlarm, check_read, check_read_in, open_image,
+    open_image_with, reader_name, resolve, unix_now, unwrap_data_key,
 };
 pub use roots::{Rotation, rotate};
 pub use stats::{RootStats, StoreStats, store_stats};

@@ -10,7 +10,8 @@ use std::error::Error;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use lode_nbd::{BlockDevice, Export, Exports, FileDevice, MemDevice, Server};
+use lode_blockdev::BlockDevice;
+use lode_nbd::{Export, Exports, FileDevice, MemDevice, Server};
 
 struct Args {
     tcp: Option<String>,

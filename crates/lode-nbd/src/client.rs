@@ -212,7 +212,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{BlockDevice, Export, Exports, MemDevice, Server};
+    use crate::{Export, Exports, MemDevice, Server};
+    use lode_blockdev::BlockDevice;
 
     #[test]
     fn reads_what_the_server_serves_and_names_failures() {

@@ -1,9 +1,10 @@
-//! The block-device trait the server exports, and two simple implementations.
+//! Two simple block devices, and the NBD errno of a device error.
 //!
-//! The agent implements [`BlockDevice`] over its read path (overlay, chunk cache,
-//! origin; docs/agent.md); [`MemDevice`] and [`FileDevice`] serve tests,
-//! examples and benchmarks. The server checks every range against [`BlockDevice::size`]
-//! before calling in, so implementations may assume `offset + len <= size`.
+//! The server exports any [`BlockDevice`] (the trait lives in `lode-blockdev`; the read
+//! path implements it over an image, docs/agent.md); [`MemDevice`] and [`FileDevice`]
+//! serve tests, examples and benchmarks. The server checks every range against
+//! [`BlockDevice::size`] before calling in, so implementations may assume
+//! `offset + len <= size`.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -12,38 +13,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
+use lode_blockdev::{BlockDevice, DeviceError};
 
 use crate::proto::Errno;
 
-/// A device operation failed. Each variant maps to one NBD errno; with structured
-/// replies negotiated the rendered message reaches the client too.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    #[error("I/O error at offset {offset} ({len} bytes)")]
-    Io {
-        offset: u64,
-        len: u64,
-        #[source]
-        source: io::Error,
-    },
-    #[error("device is read-only")]
-    ReadOnly,
-    #[error("no space left for {len} bytes at offset {offset}")]
-    NoSpace { offset: u64, len: u64 },
-    #[error("range of {len} bytes at offset {offset} is invalid")]
-    InvalidRange { offset: u64, len: u64 },
-    #[error("{0} is not supported by this device")]
-    Unsupported(&'static str),
-    /// The device's own failure (a chunk that failed verification, an unreachable
-    /// origin); the server answers EIO.
-    #[error(transparent)]
-    Other(Box<dyn std::error::Error + Send + Sync>),
-}
-
-impl DeviceError {
-    /// The NBD errno this error is sent as.
-    pub fn errno(&self) -> Errno {
-        match self {
+impl From<&DeviceError> for Errno {
+    /// The NBD errno a device error is sent as.
+    fn from(e: &DeviceError) -> Errno {
+        match e {
             DeviceError::Io { source, .. } if source.raw_os_error() == Some(28) => Errno::ENOSPC,
             DeviceError::Io { .. } | DeviceError::Other(_) => Errno::EIO,
             DeviceError::ReadOnly => Errno::EPERM,
@@ -51,74 +28,6 @@ impl DeviceError {
             DeviceError::InvalidRange { .. } => Errno::EINVAL,
             DeviceError::Unsupported(_) => Errno::ENOTSUP,
         }
-    }
-}
-
-/// A fixed-size array of bytes the server exports.
-///
-/// Only [`size`](Self::size) and [`read_at`](Self::read_at) are required; the rest
-/// default to a read-only device. A writable device overrides
-/// [`read_only`](Self::read_only) and [`write_at`](Self::write_at), and usually
-/// [`flush`](Self::flush). Calls may run concurrently, including overlapping ranges;
-/// NBD gives no ordering between requests in flight.
-#[async_trait]
-pub trait BlockDevice: Send + Sync + 'static {
-    /// Size in bytes; fixed for the life of the device.
-    fn size(&self) -> u64;
-
-    /// Whether writes are refused. Advertised to clients as NBD_FLAG_READ_ONLY.
-    fn read_only(&self) -> bool {
-        true
-    }
-
-    /// Whether a flush on one connection makes writes completed on every connection
-    /// durable (NBD_FLAG_CAN_MULTI_CONN). True for any device whose state and flush
-    /// are shared across connections, which is every device served from one object.
-    fn can_multi_conn(&self) -> bool {
-        true
-    }
-
-    /// Fills `buf` with the bytes at `offset`.
-    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError>;
-
-    /// Writes `data` at `offset`.
-    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        let _ = (offset, data);
-        Err(DeviceError::ReadOnly)
-    }
-
-    /// Makes completed writes durable. The server also calls this after a write with
-    /// the FUA flag.
-    async fn flush(&self) -> Result<(), DeviceError> {
-        Ok(())
-    }
-
-    /// A hint that the range's contents are no longer needed. Doing nothing is a
-    /// correct implementation: after a trim the contents are unspecified.
-    async fn trim(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        let _ = (offset, len);
-        Ok(())
-    }
-
-    /// Sets the range to zeroes. The default writes zero buffers of at most 1 MiB.
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        const PIECE: u64 = 1 << 20;
-        let zeroes = vec![0u8; usize::try_from(len.min(PIECE)).unwrap_or(1 << 20)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(PIECE);
-            let n_usize = usize::try_from(n).unwrap_or(zeroes.len());
-            self.write_at(offset + done, &zeroes[..n_usize]).await?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// A hint that the range will be read soon (NBD_CMD_CACHE); a lazily loaded
-    /// device can start fetching it. Does nothing by default.
-    async fn prefetch(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        let _ = (offset, len);
-        Ok(())
     }
 }
 
@@ -344,7 +253,7 @@ mod tests {
         ));
         let ro = MemDevice::new(16).into_read_only();
         assert_eq!(
-            ro.write_at(0, b"x").await.unwrap_err().errno(),
+            Errno::from(&ro.write_at(0, b"x").await.unwrap_err()),
             Errno::EPERM
         );
     }
@@ -377,35 +286,5 @@ mod tests {
             ro.write_at(0, b"x").await,
             Err(DeviceError::ReadOnly)
         ));
-    }
-
-    #[tokio::test]
-    async fn default_write_zeroes_goes_through_write_at_in_pieces() {
-        #[derive(Debug)]
-        struct Counting(MemDevice, std::sync::atomic::AtomicUsize);
-        #[async_trait]
-        impl BlockDevice for Counting {
-            fn size(&self) -> u64 {
-                self.0.size()
-            }
-            fn read_only(&self) -> bool {
-                false
-            }
-            async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-                self.0.read_at(offset, buf).await
-            }
-            async fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-                self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.0.write_at(offset, data).await
-            }
-        }
-        let dev = Counting(MemDevice::from_vec(vec![1; 3 << 20]), Default::default());
-        dev.write_zeroes(1, (3 << 20) - 2).await.unwrap();
-        assert_eq!(dev.1.load(std::sync::atomic::Ordering::Relaxed), 3);
-        let c = dev.0.contents();
-        assert_eq!(
-            (c[0], c[1], c[(3 << 20) - 2], c[(3 << 20) - 1]),
-            (1, 0, 0, 1)
-        );
     }
 }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, RwLock};
 
-use crate::device::BlockDevice;
 use crate::proto::MAX_NAME_LEN;
+use lode_blockdev::BlockDevice;
 
 /// One exported device, with an optional description shown by `nbdinfo`.
 #[derive(Clone)]

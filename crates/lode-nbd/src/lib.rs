@@ -4,8 +4,9 @@
 //!
 //! The worker agent exports each attached image as a block device (docs/agent.md); this crate is the NBD half of that: fixed newstyle handshake,
 //! pipelined requests answered out of order, TCP and Unix listeners. Whatever
-//! implements [`BlockDevice`] — the agent's lazily loaded image, or [`MemDevice`] and
-//! [`FileDevice`] in tests — can be added to [`Exports`] and served by a [`Server`].
+//! implements [`BlockDevice`](lode_blockdev::BlockDevice) — the read path's lazily loaded
+//! image, or [`MemDevice`] and [`FileDevice`] in tests — can be added to [`Exports`] and
+//! served by a [`Server`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -32,7 +33,7 @@ pub mod proto;
 mod server;
 
 pub use client::Client;
-pub use device::{BlockDevice, DeviceError, FileDevice, MemDevice, OpenError};
+pub use device::{FileDevice, MemDevice, OpenError};
 pub use exports::{Export, ExportError, Exports};
 pub use proto::Errno;
 pub use server::{

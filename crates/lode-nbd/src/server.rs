@@ -40,12 +40,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
-use crate::device::{BlockDevice, DeviceError};
 use crate::exports::{Export, Exports};
 use crate::proto::{
     self, ClientOption, Command, Errno, ExportLimits, Handle, InfoRequest, OptionHeaderError,
     RequestError,
 };
+use lode_blockdev::{BlockDevice, DeviceError};
 
 /// Builds a [`Server`]; [`build`](Self::build) checks the settings.
 pub struct ServerBuilder {
@@ -1083,7 +1083,7 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<W> {
                     Ok(Ok(reply)) => reply,
                     Ok(Err(e)) => {
                         bump(&self.server.stats.request_errors);
-                        self.error_reply(job.handle, e.errno(), &e.to_string())
+                        self.error_reply(job.handle, Errno::from(&e), &e.to_string())
                     }
                     Err(_) => {
                         bump(&self.server.stats.request_errors);

@@ -211,7 +211,7 @@ fn fio_nbd_engine_random_reads_verify() {
 
     // The check has teeth: corrupt one block in the device and fio must fail.
     srv.block_on(async {
-        use lode_nbd::BlockDevice;
+        use lode_blockdev::BlockDevice;
         device.write_at(5 * 4096 + 100, b"corrupt").await.unwrap();
     });
     let out = run(

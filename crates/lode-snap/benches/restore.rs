@@ -35,14 +35,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cache::CacheConfig;
 use futures::StreamExt;
-use lode_agent::{AgentConfig, ChunkCache, MetricsSnapshot};
 use lode_format::ChunkSize;
 use lode_image::{NoProgress, PublishOptions, PublishStats, Publisher};
 use lode_kms::{Keyring, Kms};
+use lode_read::{ChunkCache, MetricsSnapshot};
 use lode_snap::handler::bind;
 use lode_snap::{Prefetch, RecordPolicy, ServeOptions, SessionReport, Snapshot, client, workload};
 use lode_store::Store;
+
+#[path = "../tests/common/cache.rs"]
+mod cache;
 
 /// The query seed: fixed, so the working set repeats from restore to restore.
 const SEED: u64 = 0x5eed_f00d;
@@ -174,7 +178,7 @@ impl Bench {
     /// A worker over `state`, with the AZ fleet as a tier when `az`.
     fn worker(&self, state: &Path, az: bool, chunk: u64) -> Worker {
         let size = self.size;
-        let mut cfg = AgentConfig::new(state);
+        let mut cfg = CacheConfig::new(state);
         // Every tier holds the whole snapshot, so nothing is evicted mid-run.
         cfg.decrypted = size;
         cfg.cache_memory = size;
@@ -185,8 +189,7 @@ impl Bench {
         });
         self.rt.block_on(async {
             std::fs::create_dir_all(state).expect("create the state dir");
-            let (cache, _) =
-                lode_agent::build_cache(&cfg, self.store.clone()).expect("build the chunk cache");
+            let cache = cfg.build(&self.store);
             let snapshot = Snapshot::open(
                 &self.store,
                 &self.kms as &dyn Kms,

@@ -40,10 +40,9 @@ pub const fn usize_of(x: u64) -> usize {
     x as usize
 }
 
-use lode_agent::{AgentError, ChunkCache, ImageDevice};
 use lode_format::{ChunkSize, ManifestId};
-use lode_image::ImageError;
 use lode_kms::Kms;
+use lode_read::{ChunkCache, ImageDevice, OpenError, ReadError};
 use lode_store::{Store, StoreError};
 use thiserror::Error;
 
@@ -61,13 +60,13 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 pub enum SnapError {
     /// Opening the snapshot's manifest or keys failed.
     #[error(transparent)]
-    Image(#[from] ImageError),
+    Image(#[from] OpenError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Reading a chunk failed.
     #[error(transparent)]
-    Agent(#[from] AgentError),
+    Read(#[from] ReadError),
     /// The handshake was refused.
     #[error("refused the VMM's handshake: {0}")]
     Handshake(String),
@@ -131,7 +130,7 @@ impl Snapshot {
         cache: Arc<ChunkCache>,
         reference: &str,
     ) -> Result<Snapshot, SnapError> {
-        let image = lode_image::open_image(store, Some(kms), reference).await?;
+        let image = lode_read::open_image(store, Some(kms), reference).await?;
         let device = ImageDevice::new(cache, image)?;
         let record_key = RecordKey::new(device.keys());
         Ok(Snapshot {

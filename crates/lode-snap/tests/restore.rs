@@ -11,14 +11,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lode_agent::{AgentConfig, ChunkCache};
+use cache::CacheConfig;
 use lode_format::ChunkSize;
 use lode_image::{NoProgress, PublishOptions, Publisher};
 use lode_kms::{Keyring, Kms};
+use lode_read::ChunkCache;
 use lode_snap::client::{self, Restore};
 use lode_snap::mapping::{Mapping, PAGE_SIZE};
 use lode_snap::{Prefetch, RecordPolicy, ServeOptions, SessionReport, Snapshot, workload};
 use lode_store::Store;
+
+#[path = "common/cache.rs"]
+mod cache;
 
 const SIZE: u64 = 24 << 20;
 const CHUNK: u64 = 64 * 1024;
@@ -90,13 +94,13 @@ impl Drop for Served {
     }
 }
 
-fn serve(fx: &Fixture, config: AgentConfig, opts: ServeOptions) -> Served {
+fn serve(fx: &Fixture, config: CacheConfig, opts: ServeOptions) -> Served {
     std::fs::create_dir_all(&config.state_dir).unwrap();
     let socket = config.state_dir.join("uffd.sock");
     let reports: Arc<Mutex<Vec<SessionReport>>> = Arc::default();
     let r = reports.clone();
     let (task, cache) = fx.rt.block_on(async {
-        let (cache, _) = lode_agent::build_cache(&config, fx.store.clone()).unwrap();
+        let cache = config.build(&fx.store);
         let snap = Snapshot::open(&fx.store, &fx.kms as &dyn Kms, cache.clone(), "snap")
             .await
             .unwrap();
@@ -203,7 +207,7 @@ fn every_tier_serves_the_snapshot_page_for_page() {
     });
     let fleet: Vec<String> = nodes.iter().map(|n| n.local_addr().to_string()).collect();
     let with_az = |dir: &str| {
-        let mut c = AgentConfig::new(fx.dir.path().join(dir));
+        let mut c = CacheConfig::new(fx.dir.path().join(dir));
         c.az = Some(lode_az::AzConfig {
             nodes: fleet.clone(),
             ..Default::default()
@@ -281,7 +285,7 @@ fn zero_chunks_and_removed_pages_fetch_nothing() {
     let fx = fixture();
     let s = serve(
         &fx,
-        AgentConfig::new(fx.dir.path().join("z")),
+        CacheConfig::new(fx.dir.path().join("z")),
         no_prefetch(),
     );
     let r = client::restore(&s.socket, SIZE, 1).unwrap();
@@ -312,7 +316,7 @@ fn concurrent_faults_on_one_chunk_share_one_fetch() {
     let fx = fixture();
     let s = serve(
         &fx,
-        AgentConfig::new(fx.dir.path().join("c")),
+        CacheConfig::new(fx.dir.path().join("c")),
         no_prefetch(),
     );
     let r = Arc::new(client::restore(&s.socket, SIZE, 1).unwrap());
@@ -345,7 +349,7 @@ fn the_working_set_is_recorded_then_installed_ahead_of_demand() {
     let fx = fixture();
     let s = serve(
         &fx,
-        AgentConfig::new(fx.dir.path().join("w")),
+        CacheConfig::new(fx.dir.path().join("w")),
         ServeOptions::default(),
     );
     let run = || {
@@ -384,7 +388,7 @@ fn each_restore_gets_a_fresh_generation_id_in_memory() {
         generation_id_offset: Some(workload::GENERATION_OFFSET),
         ..no_prefetch()
     };
-    let s = serve(&fx, AgentConfig::new(fx.dir.path().join("g")), opts);
+    let s = serve(&fx, CacheConfig::new(fx.dir.path().join("g")), opts);
     let mut seen = Vec::new();
     for _ in 0..3 {
         let r = client::restore(&s.socket, SIZE, 1).unwrap();
@@ -457,7 +461,7 @@ fn garbage_handshakes_are_refused_by_name_and_the_handler_goes_on() {
         handshake_timeout: Duration::from_millis(300),
         ..no_prefetch()
     };
-    let s = serve(&fx, AgentConfig::new(fx.dir.path().join("x")), opts);
+    let s = serve(&fx, CacheConfig::new(fx.dir.path().join("x")), opts);
     let mem = client::GuestMemory::new(SIZE).unwrap();
     let uffd = lode_snap::uffd::Uffd::create(0).unwrap();
     uffd.register(mem.addr(), mem.len()).unwrap();
@@ -579,7 +583,7 @@ fn a_fault_outside_every_region_is_refused_and_nothing_is_installed_there() {
     let fx = fixture();
     let s = serve(
         &fx,
-        AgentConfig::new(fx.dir.path().join("o")),
+        CacheConfig::new(fx.dir.path().join("o")),
         no_prefetch(),
     );
     // Register all the memory but announce only its first half.
@@ -636,7 +640,7 @@ fn a_corrupt_chunk_is_never_served_as_a_page() {
     assert!(damaged > 0);
     let s = serve(
         &fx,
-        AgentConfig::new(fx.dir.path().join("k")),
+        CacheConfig::new(fx.dir.path().join("k")),
         no_prefetch(),
     );
     let r = client::restore(&s.socket, SIZE, 1).unwrap();
@@ -688,7 +692,7 @@ fn prefetch_all_installs_everything_and_record_never_stores_nothing() {
         record: RecordPolicy::Never,
         ..Default::default()
     };
-    let s = serve(&fx, AgentConfig::new(fx.dir.path().join("all")), opts);
+    let s = serve(&fx, CacheConfig::new(fx.dir.path().join("all")), opts);
     let r = client::restore(&s.socket, SIZE, 2).unwrap();
     // Give the prefetch time to finish before touching anything.
     std::thread::sleep(Duration::from_millis(500));
@@ -704,9 +708,7 @@ fn prefetch_all_installs_everything_and_record_never_stores_nothing() {
     assert_eq!(rep.faults, 0, "nothing left to fault: {rep:?}");
     assert!(!rep.recorded);
     let stored = fx.rt.block_on(async {
-        let (cache, _) =
-            lode_agent::build_cache(&AgentConfig::new(fx.dir.path().join("q")), fx.store.clone())
-                .unwrap();
+        let cache = CacheConfig::new(fx.dir.path().join("q")).build(&fx.store);
         Snapshot::open(&fx.store, &fx.kms as &dyn Kms, cache, "snap")
             .await
             .unwrap()

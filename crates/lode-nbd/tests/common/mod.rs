@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use lode_nbd::{BlockDevice, DeviceError, Exports, MemDevice, Server};
+use lode_blockdev::{BlockDevice, DeviceError};
+use lode_nbd::{Exports, MemDevice, Server};
 
 /// A server on a private two-thread runtime, listening on TCP and a Unix socket, so
 /// tests can drive it with blocking clients and external tools.

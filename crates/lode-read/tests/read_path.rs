@@ -11,8 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use common::{CHUNK, Fixture, distinct_stored, run, run_ok, tool};
-use lode_agent::{AgentError, ChunkRef, ChunkTier, MemoryTier, OriginTier, Overlay};
-use lode_nbd::{BlockDevice, Errno, Export, Exports, Server};
+use lode_blockdev::BlockDevice;
+use lode_nbd::{Errno, Export, Exports, Server};
+use lode_read::{ChunkRef, ChunkTier, MemoryTier, OriginTier, Overlay, ReadError};
 
 struct Served {
     server: Server,
@@ -183,7 +184,7 @@ async fn a_corrupt_origin_chunk_is_an_error_never_wrong_bytes() {
     }
     let mut buf = vec![0; 4096];
     let err = dev.read_at(0, &mut buf).await.unwrap_err();
-    assert_eq!(err.errno(), Errno::EIO);
+    assert_eq!(Errno::from(&err), Errno::EIO);
     let msg = err.to_string();
     assert!(
         msg.contains("from tier origin is corrupt: its bytes hash to"),
@@ -254,7 +255,7 @@ impl ChunkTier for SlowCounting {
     fn name(&self) -> &'static str {
         "origin"
     }
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, AgentError> {
+    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
         self.gets.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(300)).await;
         self.inner.get(chunk).await
@@ -369,7 +370,7 @@ assert h.pread(4096, 9 * 524288) == bytes(4096)
     let ro = fx.device(&cache).await;
     assert!(ro.read_only());
     assert_eq!(
-        ro.write_at(0, &[1]).await.unwrap_err().errno(),
+        Errno::from(&ro.write_at(0, &[1]).await.unwrap_err()),
         Errno::EPERM
     );
     // The overlay survives a reopen (bitmap persisted on flush).

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use lode_agent::{
-    CacheBuilder, ChunkCache, ChunkTier, DiskTier, ImageDevice, MemoryTier, OriginTier,
-};
 use lode_image::{NoProgress, PublishOptions, Publisher};
 use lode_kms::{Keyring, Kms};
+use lode_read::{
+    CacheBuilder, ChunkCache, ChunkTier, DiskTier, ImageDevice, MemoryTier, OriginTier,
+};
 use lode_store::Store;
 
 pub const CHUNK: u64 = 512 * 1024;
@@ -112,7 +112,7 @@ impl Fixture {
     }
 
     pub async fn device(&self, cache: &Arc<ChunkCache>) -> ImageDevice {
-        let opened = lode_image::open_image(&self.store, Some(&self.kms), &self.id)
+        let opened = lode_read::open_image(&self.store, Some(&self.kms), &self.id)
             .await
             .unwrap();
         ImageDevice::new(Arc::clone(cache), opened).unwrap()

@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 use crate::error::blocking;
 use crate::metrics::Metrics;
 use crate::tier::{ChunkRef, ChunkTier};
-use crate::{AgentError, Lru, MetricsSnapshot};
+use crate::{Lru, MetricsSnapshot, ReadError};
 
 /// What opening a chunk needs: its place in the image, its key, its plaintext length.
 #[derive(Clone)]
@@ -49,11 +49,11 @@ fn check_and_open(
     bytes: &Bytes,
     check_name: bool,
     open: Option<Open>,
-) -> Result<Option<Bytes>, AgentError> {
+) -> Result<Option<Bytes>, ReadError> {
     if check_name {
         let got = ChunkName::of(bytes);
         if got != chunk.name {
-            return Err(AgentError::Corrupt {
+            return Err(ReadError::Corrupt {
                 tier,
                 chunk: chunk.name,
                 got,
@@ -64,13 +64,13 @@ fn check_and_open(
         return Ok(None);
     };
     let plain = open_unverified(&chunk.name, &o.key, bytes.to_vec()).map_err(|source| {
-        AgentError::Decrypt {
+        ReadError::Decrypt {
             index: o.index,
             source,
         }
     })?;
     if plain.len() != o.expected_len {
-        return Err(AgentError::ChunkLength {
+        return Err(ReadError::ChunkLength {
             chunk: chunk.name,
             index: o.index,
             expected: o.expected_len,
@@ -80,7 +80,7 @@ fn check_and_open(
     Ok(Some(Bytes::from(plain)))
 }
 
-type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, Arc<AgentError>>>>;
+type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, Arc<ReadError>>>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section below leaves its map consistent before anything can panic.
@@ -116,9 +116,9 @@ impl CacheBuilder {
     }
 
     /// Checks the configuration and builds the cache.
-    pub fn build(self) -> Result<Arc<ChunkCache>, AgentError> {
+    pub fn build(self) -> Result<Arc<ChunkCache>, ReadError> {
         if self.tiers.is_empty() {
-            return Err(AgentError::Config(
+            return Err(ReadError::Config(
                 "a chunk cache needs at least one tier (the origin)".into(),
             ));
         }
@@ -128,10 +128,7 @@ impl CacheBuilder {
             .windows(2)
             .find(|w| w[0] == w[1] || w[0] == "decrypted")
         {
-            return Err(AgentError::Config(format!(
-                "two tiers are named {:?}",
-                w[0]
-            )));
+            return Err(ReadError::Config(format!("two tiers are named {:?}", w[0])));
         }
         let names: Vec<&'static str> = self.tiers.iter().map(|t| t.name()).collect();
         Ok(Arc::new(ChunkCache {
@@ -169,7 +166,7 @@ impl ChunkCache {
         index: ChunkIndex,
         key: &ChunkKey,
         expected_len: usize,
-    ) -> Result<Bytes, Arc<AgentError>> {
+    ) -> Result<Bytes, Arc<ReadError>> {
         let started = Instant::now();
         if let Some(b) = lock(&self.decrypted).get(&chunk.name) {
             self.metrics.decrypted.hit(b.len(), started.elapsed());
@@ -213,7 +210,7 @@ impl ChunkCache {
         index: ChunkIndex,
         key: ChunkKey,
         expected_len: usize,
-    ) -> Result<Bytes, AgentError> {
+    ) -> Result<Bytes, ReadError> {
         let open = Open {
             index,
             key,
@@ -227,7 +224,7 @@ impl ChunkCache {
 
     /// A chunk's ciphertext from the first tier that holds a copy that checks out,
     /// filling the tiers above it.
-    pub async fn ciphertext(self: &Arc<Self>, chunk: ChunkRef) -> Result<Bytes, AgentError> {
+    pub async fn ciphertext(self: &Arc<Self>, chunk: ChunkRef) -> Result<Bytes, ReadError> {
         Ok(self.fetch(chunk, None).await?.0)
     }
 
@@ -241,7 +238,7 @@ impl ChunkCache {
         self: &Arc<Self>,
         chunk: ChunkRef,
         open: Option<Open>,
-    ) -> Result<(Bytes, Option<Bytes>), AgentError> {
+    ) -> Result<(Bytes, Option<Bytes>), ReadError> {
         let mut last_err = None;
         for (i, tier) in self.tiers.iter().enumerate() {
             let m = &self.metrics.tiers[i];
@@ -263,16 +260,16 @@ impl ChunkCache {
                             self.fill(i, chunk, &bytes).await;
                             return Ok((bytes, plain));
                         }
-                        Err(e @ AgentError::Corrupt { .. }) => {
+                        Err(e @ ReadError::Corrupt { .. }) => {
                             m.integrity_failure();
                             tier.remove(&chunk).await;
                             last_err = Some(e);
                         }
-                        Err(AgentError::Decrypt { .. }) if tier.local() => {
+                        Err(ReadError::Decrypt { .. }) if tier.local() => {
                             // Local bytes that do not authenticate have rotted.
                             m.integrity_failure();
                             tier.remove(&chunk).await;
-                            last_err = Some(AgentError::Corrupt {
+                            last_err = Some(ReadError::Corrupt {
                                 tier: tier.name(),
                                 chunk: chunk.name,
                                 got: ChunkName::of(&bytes),
@@ -284,7 +281,7 @@ impl ChunkCache {
                     }
                 }
                 Err(e) => {
-                    if matches!(e, AgentError::Corrupt { .. }) {
+                    if matches!(e, ReadError::Corrupt { .. }) {
                         m.integrity_failure();
                     } else {
                         m.error();
@@ -293,7 +290,7 @@ impl ChunkCache {
                 }
             }
         }
-        Err(last_err.unwrap_or_else(|| AgentError::NotFound {
+        Err(last_err.unwrap_or_else(|| ReadError::NotFound {
             chunk: chunk.name,
             tried: self
                 .tiers

@@ -17,9 +17,8 @@ use bytes::Bytes;
 use lode_format::{ChunkName, ManifestId, RootId};
 use lode_store::{Store, StoreError};
 
-use crate::alarm::RootWatch;
 use crate::error::{blocking, io};
-use crate::{AgentError, Lru};
+use crate::{Lru, ReadError};
 
 /// A chunk as the tiers know it: its name, the store root it lives under and the
 /// manifest that asked for it (the origin needs the root, and names both in a read
@@ -45,7 +44,7 @@ pub trait ChunkTier: Send + Sync + std::fmt::Debug + 'static {
 
     /// The chunk's ciphertext, or `None` when this tier does not hold it. The bytes may
     /// be wrong; the caller checks them unless the tier is [`trusted`](Self::trusted).
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, AgentError>;
+    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError>;
 
     /// Keeps a copy of a chunk whose bytes were checked. Best effort: a tier that cannot
     /// keep it (full, read-only, failing disk) just does not.
@@ -120,7 +119,7 @@ impl ChunkTier for MemoryTier {
         "memory"
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, AgentError> {
+    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
         Ok(lock(&self.lru).get(&chunk.name))
     }
 
@@ -162,7 +161,7 @@ pub struct DiskTier {
 impl DiskTier {
     /// Opens (creating) a cache directory bounded to `capacity` bytes, indexing the
     /// chunk files already there and removing leftover temporary files.
-    pub fn open(dir: impl Into<PathBuf>, capacity: u64) -> Result<Self, AgentError> {
+    pub fn open(dir: impl Into<PathBuf>, capacity: u64) -> Result<Self, ReadError> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(io("create cache directory", &dir))?;
         let mut lru = Lru::new(capacity);
@@ -215,7 +214,7 @@ impl ChunkTier for DiskTier {
         true
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, AgentError> {
+    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
         if lock(&self.index).get(&chunk.name).is_none() {
             return Ok(None);
         }
@@ -281,18 +280,26 @@ impl ChunkTier for DiskTier {
     }
 }
 
+/// Told of every chunk the [`OriginTier`] fetches, or tries to: the agent raises read
+/// alarms from these (docs/gc.md). Called on the read's own task, after the fetch, so it
+/// must not wait; whatever it does with the store runs in a task of its own.
+pub trait OriginWatch: Send + Sync + std::fmt::Debug + 'static {
+    /// A chunk of `manifest` was just fetched (or tried) from `root` in the origin store.
+    fn fetched(self: Arc<Self>, root: RootId, manifest: ManifestId);
+}
+
 /// The origin store. [`Store::get_chunk`] already checks names; a corrupt chunk there
-/// is an [`AgentError::Corrupt`], which the cache counts and, as this is the last tier,
+/// is an [`ReadError::Corrupt`], which the cache counts and, as this is the last tier,
 /// returns as an error: a wrong byte is never served. At most
 /// [`concurrency`](Self::with_concurrency) fetches run at once, so an empty cache in
 /// front of it does not flood the store; the rest queue. In the agent, every fetch is
-/// also reported to its [`RootWatch`], which raises a read alarm when the chunk's root has
-/// expired (docs/gc.md); the fetch itself never waits on that.
+/// also reported to its [`OriginWatch`], which raises a read alarm when the chunk's root
+/// has expired (docs/gc.md); the fetch itself never waits on that.
 #[derive(Debug)]
 pub struct OriginTier {
     store: Store,
     permits: tokio::sync::Semaphore,
-    watch: Option<Arc<RootWatch>>,
+    watch: Option<Arc<dyn OriginWatch>>,
 }
 
 /// Concurrent origin fetches allowed by default.
@@ -314,7 +321,7 @@ impl OriginTier {
     }
 
     /// Reports every fetch to `watch`, for read alarms.
-    pub(crate) fn watched(mut self, watch: Arc<RootWatch>) -> Self {
+    pub fn watched(mut self, watch: Arc<dyn OriginWatch>) -> Self {
         self.watch = Some(watch);
         self
     }
@@ -326,30 +333,30 @@ impl ChunkTier for OriginTier {
         "origin"
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, AgentError> {
+    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
         let fetched = {
             let _permit = self
                 .permits
                 .acquire()
                 .await
-                .map_err(|e| AgentError::Task(e.to_string()))?;
+                .map_err(|e| ReadError::Task(e.to_string()))?;
             self.store
                 .get_chunk(chunk.root, &chunk.name, chunk.max_bytes)
                 .await
         };
         // Whatever the fetch found: a read of a deleted root, which fails, is an alarm too.
         if let Some(w) = &self.watch {
-            w.origin_read(chunk.root, chunk.manifest);
+            Arc::clone(w).fetched(chunk.root, chunk.manifest);
         }
         match fetched {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::NotFound { .. }) => Ok(None),
-            Err(StoreError::CorruptChunk { name, got, .. }) => Err(AgentError::Corrupt {
+            Err(StoreError::CorruptChunk { name, got, .. }) => Err(ReadError::Corrupt {
                 tier: "origin",
                 chunk: name,
                 got,
             }),
-            Err(source) => Err(AgentError::Store {
+            Err(source) => Err(ReadError::Store {
                 chunk: chunk.name,
                 source: Box::new(source),
             }),

@@ -1,5 +1,5 @@
 //! An attached image as a block device: [`ImageDevice`] implements
-//! [`lode_nbd::BlockDevice`] over the manifest, its key table and the worker's
+//! [`lode_blockdev::BlockDevice`] over the manifest, its key table and the worker's
 //! [`ChunkCache`], with an optional copy-on-write [`Overlay`].
 //!
 //! A read splits its range at 4 KiB blocks the overlay holds (those come from the
@@ -13,13 +13,12 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::try_join_all;
+use lode_blockdev::{BlockDevice, DeviceError};
 use lode_format::{ChunkEntry, ChunkIndex, ChunkName, ChunkSize, KeyTable, ManifestId, RootId};
-use lode_image::OpenedImage;
-use lode_nbd::{BlockDevice, DeviceError};
 
 use crate::overlay::{BLOCK_SIZE, Overlay};
 use crate::tier::ChunkRef;
-use crate::{AgentError, ChunkCache};
+use crate::{ChunkCache, OpenedImage, ReadError};
 
 /// The largest piece a trim or write-zeroes is split into, bounding its buffer.
 const ZERO_PIECE: u64 = 1 << 20;
@@ -43,8 +42,8 @@ fn dev_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DeviceErro
 
 impl ImageDevice {
     /// A read-only device for an image opened with its key table.
-    pub fn new(cache: Arc<ChunkCache>, image: OpenedImage) -> Result<Self, AgentError> {
-        let keys = image.keys.ok_or(AgentError::NoKeys(image.id))?;
+    pub fn new(cache: Arc<ChunkCache>, image: OpenedImage) -> Result<Self, ReadError> {
+        let keys = image.keys.ok_or(ReadError::NoKeys(image.id))?;
         let header = image.manifest.header();
         Ok(Self {
             cache,
@@ -59,9 +58,9 @@ impl ImageDevice {
     }
 
     /// Makes the device writable through `overlay`, which must cover the device's size.
-    pub fn with_overlay(mut self, overlay: Overlay) -> Result<Self, AgentError> {
+    pub fn with_overlay(mut self, overlay: Overlay) -> Result<Self, ReadError> {
         if overlay.size() != self.size {
-            return Err(AgentError::Config(format!(
+            return Err(ReadError::Config(format!(
                 "overlay {} covers {} bytes but image {} is {} bytes",
                 overlay.path().display(),
                 overlay.size(),
@@ -136,7 +135,7 @@ impl ImageDevice {
     }
 
     /// The decrypted chunk `index`, or `None` for a zero chunk.
-    pub async fn chunk(&self, index: u64) -> Result<Option<(ChunkName, Bytes)>, AgentError> {
+    pub async fn chunk(&self, index: u64) -> Result<Option<(ChunkName, Bytes)>, ReadError> {
         let i = ChunkIndex(index);
         let entry = usize::try_from(index)
             .ok()
@@ -150,10 +149,7 @@ impl ImageDevice {
             }
             ChunkEntry::Stored(name) => name,
         };
-        let key = self
-            .keys
-            .get(i)
-            .ok_or(AgentError::MissingKey { index: i })?;
+        let key = self.keys.get(i).ok_or(ReadError::MissingKey { index: i })?;
         let expected = self.chunk_size.len_of(i, self.size);
         let chunk = ChunkRef {
             root: self.root,
@@ -167,12 +163,12 @@ impl ImageDevice {
             .map(|b| Some((name, b)))
             .map_err(|e| match Arc::try_unwrap(e) {
                 Ok(e) => e,
-                Err(shared) => AgentError::Task(shared.to_string()),
+                Err(shared) => ReadError::Task(shared.to_string()),
             })
     }
 
     /// Reads the image (not the overlay) into `buf`; the range must be in bounds.
-    pub async fn read_image(&self, offset: u64, buf: &mut [u8]) -> Result<(), AgentError> {
+    pub async fn read_image(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         let cs = self.chunk_size.bytes_u64();
         let touched = self.chunks_touched(offset, buf.len() as u64);
         let chunks = try_join_all(touched.clone().map(|i| self.chunk(i))).await?;
@@ -188,7 +184,7 @@ impl ImageDevice {
                     // The cache checked the length; this guards the arithmetic above.
                     let src = d
                         .get(from..from + dst.len())
-                        .ok_or(AgentError::ChunkLength {
+                        .ok_or(ReadError::ChunkLength {
                             chunk: name,
                             index: ChunkIndex(i),
                             expected: from + dst.len(),
@@ -202,7 +198,7 @@ impl ImageDevice {
     }
 
     /// Reads the device as a client sees it: overlay blocks first, the image elsewhere.
-    async fn read_merged(&self, offset: u64, buf: &mut [u8]) -> Result<(), AgentError> {
+    async fn read_merged(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         let Some(ov) = &self.overlay else {
             return self.read_image(offset, buf).await;
         };
@@ -239,12 +235,7 @@ impl ImageDevice {
 
     /// Copy-on-write: writes `data` at `offset` into the overlay, first filling the
     /// partial blocks at either end from the device as it reads now.
-    async fn write_overlay(
-        &self,
-        ov: &Overlay,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), AgentError> {
+    async fn write_overlay(&self, ov: &Overlay, offset: u64, data: &[u8]) -> Result<(), ReadError> {
         if data.is_empty() {
             return Ok(());
         }

@@ -1,11 +1,12 @@
 //! Naming an image: a tag, or a manifest id (64 hex digits, which wins over a tag of the
-//! same spelling), resolved to a parsed manifest and, when asked, its key table.
+//! same spelling), resolved to a parsed manifest and, when asked, its key table: what a
+//! reader does before an [`ImageDevice`](crate::ImageDevice) can read the image.
 
 use lode_format::{DataKey, KeyTable, Manifest, ManifestId, RootId};
 use lode_kms::{Context, Kms};
 use lode_store::Store;
 
-use crate::ImageError;
+use crate::OpenError;
 
 /// A manifest fetched from the store, checked against its id and parsed.
 #[derive(Debug)]
@@ -21,7 +22,7 @@ pub struct OpenedImage {
 }
 
 /// Resolves `reference` (a tag or a manifest id) to a manifest id.
-pub async fn resolve(store: &Store, reference: &str) -> Result<ManifestId, ImageError> {
+pub async fn resolve(store: &Store, reference: &str) -> Result<ManifestId, OpenError> {
     if let Ok(id) = reference.parse::<ManifestId>() {
         return Ok(id);
     }
@@ -39,7 +40,7 @@ pub trait KeySource: Send + Sync + std::fmt::Debug {
         id: &ManifestId,
         root: RootId,
         manifest: &Manifest,
-    ) -> Result<DataKey, ImageError>;
+    ) -> Result<DataKey, OpenError>;
 }
 
 /// A [`KeySource`] that unwraps with a KMS.
@@ -53,7 +54,7 @@ impl KeySource for KmsKeys {
         id: &ManifestId,
         root: RootId,
         manifest: &Manifest,
-    ) -> Result<DataKey, ImageError> {
+    ) -> Result<DataKey, OpenError> {
         unwrap_data_key(self.0.as_ref(), id, root, manifest).await
     }
 }
@@ -65,18 +66,18 @@ pub async fn unwrap_data_key(
     id: &ManifestId,
     root: RootId,
     manifest: &Manifest,
-) -> Result<DataKey, ImageError> {
+) -> Result<DataKey, OpenError> {
     let context = Context::manifest(root, &manifest.binding());
     kms.unwrap(manifest.wrapped_key(), &context)
         .await
         .map_err(|source| match source {
             // The key id is part of the manifest: a name the KMS lacks means a
             // damaged manifest or one made under another KMS.
-            lode_kms::KmsError::UnknownKey { key_id, kms } => ImageError::Invalid(format!(
+            lode_kms::KmsError::UnknownKey { key_id, kms } => OpenError::Invalid(format!(
                 "manifest {id} names KMS key {key_id:?}, which {kms} lacks: the \
                  manifest is corrupt or was made under another key"
             )),
-            source => ImageError::ManifestKey { id: *id, source },
+            source => OpenError::ManifestKey { id: *id, source },
         })
 }
 
@@ -86,7 +87,7 @@ pub async fn open_image(
     store: &Store,
     kms: Option<&dyn Kms>,
     reference: &str,
-) -> Result<OpenedImage, ImageError> {
+) -> Result<OpenedImage, OpenError> {
     let mut opened = open_image_with(store, None, reference).await?;
     if let Some(kms) = kms {
         let data_key = unwrap_data_key(kms, &opened.id, opened.root, &opened.manifest).await?;
@@ -100,10 +101,10 @@ pub async fn open_image_with(
     store: &Store,
     keys: Option<&dyn KeySource>,
     reference: &str,
-) -> Result<OpenedImage, ImageError> {
+) -> Result<OpenedImage, OpenError> {
     let id = resolve(store, reference).await?;
     let (root, bytes) = store.find_manifest(&id).await?;
-    let manifest = Manifest::parse(&bytes).map_err(|source| ImageError::Manifest { id, source })?;
+    let manifest = Manifest::parse(&bytes).map_err(|source| OpenError::Manifest { id, source })?;
     let mut opened = OpenedImage {
         id,
         root,
@@ -117,11 +118,11 @@ pub async fn open_image_with(
     Ok(opened)
 }
 
-fn open_keys(opened: &OpenedImage, data_key: &DataKey) -> Result<KeyTable, ImageError> {
+fn open_keys(opened: &OpenedImage, data_key: &DataKey) -> Result<KeyTable, OpenError> {
     opened
         .manifest
         .open_keys(data_key)
-        .map_err(|source| ImageError::Manifest {
+        .map_err(|source| OpenError::Manifest {
             id: opened.id,
             source,
         })

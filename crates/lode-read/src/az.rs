@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use lode_az::{AzClient, AzConfig, AzMetrics};
 
-use crate::AgentError;
+use crate::ReadError;
 use crate::tier::{ChunkRef, ChunkTier};
 
 /// The AZ cache fleet as a tier.
@@ -20,8 +20,8 @@ pub struct AzTier {
 
 impl AzTier {
     /// A tier over the fleet `config` describes; a bad config is named.
-    pub fn new(config: AzConfig) -> Result<Self, AgentError> {
-        let client = AzClient::new(config).map_err(|e| AgentError::Config(e.to_string()))?;
+    pub fn new(config: AzConfig) -> Result<Self, ReadError> {
+        let client = AzClient::new(config).map_err(|e| ReadError::Config(e.to_string()))?;
         Ok(Self { client })
     }
 
@@ -37,11 +37,11 @@ impl ChunkTier for AzTier {
         "az"
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, AgentError> {
+    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
         self.client
             .get(&chunk.name)
             .await
-            .map_err(|e| AgentError::Tier {
+            .map_err(|e| ReadError::Tier {
                 tier: "az",
                 message: e.to_string(),
             })

@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::AgentError;
+use crate::ReadError;
 use crate::error::{blocking, io};
 
 /// The overlay's copy-on-write unit.
@@ -42,10 +42,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Overlay {
     /// Opens the overlay at `path` for a device of `size` bytes, creating it empty, or
     /// reopening it with its bitmap when both files exist and match the size.
-    pub fn open(path: impl Into<PathBuf>, size: u64) -> Result<Self, AgentError> {
+    pub fn open(path: impl Into<PathBuf>, size: u64) -> Result<Self, ReadError> {
         let path = path.into();
         let words = usize::try_from(size.div_ceil(BLOCK_SIZE).div_ceil(64))
-            .map_err(|_| AgentError::Config(format!("device size {size} is too large")))?;
+            .map_err(|_| ReadError::Config(format!("device size {size} is too large")))?;
         let bitmap_path = Self::bitmap_path_of(&path);
         let saved = match std::fs::read(&bitmap_path) {
             Ok(b) if b.len() == words * 8 && path.exists() => Some(b),
@@ -122,7 +122,7 @@ impl Overlay {
         }
     }
 
-    pub(crate) async fn pread(&self, offset: u64, len: usize) -> Result<Vec<u8>, AgentError> {
+    pub(crate) async fn pread(&self, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
         let (file, path) = (Arc::clone(&self.file), self.path.clone());
         blocking(move || {
             let mut buf = vec![0; len];
@@ -133,7 +133,7 @@ impl Overlay {
         .await
     }
 
-    pub(crate) async fn pwrite(&self, offset: u64, data: Vec<u8>) -> Result<(), AgentError> {
+    pub(crate) async fn pwrite(&self, offset: u64, data: Vec<u8>) -> Result<(), ReadError> {
         let (file, path) = (Arc::clone(&self.file), self.path.clone());
         blocking(move || {
             file.write_all_at(&data, offset)
@@ -143,7 +143,7 @@ impl Overlay {
     }
 
     /// Makes written blocks durable: syncs the file, then writes the bitmap beside it.
-    pub async fn flush(&self) -> Result<(), AgentError> {
+    pub async fn flush(&self) -> Result<(), ReadError> {
         let bytes: Vec<u8> = lock(&self.bitmap)
             .iter()
             .flat_map(|w| w.to_le_bytes())

@@ -1,0 +1,47 @@
+//! The read path (docs/agent.md): an image as a block device that fetches only the
+//! chunks read.
+//!
+//! Where this fits: docs/architecture.md, "The read path across the tiers".
+//!
+//! An attached image is an [`ImageDevice`]: a [`lode_blockdev::BlockDevice`] whose reads
+//! consult the copy-on-write [`Overlay`] first, then fetch whole chunks through one
+//! worker-wide [`ChunkCache`]. The cache keeps decrypted chunks in memory and walks a
+//! list of [`ChunkTier`]s for ciphertext — [`MemoryTier`], [`DiskTier`], the AZ cache
+//! ([`AzTier`]), then [`OriginTier`] (the store) — checking every chunk that comes from
+//! outside the worker's memory against its name, dropping and counting what fails, and
+//! filling the tiers above on the way back. Concurrent misses for one chunk share one
+//! fetch. Everything is counted in [`Metrics`].
+//!
+//! An image is opened by tag or manifest id with [`open_image`] (or [`open_image_with`]
+//! and a [`KeySource`]): its manifest fetched, checked against its id and parsed, and its
+//! key table opened with the data key a KMS unwraps or a control service grants. A reader
+//! of an expired root raises a read alarm ([`check_read`]).
+//!
+//! The `lode agent` daemon (`lode-agent`) presents each device over NBD and FUSE, and
+//! `lode-snap` serves a memory snapshot's page faults from the same cache.
+
+mod alarm;
+mod az;
+mod cache;
+mod device;
+mod error;
+mod lru;
+mod metrics;
+mod overlay;
+mod reference;
+mod tier;
+
+pub use alarm::{ReadAlarm, check_read, check_read_in, reader_name, unix_now};
+pub use az::{AzTier, az_prometheus};
+pub use cache::{CacheBuilder, ChunkCache};
+pub use device::ImageDevice;
+pub use error::{OpenError, ReadError};
+pub use lru::Lru;
+pub use metrics::{Histogram, LATENCY_BUCKETS_US, Metrics, MetricsSnapshot, TierSnapshot};
+pub use overlay::{BLOCK_SIZE, Overlay};
+pub use reference::{
+    KeySource, KmsKeys, OpenedImage, open_image, open_image_with, resolve, unwrap_data_key,
+};
+pub use tier::{
+    ChunkRef, ChunkTier, DEFAULT_ORIGIN_CONCURRENCY, DiskTier, MemoryTier, OriginTier, OriginWatch,
+};
