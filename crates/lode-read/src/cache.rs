@@ -24,8 +24,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use lode_format::chunk::open_unverified;
-use lode_format::{ChunkIndex, ChunkKey, ChunkName};
+use lode_format::{
+    ChunkError, ChunkIndex, ChunkKey, ChunkName, ObjectError, ObjectFormat, check_object,
+};
 use tokio::task::JoinHandle;
 
 use crate::error::blocking;
@@ -51,24 +52,41 @@ fn check_and_open(
     open: Option<Open>,
 ) -> Result<Option<Bytes>, ReadError> {
     if check_name {
-        let got = ChunkName::of(bytes);
-        if got != chunk.name {
-            return Err(ReadError::Corrupt {
+        let expected = ObjectFormat::of(chunk.format);
+        let fault = match check_object(&chunk.name, bytes) {
+            Ok(found) if found == expected => None,
+            Ok(found) => Some(ObjectError::WrongFormat {
+                chunk: chunk.name,
+                found,
+                expected,
+            }),
+            Err(ObjectError::V1(ChunkError::NameMismatch { got, .. })) => {
+                return Err(ReadError::Corrupt {
+                    tier,
+                    chunk: chunk.name,
+                    got,
+                });
+            }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = fault {
+            return Err(ReadError::CorruptObject {
                 tier,
                 chunk: chunk.name,
-                got,
+                source: Box::new(e),
             });
         }
     }
     let Some(o) = open else {
         return Ok(None);
     };
-    let plain = open_unverified(&chunk.name, &o.key, bytes.to_vec()).map_err(|source| {
-        ReadError::Decrypt {
+    let plain = chunk
+        .format
+        .open_checked(&chunk.name, &o.key, bytes.to_vec())
+        .map_err(|source| ReadError::Decrypt {
             index: o.index,
             source,
-        }
-    })?;
+        })?;
     if plain.len() != o.expected_len {
         return Err(ReadError::ChunkLength {
             chunk: chunk.name,
@@ -260,7 +278,7 @@ impl ChunkCache {
                             self.fill(i, chunk, &bytes).await;
                             return Ok((bytes, plain));
                         }
-                        Err(e @ ReadError::Corrupt { .. }) => {
+                        Err(e @ (ReadError::Corrupt { .. } | ReadError::CorruptObject { .. })) => {
                             m.integrity_failure();
                             tier.remove(&chunk).await;
                             last_err = Some(e);
@@ -281,7 +299,10 @@ impl ChunkCache {
                     }
                 }
                 Err(e) => {
-                    if matches!(e, ReadError::Corrupt { .. }) {
+                    if matches!(
+                        e,
+                        ReadError::Corrupt { .. } | ReadError::CorruptObject { .. }
+                    ) {
                         m.integrity_failure();
                     } else {
                         m.error();

@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::try_join_all;
 use lode_blockdev::{BlockDevice, DeviceError};
-use lode_format::{ChunkEntry, ChunkIndex, ChunkName, ChunkSize, KeyTable, ManifestId, RootId};
+use lode_format::{
+    ChunkEntry, ChunkFormat, ChunkIndex, ChunkName, ChunkSize, KeyTable, ManifestId, RootId,
+};
 
 use crate::overlay::{BLOCK_SIZE, Overlay};
 use crate::tier::ChunkRef;
@@ -30,6 +32,7 @@ pub struct ImageDevice {
     id: ManifestId,
     root: RootId,
     chunk_size: ChunkSize,
+    format: ChunkFormat,
     size: u64,
     chunks: Vec<ChunkEntry>,
     keys: KeyTable,
@@ -50,6 +53,7 @@ impl ImageDevice {
             id: image.id,
             root: image.root,
             chunk_size: header.chunk_size,
+            format: header.chunk_format,
             size: header.device_size,
             chunks: image.manifest.chunks().to_vec(),
             keys,
@@ -155,7 +159,8 @@ impl ImageDevice {
             root: self.root,
             manifest: self.id,
             name,
-            max_bytes: expected as u64 + lode_format::chunk::TAG_LEN as u64,
+            format: self.format,
+            max_bytes: self.format.object_len(expected),
         };
         self.cache
             .plaintext(chunk, i, key, expected)

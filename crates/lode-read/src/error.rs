@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use lode_format::{ChunkError, ChunkIndex, ChunkName, ManifestError, ManifestId};
+use lode_format::{ChunkIndex, ChunkName, ManifestError, ManifestId, ObjectError};
 use lode_kms::KmsError;
 use lode_store::StoreError;
 use thiserror::Error;
@@ -69,6 +69,17 @@ pub enum ReadError {
         /// SHA-256 of what arrived.
         got: ChunkName,
     },
+    /// A tier returned bytes that are not the chunk's object in the manifest's format: a
+    /// v2 object with a bad segment or length, or a sound object of the other format.
+    #[error("{source} (from tier {tier})")]
+    CorruptObject {
+        /// The tier at fault.
+        tier: &'static str,
+        /// The chunk asked for.
+        chunk: ChunkName,
+        /// What is wrong, naming the segment where one is at fault.
+        source: Box<ObjectError>,
+    },
     /// The origin store failed.
     #[error("fetching chunk {chunk} from the origin: {source}")]
     Store {
@@ -83,7 +94,7 @@ pub enum ReadError {
         /// The chunk's index in the image.
         index: ChunkIndex,
         /// What failed.
-        source: ChunkError,
+        source: ObjectError,
     },
     /// The chunk decrypted to the wrong length for its place in the image.
     #[error("chunk {chunk} (index {index}) is {got} bytes of plaintext, expected {expected}")]

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use lode_format::{ChunkName, ManifestId, RootId};
+use lode_format::{ChunkFormat, ChunkName, ManifestId, ObjectError, RootId};
 use lode_store::{Store, StoreError};
 
 use crate::error::{blocking, io};
@@ -29,10 +29,12 @@ pub struct ChunkRef {
     pub root: RootId,
     /// The manifest the chunk is read for (one of those that name it).
     pub manifest: ManifestId,
-    /// The chunk's name (SHA-256 of its ciphertext).
+    /// The chunk's name (SHA-256 of its v1 ciphertext, or of its v2 header).
     pub name: ChunkName,
-    /// The most bytes its ciphertext may be (its plaintext length plus the seal's tag):
-    /// the origin refuses a larger object before reading it.
+    /// The format its object is sealed in, from the manifest.
+    pub format: ChunkFormat,
+    /// The length its object has in that format (its plaintext length plus the seal's
+    /// tags and header): the origin refuses a larger object before reading it.
     pub max_bytes: u64,
 }
 
@@ -356,6 +358,13 @@ impl ChunkTier for OriginTier {
                 chunk: name,
                 got,
             }),
+            Err(StoreError::CorruptChunkObject { name, reason, .. }) => {
+                Err(ReadError::CorruptObject {
+                    tier: "origin",
+                    chunk: name,
+                    source: Box::new(ObjectError::V2(*reason)),
+                })
+            }
             Err(source) => Err(ReadError::Store {
                 chunk: chunk.name,
                 source: Box::new(source),
