@@ -308,6 +308,34 @@ pub enum ChunkV2Error {
     },
 }
 
+impl ChunkV2Error {
+    /// What is wrong, without naming the chunk: for a message that names it already
+    /// (`chunk 3 (NAME) is corrupt: segment 7 hashes to …`).
+    pub fn fault(&self) -> String {
+        match self {
+            ChunkV2Error::Header { source, .. } => format!("its header is bad: {source}"),
+            ChunkV2Error::HeaderMismatch { got, .. } => format!("its header hashes to {got}"),
+            ChunkV2Error::ObjectLength { len, want, .. } => {
+                format!("the object is {len} bytes, its header describes {want}")
+            }
+            ChunkV2Error::NoSegment { segment, count, .. } => {
+                format!("it has {count} segments, there is no segment {segment}")
+            }
+            ChunkV2Error::SegmentLength {
+                segment, len, want, ..
+            } => format!("segment {segment} is {len} bytes, its header says {want}"),
+            ChunkV2Error::SegmentMismatch { segment, got, .. } => format!(
+                "segment {segment} hashes to {}, not to its header's row",
+                hex::encode(got)
+            ),
+            ChunkV2Error::Decrypt { segment, .. } => format!(
+                "segment {segment} does not decrypt under the key the manifest holds for it"
+            ),
+            ChunkV2Error::Layout { .. } | ChunkV2Error::SealLength { .. } => self.to_string(),
+        }
+    }
+}
+
 /// One segment's row, with its place in the object worked out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Row {

@@ -66,17 +66,10 @@ impl Progress for NoProgress {
     fn advance(&self, _: u64) {}
 }
 
-/// Whether new chunks are written in format v2 (segments). Off until every reader of
-/// chunks (the worker's read path, snapshots) reads v2; every reader here already does.
-const WRITE_V2: bool = false;
-
 /// The chunk format new images, snapshots and copied-forward manifests of chunk size `cs`
-/// are written in: v2 in segments of 32 KiB (or the chunk size, if smaller) once
-/// [`WRITE_V2`] is on, v1 until then.
+/// are written in: v2, in segments of 32 KiB (or of the chunk size, if smaller). v1
+/// manifests and chunks stay readable everywhere; copy-forward rewrites them as v2.
 pub fn new_chunk_format(cs: lode_format::ChunkSize) -> lode_format::ChunkFormat {
-    if !WRITE_V2 {
-        return lode_format::ChunkFormat::V1;
-    }
     let segment_size = lode_format::SegmentSize::new(u64::from(
         lode_format::SegmentSize::DEFAULT.bytes().min(cs.bytes()),
     ))

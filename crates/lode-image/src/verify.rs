@@ -38,6 +38,17 @@ pub enum Problem {
         /// What its bytes hash to.
         got: ChunkName,
     },
+    /// The chunk's v2 header checks, but a segment or the object's length does not.
+    /// Reported as `"kind": "corrupt"` too, with `detail` in place of `got`.
+    #[serde(rename = "corrupt")]
+    CorruptSegment {
+        /// The first index that names it.
+        index: ChunkIndex,
+        /// The chunk.
+        chunk: ChunkName,
+        /// What is wrong, naming the segment.
+        detail: String,
+    },
     /// The chunk object cannot be what the manifest names: larger than the chunk can
     /// be, changed while read, not a regular file, or a v2 object with a bad segment.
     Damaged {
@@ -71,6 +82,11 @@ impl std::fmt::Display for Problem {
                     "chunk {index} ({chunk}) is corrupt: its bytes hash to {got}"
                 )
             }
+            Problem::CorruptSegment {
+                index,
+                chunk,
+                detail,
+            } => write!(f, "chunk {index} ({chunk}) is corrupt: {detail}"),
             Problem::Damaged {
                 index,
                 chunk,
@@ -167,11 +183,19 @@ pub async fn verify_with(
                     Err(StoreError::CorruptChunk { got, .. }) => {
                         return damaged(Problem::Corrupt { index, chunk, got }).await;
                     }
+                    Err(StoreError::CorruptChunkObject { reason, .. }) => {
+                        let detail = reason.fault();
+                        return damaged(Problem::CorruptSegment {
+                            index,
+                            chunk,
+                            detail,
+                        })
+                        .await;
+                    }
                     Err(
                         e @ (StoreError::TooLarge { .. }
                         | StoreError::SizeChanged { .. }
-                        | StoreError::Unreadable { .. }
-                        | StoreError::CorruptChunkObject { .. }),
+                        | StoreError::Unreadable { .. }),
                     ) => {
                         let detail = e.to_string();
                         return damaged(Problem::Damaged {

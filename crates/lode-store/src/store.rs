@@ -65,7 +65,7 @@ pub enum StoreError {
     },
     /// Bytes that hold a chunk's v2 header but are not its whole, sound object (a wrong
     /// length, a segment that does not hash to its row).
-    #[error("chunk {name} in store {store} is corrupt: {reason}")]
+    #[error("chunk {name} in store {store} is corrupt: {}", reason.fault())]
     CorruptChunkObject {
         /// The store.
         store: String,
@@ -75,7 +75,7 @@ pub enum StoreError {
         reason: Box<lode_format::ChunkV2Error>,
     },
     /// A put of bytes that hold a chunk's v2 header but are not its whole, sound object.
-    #[error("refusing to put chunk {name} into store {store}: {reason}")]
+    #[error("refusing to put chunk {name} into store {store}: {}", reason.fault())]
     PutBadObject {
         /// The store.
         store: String,

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 const CHUNK: usize = 512 * 1024;
+/// What format v2 adds to a full 512 KiB chunk: 16 segments' tags and a 596-byte header.
+const V2_OVERHEAD: u64 = 16 * 16 + 20 + 36 * 16;
 
 /// What one run of `lode` did.
 #[derive(Debug)]
@@ -199,6 +201,14 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// The generated image of test 1: 40 whole chunks and a 12345-byte tail (so its size is
 /// not a multiple of the chunk size). Chunks 3, 4 and 17 are all zero; 10 and 20 repeat
 /// chunk 2; chunk 25 is half zero; chunk 30 holds an unaligned copy of earlier bytes.
+/// What format v2 adds to the distinct stored chunks of `generated_image`: every one is
+/// full but the short last one, whose header and tags count its own segments.
+fn sealed_overhead(bytes: &[u8]) -> u64 {
+    let distinct = (GEN_CHUNKS - GEN_ZERO.len() - GEN_REPEATS.len()) as u64;
+    let last_segments = (bytes.len() % CHUNK).div_ceil(32 * 1024) as u64;
+    (distinct - 1) * V2_OVERHEAD + 16 * last_segments + 20 + 36 * last_segments
+}
+
 const GEN_ZERO: [usize; 3] = [3, 4, 17];
 const GEN_REPEATS: [usize; 2] = [10, 20];
 const GEN_CHUNKS: usize = 41;
@@ -304,11 +314,12 @@ fn generated_image_round_trips_byte_for_byte() {
     );
     let distinct = (GEN_CHUNKS - GEN_ZERO.len() - GEN_REPEATS.len()) as u64;
     assert_eq!(u64_of(&st["uploaded_chunks"], "uploaded"), distinct);
-    // Each stored chunk is its plaintext plus a 16-byte GCM tag.
+    // Each stored chunk is its plaintext plus, in format v2, a 16-byte GCM tag on each of
+    // its 32 KiB segments and a header of 20 + 36 bytes a segment.
     let plain: u64 = (bytes.len() - GEN_ZERO.len() * CHUNK - GEN_REPEATS.len() * CHUNK) as u64;
     assert_eq!(
         u64_of(&st["uploaded_bytes"], "uploaded_bytes"),
-        plain + 16 * distinct
+        plain + sealed_overhead(&bytes)
     );
 
     let out = lode.work("gen.out");
@@ -806,7 +817,7 @@ fn store_stats_count_what_is_on_disk() {
     assert_eq!(u64_of(&st["chunks"], "chunks"), chunk_files.len() as u64);
     assert_eq!(u64_of(&st["chunks"], "chunks"), 11);
     assert_eq!(u64_of(&st["stored_bytes"], "stored_bytes"), on_disk);
-    assert_eq!(on_disk, 11 * (CHUNK as u64 + 16));
+    assert_eq!(on_disk, 11 * (CHUNK as u64 + V2_OVERHEAD));
     assert_eq!(
         u64_of(&st["logical_bytes"], "logical_bytes"),
         ((8 + 9) * CHUNK) as u64

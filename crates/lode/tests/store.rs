@@ -347,7 +347,7 @@ fn four_gib_sparse_objects_are_refused_without_reading() {
     assert!(
         out.contains(&format!(
             "chunk 0 ({}) is damaged: chunk roots/1/chunks/{}/{} in store {} is 4294967296 \
-             bytes, more than the 524304 a chunk may be",
+             bytes, more than the 525140 a chunk may be",
             names[0],
             &names[0][..2],
             names[0],

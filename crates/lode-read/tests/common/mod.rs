@@ -60,7 +60,13 @@ pub struct Fixture {
 }
 
 impl Fixture {
+    /// The image published in the chunk format new images get.
     pub async fn new() -> Fixture {
+        Fixture::with_format(None).await
+    }
+
+    /// The image published in `format` (`None`: the default for new images).
+    pub async fn with_format(format: Option<lode_format::ChunkFormat>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store_dir = dir.path().join("store");
         std::fs::create_dir_all(&store_dir).unwrap();
@@ -73,7 +79,10 @@ impl Fixture {
         let published = publisher
             .publish_file(
                 &image_path,
-                &PublishOptions::default(),
+                &PublishOptions {
+                    chunk_format: format,
+                    ..PublishOptions::default()
+                },
                 Arc::new(NoProgress),
             )
             .await

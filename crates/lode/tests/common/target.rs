@@ -20,7 +20,9 @@ use crate::harness::Home;
 
 pub const CHUNK: usize = 512 * 1024;
 /// A stored chunk: its plaintext and the seal's 16-byte tag.
-pub const SEALED: u64 = CHUNK as u64 + 16;
+/// A full chunk's stored object: v2, its plaintext in 16 segments of 32 KiB, a 16-byte
+/// tag on each, and a 596-byte header (20 bytes, then 36 per segment).
+pub const SEALED: u64 = CHUNK as u64 + 16 * 16 + 20 + 36 * 16;
 const BUCKET: &str = "lode-gc";
 const ACCESS_KEY: &str = "lode-gc-access";
 const SECRET_KEY: &str = "lode-gc-secret";
