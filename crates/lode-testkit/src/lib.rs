@@ -8,7 +8,7 @@
 //! without having run. Everything here that looks for a tool or for root says so through
 //! [`skip`].
 //!
-//! - Skipping: [`skip`], [`tool`], [`tool_from`], [`is_root`], [`root_or_skip`].
+//! - Skipping: [`skip`], [`tool`], [`tool_from`], [`which`], [`is_root`], [`root_or_skip`].
 //! - Inputs: [`free_port`], [`seeded_bytes`], [`fill_seeded`].
 //! - Real servers on 127.0.0.1, stopped when dropped: [`Memcached`], [`Moto`], and with
 //!   the `s3` feature `S3Fs` (an S3 server in the test's own process).
@@ -67,7 +67,7 @@ pub fn skip(why: &str) {
 /// not be on `PATH`.
 #[track_caller]
 pub fn tool(name: &str) -> Option<PathBuf> {
-    let found = find(name);
+    let found = which(name);
     if found.is_none() {
         skip(&format!("{name} is not installed"));
     }
@@ -77,7 +77,7 @@ pub fn tool(name: &str) -> Option<PathBuf> {
 /// [`tool`], naming in its skip the Debian package that installs `name`.
 #[track_caller]
 pub fn tool_from(name: &str, package: &str) -> Option<PathBuf> {
-    let found = find(name);
+    let found = which(name);
     if found.is_none() {
         skip(&format!(
             "{name} is not installed (apt-get install {package})"
@@ -86,7 +86,9 @@ pub fn tool_from(name: &str, package: &str) -> Option<PathBuf> {
     found
 }
 
-fn find(name: &str) -> Option<PathBuf> {
+/// Where [`tool`] would find `name`, without a skip: for a test that has another way
+/// when it is absent.
+pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(SYSTEM_DIRS.iter().map(PathBuf::from))
@@ -132,9 +134,9 @@ mod tests {
 
     #[test]
     fn a_tool_on_every_system_is_found_by_its_full_path() {
-        let sh = find("sh").expect("sh is installed everywhere");
+        let sh = which("sh").expect("sh is installed everywhere");
         assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
-        assert_eq!(find("lode-testkit-no-such-tool"), None);
+        assert_eq!(which("lode-testkit-no-such-tool"), None);
     }
 
     #[test]
