@@ -3,8 +3,9 @@
 
 mod common;
 
-use common::{Kind, Mount, Spec, build, fsck, verify_mount, verify_view};
+use common::{Kind, Spec, build, fsck, verify_mount, verify_view};
 use lode_ext4::{Metadata, Options, Timestamp};
+use lode_testkit::LoopMount;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -116,7 +117,7 @@ proptest! {
         build(&spec, Options { seed, ..Options::default() }, &img);
         fsck(&img);
         verify_view(&spec, &img);
-        if let Some(m) = Mount::new(&img) {
+        if let Some(m) = LoopMount::new(&img) {
             verify_mount(&spec, &m);
         }
     }
