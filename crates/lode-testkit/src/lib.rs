@@ -12,11 +12,12 @@
 //! - Inputs: [`free_port`], [`seeded_bytes`], [`fill_seeded`].
 //! - Real servers on 127.0.0.1, stopped when dropped: [`Memcached`], [`Moto`], and with
 //!   the `s3` feature `S3Fs` (an S3 server in the test's own process).
-//! - Mounts: [`LoopMount`], [`is_mounted`].
+//! - ext4 images: [`LoopMount`], [`e2fsck_clean`]; and [`is_mounted`].
 
 use std::path::PathBuf;
 
 mod bytes;
+mod ext4;
 mod memcached;
 mod moto;
 mod mount;
@@ -24,6 +25,7 @@ mod mount;
 mod s3;
 
 pub use bytes::{fill_seeded, seeded_bytes};
+pub use ext4::e2fsck_clean;
 pub use memcached::Memcached;
 pub use moto::Moto;
 pub use mount::{LoopMount, is_mounted};

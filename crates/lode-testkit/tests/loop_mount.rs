@@ -1,8 +1,9 @@
-//! An ext4 image made by mkfs.ext4 mounts read-only through a loop device, and is let go.
+//! An ext4 image made by mkfs.ext4 checks clean, mounts read-only through a loop device,
+//! and is let go; a damaged one does not check clean.
 
 use std::process::Command;
 
-use lode_testkit::{LoopMount, is_mounted, seeded_bytes, tool_from};
+use lode_testkit::{LoopMount, e2fsck_clean, is_mounted, seeded_bytes, tool_from};
 
 #[test]
 fn an_ext4_image_mounts_read_only_and_is_released() {
@@ -23,6 +24,7 @@ fn an_ext4_image_mounts_read_only_and_is_released() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+    assert!(e2fsck_clean(&image));
 
     let Some(m) = LoopMount::new(&image) else {
         return;
@@ -43,4 +45,30 @@ fn an_ext4_image_mounts_read_only_and_is_released() {
     assert_eq!(std::fs::read(dir.join("dir/file")).unwrap(), data);
     drop(m);
     assert!(!is_mounted(&dir));
+}
+
+#[test]
+fn a_damaged_image_does_not_check_clean() {
+    let Some(mkfs) = tool_from("mkfs.ext4", "e2fsprogs") else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("img");
+    let out = Command::new(mkfs)
+        .args(["-q"])
+        .arg(&image)
+        .arg("8M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // The superblock's free-blocks count (at 1024 + 12), now wrong.
+    let mut bytes = std::fs::read(&image).unwrap();
+    bytes[1024 + 12] ^= 0x55;
+    std::fs::write(&image, &bytes).unwrap();
+    let err = std::panic::catch_unwind(|| e2fsck_clean(&image)).unwrap_err();
+    let msg = err.downcast_ref::<String>().expect("a formatted panic");
+    assert!(
+        msg.starts_with(&format!("e2fsck -fn {}", image.display())),
+        "{msg}"
+    );
 }
