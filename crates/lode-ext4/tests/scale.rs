@@ -5,9 +5,9 @@ mod common;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
-use common::{fsck, meta};
+use common::meta;
 use lode_ext4::{Entry, Ext4Writer, Metadata, Options, Tree};
-use lode_testkit::LoopMount;
+use lode_testkit::{LoopMount, e2fsck_clean};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -125,7 +125,7 @@ fn file_over_4_gib_with_index_nodes() {
     assert!(allocated < GIB, "image allocates {allocated} bytes");
     drop(file);
 
-    fsck(&img);
+    e2fsck_clean(&img);
     let fs = ext4_view::Ext4::load_from_path(&img).unwrap();
     let mut f = fs.open("/big").unwrap();
     assert_eq!(f.metadata().len(), BIG_LEN);
@@ -180,7 +180,7 @@ fn directory_with_100k_entries() {
     }
     let (_, summary) = w.finish(&tree).unwrap();
     assert!(summary.groups >= 4, "100k inodes need 4 groups of 32768");
-    fsck(&img);
+    e2fsck_clean(&img);
 
     let fs = ext4_view::Ext4::load_from_path(&img).unwrap();
     assert_eq!(fs.read_dir("/wide").unwrap().count(), N + 2);
@@ -211,7 +211,7 @@ fn directory_with_more_subdirs_than_link_max() {
             .unwrap();
     }
     w.finish(&tree).unwrap();
-    fsck(&img);
+    e2fsck_clean(&img);
     if let Some(m) = LoopMount::new(&img) {
         let st = std::fs::metadata(m.path().join("d")).unwrap();
         assert_eq!(std::os::unix::fs::MetadataExt::nlink(&st), 1);

@@ -10,10 +10,9 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use lode_ext4::{Entry, Ext4Writer, FileData, Metadata, Options, Summary, Timestamp, Tree};
-use lode_testkit::LoopMount;
+use lode_testkit::{LoopMount, e2fsck_clean};
 
 /// What one path holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,38 +136,6 @@ pub fn tree_of(spec: &Spec, data: &HashMap<Vec<u8>, FileData>) -> Tree {
         tree.insert(&it.path, e).expect("insert");
     }
     tree
-}
-
-/// Runs `e2fsck -fn` and panics with its output unless it reports clean.
-/// Returns false (after printing why) only when e2fsck is not installed.
-pub fn fsck(image: &Path) -> bool {
-    let Some(e2fsck) = lode_testkit::tool_from("e2fsck", "e2fsprogs") else {
-        return false;
-    };
-    let out = Command::new(e2fsck)
-        .arg("-fn")
-        .arg(image)
-        .output()
-        .expect("run e2fsck");
-    assert!(
-        out.status.success(),
-        "e2fsck -fn {} failed ({}):\n{}\n{}",
-        image.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Clean means only the pass headers and the summary line: no notes
-    // such as "extent tree could be narrower" either.
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    for line in stdout.lines() {
-        assert!(
-            line.starts_with("Pass ") || line.contains(" files (") || line.is_empty(),
-            "e2fsck -fn {}: unexpected output {line:?}\n{stdout}",
-            image.display()
-        );
-    }
-    true
 }
 
 /// Final contents of the spec: later items replace earlier ones at a path.
@@ -361,7 +328,7 @@ pub fn verify_view(spec: &Spec, image: &Path) {
 
 /// e2fsck, then mount and compare, then ext4-view.
 pub fn check_all(spec: &Spec, image: &Path) {
-    fsck(image);
+    e2fsck_clean(image);
     if let Some(m) = LoopMount::new(image) {
         verify_mount(spec, &m);
     }
