@@ -232,19 +232,7 @@ fn nbdsh_protocol_edges() {
     let Some(nbdsh) = tool("nbdsh") else { return };
     // nbdsh runs `python3 -m nbd`; the module is installed for the system Python, which
     // may not be the first python3 on PATH (pyenv).
-    let path = std::env::var("PATH").unwrap_or_default();
-    let python_path = ["", "/usr/bin:"]
-        .iter()
-        .map(|prefix| format!("{prefix}{path}"))
-        .find(|p| {
-            Command::new("python3")
-                .args(["-c", "import nbd"])
-                .env("PATH", p)
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-    let Some(python_path) = python_path else {
-        lode_testkit::skip("no python3 with the nbd module (python3-libnbd)");
+    let Some(python_path) = lode_testkit::nbd_python_path() else {
         return;
     };
 

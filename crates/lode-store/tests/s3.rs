@@ -12,7 +12,7 @@ use bytes::Bytes;
 use common::{DirBackdoor, MAX_CHUNK, conformance};
 use lode_format::{ChunkName, RootId};
 use lode_store::{PutOutcome, Store, StoreError};
-use lode_testkit::{S3_ACCESS_KEY, S3_REGION, S3Fs};
+use lode_testkit::{S3_ACCESS_KEY, S3_REGION, S3Fs, set_aws_env};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
@@ -24,21 +24,10 @@ fn s3s_fs_backend() {
     let mut s3 = S3Fs::bind(BUCKET);
     let endpoint = s3.endpoint().to_owned();
 
-    let vars: Vec<String> = std::env::vars()
-        .map(|(k, _)| k)
-        .filter(|k| k.starts_with("AWS_"))
-        .collect();
     // SAFETY: this is the only test in this binary, and neither the server's runtime nor
     // ours has started yet, so no other thread of ours exists to read the environment
     // while it changes.
-    unsafe {
-        for k in vars {
-            std::env::remove_var(k);
-        }
-        for (k, v) in s3.env() {
-            std::env::set_var(k, v);
-        }
-    }
+    unsafe { set_aws_env(s3.env()) };
     s3.serve();
 
     let rt = tokio::runtime::Builder::new_multi_thread()

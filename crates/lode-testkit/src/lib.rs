@@ -9,10 +9,11 @@
 //! [`skip`].
 //!
 //! - Skipping: [`skip`], [`tool`], [`tool_from`], [`which`], [`is_root`], [`root_or_skip`].
-//! - Inputs: [`free_port`], [`seeded_bytes`], [`fill_seeded`].
+//! - Inputs: [`free_port`], [`seeded_bytes`], [`fill_seeded`], [`set_aws_env`].
 //! - Real servers on 127.0.0.1, stopped when dropped: [`Memcached`], [`Moto`], and with
 //!   the `s3` feature `S3Fs` (an S3 server in the test's own process).
 //! - ext4 images: [`LoopMount`], [`e2fsck_clean`]; and [`is_mounted`].
+//! - libnbd's Python binding: [`python_with_nbd`], [`nbd_python_path`].
 
 use std::path::PathBuf;
 
@@ -21,6 +22,7 @@ mod ext4;
 mod memcached;
 mod moto;
 mod mount;
+mod python;
 #[cfg(feature = "s3")]
 mod s3;
 
@@ -29,6 +31,7 @@ pub use ext4::e2fsck_clean;
 pub use memcached::Memcached;
 pub use moto::Moto;
 pub use mount::{LoopMount, is_mounted};
+pub use python::{nbd_python_path, python_with_nbd};
 #[cfg(feature = "s3")]
 pub use s3::{S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, S3Fs};
 
@@ -120,6 +123,33 @@ pub fn root_or_skip(why: &str) -> bool {
     root
 }
 
+/// Replaces this process's AWS environment: removes every `AWS_*` variable, then sets
+/// `vars`, so that a client configured from the environment (lode's S3 store, the AWS
+/// SDK) sees these and nothing of the developer's own profile.
+///
+/// # Safety
+///
+/// As for [`std::env::set_var`]: no other thread may read or write the environment
+/// meanwhile. Call it before the test starts any thread.
+pub unsafe fn set_aws_env<K, V>(vars: impl IntoIterator<Item = (K, V)>)
+where
+    K: AsRef<std::ffi::OsStr>,
+    V: AsRef<std::ffi::OsStr>,
+{
+    let old: Vec<_> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| k.as_encoded_bytes().starts_with(b"AWS_"))
+        .collect();
+    for k in old {
+        // SAFETY: the caller has no other thread touching the environment.
+        unsafe { std::env::remove_var(k) };
+    }
+    for (k, v) in vars {
+        // SAFETY: as above.
+        unsafe { std::env::set_var(k, v) };
+    }
+}
+
 /// A TCP port of 127.0.0.1 that was free a moment ago, for a server the test starts
 /// itself. Another process may take it before that server binds it: a caller that
 /// starts a separate program retries with a new port when the program cannot bind.
@@ -139,6 +169,18 @@ mod tests {
         let sh = which("sh").expect("sh is installed everywhere");
         assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
         assert_eq!(which("lode-testkit-no-such-tool"), None);
+    }
+
+    #[test]
+    fn the_aws_environment_is_replaced_whole() {
+        // SAFETY: the other tests of this binary, which may run alongside, read the
+        // environment only through std::env, which these calls are synchronised with.
+        unsafe {
+            std::env::set_var("AWS_PROFILE", "someone-else");
+            set_aws_env([("AWS_REGION", "eu-west-1")]);
+        }
+        assert_eq!(std::env::var_os("AWS_PROFILE"), None);
+        assert_eq!(std::env::var("AWS_REGION").as_deref(), Ok("eu-west-1"));
     }
 
     #[test]

@@ -198,23 +198,6 @@ fn control_rejects_malformed() {
     assert!(names(&h.json(&["ls"])).is_empty());
 }
 
-/// A Python 3 that can `import nbd` (python3-libnbd installs it for the system Python,
-/// which a pyenv or venv `python3` first on PATH does not see).
-fn python_with_nbd() -> Option<&'static str> {
-    let found = ["python3", "/usr/bin/python3"].into_iter().find(|py| {
-        Command::new(py)
-            .args(["-c", "import nbd"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if found.is_none() {
-        lode_testkit::skip("no python3 with the nbd module (python3-libnbd)");
-    }
-    found
-}
-
 /// The reader of `kill_9_while_a_client_reads`: random 64 KiB reads through libnbd, each
 /// compared with the expected image; one line per read ("ok", "mismatch OFFSET" or
 /// "error MESSAGE"); it stops at the first mismatch or error, or after SECONDS.
@@ -259,7 +242,7 @@ fn kill_9_while_a_client_reads() {
     if !have_nbdcopy() {
         return;
     }
-    let Some(python) = python_with_nbd() else {
+    let Some(python) = lode_testkit::python_with_nbd() else {
         return;
     };
     let h = Home::new();
