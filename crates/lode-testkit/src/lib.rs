@@ -12,7 +12,8 @@
 //! - Inputs: [`free_port`], [`seeded_bytes`], [`fill_seeded`], [`set_aws_env`].
 //! - Real servers on 127.0.0.1, stopped when dropped: [`Memcached`], [`Moto`], and with
 //!   the `s3` feature `S3Fs` (an S3 server in the test's own process).
-//! - ext4 images: [`LoopMount`], [`e2fsck_clean`]; and [`is_mounted`].
+//! - ext4 images: [`LoopMount`], [`e2fsck_clean`]; and mounts: [`is_mounted`],
+//!   [`MountGuard`].
 //! - libnbd's Python binding: [`python_with_nbd`], [`nbd_python_path`].
 
 use std::path::PathBuf;
@@ -30,7 +31,7 @@ pub use bytes::{fill_seeded, seeded_bytes};
 pub use ext4::e2fsck_clean;
 pub use memcached::Memcached;
 pub use moto::Moto;
-pub use mount::{LoopMount, is_mounted};
+pub use mount::{LoopMount, MountGuard, is_mounted};
 pub use python::{nbd_python_path, python_with_nbd};
 #[cfg(feature = "s3")]
 pub use s3::{S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, S3Fs};

@@ -127,6 +127,20 @@ impl Drop for LoopMount {
     }
 }
 
+/// Lazily unmounts whatever is still mounted on a directory when dropped: the cleanup of a
+/// test whose program under test mounts there, should the test fail before that program
+/// unmounts.
+#[derive(Debug)]
+pub struct MountGuard(pub PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
 /// Whether the loop device still has a backing file.
 fn bound(device: &str) -> bool {
     let name = device.trim_start_matches("/dev/");
