@@ -1,21 +1,21 @@
 //! An ext4 image made by mkfs.ext4 checks clean, mounts read-only through a loop device,
-//! and is let go; a damaged one does not check clean.
+//! and is let go; a damaged one does not check clean; a mount left behind is cleared.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lode_testkit::{LoopMount, e2fsck_clean, is_mounted, seeded_bytes, tool_from};
+use lode_testkit::{
+    LoopMount, MountGuard, e2fsck_clean, is_mounted, root_or_skip, seeded_bytes, tool_from,
+};
 
-#[test]
-fn an_ext4_image_mounts_read_only_and_is_released() {
-    let Some(mkfs) = tool_from("mkfs.ext4", "e2fsprogs") else {
-        return;
-    };
-    let work = tempfile::tempdir().unwrap();
-    let tree = work.path().join("tree");
+/// An 8 MiB ext4 image at `dir/img` holding `dir/file` with `data`; `None` after a skip
+/// when mkfs.ext4 is missing.
+fn image(dir: &Path, data: &[u8]) -> Option<PathBuf> {
+    let mkfs = tool_from("mkfs.ext4", "e2fsprogs")?;
+    let tree = dir.join("tree");
     std::fs::create_dir_all(tree.join("dir")).unwrap();
-    let data = seeded_bytes(100_000, 5);
-    std::fs::write(tree.join("dir/file"), &data).unwrap();
-    let image = work.path().join("img");
+    std::fs::write(tree.join("dir/file"), data).unwrap();
+    let image = dir.join("img");
     let out = Command::new(mkfs)
         .args(["-q", "-d"])
         .arg(&tree)
@@ -24,6 +24,16 @@ fn an_ext4_image_mounts_read_only_and_is_released() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+    Some(image)
+}
+
+#[test]
+fn an_ext4_image_mounts_read_only_and_is_released() {
+    let work = tempfile::tempdir().unwrap();
+    let data = seeded_bytes(100_000, 5);
+    let Some(image) = image(work.path(), &data) else {
+        return;
+    };
     assert!(e2fsck_clean(&image));
 
     let Some(m) = LoopMount::new(&image) else {
@@ -49,18 +59,10 @@ fn an_ext4_image_mounts_read_only_and_is_released() {
 
 #[test]
 fn a_damaged_image_does_not_check_clean() {
-    let Some(mkfs) = tool_from("mkfs.ext4", "e2fsprogs") else {
+    let work = tempfile::tempdir().unwrap();
+    let Some(image) = image(work.path(), b"") else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let image = work.path().join("img");
-    let out = Command::new(mkfs)
-        .args(["-q"])
-        .arg(&image)
-        .arg("8M")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
     // The superblock's free-blocks count (at 1024 + 12), now wrong.
     let mut bytes = std::fs::read(&image).unwrap();
     bytes[1024 + 12] ^= 0x55;
@@ -71,4 +73,31 @@ fn a_damaged_image_does_not_check_clean() {
         msg.starts_with(&format!("e2fsck -fn {}", image.display())),
         "{msg}"
     );
+}
+
+#[test]
+fn a_mount_guard_clears_a_mount_left_behind() {
+    let work = tempfile::tempdir().unwrap();
+    let Some(image) = image(work.path(), b"left") else {
+        return;
+    };
+    if !root_or_skip("mount needs root") {
+        return;
+    }
+    let dir = work.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    // The way a program under test might mount it: loop device made and cleared by mount.
+    let st = Command::new("mount")
+        .args(["-o", "ro,loop"])
+        .arg(&image)
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let guard = MountGuard(dir.clone());
+    assert!(is_mounted(&dir));
+    drop(guard);
+    assert!(!is_mounted(&dir));
+    // Nothing mounted: dropping it does nothing.
+    drop(MountGuard(dir.clone()));
 }
