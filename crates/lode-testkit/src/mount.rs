@@ -200,6 +200,31 @@ mod tests {
         assert!(!is_mounted(dir.path()));
     }
 
+    /// How the kernel writes a path into mountinfo (`mangle_path` of `" \t\n\\"`).
+    fn escape(path: &str) -> String {
+        path.chars()
+            .map(|c| match c {
+                ' ' | '\t' | '\n' | '\\' => format!("\\{:03o}", u32::from(c)),
+                c => c.to_string(),
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn what_the_kernel_escapes_decodes_back(path in r"[ -~\t\n\\é]{0,40}") {
+            proptest::prop_assert_eq!(unescape(&escape(&path)), path);
+        }
+
+        #[test]
+        fn any_field_decodes_without_panicking(field in proptest::collection::vec(
+            proptest::prelude::any::<u8>(), 0..64)
+        ) {
+            let field = String::from_utf8_lossy(&field);
+            let _ = unescape(&field);
+        }
+    }
+
     #[test]
     fn mountinfo_escapes_are_decoded() {
         assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
