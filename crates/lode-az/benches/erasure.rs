@@ -45,22 +45,9 @@ fn rate(time: Duration, bytes: usize, mut f: impl FnMut()) -> f64 {
     (n as f64 * bytes as f64) / start.elapsed().as_secs_f64() / 1e9
 }
 
-fn data(len: usize) -> Vec<u8> {
-    let mut x = 0x1234_5678_9abc_def1u64;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn main() {
     let time = secs();
-    let chunk = data(CHUNK);
+    let chunk = lode_testkit::seeded_bytes(CHUNK, 1);
     let name = ChunkName::of(&chunk);
     println!("erasure coding of a {CHUNK}-byte chunk, GB/s of chunk bytes, {time:?} per figure");
     println!(

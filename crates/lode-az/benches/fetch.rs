@@ -127,7 +127,9 @@ fn main() {
         }
         // The yardstick: each chunk as one plain value on node 0.
         {
-            let mut c = Connection::connect(&fleet[0].addr, 1 << 20).await.unwrap();
+            let mut c = Connection::connect(&fleet[0].addr().to_string(), 1 << 20)
+                .await
+                .unwrap();
             for (name, data) in chunks.iter() {
                 c.set(&format!("plain:{name}"), 0, data).await.unwrap();
             }
@@ -153,7 +155,7 @@ fn main() {
             .await;
             figures.show(&format!("AZ client k={k} m={m}"));
         }
-        let addr = fleet[0].addr.clone();
+        let addr = fleet[0].addr().to_string();
         let pool = Arc::new(tokio::sync::Mutex::new(Vec::<Connection>::new()));
         let chunks2 = Arc::clone(&chunks);
         let figures = measure(time, move |i| {

@@ -29,7 +29,10 @@ fn node<'a>(m: &'a AzMetrics, addr: &str) -> &'a NodeMetrics {
 }
 
 fn position(fleet: &[Memcached], addr: &str) -> usize {
-    fleet.iter().position(|n| n.addr == addr).expect("in fleet")
+    fleet
+        .iter()
+        .position(|n| n.addr().to_string() == addr)
+        .expect("in fleet")
 }
 
 async fn put_all(az: &AzClient, chunks: &[(ChunkName, Bytes)]) {
@@ -264,7 +267,7 @@ async fn corrupt_stripes_are_caught_rebuilt_around_and_repaired() {
 
     // 1. Garbage in place of the stripe.
     conns[0]
-        .set(&key_a, 0, &common::bytes(9, 1000))
+        .set(&key_a, 0, &lode_testkit::seeded_bytes(1000, 9))
         .await
         .unwrap();
     assert_eq!(az.get(&a).await.unwrap(), Some(data_a.clone()));
@@ -387,7 +390,7 @@ async fn a_node_that_comes_back_is_used_after_the_probe_interval() {
     let az = AzClient::new(cfg).unwrap();
     let chunks: Vec<_> = (400..408u64).map(|i| chunk(i, CHUNK)).collect();
     put_all(&az, &chunks).await;
-    let x = fleet[3].addr.clone();
+    let x = fleet[3].addr().to_string();
 
     // Stopped: reads go on without it until it is marked down.
     fleet[3].pause();

@@ -17,12 +17,12 @@
 //! A last lode-only phase reads a working set four times its memory tier, so most
 //! GETs come from flash.
 
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lode_cache_node::{Node, NodeConfig, NodeHandle};
+use lode_testkit::{Memcached, seeded_bytes};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -36,67 +36,8 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-struct Memcached(Child);
-
-impl Drop for Memcached {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_memcached() -> Option<(Memcached, SocketAddr)> {
-    let bin = ["/usr/bin/memcached", "/usr/local/bin/memcached"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).is_file())?;
-    let port = free_port();
-    let mut cmd = Command::new(bin);
-    cmd.args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0"])
-        .args(["-m", "1024", "-I", "2m"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if running_as_root() {
-        cmd.args(["-u", "nobody"]);
-    }
-    let server = Memcached(cmd.spawn().expect("memcached runs"));
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while StdStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "memcached did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some((server, addr))
-}
-
 fn value_for(conn: usize, key: usize) -> Vec<u8> {
-    let mut x = ((conn * 131 + key) as u64) | 1;
-    (0..VALUE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
+    seeded_bytes(VALUE, (conn * 131 + key) as u64)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -275,10 +216,10 @@ fn main() {
     let secs = env_or("LODE_BENCH_SECS", if quick { 1 } else { 3 });
     let rounds = usize::try_from(env_or("LODE_BENCH_ROUNDS", if quick { 1 } else { 5 })).unwrap();
     let conns = usize::try_from(env_or("LODE_BENCH_CONNS", 16)).unwrap();
-    let Some((_memcached, mc_addr)) = start_memcached() else {
-        println!("SKIP: memcached is not installed (apt-get install memcached)");
+    let Some(memcached) = Memcached::start_with(&["-m", "1024", "-I", "2m"]) else {
         return;
     };
+    let mc_addr = memcached.addr();
     let lode = Node2::start(1 << 30, 4 << 30);
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

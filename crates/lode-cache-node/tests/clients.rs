@@ -12,17 +12,12 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{TestNode, pseudo_random, which};
+use common::TestNode;
 use lode_cache_node::NodeConfig;
+use lode_testkit::seeded_bytes;
 
 fn tool(name: &str) -> Option<std::path::PathBuf> {
-    let found = which(name);
-    if found.is_none() {
-        lode_testkit::skip(&format!(
-            "{name} is not installed (apt-get install libmemcached-tools)"
-        ));
-    }
-    found
+    lode_testkit::tool_from(name, "libmemcached-tools")
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -48,12 +43,12 @@ fn memccp_and_memccat_round_trip_files() {
         ..NodeConfig::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    let mut binary = pseudo_random(200_000, 11);
+    let mut binary = seeded_bytes(200_000, 11);
     binary[0..4].copy_from_slice(b"\r\n\0\n");
     let files: [(&str, Vec<u8>); 4] = [
         ("text.txt", b"hello from memccp\nsecond line\n".to_vec()),
         ("binary.bin", binary),
-        ("at-limit.bin", pseudo_random(1 << 20, 12)),
+        ("at-limit.bin", seeded_bytes(1 << 20, 12)),
         ("empty", Vec::new()),
     ];
     for (name, data) in &files {
@@ -89,7 +84,7 @@ fn memccp_and_memccat_round_trip_files() {
 
     // One byte past the limit is refused, and memccp says so.
     let over = dir.path().join("over-limit.bin");
-    std::fs::write(&over, pseudo_random((1 << 20) + 1, 13)).unwrap();
+    std::fs::write(&over, seeded_bytes((1 << 20) + 1, 13)).unwrap();
     let out = run(Command::new(&memccp).arg(servers(&node)).arg(&over));
     assert!(
         !out.status.success(),

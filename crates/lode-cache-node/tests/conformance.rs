@@ -15,7 +15,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Client, Memcached, TestNode, pseudo_random};
+use common::{Client, TestNode};
+use lode_testkit::{Memcached, seeded_bytes};
 
 macro_rules! suite {
     ($($check:ident),* $(,)?) => {
@@ -32,8 +33,8 @@ macro_rules! suite {
             $(
                 #[test]
                 fn $check() {
-                    let Some(server) = super::Memcached::start() else { return };
-                    super::checks::$check(server.addr);
+                    let Some(server) = super::Memcached::start(64) else { return };
+                    super::checks::$check(server.addr());
                 }
             )*
         }
@@ -93,7 +94,7 @@ mod checks {
 
     pub fn set_get_binary_values_and_flags(addr: SocketAddr) {
         let mut c = Client::connect(addr);
-        let mut data = pseudo_random(70_000, 1);
+        let mut data = seeded_bytes(70_000, 1);
         // Protocol bytes inside a value mean nothing.
         data[10..17].copy_from_slice(b"\r\nEND\r\n");
         data[100] = 0;
@@ -476,7 +477,7 @@ mod checks {
 
     pub fn one_mib_value_round_trips(addr: SocketAddr) {
         let mut c = Client::connect(addr);
-        let data = pseudo_random(1 << 20, 7);
+        let data = seeded_bytes(1 << 20, 7);
         assert_eq!(c.set("mib", &data), "STORED");
         assert_eq!(c.get("mib").unwrap(), data);
     }
@@ -713,10 +714,10 @@ mod lode_only {
                 ..NodeConfig::default()
             });
             let mut c = node.client();
-            let data = pseudo_random(limit, 3);
+            let data = seeded_bytes(limit, 3);
             assert_eq!(c.set("at", &data), "STORED");
             assert_eq!(c.get("at").unwrap(), data);
-            let over = pseudo_random(limit + 1, 4);
+            let over = seeded_bytes(limit + 1, 4);
             assert_eq!(
                 c.set("over", &over),
                 "SERVER_ERROR object too large for cache"

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Client, NODE_THREAD, TestNode, pseudo_random, rss_bytes};
+use common::{Client, NODE_THREAD, TestNode, rss_bytes};
+use lode_testkit::seeded_bytes;
 
 /// Counts panics on the node's threads (the node runs in this process).
 fn count_node_panics() -> Arc<AtomicUsize> {
@@ -28,7 +29,7 @@ fn count_node_panics() -> Arc<AtomicUsize> {
 /// The well-behaved client still gets its own data back.
 fn still_serving(good: &mut Client, round: usize) {
     let key = format!("good{round}");
-    let data = pseudo_random(5000, round as u64 + 1);
+    let data = seeded_bytes(5000, round as u64 + 1);
     assert_eq!(good.set(&key, &data), "STORED", "round {round}");
     assert_eq!(good.get(&key).unwrap(), data, "round {round}");
 }
@@ -154,7 +155,7 @@ fn node_survives_malformed_traffic() {
     // A get whose answer is huge (the same 1 MiB value 15 000 times: 15 GiB) from a
     // client that never reads: the node stops at the socket's pace instead of
     // building the answer in memory.
-    good.set("mib", &pseudo_random(1 << 20, 5));
+    good.set("mib", &seeded_bytes(1 << 20, 5));
     {
         let mut c = Client::connect(addr);
         let mut line = b"get".to_vec();
@@ -193,7 +194,7 @@ fn node_survives_malformed_traffic() {
                     b"k",
                 ];
                 for conn in 0..25u64 {
-                    let noise = pseudo_random(4096, t * 1000 + conn + 1);
+                    let noise = seeded_bytes(4096, t * 1000 + conn + 1);
                     let mut bytes = Vec::new();
                     for (i, b) in noise.iter().enumerate() {
                         if b % 4 == 0 {

@@ -6,8 +6,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Client, TestNode, pseudo_random};
+use common::{Client, TestNode};
 use lode_cache_node::{Node, NodeConfig, Policy};
+use lode_testkit::seeded_bytes;
 
 /// Stripe-sized values, as the AZ tier holds (512 KiB chunk, k = 4).
 const STRIPE: usize = 128 * 1024;
@@ -26,7 +27,7 @@ fn tiered(dir: &Path, memory_slots: u64, flash_slots: u64, policy: Policy) -> No
 }
 
 fn stripe(i: u64) -> Vec<u8> {
-    pseudo_random(STRIPE, i + 1)
+    seeded_bytes(STRIPE, i + 1)
 }
 
 fn key(i: u64) -> String {
@@ -317,7 +318,7 @@ fn restart_drops_torn_and_damaged_records() {
     let tmp = dir.path().join("00").join("00000000000000ff.tmp");
     std::fs::write(&tmp, b"half").unwrap();
     let junk = dir.path().join("00").join("0000000000000f00.item");
-    std::fs::write(&junk, pseudo_random(5000, 9)).unwrap();
+    std::fs::write(&junk, seeded_bytes(5000, 9)).unwrap();
 
     let second = TestNode::start_with(config);
     assert_eq!(second.stats().flash_restored, 3);

@@ -3,8 +3,9 @@
 
 mod common;
 
-use common::{Kind, Mount, Spec, build, fsck, verify_mount, verify_view};
+use common::{Kind, Spec, build, verify_mount, verify_view};
 use lode_ext4::{Metadata, Options, Timestamp};
+use lode_testkit::{LoopMount, e2fsck_clean};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -114,9 +115,9 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("random.img");
         build(&spec, Options { seed, ..Options::default() }, &img);
-        fsck(&img);
+        e2fsck_clean(&img);
         verify_view(&spec, &img);
-        if let Some(m) = Mount::new(&img) {
+        if let Some(m) = LoopMount::new(&img) {
             verify_mount(&spec, &m);
         }
     }

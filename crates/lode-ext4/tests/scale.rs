@@ -5,8 +5,9 @@ mod common;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
-use common::{Mount, fsck, meta};
+use common::meta;
 use lode_ext4::{Entry, Ext4Writer, Metadata, Options, Tree};
+use lode_testkit::{LoopMount, e2fsck_clean};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -124,7 +125,7 @@ fn file_over_4_gib_with_index_nodes() {
     assert!(allocated < GIB, "image allocates {allocated} bytes");
     drop(file);
 
-    fsck(&img);
+    e2fsck_clean(&img);
     let fs = ext4_view::Ext4::load_from_path(&img).unwrap();
     let mut f = fs.open("/big").unwrap();
     assert_eq!(f.metadata().len(), BIG_LEN);
@@ -134,8 +135,8 @@ fn file_over_4_gib_with_index_nodes() {
         f.read_exact(&mut b).unwrap();
         assert_eq!(b[0], byte_at(p), "ext4-view byte {p}");
     }
-    if let Some(m) = Mount::new(&img) {
-        let mut f = File::open(m.path(b"big")).unwrap();
+    if let Some(m) = LoopMount::new(&img) {
+        let mut f = File::open(m.path().join("big")).unwrap();
         assert_eq!(f.metadata().unwrap().len(), BIG_LEN);
         for p in samples() {
             f.seek(SeekFrom::Start(p)).unwrap();
@@ -179,18 +180,18 @@ fn directory_with_100k_entries() {
     }
     let (_, summary) = w.finish(&tree).unwrap();
     assert!(summary.groups >= 4, "100k inodes need 4 groups of 32768");
-    fsck(&img);
+    e2fsck_clean(&img);
 
     let fs = ext4_view::Ext4::load_from_path(&img).unwrap();
     assert_eq!(fs.read_dir("/wide").unwrap().count(), N + 2);
     assert_eq!(fs.read("/wide/entry-099900").unwrap(), b"file 99900");
-    if let Some(m) = Mount::new(&img) {
-        let names: Vec<_> = std::fs::read_dir(m.path(b"wide")).unwrap().collect();
+    if let Some(m) = LoopMount::new(&img) {
+        let names: Vec<_> = std::fs::read_dir(m.path().join("wide")).unwrap().collect();
         assert_eq!(names.len(), N);
-        let st = std::fs::metadata(m.path(b"wide")).unwrap();
+        let st = std::fs::metadata(m.path().join("wide")).unwrap();
         assert_eq!(std::os::unix::fs::MetadataExt::nlink(&st), 2 + 100);
         assert_eq!(
-            std::fs::read(m.path(b"wide/entry-000100")).unwrap(),
+            std::fs::read(m.path().join("wide/entry-000100")).unwrap(),
             b"file 100"
         );
     }
@@ -210,10 +211,10 @@ fn directory_with_more_subdirs_than_link_max() {
             .unwrap();
     }
     w.finish(&tree).unwrap();
-    fsck(&img);
-    if let Some(m) = Mount::new(&img) {
-        let st = std::fs::metadata(m.path(b"d")).unwrap();
+    e2fsck_clean(&img);
+    if let Some(m) = LoopMount::new(&img) {
+        let st = std::fs::metadata(m.path().join("d")).unwrap();
         assert_eq!(std::os::unix::fs::MetadataExt::nlink(&st), 1);
-        assert_eq!(std::fs::read_dir(m.path(b"d")).unwrap().count(), N);
+        assert_eq!(std::fs::read_dir(m.path().join("d")).unwrap().count(), N);
     }
 }

@@ -16,6 +16,7 @@ use lode_format::{
     open_chunk_v2, open_segment, open_segment_unverified, seal_chunk_v2, verify_header,
     verify_segment,
 };
+use lode_testkit::seeded_bytes;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
@@ -103,20 +104,6 @@ fn span(r: &std::ops::Range<u64>) -> std::ops::Range<usize> {
     usize::try_from(r.start).unwrap()..usize::try_from(r.end).unwrap()
 }
 
-/// `len` bytes from `seed`, cheap to make in bulk (proptest's byte vectors are slow at
-/// hundreds of KiB).
-fn bytes_from(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
-}
-
 fn segment_size() -> impl Strategy<Value = SegmentSize> {
     (12u32..=18).prop_map(|k| SegmentSize::new(1u64 << k).unwrap())
 }
@@ -131,7 +118,7 @@ fn valid_header() -> impl Strategy<Value = Vec<u8>> {
         b.extend_from_slice(&s.bytes().to_le_bytes());
         b.extend_from_slice(&len.to_le_bytes());
         b.extend_from_slice(&n.to_le_bytes());
-        let hashes = bytes_from(seed, 32 * n as usize);
+        let hashes = seeded_bytes(32 * n as usize, seed);
         for j in 0..n {
             let plain = (len - j * s.bytes()).min(s.bytes());
             b.extend_from_slice(&(plain + 16).to_le_bytes());
@@ -253,7 +240,7 @@ proptest! {
         s in (12u32..=15).prop_map(|k| SegmentSize::new(1u64 << k).unwrap()),
         mutations in proptest::collection::vec(mutation(), 1..4),
     ) {
-        let plain = bytes_from(seed, len);
+        let plain = seeded_bytes(len, seed);
         let c = seal_chunk_v2(&RootSalt::from_bytes([9; 32]), &plain, s).unwrap();
         let original = verify_header(&c.name, &c.object).unwrap();
         let mut header = c.object[..c.header_len].to_vec();
@@ -278,7 +265,7 @@ proptest! {
         salt in any::<[u8; 32]>(),
     ) {
         let salt = RootSalt::from_bytes(salt);
-        let plain = bytes_from(seed, len);
+        let plain = seeded_bytes(len, seed);
         let c = seal_chunk_v2(&salt, &plain, s).unwrap();
         prop_assert_eq!(&open_chunk_v2(&c.name, &c.key, &c.object).unwrap(), &plain);
         let again = seal_chunk_v2(&salt, &plain, s).unwrap();
@@ -310,7 +297,7 @@ proptest! {
         s in (12u32..=14).prop_map(|k| SegmentSize::new(1u64 << k).unwrap()),
         mutation in mutation(),
     ) {
-        let plain = bytes_from(seed, len);
+        let plain = seeded_bytes(len, seed);
         let c = seal_chunk_v2(&RootSalt::from_bytes([3; 32]), &plain, s).unwrap();
         let bad = mutation.apply(&c.object, c.object.len());
         prop_assume!(bad != c.object);
@@ -346,7 +333,7 @@ proptest! {
 #[test]
 fn a_header_renamed_after_swapping_rows_does_not_open() {
     let s = SegmentSize::new(4096).unwrap();
-    let plain = bytes_from(7, 3 * 4096);
+    let plain = seeded_bytes(3 * 4096, 7);
     let c = seal_chunk_v2(&RootSalt::from_bytes([1; 32]), &plain, s).unwrap();
     let h = verify_header(&c.name, &c.object).unwrap();
     // Swap segments 0 and 1 and their rows, then name the result by its new header.

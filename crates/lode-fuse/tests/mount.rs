@@ -8,7 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,39 +18,15 @@ use async_trait::async_trait;
 use lode_blockdev::{BlockDevice, DeviceError};
 use lode_fuse::{CacheMode, FuseError, FuseMount, MountOptions};
 use lode_nbd::MemDevice;
+use lode_testkit::{LoopMount, is_mounted, is_root, which};
 use tempfile::TempDir;
-
-fn have_tool(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
-        .unwrap_or(false)
-        || [Path::new("/usr/sbin"), Path::new("/sbin")]
-            .iter()
-            .any(|dir| dir.join(name).is_file())
-}
-
-fn is_root() -> bool {
-    nix_uid() == 0
-}
-
-fn nix_uid() -> u32 {
-    // /proc/self/status: "Uid:\treal\teffective..."
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|rest| rest.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(u32::MAX)
-}
 
 /// Why FUSE cannot be mounted here, if it cannot.
 fn fuse_missing() -> Option<String> {
     if !Path::new("/dev/fuse").exists() {
         return Some("/dev/fuse is absent".to_owned());
     }
-    if !is_root() && !have_tool("fusermount3") && !have_tool("fusermount") {
+    if !is_root() && which("fusermount3").is_none() && which("fusermount").is_none() {
         return Some("not root and no fusermount3 (package fuse3)".to_owned());
     }
     None
@@ -99,40 +75,6 @@ impl Drop for Fixture {
         if let Some(fuse) = self.fuse.take() {
             let _ = fuse.unmount();
         }
-    }
-}
-
-/// Detaches a loop device when dropped.
-struct LoopDevice(String);
-
-impl LoopDevice {
-    fn attach_read_only(file: &Path) -> Self {
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "-r"])
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(String::from_utf8(out.stdout).unwrap().trim().to_owned())
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
-/// Unmounts a kernel mount when dropped.
-struct KernelMount(PathBuf);
-
-impl Drop for KernelMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
     }
 }
 
@@ -197,14 +139,10 @@ impl BlockDevice for Broken {
 #[test]
 fn ext4_image_mounts_through_a_loop_device_on_the_fuse_file() {
     require_fuse!();
-    for tool in ["mkfs.ext4", "losetup", "mount"] {
-        if !have_tool(tool) {
-            lode_testkit::skip(&format!("{tool} is absent"));
-            return;
-        }
-    }
-    if !is_root() {
-        lode_testkit::skip("loop devices and mount need root");
+    let Some(mkfs) = lode_testkit::tool_from("mkfs.ext4", "e2fsprogs") else {
+        return;
+    };
+    if !lode_testkit::root_or_skip("loop devices and mount need root") {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -222,7 +160,7 @@ fn ext4_image_mounts_through_a_loop_device_on_the_fuse_file() {
         expected.push((name, data));
     }
     let img = work.path().join("img");
-    run(Command::new("mkfs.ext4")
+    run(Command::new(mkfs)
         .args(["-q", "-d"])
         .arg(&src)
         .arg(&img)
@@ -243,28 +181,22 @@ fn ext4_image_mounts_through_a_loop_device_on_the_fuse_file() {
     assert!(fs::read(&file).unwrap() == image);
 
     let mnt = work.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
-    {
-        let lo = LoopDevice::attach_read_only(&file);
-        run(Command::new("mount").args(["-o", "ro", &lo.0]).arg(&mnt));
-        let mounted = KernelMount(mnt.clone());
-        for (name, data) in &expected {
-            assert!(
-                fs::read(mnted_path(&mounted.0, name)).unwrap() == *data,
-                "{name} differs"
-            );
-        }
-        // Guards drop here: the ext4 mount, then the loop device.
+    let Some(mounted) = LoopMount::at(&file, &mnt) else {
+        return;
+    };
+    for (name, data) in &expected {
+        assert!(
+            fs::read(mounted.path().join(name)).unwrap() == *data,
+            "{name} differs"
+        );
     }
+    // Unmounted, then the loop device detached and the file let go.
+    mounted.release();
     let stats = fx.fuse().stats();
     assert!(stats.reads > 0 && stats.errors == 0, "{stats:?}");
     // With the loop device gone nothing holds the file: a clean unmount.
     let mut fx = fx;
     fx.fuse.take().unwrap().unmount().unwrap();
-}
-
-fn mnted_path(mnt: &Path, name: &str) -> PathBuf {
-    mnt.join(name)
 }
 
 #[test]
@@ -511,14 +443,6 @@ fn files_added_and_removed_at_runtime_show_in_the_directory() {
     assert!(File::create(root.join("new")).is_err());
 }
 
-fn mounted(path: &Path) -> bool {
-    let path = path.to_str().unwrap();
-    fs::read_to_string("/proc/self/mounts")
-        .unwrap()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(path))
-}
-
 #[test]
 fn unmount_of_a_busy_mount_fails_and_detaches_lazily() {
     require_fuse!();
@@ -527,7 +451,7 @@ fn unmount_of_a_busy_mount_fails_and_detaches_lazily() {
         .add("img", Arc::new(MemDevice::from_vec(pattern(65_536))), false)
         .unwrap();
     let root = fx.fuse().mountpoint().to_path_buf();
-    assert!(mounted(&root));
+    assert!(is_mounted(&root));
     // Through the page cache too, the bytes are right.
     assert!(fs::read(root.join("img")).unwrap() == pattern(65_536));
     // A process working inside the mount keeps it busy.
@@ -537,6 +461,6 @@ fn unmount_of_a_busy_mount_fails_and_detaches_lazily() {
         err.to_string(),
         format!("cannot unmount FUSE at {}", root.display())
     );
-    assert!(!mounted(&root), "lazily detached");
+    assert!(!is_mounted(&root), "lazily detached");
     drop(held);
 }

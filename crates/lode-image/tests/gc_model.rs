@@ -257,15 +257,7 @@ fn chunk_bytes(seed: u8) -> Vec<u8> {
     if seed == 0 {
         return vec![0; CHUNK];
     }
-    let mut x = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (0..CHUNK)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[3]
-        })
-        .collect()
+    lode_testkit::seeded_bytes(CHUNK, u64::from(seed))
 }
 
 #[derive(Clone, Debug)]

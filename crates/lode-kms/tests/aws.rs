@@ -145,11 +145,7 @@ async fn an_unknown_aws_key_is_named() {
 #[tokio::test]
 async fn an_unreachable_kms_is_named_with_the_key_and_does_not_hang() {
     // A port that was just free and has no listener: every connect is refused.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = lode_testkit::free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
     let kms = AwsKms::with_config("alias/lode", sdk_config(&endpoint)).unwrap();
     let err = tokio::time::timeout(

@@ -11,8 +11,8 @@
 //! fio reports completion-latency percentiles and IOPS. Runs alternate between the
 //! servers so drift on the machine affects both.
 
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,20 +20,6 @@ use std::time::{Duration, Instant};
 use lode_nbd::{Export, Exports, MemDevice, Server};
 
 const SIZE: usize = 64 << 20;
-
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Nbdkit(Child);
 
@@ -125,8 +111,7 @@ fn main() {
         return;
     }
     for tool in ["fio", "nbdkit", "nbdcopy", "nbdinfo"] {
-        if which(tool).is_none() {
-            println!("read_latency: skipped, {tool} is not installed");
+        if lode_testkit::tool(tool).is_none() {
             return;
         }
     }
@@ -136,15 +121,7 @@ fn main() {
         .unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("image");
-    let mut bytes = vec![0u8; SIZE];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for chunk in bytes.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(&image, &bytes).unwrap();
+    std::fs::write(&image, lode_testkit::seeded_bytes(SIZE, 1)).unwrap();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let exports = Exports::new();
@@ -160,7 +137,7 @@ fn main() {
             .await
             .unwrap()
     });
-    let kit_port = free_port();
+    let kit_port = lode_testkit::free_port();
     let kit_sock = dir.path().join("nbdkit.sock");
     let _kit_tcp = start_nbdkit(&["-i", "127.0.0.1", "-p", &kit_port.to_string()]);
     let _kit_unix = start_nbdkit(&["-U", kit_sock.to_str().unwrap()]);

@@ -8,8 +8,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, manifest_dir, mem, pattern, run, run_ok, tool};
+use common::{TestServer, manifest_dir, mem, run, run_ok, tool};
 use lode_nbd::{Export, Exports, MemDevice};
+use lode_testkit::seeded_bytes;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -26,7 +27,7 @@ fn nbdinfo_lists_exports_with_sizes_and_block_sizes() {
         return;
     };
     let exports = Exports::new();
-    let ro = MemDevice::from_vec(pattern(1 << 20, 1)).into_read_only();
+    let ro = MemDevice::from_vec(seeded_bytes(1 << 20, 1)).into_read_only();
     exports
         .add(
             "alpha",
@@ -90,7 +91,7 @@ fn nbdcopy_and_qemu_img_agree_with_the_device() {
         return;
     };
     let size = (24 << 20) + 4096 + 13; // odd tail
-    let bytes = pattern(size, 7);
+    let bytes = seeded_bytes(size, 7);
     let dir = tempfile::tempdir().unwrap();
     let reference = dir.path().join("reference.img");
     std::fs::write(&reference, &bytes).unwrap();
@@ -231,26 +232,14 @@ fn nbdsh_protocol_edges() {
     let Some(nbdsh) = tool("nbdsh") else { return };
     // nbdsh runs `python3 -m nbd`; the module is installed for the system Python, which
     // may not be the first python3 on PATH (pyenv).
-    let path = std::env::var("PATH").unwrap_or_default();
-    let python_path = ["", "/usr/bin:"]
-        .iter()
-        .map(|prefix| format!("{prefix}{path}"))
-        .find(|p| {
-            Command::new("python3")
-                .args(["-c", "import nbd"])
-                .env("PATH", p)
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-    let Some(python_path) = python_path else {
-        lode_testkit::skip("no python3 with the nbd module (python3-libnbd)");
+    let Some(python_path) = lode_testkit::nbd_python_path() else {
         return;
     };
 
     let size = 40 << 20;
     let exports = Exports::new();
     exports.add("rw", Export::new(mem(vec![0; size]))).unwrap();
-    let ro = MemDevice::from_vec(pattern(1 << 20, 3)).into_read_only();
+    let ro = MemDevice::from_vec(seeded_bytes(1 << 20, 3)).into_read_only();
     exports
         .add(
             "ro",

@@ -12,8 +12,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Raw, TestServer, header, mem, pattern};
+use common::{Raw, TestServer, header, mem};
 use lode_nbd::{Export, Exports, ServerStats};
+use lode_testkit::seeded_bytes;
 
 const FIXED_NO_ZEROES: u32 = 0b11;
 const EINVAL: u32 = 22;
@@ -29,7 +30,7 @@ type Log = Arc<Mutex<Vec<String>>>;
 fn server(
     configure: impl FnOnce(lode_nbd::ServerBuilder) -> lode_nbd::ServerBuilder,
 ) -> (TestServer, Vec<u8>, Log) {
-    let data = pattern(SIZE, 21);
+    let data = seeded_bytes(SIZE, 21);
     let exports = Exports::new();
     exports.add("disk", Export::new(mem(data.clone()))).unwrap();
     let log = Log::default();

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{FAIL_AT, Faulty, PANIC_AT, Raw, TestServer, header, mem, pattern};
+use common::{FAIL_AT, Faulty, PANIC_AT, Raw, TestServer, header, mem};
 use lode_nbd::{Export, Exports, MemDevice};
+use lode_testkit::seeded_bytes;
 
 const FIXED_NO_ZEROES: u32 = 0b11;
 const EPERM: u32 = 1;
@@ -22,7 +23,7 @@ const ENOSPC: u32 = 28;
 const SIZE: usize = 1 << 20;
 
 fn server() -> (TestServer, Vec<u8>) {
-    let data = pattern(SIZE, 11);
+    let data = seeded_bytes(SIZE, 11);
     let exports = Exports::new();
     exports.add("disk", Export::new(mem(data.clone()))).unwrap();
     let ro = MemDevice::from_vec(data.clone()).into_read_only();
@@ -273,7 +274,7 @@ fn stream_breaking_requests_close_the_connection() {
 #[test]
 fn pipelined_requests_past_the_in_flight_limit_all_complete() {
     let exports = Exports::new();
-    let data = pattern(SIZE, 5);
+    let data = seeded_bytes(SIZE, 5);
     exports.add("disk", Export::new(mem(data.clone()))).unwrap();
     let srv = TestServer::start_with(exports, |b| b.max_in_flight(4));
     let mut c = open(&srv, "disk");
@@ -310,7 +311,7 @@ fn pipelined_requests_past_the_in_flight_limit_all_complete() {
 fn shutdown_answers_requests_in_flight() {
     let exports = Exports::new();
     let slow = common::SlowFirstBlock {
-        inner: MemDevice::from_vec(pattern(SIZE, 9)),
+        inner: MemDevice::from_vec(seeded_bytes(SIZE, 9)),
         delay: Duration::from_millis(300),
     };
     exports.add("slow", Export::new(Arc::new(slow))).unwrap();
@@ -322,7 +323,7 @@ fn shutdown_answers_requests_in_flight() {
     let server = srv.server.clone();
     srv.block_on(async { server.shutdown().await });
     assert_eq!(c.simple_reply(), (0, 1));
-    assert_eq!(c.read_exact(4096), pattern(SIZE, 9)[..4096]);
+    assert_eq!(c.read_exact(4096), seeded_bytes(SIZE, 9)[..4096]);
     assert!(c.closed());
     assert!(
         TcpStream::connect(srv.addr).is_err() || {
@@ -370,7 +371,7 @@ fn random_bytes_never_stop_the_server() {
     };
     for round in 0..1000 {
         let len = (next() % 2048) as usize;
-        let mut junk = pattern(len, next());
+        let mut junk = seeded_bytes(len, next());
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use common::*;
 use lode_oci::{Digest, FlattenOptions};
+use lode_testkit::{LoopMount, e2fsck_clean};
 
 /// Flattens a one-image layout of `layers`; returns the error text.
 fn fail_with(layers: &[(Vec<u8>, Comp)], opts: FlattenOptions) -> (String, Vec<Digest>) {
@@ -80,9 +81,8 @@ fn absolute_and_dot_names_are_normalised() {
     l.image("t", &one(&mut layer));
     let img = tmp.path().join("img");
     flatten_to(&l.source("t"), &img).unwrap();
-    e2fsck(&img);
-    if can_mount() {
-        let m = Mount::new(&img);
+    e2fsck_clean(&img);
+    if let Some(m) = LoopMount::new(&img) {
         let items = scan(m.path());
         assert_eq!(items["etc/passwd"].content, b"abs");
         assert_eq!(items["etc/group"].content, b"dot");

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
+use lode_testkit::{LoopMount, e2fsck_clean};
 
 const CHILD: &str = "LODE_OCI_TEST_CHILD_OUT";
 
@@ -80,7 +81,7 @@ fn same_bytes_in_any_environment() {
         done.summary.image_size,
         fs::metadata(&second).unwrap().len()
     );
-    e2fsck(&first);
+    e2fsck_clean(&first);
 }
 
 #[test]
@@ -90,8 +91,8 @@ fn base_layer_region_is_shared() {
     let (ia, ib) = (tmp.path().join("a.ext4"), tmp.path().join("b.ext4"));
     let a = flatten_to(&l.source("a"), &ia).unwrap();
     let b = flatten_to(&l.source("b"), &ib).unwrap();
-    e2fsck(&ia);
-    e2fsck(&ib);
+    e2fsck_clean(&ia);
+    e2fsck_clean(&ib);
     let (bytes_a, bytes_b) = (fs::read(&ia).unwrap(), fs::read(&ib).unwrap());
     let region = |bytes: &[u8], f: &lode_oci::Flattened, i: usize| {
         let r = f.layers[i].region.byte_range();
@@ -116,8 +117,7 @@ fn base_layer_region_is_shared() {
         assert!(ca.contains(c) && cb.contains(c));
     }
 
-    if can_mount() {
-        let m = Mount::new(&ib);
+    if let Some(m) = LoopMount::new(&ib) {
         let items = scan(m.path());
         assert!(!items.contains_key("usr/share/doc/license"));
         assert!(!items.contains_key("etc/os-release"));

@@ -12,6 +12,7 @@ use std::process::Command;
 
 use common::*;
 use lode_oci::Digest;
+use lode_testkit::{LoopMount, e2fsck_clean};
 
 fn digest_file(path: &Path) -> Digest {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -116,9 +117,8 @@ fn file_over_4_gib() {
     let f = fs::File::create(&img).unwrap();
     let done = lode_oci::flatten(&l.source("t"), f, &o, &|_| {}).unwrap();
     assert_eq!(done.layers[0].files, 1);
-    e2fsck(&img);
-    if can_mount() {
-        let m = Mount::new(&img);
+    e2fsck_clean(&img);
+    if let Some(m) = LoopMount::new(&img) {
         let f = fs::File::open(m.path().join("huge")).unwrap();
         assert_eq!(f.metadata().unwrap().len(), size);
         let mut tail = [0u8; 6];
@@ -130,13 +130,15 @@ fn file_over_4_gib() {
 
 #[test]
 fn gnu_tar_sparse_formats() {
-    if !have("tar")
-        || !Command::new("tar")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("GNU tar"))
+    let Some(tar) = lode_testkit::tool("tar") else {
+        return;
+    };
+    if !Command::new(&tar)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("GNU tar"))
     {
-        lode_testkit::skip("sparse: GNU tar not installed");
+        lode_testkit::skip("sparse: tar is not GNU tar");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -159,7 +161,7 @@ fn gnu_tar_sparse_formats() {
     .enumerate()
     {
         let blob = tmp.path().join(format!("layer{i}.tar"));
-        let st = Command::new("tar")
+        let st = Command::new(&tar)
             .arg("--sparse")
             .args(*args)
             .arg("-C")
@@ -173,9 +175,8 @@ fn gnu_tar_sparse_formats() {
         let l = layout_with_blob(&tmp.path().join(format!("layout{i}")), &blob);
         let img = tmp.path().join(format!("img{i}"));
         flatten_to(&l.source("t"), &img).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        e2fsck(&img);
-        if can_mount() {
-            let m = Mount::new(&img);
+        e2fsck_clean(&img);
+        if let Some(m) = LoopMount::new(&img) {
             let got = fs::read(m.path().join("sparse")).unwrap();
             assert!(got == want, "{args:?}: content differs");
         }

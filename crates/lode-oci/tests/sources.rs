@@ -8,6 +8,7 @@ use std::process::Command;
 
 use common::*;
 use lode_oci::ImageSource;
+use lode_testkit::{LoopMount, e2fsck_clean};
 use serde_json::json;
 
 fn two_layers() -> Vec<Vec<u8>> {
@@ -41,7 +42,7 @@ fn docker_archive_matches_oci_layout() {
         .parse()
         .unwrap();
     let a = flatten_to(&src, &from_archive).unwrap();
-    e2fsck(&from_archive);
+    e2fsck_clean(&from_archive);
     // By tag, with docker.io's implied prefix.
     let tagged: ImageSource = format!(
         "docker-archive:{}:docker.io/example/app:1",
@@ -72,10 +73,9 @@ fn docker_archive_matches_oci_layout() {
 
 #[test]
 fn skopeo_docker_archive() {
-    if !have("skopeo") {
-        lode_testkit::skip("skopeo docker-archive: skopeo not installed");
+    let Some(skopeo) = lode_testkit::tool_from("skopeo", "skopeo") else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
     let layers = two_layers();
     let mut l = OciLayout::new(&tmp.path().join("layout"));
@@ -87,7 +87,7 @@ fn skopeo_docker_archive() {
             .collect::<Vec<_>>(),
     );
     let archive = tmp.path().join("skopeo.tar");
-    let out = Command::new("skopeo")
+    let out = Command::new(&skopeo)
         .args(["--insecure-policy", "copy"])
         .arg(format!("oci:{}:1", l.dir.display()))
         .arg(format!(
@@ -140,8 +140,7 @@ fn index_picks_linux_amd64_and_tags_resolve() {
         done.image_digest.to_string(),
         d_amd["digest"].as_str().unwrap()
     );
-    if can_mount() {
-        let m = Mount::new(&img);
+    if let Some(m) = LoopMount::new(&img) {
         assert_eq!(fs::read(m.path().join("arch")).unwrap(), b"amd64");
     }
 

@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
+use lode_testkit::{LoopMount, e2fsck_clean};
 
 /// The test image: three layers exercising the whole merge.
 fn layers(second: Comp) -> Vec<(Vec<u8>, Comp)> {
@@ -107,7 +108,7 @@ fn matches_umoci_unpack() {
     assert_eq!(done.config.env, ["PATH=/usr/bin:/bin", "MODE=test"]);
     assert_eq!(done.config.working_dir, "/srv");
     assert_eq!(done.config.user, "1000:1000");
-    e2fsck(&img);
+    e2fsck_clean(&img);
 
     // The same layers zstd-compressed give the same filesystem, byte for
     // byte: the seed comes from the diff_ids.
@@ -116,16 +117,14 @@ fn matches_umoci_unpack() {
     assert_ne!(done.image_digest, done2.image_digest);
     assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(&img2).unwrap());
 
-    if !can_mount() {
-        lode_testkit::skip("mount comparison: needs root and loop devices");
+    let Some(mount) = LoopMount::new(&img) else {
         return;
-    }
-    if !have("umoci") {
-        lode_testkit::skip("umoci comparison: umoci not installed");
+    };
+    let Some(umoci) = lode_testkit::tool_from("umoci", "umoci") else {
         return;
-    }
+    };
     let bundle = tmp.path().join("bundle");
-    let out = Command::new("umoci")
+    let out = Command::new(umoci)
         .arg("unpack")
         .arg("--image")
         .arg(format!("{}:v1", layout.dir.display()))
@@ -138,7 +137,6 @@ fn matches_umoci_unpack() {
         String::from_utf8_lossy(&out.stderr)
     );
     let theirs = scan(&bundle.join("rootfs"));
-    let mount = Mount::new(&img);
     let ours = scan(mount.path());
 
     // Spot checks of the merge, then the full comparison.

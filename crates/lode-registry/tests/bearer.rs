@@ -130,7 +130,7 @@ fn token_server(key: EcdsaKeyPair, cert_der: Vec<u8>) -> FakeServer {
 
 #[tokio::test]
 async fn bearer_token_flow() {
-    if common::tool("/usr/bin/openssl").is_none() || common::tool(common::REGISTRY_BIN).is_none() {
+    if lode_testkit::tool_from("openssl", "openssl").is_none() || common::registry_bin().is_none() {
         return;
     }
     let keys = tempfile::tempdir().unwrap();

@@ -252,12 +252,12 @@ async fn pulls_tag_digest_docker_and_index() {
 
 #[tokio::test]
 async fn basic_auth_htpasswd() {
-    if common::tool("/usr/bin/htpasswd").is_none() {
+    let Some(htpasswd_bin) = lode_testkit::tool_from("htpasswd", "apache2-utils") else {
         return;
-    }
+    };
     let htpasswd_dir = tempfile::tempdir().unwrap();
     let htpasswd = htpasswd_dir.path().join("htpasswd");
-    let status = std::process::Command::new("htpasswd")
+    let status = std::process::Command::new(htpasswd_bin)
         .args(["-Bbc"])
         .arg(&htpasswd)
         .args([HTPASSWD_USER, HTPASSWD_PASS])

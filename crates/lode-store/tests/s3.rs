@@ -1,55 +1,34 @@
 //! The conformance suite against a real S3-protocol server: s3s-fs, in this process on
-//! 127.0.0.1, checking SigV4 signatures. lode finds the server through the AWS environment
+//! 127.0.0.1 (lode-testkit's `S3Fs`), checking SigV4 signatures. lode finds the server through the AWS environment
 //! variables, which are process-global, so this binary holds a single test that sets them
 //! before it starts any other thread.
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use common::{DirBackdoor, MAX_CHUNK, conformance};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use lode_format::{ChunkName, RootId};
 use lode_store::{PutOutcome, Store, StoreError};
+use lode_testkit::{S3_ACCESS_KEY, S3_REGION, S3Fs, set_aws_env};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
-use s3s::auth::SimpleAuth;
-use s3s::service::S3ServiceBuilder;
 
 const BUCKET: &str = "lode-test";
-const ACCESS_KEY: &str = "lode-test-access";
-const SECRET_KEY: &str = "lode-test-secret";
 
 #[test]
 fn s3s_fs_backend() {
-    let fs_root = tempfile::tempdir().unwrap();
-    // In s3s-fs a bucket is a directory under its root.
-    let bucket_dir = fs_root.path().join(BUCKET);
-    std::fs::create_dir(&bucket_dir).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let mut s3 = S3Fs::bind(BUCKET);
+    let endpoint = s3.endpoint().to_owned();
 
-    let vars: Vec<String> = std::env::vars()
-        .map(|(k, _)| k)
-        .filter(|k| k.starts_with("AWS_"))
-        .collect();
-    // SAFETY: this is the only test in this binary and no runtime has started yet, so no
-    // other thread of ours exists to read the environment while it changes.
-    unsafe {
-        for k in vars {
-            std::env::remove_var(k);
-        }
-        std::env::set_var("AWS_ENDPOINT_URL", &endpoint);
-        std::env::set_var("AWS_ACCESS_KEY_ID", ACCESS_KEY);
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
-        std::env::set_var("AWS_REGION", "us-east-1");
-    }
+    // SAFETY: this is the only test in this binary, and neither the server's runtime nor
+    // ours has started yet, so no other thread of ours exists to read the environment
+    // while it changes.
+    unsafe { set_aws_env(s3.env()) };
+    s3.serve();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -57,14 +36,11 @@ fn s3s_fs_backend() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        tokio::spawn(serve(listener, fs_root.path().to_owned()));
-
         let started = Instant::now();
         let store = Store::open(&format!("s3://{BUCKET}/some/prefix")).unwrap();
         assert_eq!(store.label(), "s3://lode-test/some/prefix");
         let raw = DirBackdoor {
-            dir: bucket_dir.join("some/prefix"),
+            dir: s3.bucket_dir().join("some/prefix"),
             // s3s-fs checks If-None-Match and then writes: two racing creates can both win.
             atomic_create: false,
         };
@@ -79,23 +55,6 @@ fn s3s_fs_backend() {
         bad_credentials_fail_naming_store_and_object(&endpoint).await;
     });
     rt.shutdown_background();
-}
-
-async fn serve(listener: tokio::net::TcpListener, root: PathBuf) {
-    let fs = s3s_fs::FileSystem::new(root).unwrap();
-    let mut b = S3ServiceBuilder::new(fs);
-    b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-    let service = b.build();
-    let http = ConnBuilder::new(TokioExecutor::new());
-    loop {
-        let (socket, _) = listener.accept().await.unwrap();
-        let conn = http
-            .serve_connection(TokioIo::new(socket), service.clone())
-            .into_owned();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
 }
 
 /// A store under one prefix sees nothing of another's, nor of the bucket's top.
@@ -206,8 +165,8 @@ async fn bad_credentials_fail_naming_store_and_object(endpoint: &str) {
     let os = AmazonS3Builder::new()
         .with_endpoint(endpoint)
         .with_bucket_name(BUCKET)
-        .with_region("us-east-1")
-        .with_access_key_id(ACCESS_KEY)
+        .with_region(S3_REGION)
+        .with_access_key_id(S3_ACCESS_KEY)
         .with_secret_access_key("not-the-secret")
         .with_allow_http(true)
         .build()

@@ -16,21 +16,16 @@ const BUDGET: Duration = Duration::from_secs(30);
 
 #[test]
 fn unreachable_endpoint_fails_naming_store_and_object() {
-    let vars: Vec<String> = std::env::vars()
-        .map(|(k, _)| k)
-        .filter(|k| k.starts_with("AWS_"))
-        .collect();
     // SAFETY: this is the only test in this binary and no runtime has started yet, so no
     // other thread of ours exists to read the environment while it changes.
     unsafe {
-        for k in vars {
-            std::env::remove_var(k);
-        }
-        // Port 1 (tcpmux) is closed: connections are refused at once.
-        std::env::set_var("AWS_ENDPOINT_URL", "http://127.0.0.1:1");
-        std::env::set_var("AWS_ACCESS_KEY_ID", "lode-test-access");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "lode-test-secret");
-        std::env::set_var("AWS_REGION", "us-east-1");
+        lode_testkit::set_aws_env([
+            // Port 1 (tcpmux) is closed: connections are refused at once.
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:1"),
+            ("AWS_ACCESS_KEY_ID", "lode-test-access"),
+            ("AWS_SECRET_ACCESS_KEY", "lode-test-secret"),
+            ("AWS_REGION", "us-east-1"),
+        ]);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

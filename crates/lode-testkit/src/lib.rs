@@ -1,13 +1,54 @@
-//! Test support shared by lode's crates.
+//! Test support shared by lode's crates: what their tests and benchmarks would otherwise
+//! each write again.
 //!
 //! A test that needs a tool (nbdcopy, e2fsck, memcached…) or root may skip where it
 //! cannot run — on a developer's machine without the package. Where the project's test
 //! script ran as root or under CI, it installed every tool and set `LODE_REQUIRE_TOOLS=1`:
 //! there a missing tool is a broken environment, and the test fails instead of passing
-//! without having run.
+//! without having run. Everything here that looks for a tool or for root says so through
+//! [`skip`].
+//!
+//! - Skipping: [`skip`], [`tool`], [`tool_from`], [`which`], [`is_root`], [`root_or_skip`].
+//! - Inputs: [`free_port`], [`seeded_bytes`], [`fill_seeded`], [`set_aws_env`].
+//! - Real servers on 127.0.0.1, stopped when dropped: [`Memcached`], [`Moto`], and with
+//!   the `s3` feature `S3Fs` (an S3 server in the test's own process).
+//! - ext4 images: [`LoopMount`], [`e2fsck_clean`]; and mounts: [`is_mounted`],
+//!   [`MountGuard`].
+//! - libnbd's Python binding: [`python_with_nbd`], [`nbd_python_path`].
+
+use std::path::PathBuf;
+
+mod bytes;
+mod ext4;
+mod memcached;
+mod moto;
+mod mount;
+mod python;
+#[cfg(feature = "s3")]
+mod s3;
+
+pub use bytes::{fill_seeded, seeded_bytes};
+pub use ext4::e2fsck_clean;
+pub use memcached::Memcached;
+pub use moto::Moto;
+pub use mount::{LoopMount, MountGuard, is_mounted};
+pub use python::{nbd_python_path, python_with_nbd};
+#[cfg(feature = "s3")]
+pub use s3::{S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, S3Fs};
 
 /// The variable that turns skips into failures.
 pub const REQUIRE_TOOLS: &str = "LODE_REQUIRE_TOOLS";
+
+/// Where [`tool`] looks after `PATH`: a user's `PATH` often lacks the sbin directories
+/// that hold e2fsck, mkfs.ext4 and losetup.
+const SYSTEM_DIRS: [&str; 6] = [
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
 
 /// Whether skips are failures here.
 pub fn tools_required() -> bool {
@@ -27,136 +68,134 @@ pub fn skip(why: &str) {
     eprintln!("SKIPPED: {why}");
 }
 
-/// The path of `name` on `PATH`, or `None` after [`skip`] said it is missing.
-pub fn tool(name: &str) -> Option<std::path::PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(name))
-            .find(|c| c.is_file())
-    });
+/// The path of the program `name`, found on `PATH` or else in the system's bin and sbin
+/// directories; `None` after [`skip`] said it is missing. Run it by this path: it need
+/// not be on `PATH`.
+#[track_caller]
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let found = which(name);
     if found.is_none() {
         skip(&format!("{name} is not installed"));
     }
     found
 }
 
-/// Runs moto's server with one fix to its IAM signature check: moto 5.2 checks a request's
-/// SigV4 signature against the query string as its web framework decoded it (`%2F` back
-/// to `/`), so every signed S3 request whose query holds an encoded byte — a listing
-/// under a prefix — fails with SignatureDoesNotMatch once IAM is enforced, for boto3 as
-/// for any other client. The fix hands the check the query exactly as it was sent.
-const MOTO_SERVER: &str = r#"
-import sys
-from moto.iam import access_control
-
-_original = access_control.IAMRequestBase._create_aws_request
-
-def _create_aws_request(self):
-    request = _original(self)
-    from flask import has_request_context, request as incoming
-    if has_request_context() and incoming.query_string:
-        request.url = self._path.partition("?")[0] + "?" + incoming.query_string.decode()
-    return request
-
-access_control.IAMRequestBase._create_aws_request = _create_aws_request
-from moto.server import main
-main(sys.argv[1:])
-"#;
-
-/// A real AWS-protocol server (moto's `moto_server`, from PyPI: S3, KMS, IAM and more)
-/// on a free port of 127.0.0.1, killed when dropped.
-#[derive(Debug)]
-pub struct Moto {
-    child: std::process::Child,
-    port: u16,
+/// [`tool`], naming in its skip the Debian package that installs `name`.
+#[track_caller]
+pub fn tool_from(name: &str, package: &str) -> Option<PathBuf> {
+    let found = which(name);
+    if found.is_none() {
+        skip(&format!(
+            "{name} is not installed (apt-get install {package})"
+        ));
+    }
+    found
 }
 
-impl Moto {
-    /// Starts `moto_server` and waits (at most 60 s) until it answers. `None` after
-    /// [`skip`] when it is not installed (scripts/test.sh installs `moto[server]`).
-    pub fn start() -> Option<Moto> {
-        tool("moto_server")?;
-        let python = tool("python3")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        // moto_server's own interpreter is the python3 on PATH wherever pip installed it
-        // (scripts/test.sh, a virtualenv, pyenv).
-        let child = std::process::Command::new(python)
-            .args([
-                "-c",
-                MOTO_SERVER,
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("moto_server starts");
-        let moto = Moto { child, port };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while moto.get("/moto-api/data.json").is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "moto_server on port {port} did not answer within 60 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
+/// Where [`tool`] would find `name`, without a skip: for a test that has another way
+/// when it is absent.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(SYSTEM_DIRS.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|c| c.is_file())
+}
+
+/// Whether this process runs as root (its effective uid is 0).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        // "Uid:" is followed by the real, effective, saved and filesystem uids.
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+/// [`is_root`], after [`skip`] with `why` when it is not.
+#[track_caller]
+pub fn root_or_skip(why: &str) -> bool {
+    let root = is_root();
+    if !root {
+        skip(why);
+    }
+    root
+}
+
+/// Replaces this process's AWS environment: removes every `AWS_*` variable, then sets
+/// `vars`, so that a client configured from the environment (lode's S3 store, the AWS
+/// SDK) sees these and nothing of the developer's own profile.
+///
+/// # Safety
+///
+/// As for [`std::env::set_var`]: no other thread may read or write the environment
+/// meanwhile. Call it before the test starts any thread.
+pub unsafe fn set_aws_env<K, V>(vars: impl IntoIterator<Item = (K, V)>)
+where
+    K: AsRef<std::ffi::OsStr>,
+    V: AsRef<std::ffi::OsStr>,
+{
+    let old: Vec<_> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| k.as_encoded_bytes().starts_with(b"AWS_"))
+        .collect();
+    for k in old {
+        // SAFETY: the caller has no other thread touching the environment.
+        unsafe { std::env::remove_var(k) };
+    }
+    for (k, v) in vars {
+        // SAFETY: as above.
+        unsafe { std::env::set_var(k, v) };
+    }
+}
+
+/// A TCP port of 127.0.0.1 that was free a moment ago, for a server the test starts
+/// itself. Another process may take it before that server binds it: a caller that
+/// starts a separate program retries with a new port when the program cannot bind.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tool_on_every_system_is_found_by_its_full_path() {
+        let sh = which("sh").expect("sh is installed everywhere");
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
+        assert_eq!(which("lode-testkit-no-such-tool"), None);
+    }
+
+    #[test]
+    fn the_aws_environment_is_replaced_whole() {
+        // SAFETY: the other tests of this binary, which may run alongside, read the
+        // environment only through std::env, which these calls are synchronised with.
+        unsafe {
+            std::env::set_var("AWS_PROFILE", "someone-else");
+            set_aws_env([("AWS_REGION", "eu-west-1")]);
         }
-        Some(moto)
+        assert_eq!(std::env::var_os("AWS_PROFILE"), None);
+        assert_eq!(std::env::var("AWS_REGION").as_deref(), Ok("eu-west-1"));
     }
 
-    /// The server's port.
-    pub fn port(&self) -> u16 {
-        self.port
+    #[test]
+    fn free_ports_can_be_bound() {
+        let port = free_port();
+        assert_ne!(port, 0);
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
     }
 
-    /// Its endpoint URL, for `AWS_ENDPOINT_URL`.
-    pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Turns on moto's IAM enforcement from now on: every later request must be signed by
-    /// a known access key whose policies allow it. Make the users, policies and access
-    /// keys before calling this.
-    pub fn enforce_iam(&self) {
-        let reply = self
-            .request("POST", "/moto-api/reset-auth", "0")
-            .expect("moto answers /moto-api/reset-auth");
-        assert!(
-            reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"),
-            "moto refused to enforce IAM: {reply}"
-        );
-    }
-
-    fn get(&self, path: &str) -> Option<String> {
-        self.request("GET", path, "")
-    }
-
-    fn request(&self, method: &str, path: &str, body: &str) -> Option<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .ok()?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\
-             Connection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .ok()?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).ok()?;
-        reply.starts_with("HTTP/").then_some(reply)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    #[test]
+    fn root_is_the_effective_uid_of_this_process() {
+        // /proc/self belongs to the effective user.
+        use std::os::unix::fs::MetadataExt;
+        let euid = std::fs::metadata("/proc/self").unwrap().uid();
+        assert_eq!(is_root(), euid == 0);
     }
 }

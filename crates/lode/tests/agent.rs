@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lode_testkit::{LoopMount, root_or_skip, seeded_bytes};
 use serde_json::Value;
 
 #[path = "common/harness.rs"]
@@ -24,7 +25,7 @@ use harness::*;
 impl Home {
     /// A 6 MiB raw image of pseudo-random bytes with zero stretches, imported as `tag`.
     fn import(&self, tag: &str) -> (String, PathBuf) {
-        let mut img = random_bytes(6 << 20, 0x9e37_79b9_7f4a_7c15);
+        let mut img = seeded_bytes(6 << 20, 0x9e37_79b9_7f4a_7c15);
         img[1 << 20..2 << 20].fill(0);
         img[(5 << 20) + 1234..].fill(0);
         self.import_bytes(tag, &img)
@@ -64,29 +65,6 @@ impl Home {
         assert!(st.success(), "nbdcopy {uri} failed: {st:?}");
         fs::read(&out).expect("read nbdcopy output")
     }
-}
-
-/// `len` pseudo-random bytes (xorshift64 from `seed`).
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        lode_testkit::skip("loop devices and mounts need root");
-    }
-    root
 }
 
 fn names(ls: &Value) -> Vec<String> {
@@ -220,23 +198,6 @@ fn control_rejects_malformed() {
     assert!(names(&h.json(&["ls"])).is_empty());
 }
 
-/// A Python 3 that can `import nbd` (python3-libnbd installs it for the system Python,
-/// which a pyenv or venv `python3` first on PATH does not see).
-fn python_with_nbd() -> Option<&'static str> {
-    let found = ["python3", "/usr/bin/python3"].into_iter().find(|py| {
-        Command::new(py)
-            .args(["-c", "import nbd"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if found.is_none() {
-        lode_testkit::skip("no python3 with the nbd module (python3-libnbd)");
-    }
-    found
-}
-
 /// The reader of `kill_9_while_a_client_reads`: random 64 KiB reads through libnbd, each
 /// compared with the expected image; one line per read ("ok", "mismatch OFFSET" or
 /// "error MESSAGE"); it stops at the first mismatch or error, or after SECONDS.
@@ -281,7 +242,7 @@ fn kill_9_while_a_client_reads() {
     if !have_nbdcopy() {
         return;
     }
-    let Some(python) = python_with_nbd() else {
+    let Some(python) = lode_testkit::python_with_nbd() else {
         return;
     };
     let h = Home::new();
@@ -424,92 +385,6 @@ impl Drop for NbdFuse {
     }
 }
 
-/// A read-only loop device over `file` with its ext4 mounted read-only on `dir`.
-/// Dropped: unmounted (lazily if busy) and the loop device released.
-struct LoopMount {
-    dev: String,
-    dir: PathBuf,
-}
-
-impl LoopMount {
-    fn new(file: &Path, dir: &Path) -> LoopMount {
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "--read-only"])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup {}: {}",
-            file.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let lm = LoopMount {
-            dev: String::from_utf8(out.stdout)
-                .expect("UTF-8")
-                .trim()
-                .to_string(),
-            dir: dir.to_path_buf(),
-        };
-        fs::create_dir_all(dir).expect("create mount dir");
-        let out = Command::new("mount")
-            .args(["-t", "ext4", "-o", "ro"])
-            .arg(&lm.dev)
-            .arg(dir)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mount {} on {}: {}",
-            lm.dev,
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        lm
-    }
-
-    /// Whether the loop device still has a backing file.
-    fn bound(dev: &str) -> bool {
-        let name = dev.trim_start_matches("/dev/");
-        Path::new("/sys/block")
-            .join(name)
-            .join("loop/backing_file")
-            .exists()
-    }
-
-    /// Unmounts and releases, asserting both happened (within 5 s: a loop device
-    /// is let go asynchronously once its last user closes it).
-    fn release(self) {
-        let (dev, dir) = (self.dev.clone(), self.dir.clone());
-        drop(self);
-        assert!(!is_mounted(&dir), "{} still mounted", dir.display());
-        let started = Instant::now();
-        while Self::bound(&dev) {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "{dev} still bound 5 s after losetup -d"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        if is_mounted(&self.dir) {
-            let ok = Command::new("umount")
-                .arg(&self.dir)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-            }
-        }
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
 /// Every file of `want` under `dir` reads back byte for byte, and the root holds exactly
 /// `top` (and mkfs's lost+found).
 fn check_tree(dir: &Path, want: &[(&str, Vec<u8>)], top: &[&str]) {
@@ -543,16 +418,16 @@ fn ext4_on_loop_over_nbdfuse_and_over_the_agent_file() {
         || !have("mkfs.ext4", &["-V"], "e2fsprogs")
         || !have("losetup", &["--version"], "util-linux")
         || !have("fusermount3", &["-V"], "fuse3")
-        || !is_root()
+        || !root_or_skip("loop devices and mounts need root")
     {
         return;
     }
     let h = Home::new();
     let files: Vec<(&str, Vec<u8>)> = vec![
-        ("big.bin", random_bytes(3 << 20, 42)),
+        ("big.bin", seeded_bytes(3 << 20, 42)),
         ("hello.txt", b"hello from lode\n".to_vec()),
         ("empty", Vec::new()),
-        ("dir/sub/odd.bin", random_bytes(12_345, 7)),
+        ("dir/sub/odd.bin", seeded_bytes(12_345, 7)),
     ];
     let top = ["big.bin", "dir", "empty", "hello.txt"];
     let src = h.path("src");
@@ -586,14 +461,18 @@ fn ext4_on_loop_over_nbdfuse_and_over_the_agent_file() {
         img.len() as u64,
         &h.path("nbdfuse.err"),
     );
-    let lm = LoopMount::new(&fuse_dir.join("nbd"), &h.path("mnt-nbdfuse"));
-    check_tree(&lm.dir, &files, &top);
+    let Some(lm) = LoopMount::at(&fuse_dir.join("nbd"), &h.path("mnt-nbdfuse")) else {
+        return;
+    };
+    check_tree(lm.path(), &files, &top);
     lm.release();
     drop(nbdfuse);
     assert!(!is_mounted(&fuse_dir), "nbdfuse still mounted");
 
-    let lm = LoopMount::new(&h.home().join("agent/files/fs"), &h.path("mnt-agent"));
-    check_tree(&lm.dir, &files, &top);
+    let Some(lm) = LoopMount::at(&h.home().join("agent/files/fs"), &h.path("mnt-agent")) else {
+        return;
+    };
+    check_tree(lm.path(), &files, &top);
     lm.release();
 }
 
@@ -650,7 +529,7 @@ fn fio_verifies_writes_through_the_overlay() {
         return;
     }
     let h = Home::new();
-    let img = random_bytes(20 << 20, 0x5eed);
+    let img = seeded_bytes(20 << 20, 0x5eed);
     h.import_bytes("app:1", &img);
     let store_before = h.json(&["store", "stats"]);
     let _agent = h.start_agent();

@@ -31,10 +31,7 @@ impl Drop for CacheNode {
 
 impl CacheNode {
     fn start(h: &Home) -> CacheNode {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-            l.local_addr().expect("addr").port()
-        };
+        let port = lode_testkit::free_port();
         let addr = format!("127.0.0.1:{port}");
         let child = h
             .cmd(&["cache-node", "--listen", &addr, "--memory", "64MiB"])
@@ -121,15 +118,7 @@ fn nbdcopy(state: &Path, out: &Path) -> Vec<u8> {
 fn the_fleet_serves_a_second_worker_and_survives_lost_and_lying_nodes() {
     let h = Home::new();
     // 24 chunks of pseudo-random bytes (no zero chunks, so every chunk is fetched).
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let img: Vec<u8> = (0..(12usize << 20))
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect();
+    let img = lode_testkit::seeded_bytes(12 << 20, 0x2545_f491_4f6c_dd1d);
     let raw = h.path("img.raw");
     std::fs::write(&raw, &img).expect("write");
     h.ok(&["import", raw.to_str().expect("path"), "--tag", "img", "-q"]);

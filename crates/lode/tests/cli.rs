@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lode_testkit::{fill_seeded, seeded_bytes, tool_from};
 use serde_json::Value;
 
 const CHUNK: usize = 512 * 1024;
@@ -182,22 +183,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
-fn fill_random(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for b in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-    }
-}
-
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    fill_random(&mut v, seed);
-    v
-}
-
 /// The generated image of test 1: 40 whole chunks and a 12345-byte tail (so its size is
 /// not a multiple of the chunk size). Chunks 3, 4 and 17 are all zero; 10 and 20 repeat
 /// chunk 2; chunk 25 is half zero; chunk 30 holds an unaligned copy of earlier bytes.
@@ -215,7 +200,7 @@ const GEN_CHUNKS: usize = 41;
 
 fn generated_image(seed: u64) -> Vec<u8> {
     let size = 40 * CHUNK + 12345;
-    let mut img = random_bytes(size, seed);
+    let mut img = seeded_bytes(size, seed);
     for i in GEN_ZERO {
         img[i * CHUNK..(i + 1) * CHUNK].fill(0);
     }
@@ -229,17 +214,7 @@ fn generated_image(seed: u64) -> Vec<u8> {
 
 /// A small image of `n` distinct random chunks.
 fn small_image(n: usize, seed: u64) -> Vec<u8> {
-    random_bytes(n * CHUNK, seed)
-}
-
-/// Whether a tool can be run at all (`TOOL -V`).
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+    seeded_bytes(n * CHUNK, seed)
 }
 
 /// The non-null chunk names of an `inspect` output, by index.
@@ -374,24 +349,26 @@ fn generated_image_round_trips_byte_for_byte() {
 
 #[test]
 fn ext4_image_round_trips_and_checks_clean() {
-    if !have("mkfs.ext4") || !have("e2fsck") {
-        lode_testkit::skip("ext4_image_round_trips_and_checks_clean: mkfs.ext4/e2fsck not found");
+    let (Some(mkfs), Some(e2fsck)) = (
+        tool_from("mkfs.ext4", "e2fsprogs"),
+        tool_from("e2fsck", "e2fsprogs"),
+    ) else {
         return;
-    }
+    };
     let lode = Lode::new();
     let tree = lode.work("tree");
     fs::create_dir_all(tree.join("etc/app")).unwrap();
     fs::create_dir_all(tree.join("usr/bin")).unwrap();
     fs::write(tree.join("etc/hostname"), "lode\n").unwrap();
     fs::write(tree.join("etc/app/config.toml"), "[app]\nworkers = 4\n").unwrap();
-    fs::write(tree.join("usr/bin/tool"), random_bytes(3 << 20, 7)).unwrap();
+    fs::write(tree.join("usr/bin/tool"), seeded_bytes(3 << 20, 7)).unwrap();
     // The same bytes twice: the second copy's blocks dedup.
-    fs::write(tree.join("usr/bin/tool-copy"), random_bytes(3 << 20, 7)).unwrap();
+    fs::write(tree.join("usr/bin/tool-copy"), seeded_bytes(3 << 20, 7)).unwrap();
     fs::write(tree.join("usr/bin/empty"), b"").unwrap();
     std::os::unix::fs::symlink("tool", tree.join("usr/bin/link")).unwrap();
 
     let img = lode.work("rootfs.ext4");
-    let mk = Command::new("mkfs.ext4")
+    let mk = Command::new(mkfs)
         .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
         .arg(&tree)
         .arg(&img)
@@ -418,7 +395,7 @@ fn ext4_image_round_trips_and_checks_clean() {
     let out = lode.work("rootfs.out");
     lode.ok(&["export", "rootfs", s(&out)]);
     assert!(fs::read(&out).unwrap() == bytes, "ext4 export differs");
-    let fsck = Command::new("e2fsck")
+    let fsck = Command::new(e2fsck)
         .arg("-fn")
         .arg(&out)
         .output()
@@ -439,7 +416,7 @@ fn empty_and_zero_tailed_images_round_trip() {
     let lode = Lode::new();
     // Zero chunks at the end and a zero partial tail: the export must still have the
     // full length, not stop at the last stored chunk.
-    let mut bytes = random_bytes(CHUNK + 1000, 10);
+    let mut bytes = seeded_bytes(CHUNK + 1000, 10);
     bytes.resize(4 * CHUNK + 777, 0);
     let src = lode.work("tail.img");
     fs::write(&src, &bytes).unwrap();
@@ -794,9 +771,9 @@ fn store_stats_count_what_is_on_disk() {
     let a = small_image(8, 5);
     let mut b = a.clone();
     // b: chunk 2 rewritten, chunk 5 zeroed, two chunks appended.
-    fill_random(&mut b[2 * CHUNK..3 * CHUNK], 99);
+    fill_seeded(&mut b[2 * CHUNK..3 * CHUNK], 99);
     b[5 * CHUNK..6 * CHUNK].fill(0);
-    b.extend(random_bytes(2 * CHUNK, 100));
+    b.extend(seeded_bytes(2 * CHUNK, 100));
     fs::write(lode.work("a.img"), &a).unwrap();
     fs::write(lode.work("b.img"), &b).unwrap();
     let ida = lode.import(&lode.work("a.img"), "app:1", &[])["id"]
@@ -1192,16 +1169,20 @@ fn manifest_count(lode: &Lode) -> usize {
 }
 
 fn e2fsck_clean(image: &Path) {
-    match Command::new("e2fsck").args(["-fn", s(image)]).output() {
-        Err(e) => lode_testkit::skip(&format!("e2fsck check: e2fsck not runnable: {e}")),
-        Ok(o) => assert!(
-            o.status.success(),
-            "e2fsck -fn {}:\n{}{}",
-            image.display(),
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    }
+    let Some(e2fsck) = tool_from("e2fsck", "e2fsprogs") else {
+        return;
+    };
+    let o = Command::new(e2fsck)
+        .args(["-fn", s(image)])
+        .output()
+        .expect("run e2fsck");
+    assert!(
+        o.status.success(),
+        "e2fsck -fn {}:\n{}{}",
+        image.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
@@ -1552,7 +1533,7 @@ fn a_killed_flattens_scratch_image_is_reclaimed_by_the_next() {
     let lode = Lode::new();
     let big = lode.work("big-oci");
     // Incompressible contents, so that flattening takes long enough to be killed mid-way.
-    let contents = random_bytes(48 << 20, 11);
+    let contents = seeded_bytes(48 << 20, 11);
     registry::build_layout_with(&big, "big", &contents);
     let tmp = lode.home().join("tmp");
     let scratch = || -> Vec<PathBuf> {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use lode_testkit::MountGuard;
 use serde_json::Value;
 
 #[path = "common/harness.rs"]
@@ -19,8 +20,7 @@ mod harness;
 use harness::{ChildGuard, Home, is_mounted};
 
 fn root_with_tools() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = lode_testkit::is_root();
     assert!(
         root && Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists(),
         "these tests need root, /dev/fuse and loop devices (CI runs as root)"
@@ -97,17 +97,6 @@ impl HostDisk {
 impl Drop for HostDisk {
     fn drop(&mut self) {
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
-
-/// Unmounts whatever a failed test left on a directory.
-struct MountGuard(PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
     }
 }
 

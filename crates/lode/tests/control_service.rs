@@ -932,11 +932,7 @@ async fn an_unreachable_kms_is_named_and_grants_nothing() {
         .to_owned();
 
     // A port that was just free and has no listener.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = lode_testkit::free_port();
     let closed = format!("http://127.0.0.1:{closed}");
     let spec = format!("aws:{key}");
     let serve_aws = |endpoint: &str, name: &str| {

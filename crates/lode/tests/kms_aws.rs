@@ -118,11 +118,7 @@ fn images_made_and_read_under_aws_kms() {
 fn an_unreachable_aws_kms_is_named_with_the_key() {
     let home = Home::new();
     // A port that was just free and has no listener: every connect is refused.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = lode_testkit::free_port();
     let lode = AwsLode {
         home: &home,
         endpoint: format!("http://127.0.0.1:{port}"),

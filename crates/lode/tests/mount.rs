@@ -5,25 +5,15 @@
 //! busybox-static and crun (scripts/test.sh installs them).
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use lode_testkit::MountGuard;
 use serde_json::Value;
 
 #[path = "common/harness.rs"]
 mod harness;
 use harness::{Home, is_mounted};
-
-/// Unmounts whatever a failed test left on a directory (best effort, then reports).
-struct MountGuard(PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
 
 /// Loop devices whose backing file is under `dir`.
 fn loops_under(dir: &Path) -> Vec<String> {
@@ -116,8 +106,7 @@ impl MountHome for Home {
 }
 
 fn root_with_loop_and_fuse() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = lode_testkit::is_root();
     assert!(
         root && Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists(),
         "these tests need root, /dev/fuse and loop devices (CI runs as root)"

@@ -1,13 +1,11 @@
-//! Shared helpers: a lode node on its own runtime, a real memcached started for the
-//! test, tool lookup, and a small blocking text-protocol client.
+//! Shared helpers: a lode node on its own runtime and a small blocking text-protocol
+//! client. The real memcached, tool lookup and seeded bytes come from lode-testkit.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
 
 use lode_cache_node::{Node, NodeConfig, NodeHandle, Stats};
 
@@ -81,90 +79,6 @@ impl Drop for TestNode {
         if let Some(handle) = self.handle.take() {
             let _ = self.rt.block_on(handle.shutdown());
         }
-    }
-}
-
-pub fn which(tool: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-/// A real memcached 1.6 on 127.0.0.1, stopped (killed) when dropped.
-pub struct Memcached {
-    pub addr: SocketAddr,
-    child: Child,
-}
-
-impl Memcached {
-    /// `memcached -l 127.0.0.1 -p PORT -U 0 -I 2m -m 64`, or `None` (with the reason
-    /// printed) when memcached is not installed.
-    pub fn start() -> Option<Memcached> {
-        Self::start_with(&["-I", "2m", "-m", "64"])
-    }
-
-    pub fn start_with(extra: &[&str]) -> Option<Memcached> {
-        let Some(bin) = which("memcached") else {
-            lode_testkit::skip("memcached is not installed (apt-get install memcached)");
-            return None;
-        };
-        for _attempt in 0..5 {
-            let port = free_port();
-            let mut cmd = Command::new(&bin);
-            cmd.args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0"])
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if running_as_root() {
-                // memcached refuses to run as root without a user to drop to.
-                cmd.args(["-u", "nobody"]);
-            }
-            let child = cmd.spawn().expect("memcached runs");
-            let mut server = Memcached {
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                child,
-            };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if TcpStream::connect(server.addr).is_ok() {
-                    return Some(server);
-                }
-                if let Ok(Some(_)) = server.child.try_wait() {
-                    // Lost the port to someone else: try another.
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("memcached did not start listening");
-    }
-}
-
-impl Drop for Memcached {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -352,19 +266,6 @@ impl Client {
     pub fn set_read_timeout(&mut self, timeout: Duration) {
         self.stream.set_read_timeout(Some(timeout)).unwrap();
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
 }
 
 /// Resident memory of this process (where the test node runs), in bytes.

@@ -10,9 +10,9 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use lode_ext4::{Entry, Ext4Writer, FileData, Metadata, Options, Summary, Timestamp, Tree};
+use lode_testkit::{LoopMount, e2fsck_clean};
 
 /// What one path holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,104 +138,6 @@ pub fn tree_of(spec: &Spec, data: &HashMap<Vec<u8>, FileData>) -> Tree {
     tree
 }
 
-fn tool(name: &str) -> Option<PathBuf> {
-    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return Some(p);
-        }
-    }
-    None
-}
-
-/// Runs `e2fsck -fn` and panics with its output unless it reports clean.
-/// Returns false (after printing why) only when e2fsck is not installed.
-pub fn fsck(image: &Path) -> bool {
-    let Some(e2fsck) = tool("e2fsck") else {
-        lode_testkit::skip("e2fsck: not installed");
-        return false;
-    };
-    let out = Command::new(e2fsck)
-        .arg("-fn")
-        .arg(image)
-        .output()
-        .expect("run e2fsck");
-    assert!(
-        out.status.success(),
-        "e2fsck -fn {} failed ({}):\n{}\n{}",
-        image.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Clean means only the pass headers and the summary line: no notes
-    // such as "extent tree could be narrower" either.
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    for line in stdout.lines() {
-        assert!(
-            line.starts_with("Pass ") || line.contains(" files (") || line.is_empty(),
-            "e2fsck -fn {}: unexpected output {line:?}\n{stdout}",
-            image.display()
-        );
-    }
-    true
-}
-
-/// A read-only loop mount, unmounted on drop.
-pub struct Mount {
-    pub dir: tempfile::TempDir,
-}
-
-impl Mount {
-    /// Mounts `image`; `None` (after printing why) when this process cannot
-    /// mount (not root, or no `mount`).
-    pub fn new(image: &Path) -> Option<Self> {
-        let Some(mount) = tool("mount") else {
-            lode_testkit::skip("mount: `mount` not installed");
-            return None;
-        };
-        // SAFETY-free check for root: the effective uid via /proc.
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let root = status
-            .lines()
-            .find(|l| l.starts_with("Uid:"))
-            .and_then(|l| l.split_whitespace().nth(2))
-            == Some("0");
-        if !root {
-            lode_testkit::skip("mount: not running as root");
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("mountpoint");
-        let out = Command::new(mount)
-            .args(["-t", "ext4", "-o", "loop,ro"])
-            .arg(image)
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mount {} failed: {}",
-            image.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(Self { dir })
-    }
-
-    pub fn path(&self, rel: &[u8]) -> PathBuf {
-        self.dir.path().join(OsStr::from_bytes(rel))
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        // `-d` also frees the loop device if autoclear did not.
-        let _ = Command::new("umount")
-            .arg("-d")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
 /// Final contents of the spec: later items replace earlier ones at a path.
 fn final_items(spec: &Spec) -> BTreeMap<Vec<u8>, Item> {
     let mut m = BTreeMap::new();
@@ -261,8 +163,13 @@ fn minor(dev: u64) -> u32 {
     u32::try_from((dev & 0xff) | ((dev >> 12) & !0xff)).unwrap()
 }
 
+/// Where the spec's `path` (relative, as bytes) is in the mounted image.
+pub fn in_mount(m: &LoopMount, path: &[u8]) -> PathBuf {
+    m.path().join(OsStr::from_bytes(path))
+}
+
 /// Compares every path of `spec` with the mounted image.
-pub fn verify_mount(spec: &Spec, m: &Mount) {
+pub fn verify_mount(spec: &Spec, m: &LoopMount) {
     let items = final_items(spec);
     let mut links: HashMap<Vec<u8>, u64> = HashMap::new();
     for p in items.keys() {
@@ -270,10 +177,10 @@ pub fn verify_mount(spec: &Spec, m: &Mount) {
             *links.entry(resolve(&items, p)).or_default() += 1;
         }
     }
-    let root = std::fs::symlink_metadata(m.dir.path()).unwrap();
+    let root = std::fs::symlink_metadata(m.path()).unwrap();
     check_meta(b"/", &root, &spec.root);
     for (path, it) in &items {
-        let fs_path = m.path(path);
+        let fs_path = in_mount(m, path);
         let st = std::fs::symlink_metadata(&fs_path)
             .unwrap_or_else(|e| panic!("{}: {e}", fs_path.display()));
         let owner = resolve(&items, path);
@@ -289,7 +196,7 @@ pub fn verify_mount(spec: &Spec, m: &Mount) {
                 assert!(ft.is_file(), "{what}: not a file");
                 assert_eq!(&std::fs::read(&fs_path).unwrap(), c, "{what}: contents");
                 assert_eq!(st.nlink(), links[&owner], "{what}: nlink");
-                let target = std::fs::symlink_metadata(m.path(&owner)).unwrap();
+                let target = std::fs::symlink_metadata(in_mount(m, &owner)).unwrap();
                 assert_eq!(st.ino(), target.ino(), "{what}: hardlink identity");
             }
             Kind::Dir => {
@@ -336,7 +243,7 @@ pub fn verify_mount(spec: &Spec, m: &Mount) {
         }
     }
     // Nothing extra at the root but lost+found.
-    let mut names: Vec<Vec<u8>> = std::fs::read_dir(m.dir.path())
+    let mut names: Vec<Vec<u8>> = std::fs::read_dir(m.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().as_bytes().to_vec())
         .collect();
@@ -421,8 +328,8 @@ pub fn verify_view(spec: &Spec, image: &Path) {
 
 /// e2fsck, then mount and compare, then ext4-view.
 pub fn check_all(spec: &Spec, image: &Path) {
-    fsck(image);
-    if let Some(m) = Mount::new(image) {
+    e2fsck_clean(image);
+    if let Some(m) = LoopMount::new(image) {
         verify_mount(spec, &m);
     }
     verify_view(spec, image);

@@ -133,20 +133,6 @@ pub fn run_ok(cmd: &mut Command, limit: Duration) -> Output {
     out
 }
 
-/// Deterministic pseudo-random bytes.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// A memory device whose reads at offset 0 take `delay`, so a read of block 0 sent
 /// first finishes after reads sent later.
 #[derive(Debug)]

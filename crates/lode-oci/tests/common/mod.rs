@@ -12,7 +12,6 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use lode_oci::{Digest, FlattenOptions, Flattened, ImageSource};
 use serde_json::json;
@@ -362,67 +361,6 @@ pub fn opts() -> FlattenOptions {
 pub fn flatten_to(source: &ImageSource, out: &Path) -> Result<Flattened, lode_oci::Error> {
     let f = fs::File::create(out).unwrap();
     lode_oci::flatten(source, f, &opts(), &|_| {})
-}
-
-pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// `e2fsck -fn` must report nothing but its passes.
-pub fn e2fsck(img: &Path) {
-    if !have("e2fsck") {
-        lode_testkit::skip("e2fsck: not installed");
-        return;
-    }
-    let out = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "e2fsck failed:\n{text}");
-    for line in text.lines() {
-        let ok = line.starts_with("Pass ")
-            || line.starts_with("e2fsck ")
-            || line.contains(" files (")
-            || line.trim().is_empty();
-        assert!(ok, "e2fsck says: {line}\n{text}");
-    }
-}
-
-/// Whether this process may mount (root, with loop devices).
-pub fn can_mount() -> bool {
-    // /proc/self belongs to the effective user.
-    let root = fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    root && Path::new("/dev/loop-control").exists()
-}
-
-/// A read-only loop mount, unmounted on drop.
-pub struct Mount {
-    pub dir: tempfile::TempDir,
-}
-
-impl Mount {
-    pub fn new(img: &Path) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "ext4", "-o", "ro,loop"])
-            .arg(img)
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount failed");
-        Self { dir }
-    }
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
 }
 
 /// What one path of an unpacked tree is.

@@ -13,9 +13,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
-pub const SKOPEO_BIN: &str = "/usr/bin/skopeo";
-
 /// sha256 of `bytes` as `sha256:HEX`.
 pub fn digest(bytes: &[u8]) -> String {
     format!(
@@ -24,26 +21,9 @@ pub fn digest(bytes: &[u8]) -> String {
     )
 }
 
-/// Returns the tool's path, or `None` after saying why the test skips (a failure where
-/// every tool was installed: see lode-testkit).
-pub fn tool(path: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(path);
-    if p.exists() {
-        Some(p)
-    } else {
-        lode_testkit::skip(&format!(
-            "{path} not installed (apt-get install docker-registry skopeo apache2-utils)"
-        ));
-        None
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// docker-registry's path, or `None` after `lode_testkit::skip` said it is missing.
+pub fn registry_bin() -> Option<PathBuf> {
+    lode_testkit::tool_from("docker-registry", "docker-registry")
 }
 
 /// A `docker-registry` process on 127.0.0.1, killed on drop.
@@ -58,10 +38,10 @@ impl Registry {
     /// Starts a registry whose config has `auth_yaml` (already indented under `auth:`) if any.
     /// Returns `None` (after printing why) when docker-registry or skopeo is not installed.
     pub fn start(auth_yaml: Option<&str>) -> Option<Registry> {
-        tool(SKOPEO_BIN)?;
-        let bin = tool(REGISTRY_BIN)?;
+        lode_testkit::tool_from("skopeo", "skopeo")?;
+        let bin = registry_bin()?;
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = lode_testkit::free_port();
         let addr = format!("127.0.0.1:{port}");
         let auth = auth_yaml.map_or(String::new(), |a| format!("auth:\n{a}"));
         let config = format!(
@@ -256,7 +236,7 @@ pub fn build_layout_with(dir: &Path, tag: &str, app: &[u8]) -> SourceImage {
 
 /// `skopeo copy` from `src` to `dest` with extra args; panics with skopeo's stderr on failure.
 pub fn skopeo_copy(extra: &[&str], src: &str, dest: &str) {
-    let out = Command::new(SKOPEO_BIN)
+    let out = Command::new("skopeo")
         .args([
             "--insecure-policy",
             "copy",

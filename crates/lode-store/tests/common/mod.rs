@@ -164,16 +164,7 @@ fn root(id: u32, state: RootState, key_id: &str, blob: &[u8]) -> RootRecord {
 
 /// Deterministic bytes that do not compress or repeat.
 fn bytes_for(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect::<Vec<u8>>()
-        .into()
+    Bytes::from(lode_testkit::seeded_bytes(len, seed))
 }
 
 fn chunk_key(root: u32, name: &ChunkName) -> String {

@@ -207,27 +207,12 @@ impl Home {
     }
 }
 
-/// Whether something is mounted on `path` (per /proc/self/mountinfo).
-pub fn is_mounted(path: &Path) -> bool {
-    let want = path.to_string_lossy();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*want))
-}
+pub use lode_testkit::is_mounted;
 
 /// `chunks` 512 KiB chunks of bytes that neither repeat nor compress, the same for
 /// the same `seed`.
 pub fn random_image(chunks: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = vec![0u8; chunks * 512 * 1024];
-    for b in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-    }
-    v
+    lode_testkit::seeded_bytes(chunks * 512 * 1024, seed)
 }
 
 /// Whether `tool ARGS` runs and exits 0; if not, says the test is skipped and why.

@@ -10,10 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use s3s::auth::SimpleAuth;
-use s3s::service::S3ServiceBuilder;
+use lode_testkit::S3Fs;
 use serde_json::Value;
 
 use crate::harness::Home;
@@ -24,8 +21,6 @@ pub const CHUNK: usize = 512 * 1024;
 /// tag on each, and a 596-byte header (20 bytes, then 36 per segment).
 pub const SEALED: u64 = CHUNK as u64 + 16 * 16 + 20 + 36 * 16;
 const BUCKET: &str = "lode-gc";
-const ACCESS_KEY: &str = "lode-gc-access";
-const SECRET_KEY: &str = "lode-gc-secret";
 
 /// A scratch home and the store the binary is pointed at.
 pub struct Target {
@@ -35,9 +30,8 @@ pub struct Target {
     /// Where the store's objects are files, to damage them behind lode's back.
     pub objects: PathBuf,
     pub env: Vec<(&'static str, String)>,
-    /// Keeps the S3 server's runtime (and the server) alive.
-    _server: Option<tokio::runtime::Runtime>,
-    _fs: Option<tempfile::TempDir>,
+    /// Keeps the S3 server (and its files) alive.
+    _server: Option<S3Fs>,
 }
 
 impl Target {
@@ -50,52 +44,17 @@ impl Target {
             objects,
             env: Vec::new(),
             _server: None,
-            _fs: None,
         }
     }
 
     pub fn s3() -> Target {
-        let fs_root = tempfile::tempdir().unwrap();
-        let bucket = fs_root.path().join(BUCKET);
-        fs::create_dir(&bucket).unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let root = fs_root.path().to_owned();
-        rt.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let fs = s3s_fs::FileSystem::new(root).unwrap();
-            let mut b = S3ServiceBuilder::new(fs);
-            b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-            let service = b.build();
-            let http = ConnBuilder::new(TokioExecutor::new());
-            loop {
-                let (socket, _) = listener.accept().await.unwrap();
-                let conn = http
-                    .serve_connection(TokioIo::new(socket), service.clone())
-                    .into_owned();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-        });
+        let server = S3Fs::start(BUCKET);
         Target {
             h: Home::new(),
             store: format!("s3://{BUCKET}/gc"),
-            objects: bucket.join("gc"),
-            env: vec![
-                ("AWS_ENDPOINT_URL", endpoint),
-                ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_owned()),
-                ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_owned()),
-                ("AWS_REGION", "us-east-1".to_owned()),
-            ],
-            _server: Some(rt),
-            _fs: Some(fs_root),
+            objects: server.bucket_dir().join("gc"),
+            env: server.env().to_vec(),
+            _server: Some(server),
         }
     }
 
