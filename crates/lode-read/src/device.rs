@@ -168,7 +168,7 @@ impl ImageDevice {
             .map(|b| Some((name, b)))
             .map_err(|e| match Arc::try_unwrap(e) {
                 Ok(e) => e,
-                Err(shared) => ReadError::Task(shared.to_string()),
+                Err(shared) => ReadError::Shared(shared),
             })
     }
 

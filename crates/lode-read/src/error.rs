@@ -5,6 +5,7 @@
 //! could not be opened (or a root that could not be checked for a read alarm).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use lode_format::{ChunkIndex, ChunkName, ManifestError, ManifestId, ObjectError};
 use lode_kms::KmsError;
@@ -141,6 +142,20 @@ pub enum ReadError {
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(String),
+    /// The error of a fetch that several readers shared: each of them gets the same
+    /// error, with its type ([`ReadError::root`] looks through this wrapper).
+    #[error(transparent)]
+    Shared(Arc<ReadError>),
+}
+
+impl ReadError {
+    /// The error itself: the shared error a [`ReadError::Shared`] holds, or `self`.
+    pub fn root(&self) -> &ReadError {
+        match self {
+            ReadError::Shared(e) => e.root(),
+            e => e,
+        }
+    }
 }
 
 /// Wraps an I/O error with what was done to which path.

@@ -342,6 +342,49 @@ impl ChunkTier for SlowCounting {
     }
 }
 
+/// Eight readers of one corrupt chunk share one fetch, and every one of them gets the
+/// fetch's error with its type (an integrity failure at the origin), not a string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_of_a_shared_failed_fetch_each_get_its_typed_error() {
+    let fx = Fixture::new().await;
+    for f in fx.store_chunk_files() {
+        let mut b = std::fs::read(&f).unwrap();
+        b[0] ^= 0xFF;
+        std::fs::write(&f, &b).unwrap();
+    }
+    let origin = Arc::new(SlowCounting {
+        inner: OriginTier::new(fx.store.clone()),
+        gets: AtomicU64::new(0),
+    });
+    let cache = fx.cache_with(vec![Arc::new(MemoryTier::new(64 << 20)), origin.clone()]);
+    let dev = Arc::new(fx.device(&cache).await);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let dev = Arc::clone(&dev);
+            tokio::spawn(async move { dev.chunk(2).await })
+        })
+        .collect();
+    let mut shared = 0;
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        shared += usize::from(matches!(err, ReadError::Shared(_)));
+        assert!(
+            matches!(err.root(), ReadError::Corrupt { tier: "origin", .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("from tier origin is corrupt"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        origin.gets.load(Ordering::SeqCst),
+        1,
+        "the fetch was not shared"
+    );
+    assert!(shared >= 7, "only {shared} readers saw the shared error");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_misses_share_one_fetch() {
     let fx = Fixture::new().await;
