@@ -40,7 +40,7 @@ pub enum ObjectError {
     #[error(transparent)]
     V2(#[from] ChunkV2Error),
     /// The object is sound but in another format than the manifest says its chunks are.
-    #[error("chunk {chunk} is a {found:?} object, but its manifest names {expected:?} chunks")]
+    #[error("chunk {chunk} is a {found} object, but its manifest names {expected} chunks")]
     WrongFormat {
         /// The chunk at fault.
         chunk: ChunkName,
@@ -49,6 +49,15 @@ pub enum ObjectError {
         /// The format the manifest gives.
         expected: ObjectFormat,
     },
+}
+
+impl std::fmt::Display for ObjectFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ObjectFormat::V1 => "v1",
+            ObjectFormat::V2 => "v2",
+        })
+    }
 }
 
 impl ObjectFormat {

@@ -133,7 +133,7 @@ async fn write_chunks(
                 let key = key?;
                 let expected = cs.len_of(index, device_size);
                 let ciphertext = store
-                    .get_chunk(img.root, &name, crate::sealed_len(format, expected))
+                    .get_chunk(img.root, &name, format.object_len(expected))
                     .await?;
                 let size = ciphertext.len() as u64;
                 let offset = cs.offset_of(index).0;

@@ -247,7 +247,7 @@ async fn copy_manifest(
                 async move {
                     let expected = cs.len_of(index, device_size);
                     let ciphertext = store
-                        .get_chunk(from, &name, crate::sealed_len(old_format, expected))
+                        .get_chunk(from, &name, old_format.object_len(expected))
                         .await?;
                     let sealed = tokio::task::spawn_blocking(move || {
                         let plain = crate::open_chunk_checked(

@@ -77,12 +77,6 @@ pub fn new_chunk_format(cs: lode_format::ChunkSize) -> lode_format::ChunkFormat 
     lode_format::ChunkFormat::V2 { segment_size }
 }
 
-/// The length of the object a `plaintext_len`-byte chunk seals to in `format`: the bound
-/// on every chunk read from a store.
-pub(crate) fn sealed_len(format: lode_format::ChunkFormat, plaintext_len: usize) -> u64 {
-    format.object_len(plaintext_len)
-}
-
 /// Opens chunk `index` of manifest `id` (its name checked, then decrypted) and checks it
 /// has the `expected` plaintext length: what every reader of a whole chunk needs.
 #[allow(clippy::too_many_arguments)]

@@ -16,7 +16,7 @@ use lode_format::{ChunkIndex, ChunkName, ManifestId};
 use lode_store::{Store, StoreError};
 use serde::Serialize;
 
-use crate::{CONCURRENCY, ImageError, OpenedImage, Progress, sealed_len};
+use crate::{CONCURRENCY, ImageError, OpenedImage, Progress};
 
 /// One fault found by [`verify`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -169,7 +169,7 @@ pub async fn verify_with(
             let progress = Arc::clone(&progress);
             async move {
                 let expected = cs.len_of(index, device_size);
-                let max = sealed_len(format, expected);
+                let max = format.object_len(expected);
                 let damaged = |problem: Problem| async move {
                     let removed =
                         repair && store.remove_damaged_chunk(img.root, &chunk, max).await?;
