@@ -15,7 +15,7 @@ use lode_control::api::{AttachOrder, AttachReply};
 use lode_fuse::{FuseMount, MountOptions};
 use lode_kms::Kms;
 use lode_nbd::{Export, Exports, Server};
-use lode_read::{AzTier, ChunkCache, DiskTier, ImageDevice, MemoryTier, OriginTier, Overlay};
+use lode_read::{AzTier, ChunkCache, DiskTier, ImageDevice, MemoryTier, Overlay, StoreOrigin};
 use lode_store::Store;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -817,11 +817,11 @@ fn build_tiers(
     if let Some(az) = &az {
         cache = cache.tier(az.clone());
     }
-    let mut origin = OriginTier::with_concurrency(store, config.origin_concurrency);
+    let mut origin = StoreOrigin::with_concurrency(store, config.origin_concurrency);
     if let Some(w) = watch {
         origin = origin.watched(w);
     }
-    let cache = cache.tier(Arc::new(origin)).build()?;
+    let cache = cache.origin(Arc::new(origin)).build()?;
     Ok((cache, az))
 }
 

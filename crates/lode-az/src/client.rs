@@ -37,6 +37,49 @@ use crate::stripe::{Codec, MAX_STRIPES, Rebuilt, Stripe};
 /// read of the chunk tries again).
 const MAX_REPAIRS_IN_FLIGHT: usize = 16;
 
+type CheckFn = dyn Fn(&ChunkName, &[u8]) -> bool + Send + Sync;
+
+/// When the client takes a rebuilt object as the chunk: [`Accept::full`] (what
+/// [`AzClient::get`] uses) checks all of it against the name, in either chunk format; a
+/// reader that checks the rest itself passes a cheaper check, such as a v2 header's.
+#[derive(Clone)]
+pub struct Accept {
+    check: Arc<CheckFn>,
+    full: bool,
+}
+
+impl Accept {
+    /// The whole object checks against its name ([`lode_format::check_object`]).
+    pub fn full() -> Accept {
+        Accept {
+            check: Arc::new(|name, bytes| lode_format::check_object(name, bytes).is_ok()),
+            full: true,
+        }
+    }
+
+    /// A partial check: the caller checks the rest before it uses or keeps any of it.
+    pub fn partial(check: impl Fn(&ChunkName, &[u8]) -> bool + Send + Sync + 'static) -> Accept {
+        Accept {
+            check: Arc::new(check),
+            full: false,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.full
+    }
+}
+
+impl std::fmt::Debug for Accept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.full {
+            "Accept::full"
+        } else {
+            "Accept::partial"
+        })
+    }
+}
+
 /// The memcached key all stripes of a chunk are stored under, on each of its nodes.
 ///
 /// It holds the chunk's name and the code, not the stripe's index: a node holds one
@@ -175,6 +218,17 @@ impl AzClient {
     /// Takes at most about `node_timeout` plus the decode; nodes marked down cost
     /// nothing. Never returns bytes that do not hash to `name`.
     pub async fn get(&self, name: &ChunkName) -> Result<Option<Bytes>, AzError> {
+        self.get_accepting(name, Accept::full()).await
+    }
+
+    /// As [`get`](Self::get), but the rebuilt object is taken when `accept` says so (see
+    /// [`Accept`]). Read repair writes stripes back only after the whole object checks
+    /// against its name, in the background.
+    pub async fn get_accepting(
+        &self,
+        name: &ChunkName,
+        accept: Accept,
+    ) -> Result<Option<Bytes>, AzError> {
         let inner = &self.inner;
         inner.counters.gets.inc();
         let (k, m) = (inner.codec.k(), inner.codec.m());
@@ -210,7 +264,7 @@ impl AzClient {
             inner.counters.misses.inc();
             return Ok(None);
         }
-        let (mut found, mut failed) = self.rebuild(name, &g.candidates, false).await?;
+        let (mut found, mut failed) = self.rebuild(name, &g.candidates, false, &accept).await?;
         if found.is_none() {
             // A stripe that passed its own checks is wrong. Hear from every node, then
             // try the combinations the newcomers make possible.
@@ -223,7 +277,7 @@ impl AzClient {
                 g.add(rank, answer);
             }
             if g.candidates.len() > before {
-                let (again, f) = self.rebuild(name, &g.candidates, true).await?;
+                let (again, f) = self.rebuild(name, &g.candidates, true, &accept).await?;
                 (found, failed) = (again, failed + f);
             }
         }
@@ -252,7 +306,18 @@ impl AzClient {
             let bad_ranks: Vec<usize> = rebuilt.bad.iter().map(|&i| g.ranks[i]).collect();
             let this = Arc::clone(inner);
             let (name, chunk) = (*name, chunk.clone());
+            let partial = !accept.is_full();
             tokio::spawn(async move {
+                // Never write back stripes of an object only partly checked.
+                if partial {
+                    let c = chunk.clone();
+                    let whole = tokio::task::spawn_blocking(move || {
+                        lode_format::check_object(&name, &c).is_ok()
+                    });
+                    if !matches!(whole.await, Ok(true)) {
+                        return;
+                    }
+                }
                 this.repair(name, chunk, placed, g, bad_ranks, rx, pending)
                     .await;
             });
@@ -266,16 +331,19 @@ impl AzClient {
         name: &ChunkName,
         candidates: &[Stripe],
         find_bad: bool,
+        accept: &Accept,
     ) -> Result<(Option<Rebuilt>, usize), AzError> {
         let codec = Arc::clone(&self.inner.codec);
-        let (name, cands) = (*name, candidates.to_vec());
-        tokio::task::spawn_blocking(move || codec.rebuild(&name, &cands, find_bad))
-            .await
-            .map_err(|e| AzError::Task {
-                chunk: name,
-                what: "rebuild",
-                message: e.to_string(),
-            })
+        let (name, cands, accept) = (*name, candidates.to_vec(), accept.clone());
+        tokio::task::spawn_blocking(move || {
+            codec.rebuild_accepting(&name, &cands, find_bad, &*accept.check)
+        })
+        .await
+        .map_err(|e| AzError::Task {
+            chunk: name,
+            what: "rebuild",
+            message: e.to_string(),
+        })
     }
 
     /// Stores chunk `name` (whose bytes the caller has checked): encodes it and writes

@@ -42,7 +42,7 @@ pub mod placement;
 pub mod proto;
 pub mod stripe;
 
-pub use client::{AzClient, chunk_key};
+pub use client::{Accept, AzClient, chunk_key};
 pub use config::AzConfig;
 pub use error::AzError;
 pub use metrics::{AzMetrics, NodeMetrics};

@@ -443,6 +443,21 @@ impl Codec {
         candidates: &[Stripe],
         find_bad: bool,
     ) -> (Option<Rebuilt>, usize) {
+        self.rebuild_accepting(name, candidates, find_bad, &|name, chunk| {
+            lode_format::check_object(name, chunk).is_ok()
+        })
+    }
+
+    /// As [`rebuild`](Self::rebuild), but a combination's result is taken when `accept`
+    /// says so: a reader that checks the rest itself may accept a v2 object whose header
+    /// checks against its name, and hash its segments as it uses them.
+    pub fn rebuild_accepting(
+        &self,
+        name: &ChunkName,
+        candidates: &[Stripe],
+        find_bad: bool,
+        accept: &(dyn Fn(&ChunkName, &[u8]) -> bool + Sync),
+    ) -> (Option<Rebuilt>, usize) {
         let mut failed = 0usize;
         let mut tried = 0usize;
         let mut found = None;
@@ -453,7 +468,7 @@ impl Codec {
             }
             let stripes: Vec<&Stripe> = combo.iter().map(|&i| &candidates[i]).collect();
             match self.decode(&stripes) {
-                Ok(chunk) if lode_format::check_object(name, &chunk).is_ok() => {
+                Ok(chunk) if accept(name, &chunk) => {
                     found = Some((chunk, combo.to_vec()));
                     false
                 }

@@ -1,15 +1,18 @@
 //! The AZ cache tier (docs/agent.md): a thin [`ChunkTier`] over
 //! [`lode_az::AzClient`], which places each chunk's erasure-coded stripes on the fleet by
-//! rendezvous hashing, rebuilds from the first `k` to arrive and checks the rebuilt chunk
-//! against its name before returning it. A node that is slow, down or wrong makes a
+//! rendezvous hashing and rebuilds from the first `k` to arrive. A v1 chunk is checked
+//! whole before it is returned; a v2 chunk as soon as its header checks against its name
+//! ([`Found::HeaderChecked`]), so the read can hash and open the one segment it waits
+//! for without hashing the other 480 KiB first. A node that is slow, down or wrong makes a
 //! miss, never an error, so the cache goes on to the origin; after an origin fetch the
 //! cache writes the chunk here in the background.
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use lode_az::{AzClient, AzConfig, AzMetrics};
+use lode_az::{Accept, AzClient, AzConfig, AzMetrics};
+use lode_format::{ChunkFormat, SegmentIndex, verify_header};
 
 use crate::ReadError;
+use crate::checked::{Checked, Found, HeaderChecked};
 use crate::tier::{ChunkRef, ChunkTier};
 
 /// The AZ cache fleet as a tier.
@@ -37,27 +40,50 @@ impl ChunkTier for AzTier {
         "az"
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
-        self.client
-            .get(&chunk.name)
-            .await
-            .map_err(|e| ReadError::Tier {
-                tier: "az",
-                message: e.to_string(),
-            })
+    async fn get(
+        &self,
+        chunk: &ChunkRef,
+        _segment: SegmentIndex,
+    ) -> Result<Option<Found>, ReadError> {
+        let tier_error = |e: lode_az::AzError| ReadError::Tier {
+            tier: "az",
+            message: e.to_string(),
+        };
+        match chunk.format {
+            // A v1 object can only be checked whole; the client does it.
+            ChunkFormat::V1 => {
+                let got = self
+                    .client
+                    .get_accepting(&chunk.name, Accept::full())
+                    .await
+                    .map_err(tier_error)?;
+                got.map(|b| Checked::check("az", chunk, b).map(Found::Checked))
+                    .transpose()
+            }
+            // A v2 object is taken once its header checks; the cache hashes each segment
+            // before it uses or keeps it.
+            ChunkFormat::V2 { .. } => {
+                let accept = Accept::partial(|name, bytes| {
+                    verify_header(name, bytes).is_ok_and(|h| bytes.len() as u64 == h.object_len())
+                });
+                let got = self
+                    .client
+                    .get_accepting(&chunk.name, accept)
+                    .await
+                    .map_err(tier_error)?;
+                got.map(|b| HeaderChecked::check("az", chunk, b).map(Found::HeaderChecked))
+                    .transpose()
+            }
+        }
     }
 
-    async fn put(&self, chunk: &ChunkRef, ciphertext: Bytes) {
+    async fn put(&self, chunk: &ChunkRef, object: &Checked) {
         // Best effort: a put that reaches fewer nodes shows in the client's metrics.
-        let _ = self.client.put(&chunk.name, ciphertext).await;
+        let _ = self.client.put(&chunk.name, object.bytes().clone()).await;
     }
 
     async fn remove(&self, chunk: &ChunkRef) {
         self.client.remove(&chunk.name).await;
-    }
-
-    fn verifies_names(&self) -> bool {
-        true
     }
 }
 

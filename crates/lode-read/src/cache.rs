@@ -1,21 +1,23 @@
-//! The worker-wide chunk cache: decrypted chunks in memory over a chain of ciphertext
-//! [`ChunkTier`]s, with single-flight misses (docs/agent.md).
+//! The worker-wide chunk cache: decrypted segments in memory over a chain of ciphertext
+//! [`ChunkTier`]s and the [`ChunkOrigin`], with single-flight misses (docs/agent.md).
 //!
 //! ```text
-//!  plaintext(chunk, key)
-//!     │ decrypted LRU hit ───────────────────────────────────────────► bytes
-//!     │ fetch in flight for this name? join it (counted: joined_fetches)
+//!  segment(chunk, key, j)
+//!     │ decrypted LRU hit (name, j) ─────────────────────────────────────► bytes
+//!     │ fetch of this chunk in flight? join it (counted: joined_fetches)
 //!     ▼ else start one:
-//!  tiers[0] memory ─► tiers[1] disk ─► … ─► tiers[n] origin      (first that has it)
-//!     remote tier's bytes: SHA-256 == name? no → drop from that tier, count, next
-//!     local disk's bytes: authenticated by the GCM tag as they decrypt (one hop, no
-//!       hash: the disk is the worker's own); a failed tag → drop, count, next
-//!     found at tier i: fill trusted tiers above i now, the others in the background
-//!     decrypt (GCM) + length check → decrypted LRU → every waiter
+//!  tiers[0] memory ─► tiers[1] disk ─► tiers[2] az ─► origin       (first that has it)
+//!     Found::Checked        whole object, checked: open segment j (GCM only)
+//!     Found::Local          own disk: pread segment j, GCM authenticates it as it opens
+//!     Found::HeaderChecked  v2 header checked by the tier: hash segment j, open, answer;
+//!                           in the background hash the rest, then keep it above
+//!     Found::Unchecked / origin: v1 checked whole; v2 header first, as above
+//!     a copy that fails any check → dropped from its tier, counted, next tier
+//!  plaintext of segment j → decrypted LRU → the reader
 //! ```
 //!
 //! A chunk's name fixes its ciphertext, and so its plaintext, so both caches key by name
-//! alone and are shared by every attached image.
+//! (and segment) alone and are shared by every attached image. A v1 chunk is one segment.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,81 +26,42 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use lode_format::{
-    ChunkError, ChunkIndex, ChunkKey, ChunkName, ObjectError, ObjectFormat, check_object,
-};
+use lode_format::{ChunkFormat, ChunkKey, ChunkName, SegmentIndex};
 use tokio::task::JoinHandle;
 
+use crate::checked::{Checked, Found, HeaderChecked, LocalError, LocalObject};
 use crate::error::blocking;
 use crate::metrics::Metrics;
-use crate::tier::{ChunkRef, ChunkTier};
+use crate::tier::{ChunkOrigin, ChunkRef, ChunkTier};
 use crate::{Lru, MetricsSnapshot, ReadError};
 
-/// What opening a chunk needs: its place in the image, its key, its plaintext length.
-#[derive(Clone)]
-struct Open {
-    index: ChunkIndex,
-    key: ChunkKey,
-    expected_len: usize,
+/// Where a fetch found a chunk, and how far it is checked.
+#[derive(Debug)]
+enum Source {
+    /// A whole checked object.
+    Checked(Checked),
+    /// A v2 object whose header checked: each segment is hashed before it is used.
+    Partial(HeaderChecked),
+    /// A file on this worker's disk.
+    Local(LocalObject),
 }
 
-/// Checks a tier's copy of `chunk` (its name, when `check_name`) and, with `open`,
-/// decrypts it (which authenticates it) and checks the plaintext length.
-fn check_and_open(
-    tier: &'static str,
-    chunk: ChunkRef,
-    bytes: &Bytes,
-    check_name: bool,
-    open: Option<Open>,
-) -> Result<Option<Bytes>, ReadError> {
-    if check_name {
-        let expected = ObjectFormat::of(chunk.format);
-        let fault = match check_object(&chunk.name, bytes) {
-            Ok(found) if found == expected => None,
-            Ok(found) => Some(ObjectError::WrongFormat {
-                chunk: chunk.name,
-                found,
-                expected,
-            }),
-            Err(ObjectError::V1(ChunkError::NameMismatch { got, .. })) => {
-                return Err(ReadError::Corrupt {
-                    tier,
-                    chunk: chunk.name,
-                    got,
-                });
-            }
-            Err(e) => Some(e),
-        };
-        if let Some(e) = fault {
-            return Err(ReadError::CorruptObject {
-                tier,
-                chunk: chunk.name,
-                source: Box::new(e),
-            });
-        }
-    }
-    let Some(o) = open else {
-        return Ok(None);
-    };
-    let plain = chunk
-        .format
-        .open_checked(&chunk.name, &o.key, bytes.to_vec())
-        .map_err(|source| ReadError::Decrypt {
-            index: o.index,
-            source,
-        })?;
-    if plain.len() != o.expected_len {
-        return Err(ReadError::ChunkLength {
-            chunk: chunk.name,
-            index: o.index,
-            expected: o.expected_len,
-            got: plain.len(),
-        });
-    }
-    Ok(Some(Bytes::from(plain)))
+/// A fetch's answer: the source and the tier it came from (`tiers.len()` for the origin).
+#[derive(Debug)]
+struct Fetched {
+    at: usize,
+    source: Source,
 }
 
-type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, Arc<ReadError>>>>;
+type SharedFetch = Shared<BoxFuture<'static, Result<Arc<Fetched>, Arc<ReadError>>>>;
+
+/// Opening a segment from a fetched source failed.
+enum OpenFailure {
+    /// The copy at tier `at` is not the chunk: drop it and fetch again.
+    Copy(ReadError),
+    /// No other copy can do better (the chunk does not open under the manifest's key).
+    Fatal(ReadError),
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section below leaves its map consistent before anything can panic.
@@ -110,61 +73,72 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct CacheBuilder {
     decrypted_bytes: u64,
     tiers: Vec<Arc<dyn ChunkTier>>,
+    origin: Option<Arc<dyn ChunkOrigin>>,
 }
 
 impl CacheBuilder {
-    /// A builder with no tiers and a 256 MiB decrypted-chunk bound.
+    /// A builder with no tiers and a 256 MiB decrypted-segment bound.
     pub fn new() -> Self {
         Self {
             decrypted_bytes: 256 << 20,
             tiers: Vec::new(),
+            origin: None,
         }
     }
 
-    /// Bounds the decrypted chunks kept in memory (0 keeps none).
+    /// Bounds the decrypted segments kept in memory (0 keeps none).
     pub fn decrypted_bytes(mut self, bytes: u64) -> Self {
         self.decrypted_bytes = bytes;
         self
     }
 
-    /// Appends a ciphertext tier; tiers are asked in the order added, origin last.
+    /// Appends a ciphertext tier; tiers are asked in the order added, the origin after
+    /// them. The first tier is filled before a fetch completes (it should be memory);
+    /// the others in the background.
     pub fn tier(mut self, tier: Arc<dyn ChunkTier>) -> Self {
         self.tiers.push(tier);
         self
     }
 
+    /// Sets the origin, asked when no tier holds a chunk.
+    pub fn origin(mut self, origin: Arc<dyn ChunkOrigin>) -> Self {
+        self.origin = Some(origin);
+        self
+    }
+
     /// Checks the configuration and builds the cache.
     pub fn build(self) -> Result<Arc<ChunkCache>, ReadError> {
-        if self.tiers.is_empty() {
-            return Err(ReadError::Config(
-                "a chunk cache needs at least one tier (the origin)".into(),
-            ));
-        }
+        let origin = self
+            .origin
+            .ok_or_else(|| ReadError::Config("a chunk cache needs an origin (the store)".into()))?;
         let mut names: Vec<&'static str> = self.tiers.iter().map(|t| t.name()).collect();
         names.sort_unstable();
-        if let Some(w) = names
-            .windows(2)
-            .find(|w| w[0] == w[1] || w[0] == "decrypted")
-        {
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(ReadError::Config(format!("two tiers are named {:?}", w[0])));
         }
-        let names: Vec<&'static str> = self.tiers.iter().map(|t| t.name()).collect();
+        if let Some(n) = names.iter().find(|n| ["decrypted", "origin"].contains(n)) {
+            return Err(ReadError::Config(format!("a tier may not be named {n:?}")));
+        }
+        let mut names: Vec<&'static str> = self.tiers.iter().map(|t| t.name()).collect();
+        names.push("origin");
         Ok(Arc::new(ChunkCache {
             decrypted: Mutex::new(Lru::new(self.decrypted_bytes)),
             metrics: Metrics::new(&names),
             tiers: self.tiers,
+            origin,
             inflight: Mutex::new(HashMap::new()),
             fills: Mutex::new(Vec::new()),
         }))
     }
 }
 
-/// Decrypted chunks in memory over a chain of ciphertext tiers; one per worker, shared
-/// by every attached image.
+/// Decrypted segments in memory over a chain of ciphertext tiers and the origin; one per
+/// worker, shared by every attached image.
 #[derive(Debug)]
 pub struct ChunkCache {
-    decrypted: Mutex<Lru<ChunkName, Bytes>>,
+    decrypted: Mutex<Lru<(ChunkName, u32), Bytes>>,
     tiers: Vec<Arc<dyn ChunkTier>>,
+    origin: Arc<dyn ChunkOrigin>,
     inflight: Mutex<HashMap<ChunkName, SharedFetch>>,
     fills: Mutex<Vec<JoinHandle<()>>>,
     metrics: Metrics,
@@ -176,41 +150,114 @@ impl ChunkCache {
         CacheBuilder::new()
     }
 
-    /// The decrypted chunk `chunk`, which is chunk `index` of an image and must open
-    /// under `key` to exactly `expected_len` bytes.
-    pub async fn plaintext(
+    /// The plaintext of segment `j` of `chunk` (for a v1 chunk, segment 0 is all of it),
+    /// decrypted with `key` and checked to be exactly as long as the manifest says.
+    pub async fn segment(
         self: &Arc<Self>,
         chunk: ChunkRef,
-        index: ChunkIndex,
         key: &ChunkKey,
-        expected_len: usize,
-    ) -> Result<Bytes, Arc<ReadError>> {
+        j: SegmentIndex,
+    ) -> Result<Bytes, ReadError> {
         let started = Instant::now();
-        if let Some(b) = lock(&self.decrypted).get(&chunk.name) {
+        if let Some(b) = lock(&self.decrypted).get(&(chunk.name, j.0)) {
             self.metrics.decrypted.hit(b.len(), started.elapsed());
             return Ok(b);
         }
-        let fetch = {
+        self.metrics.decrypted.miss(started.elapsed());
+        // Each failed copy is dropped from its tier before the next try, so this ends:
+        // at worst every tier, then the origin, whose failure is returned.
+        let mut last = None;
+        for _ in 0..=self.tiers.len() + 1 {
+            let fetched = self.fetch(chunk, j).await.map_err(shared)?;
+            let (f, k) = (Arc::clone(&fetched), key.clone());
+            let name = self.tier_name(fetched.at);
+            let opened = blocking(move || Ok(open_from(&f, name, &chunk, &k, j))).await?;
+            match opened {
+                Ok(plain) => {
+                    if let Source::Local(_) = fetched.source {
+                        // A local file counts as a hit once its segment authenticated.
+                        self.metrics.tiers[fetched.at].hit(plain.len(), started.elapsed());
+                    }
+                    let len = plain.len() as u64;
+                    lock(&self.decrypted).insert((chunk.name, j.0), plain.clone(), len);
+                    return Ok(plain);
+                }
+                Err(OpenFailure::Fatal(e)) => return Err(e),
+                Err(OpenFailure::Copy(e)) => {
+                    let partial = matches!(fetched.source, Source::Partial(_));
+                    self.forget(&chunk, fetched.at, partial).await;
+                    if fetched.at == self.tiers.len() {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ReadError::Task("a read found no copy to try".into())))
+    }
+
+    /// The whole decrypted chunk: every segment, in order.
+    pub async fn chunk(
+        self: &Arc<Self>,
+        chunk: ChunkRef,
+        key: &ChunkKey,
+    ) -> Result<Bytes, ReadError> {
+        let segments = futures::future::try_join_all(
+            (0..chunk.segment_count())
+                .map(|j| self.segment(chunk, key, SegmentIndex(u32::try_from(j).unwrap_or(0)))),
+        )
+        .await?;
+        if let [one] = segments.as_slice() {
+            return Ok(one.clone());
+        }
+        Ok(Bytes::from(segments.concat()))
+    }
+
+    fn tier_name(&self, at: usize) -> &'static str {
+        self.tiers.get(at).map_or("origin", |t| t.name())
+    }
+
+    /// Drops a copy that failed its check from tier `at`, and the fetch that found it.
+    /// A partly checked object stays in flight until it is checked whole, and both a
+    /// reader and the background check may find it bad: whichever ends the fetch counts
+    /// it.
+    async fn forget(&self, chunk: &ChunkRef, at: usize, partial: bool) {
+        let ended = lock(&self.inflight).remove(&chunk.name).is_some();
+        if partial && !ended {
+            return;
+        }
+        self.metrics.tiers[at].integrity_failure();
+        if let Some(t) = self.tiers.get(at) {
+            t.remove(chunk).await;
+        }
+    }
+
+    /// The fetch of `chunk` in flight, or a new one; `j` is the segment the starter
+    /// waits for (a local tier reads just that).
+    async fn fetch(
+        self: &Arc<Self>,
+        chunk: ChunkRef,
+        j: SegmentIndex,
+    ) -> Result<Arc<Fetched>, Arc<ReadError>> {
+        let f = {
             let mut inflight = lock(&self.inflight);
             if let Some(f) = inflight.get(&chunk.name) {
                 self.metrics.joined();
                 f.clone()
-            } else if let Some(b) = lock(&self.decrypted).get(&chunk.name) {
-                // A fetch finished between the first look and taking the lock.
-                self.metrics.decrypted.hit(b.len(), started.elapsed());
-                return Ok(b);
             } else {
-                self.metrics.decrypted.miss(started.elapsed());
                 let this = Arc::clone(self);
-                let key = key.clone();
                 let f = async move {
-                    let r = this.fetch_and_open(chunk, index, key, expected_len).await;
-                    let r = r.map_err(Arc::new);
-                    if let Ok(b) = &r {
-                        let len = b.len() as u64;
-                        lock(&this.decrypted).insert(chunk.name, b.clone(), len);
+                    let r = this.walk(chunk, j).await.map(Arc::new).map_err(Arc::new);
+                    match &r {
+                        Ok(f) if matches!(f.source, Source::Partial(_)) => {
+                            // Joiners keep using this object until it is checked whole
+                            // and kept; the finisher then forgets the fetch.
+                            this.finish(chunk, Arc::clone(f));
+                        }
+                        _ => {
+                            lock(&this.inflight).remove(&chunk.name);
+                        }
                     }
-                    lock(&this.inflight).remove(&chunk.name);
                     r
                 }
                 .boxed()
@@ -219,120 +266,142 @@ impl ChunkCache {
                 f
             }
         };
-        fetch.await
+        f.await
     }
 
-    async fn fetch_and_open(
+    /// Walks the tiers, then the origin, for `chunk`.
+    async fn walk(
         self: &Arc<Self>,
         chunk: ChunkRef,
-        index: ChunkIndex,
-        key: ChunkKey,
-        expected_len: usize,
-    ) -> Result<Bytes, ReadError> {
-        let open = Open {
-            index,
-            key,
-            expected_len,
-        };
-        match self.fetch(chunk, Some(open)).await? {
-            (_, Some(plain)) => Ok(plain),
-            (_, None) => unreachable!("fetch with an opener returns plaintext"),
-        }
-    }
-
-    /// A chunk's ciphertext from the first tier that holds a copy that checks out,
-    /// filling the tiers above it.
-    pub async fn ciphertext(self: &Arc<Self>, chunk: ChunkRef) -> Result<Bytes, ReadError> {
-        Ok(self.fetch(chunk, None).await?.0)
-    }
-
-    /// Walks the tiers for `chunk`. Bytes from a tier that is neither
-    /// [`trusted`](ChunkTier::trusted) nor [`local`](ChunkTier::local) are checked against
-    /// the chunk's name; a local tier's bytes, when `open` is given, are authenticated by
-    /// AES-GCM as they are decrypted instead (in the same blocking hop). A copy that fails
-    /// either check is dropped from its tier, counted, and the next tier is asked. With
-    /// `open`, returns the plaintext too.
-    async fn fetch(
-        self: &Arc<Self>,
-        chunk: ChunkRef,
-        open: Option<Open>,
-    ) -> Result<(Bytes, Option<Bytes>), ReadError> {
+        j: SegmentIndex,
+    ) -> Result<Fetched, ReadError> {
         let mut last_err = None;
-        for (i, tier) in self.tiers.iter().enumerate() {
-            let m = &self.metrics.tiers[i];
+        for (at, tier) in self.tiers.iter().enumerate() {
+            let m = &self.metrics.tiers[at];
             let started = Instant::now();
-            match tier.get(&chunk).await {
-                Ok(None) => m.miss(started.elapsed()),
-                Ok(Some(bytes)) => {
-                    let authenticated_later = tier.local() && open.is_some();
-                    let check_name =
-                        !(tier.trusted() || tier.verifies_names() || authenticated_later);
-                    let b = bytes.clone();
-                    let (o, name) = (open.clone(), tier.name());
-                    let checked =
-                        blocking(move || Ok(check_and_open(name, chunk, &b, check_name, o)))
-                            .await?;
-                    match checked {
-                        Ok(plain) => {
-                            m.hit(bytes.len(), started.elapsed());
-                            self.fill(i, chunk, &bytes).await;
-                            return Ok((bytes, plain));
-                        }
-                        Err(e @ (ReadError::Corrupt { .. } | ReadError::CorruptObject { .. })) => {
-                            m.integrity_failure();
-                            tier.remove(&chunk).await;
-                            last_err = Some(e);
-                        }
-                        Err(ReadError::Decrypt { .. }) if tier.local() => {
-                            // Local bytes that do not authenticate have rotted.
-                            m.integrity_failure();
-                            tier.remove(&chunk).await;
-                            last_err = Some(ReadError::Corrupt {
-                                tier: tier.name(),
-                                chunk: chunk.name,
-                                got: ChunkName::of(&bytes),
-                            });
-                        }
-                        // The name checked out (or the tier is trusted) but the bytes do not
-                        // open under the manifest's key: no other copy can do better.
-                        Err(e) => return Err(e),
-                    }
+            let found = match tier.get(&chunk, j).await {
+                Ok(None) => {
+                    m.miss(started.elapsed());
+                    continue;
                 }
+                Ok(Some(found)) => found,
                 Err(e) => {
-                    if matches!(
-                        e,
-                        ReadError::Corrupt { .. } | ReadError::CorruptObject { .. }
-                    ) {
+                    if e.is_integrity() {
                         m.integrity_failure();
+                        tier.remove(&chunk).await;
                     } else {
                         m.error();
                     }
                     last_err = Some(e);
+                    continue;
+                }
+            };
+            let checked = match found {
+                Found::Checked(o) => Ok(Source::Checked(o)),
+                Found::HeaderChecked(o) => Ok(Source::Partial(o)),
+                Found::Local(o) => Ok(Source::Local(o)),
+                Found::Unchecked(b) => check_unchecked(tier.name(), chunk, b).await,
+            };
+            match checked {
+                Ok(source) => {
+                    if let Some(bytes) = held_bytes(&source) {
+                        m.hit(bytes, started.elapsed());
+                    }
+                    return Ok(self.found(at, chunk, source).await);
+                }
+                Err(e) => {
+                    m.integrity_failure();
+                    tier.remove(&chunk).await;
+                    last_err = Some(e);
                 }
             }
         }
-        Err(last_err.unwrap_or_else(|| ReadError::NotFound {
-            chunk: chunk.name,
-            tried: self
-                .tiers
-                .iter()
-                .map(|t| t.name())
-                .collect::<Vec<_>>()
-                .join(", "),
-        }))
+        let at = self.tiers.len();
+        let m = &self.metrics.tiers[at];
+        let started = Instant::now();
+        match self.origin.fetch(&chunk).await {
+            Ok(Some(b)) => match check_unchecked("origin", chunk, b).await {
+                Ok(source) => {
+                    if let Some(bytes) = held_bytes(&source) {
+                        m.hit(bytes, started.elapsed());
+                    }
+                    Ok(self.found(at, chunk, source).await)
+                }
+                Err(e) => {
+                    m.integrity_failure();
+                    Err(e)
+                }
+            },
+            Ok(None) => {
+                m.miss(started.elapsed());
+                Err(last_err.unwrap_or_else(|| ReadError::NotFound {
+                    chunk: chunk.name,
+                    tried: self
+                        .tiers
+                        .iter()
+                        .map(|t| t.name())
+                        .chain(["origin"])
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }))
+            }
+            Err(e) => {
+                if e.is_integrity() {
+                    m.integrity_failure();
+                } else {
+                    m.error();
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// Copies checked bytes into the tiers above `found_at`: memory at once (cheap, and
-    /// it lets the next miss find them), slower tiers in the background so the read
-    /// returns first.
-    async fn fill(&self, found_at: usize, chunk: ChunkRef, bytes: &Bytes) {
-        for tier in self.tiers[..found_at].iter().filter(|t| t.fillable()) {
-            if tier.trusted() {
-                tier.put(&chunk, bytes.clone()).await;
+    /// A source found at `at`: a whole checked object is kept in the tiers above now.
+    async fn found(&self, at: usize, chunk: ChunkRef, source: Source) -> Fetched {
+        if let Source::Checked(o) = &source {
+            self.fill(at, chunk, o).await;
+        }
+        Fetched { at, source }
+    }
+
+    /// Hashes the rest of a partly checked object in the background, keeps it in the
+    /// tiers above where it was found, and ends the fetch. A segment that fails drops the
+    /// copy from its tier.
+    fn finish(self: &Arc<Self>, chunk: ChunkRef, fetched: Arc<Fetched>) {
+        let this = Arc::clone(self);
+        let h = tokio::spawn(async move {
+            let Source::Partial(o) = &fetched.source else {
+                return;
+            };
+            let (o, name) = (o.clone(), this.tier_name(fetched.at));
+            let whole = tokio::task::spawn_blocking(move || o.finish(name, &chunk)).await;
+            match whole {
+                Ok(Ok(checked)) => {
+                    this.fill(fetched.at, chunk, &checked).await;
+                    lock(&this.inflight).remove(&chunk.name);
+                }
+                Ok(Err(_)) | Err(_) => this.forget(&chunk, fetched.at, true).await,
+            }
+        });
+        let mut fills = lock(&self.fills);
+        fills.retain(|h| !h.is_finished());
+        fills.push(h);
+    }
+
+    /// Copies a checked object into the tiers above `found_at`: the first at once (it
+    /// is memory, and lets the next miss find it), the others in the background so the
+    /// read returns first.
+    async fn fill(&self, found_at: usize, chunk: ChunkRef, object: &Checked) {
+        for (i, tier) in self.tiers[..found_at.min(self.tiers.len())]
+            .iter()
+            .enumerate()
+        {
+            if i == 0 {
+                tier.put(&chunk, object).await;
             } else {
                 let tier = Arc::clone(tier);
-                let bytes = bytes.clone();
-                let h = tokio::spawn(async move { tier.put(&chunk, bytes).await });
+                let object = object.clone();
+                let h = tokio::spawn(async move { tier.put(&chunk, &object).await });
                 let mut fills = lock(&self.fills);
                 fills.retain(|h| !h.is_finished());
                 fills.push(h);
@@ -340,11 +409,16 @@ impl ChunkCache {
         }
     }
 
-    /// Waits for background fills started so far (tests; a clean shutdown).
+    /// Waits for background fills and checks started so far (tests; a clean shutdown).
     pub async fn settle(&self) {
-        let fills = std::mem::take(&mut *lock(&self.fills));
-        for h in fills {
-            let _ = h.await;
+        loop {
+            let fills = std::mem::take(&mut *lock(&self.fills));
+            if fills.is_empty() {
+                return;
+            }
+            for h in fills {
+                let _ = h.await;
+            }
         }
     }
 
@@ -357,7 +431,7 @@ impl ChunkCache {
         }
     }
 
-    /// The ciphertext tiers, in lookup order.
+    /// The ciphertext tiers, in lookup order (the origin is not one).
     pub fn tiers(&self) -> &[Arc<dyn ChunkTier>] {
         &self.tiers
     }
@@ -381,5 +455,67 @@ impl ChunkCache {
             }
         }
         s
+    }
+}
+
+/// The error a reader gets from a fetch it may share with others: the error itself when
+/// it is the only holder, else [`ReadError::Shared`], which keeps its type.
+fn shared(e: Arc<ReadError>) -> ReadError {
+    match Arc::try_unwrap(e) {
+        Ok(e) => e,
+        Err(e) => ReadError::Shared(e),
+    }
+}
+
+/// The bytes a hit counts: the object's. A local file counts when its segment opens.
+fn held_bytes(source: &Source) -> Option<usize> {
+    match source {
+        Source::Checked(o) => Some(o.bytes().len()),
+        Source::Partial(o) => Some(o.bytes().len()),
+        Source::Local(_) => None,
+    }
+}
+
+/// Checks bytes nobody checked: a v1 object whole, a v2 object's header (its segments
+/// are hashed as they are used).
+async fn check_unchecked(
+    tier: &'static str,
+    chunk: ChunkRef,
+    bytes: Bytes,
+) -> Result<Source, ReadError> {
+    blocking(move || {
+        Ok(match chunk.format {
+            ChunkFormat::V1 => Checked::check(tier, &chunk, bytes).map(Source::Checked),
+            ChunkFormat::V2 { .. } => {
+                HeaderChecked::check(tier, &chunk, bytes).map(Source::Partial)
+            }
+        })
+    })
+    .await?
+}
+
+/// Opens segment `j` from a fetched source (blocking: hashing, reading, decrypting).
+fn open_from(
+    fetched: &Fetched,
+    tier: &'static str,
+    chunk: &ChunkRef,
+    key: &ChunkKey,
+    j: SegmentIndex,
+) -> Result<Bytes, OpenFailure> {
+    match &fetched.source {
+        // Checked whole: a failure to open is the manifest's key, not the copy.
+        Source::Checked(o) => o.open_segment(chunk, key, j).map_err(OpenFailure::Fatal),
+        Source::Partial(o) => o.open_segment(tier, chunk, key, j).map_err(|e| {
+            if e.is_integrity() {
+                OpenFailure::Copy(e)
+            } else {
+                OpenFailure::Fatal(e)
+            }
+        }),
+        // The worker's own copy: whatever fails (a rotted segment, a failing disk), the
+        // next tier may hold a good one.
+        Source::Local(o) => o.open_segment(tier, chunk, key, j).map_err(|e| match e {
+            LocalError::Io(e) | LocalError::Rotted(e) => OpenFailure::Copy(e),
+        }),
     }
 }

@@ -15,7 +15,8 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 use lode_blockdev::{BlockDevice, DeviceError};
 use lode_format::{
-    ChunkEntry, ChunkFormat, ChunkIndex, ChunkName, ChunkSize, KeyTable, ManifestId, RootId,
+    ChunkEntry, ChunkFormat, ChunkIndex, ChunkKey, ChunkName, ChunkSize, KeyTable, ManifestId,
+    RootId, SegmentIndex,
 };
 
 use crate::overlay::{BLOCK_SIZE, Overlay};
@@ -138,8 +139,8 @@ impl ImageDevice {
         }
     }
 
-    /// The decrypted chunk `index`, or `None` for a zero chunk.
-    pub async fn chunk(&self, index: u64) -> Result<Option<(ChunkName, Bytes)>, ReadError> {
+    /// Where chunk `index` is and how to open it, or `None` for a zero chunk.
+    pub fn chunk_ref(&self, index: u64) -> Result<Option<(ChunkRef, &ChunkKey)>, ReadError> {
         let i = ChunkIndex(index);
         let entry = usize::try_from(index)
             .ok()
@@ -147,59 +148,104 @@ impl ImageDevice {
             .copied()
             .unwrap_or(ChunkEntry::Zero);
         let name = match entry {
-            ChunkEntry::Zero => {
-                self.cache.metrics().zero_chunk();
-                return Ok(None);
-            }
+            ChunkEntry::Zero => return Ok(None),
             ChunkEntry::Stored(name) => name,
         };
         let key = self.keys.get(i).ok_or(ReadError::MissingKey { index: i })?;
-        let expected = self.chunk_size.len_of(i, self.size);
+        let plain_len = self.chunk_size.len_of(i, self.size);
         let chunk = ChunkRef {
             root: self.root,
             manifest: self.id,
+            index: i,
             name,
             format: self.format,
-            max_bytes: self.format.object_len(expected),
+            plain_len: u32::try_from(plain_len).map_err(|_| {
+                ReadError::Config(format!("chunk {index} of {} is too large", self.id))
+            })?,
+            max_bytes: self.format.object_len(plain_len),
         };
-        self.cache
-            .plaintext(chunk, i, key, expected)
-            .await
-            .map(|b| Some((name, b)))
-            .map_err(|e| match Arc::try_unwrap(e) {
-                Ok(e) => e,
-                Err(shared) => ReadError::Shared(shared),
-            })
+        Ok(Some((chunk, key)))
     }
 
-    /// Reads the image (not the overlay) into `buf`; the range must be in bounds.
+    /// The decrypted chunk `index`, or `None` for a zero chunk.
+    pub async fn chunk(&self, index: u64) -> Result<Option<(ChunkName, Bytes)>, ReadError> {
+        let Some((chunk, key)) = self.chunk_ref(index)? else {
+            self.cache.metrics().zero_chunk();
+            return Ok(None);
+        };
+        let plain = self.cache.chunk(chunk, key).await?;
+        Ok(Some((chunk.name, plain)))
+    }
+
+    /// The decrypted segment `j` of chunk `index` (a v1 chunk is one segment), or `None`
+    /// for a zero chunk.
+    pub async fn segment(&self, index: u64, j: SegmentIndex) -> Result<Option<Bytes>, ReadError> {
+        let Some((chunk, key)) = self.chunk_ref(index)? else {
+            self.cache.metrics().zero_chunk();
+            return Ok(None);
+        };
+        self.cache.segment(chunk, key, j).await.map(Some)
+    }
+
+    /// The bytes of the image each segment holds but a short last one: the segment size
+    /// for v2 images, the chunk size for v1.
+    pub fn segment_len(&self) -> u64 {
+        match self.format.segment_size() {
+            Some(s) => s.bytes_u64().min(self.chunk_size.bytes_u64()),
+            None => self.chunk_size.bytes_u64(),
+        }
+    }
+
+    /// Reads the image (not the overlay) into `buf`; the range must be in bounds. Fetches
+    /// only the segments the range touches, all at once.
     pub async fn read_image(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         let cs = self.chunk_size.bytes_u64();
-        let touched = self.chunks_touched(offset, buf.len() as u64);
-        let chunks = try_join_all(touched.clone().map(|i| self.chunk(i))).await?;
+        let seg = self.segment_len();
         let end = offset + buf.len() as u64;
-        for (i, data) in touched.zip(chunks) {
-            let start = (i * cs).max(offset);
-            let stop = ((i + 1) * cs).min(end);
+        // (chunk, segment, the image range the piece covers)
+        let mut pieces = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let (i, within) = (at / cs, at % cs);
+            let j = within / seg;
+            let stop = (i * cs + (j + 1) * seg).min((i + 1) * cs).min(end);
+            pieces.push((i, j, at, stop));
+            at = stop;
+        }
+        let got = try_join_all(pieces.iter().map(|&(i, j, _, _)| {
+            self.segment(i, SegmentIndex(u32::try_from(j).unwrap_or(u32::MAX)))
+        }))
+        .await?;
+        for (&(i, j, start, stop), data) in pieces.iter().zip(got) {
             let dst = &mut buf[usize_of(start - offset)..usize_of(stop - offset)];
             match data {
                 None => dst.fill(0),
-                Some((name, d)) => {
-                    let from = usize_of(start - i * cs);
+                Some(d) => {
+                    let from = usize_of(start - i * cs - j * seg);
                     // The cache checked the length; this guards the arithmetic above.
-                    let src = d
-                        .get(from..from + dst.len())
-                        .ok_or(ReadError::ChunkLength {
-                            chunk: name,
-                            index: ChunkIndex(i),
-                            expected: from + dst.len(),
-                            got: d.len(),
-                        })?;
+                    let src =
+                        d.get(from..from + dst.len())
+                            .ok_or_else(|| ReadError::SegmentLength {
+                                chunk: self.chunk_name(i),
+                                segment: SegmentIndex(u32::try_from(j).unwrap_or(u32::MAX)),
+                                expected: from + dst.len(),
+                                got: d.len(),
+                            })?;
                     dst.copy_from_slice(src);
                 }
             }
         }
         Ok(())
+    }
+
+    fn chunk_name(&self, index: u64) -> ChunkName {
+        match usize::try_from(index).ok().and_then(|i| self.chunks.get(i)) {
+            Some(ChunkEntry::Stored(n)) => *n,
+            _ => ChunkName::from_bytes([0; 32]),
+        }
     }
 
     /// Reads the device as a client sees it: overlay blocks first, the image elsewhere.

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use lode_format::{ChunkIndex, ChunkName, ManifestError, ManifestId, ObjectError};
+use lode_format::{ChunkIndex, ChunkName, ManifestError, ManifestId, ObjectError, SegmentIndex};
 use lode_kms::KmsError;
 use lode_store::StoreError;
 use thiserror::Error;
@@ -109,6 +109,32 @@ pub enum ReadError {
         /// Bytes it held.
         got: usize,
     },
+    /// A segment decrypted to the wrong length for its place in the chunk.
+    #[error("chunk {chunk} segment {segment} is {got} bytes of plaintext, expected {expected}")]
+    SegmentLength {
+        /// The chunk.
+        chunk: ChunkName,
+        /// The segment (0 for a v1 chunk, which is one segment).
+        segment: SegmentIndex,
+        /// Bytes expected there.
+        expected: usize,
+        /// Bytes it held.
+        got: usize,
+    },
+    /// A copy on this worker's own disk is not (any longer) the chunk: it is short, its
+    /// header does not hash to the name, or a segment fails AES-GCM. It is dropped and the
+    /// next tier asked.
+    #[error("chunk {chunk} on tier {tier} has rotted at segment {segment}: {reason}")]
+    Rotted {
+        /// The tier.
+        tier: &'static str,
+        /// The chunk.
+        chunk: ChunkName,
+        /// The segment being read.
+        segment: SegmentIndex,
+        /// What failed.
+        reason: String,
+    },
     /// The key table has no key for a stored chunk.
     #[error("the key table has no key for stored chunk {index}")]
     MissingKey {
@@ -149,6 +175,15 @@ pub enum ReadError {
 }
 
 impl ReadError {
+    /// Whether this says a copy was not the chunk (a failed name, header, segment or
+    /// tag): counted as an integrity failure, the copy dropped.
+    pub fn is_integrity(&self) -> bool {
+        matches!(
+            self.root(),
+            ReadError::Corrupt { .. } | ReadError::CorruptObject { .. } | ReadError::Rotted { .. }
+        )
+    }
+
     /// The error itself: the shared error a [`ReadError::Shared`] holds, or `self`.
     pub fn root(&self) -> &ReadError {
         match self {

@@ -23,6 +23,7 @@
 mod alarm;
 mod az;
 mod cache;
+mod checked;
 mod device;
 mod error;
 mod lru;
@@ -34,6 +35,7 @@ mod tier;
 pub use alarm::{ReadAlarm, check_read, check_read_in, reader_name, unix_now};
 pub use az::{AzTier, az_prometheus};
 pub use cache::{CacheBuilder, ChunkCache};
+pub use checked::{Checked, Found, HeaderChecked, LocalError, LocalObject};
 pub use device::ImageDevice;
 pub use error::{OpenError, ReadError};
 pub use lru::Lru;
@@ -43,5 +45,6 @@ pub use reference::{
     KeySource, KmsKeys, OpenedImage, open_image, open_image_with, resolve, unwrap_data_key,
 };
 pub use tier::{
-    ChunkRef, ChunkTier, DEFAULT_ORIGIN_CONCURRENCY, DiskTier, MemoryTier, OriginTier, OriginWatch,
+    ChunkOrigin, ChunkRef, ChunkTier, DEFAULT_ORIGIN_CONCURRENCY, DiskTier, MemoryTier,
+    OriginWatch, StoreOrigin,
 };

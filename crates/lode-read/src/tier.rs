@@ -1,10 +1,11 @@
-//! Ciphertext tiers: one small trait, so the AZ cache slots in between the local cache
-//! and the origin (docs/agent.md).
+//! Ciphertext tiers: one small trait, so the AZ cache slots in between the worker's own
+//! tiers and the origin (docs/agent.md), and the origin behind them all.
 //!
-//! A tier only stores and returns bytes; checking them is the job of the
-//! [`ChunkCache`](crate::ChunkCache): it hashes whatever a remote tier returns, and lets
-//! AES-GCM authenticate what the worker's own disk returns (a disk can rot; a failed tag
-//! is caught like a failed name).
+//! A tier says what it returns with [`Found`]: an object it checked, a v2 object whose
+//! header it checked, a file on this worker's disk, or bytes nobody checked; the
+//! [`ChunkCache`](crate::ChunkCache) matches on that and checks what is left to check
+//! (docs/architecture.md, "Trust boundaries"). A tier keeps only [`Checked`] objects.
+//! The origin is not a tier: it is never filled ([`ChunkOrigin`]).
 
 use std::fs;
 use std::io::Write;
@@ -14,75 +15,81 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use lode_format::{ChunkFormat, ChunkName, ManifestId, ObjectError, RootId};
+use lode_format::{ChunkFormat, ChunkIndex, ChunkName, ManifestId, RootId, SegmentIndex};
 use lode_store::{Store, StoreError};
 
+use crate::checked::{Checked, Found, LocalError, LocalObject};
 use crate::error::{blocking, io};
 use crate::{Lru, ReadError};
 
-/// A chunk as the tiers know it: its name, the store root it lives under and the
-/// manifest that asked for it (the origin needs the root, and names both in a read
-/// alarm; local tiers key by name alone, as a name fixes the bytes).
+/// A chunk as the tiers know it: its name, the store root it lives under, the manifest
+/// that asked for it and where in that image it sits (the origin needs the root, and
+/// names both in a read alarm; local tiers key by name alone, as a name fixes the bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ChunkRef {
     /// The root.
     pub root: RootId,
     /// The manifest the chunk is read for (one of those that name it).
     pub manifest: ManifestId,
+    /// The chunk's index in that image (named when it does not open).
+    pub index: ChunkIndex,
     /// The chunk's name (SHA-256 of its v1 ciphertext, or of its v2 header).
     pub name: ChunkName,
     /// The format its object is sealed in, from the manifest.
     pub format: ChunkFormat,
-    /// The length its object has in that format (its plaintext length plus the seal's
+    /// Its plaintext length, from the manifest's chunk and device sizes.
+    pub plain_len: u32,
+    /// The most its object can be in that format (its plaintext length plus the seal's
     /// tags and header): the origin refuses a larger object before reading it.
     pub max_bytes: u64,
 }
 
-/// One place ciphertext chunks can come from.
+impl ChunkRef {
+    /// The plaintext bytes of each segment but a short last one: the segment size for
+    /// v2, the whole chunk for v1 (one segment).
+    pub fn segment_len(&self) -> u32 {
+        match self.format.segment_size() {
+            Some(s) => s.bytes().min(self.plain_len.max(1)),
+            None => self.plain_len,
+        }
+    }
+
+    /// How many segments the chunk has (1 for v1).
+    pub fn segment_count(&self) -> usize {
+        let (plain, seg) = (self.plain_len as usize, self.segment_len().max(1) as usize);
+        plain.div_ceil(seg).max(1)
+    }
+
+    /// The plaintext length of segment `j` (0 past the last).
+    pub fn segment_plain_len(&self, j: SegmentIndex) -> usize {
+        let seg = self.segment_len() as usize;
+        let start = (j.0 as usize).saturating_mul(seg);
+        (self.plain_len as usize).saturating_sub(start).min(seg)
+    }
+}
+
+/// One place ciphertext chunks can come from, above the origin.
 #[async_trait]
 pub trait ChunkTier: Send + Sync + std::fmt::Debug + 'static {
-    /// A short name for metrics and messages (`memory`, `disk`, `origin`).
+    /// A short name for metrics and messages (`memory`, `disk`, `az`).
     fn name(&self) -> &'static str;
 
-    /// The chunk's ciphertext, or `None` when this tier does not hold it. The bytes may
-    /// be wrong; the caller checks them unless the tier is [`trusted`](Self::trusted).
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError>;
+    /// What this tier holds of `chunk`, or `None` when it holds nothing. `segment` is the
+    /// one the read waits for: a tier may return just what reads it (a local file) or the
+    /// whole object.
+    async fn get(
+        &self,
+        chunk: &ChunkRef,
+        segment: SegmentIndex,
+    ) -> Result<Option<Found>, ReadError>;
 
-    /// Keeps a copy of a chunk whose bytes were checked. Best effort: a tier that cannot
-    /// keep it (full, read-only, failing disk) just does not.
-    async fn put(&self, chunk: &ChunkRef, ciphertext: Bytes);
+    /// Keeps a copy of a checked chunk. Best effort: a tier that cannot keep it (full,
+    /// read-only, failing disk) just does not.
+    async fn put(&self, chunk: &ChunkRef, object: &Checked);
 
     /// Forgets a chunk (after it failed its check).
     async fn remove(&self, chunk: &ChunkRef) {
         let _ = chunk;
-    }
-
-    /// Whether what this tier returns needs no check: true only for the worker's own
-    /// memory, which holds only bytes that were checked on the way in.
-    fn trusted(&self) -> bool {
-        false
-    }
-
-    /// Whether this tier holds only bytes this worker wrote after checking them (its
-    /// own disk). Such bytes are not hashed again when they are about to be decrypted:
-    /// AES-GCM's tag authenticates them under the manifest's key, and a copy that fails
-    /// it is treated like one that fails its name. Bytes from other machines (the AZ
-    /// cache, the origin) are always checked against the name, because a convergent key
-    /// is known to anyone who knows the plaintext, so only the name pins the ciphertext.
-    fn local(&self) -> bool {
-        false
-    }
-
-    /// Whether the tier itself returns only bytes that hash to the chunk's name (the
-    /// origin store and the AZ client check every chunk they return), so the cache need
-    /// not hash them again.
-    fn verifies_names(&self) -> bool {
-        false
-    }
-
-    /// Whether chunks found further down should be copied here.
-    fn fillable(&self) -> bool {
-        true
     }
 
     /// Bytes held and the bound, for tiers that keep a byte count.
@@ -90,8 +97,16 @@ pub trait ChunkTier: Send + Sync + std::fmt::Debug + 'static {
         None
     }
 
-    /// Drops everything held in memory (the disk and the origin keep theirs).
+    /// Drops everything held in memory (the disk keeps its own).
     fn drop_memory(&self) {}
+}
+
+/// Where a chunk comes from when no tier holds it: never filled, asked last.
+#[async_trait]
+pub trait ChunkOrigin: Send + Sync + std::fmt::Debug + 'static {
+    /// The chunk's object as fetched, unchecked (the cache checks it), or `None` when the
+    /// origin does not hold it.
+    async fn fetch(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError>;
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,10 +115,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Ciphertext in worker memory, byte-bounded LRU. Trusted: only checked bytes go in.
+/// Checked chunk objects in worker memory, byte-bounded LRU: only [`Checked`] objects
+/// go in, so what comes out is [`Found::Checked`].
 #[derive(Debug)]
 pub struct MemoryTier {
-    lru: Mutex<Lru<ChunkName, Bytes>>,
+    lru: Mutex<Lru<ChunkName, Checked>>,
 }
 
 impl MemoryTier {
@@ -121,21 +137,21 @@ impl ChunkTier for MemoryTier {
         "memory"
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
-        Ok(lock(&self.lru).get(&chunk.name))
+    async fn get(
+        &self,
+        chunk: &ChunkRef,
+        _segment: SegmentIndex,
+    ) -> Result<Option<Found>, ReadError> {
+        Ok(lock(&self.lru).get(&chunk.name).map(Found::Checked))
     }
 
-    async fn put(&self, chunk: &ChunkRef, ciphertext: Bytes) {
-        let len = ciphertext.len() as u64;
-        lock(&self.lru).insert(chunk.name, ciphertext, len);
+    async fn put(&self, chunk: &ChunkRef, object: &Checked) {
+        let len = object.bytes().len() as u64;
+        lock(&self.lru).insert(chunk.name, object.clone(), len);
     }
 
     async fn remove(&self, chunk: &ChunkRef) {
         lock(&self.lru).remove(&chunk.name);
-    }
-
-    fn trusted(&self) -> bool {
-        true
     }
 
     fn usage(&self) -> Option<(u64, u64)> {
@@ -148,7 +164,7 @@ impl ChunkTier for MemoryTier {
     }
 }
 
-/// Ciphertext on local disk: one file per chunk, named by the chunk's hex name, in one
+/// Checked chunk objects on local disk: one file per chunk, named by the chunk's hex name, in one
 /// directory; written to a temporary name and renamed, so a crash never leaves a
 /// half-written file under a chunk's name (and a rotted one is caught by the name
 /// check). Byte-bounded LRU over an in-memory index; files found in the directory at
@@ -212,29 +228,36 @@ impl ChunkTier for DiskTier {
         "disk"
     }
 
-    fn local(&self) -> bool {
-        true
-    }
-
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
+    async fn get(
+        &self,
+        chunk: &ChunkRef,
+        _segment: SegmentIndex,
+    ) -> Result<Option<Found>, ReadError> {
         if lock(&self.index).get(&chunk.name).is_none() {
             return Ok(None);
         }
         let path = self.path_of(&chunk.name);
         let index = Arc::clone(&self.index);
-        let name = chunk.name;
-        blocking(move || match fs::read(&path) {
-            Ok(b) => Ok(Some(Bytes::from(b))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                lock(&index).remove(&name);
-                Ok(None)
+        let chunk = *chunk;
+        blocking(move || {
+            let file = match fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    lock(&index).remove(&chunk.name);
+                    return Ok(None);
+                }
+                Err(e) => return Err(io("open cached chunk", &path)(e)),
+            };
+            match LocalObject::open("disk", &chunk, file, path) {
+                Ok(o) => Ok(Some(Found::Local(o))),
+                Err(LocalError::Io(e) | LocalError::Rotted(e)) => Err(e),
             }
-            Err(e) => Err(io("read cached chunk", &path)(e)),
         })
         .await
     }
 
-    async fn put(&self, chunk: &ChunkRef, ciphertext: Bytes) {
+    async fn put(&self, chunk: &ChunkRef, object: &Checked) {
+        let ciphertext = object.bytes().clone();
         let path = self.path_of(&chunk.name);
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join(format!(
@@ -290,15 +313,17 @@ pub trait OriginWatch: Send + Sync + std::fmt::Debug + 'static {
     fn fetched(self: Arc<Self>, root: RootId, manifest: ManifestId);
 }
 
-/// The origin store. [`Store::get_chunk`] already checks names; a corrupt chunk there
-/// is an [`ReadError::Corrupt`], which the cache counts and, as this is the last tier,
-/// returns as an error: a wrong byte is never served. At most
+/// The origin store. It fetches objects unchecked ([`Store::get_chunk_unchecked`]): the
+/// cache checks a v2 object's header and the segment a read waits for first, the rest
+/// before it keeps the object; a v1 object whole. A corrupt chunk there is a
+/// [`ReadError::Corrupt`] or [`ReadError::CorruptObject`] that, as the origin is last,
+/// the read returns: a wrong byte is never served. At most
 /// [`concurrency`](Self::with_concurrency) fetches run at once, so an empty cache in
 /// front of it does not flood the store; the rest queue. In the agent, every fetch is
 /// also reported to its [`OriginWatch`], which raises a read alarm when the chunk's root
 /// has expired (docs/gc.md); the fetch itself never waits on that.
 #[derive(Debug)]
-pub struct OriginTier {
+pub struct StoreOrigin {
     store: Store,
     permits: tokio::sync::Semaphore,
     watch: Option<Arc<dyn OriginWatch>>,
@@ -307,13 +332,13 @@ pub struct OriginTier {
 /// Concurrent origin fetches allowed by default.
 pub const DEFAULT_ORIGIN_CONCURRENCY: usize = 64;
 
-impl OriginTier {
-    /// The origin tier over `store`, with [`DEFAULT_ORIGIN_CONCURRENCY`].
+impl StoreOrigin {
+    /// The origin over `store`, with [`DEFAULT_ORIGIN_CONCURRENCY`].
     pub fn new(store: Store) -> Self {
         Self::with_concurrency(store, DEFAULT_ORIGIN_CONCURRENCY)
     }
 
-    /// The origin tier over `store`, fetching at most `n` chunks at once (at least 1).
+    /// The origin over `store`, fetching at most `n` chunks at once (at least 1).
     pub fn with_concurrency(store: Store, n: usize) -> Self {
         Self {
             store,
@@ -330,12 +355,8 @@ impl OriginTier {
 }
 
 #[async_trait]
-impl ChunkTier for OriginTier {
-    fn name(&self) -> &'static str {
-        "origin"
-    }
-
-    async fn get(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
+impl ChunkOrigin for StoreOrigin {
+    async fn fetch(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
         let fetched = {
             let _permit = self
                 .permits
@@ -343,7 +364,7 @@ impl ChunkTier for OriginTier {
                 .await
                 .map_err(|e| ReadError::Task(e.to_string()))?;
             self.store
-                .get_chunk(chunk.root, &chunk.name, chunk.max_bytes)
+                .get_chunk_unchecked(chunk.root, &chunk.name, chunk.max_bytes)
                 .await
         };
         // Whatever the fetch found: a read of a deleted root, which fails, is an alarm too.
@@ -353,32 +374,10 @@ impl ChunkTier for OriginTier {
         match fetched {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::NotFound { .. }) => Ok(None),
-            Err(StoreError::CorruptChunk { name, got, .. }) => Err(ReadError::Corrupt {
-                tier: "origin",
-                chunk: name,
-                got,
-            }),
-            Err(StoreError::CorruptChunkObject { name, reason, .. }) => {
-                Err(ReadError::CorruptObject {
-                    tier: "origin",
-                    chunk: name,
-                    source: Box::new(ObjectError::V2(*reason)),
-                })
-            }
             Err(source) => Err(ReadError::Store {
                 chunk: chunk.name,
                 source: Box::new(source),
             }),
         }
-    }
-
-    async fn put(&self, _chunk: &ChunkRef, _ciphertext: Bytes) {}
-
-    fn verifies_names(&self) -> bool {
-        true
-    }
-
-    fn fillable(&self) -> bool {
-        false
     }
 }

@@ -676,14 +676,7 @@ impl Store {
         name: &ChunkName,
         max_bytes: u64,
     ) -> Result<Bytes, StoreError> {
-        let bytes = self
-            .read(
-                &self.chunk_path(root, name),
-                "chunk",
-                name.to_hex(),
-                max_bytes,
-            )
-            .await?;
+        let bytes = self.get_chunk_unchecked(root, name, max_bytes).await?;
         match check_object(name, &bytes) {
             Ok(_) => Ok(bytes),
             Err(ObjectError::V2(reason)) => Err(StoreError::CorruptChunkObject {
@@ -697,6 +690,25 @@ impl Store {
                 got: ChunkName::of(&bytes),
             }),
         }
+    }
+
+    /// Fetches a chunk's object without checking it against its name, for a reader that
+    /// checks it itself, piece by piece (the read path checks a v2 object's header and
+    /// the segment a read waits for first). `max_bytes` bounds it as in
+    /// [`get_chunk`](Self::get_chunk). Everyone else calls `get_chunk`.
+    pub async fn get_chunk_unchecked(
+        &self,
+        root: RootId,
+        name: &ChunkName,
+        max_bytes: u64,
+    ) -> Result<Bytes, StoreError> {
+        self.read(
+            &self.chunk_path(root, name),
+            "chunk",
+            name.to_hex(),
+            max_bytes,
+        )
+        .await
     }
 
     /// Removes a chunk object if it is damaged (does not hash to its name, is larger than

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use lode_image::{NoProgress, PublishOptions, Publisher};
 use lode_kms::{Keyring, Kms};
 use lode_read::{
-    CacheBuilder, ChunkCache, ChunkTier, DiskTier, ImageDevice, MemoryTier, OriginTier,
+    CacheBuilder, ChunkCache, ChunkOrigin, ChunkTier, DiskTier, ImageDevice, MemoryTier,
+    StoreOrigin,
 };
 use lode_store::Store;
 
@@ -105,17 +106,22 @@ impl Fixture {
             .decrypted_bytes(decrypted)
             .tier(Arc::new(MemoryTier::new(memory)))
             .tier(Arc::new(DiskTier::open(&cache_dir, disk).unwrap()))
-            .tier(Arc::new(OriginTier::new(self.store.clone())))
+            .origin(Arc::new(StoreOrigin::new(self.store.clone())))
             .build()
             .unwrap();
         (cache, cache_dir)
     }
 
-    /// A cache over custom tiers.
-    pub fn cache_with(&self, tiers: Vec<Arc<dyn ChunkTier>>) -> Arc<ChunkCache> {
+    /// A cache over custom tiers and origin.
+    pub fn cache_with(
+        &self,
+        tiers: Vec<Arc<dyn ChunkTier>>,
+        origin: Arc<dyn ChunkOrigin>,
+    ) -> Arc<ChunkCache> {
         tiers
             .into_iter()
             .fold(CacheBuilder::new(), |b, t| b.tier(t))
+            .origin(origin)
             .build()
             .unwrap()
     }

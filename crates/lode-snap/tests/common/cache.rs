@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use lode_read::{ChunkCache, DiskTier, MemoryTier, OriginTier};
+use lode_read::{ChunkCache, DiskTier, MemoryTier, StoreOrigin};
 use lode_store::Store;
 
 /// The tiers of one worker.
@@ -51,7 +51,7 @@ impl CacheConfig {
             ));
         }
         cache
-            .tier(Arc::new(OriginTier::new(store.clone())))
+            .origin(Arc::new(StoreOrigin::new(store.clone())))
             .build()
             .expect("build the chunk cache")
     }
