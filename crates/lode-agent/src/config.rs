@@ -20,7 +20,7 @@
 //! listen = "127.0.0.1:9464"           # Prometheus text at http://ADDR/metrics
 //!
 //! [cache]
-//! decrypted = "256MiB"                # decrypted chunks in memory
+//! decrypted = "256MiB"                # decrypted segments in memory
 //! memory = "512MiB"                   # ciphertext in memory
 //! disk = "10GiB"                      # ciphertext on local disk
 //!

@@ -4,13 +4,15 @@
 //! Where this fits: docs/architecture.md, "The read path across the tiers".
 //!
 //! An attached image is an [`ImageDevice`]: a [`lode_blockdev::BlockDevice`] whose reads
-//! consult the copy-on-write [`Overlay`] first, then fetch whole chunks through one
-//! worker-wide [`ChunkCache`]. The cache keeps decrypted chunks in memory and walks a
-//! list of [`ChunkTier`]s for ciphertext — [`MemoryTier`], [`DiskTier`], the AZ cache
-//! ([`AzTier`]), then [`OriginTier`] (the store) — checking every chunk that comes from
-//! outside the worker's memory against its name, dropping and counting what fails, and
-//! filling the tiers above on the way back. Concurrent misses for one chunk share one
-//! fetch. Everything is counted in [`Metrics`].
+//! consult the copy-on-write [`Overlay`] first, then fetch the segments they touch
+//! through one worker-wide [`ChunkCache`]. The cache keeps decrypted segments in memory
+//! and walks a list of [`ChunkTier`]s — [`MemoryTier`], [`DiskTier`], the AZ cache
+//! ([`AzTier`]) — then the [`ChunkOrigin`] ([`StoreOrigin`], the store). What a tier
+//! returns says, as a type, how far it is checked ([`Found`]); the cache checks the rest
+//! (a v2 object's header first, then the segment the read waits for, then the others
+//! before the object is kept), drops and counts what fails, and fills the tiers above
+//! with [`Checked`] objects only. Concurrent misses for one chunk share one fetch.
+//! Everything is counted in [`Metrics`].
 //!
 //! An image is opened by tag or manifest id with [`open_image`] (or [`open_image_with`]
 //! and a [`KeySource`]): its manifest fetched, checked against its id and parsed, and its

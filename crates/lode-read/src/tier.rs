@@ -305,7 +305,7 @@ impl ChunkTier for DiskTier {
     }
 }
 
-/// Told of every chunk the [`OriginTier`] fetches, or tries to: the agent raises read
+/// Told of every chunk the [`StoreOrigin`] fetches, or tries to: the agent raises read
 /// alarms from these (docs/gc.md). Called on the read's own task, after the fetch, so it
 /// must not wait; whatever it does with the store runs in a task of its own.
 pub trait OriginWatch: Send + Sync + std::fmt::Debug + 'static {
