@@ -405,3 +405,227 @@ impl LocalObject {
         opened.map_err(|e| rotted(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use lode_format::{ChunkIndex, ManifestId, RootId, RootSalt, SegmentSize};
+
+    use super::*;
+
+    const PLAIN: usize = 200 * 1024;
+
+    fn v2(segment: u32) -> ChunkFormat {
+        ChunkFormat::V2 {
+            segment_size: SegmentSize::new(u64::from(segment)).unwrap(),
+        }
+    }
+
+    fn plaintext() -> Vec<u8> {
+        (0..PLAIN)
+            .map(|i| u8::try_from((i * 7 % 251) ^ ((i >> 12) & 0xff)).unwrap_or(0))
+            .collect()
+    }
+
+    /// A sealed chunk and the reference a manifest in `format` would give for it.
+    fn sealed(format: ChunkFormat) -> (ChunkRef, ChunkKey, Bytes) {
+        let s = format
+            .seal(&RootSalt::from_bytes([7; 32]), plaintext())
+            .unwrap();
+        let chunk = ChunkRef {
+            root: RootId(1),
+            manifest: ManifestId::from_bytes([1; 32]),
+            index: ChunkIndex(3),
+            name: s.name,
+            format,
+            plain_len: u32::try_from(PLAIN).unwrap(),
+            max_bytes: format.object_len(PLAIN),
+        };
+        (chunk, s.key, Bytes::from(s.ciphertext))
+    }
+
+    fn segment_plain(chunk: &ChunkRef, j: u32) -> Vec<u8> {
+        let seg = chunk.segment_len() as usize;
+        let start = j as usize * seg;
+        plaintext()[start..(start + seg).min(PLAIN)].to_vec()
+    }
+
+    #[test]
+    fn every_segment_opens_right_from_each_kind_of_check() {
+        for format in [ChunkFormat::V1, v2(32768), v2(4096)] {
+            let (chunk, key, bytes) = sealed(format);
+            let whole = Checked::check("t", &chunk, bytes.clone()).unwrap();
+            for j in 0..u32::try_from(chunk.segment_count()).unwrap() {
+                let got = whole.open_segment(&chunk, &key, SegmentIndex(j)).unwrap();
+                assert_eq!(got, segment_plain(&chunk, j), "{format:?} {j}");
+            }
+            if format == ChunkFormat::V1 {
+                continue;
+            }
+            let part = HeaderChecked::check("t", &chunk, bytes.clone()).unwrap();
+            let j = u32::try_from(chunk.segment_count() - 1).unwrap();
+            let got = part
+                .open_segment("t", &chunk, &key, SegmentIndex(j))
+                .unwrap();
+            assert_eq!(got, segment_plain(&chunk, j));
+            part.finish("t", &chunk).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_segment_that_fails_its_hash_is_named_and_the_others_still_open() {
+        let (chunk, key, bytes) = sealed(v2(32768));
+        let mut b = bytes.to_vec();
+        let last = b.len() - 5;
+        b[last] ^= 1;
+        let part = HeaderChecked::check("az", &chunk, Bytes::from(b.clone())).unwrap();
+        let err = part
+            .open_segment("az", &chunk, &key, SegmentIndex(6))
+            .unwrap_err();
+        assert!(err.is_integrity(), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("segment 6") && msg.contains("tier az"),
+            "{msg}"
+        );
+        assert!(msg.contains(&chunk.name.to_string()), "{msg}");
+        let ok = part
+            .open_segment("az", &chunk, &key, SegmentIndex(0))
+            .unwrap();
+        assert_eq!(ok, segment_plain(&chunk, 0));
+        assert!(part.finish("az", &chunk).unwrap_err().is_integrity());
+        assert!(Checked::check("az", &chunk, Bytes::from(b)).is_err());
+    }
+
+    #[test]
+    fn truncated_grown_and_mislaid_objects_are_refused_naming_the_chunk() {
+        let (chunk, _, bytes) = sealed(v2(32768));
+        let name = chunk.name.to_string();
+        let short = bytes.slice(..bytes.len() - 1);
+        let mut grown = bytes.to_vec();
+        grown.push(0);
+        for (what, b) in [("truncated", short), ("grown", Bytes::from(grown))] {
+            let e = HeaderChecked::check("origin", &chunk, b.clone()).unwrap_err();
+            assert!(
+                e.is_integrity() && e.to_string().contains(&name),
+                "{what}: {e}"
+            );
+            let e = Checked::check("origin", &chunk, b).unwrap_err();
+            assert!(
+                e.is_integrity() && e.to_string().contains(&name),
+                "{what}: {e}"
+            );
+        }
+        // Only the header, no segments.
+        let len = ChunkHeader::len_for(chunk.segment_count());
+        let e = HeaderChecked::check("origin", &chunk, bytes.slice(..len)).unwrap_err();
+        assert!(e.is_integrity(), "{e}");
+        // Not even a header.
+        let e = HeaderChecked::check("origin", &chunk, bytes.slice(..7)).unwrap_err();
+        assert!(e.is_integrity(), "{e}");
+    }
+
+    #[test]
+    fn a_header_that_checks_but_disagrees_with_the_manifest_is_refused() {
+        // Sealed in 16 KiB segments; the manifest says 32 KiB.
+        let (mut chunk, _, bytes) = sealed(v2(16384));
+        chunk.format = v2(32768);
+        for e in [
+            HeaderChecked::check("az", &chunk, bytes.clone()).unwrap_err(),
+            Checked::check("az", &chunk, bytes.clone()).unwrap_err(),
+        ] {
+            assert!(e.is_integrity(), "{e:?}");
+            let msg = e.to_string();
+            assert!(msg.contains(&chunk.name.to_string()), "{msg}");
+        }
+        // A plaintext length the manifest does not give.
+        let (mut chunk, _, bytes) = sealed(v2(32768));
+        chunk.plain_len -= 1;
+        assert!(HeaderChecked::check("az", &chunk, bytes).is_err());
+    }
+
+    #[test]
+    fn an_object_in_the_other_format_is_refused_as_such() {
+        let (v1, _, v1_bytes) = sealed(ChunkFormat::V1);
+        let (v2c, _, v2_bytes) = sealed(v2(32768));
+        let as_v2 = ChunkRef {
+            format: v2c.format,
+            ..v1
+        };
+        let e = HeaderChecked::check("az", &as_v2, v1_bytes).unwrap_err();
+        assert!(e.to_string().contains("is a v1 object"), "{e}");
+        let as_v1 = ChunkRef {
+            format: ChunkFormat::V1,
+            max_bytes: v1.max_bytes,
+            ..v2c
+        };
+        let e = Checked::check("az", &as_v1, v2_bytes).unwrap_err();
+        assert!(e.to_string().contains("is a v2 object"), "{e}");
+    }
+
+    fn local(
+        chunk: &ChunkRef,
+        bytes: &[u8],
+    ) -> (tempfile::TempDir, Result<LocalObject, LocalError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+        let file = File::open(&path).unwrap();
+        let o = LocalObject::open("disk", chunk, file, path);
+        (dir, o)
+    }
+
+    #[test]
+    fn a_local_copy_is_read_by_segment_and_rot_is_named() {
+        for format in [ChunkFormat::V1, v2(32768)] {
+            let (chunk, key, bytes) = sealed(format);
+            let (_d, o) = local(&chunk, &bytes);
+            let o = o.unwrap();
+            let last = u32::try_from(chunk.segment_count() - 1).unwrap();
+            let got = o
+                .open_segment("disk", &chunk, &key, SegmentIndex(last))
+                .unwrap();
+            assert_eq!(got, segment_plain(&chunk, last));
+
+            // A flipped byte in the last segment: that segment fails GCM, named.
+            let mut b = bytes.to_vec();
+            let at = b.len() - 3;
+            b[at] ^= 0x80;
+            let (_d, o) = local(&chunk, &b);
+            let o = o.unwrap();
+            match o.open_segment("disk", &chunk, &key, SegmentIndex(last)) {
+                Err(LocalError::Rotted(e)) => {
+                    assert!(e.is_integrity());
+                    let msg = e.to_string();
+                    assert!(msg.contains(&format!("segment {last}")), "{msg}");
+                }
+                other => panic!("{format:?}: {other:?}"),
+            }
+            if format != ChunkFormat::V1 {
+                assert!(
+                    o.open_segment("disk", &chunk, &key, SegmentIndex(0))
+                        .is_ok()
+                );
+            }
+            // Truncated: the segment past the end is rot, not an I/O error.
+            let (_d, o) = local(&chunk, &bytes[..bytes.len() - 100]);
+            match o.and_then(|o| o.open_segment("disk", &chunk, &key, SegmentIndex(last))) {
+                Err(LocalError::Rotted(_)) => {}
+                other => panic!("{format:?}: {other:?}"),
+            }
+        }
+        // A v2 file whose header was changed does not open at all.
+        let (chunk, _, bytes) = sealed(v2(32768));
+        let mut b = bytes.to_vec();
+        b[30] ^= 1;
+        assert!(matches!(local(&chunk, &b).1, Err(LocalError::Rotted(_))));
+        assert!(matches!(
+            local(&chunk, &b[..10]).1,
+            Err(LocalError::Rotted(_))
+        ));
+    }
+}
