@@ -205,6 +205,12 @@ impl ImageDevice {
         let cs = self.chunk_size.bytes_u64();
         let seg = self.segment_len();
         let end = offset + buf.len() as u64;
+        let (i, within) = (offset / cs, offset % cs);
+        let j = within / seg;
+        if end <= (i * cs + (j + 1) * seg).min((i + 1) * cs) {
+            // Within one segment (most reads): no list, no join.
+            return self.copy_segment(i, j, within - j * seg, buf).await;
+        }
         // (chunk, segment, the image range the piece covers)
         let mut pieces = Vec::new();
         let mut at = offset;
@@ -215,27 +221,38 @@ impl ImageDevice {
             pieces.push((i, j, at, stop));
             at = stop;
         }
-        let got = try_join_all(pieces.iter().map(|&(i, j, _, _)| {
-            self.segment(i, SegmentIndex(u32::try_from(j).unwrap_or(u32::MAX)))
+        let pieces = pieces.iter().zip(split_at(buf, offset, &pieces));
+        try_join_all(pieces.map(|(&(i, j, start, _), dst)| {
+            self.copy_segment(i, j, start - i * cs - j * seg, dst)
         }))
         .await?;
-        for (&(i, j, start, stop), data) in pieces.iter().zip(got) {
-            let dst = &mut buf[usize_of(start - offset)..usize_of(stop - offset)];
-            match data {
-                None => dst.fill(0),
-                Some(d) => {
-                    let from = usize_of(start - i * cs - j * seg);
-                    // The cache checked the length; this guards the arithmetic above.
-                    let src =
-                        d.get(from..from + dst.len())
-                            .ok_or_else(|| ReadError::SegmentLength {
-                                chunk: self.chunk_name(i),
-                                segment: SegmentIndex(u32::try_from(j).unwrap_or(u32::MAX)),
-                                expected: from + dst.len(),
-                                got: d.len(),
-                            })?;
-                    dst.copy_from_slice(src);
-                }
+        Ok(())
+    }
+
+    /// Copies bytes `from..from + dst.len()` of segment `j` of chunk `i` into `dst`
+    /// (zeros for a zero chunk).
+    async fn copy_segment(
+        &self,
+        i: u64,
+        j: u64,
+        from: u64,
+        dst: &mut [u8],
+    ) -> Result<(), ReadError> {
+        let segment = SegmentIndex(u32::try_from(j).unwrap_or(u32::MAX));
+        match self.segment(i, segment).await? {
+            None => dst.fill(0),
+            Some(d) => {
+                let from = usize_of(from);
+                // The cache checked the length; this guards the arithmetic above.
+                let src =
+                    d.get(from..from + dst.len())
+                        .ok_or_else(|| ReadError::SegmentLength {
+                            chunk: self.chunk_name(i),
+                            segment,
+                            expected: from + dst.len(),
+                            got: d.len(),
+                        })?;
+                dst.copy_from_slice(src);
             }
         }
         Ok(())
@@ -334,6 +351,24 @@ impl ImageDevice {
 /// Lengths here are bounded by one NBD request (32 MiB) or a chunk, so they fit.
 fn usize_of(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+/// Cuts `buf`, which holds the image from `offset`, into the pieces' ranges (consecutive,
+/// covering it).
+fn split_at<'a>(
+    mut buf: &'a mut [u8],
+    mut offset: u64,
+    pieces: &[(u64, u64, u64, u64)],
+) -> Vec<&'a mut [u8]> {
+    let mut out = Vec::with_capacity(pieces.len());
+    for &(_, _, start, stop) in pieces {
+        debug_assert_eq!(start, offset);
+        let (head, rest) = std::mem::take(&mut buf).split_at_mut(usize_of(stop - start));
+        out.push(head);
+        buf = rest;
+        offset = stop;
+    }
+    out
 }
 
 #[async_trait]
