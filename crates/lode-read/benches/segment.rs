@@ -14,13 +14,15 @@
 //!    disk's. The yardstick is `pread` of 4 KiB from a plain file holding the same image,
 //!    as nbdkit's file plugin does, at the same offsets. The three sides take turns
 //!    within each round.
-//! 2. **AZ: time until the segment a read needs is usable.** Six memcached processes as
-//!    the fleet, k = 4, m = 2, an [`AzTier`] holding v2 chunks of the same image. A sample
-//!    is `AzTier::get` of a chunk and [`HeaderChecked::open_segment`] of a random segment
-//!    (what the cache does before it answers), beside one plain memcached GET of the same
-//!    object stored whole under another key on one of those processes (the same client,
-//!    `lode_az::memcache`), and `AzTier::get` followed by [`HeaderChecked::finish`] (the
-//!    whole-object check, for contrast). The three take turns.
+//! 2. **AZ: time until the segment a read needs is usable.** Six memcached processes
+//!    (`-m 256 -I 2m`) on loopback as the fleet, k = 4, m = 2, an [`AzTier`] holding v2
+//!    chunks of the same image. A sample is `AzTier::get` of a chunk and
+//!    [`HeaderChecked::open_segment`] of a random segment (what the cache does before it
+//!    answers), beside one plain memcached GET of the same object stored whole under
+//!    another key on one of those processes (the same client, `lode_az::memcache`), and
+//!    `AzTier::get` followed by [`HeaderChecked::finish`] (the whole-object check, for
+//!    contrast). The three take turns; the first is also split into the tier's get and
+//!    `open_segment` (hash and decrypt one segment).
 //!
 //! ```text
 //! cargo bench -p lode-read --bench segment
@@ -330,6 +332,8 @@ async fn disk_part(dir: &Path, image: &[u8]) -> (DiskPart, Store, Keyring, Strin
 
 struct AzPart {
     segment: Lat,
+    /// The part of `segment` after the tier returned: hash and decrypt one segment.
+    open: Lat,
     whole: Lat,
     get: Lat,
     object_bytes: usize,
@@ -409,7 +413,8 @@ async fn az_part(
     let object_bytes = chunks[0].object.len();
 
     let mut rng = Rng(0xa2_5e67_0000_0042);
-    let (mut segment, mut whole, mut get) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut segment, mut open, mut whole, mut get) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for s in 0..AZ_WARMUP + AZ_SAMPLES {
         let c = &chunks[usize_of(rng.below(chunks.len() as u64))];
         let j = SegmentIndex(
@@ -421,6 +426,7 @@ async fn az_part(
                 0 => {
                     let t = Instant::now();
                     let h = header_checked(&tier, c, j).await;
+                    let fetched = t.elapsed();
                     let got = h
                         .open_segment("az", &c.chunk, &c.key, j)
                         .expect("open the segment");
@@ -430,6 +436,7 @@ async fn az_part(
                     assert!(got[..] == image[at..at + got.len()], "wrong plaintext");
                     if keep {
                         segment.push(d);
+                        open.push(d - fetched);
                     }
                 }
                 1 => {
@@ -465,6 +472,7 @@ async fn az_part(
     );
     AzPart {
         segment: Lat::sorted(segment),
+        open: Lat::sorted(open),
         whole: Lat::sorted(whole),
         get: Lat::sorted(get),
         object_bytes,
@@ -544,6 +552,7 @@ fn main() {
                 "AzTier get + open_segment (one 32 KiB segment)",
                 &az.segment,
             ),
+            ("of which open_segment (hash + decrypt)", &az.open),
             ("AzTier get + finish (whole object checked)", &az.whole),
             ("plain memcached GET of the object", &az.get),
         ] {
@@ -565,6 +574,7 @@ fn main() {
             "m": 2,
             "object_bytes": az.object_bytes,
             "segment": az.segment.json(),
+            "open_segment": az.open.json(),
             "whole": az.whole.json(),
             "plain_get": az.get.json(),
             "ratio_p50_segment_to_get": ratio,
