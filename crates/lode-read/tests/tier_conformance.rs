@@ -285,6 +285,7 @@ async fn conformance(h: &dyn Harness) {
     for format in formats() {
         never_put_is_a_miss(h, format).await;
         put_then_get_opens_every_segment(h, format).await;
+        put_again_keeps(h, format).await;
         remove_forgets(h, format).await;
         damage_never_opens_wrong(h, format).await;
         usage_stays_bounded(h, format).await;
@@ -338,6 +339,34 @@ async fn put_then_get_opens_every_segment(h: &dyn Harness, format: ChunkFormat) 
             .unwrap_or_else(|| panic!("{} {}: a chunk put is missing", tier.name(), label(format)));
         assert_whole(h, tier.name(), &s, &found, &format!("get for segment {j}"));
     }
+}
+
+/// 2b. Putting a chunk the tier already holds keeps it (two fetches of one chunk may
+/// both fill a tier).
+async fn put_again_keeps(h: &dyn Harness, format: ChunkFormat) {
+    let tier = h.tier();
+    let s = Sample::new(format, seed(8, format, 0));
+    tier.put(&s.chunk, &s.checked).await;
+    let before = tier.usage();
+    tier.put(&s.chunk, &s.checked).await;
+    assert_eq!(
+        tier.usage(),
+        before,
+        "{}: a second put changed the usage",
+        tier.name()
+    );
+    let found = tier
+        .get(&s.chunk, SegmentIndex(0))
+        .await
+        .unwrap_or_else(|e| panic!("{} {}: get: {e}", tier.name(), label(format)))
+        .unwrap_or_else(|| {
+            panic!(
+                "{} {}: a chunk put twice is missing",
+                tier.name(),
+                label(format)
+            )
+        });
+    assert_whole(h, tier.name(), &s, &found, "after a second put");
 }
 
 /// 3. A chunk removed is a miss.
@@ -450,6 +479,7 @@ async fn damage_never_opens_wrong(h: &dyn Harness, format: ChunkFormat) {
 /// is still held and the oldest is gone.
 async fn usage_stays_bounded(h: &dyn Harness, format: ChunkFormat) {
     let capacity = 3 * format.object_len(PLAIN_LEN) + 100;
+    let tiny = u64::try_from(PLAIN_LEN / 2).unwrap();
     let Some(tier) = h.bounded(capacity) else {
         let tier = h.tier();
         if let Some((used, bound)) = tier.usage() {
@@ -481,6 +511,18 @@ async fn usage_stays_bounded(h: &dyn Harness, format: ChunkFormat) {
     assert_whole(h, name, newest, &found, "newest after eviction");
     let oldest = tier.get(&samples[0].chunk, SegmentIndex(0)).await.unwrap();
     assert!(oldest.is_none(), "{name}: 7 chunks held in room for 3");
+
+    // A chunk larger than the whole bound is not kept at all.
+    let small = h.bounded(tiny).unwrap();
+    let s = &samples[0];
+    small.put(&s.chunk, &s.checked).await;
+    assert_eq!(
+        small.usage(),
+        Some((0, tiny)),
+        "{name}: kept a chunk over its bound"
+    );
+    let got = small.get(&s.chunk, SegmentIndex(0)).await.unwrap();
+    assert!(got.is_none(), "{name}: serves a chunk over its bound");
 }
 
 /// 6. `drop_memory`: a memory tier forgets, the others keep.
