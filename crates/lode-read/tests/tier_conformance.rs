@@ -293,7 +293,7 @@ async fn conformance(h: &dyn Harness) {
     }
 }
 
-/// 1. A chunk never put is a miss, whichever segment is asked for.
+/// Check 1: A chunk never put is a miss, whichever segment is asked for.
 async fn never_put_is_a_miss(h: &dyn Harness, format: ChunkFormat) {
     let tier = h.tier();
     let s = Sample::new(format, seed(1, format, 0));
@@ -326,7 +326,7 @@ fn assert_whole(h: &dyn Harness, tier: &'static str, s: &Sample, found: &Found, 
     }
 }
 
-/// 2. What was put comes back, as the tier's contract says, every segment right.
+/// Check 2: What was put comes back, as the tier's contract says, every segment right.
 async fn put_then_get_opens_every_segment(h: &dyn Harness, format: ChunkFormat) {
     let tier = h.tier();
     let s = Sample::new(format, seed(2, format, 0));
@@ -341,7 +341,7 @@ async fn put_then_get_opens_every_segment(h: &dyn Harness, format: ChunkFormat) 
     }
 }
 
-/// 2b. Putting a chunk the tier already holds keeps it (two fetches of one chunk may
+/// Check 2b: Putting a chunk the tier already holds keeps it (two fetches of one chunk may
 /// both fill a tier).
 async fn put_again_keeps(h: &dyn Harness, format: ChunkFormat) {
     let tier = h.tier();
@@ -369,7 +369,7 @@ async fn put_again_keeps(h: &dyn Harness, format: ChunkFormat) {
     assert_whole(h, tier.name(), &s, &found, "after a second put");
 }
 
-/// 3. A chunk removed is a miss.
+/// Check 3: A chunk removed is a miss.
 async fn remove_forgets(h: &dyn Harness, format: ChunkFormat) {
     let tier = h.tier();
     let s = Sample::new(format, seed(3, format, 0));
@@ -391,7 +391,7 @@ async fn remove_forgets(h: &dyn Harness, format: ChunkFormat) {
     );
 }
 
-/// 4. A damaged copy never opens to wrong bytes; undamaged segments still open right.
+/// Check 4: A damaged copy never opens to wrong bytes; undamaged segments still open right.
 async fn damage_never_opens_wrong(h: &dyn Harness, format: ChunkFormat) {
     let tier = h.tier();
     let name = tier.name();
@@ -475,7 +475,7 @@ async fn damage_never_opens_wrong(h: &dyn Harness, format: ChunkFormat) {
     }
 }
 
-/// 5. Usage stays within the bound after more than the bound is put; the newest chunk
+/// Check 5: Usage stays within the bound after more than the bound is put; the newest chunk
 /// is still held and the oldest is gone.
 async fn usage_stays_bounded(h: &dyn Harness, format: ChunkFormat) {
     let capacity = 3 * format.object_len(PLAIN_LEN) + 100;
@@ -525,7 +525,7 @@ async fn usage_stays_bounded(h: &dyn Harness, format: ChunkFormat) {
     assert!(got.is_none(), "{name}: serves a chunk over its bound");
 }
 
-/// 6. `drop_memory`: a memory tier forgets, the others keep.
+/// Check 6: `drop_memory`: a memory tier forgets, the others keep.
 async fn drop_memory(h: &dyn Harness, format: ChunkFormat) {
     let tier = h.tier();
     let s = Sample::new(format, seed(6, format, 0));
