@@ -279,9 +279,13 @@ impl ChunkTier for DiskTier {
                 return Err(io("write cached chunk", &path)(e));
             }
             // Index only after the rename, so a get never finds a name without a file;
-            // delete the victims' files after releasing the lock.
+            // delete the victims' files after releasing the lock. A chunk put again evicts
+            // its own older entry, whose file the rename just replaced: that file stays.
             let evicted = lock(&index).insert(name, (), ciphertext.len() as u64);
-            for (victim, ()) in evicted {
+            for (victim, ()) in evicted
+                .into_iter()
+                .filter(|(v, ())| *v != name || !lock(&index).contains(&name))
+            {
                 let _ = fs::remove_file(dir.join(victim.to_hex()));
             }
             Ok(())
