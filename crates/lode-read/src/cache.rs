@@ -20,6 +20,7 @@
 //! (and segment) alone and are shared by every attached image. A v1 chunk is one segment.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -46,11 +47,13 @@ enum Source {
     Local(LocalObject),
 }
 
-/// A fetch's answer: the source and the tier it came from (`tiers.len()` for the origin).
+/// A fetch's answer: the source, the tier it came from (`tiers.len()` for the origin) and
+/// the fetch's number (its entry in the in-flight map).
 #[derive(Debug)]
 struct Fetched {
     at: usize,
     source: Source,
+    id: u64,
 }
 
 type SharedFetch = Shared<BoxFuture<'static, Result<Arc<Fetched>, Arc<ReadError>>>>;
@@ -127,6 +130,7 @@ impl CacheBuilder {
             tiers: self.tiers,
             origin,
             inflight: Mutex::new(HashMap::new()),
+            next_fetch: AtomicU64::new(0),
             fills: Mutex::new(Vec::new()),
         }))
     }
@@ -139,7 +143,8 @@ pub struct ChunkCache {
     decrypted: Mutex<Lru<(ChunkName, u32), Bytes>>,
     tiers: Vec<Arc<dyn ChunkTier>>,
     origin: Arc<dyn ChunkOrigin>,
-    inflight: Mutex<HashMap<ChunkName, SharedFetch>>,
+    inflight: Mutex<HashMap<ChunkName, (u64, SharedFetch)>>,
+    next_fetch: AtomicU64,
     fills: Mutex<Vec<JoinHandle<()>>>,
     metrics: Metrics,
 }
@@ -184,8 +189,7 @@ impl ChunkCache {
                 }
                 Err(OpenFailure::Fatal(e)) => return Err(e),
                 Err(OpenFailure::Copy(e)) => {
-                    let partial = matches!(fetched.source, Source::Partial(_));
-                    self.forget(&chunk, fetched.at, partial).await;
+                    self.forget(&chunk, &fetched).await;
                     if fetched.at == self.tiers.len() {
                         return Err(e);
                     }
@@ -221,11 +225,12 @@ impl ChunkCache {
     /// A partly checked object stays in flight until it is checked whole, and both a
     /// reader and the background check may find it bad: whichever ends the fetch counts
     /// it.
-    async fn forget(&self, chunk: &ChunkRef, at: usize, partial: bool) {
-        let ended = lock(&self.inflight).remove(&chunk.name).is_some();
-        if partial && !ended {
+    async fn forget(&self, chunk: &ChunkRef, fetched: &Fetched) {
+        let ended = self.end_fetch(&chunk.name, fetched.id);
+        if matches!(fetched.source, Source::Partial(_)) && !ended {
             return;
         }
+        let at = fetched.at;
         self.metrics.tiers[at].integrity_failure();
         if let Some(t) = self.tiers.get(at) {
             t.remove(chunk).await;
@@ -241,13 +246,16 @@ impl ChunkCache {
     ) -> Result<Arc<Fetched>, Arc<ReadError>> {
         let f = {
             let mut inflight = lock(&self.inflight);
-            if let Some(f) = inflight.get(&chunk.name) {
+            if let Some((_, f)) = inflight.get(&chunk.name) {
                 self.metrics.joined();
                 f.clone()
             } else {
                 let this = Arc::clone(self);
+                let id = self.next_fetch.fetch_add(1, Ordering::Relaxed);
                 let f = async move {
-                    let r = this.walk(chunk, j).await.map(Arc::new).map_err(Arc::new);
+                    let r = this.walk(chunk, j).await;
+                    let r = r.map(|(at, source)| Arc::new(Fetched { at, source, id }));
+                    let r = r.map_err(Arc::new);
                     match &r {
                         Ok(f) if matches!(f.source, Source::Partial(_)) => {
                             // Joiners keep using this object until it is checked whole
@@ -255,14 +263,14 @@ impl ChunkCache {
                             this.finish(chunk, Arc::clone(f));
                         }
                         _ => {
-                            lock(&this.inflight).remove(&chunk.name);
+                            this.end_fetch(&chunk.name, id);
                         }
                     }
                     r
                 }
                 .boxed()
                 .shared();
-                inflight.insert(chunk.name, f.clone());
+                inflight.insert(chunk.name, (id, f.clone()));
                 f
             }
         };
@@ -274,7 +282,7 @@ impl ChunkCache {
         self: &Arc<Self>,
         chunk: ChunkRef,
         j: SegmentIndex,
-    ) -> Result<Fetched, ReadError> {
+    ) -> Result<(usize, Source), ReadError> {
         let mut last_err = None;
         for (at, tier) in self.tiers.iter().enumerate() {
             let m = &self.metrics.tiers[at];
@@ -357,11 +365,23 @@ impl ChunkCache {
     }
 
     /// A source found at `at`: a whole checked object is kept in the tiers above now.
-    async fn found(&self, at: usize, chunk: ChunkRef, source: Source) -> Fetched {
+    async fn found(&self, at: usize, chunk: ChunkRef, source: Source) -> (usize, Source) {
         if let Source::Checked(o) = &source {
             self.fill(at, chunk, o).await;
         }
-        Fetched { at, source }
+        (at, source)
+    }
+
+    /// Ends fetch `id` of `name` (a newer fetch of the same chunk is left alone); whether
+    /// it was still in flight.
+    fn end_fetch(&self, name: &ChunkName, id: u64) -> bool {
+        let mut inflight = lock(&self.inflight);
+        if inflight.get(name).is_some_and(|(i, _)| *i == id) {
+            inflight.remove(name);
+            true
+        } else {
+            false
+        }
     }
 
     /// Hashes the rest of a partly checked object in the background, keeps it in the
@@ -378,9 +398,9 @@ impl ChunkCache {
             match whole {
                 Ok(Ok(checked)) => {
                     this.fill(fetched.at, chunk, &checked).await;
-                    lock(&this.inflight).remove(&chunk.name);
+                    this.end_fetch(&chunk.name, fetched.id);
                 }
-                Ok(Err(_)) | Err(_) => this.forget(&chunk, fetched.at, true).await,
+                Ok(Err(_)) | Err(_) => this.forget(&chunk, &fetched).await,
             }
         });
         let mut fills = lock(&self.fills);
