@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 
 use lode_format::chunk::{derive_key, open_chunk, seal_chunk};
 use lode_format::{
-    ChunkEntry, ChunkFormat, ChunkIndex, ChunkKey, ChunkName, ChunkSize, DataKey, ImageConfig,
-    ImageDigest, Manifest, ManifestHeader, ManifestId, RootId, RootSalt, SegmentIndex, SegmentSize,
-    WrappedKey, open_chunk_v2, open_segment, seal_chunk_v2, verify_header,
+    ChunkEntry, ChunkFormat, ChunkIndex, ChunkKey, ChunkName, ChunkSize, Codec, DataKey,
+    ImageConfig, ImageDigest, Manifest, ManifestHeader, ManifestId, RootId, RootSalt, SegmentIndex,
+    SegmentSize, WrappedKey, open_chunk_v2, open_segment, seal_chunk_v2, verify_header,
 };
 use serde::Deserialize;
 
@@ -214,7 +214,7 @@ fn chunk_v2_vectors_match() {
         let s = SegmentSize::new(u64::from(c.segment_size)).unwrap();
         assert_eq!(plain.len(), c.plaintext_len, "{what}: plaintext length");
 
-        let sealed = seal_chunk_v2(&salt, plain, s).unwrap();
+        let sealed = seal_chunk_v2(&salt, plain, s, Codec::None).unwrap();
         assert_eq!(hex::encode(sealed.digest), c.digest, "{what}: digest");
         assert_eq!(hex::encode(sealed.key.expose()), c.key, "{what}: key");
         let header = &sealed.object[..sealed.header_len];
@@ -265,6 +265,7 @@ fn manifest_vector_matches() {
 fn manifest_v2_vector_matches() {
     let format = ChunkFormat::V2 {
         segment_size: SegmentSize::new(4096).unwrap(),
+        codec: Codec::None,
     };
     check_manifest(&vectors().manifest_v2, format);
 }
