@@ -146,8 +146,8 @@ impl Codec {
 }
 
 /// Compressed segments are padded with zeros to a multiple of this many bytes, so that a
-/// segment's stored size reveals its compressibility only in steps of 1 KiB (16 sizes for
-/// a 16 KiB segment) — docs/format.md §8.
+/// segment's stored size reveals its compressibility only in steps of 1 KiB (a 16 KiB
+/// segment has 15 possible lengths: raw, or 1 to 14 KiB) — docs/format.md §8.
 pub const LZ4_PAD: u32 = 1024;
 /// The bytes of the compressed length that opens a compressed segment's encoding.
 const LEN_PREFIX: usize = 4;
@@ -334,7 +334,8 @@ pub enum DecodeError {
         /// Its value.
         value: u8,
     },
-    /// The lz4 block does not decode within the segment's plaintext length.
+    /// The lz4 block is corrupt, or would decode to more than the segment's plaintext
+    /// length.
     #[error("its lz4 block does not decode into {want} bytes: {reason}")]
     Lz4 {
         /// What lz4 reported.
