@@ -11,10 +11,12 @@ cd "$(dirname "$0")/.."
 # fusermount3 for FUSE mounts when not root (fuse3), and what `lode run` is tested with:
 # crun and a busybox-static root; memcached and libmemcached-tools (memccp, memccat,
 # memccapable) for the AZ cache node's conformance suite and the AZ client's fleet tests;
-# python3-matplotlib for the evaluation report's renderer (scripts/test_evaluation.py).
+# python3-matplotlib for the evaluation report's renderer (scripts/test_evaluation.py);
+# python3-cryptography and python3-lz4 for the test-vector generator, which checks the
+# chunk format's vectors (lz4-compressed chunks among them) apart from the Rust.
 packages=(e2fsprogs umoci skopeo python3 nbdkit libnbd-bin python3-libnbd fio qemu-utils
   docker-registry apache2-utils openssl fuse3 crun busybox-static memcached libmemcached-tools
-  python3-matplotlib)
+  python3-matplotlib python3-cryptography python3-lz4)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

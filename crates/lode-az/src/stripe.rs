@@ -583,6 +583,7 @@ mod tests {
             &lode_format::RootSalt::from_bytes([4; 32]),
             &chunk(50_000, 9),
             lode_format::SegmentSize::new(4096).unwrap(),
+            lode_format::Codec::None,
         )
         .unwrap();
         let codec = Codec::new(4, 2).unwrap();

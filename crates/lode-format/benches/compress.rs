@@ -218,7 +218,7 @@ fn open_cost(chunks: &[Vec<u8>], segment: usize) -> (u64, u64) {
         SegmentSize::new(u64::try_from(segment).expect("segment size")).expect("segment size");
     let mut times = Vec::new();
     for c in chunks.iter().take(SAMPLE) {
-        let sealed = seal_chunk_v2(&salt, c, size).expect("seal");
+        let sealed = seal_chunk_v2(&salt, c, size, lode_format::Codec::None).expect("seal");
         let header =
             verify_header(&sealed.name, &sealed.object[..sealed.header_len]).expect("header");
         let range = header

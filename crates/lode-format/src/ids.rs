@@ -294,6 +294,9 @@ pub struct InvalidSegmentSize(pub u64);
 impl SegmentSize {
     /// 32 KiB, lode's default: a 512 KiB chunk in 16 segments.
     pub const DEFAULT: SegmentSize = SegmentSize(32 * 1024);
+    /// 16 KiB, the segment size measured best for lz4-compressed chunks (docs/format.md
+    /// §8): a 512 KiB chunk in 32 segments.
+    pub const LZ4: SegmentSize = SegmentSize(16 * 1024);
     /// The smallest allowed segment size (one page).
     pub const MIN: u32 = 4096;
     /// The largest allowed segment size (the largest chunk).

@@ -7,11 +7,11 @@
 //! - [`chunk`]: `digest = SHA-256(plaintext)`, `key = HMAC-SHA256(root_salt, digest)`,
 //!   `ciphertext = AES-256-GCM(key, zero nonce, plaintext)`, `name = SHA-256(ciphertext)`.
 //! - [`segment`]: chunk format v2, the same chunk cut into segments that can each be
-//!   checked and decrypted alone; `name = SHA-256(header)`, the header listing every
-//!   segment's SHA-256.
+//!   checked and decrypted alone, stored raw or (codec 1) lz4-compressed;
+//!   `name = SHA-256(header)`, the header listing every segment's SHA-256.
 //! - [`manifest`]: the versioned binary record naming an image's chunks, with its key
 //!   table encrypted under a data key and the whole record authenticated. Version 1
-//!   names v1 chunks, version 2 v2 chunks of a given segment size.
+//!   names v1 chunks, version 2 v2 chunks of a given segment size and codec.
 //! - [`ids`]: chunk names, manifest ids, root ids, chunk indexes, chunk and segment sizes.
 
 pub mod chunk;
@@ -31,7 +31,7 @@ pub use manifest::{
 };
 pub use object::{ObjectError, ObjectFormat, check_object};
 pub use segment::{
-    CheckedHeader, ChunkHeader, ChunkV2Error, HeaderError, SealedChunkV2, open_chunk_v2,
-    open_segment, open_segment_in_place, open_segment_unverified, seal_chunk_v2, verify_header,
-    verify_object_v2, verify_segment,
+    CheckedHeader, ChunkHeader, ChunkV2Error, Codec, DecodeError, HeaderError, SealedChunkV2,
+    open_chunk_v2, open_segment, open_segment_in_place, open_segment_into, open_segment_unverified,
+    seal_chunk_v2, verify_header, verify_object_v2, verify_segment,
 };

@@ -5,7 +5,9 @@
 //! offset  size      field (integers little-endian)
 //! 0       8         magic "LODEMNFT"
 //! 8       2         format version: 1 (v1 chunks) or 2 (v2 chunks, src/segment.rs)
-//! 10      2         flags (0; anything else is refused)
+//! 10      2         version 1: flags (0; anything else is refused); version 2: the v2
+//!                   chunks' codec in the low byte (offset 10: 0 none, 1 lz4), flags (0)
+//!                   in the high byte (offset 11)
 //! 12      4         root id
 //! 16      4         chunk size in bytes (power of two, 4 KiB..64 MiB)
 //! 20      4         version 1: reserved (0); version 2: the v2 chunks' segment size
@@ -31,8 +33,11 @@
 //! never repeats under a key. A manifest's id is the SHA-256 of its bytes.
 //!
 //! The version says how every chunk it names is sealed ([`ChunkFormat`]): a manifest
-//! never mixes v1 and v2 chunks, and the segment size is part of what the binding and the
-//! key table's tag cover.
+//! never mixes v1 and v2 chunks, and the segment size and codec are part of what the
+//! binding and the key table's tag cover. The codec took the low byte of the flags field,
+//! which version 2 manifests written before it hold as 0 (codec none): they read as
+//! before, and a lode that knows no codec refuses a manifest that records one as unknown
+//! flags, never misreading its chunks.
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use serde::Serialize;
@@ -43,6 +48,7 @@ use crate::ids::{
     ChunkIndex, ChunkKey, ChunkName, ChunkSize, DataKey, ImageDigest, ManifestId, RootId,
     SegmentSize,
 };
+use crate::segment::Codec;
 
 /// The first eight bytes of every manifest.
 pub const MAGIC: [u8; 8] = *b"LODEMNFT";
@@ -130,15 +136,27 @@ pub enum ChunkFormat {
     /// Version 1: each chunk one AES-256-GCM message, named by SHA-256 of it
     /// ([`crate::chunk`]).
     V1,
-    /// Version 2: each chunk in segments of `segment_size`, named by SHA-256 of its
-    /// header ([`crate::segment`]).
+    /// Version 2: each chunk in segments of `segment_size`, each encoded by `codec`, named
+    /// by SHA-256 of its header ([`crate::segment`]).
     V2 {
         /// The segment size of every chunk; at most the chunk size.
         segment_size: SegmentSize,
+        /// How every chunk's segments are encoded.
+        codec: Codec,
     },
 }
 
 impl ChunkFormat {
+    /// The format measured best for new chunks (docs/format.md §8, "Compression,
+    /// measured"): v2 in 16 KiB segments, each compressed with lz4 when that saves at
+    /// least an eighth, padded to a multiple of 1 KiB. For chunks smaller than 16 KiB a
+    /// writer takes segments of the chunk size. Which format new images are written in is
+    /// lode-image's choice.
+    pub const RECOMMENDED: ChunkFormat = ChunkFormat::V2 {
+        segment_size: SegmentSize::LZ4,
+        codec: Codec::Lz4,
+    };
+
     /// The manifest format version that records this chunk format.
     pub const fn version(self) -> u16 {
         match self {
@@ -151,7 +169,24 @@ impl ChunkFormat {
     pub const fn segment_size(self) -> Option<SegmentSize> {
         match self {
             ChunkFormat::V1 => None,
-            ChunkFormat::V2 { segment_size } => Some(segment_size),
+            ChunkFormat::V2 { segment_size, .. } => Some(segment_size),
+        }
+    }
+
+    /// The codec of v2 chunks; `None` for v1.
+    pub const fn codec(self) -> Option<Codec> {
+        match self {
+            ChunkFormat::V1 => None,
+            ChunkFormat::V2 { codec, .. } => Some(codec),
+        }
+    }
+
+    /// What the manifest stores at offset 10: 0 for v1, the codec byte (flags 0 above it)
+    /// for v2.
+    const fn flags(self) -> u16 {
+        match self {
+            ChunkFormat::V1 => 0,
+            ChunkFormat::V2 { codec, .. } => codec.byte() as u16,
         }
     }
 
@@ -159,7 +194,7 @@ impl ChunkFormat {
     const fn field(self) -> u32 {
         match self {
             ChunkFormat::V1 => 0,
-            ChunkFormat::V2 { segment_size } => segment_size.bytes(),
+            ChunkFormat::V2 { segment_size, .. } => segment_size.bytes(),
         }
     }
 }
@@ -352,9 +387,23 @@ impl Manifest {
             return Err(ManifestError::UnsupportedVersion { found: version });
         }
         let flags = r.u16("flags")?;
-        if flags != 0 {
-            return Err(corrupt(10, format!("unknown flags {flags:#06x}")));
+        // Version 2 keeps its chunks' codec in the low byte; every other bit is a flag,
+        // and there are none yet.
+        let codec_byte = if version == VERSION_2 {
+            flags & 0xff
+        } else {
+            0
+        };
+        if flags != codec_byte {
+            return Err(corrupt(
+                10,
+                format!("unknown flags {:#06x}", flags ^ codec_byte),
+            ));
         }
+        let codec = u8::try_from(codec_byte)
+            .ok()
+            .and_then(Codec::from_byte)
+            .ok_or_else(|| corrupt(10, format!("unknown chunk codec {codec_byte}")))?;
         let root = RootId(r.u32("root id")?);
         let chunk_size = ChunkSize::new(u64::from(r.u32("chunk size")?))
             .map_err(|e| corrupt(16, e.to_string()))?;
@@ -375,7 +424,10 @@ impl Manifest {
                     ),
                 ));
             }
-            ChunkFormat::V2 { segment_size }
+            ChunkFormat::V2 {
+                segment_size,
+                codec,
+            }
         };
         let device_size = r.u64("device size")?;
         let image_digest = ImageDigest::from_bytes(r.array32("image digest")?);
@@ -582,7 +634,7 @@ fn encode_body(header: &ManifestHeader, chunks: &[ChunkEntry]) -> Result<Vec<u8>
     let mut b = Vec::with_capacity(FIXED_HEADER + config.len() + chunks.len() * 64 + 512);
     b.extend_from_slice(&MAGIC);
     b.extend_from_slice(&header.chunk_format.version().to_le_bytes());
-    b.extend_from_slice(&0u16.to_le_bytes());
+    b.extend_from_slice(&header.chunk_format.flags().to_le_bytes());
     b.extend_from_slice(&header.root.0.to_le_bytes());
     b.extend_from_slice(&header.chunk_size.bytes().to_le_bytes());
     b.extend_from_slice(&header.chunk_format.field().to_le_bytes());
@@ -910,11 +962,16 @@ mod tests {
     }
 
     fn v2_header(segment_size: u64) -> ManifestHeader {
+        v2_header_with(segment_size, Codec::None)
+    }
+
+    fn v2_header_with(segment_size: u64, codec: Codec) -> ManifestHeader {
         ManifestHeader {
             root: RootId(3),
             chunk_size: ChunkSize::new(65536).unwrap(),
             chunk_format: ChunkFormat::V2 {
                 segment_size: SegmentSize::new(segment_size).unwrap(),
+                codec,
             },
             device_size: 65536 + 10,
             image_digest: ImageDigest::of(b"v2"),
@@ -1008,13 +1065,74 @@ mod tests {
     }
 
     #[test]
+    fn version_2_records_the_codec_at_offset_10() {
+        let none = seal_v2(v2_header(32768)).unwrap();
+        assert_eq!(&none.bytes()[10..12], &[0, 0]);
+        let lz4 = seal_v2(v2_header_with(16384, Codec::Lz4)).unwrap();
+        assert_eq!(&lz4.bytes()[8..12], &[2, 0, 1, 0]);
+        assert_eq!(&lz4.bytes()[20..24], &16384u32.to_le_bytes());
+        let p = Manifest::parse(lz4.bytes()).unwrap();
+        assert_eq!(p.header(), lz4.header());
+        assert_eq!(p.header().chunk_format.codec(), Some(Codec::Lz4));
+        assert_eq!(
+            p.header().chunk_format.segment_size(),
+            SegmentSize::new(16384).ok()
+        );
+        p.open_keys(&DataKey::from_bytes([4; 32])).unwrap();
+        // The codec is bound like the segment size.
+        assert_ne!(
+            binding_of(&v2_header_with(16384, Codec::None), lz4.chunks()).unwrap(),
+            lz4.binding()
+        );
+        assert_eq!(ChunkFormat::V1.codec(), None);
+        assert_eq!(
+            ChunkFormat::RECOMMENDED,
+            ChunkFormat::V2 {
+                segment_size: SegmentSize::new(16384).unwrap(),
+                codec: Codec::Lz4
+            }
+        );
+    }
+
+    #[test]
+    fn an_unknown_codec_or_flag_is_refused() {
+        let m = seal_v2(v2_header(32768)).unwrap();
+        let with = |flags: [u8; 2]| {
+            let mut b = m.bytes().to_vec();
+            b[10..12].copy_from_slice(&flags);
+            Manifest::parse(&b).unwrap_err().to_string()
+        };
+        assert_eq!(
+            with([2, 0]),
+            "manifest is corrupt: unknown chunk codec 2 at byte 10"
+        );
+        assert_eq!(
+            with([1, 1]),
+            "manifest is corrupt: unknown flags 0x0100 at byte 10"
+        );
+        // A version 1 manifest has no codec: its flags field stays all flags.
+        let (v1, _) = sample();
+        let mut b = v1.bytes().to_vec();
+        b[10] = 1;
+        assert_eq!(
+            Manifest::parse(&b).unwrap_err().to_string(),
+            "manifest is corrupt: unknown flags 0x0001 at byte 10"
+        );
+    }
+
+    #[test]
     fn chunk_format_renders_as_json() {
         let v2 = ChunkFormat::V2 {
             segment_size: SegmentSize::DEFAULT,
+            codec: Codec::None,
         };
         assert_eq!(
             serde_json::to_string(&v2).unwrap(),
-            r#"{"version":"v2","segment_size":32768}"#
+            r#"{"version":"v2","segment_size":32768,"codec":"none"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&ChunkFormat::RECOMMENDED).unwrap(),
+            r#"{"version":"v2","segment_size":16384,"codec":"lz4"}"#
         );
         assert_eq!(
             serde_json::to_string(&ChunkFormat::V1).unwrap(),

@@ -9,14 +9,16 @@
 
 use thiserror::Error;
 
+use std::ops::Range;
+
 use crate::chunk::{
-    ChunkError, SealedChunk, TAG_LEN, open_unverified, seal_chunk_in_place, verify_name,
+    ChunkError, SealedChunk, TAG_LEN, aead_key, open_unverified, seal_chunk_in_place, verify_name,
 };
 use crate::ids::{ChunkKey, ChunkName, RootSalt, SegmentIndex};
 use crate::manifest::ChunkFormat;
 use crate::segment::{
-    ChunkHeader, ChunkV2Error, MAGIC, open_segment_unverified, seal_chunk_v2, verify_header,
-    verify_object_v2,
+    ChunkHeader, ChunkV2Error, Codec, MAGIC, open_segment_unverified, open_unverified_into,
+    seal_chunk_v2, verify_header, verify_object_v2,
 };
 
 /// The format a chunk object was found to be in.
@@ -71,13 +73,15 @@ impl ObjectFormat {
 }
 
 impl ChunkFormat {
-    /// The exact length of the object a `plain_len`-byte chunk seals to in this format:
-    /// the bound on every chunk object read from a store or a cache.
+    /// The largest object a `plain_len`-byte chunk can seal to in this format (under a
+    /// compressing codec, every segment raw; the real length is in the object's header,
+    /// [`ChunkHeader::object_len`]): the bound on every chunk object read from a store or
+    /// a cache.
     pub fn object_len(self, plain_len: usize) -> u64 {
         let plain = plain_len as u64;
         match self {
             ChunkFormat::V1 => plain + TAG_LEN as u64,
-            ChunkFormat::V2 { segment_size } => {
+            ChunkFormat::V2 { segment_size, .. } => {
                 let count = plain.div_ceil(segment_size.bytes_u64());
                 ChunkHeader::len_for(usize::try_from(count).unwrap_or(usize::MAX)) as u64
                     + plain
@@ -91,8 +95,11 @@ impl ChunkFormat {
     pub fn seal(self, salt: &RootSalt, plaintext: Vec<u8>) -> Result<SealedChunk, ChunkV2Error> {
         match self {
             ChunkFormat::V1 => Ok(seal_chunk_in_place(salt, plaintext)),
-            ChunkFormat::V2 { segment_size } => {
-                let s = seal_chunk_v2(salt, &plaintext, segment_size)?;
+            ChunkFormat::V2 {
+                segment_size,
+                codec,
+            } => {
+                let s = seal_chunk_v2(salt, &plaintext, segment_size, codec)?;
                 Ok(SealedChunk {
                     digest: s.digest,
                     name: s.name,
@@ -140,7 +147,9 @@ impl ChunkFormat {
     }
 }
 
-/// Opens every segment of a v2 object in place and packs the plaintexts to the front.
+/// Opens every segment of a v2 object in place. Raw segments (all of them under codec 0)
+/// are packed to the front, so the object's buffer becomes the plaintext; compressed ones
+/// decode into a new buffer of the plaintext's length.
 fn open_v2_checked(
     name: &ChunkName,
     key: &ChunkKey,
@@ -155,31 +164,47 @@ fn open_v2_checked(
         });
     }
     let object_len = object.len();
-    let mut out = 0usize;
-    for j in (0..header.count()).map(SegmentIndex) {
-        let range = header.segment_range(j).ok_or(ChunkV2Error::NoSegment {
-            chunk: *name,
-            segment: j,
-            count: header.count(),
-        })?;
-        // The length check above keeps every range inside the object.
-        let (start, end) = (
-            usize::try_from(range.start).unwrap_or(usize::MAX),
-            usize::try_from(range.end).unwrap_or(usize::MAX),
-        );
-        let sealed = object
-            .get_mut(start..end)
-            .ok_or(ChunkV2Error::ObjectLength {
-                chunk: *name,
-                len: object_len,
-                want: header.object_len(),
-            })?;
-        let plain_len = open_segment_unverified(&header, key, j, sealed)?.len();
-        object.copy_within(start..start + plain_len, out);
-        out += plain_len;
+    let wrong_length = || ChunkV2Error::ObjectLength {
+        chunk: *name,
+        len: object_len,
+        want: header.object_len(),
+    };
+    let no_segment = |j| ChunkV2Error::NoSegment {
+        chunk: *name,
+        segment: j,
+        count: header.count(),
+    };
+    // The length check above keeps every range inside the object.
+    let span = |r: Range<u64>| {
+        usize::try_from(r.start).unwrap_or(usize::MAX)..usize::try_from(r.end).unwrap_or(usize::MAX)
+    };
+    let segments = (0..header.count()).map(SegmentIndex);
+    if header.codec() == Codec::None {
+        let mut out = 0usize;
+        for j in segments {
+            let range = span(header.segment_range(j).ok_or(no_segment(j))?);
+            let start = range.start;
+            let sealed = object.get_mut(range).ok_or_else(wrong_length)?;
+            let plain_len = open_segment_unverified(&header, key, j, sealed)?.len();
+            object.copy_within(start..start + plain_len, out);
+            out += plain_len;
+        }
+        object.truncate(out);
+        return Ok(object);
     }
-    object.truncate(out);
-    Ok(object)
+    let aead = aead_key(key);
+    let mut plain = vec![0u8; usize::try_from(header.plain_len()).unwrap_or(usize::MAX)];
+    for j in segments {
+        let range = span(header.segment_range(j).ok_or(no_segment(j))?);
+        let sealed = object.get_mut(range).ok_or_else(wrong_length)?;
+        let out = header
+            .segment_plain_range(j)
+            .map(span)
+            .and_then(|r| plain.get_mut(r))
+            .ok_or(no_segment(j))?;
+        open_unverified_into(&header, &aead, j, sealed, out)?;
+    }
+    Ok(plain)
 }
 
 /// Checks `bytes` against `name` and says which format they are in: a v2 object whose
@@ -232,14 +257,14 @@ mod tests {
     fn each_format_is_found_by_its_name() {
         let v1 = seal_chunk(&salt(), &plain());
         assert_eq!(check_object(&v1.name, &v1.ciphertext), Ok(ObjectFormat::V1));
-        let v2 = seal_chunk_v2(&salt(), &plain(), SegmentSize::DEFAULT).unwrap();
+        let v2 = seal_chunk_v2(&salt(), &plain(), SegmentSize::DEFAULT, Codec::None).unwrap();
         assert_eq!(check_object(&v2.name, &v2.object), Ok(ObjectFormat::V2));
     }
 
     #[test]
     fn another_chunks_bytes_are_refused_in_either_format() {
         let v1 = seal_chunk(&salt(), &plain());
-        let v2 = seal_chunk_v2(&salt(), &plain(), SegmentSize::DEFAULT).unwrap();
+        let v2 = seal_chunk_v2(&salt(), &plain(), SegmentSize::DEFAULT, Codec::None).unwrap();
         assert!(matches!(
             check_object(&v1.name, &v2.object),
             Err(ObjectError::V1(ChunkError::NameMismatch { .. }))
@@ -252,7 +277,13 @@ mod tests {
 
     #[test]
     fn a_v2_object_with_a_bad_segment_or_length_names_the_fault() {
-        let v2 = seal_chunk_v2(&salt(), &plain(), SegmentSize::new(4096).unwrap()).unwrap();
+        let v2 = seal_chunk_v2(
+            &salt(),
+            &plain(),
+            SegmentSize::new(4096).unwrap(),
+            Codec::None,
+        )
+        .unwrap();
         let mut bad = v2.object.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
@@ -279,16 +310,33 @@ mod tests {
     fn every_format_seals_to_its_object_len_and_opens() {
         let v2 = ChunkFormat::V2 {
             segment_size: SegmentSize::new(4096).unwrap(),
+            codec: Codec::None,
         };
-        for format in [ChunkFormat::V1, v2] {
+        let lz4 = ChunkFormat::V2 {
+            segment_size: SegmentSize::new(4096).unwrap(),
+            codec: Codec::Lz4,
+        };
+        for format in [ChunkFormat::V1, v2, lz4, ChunkFormat::RECOMMENDED] {
             for len in [1usize, 4095, 4096, 4097, 100_000] {
                 let p = plain()[..len].to_vec();
                 let s = format.seal(&salt(), p.clone()).unwrap();
-                assert_eq!(
-                    s.ciphertext.len() as u64,
-                    format.object_len(len),
-                    "{format:?} {len}"
-                );
+                // Exact without compression; a bound with it. This plaintext repeats
+                // every 251 bytes, so every segment of 4 KiB or so compresses, and a
+                // 1-byte one cannot.
+                if format.codec() == Some(Codec::Lz4) {
+                    let len_sealed = s.ciphertext.len() as u64;
+                    if len == 1 {
+                        assert_eq!(len_sealed, format.object_len(len));
+                    } else {
+                        assert!(len_sealed < format.object_len(len), "{format:?} {len}");
+                    }
+                } else {
+                    assert_eq!(
+                        s.ciphertext.len() as u64,
+                        format.object_len(len),
+                        "{format:?} {len}"
+                    );
+                }
                 assert_eq!(
                     check_object(&s.name, &s.ciphertext),
                     Ok(ObjectFormat::of(format))
@@ -309,6 +357,7 @@ mod tests {
     fn an_object_of_the_other_format_or_key_is_refused() {
         let v2 = ChunkFormat::V2 {
             segment_size: SegmentSize::DEFAULT,
+            codec: Codec::None,
         };
         let a = v2.seal(&salt(), plain()).unwrap();
         let err = ChunkFormat::V1
@@ -335,7 +384,7 @@ mod tests {
 
     #[test]
     fn a_header_alone_is_not_an_object() {
-        let v2 = seal_chunk_v2(&salt(), &plain(), SegmentSize::DEFAULT).unwrap();
+        let v2 = seal_chunk_v2(&salt(), &plain(), SegmentSize::DEFAULT, Codec::None).unwrap();
         let header = &v2.object[..v2.header_len];
         assert!(matches!(
             check_object(&v2.name, header),

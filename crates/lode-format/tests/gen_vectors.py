@@ -3,11 +3,24 @@
 
 Written from docs/format.md and the layout drawn in src/manifest.rs, independently
 of the Rust code, so that `tests/vectors.rs` checks the Rust against a second reading of
-the format rather than against itself. Needs python3 and the `cryptography` package.
+the format rather than against itself. Needs python3 with the `cryptography` and `lz4`
+packages (Debian: python3-cryptography, python3-lz4).
 
     python3 crates/lode-format/tests/gen_vectors.py          # rewrite vectors.json
     python3 crates/lode-format/tests/gen_vectors.py --dump   # also print the worked
                                                              # example used in docs/format.md
+    python3 crates/lode-format/tests/gen_vectors.py --check  # write nothing: check that
+                                                             # vectors.json is what this
+                                                             # makes, and vectors_lz4.json
+
+Codec 1 (lz4) runs the other way. A codec-1 chunk holds what lz4_flex compresses each
+segment to, and Python's lz4 (the C library) compresses differently, so this script
+cannot make those chunks. The Rust makes them (vectors_lz4.json) and this script checks
+them instead: it rebuilds each plaintext, derives the key, checks the header and the
+name, then decrypts every segment, decodes its length and padding and decompresses it
+with lz4.block.decompress into exactly the segment's length, and compares. Every run
+checks them (cargo test runs `--check`); the version 2 lz4 manifest in vectors.json is
+built here from their names and keys.
 
 Chunk sealing, v1 (docs/format.md):
     digest     = SHA-256(plaintext)
@@ -15,10 +28,13 @@ Chunk sealing, v1 (docs/format.md):
     ciphertext = AES-256-GCM(key, nonce = 12 zero bytes, no AAD, plaintext) || tag
     name       = SHA-256(ciphertext)
 
-Chunk sealing, v2 (docs/format.md, "Chunk v2"), segment size S, codec 0:
-    key        = HMAC-SHA256(root_salt, "lode chunk v2" || u8 0 || u32 S || digest)
-    sealed_j   = AES-256-GCM(key, nonce = u64 j || 4 zero bytes, no AAD, segment j) || tag
-    header     = "LDC2" || u8 2 || u8 0 || u16 0 || u32 S || u32 len || u32 n
+Chunk sealing, v2 (docs/format.md, "Chunk v2"), segment size S, codec c:
+    key        = HMAC-SHA256(root_salt, "lode chunk v2" || u8 c || u32 S || digest)
+    encoded_j  = segment j (codec 0, or codec 1 raw)
+               | u32 m || lz4 block of m bytes || zeros to a multiple of 1024
+                 (codec 1 compressed: only when that is at most L - L // 8, L = len segment j)
+    sealed_j   = AES-256-GCM(key, nonce = u64 j || 4 zero bytes, no AAD, encoded_j) || tag
+    header     = "LDC2" || u8 2 || u8 c || u16 0 || u32 S || u32 len || u32 n
                  || for each j: u32 len(sealed_j) || SHA-256(sealed_j)
     object     = header || sealed_0 || ... ;  name = SHA-256(header)
 """
@@ -43,6 +59,7 @@ def u64(v):
     return struct.pack("<Q", v)
 
 
+import lz4.block
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 ZERO_NONCE = bytes(12)
@@ -215,9 +232,12 @@ def build_manifest(m):
     n = -(-dev // cs)  # ceil
     assert n == len(m["chunks"])
     seg = m.get("segment_size")
+    codec = m.get("codec", 0)
+    assert seg is not None or codec == 0
     put(b"LODEMNFT", "magic")
     put(u16(1 if seg is None else 2), "format version")
-    put(u16(0), "flags")
+    # Version 2: the chunks' codec in the low byte, flags (none yet) in the high one.
+    put(u16(codec), "flags" if codec == 0 else f"codec {codec}, flags 0")
     put(u32(m["root"]), "root id")
     put(u32(cs), "chunk size")
     if seg is None:
@@ -255,13 +275,15 @@ def build_manifest(m):
     return bytes(out), key_table_at, fields
 
 
-def manifest_vector(chunks_by_label, segment_size=None):
+def manifest_vector(chunks_by_label, segment_size=None, codec=0):
     """A 4 KiB-chunk image of four chunks: the 4 KiB text, a zero chunk, the 4 KiB text
     again (deduplicated: same name, same key), and a 12-byte short last chunk. With a
-    segment size, the same image as a version 2 manifest of v2 chunks."""
+    segment size, the same image as a version 2 manifest of v2 chunks (of `codec`)."""
     a = chunks_by_label[("four_kib", "counting")]
     b = chunks_by_label[("short", "counting")]
     m = {} if segment_size is None else {"segment_size": segment_size}
+    if codec != 0:
+        m["codec"] = codec
     m |= {
         "root": 7,
         "chunk_size": 4096,
@@ -315,7 +337,86 @@ def dump(chunks, chunks_v2, manifest, raw, fields, manifest_v2, raw_v2, fields_v
         print(f"{off:5}  {ln:4}  {what:24} {raw_v2[off:off + ln].hex(' ')}")
 
 
+# ---- codec 1: checking the vectors the Rust made -----------------------------------
+
+
+def lz4_part(part) -> bytes:
+    kind = part["kind"]
+    if kind == "hex":
+        return bytes.fromhex(part["hex"])
+    if kind == "text":
+        text = part["text"].encode("utf-8")
+        return (text * (part["len"] // len(text) + 1))[:part["len"]]
+    if kind == "noise":
+        seed = part["seed"].encode("utf-8")
+        out = b"".join(sha256(seed + u32(i)) for i in range(part["len"] // 32 + 1))
+        return out[:part["len"]]
+    if kind == "zero":
+        return bytes(part["len"])
+    raise ValueError(f"unknown plaintext part {kind}")
+
+
+def check_lz4_vector(v, salts):
+    """Checks one codec-1 vector from the format alone; raises AssertionError naming the
+    field at fault."""
+    what = f"lz4 vector {v['label']}"
+    plain = b"".join(lz4_part(p) for p in v["plaintext"])
+    seg, codec = v["segment_size"], v["codec"]
+    assert codec == 1, what
+    assert len(plain) == v["plaintext_len"], f"{what}: plaintext length"
+    digest = sha256(plain)
+    assert digest.hex() == v["digest"], f"{what}: digest"
+    key = hmac.new(bytes.fromhex(salts[v["salt"]]),
+                   V2_LABEL + bytes([codec]) + u32(seg) + digest, hashlib.sha256).digest()
+    assert key.hex() == v["key"], f"{what}: key"
+    obj = bytes.fromhex(v["object"])
+    assert len(obj) == v["object_len"], f"{what}: object length"
+    n = -(-len(plain) // seg)
+    assert n == v["segment_count"], f"{what}: segment count"
+    header = obj[:20 + 36 * n]
+    assert header.hex() == v["header"], f"{what}: header"
+    assert sha256(header).hex() == v["name"], f"{what}: name"
+    magic, version, hcodec, reserved, hseg, hlen, hn = struct.unpack("<4sBBHIII", header[:20])
+    assert (magic, version, hcodec, reserved) == (b"LDC2", 2, 1, 0), f"{what}: fixed part"
+    assert (hseg, hlen, hn) == (seg, len(plain), n), f"{what}: sizes"
+    at = len(header)
+    for j in range(n):
+        sealed_len, digest_j = struct.unpack("<I32s", header[20 + 36 * j:56 + 36 * j])
+        part = plain[j * seg:(j + 1) * seg]
+        L = len(part)
+        sealed = obj[at:at + sealed_len]
+        at += sealed_len
+        assert len(sealed) == sealed_len and sha256(sealed) == digest_j, f"{what}: row {j}"
+        enc = AESGCM(key).decrypt(u64(j) + bytes(4), sealed, None)
+        row = v["segments"][j]
+        assert (row["plain_len"], row["sealed_len"]) == (L, sealed_len), f"{what}: {j}"
+        if len(enc) == L:
+            assert not row["compressed"], f"{what}: segment {j} is raw"
+            assert enc == part, f"{what}: segment {j} raw bytes"
+            continue
+        assert row["compressed"], f"{what}: segment {j} is compressed"
+        # The header's rule for a compressed segment, then its encoding.
+        assert len(enc) % 1024 == 0 and 0 < len(enc) <= L - L // 8, f"{what}: {j} size"
+        (m,) = struct.unpack("<I", enc[:4])
+        assert 4 + m <= len(enc), f"{what}: segment {j} length field"
+        assert -(-(4 + m) // 1024) * 1024 == len(enc), f"{what}: segment {j} padded"
+        assert enc[4 + m:] == bytes(len(enc) - 4 - m), f"{what}: segment {j} padding"
+        got = lz4.block.decompress(enc[4:4 + m], uncompressed_size=L)
+        assert got == part, f"{what}: segment {j} decompresses to other bytes"
+    assert at == len(obj), f"{what}: object length"
+
+
+def lz4_vectors():
+    """Reads vectors_lz4.json (made by the Rust) and checks every vector in it."""
+    doc = json.loads(Path(__file__).with_name("vectors_lz4.json").read_text(encoding="utf-8"))
+    assert doc["salts"] == {k: v.hex() for k, v in SALTS.items()}, "lz4 vectors: salts"
+    for v in doc["chunks"]:
+        check_lz4_vector(v, doc["salts"])
+    return doc["chunks"]
+
+
 def main():
+    check = "--check" in sys.argv[1:]
     chunks = chunk_vectors()
     by_label = {(c["plaintext"], c["salt"]): c for c in chunks}
     manifest, raw, fields = manifest_vector(by_label)
@@ -323,6 +424,9 @@ def main():
     by_label_v2 = {(c["plaintext"], c["salt"]): c for c in chunks_v2
                    if c["segment_size"] == 4096}
     manifest_v2, raw_v2, fields_v2 = manifest_vector(by_label_v2, segment_size=4096)
+    chunks_lz4 = lz4_vectors()
+    by_label_lz4 = {(c["label"], c["salt"]): c for c in chunks_lz4 if c["segment_size"] == 4096}
+    manifest_v2_lz4, _, _ = manifest_vector(by_label_lz4, segment_size=4096, codec=1)
     doc = {
         "comment": "Generated by gen_vectors.py from docs/format.md and the layout in "
                    "src/manifest.rs; do not edit by hand.",
@@ -332,9 +436,17 @@ def main():
         "manifest": manifest,
         "chunks_v2": chunks_v2,
         "manifest_v2": manifest_v2,
+        "manifest_v2_lz4": manifest_v2_lz4,
     }
     path = Path(__file__).with_name("vectors.json")
-    path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+    if check:
+        if path.read_text(encoding="utf-8") != text:
+            sys.exit(f"{path} is not what gen_vectors.py makes: regenerate it and find out "
+                     "which side changed")
+        print(f"gen_vectors.py: vectors.json and {len(chunks_lz4)} lz4 vectors check")
+        return
+    path.write_text(text, encoding="utf-8")
     if "--dump" in sys.argv[1:]:
         dump(chunks, chunks_v2, manifest, raw, fields, manifest_v2, raw_v2, fields_v2)
 

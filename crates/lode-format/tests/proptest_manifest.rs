@@ -7,8 +7,8 @@
 
 use lode_format::chunk::{open_chunk, open_unverified, seal_chunk};
 use lode_format::{
-    ChunkEntry, ChunkFormat, ChunkIndex, ChunkKey, ChunkName, ChunkSize, DataKey, ImageConfig,
-    ImageDigest, Manifest, ManifestHeader, RootId, RootSalt, SegmentSize, WrappedKey,
+    ChunkEntry, ChunkFormat, ChunkIndex, ChunkKey, ChunkName, ChunkSize, Codec, DataKey,
+    ImageConfig, ImageDigest, Manifest, ManifestHeader, RootId, RootSalt, SegmentSize, WrappedKey,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -81,17 +81,19 @@ fn input() -> impl Strategy<Value = Input> {
         any::<u64>(),
         any::<[u8; 32]>(),
         config(),
-        // None: version 1; Some(k): version 2 with segments 2^k times smaller than chunks.
-        proptest::option::of(0u32..=14),
+        // None: version 1; Some(k, lz4): version 2 with segments 2^k times smaller than
+        // chunks, compressed or not.
+        proptest::option::of((0u32..=14, any::<bool>())),
     );
     header
         .prop_flat_map(|(root, shift, count, tail, digest, config, segments)| {
             let chunk_size = ChunkSize::new(1u64 << shift).unwrap();
             let chunk_format = match segments {
                 None => ChunkFormat::V1,
-                Some(k) => ChunkFormat::V2 {
+                Some((k, lz4)) => ChunkFormat::V2 {
                     segment_size: SegmentSize::new(1u64 << shift.saturating_sub(k).max(12))
                         .unwrap(),
+                    codec: if lz4 { Codec::Lz4 } else { Codec::None },
                 },
             };
             let cs = chunk_size.bytes_u64();

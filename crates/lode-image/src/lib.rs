@@ -74,7 +74,10 @@ pub fn new_chunk_format(cs: lode_format::ChunkSize) -> lode_format::ChunkFormat 
         lode_format::SegmentSize::DEFAULT.bytes().min(cs.bytes()),
     ))
     .unwrap_or(lode_format::SegmentSize::DEFAULT);
-    lode_format::ChunkFormat::V2 { segment_size }
+    lode_format::ChunkFormat::V2 {
+        segment_size,
+        codec: lode_format::Codec::None,
+    }
 }
 
 /// Opens chunk `index` of manifest `id` (its name checked, then decrypted) and checks it

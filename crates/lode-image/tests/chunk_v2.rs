@@ -48,6 +48,7 @@ async fn a_v2_image_reads_verifies_and_moves_forward() -> Res<()> {
     std::fs::write(&file, &bytes)?;
     let format = ChunkFormat::V2 {
         segment_size: SegmentSize::new(4096)?,
+        codec: lode_format::Codec::None,
     };
     let opts = PublishOptions {
         chunk_size: ChunkSize::new(65536)?,
@@ -120,6 +121,7 @@ async fn a_segment_larger_than_the_chunk_is_refused() -> Res<()> {
         chunk_size: ChunkSize::new(65536)?,
         chunk_format: Some(ChunkFormat::V2 {
             segment_size: SegmentSize::new(131072)?,
+            codec: lode_format::Codec::None,
         }),
         ..PublishOptions::default()
     };

@@ -181,6 +181,7 @@ async fn a_rotted_disk_cache_chunk_is_dropped_and_refetched() {
 async fn v1_and_v2_images_read_byte_for_byte_through_every_tier() {
     let v2 = lode_format::ChunkFormat::V2 {
         segment_size: lode_format::SegmentSize::DEFAULT,
+        codec: lode_format::Codec::None,
     };
     for format in [lode_format::ChunkFormat::V1, v2] {
         let fx = Fixture::with_format(Some(format)).await;
@@ -226,6 +227,7 @@ async fn v1_and_v2_images_read_byte_for_byte_through_every_tier() {
 async fn a_v2_segment_changed_at_the_origin_is_named() {
     let fx = Fixture::with_format(Some(lode_format::ChunkFormat::V2 {
         segment_size: lode_format::SegmentSize::DEFAULT,
+        codec: lode_format::Codec::None,
     }))
     .await;
     let (cache, _) = fx.cache(64 << 20, 64 << 20, 64 << 20);

@@ -466,6 +466,7 @@ impl Suite<'_> {
             &RootSalt::from_bytes([5; 32]),
             &bytes_for(40, 20_000),
             SegmentSize::new(4096).unwrap(),
+            lode_format::Codec::None,
         )
         .unwrap();
         let (name, object) = (sealed.name, Bytes::from(sealed.object));
