@@ -89,6 +89,15 @@ pub enum Codec {
     Lz4,
 }
 
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Codec::None => "none",
+            Codec::Lz4 => "lz4",
+        })
+    }
+}
+
 impl Codec {
     /// The byte that stands for this codec in headers, manifests and key derivation.
     pub const fn byte(self) -> u8 {
@@ -451,6 +460,17 @@ pub enum ChunkV2Error {
         /// The segment count those imply.
         want_count: u64,
     },
+    /// A header that checks against its name records another codec than the manifest
+    /// that names the chunk.
+    #[error("chunk {chunk} is sealed with codec {found}, but its manifest names codec {want}")]
+    WrongCodec {
+        /// The chunk at fault.
+        chunk: ChunkName,
+        /// The codec its header records.
+        found: Codec,
+        /// The manifest's codec.
+        want: Codec,
+    },
     /// A compressed segment decrypted, but its encoding does not decode to its plaintext.
     #[error("chunk {chunk} segment {segment} is corrupt: it decrypts, but {source}")]
     Decode {
@@ -511,6 +531,7 @@ impl ChunkV2Error {
                 segment, source, ..
             } => format!("segment {segment} decrypts, but {source}"),
             ChunkV2Error::Layout { .. }
+            | ChunkV2Error::WrongCodec { .. }
             | ChunkV2Error::OutputLength { .. }
             | ChunkV2Error::SealLength { .. } => self.to_string(),
         }
@@ -807,6 +828,18 @@ impl CheckedHeader {
             want_plain_len: plain_len,
             want_segment_size: segment_size,
             want_count: segment_size.count_for(plain_len),
+        })
+    }
+
+    /// Checks that the header's codec is the manifest's `want`.
+    pub fn check_codec(&self, want: Codec) -> Result<(), ChunkV2Error> {
+        if self.header.codec == want {
+            return Ok(());
+        }
+        Err(ChunkV2Error::WrongCodec {
+            chunk: self.name,
+            found: self.header.codec,
+            want,
         })
     }
 

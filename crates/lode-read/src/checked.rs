@@ -19,6 +19,7 @@
 //! Only [`Checked`] objects are kept by a tier ([`ChunkTier::put`](crate::ChunkTier::put)
 //! takes nothing else), so no tier can be filled with bytes nobody checked.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -122,11 +123,24 @@ fn open_v2_segment(
     sealed: &[u8],
 ) -> Result<Bytes, ReadError> {
     let mut buf = sealed.to_vec();
-    let len = open_segment_unverified(header, key, j, &mut buf)
-        .map_err(|e| decrypt_error(chunk, e))?
-        .len();
-    buf.truncate(len);
-    checked_plain(chunk, j, buf)
+    let plain = open_in(header, key, j, &mut buf).map_err(|e| decrypt_error(chunk, e))?;
+    checked_plain(chunk, j, plain)
+}
+
+/// Decrypts (and decodes) segment `j` held in `buf`, giving its plaintext: `buf` itself,
+/// cut to length, for a segment stored as it is; a new buffer for a compressed one.
+fn open_in(
+    header: &CheckedHeader,
+    key: &ChunkKey,
+    j: SegmentIndex,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<u8>, ChunkV2Error> {
+    let raw_len = match open_segment_unverified(header, key, j, buf)? {
+        Cow::Borrowed(p) => p.len(),
+        Cow::Owned(plain) => return Ok(plain),
+    };
+    buf.truncate(raw_len);
+    Ok(std::mem::take(buf))
 }
 
 fn segment_bytes<'a>(
@@ -215,9 +229,14 @@ impl Checked {
     }
 }
 
+/// Checks that a v2 header describes the chunk the manifest names: its length, segment
+/// size and codec.
 fn check_layout(h: CheckedHeader, chunk: &ChunkRef) -> Result<CheckedHeader, ChunkV2Error> {
     if let Some(s) = chunk.format.segment_size() {
         h.check_layout(s, u64::from(chunk.plain_len))?;
+    }
+    if let Some(c) = chunk.format.codec() {
+        h.check_codec(c)?;
     }
     Ok(h)
 }
@@ -392,14 +411,9 @@ impl LocalObject {
                 .open_checked(&chunk.name, key, buf)
                 .map_err(|e| decrypt_error(chunk, e))
                 .and_then(|p| checked_plain(chunk, j, p)),
-            Some(h) => match open_segment_unverified(h, key, j, &mut buf) {
-                Ok(p) => {
-                    let n = p.len();
-                    buf.truncate(n);
-                    checked_plain(chunk, j, buf)
-                }
-                Err(e) => Err(decrypt_error(chunk, e)),
-            },
+            Some(h) => open_in(h, key, j, &mut buf)
+                .map_err(|e| decrypt_error(chunk, e))
+                .and_then(|p| checked_plain(chunk, j, p)),
         };
         // Bytes of this worker's own that do not open have rotted: another copy may do.
         opened.map_err(|e| rotted(e.to_string()))
@@ -410,7 +424,7 @@ impl LocalObject {
 mod tests {
     use std::io::Write;
 
-    use lode_format::{ChunkIndex, ManifestId, RootId, RootSalt, SegmentSize};
+    use lode_format::{ChunkIndex, Codec, ManifestId, RootId, RootSalt, SegmentSize};
 
     use super::*;
 
@@ -419,6 +433,14 @@ mod tests {
     fn v2(segment: u32) -> ChunkFormat {
         ChunkFormat::V2 {
             segment_size: SegmentSize::new(u64::from(segment)).unwrap(),
+            codec: Codec::None,
+        }
+    }
+
+    fn lz4(segment: u32) -> ChunkFormat {
+        ChunkFormat::V2 {
+            segment_size: SegmentSize::new(u64::from(segment)).unwrap(),
+            codec: Codec::Lz4,
         }
     }
 
@@ -453,7 +475,7 @@ mod tests {
 
     #[test]
     fn every_segment_opens_right_from_each_kind_of_check() {
-        for format in [ChunkFormat::V1, v2(32768), v2(4096)] {
+        for format in [ChunkFormat::V1, v2(32768), v2(4096), lz4(16384), lz4(4096)] {
             let (chunk, key, bytes) = sealed(format);
             let whole = Checked::check("t", &chunk, bytes.clone()).unwrap();
             for j in 0..u32::try_from(chunk.segment_count()).unwrap() {
@@ -546,6 +568,15 @@ mod tests {
     }
 
     #[test]
+    fn a_header_of_another_codec_is_refused() {
+        let (mut chunk, _, bytes) = sealed(lz4(16384));
+        chunk.format = v2(16384);
+        let e = HeaderChecked::check("az", &chunk, bytes).unwrap_err();
+        assert!(e.is_integrity(), "{e:?}");
+        assert!(e.to_string().contains("codec lz4"), "{e}");
+    }
+
+    #[test]
     fn an_object_in_the_other_format_is_refused_as_such() {
         let (v1, _, v1_bytes) = sealed(ChunkFormat::V1);
         let (v2c, _, v2_bytes) = sealed(v2(32768));
@@ -581,7 +612,7 @@ mod tests {
 
     #[test]
     fn a_local_copy_is_read_by_segment_and_rot_is_named() {
-        for format in [ChunkFormat::V1, v2(32768)] {
+        for format in [ChunkFormat::V1, v2(32768), lz4(16384)] {
             let (chunk, key, bytes) = sealed(format);
             let (_d, o) = local(&chunk, &bytes);
             let o = o.unwrap();
