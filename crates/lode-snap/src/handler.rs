@@ -21,17 +21,22 @@
 //!
 //! One loop owns every install, so an install never races a remove it has not seen: the
 //! kernel holds the madvise until its REMOVE event is read, and copies fail with EAGAIN
-//! meanwhile. Fetches run concurrently and single-flight in the cache (which also joins
-//! the fetches of two segments of one chunk); a segment is fetched once per restore and
-//! all its pages installed together, so neighbouring pages in it do not fault. A zero
+//! meanwhile. A fetch is polled once as its fault is read: a segment that is ready at once
+//! (decrypted memory, or read in place from a local tier) is installed there and then;
+//! one that waits (the origin, the AZ fleet) runs as a task of its own. Those run
+//! concurrently and single-flight in the cache (which also joins the fetches of two
+//! segments of one chunk); a segment is fetched once per restore and all its pages
+//! installed together, so neighbouring pages in it do not fault. A zero
 //! chunk costs no fetch at all, so a fault there zero-fills the whole chunk at once.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -746,11 +751,32 @@ impl Session {
                     report.demand_chunks += 1;
                 }
             }
-            let (snapshot, tx, len) = (self.snapshot.clone(), tx.clone(), self.unit);
-            tokio::spawn(async move {
-                let r = fetch(&snapshot, unit, len).await;
-                let _ = tx.send((unit, r, false));
-            });
+            let (snapshot, len) = (self.snapshot.clone(), self.unit);
+            let mut fetching = Box::pin(async move { fetch(&snapshot, unit, len).await });
+            // Polled once here: a segment in decrypted memory, or one a local tier reads
+            // in place, is ready at once and installed now, without a task and a channel
+            // between. One that has to wait (the origin, the AZ fleet) goes on as a task
+            // of its own, which polls it again with a waker that counts.
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            match fetching.as_mut().poll(&mut cx) {
+                Poll::Ready(Ok(data)) => {
+                    let units = unit..unit + 1;
+                    self.install(Install { units, data }, report)?;
+                }
+                Poll::Ready(Err(reason)) => {
+                    return Err(SnapError::Chunk {
+                        index: chunk,
+                        offset: unit * self.unit,
+                        reason,
+                    });
+                }
+                Poll::Pending => {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let _ = tx.send((unit, fetching.await, false));
+                    });
+                }
+            }
         }
         Ok(())
     }
