@@ -1,34 +1,46 @@
 //! The page-fault handler: Firecracker's UFFD handshake on a Unix socket, then one event
 //! loop per restore that serves faults from the worker's chunk cache.
 //!
+//! The handler's unit is the segment ([`lode_read::ImageDevice::segment_len`]): a v2
+//! chunk's segments are fetched, checked and decrypted alone, so a fault waits for its
+//! own segment only (a v1 chunk is one segment, so there the unit is the chunk).
+//!
 //! ```text
 //! accept ─► recvmsg: JSON + SCM_RIGHTS uffd ─► parse_mappings (refuse: error line, close)
 //!        ─► reply {"generation_id": …}, prefetch the recorded working set (background)
 //! loop:  uffd readable ─► parse_event ─► PageFault: outside every region → refuse, end
 //!                                         removed page → UFFDIO_ZEROPAGE
 //!                                         zero chunk → ZEROPAGE over the chunk's pages
-//!                                         else → join/start the chunk's fetch, wait
+//!                                         else → join/start the segment's fetch, wait
 //!                                       Remove/Unmap → those pages read zero from now on
-//!        chunk fetched ─► UFFDIO_COPY of every page of it in every region, skipping
-//!                         removed pages; EEXIST: present, wake and skip; EAGAIN: the
-//!                         address space is changing, retry after reading the events
+//!        segment fetched ─► UFFDIO_COPY of every page of it in every region, skipping
+//!                           removed pages; EEXIST: present, wake and skip; EAGAIN: the
+//!                           address space is changing, retry after reading the events
 //!        client socket closed ─► end; store the working set (first restore by default)
 //! ```
 //!
 //! One loop owns every install, so an install never races a remove it has not seen: the
 //! kernel holds the madvise until its REMOVE event is read, and copies fail with EAGAIN
-//! meanwhile. Fetches run concurrently and single-flight in the cache; a chunk is fetched
-//! once per restore and all its pages installed together, so neighbouring pages do not
-//! fault at all.
+//! meanwhile. A fetch is polled once as its fault is read: a segment that is ready at once
+//! (decrypted memory, or read in place from a local tier) is installed there and then;
+//! one that waits (the origin, the AZ fleet) runs as a task of its own. Those run
+//! concurrently and single-flight in the cache (which also joins the fetches of two
+//! segments of one chunk); a segment is fetched once per restore and all its pages
+//! installed together, so neighbouring pages in it do not fault. A zero
+//! chunk costs no fetch at all, so a fault there zero-fills the whole chunk at once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use lode_format::SegmentIndex;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
@@ -42,20 +54,20 @@ use crate::socket::recv_handshake;
 use crate::uffd::{Event, Fill, MSG_SIZE, Uffd, parse_event};
 use crate::{SnapError, Snapshot, usize_of};
 
-/// A finished fetch: the chunk, its bytes (None: all zero) or why not, and whether it was
-/// a prefetch.
+/// A finished fetch: the unit (segment), its bytes (None: all zero) or why not, and
+/// whether it was a prefetch.
 type Fetched = (u64, Result<Option<Bytes>, String>, bool);
 
 /// What to install ahead of demand.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Prefetch {
-    /// The chunks of the stored working set, in fault order (REAP).
+    /// The segments holding the stored working set's pages, in fault order (REAP).
     #[default]
     Recorded,
     /// Nothing: every page on demand.
     None,
-    /// Every chunk of every region, in order (eager, for comparison).
+    /// Every segment of every region, in order (eager, for comparison).
     All,
 }
 
@@ -79,7 +91,7 @@ pub struct ServeOptions {
     pub prefetch: Prefetch,
     /// When to store the working set.
     pub record: RecordPolicy,
-    /// Chunks prefetched at once.
+    /// Segments prefetched at once.
     pub prefetch_concurrency: usize,
     /// Where in the snapshot (16 bytes, 16-aligned) each restore's generation id is
     /// written, so the restored code can read it there; `None` writes it nowhere.
@@ -129,9 +141,16 @@ pub struct SessionReport {
     pub faults: u64,
     /// Faults answered with a zero page (zero chunk or removed page).
     pub zero_faults: u64,
-    /// Chunks fetched because of a fault.
+    /// The bytes of the snapshot each fetch brings: the segment size (v2), or the chunk
+    /// size (v1, whose chunk is one segment).
+    pub segment_bytes: u64,
+    /// Segments fetched because of a fault (the unit of a fetch).
+    pub demand_segments: u64,
+    /// Segments installed ahead of demand (a zero chunk's count too: they cost no fetch).
+    pub prefetched_segments: u64,
+    /// Distinct chunks at least one of whose segments was fetched because of a fault.
     pub demand_chunks: u64,
-    /// Chunks installed ahead of demand.
+    /// Distinct chunks at least one of whose segments was installed ahead of demand.
     pub prefetched_chunks: u64,
     /// Pages installed by copy.
     pub pages_copied: u64,
@@ -307,16 +326,17 @@ async fn run_session(
         None
     };
     let mut s = Session::new(snapshot.clone(), uffd, mappings, opts, generation)?;
+    report.segment_bytes = s.unit;
     let prefetch_order = match opts.prefetch {
         Prefetch::None => Vec::new(),
         Prefetch::Recorded => working_set
             .as_ref()
             .map(|ws| {
                 report.working_set_pages = ws.pages.len() as u64;
-                s.chunks_of_pages(&ws.pages)
+                s.units_of_pages(&ws.pages)
             })
             .unwrap_or_default(),
-        Prefetch::All => s.all_chunks(),
+        Prefetch::All => s.all_units(),
     };
     let result = s
         .run(
@@ -386,10 +406,18 @@ const IDLE: u8 = 0;
 const FETCHING: u8 = 1;
 const INSTALLED: u8 = 2;
 
-/// An install waiting to be (re)tried.
+/// An install waiting to be (re)tried: the units `units` (one fetched segment, or every
+/// segment of a zero chunk), with their bytes (`None`: all zero).
 struct Install {
-    chunk: u64,
+    units: Range<u64>,
     data: Option<Bytes>,
+}
+
+/// Work put back after EAGAIN.
+enum Retry {
+    Install(Install),
+    /// A removed page's zero fill; the time its fault was read, if it was a fault.
+    ZeroPage(u64, Option<Instant>),
 }
 
 struct UffdFd(Uffd);
@@ -404,24 +432,30 @@ struct Session {
     uffd: AsyncFd<UffdFd>,
     mappings: Vec<Mapping>,
     chunk_size: u64,
+    /// The install unit: the segment length (a power of two that divides the chunk size).
+    unit: u64,
+    /// Per unit: IDLE, FETCHING or INSTALLED.
     state: Arc<Vec<AtomicU8>>,
     /// Pages (snapshot page numbers) that read as zero from now on.
     removed: Vec<u64>,
     /// Pages already recorded.
     seen: Vec<u64>,
     recorded: Vec<u64>,
-    /// Faults waiting on a chunk: (page address, when read).
+    /// Chunks counted in `demand_chunks` and in `prefetched_chunks`.
+    demand_chunks: Vec<u64>,
+    prefetched_chunks: Vec<u64>,
+    /// Faults waiting on a unit: (page address, when read).
     waiting: HashMap<u64, Vec<(u64, Instant)>>,
-    retry: VecDeque<Install>,
+    retry: VecDeque<Retry>,
     generation: Option<(u64, [u8; 16])>,
 }
 
 fn bit(v: &[u64], i: u64) -> bool {
-    v.get((i / 64) as usize)
+    v.get(usize_of(i / 64))
         .is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 fn set_bit(v: &mut [u64], i: u64) -> bool {
-    match v.get_mut((i / 64) as usize) {
+    match v.get_mut(usize_of(i / 64)) {
         Some(w) => {
             let was = *w & (1 << (i % 64)) != 0;
             *w |= 1 << (i % 64);
@@ -429,6 +463,9 @@ fn set_bit(v: &mut [u64], i: u64) -> bool {
         }
         None => false,
     }
+}
+fn bitset(bits: u64) -> Vec<u64> {
+    vec![0; usize_of(bits.div_ceil(64))]
 }
 
 enum Step {
@@ -447,9 +484,12 @@ impl Session {
         generation: [u8; 16],
     ) -> Result<Session, SnapError> {
         let chunk_size = snapshot.chunk_size().bytes_u64();
+        // Both are powers of two at least a page long, so the unit divides the chunk and
+        // every unit is whole pages of one chunk.
+        let unit = snapshot.device().segment_len();
+        let units = snapshot.size().div_ceil(unit);
         let chunks = snapshot.size().div_ceil(chunk_size);
         let pages = snapshot.size().div_ceil(PAGE_SIZE);
-        let words = usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX);
         opts.check(snapshot.size())?;
         let generation = opts.generation_id_offset.map(|off| (off, generation));
         // SAFETY: `UffdFd` owns its descriptor (an `OwnedFd` inside `Uffd`), closes it
@@ -464,19 +504,38 @@ impl Session {
             uffd,
             mappings,
             chunk_size,
-            state: Arc::new((0..chunks).map(|_| AtomicU8::new(IDLE)).collect()),
-            removed: vec![0; words],
-            seen: vec![0; words],
+            unit,
+            state: Arc::new((0..units).map(|_| AtomicU8::new(IDLE)).collect()),
+            removed: bitset(pages),
+            seen: bitset(pages),
             recorded: Vec::new(),
+            demand_chunks: bitset(chunks),
+            prefetched_chunks: bitset(chunks),
             waiting: HashMap::new(),
             retry: VecDeque::new(),
             generation,
         })
     }
 
-    /// The chunks holding `pages`, first appearance first, limited to mapped memory.
-    fn chunks_of_pages(&self, pages: &[u64]) -> Vec<u64> {
-        let mut seen = std::collections::HashSet::new();
+    /// The snapshot bytes of `units`: `[start, end)`, the last unit cut at the end of
+    /// the snapshot.
+    fn span(&self, units: &Range<u64>) -> (u64, u64) {
+        (
+            units.start * self.unit,
+            (units.end * self.unit).min(self.snapshot.size()),
+        )
+    }
+
+    /// Every unit of `chunk`.
+    fn units_of_chunk(&self, chunk: u64) -> Range<u64> {
+        let per_chunk = self.chunk_size / self.unit;
+        let last = self.snapshot.size().div_ceil(self.unit);
+        (chunk * per_chunk).min(last)..((chunk + 1) * per_chunk).min(last)
+    }
+
+    /// The units holding `pages`, first appearance first, limited to mapped memory.
+    fn units_of_pages(&self, pages: &[u64]) -> Vec<u64> {
+        let mut seen = HashSet::new();
         pages
             .iter()
             .map(|p| p * PAGE_SIZE)
@@ -485,17 +544,17 @@ impl Session {
                     .iter()
                     .any(|m| *off >= m.offset && *off - m.offset < m.size)
             })
-            .map(|off| off / self.chunk_size)
-            .filter(|c| seen.insert(*c))
+            .map(|off| off / self.unit)
+            .filter(|u| seen.insert(*u))
             .collect()
     }
 
-    /// Every chunk that overlaps a region, in snapshot order.
-    fn all_chunks(&self) -> Vec<u64> {
+    /// Every unit that overlaps a region, in snapshot order.
+    fn all_units(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self
             .mappings
             .iter()
-            .flat_map(|m| m.offset / self.chunk_size..(m.offset + m.size).div_ceil(self.chunk_size))
+            .flat_map(|m| m.offset / self.unit..(m.offset + m.size).div_ceil(self.unit))
             .collect();
         v.sort_unstable();
         v.dedup();
@@ -525,7 +584,7 @@ impl Session {
                         Err(source) => Step::Event(Err(SnapError::Io { what: "polling the userfaultfd".into(), source })),
                     }
                 }
-                Some((chunk, r, pre)) = rx.recv() => Step::Fetched(chunk, r, pre),
+                Some((unit, r, pre)) = rx.recv() => Step::Fetched(unit, r, pre),
                 r = stream.read(&mut sink) => match r {
                     Ok(0) | Err(_) => Step::ClientGone,
                     Ok(_) => continue,
@@ -534,23 +593,36 @@ impl Session {
             };
             let r = match step {
                 Step::Event(r) => r,
-                Step::Fetched(chunk, Ok(data), prefetched) => {
+                Step::Fetched(unit, Ok(data), prefetched) => {
                     if prefetched {
-                        report.prefetched_chunks += 1;
+                        report.prefetched_segments += 1;
+                        let chunk = unit * self.unit / self.chunk_size;
+                        if set_bit(&mut self.prefetched_chunks, chunk) {
+                            report.prefetched_chunks += 1;
+                        }
                     }
-                    self.install(Install { chunk, data }, report)
+                    self.install(
+                        Install {
+                            units: unit..unit + 1,
+                            data,
+                        },
+                        report,
+                    )
                 }
-                Step::Fetched(chunk, Err(reason), _) => Err(SnapError::Chunk {
-                    index: chunk,
-                    offset: chunk * self.chunk_size,
+                Step::Fetched(unit, Err(reason), _) => Err(SnapError::Chunk {
+                    index: unit * self.unit / self.chunk_size,
+                    offset: unit * self.unit,
                     reason,
                 }),
                 Step::ClientGone => break Ok(()),
                 Step::Retry => {
-                    let pending: Vec<Install> = self.retry.drain(..).collect();
-                    pending.into_iter().try_for_each(|i| {
+                    let pending: Vec<Retry> = self.retry.drain(..).collect();
+                    pending.into_iter().try_for_each(|r| {
                         report.retries += 1;
-                        self.install(i, report)
+                        match r {
+                            Retry::Install(i) => self.install(i, report),
+                            Retry::ZeroPage(page, read_at) => self.zero_page(page, read_at, report),
+                        }
                     })
                 }
             };
@@ -570,13 +642,14 @@ impl Session {
     ) -> tokio::task::JoinHandle<()> {
         let snapshot = self.snapshot.clone();
         let state = self.state.clone();
+        let unit = self.unit;
         tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(concurrency));
-            for chunk in order {
+            for u in order {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
-                let Some(s) = state.get(usize_of(chunk)) else {
+                let Some(s) = state.get(usize_of(u)) else {
                     continue;
                 };
                 if s.compare_exchange(IDLE, FETCHING, Ordering::AcqRel, Ordering::Acquire)
@@ -586,8 +659,8 @@ impl Session {
                 }
                 let (snapshot, tx) = (snapshot.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let r = fetch(&snapshot, chunk).await;
-                    let _ = tx.send((chunk, r, true));
+                    let r = fetch(&snapshot, u, unit).await;
+                    let _ = tx.send((u, r, true));
                     drop(permit);
                 });
             }
@@ -653,31 +726,57 @@ impl Session {
             self.recorded.push(page_no);
         }
         let chunk = offset / self.chunk_size;
-        if bit(&self.removed, page_no)
-            || self.snapshot.device().is_zero_chunk(chunk) && !self.holds_generation(chunk)
-        {
+        if bit(&self.removed, page_no) {
             report.zero_faults += 1;
-            if bit(&self.removed, page_no) {
-                self.zero_page(page, report)?;
-            } else {
-                // The whole zero chunk at once; the ioctl wakes the faulting thread.
-                self.install(Install { chunk, data: None }, report)?;
-            }
+            return self.zero_page(page, Some(read_at), report);
+        }
+        if self.snapshot.device().is_zero_chunk(chunk) && !self.holds_generation(chunk) {
+            report.zero_faults += 1;
+            // The whole zero chunk at once: it costs no fetch, and the ioctl wakes the
+            // faulting thread.
+            let units = self.units_of_chunk(chunk);
+            self.install(Install { units, data: None }, report)?;
             report.fault_us.push(micros(read_at));
             return Ok(());
         }
-        self.waiting.entry(chunk).or_default().push((page, read_at));
-        let state = &self.state[usize_of(chunk)];
-        let previous = state.swap(FETCHING, Ordering::AcqRel);
+        let unit = offset / self.unit;
+        self.waiting.entry(unit).or_default().push((page, read_at));
+        let previous = self.state[usize_of(unit)].swap(FETCHING, Ordering::AcqRel);
         if previous != FETCHING {
             // Idle, or installed and faulted again (a fault read after its page was
             // installed, or a page the install skipped): fetch (a cache hit) and install.
-            report.demand_chunks += u64::from(previous == IDLE);
-            let (snapshot, tx) = (self.snapshot.clone(), tx.clone());
-            tokio::spawn(async move {
-                let r = fetch(&snapshot, chunk).await;
-                let _ = tx.send((chunk, r, false));
-            });
+            if previous == IDLE {
+                report.demand_segments += 1;
+                if set_bit(&mut self.demand_chunks, chunk) {
+                    report.demand_chunks += 1;
+                }
+            }
+            let (snapshot, len) = (self.snapshot.clone(), self.unit);
+            let mut fetching = Box::pin(async move { fetch(&snapshot, unit, len).await });
+            // Polled once here: a segment in decrypted memory, or one a local tier reads
+            // in place, is ready at once and installed now, without a task and a channel
+            // between. One that has to wait (the origin, the AZ fleet) goes on as a task
+            // of its own, which polls it again with a waker that counts.
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            match fetching.as_mut().poll(&mut cx) {
+                Poll::Ready(Ok(data)) => {
+                    let units = unit..unit + 1;
+                    self.install(Install { units, data }, report)?;
+                }
+                Poll::Ready(Err(reason)) => {
+                    return Err(SnapError::Chunk {
+                        index: chunk,
+                        offset: unit * self.unit,
+                        reason,
+                    });
+                }
+                Poll::Pending => {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let _ = tx.send((unit, fetching.await, false));
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -687,8 +786,14 @@ impl Session {
             .is_some_and(|(off, _)| off / self.chunk_size == chunk)
     }
 
-    /// Zero-fills one page (a removed page, or a zero chunk's), tolerating presence.
-    fn zero_page(&mut self, page: u64, report: &mut SessionReport) -> Result<(), SnapError> {
+    /// Zero-fills one removed page, tolerating presence; `read_at` is when its fault was
+    /// read, if a fault asked for it (its service time is counted once the page is in).
+    fn zero_page(
+        &mut self,
+        page: u64,
+        read_at: Option<Instant>,
+        report: &mut SessionReport,
+    ) -> Result<(), SnapError> {
         let uffd = &self.uffd.get_ref().0;
         match uffd.zeropage(page, PAGE_SIZE)? {
             Fill::Done | Fill::Partial { .. } => report.pages_zeroed += 1,
@@ -697,41 +802,43 @@ impl Session {
                 uffd.wake(page, PAGE_SIZE)?;
             }
             Fill::Again => {
-                // Retried with the next batch of events; the page's chunk install path
-                // handles zero pages too.
-                let chunk = mapping::find(&self.mappings, page)
-                    .map(|m| m.snapshot_offset(page) / self.chunk_size);
-                if let Some(chunk) = chunk {
-                    self.waiting
-                        .entry(chunk)
-                        .or_default()
-                        .push((page, Instant::now()));
-                    self.retry.push_back(Install { chunk, data: None });
-                }
+                // This page alone, retried with the next batch of events.
+                self.retry.push_back(Retry::ZeroPage(page, read_at));
+                return Ok(());
             }
             Fill::Gone => {}
+        }
+        if let Some(t) = read_at {
+            report.fault_us.push(micros(t));
         }
         Ok(())
     }
 
-    /// Installs every page of `chunk` in every region, then answers the faults waiting
-    /// on it.
+    /// Installs every page of `job.units` in every region, then answers the faults
+    /// waiting on them.
     fn install(&mut self, job: Install, report: &mut SessionReport) -> Result<(), SnapError> {
-        let cs = self.chunk_size;
-        let (c0, c1) = (
-            job.chunk * cs,
-            ((job.chunk + 1) * cs).min(self.snapshot.size()),
-        );
+        let (c0, c1) = self.span(&job.units);
         let mut data = job.data.clone();
         if let Some((off, id)) = self.generation
-            && off / cs == job.chunk
+            && (c0..c1).contains(&off)
         {
+            // The id is 16 bytes at a 16-aligned offset, so it lies inside one unit.
             let mut v = match &data {
                 Some(d) => d.to_vec(),
                 None => vec![0u8; usize_of(c1 - c0)],
             };
-            let at = usize_of(off - c0);
-            v[at..at + 16].copy_from_slice(&id);
+            let (at, len) = (usize_of(off - c0), v.len());
+            let Some(slot) = v.get_mut(at..at + 16) else {
+                return Err(SnapError::Chunk {
+                    index: off / self.chunk_size,
+                    offset: off,
+                    reason: format!(
+                        "the segment at offset {c0} holds {len} bytes, short of the \
+                         generation id"
+                    ),
+                });
+            };
+            slot.copy_from_slice(&id);
             data = Some(Bytes::from(v));
         }
         let uffd = &self.uffd.get_ref().0;
@@ -756,12 +863,16 @@ impl Session {
                     Some(d) => {
                         let from = usize_of(off - c0);
                         let to = usize_of(run_end - c0);
-                        // A short last chunk ends inside a page only if the snapshot size
+                        // A short last unit ends inside a page only if the snapshot size
                         // is not page-aligned; regions are, so this slice is whole pages.
                         let src = d.get(from..to).ok_or_else(|| SnapError::Chunk {
-                            index: job.chunk,
+                            index: c0 / self.chunk_size,
                             offset: off,
-                            reason: format!("chunk holds {} bytes, the region needs {to}", d.len()),
+                            reason: format!(
+                                "the segment at offset {c0} holds {} bytes, the region \
+                                 needs {to}",
+                                d.len()
+                            ),
                         })?;
                         uffd.copy(dst, src)?
                     }
@@ -783,24 +894,26 @@ impl Session {
                         off += PAGE_SIZE;
                     }
                     Fill::Again => {
-                        self.retry.push_back(job);
+                        self.retry.push_back(Retry::Install(job));
                         return Ok(());
                     }
                     Fill::Gone => off += PAGE_SIZE,
                 }
             }
         }
-        if let Some(s) = self.state.get(usize_of(job.chunk)) {
-            s.store(INSTALLED, Ordering::Release);
-        }
-        let waiting = self.waiting.remove(&job.chunk).unwrap_or_default();
-        for (page, read_at) in waiting {
-            let offset = mapping::find(&self.mappings, page).map(|m| m.snapshot_offset(page));
-            if offset.is_some_and(|o| bit(&self.removed, o / PAGE_SIZE)) {
-                // Removed while its fault waited: it reads zero.
-                self.zero_page(page, report)?;
+        for unit in job.units {
+            if let Some(s) = self.state.get(usize_of(unit)) {
+                s.store(INSTALLED, Ordering::Release);
             }
-            report.fault_us.push(micros(read_at));
+            for (page, read_at) in self.waiting.remove(&unit).unwrap_or_default() {
+                let offset = mapping::find(&self.mappings, page).map(|m| m.snapshot_offset(page));
+                if offset.is_some_and(|o| bit(&self.removed, o / PAGE_SIZE)) {
+                    // Removed while its fault waited: it reads zero.
+                    self.zero_page(page, Some(read_at), report)?;
+                } else {
+                    report.fault_us.push(micros(read_at));
+                }
+            }
         }
         Ok(())
     }
@@ -818,11 +931,16 @@ fn micros(since: Instant) -> u32 {
     u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX)
 }
 
-async fn fetch(snapshot: &Snapshot, chunk: u64) -> Result<Option<Bytes>, String> {
+/// The plaintext of unit `unit` (units of `len` bytes): segment `j` of its chunk, or
+/// `None` when the chunk is all zero.
+async fn fetch(snapshot: &Snapshot, unit: u64, len: u64) -> Result<Option<Bytes>, String> {
+    let offset = unit * len;
+    let chunk_size = snapshot.chunk_size().bytes_u64();
+    let j = u32::try_from(offset % chunk_size / len)
+        .map_err(|_| format!("segment of offset {offset} is out of range"))?;
     snapshot
         .device()
-        .chunk(chunk)
+        .segment(offset / chunk_size, SegmentIndex(j))
         .await
-        .map(|c| c.map(|(_, b)| b))
         .map_err(|e| e.to_string())
 }

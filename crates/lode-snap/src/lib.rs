@@ -12,9 +12,9 @@
 //! ```text
 //!  VMM (Firecracker, or lode snapshot restore)        lode snapshot serve
 //!   mmap guest memory, userfaultfd, register ──uffd+JSON──► parse mappings, check them
-//!   guest touches a missing page ──fault event──────────► page → chunk → ChunkCache
+//!   guest touches a missing page ──fault event──────────► page → segment → ChunkCache
 //!                                                          (memory, disk, AZ, origin)
-//!   thread resumes ◄──UFFDIO_COPY (whole chunk) / ZEROPAGE── one fetch per chunk
+//!   thread resumes ◄──UFFDIO_COPY (the segment) / ZEROPAGE── one fetch per segment
 //!   socket closes ──────────────────────────────────────► store the working set
 //! ```
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cache::CacheConfig;
-use lode_format::ChunkSize;
+use lode_format::{ChunkFormat, ChunkSize};
 use lode_image::{NoProgress, PublishOptions, Publisher};
 use lode_kms::{Keyring, Kms};
 use lode_read::ChunkCache;
@@ -26,6 +26,8 @@ mod cache;
 
 const SIZE: u64 = 24 << 20;
 const CHUNK: u64 = 64 * 1024;
+/// The segment size of the fixture's v2 chunks (the default): two a chunk.
+const SEGMENT: u64 = 32 * 1024;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -36,8 +38,13 @@ struct Fixture {
 }
 
 /// A 24 MiB index image (its upper half zero) with a few chunks of noise far up in the
-/// zero area, published at 64 KiB chunks and tagged `snap`.
+/// zero area, published at 64 KiB chunks (v2: 32 KiB segments) and tagged `snap`.
 fn fixture() -> Fixture {
+    fixture_in(None)
+}
+
+/// The fixture in chunk format `format` (`None`: the default for new images).
+fn fixture_in(format: Option<ChunkFormat>) -> Fixture {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -57,6 +64,7 @@ fn fixture() -> Fixture {
     std::fs::write(&path, &memory).unwrap();
     let opts = PublishOptions {
         chunk_size: ChunkSize::new(CHUNK).unwrap(),
+        chunk_format: format,
         tag: Some("snap".into()),
         ..Default::default()
     };
@@ -147,6 +155,14 @@ impl Served {
 
     fn hits(&self, tier: &str) -> u64 {
         self.cache.snapshot().tier(tier).map_or(0, |t| t.hits)
+    }
+
+    /// Misses of the decrypted-segment cache so far: one per segment decrypted.
+    fn decrypted_misses(&self) -> u64 {
+        self.cache
+            .snapshot()
+            .tier("decrypted")
+            .map_or(0, |t| t.misses)
     }
 }
 
@@ -268,7 +284,8 @@ fn every_tier_serves_the_snapshot_page_for_page() {
     let b = serve(&fx, with_az("a"), no_prefetch());
     restore_and_check(&fx, &b, &before, &after);
     assert!(b.report(1).error.is_none());
-    assert_eq!(b.hits("disk"), stored);
+    // A local file counts a hit per segment it gives: each stored chunk's two, once.
+    assert_eq!(b.hits("disk"), stored * (CHUNK / SEGMENT));
     assert_eq!(b.hits("origin") + b.hits("az"), 0);
     drop(b);
 
@@ -335,13 +352,105 @@ fn concurrent_faults_on_one_chunk_share_one_fetch() {
     drop(r);
     let rep = s.report(1);
     assert_eq!(rep.demand_chunks, 1, "{rep:?}");
-    assert_eq!(s.hits("origin"), 1);
+    assert_eq!(rep.demand_segments, CHUNK / SEGMENT, "{rep:?}");
+    assert_eq!(
+        s.hits("origin"),
+        1,
+        "both segments from one fetch of the chunk"
+    );
     assert!(rep.faults >= 1 && rep.faults <= 16);
     assert_eq!(
         rep.pages_copied,
         CHUNK / PAGE_SIZE,
-        "the whole chunk installed once"
+        "each segment installed once"
     );
+}
+
+/// Whether each page of `len` bytes at `addr` is resident, asked without faulting.
+fn resident(addr: u64, len: u64) -> Vec<bool> {
+    let mut v = vec![0u8; (len / PAGE_SIZE) as usize];
+    // SAFETY: `addr` is page-aligned inside a live mapping of at least `len` bytes, and
+    // `v` holds one byte per page of it.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len as usize, v.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    v.iter().map(|b| b & 1 == 1).collect()
+}
+
+#[test]
+fn a_v2_fault_installs_only_its_segment() {
+    let fx = fixture();
+    let s = serve(
+        &fx,
+        CacheConfig::new(fx.dir.path().join("seg")),
+        no_prefetch(),
+    );
+    let r = client::restore(&s.socket, SIZE, 1).unwrap();
+    let chunk = 7 * CHUNK;
+    let before = s.decrypted_misses();
+    // A page in the chunk's second segment.
+    let at = (chunk + SEGMENT + 3 * PAGE_SIZE) as usize;
+    assert_eq!(r.memory.bytes()[at], fx.memory[at]);
+    let pages = resident(r.memory.addr() + chunk, CHUNK);
+    let per_segment = (SEGMENT / PAGE_SIZE) as usize;
+    assert!(
+        pages[per_segment..].iter().all(|p| *p),
+        "the faulted segment is installed whole: {pages:?}"
+    );
+    assert!(
+        pages[..per_segment].iter().all(|p| !*p),
+        "the chunk's other segment is not installed: {pages:?}"
+    );
+    assert_eq!(
+        s.decrypted_misses() - before,
+        1,
+        "one segment decrypted, not the chunk"
+    );
+    // The other segment then faults on its own and is served from the same fetch.
+    let at = (chunk + PAGE_SIZE) as usize;
+    assert_eq!(r.memory.bytes()[at], fx.memory[at]);
+    assert!(resident(r.memory.addr() + chunk, CHUNK).iter().all(|p| *p));
+    drop(r);
+    let rep = s.report(1);
+    assert!(rep.error.is_none(), "{rep:?}");
+    assert_eq!(rep.segment_bytes, SEGMENT);
+    assert_eq!(rep.faults, 2, "{rep:?}");
+    assert_eq!((rep.demand_segments, rep.demand_chunks), (2, 1), "{rep:?}");
+    assert_eq!(rep.pages_copied, CHUNK / PAGE_SIZE, "{rep:?}");
+    assert_eq!(
+        s.hits("origin"),
+        1,
+        "one fetch of the chunk from the origin"
+    );
+}
+
+#[test]
+fn a_v1_snapshot_restores_page_for_page_a_chunk_at_a_time() {
+    let fx = fixture_in(Some(ChunkFormat::V1));
+    let s = serve(
+        &fx,
+        CacheConfig::new(fx.dir.path().join("v1")),
+        no_prefetch(),
+    );
+    let before = [((1 << 20) + 4096, 56 << 10), (20 << 20, 8 << 10)];
+    let after = [(3 << 20, 200 << 10), ((16 << 20) - 8192, 16384)];
+    restore_and_check(&fx, &s, &before, &after);
+    let rep = s.report(1);
+    assert!(rep.error.is_none(), "{rep:?}");
+    assert_eq!(rep.segment_bytes, CHUNK, "a v1 chunk is one segment");
+    assert_eq!(rep.demand_segments, rep.demand_chunks, "{rep:?}");
+    // One fault brings the whole chunk.
+    let r = client::restore(&s.socket, SIZE, 1).unwrap();
+    let at = (9 * CHUNK + SEGMENT) as usize;
+    assert_eq!(r.memory.bytes()[at], fx.memory[at]);
+    assert!(
+        resident(r.memory.addr() + 9 * CHUNK, CHUNK)
+            .iter()
+            .all(|p| *p)
+    );
+    drop(r);
+    let rep = s.report(2);
+    assert_eq!((rep.faults, rep.demand_segments), (1, 1), "{rep:?}");
+    assert_eq!(rep.pages_copied, CHUNK / PAGE_SIZE, "{rep:?}");
 }
 
 #[test]
@@ -705,6 +814,7 @@ fn prefetch_all_installs_everything_and_record_never_stores_nothing() {
         SIZE / CHUNK,
         "every chunk, zero ones included"
     );
+    assert_eq!(rep.prefetched_segments, SIZE / SEGMENT, "{rep:?}");
     assert_eq!(rep.faults, 0, "nothing left to fault: {rep:?}");
     assert!(!rep.recorded);
     let stored = fx.rt.block_on(async {
