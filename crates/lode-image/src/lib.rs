@@ -67,16 +67,24 @@ impl Progress for NoProgress {
 }
 
 /// The chunk format new images, snapshots and copied-forward manifests of chunk size `cs`
-/// are written in: v2, in segments of 32 KiB (or of the chunk size, if smaller). v1
-/// manifests and chunks stay readable everywhere; copy-forward rewrites them as v2.
+/// are written in: v2 with codec 1 (lz4, compressed segments padded to 1 KiB) in segments
+/// of 16 KiB, or of the chunk size if smaller ([`lode_format::ChunkFormat::RECOMMENDED`],
+/// the measured choice: docs/format.md §8). v1 manifests and chunks, and v2 ones with
+/// codec 0, stay readable everywhere; copy-forward rewrites them in this format.
 pub fn new_chunk_format(cs: lode_format::ChunkSize) -> lode_format::ChunkFormat {
-    let segment_size = lode_format::SegmentSize::new(u64::from(
-        lode_format::SegmentSize::DEFAULT.bytes().min(cs.bytes()),
-    ))
-    .unwrap_or(lode_format::SegmentSize::DEFAULT);
+    let lode_format::ChunkFormat::V2 {
+        segment_size,
+        codec,
+    } = lode_format::ChunkFormat::RECOMMENDED
+    else {
+        return lode_format::ChunkFormat::RECOMMENDED;
+    };
+    let segment_size =
+        lode_format::SegmentSize::new(u64::from(segment_size.bytes().min(cs.bytes())))
+            .unwrap_or(segment_size);
     lode_format::ChunkFormat::V2 {
         segment_size,
-        codec: lode_format::Codec::None,
+        codec,
     }
 }
 
