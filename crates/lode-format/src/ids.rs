@@ -292,7 +292,8 @@ pub struct SegmentSize(u32);
 pub struct InvalidSegmentSize(pub u64);
 
 impl SegmentSize {
-    /// 32 KiB, lode's default: a 512 KiB chunk in 16 segments.
+    /// 32 KiB, the default for codec 0 (stored as it is): a 512 KiB chunk in 16
+    /// segments. New images use [`SegmentSize::LZ4`] with codec 1.
     pub const DEFAULT: SegmentSize = SegmentSize(32 * 1024);
     /// 16 KiB, the segment size measured best for lz4-compressed chunks (docs/format.md
     /// §8): a 512 KiB chunk in 32 segments.

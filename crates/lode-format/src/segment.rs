@@ -3,7 +3,8 @@
 //!
 //! A v1 chunk is one AES-GCM message named by the SHA-256 of all of it, so a 4 KiB read
 //! pays for hashing and decrypting 512 KiB. A v2 chunk keeps the chunk as the unit of
-//! dedup, naming and storage, but seals each segment (32 KiB by default) separately and
+//! dedup, naming and storage, but seals each segment (16 KiB with lz4, new images' default;
+//! 32 KiB stored as it is) separately and
 //! names the chunk by a small header that lists the segments' hashes:
 //!
 //! ```text

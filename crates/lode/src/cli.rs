@@ -250,7 +250,7 @@ pub enum SnapshotCommand {
     /// guest memory regions as JSON (base_host_virt_addr, size, offset, page_size). Each
     /// connection is one restore: faults are served from the worker's tiers (memory, disk
     /// under STATE_DIR/cache, the AZ fleet, the store), a fault waiting only for its
-    /// page's segment (32 KiB of a v2 chunk; a v1 chunk whole); zero chunks and
+    /// page's segment (16 KiB of a new chunk; a v1 chunk whole); zero chunks and
     /// ballooned-out pages as zero pages. The first restore's faults are stored
     /// as the snapshot's working set and installed ahead of demand by later restores.
     /// Each restore gets a fresh 128-bit generation id (printed, sent on the socket, and
