@@ -26,8 +26,9 @@ mod cache;
 
 const SIZE: u64 = 24 << 20;
 const CHUNK: u64 = 64 * 1024;
-/// The segment size of the fixture's v2 chunks (the default): two a chunk.
-const SEGMENT: u64 = 32 * 1024;
+/// The segment size of the fixture's v2 chunks (the default, lz4 in 16 KiB segments): four
+/// a chunk.
+const SEGMENT: u64 = 16 * 1024;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -283,9 +284,17 @@ fn every_tier_serves_the_snapshot_page_for_page() {
     // Disk: a new worker over the same state directory.
     let b = serve(&fx, with_az("a"), no_prefetch());
     restore_and_check(&fx, &b, &before, &after);
-    assert!(b.report(1).error.is_none());
-    // A local file counts a hit per segment it gives: each stored chunk's two, once.
-    assert_eq!(b.hits("disk"), stored * (CHUNK / SEGMENT));
+    let rep = b.report(1);
+    assert!(rep.error.is_none());
+    // A local file counts a hit per segment it gives: at least one of every stored chunk,
+    // at most all of their segments (a segment whose pages are all ballooned out is not
+    // fetched; one faulted again comes from the decrypted tier).
+    let disk = b.hits("disk");
+    assert!(
+        disk >= stored && disk <= stored * (CHUNK / SEGMENT),
+        "{disk}"
+    );
+    assert!(disk <= rep.demand_segments, "{disk}: {rep:?}");
     assert_eq!(b.hits("origin") + b.hits("az"), 0);
     drop(b);
 
@@ -356,7 +365,7 @@ fn concurrent_faults_on_one_chunk_share_one_fetch() {
     assert_eq!(
         s.hits("origin"),
         1,
-        "both segments from one fetch of the chunk"
+        "every segment from one fetch of the chunk"
     );
     assert!(rep.faults >= 1 && rep.faults <= 16);
     assert_eq!(
@@ -393,28 +402,37 @@ fn a_v2_fault_installs_only_its_segment() {
     let pages = resident(r.memory.addr() + chunk, CHUNK);
     let per_segment = (SEGMENT / PAGE_SIZE) as usize;
     assert!(
-        pages[per_segment..].iter().all(|p| *p),
+        pages[per_segment..2 * per_segment].iter().all(|p| *p),
         "the faulted segment is installed whole: {pages:?}"
     );
     assert!(
-        pages[..per_segment].iter().all(|p| !*p),
-        "the chunk's other segment is not installed: {pages:?}"
+        pages[..per_segment]
+            .iter()
+            .chain(&pages[2 * per_segment..])
+            .all(|p| !*p),
+        "the chunk's other segments are not installed: {pages:?}"
     );
     assert_eq!(
         s.decrypted_misses() - before,
         1,
         "one segment decrypted, not the chunk"
     );
-    // The other segment then faults on its own and is served from the same fetch.
-    let at = (chunk + PAGE_SIZE) as usize;
-    assert_eq!(r.memory.bytes()[at], fx.memory[at]);
+    // The other segments then fault on their own and are served from the same fetch.
+    for j in (0..CHUNK / SEGMENT).filter(|j| *j != 1) {
+        let at = (chunk + j * SEGMENT + PAGE_SIZE) as usize;
+        assert_eq!(r.memory.bytes()[at], fx.memory[at]);
+    }
     assert!(resident(r.memory.addr() + chunk, CHUNK).iter().all(|p| *p));
     drop(r);
     let rep = s.report(1);
     assert!(rep.error.is_none(), "{rep:?}");
     assert_eq!(rep.segment_bytes, SEGMENT);
-    assert_eq!(rep.faults, 2, "{rep:?}");
-    assert_eq!((rep.demand_segments, rep.demand_chunks), (2, 1), "{rep:?}");
+    assert_eq!(rep.faults, CHUNK / SEGMENT, "{rep:?}");
+    assert_eq!(
+        (rep.demand_segments, rep.demand_chunks),
+        (CHUNK / SEGMENT, 1),
+        "{rep:?}"
+    );
     assert_eq!(rep.pages_copied, CHUNK / PAGE_SIZE, "{rep:?}");
     assert_eq!(
         s.hits("origin"),

@@ -17,9 +17,10 @@ use crate::harness::Home;
 
 pub const CHUNK: usize = 512 * 1024;
 /// A stored chunk: its plaintext and the seal's 16-byte tag.
-/// A full chunk's stored object: v2, its plaintext in 16 segments of 32 KiB, a 16-byte
-/// tag on each, and a 596-byte header (20 bytes, then 36 per segment).
-pub const SEALED: u64 = CHUNK as u64 + 16 * 16 + 20 + 36 * 16;
+/// A full chunk's stored object: v2 with lz4, its plaintext (random: no segment
+/// compresses) in 32 segments of 16 KiB, a 16-byte tag on each, and a 1,172-byte header
+/// (20 bytes, then 36 per segment).
+pub const SEALED: u64 = CHUNK as u64 + 16 * 32 + 20 + 36 * 32;
 const BUCKET: &str = "lode-gc";
 
 /// A scratch home and the store the binary is pointed at.
