@@ -463,9 +463,17 @@ def fig_peers(r, peers, dedup, starts):
                 "paper: cache server GET < 50 µs median server-side" if x["op"] == "GET" else "")
     if peers:
         seal = peers["seal"]["us_per_chunk"]
-        add("seal a 512 KiB chunk: time ring primitives alone / lode", seal["ring_primitives_alone"] / seal["lode_seal_chunk_in_place"],
-            f"{seal['lode_seal_chunk_in_place']:.0f} µs vs {seal['ring_primitives_alone']:.0f} µs per chunk "
-            f"({(1 << 19) / seal['lode_seal_chunk_in_place'] / 1.048576:.0f} MiB/s)")
+        if "lode_seal_chunk_in_place" in seal:
+            # Results from before chunk format v2: v1 against the primitives.
+            add("seal a 512 KiB chunk: time ring primitives alone / lode", seal["ring_primitives_alone"] / seal["lode_seal_chunk_in_place"],
+                f"{seal['lode_seal_chunk_in_place']:.0f} µs vs {seal['ring_primitives_alone']:.0f} µs per chunk "
+                f"({(1 << 19) / seal['lode_seal_chunk_in_place'] / 1.048576:.0f} MiB/s)")
+        else:
+            raw, lz4 = seal["v2_none_32KiB_noise"], seal["v2_lz4_16KiB_text"]
+            add("seal a 512 KiB chunk (v2, as is): time ring primitives alone / lode", seal["ring_primitives_alone"] / raw,
+                f"{raw:.0f} µs vs {seal['ring_primitives_alone']:.0f} µs per chunk "
+                f"({(1 << 19) / raw / 1.048576:.0f} MiB/s); with lz4 (new images' codec) on text "
+                f"{lz4:.0f} µs ({(1 << 19) / lz4 / 1.048576:.0f} MiB/s): compression is the writer's added cost")
         f = peers["az_fetch"]["rows"]
         az, plain = f["AZ client k=4 m=2"], f["plain memcached get"]
         add("a chunk from the AZ fleet: p50 plain memcached get / lode k=4 m=2", plain["p50"] / az["p50"],
