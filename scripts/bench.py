@@ -716,14 +716,16 @@ def section_snapshot(ctx):
     lat, restore = [], []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and cells[0] in ("memory", "disk", "az", "origin") and cells[1] not in ("lazy",):
+        # tier | served by | faults | zero faults | segments fetched | chunks | tier hits | p50 | p99
+        if len(cells) == 9 and cells[0] in ("memory", "disk", "az", "origin") and cells[1] not in ("lazy",):
             try:
-                lat.append({"tier": cells[0], "faults": int(cells[2]), "p50_us": float(cells[5]), "p99_us": float(cells[6])})
+                lat.append({"tier": cells[0], "faults": int(cells[2]), "segments": int(cells[4]),
+                            "p50_us": float(cells[7]), "p99_us": float(cells[8])})
             except ValueError:
                 pass
         if len(cells) == 8 and cells[1] in ("lazy", "lazy+prefetch", "eager"):
             num = lambda s: None if s == "-" else float(s)
-            restore.append({"tier": cells[0], "mode": cells[1], "faults": num(cells[2]), "demand_chunks": num(cells[3]),
+            restore.append({"tier": cells[0], "mode": cells[1], "faults": num(cells[2]), "demand_segments": num(cells[3]),
                             "prefetched": num(cells[4]), "mib": num(cells[5]), "first_ms": num(cells[6]),
                             "all_ms": num(cells[7])})
     if len(lat) != 4 or len(restore) != 12:

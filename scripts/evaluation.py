@@ -587,7 +587,7 @@ time, CRIU-style). Four tier states, medians of {k['RUNS']} runs, tier states in
 Fault service, lazy: {lat}.
 
 {plot}
-{table(["tier", "mode", "faults", "prefetched chunks", "MiB from the tier", "first answer ms", "all answered ms"], table_rows)}
+{table(["tier", "mode", "faults", "prefetched " + ("segments" if "demand_segments" in rows[0] else "chunks"), "MiB from the tier", "first answer ms", "all answered ms"], table_rows)}
 {table(["tier", "first answer: eager/lazy", "all answered: lazy/prefetch", "faults saved by prefetch", "all answered: eager/lazy", "eager/prefetch"], ratio_rows)}
 Firecracker's own target for a restore is under 8 ms (p90 5 ms) for a 2 vCPU / 512 MB
 microVM; the lazy first answer above is that figure's counterpart here.
@@ -675,7 +675,8 @@ def main():
     if not any((dedup, starts, replay, peers, snap)):
         sys.exit(f"evaluation: no section results in {results}")
     runs = machine.get("invocations", [])
-    ran = "; ".join(f"`{i['command'].strip()}` on {i['date']} ({', '.join(i['sections'])}: {i['secs']} s)" for i in runs)
+    ran = "; ".join(f"`{i['command'].strip()}` on {i['date']} ({', '.join(i['sections'])}: {i['secs']} s"
+                    + (f"; {i['note']}" if i.get("note") else "") + ")" for i in runs)
     head = f"""# lode evaluation
 
 Generated from the measurements of {ran or 'scripts/bench.sh'}. Every number below is
