@@ -200,6 +200,22 @@ impl ChunkCache {
         Err(last.unwrap_or_else(|| ReadError::Task("a read found no copy to try".into())))
     }
 
+    /// Segments already decrypted in memory, looked up under one lock (a read that spans
+    /// many segments pays one lock, not one each): the bytes of each key found, `None`
+    /// for the others, which the caller reads with [`segment`](Self::segment).
+    pub fn decrypted_hits(&self, keys: &[(ChunkName, SegmentIndex)]) -> Vec<Option<Bytes>> {
+        let started = Instant::now();
+        let found: Vec<Option<Bytes>> = {
+            let mut d = lock(&self.decrypted);
+            keys.iter().map(|(n, j)| d.get(&(*n, j.0))).collect()
+        };
+        let took = started.elapsed();
+        for b in found.iter().flatten() {
+            self.metrics.decrypted.hit(b.len(), took);
+        }
+        found
+    }
+
     /// The whole decrypted chunk: every segment, in order.
     pub async fn chunk(
         self: &Arc<Self>,
