@@ -31,6 +31,7 @@ use lode_format::{ChunkFormat, ChunkKey, ChunkName, SegmentIndex};
 use tokio::task::JoinHandle;
 
 use crate::checked::{Checked, Found, HeaderChecked, LocalError, LocalObject};
+use crate::device::segment_index;
 use crate::error::blocking;
 use crate::metrics::Metrics;
 use crate::tier::{ChunkOrigin, ChunkRef, ChunkTier};
@@ -223,8 +224,7 @@ impl ChunkCache {
         key: &ChunkKey,
     ) -> Result<Bytes, ReadError> {
         let segments = futures::future::try_join_all(
-            (0..chunk.segment_count())
-                .map(|j| self.segment(chunk, key, SegmentIndex(u32::try_from(j).unwrap_or(0)))),
+            (0..chunk.segment_count()).map(|j| self.segment(chunk, key, segment_index(j as u64))),
         )
         .await?;
         if let [one] = segments.as_slice() {

@@ -104,10 +104,7 @@ impl ImageDevice {
 
     /// Whether chunk `index` is all zeros (not stored; reading it fetches nothing).
     pub fn is_zero_chunk(&self, index: u64) -> bool {
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| self.chunks.get(i))
-            .is_none_or(|e| *e == ChunkEntry::Zero)
+        self.stored_name(index).is_none()
     }
 
     /// The worker cache this device reads through.
@@ -142,14 +139,8 @@ impl ImageDevice {
     /// Where chunk `index` is and how to open it, or `None` for a zero chunk.
     pub fn chunk_ref(&self, index: u64) -> Result<Option<(ChunkRef, &ChunkKey)>, ReadError> {
         let i = ChunkIndex(index);
-        let entry = usize::try_from(index)
-            .ok()
-            .and_then(|i| self.chunks.get(i))
-            .copied()
-            .unwrap_or(ChunkEntry::Zero);
-        let name = match entry {
-            ChunkEntry::Zero => return Ok(None),
-            ChunkEntry::Stored(name) => name,
+        let Some(name) = self.stored_name(index) else {
+            return Ok(None);
         };
         let key = self.keys.get(i).ok_or(ReadError::MissingKey { index: i })?;
         let plain_len = self.chunk_size.len_of(i, self.size);
@@ -269,31 +260,24 @@ impl ImageDevice {
         from: u64,
         dst: &mut [u8],
     ) -> Result<(), ReadError> {
-        let segment = SegmentIndex(u32::try_from(j).unwrap_or(u32::MAX));
-        match self.segment(i, segment).await? {
-            None => dst.fill(0),
-            Some(d) => {
+        let segment = segment_index(j);
+        match (self.segment(i, segment).await?, self.stored_name(i)) {
+            (Some(d), Some(chunk)) => {
                 let from = usize_of(from);
                 // The cache checked the length; this guards the arithmetic above.
                 let src =
                     d.get(from..from + dst.len())
                         .ok_or_else(|| ReadError::SegmentLength {
-                            chunk: self.chunk_name(i),
+                            chunk,
                             segment,
                             expected: from + dst.len(),
                             got: d.len(),
                         })?;
                 dst.copy_from_slice(src);
             }
+            _ => dst.fill(0),
         }
         Ok(())
-    }
-
-    fn chunk_name(&self, index: u64) -> ChunkName {
-        match usize::try_from(index).ok().and_then(|i| self.chunks.get(i)) {
-            Some(ChunkEntry::Stored(n)) => *n,
-            _ => ChunkName::from_bytes([0; 32]),
-        }
     }
 
     /// Reads the device as a client sees it: overlay blocks first, the image elsewhere.
@@ -384,7 +368,7 @@ fn usize_of(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
-fn segment_index(j: u64) -> SegmentIndex {
+pub(crate) fn segment_index(j: u64) -> SegmentIndex {
     SegmentIndex(u32::try_from(j).unwrap_or(u32::MAX))
 }
 
