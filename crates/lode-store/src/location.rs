@@ -128,20 +128,32 @@ impl StoreLocation {
                 let endpoint = std::env::var("AWS_ENDPOINT_URL")
                     .or_else(|_| std::env::var("AWS_ENDPOINT"))
                     .unwrap_or_default();
-                // A bounded retry budget: an unreachable endpoint should fail in seconds
-                // with its address in the message, not hang for minutes.
+                // Timeouts and retries, chosen for a store on the read path of running
+                // workloads (docs/network.md):
+                // - S3 answers a GET in tens of ms, 175 ms at p99.9, and sometimes
+                //   refuses with 503 SlowDown or fails with 500: those are retried, up to
+                //   10 times with jittered backoff from 100 ms to 2 s, so a share of
+                //   failed requests only slows a read down.
+                // - A dead endpoint must fail the read in bounded time, with the store
+                //   and the chunk named, not hang a guest's I/O: no new attempt starts
+                //   after 10 s (`retry_timeout`); a connect gives up after 2 s; and a
+                //   connection that stalls (no byte for 5 s, the read timeout) is given
+                //   up and retried, so a partition costs about 10 s plus one attempt.
+                // - The overall per-attempt timeout stays generous (60 s): a slow link
+                //   that keeps delivering bytes is not a fault, only a stalled one is.
                 let retry = RetryConfig {
                     backoff: BackoffConfig {
                         init_backoff: Duration::from_millis(100),
                         max_backoff: Duration::from_secs(2),
                         base: 2.0,
                     },
-                    max_retries: 3,
-                    retry_timeout: Duration::from_secs(20),
+                    max_retries: 10,
+                    retry_timeout: Duration::from_secs(10),
                 };
                 let client = ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_timeout(Duration::from_secs(120))
+                    .with_connect_timeout(Duration::from_secs(2))
+                    .with_read_timeout(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(60))
                     .with_allow_http(endpoint.starts_with("http://"));
                 // Every put carries the SHA-256 of its body, which S3 checks before it
                 // stores anything: bytes damaged on the way are refused, not stored.

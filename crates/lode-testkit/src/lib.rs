@@ -14,6 +14,8 @@
 //!   the `s3` feature `S3Fs` (an S3 server in the test's own process).
 //! - ext4 images: [`LoopMount`], [`e2fsck_clean`]; and mounts: [`is_mounted`],
 //!   [`MountGuard`].
+//! - A network of namespaces with link delays and faults (`scripts/testnet.sh`):
+//!   [`TestNet`].
 //! - libnbd's Python binding: [`python_with_nbd`], [`nbd_python_path`].
 
 use std::path::PathBuf;
@@ -23,6 +25,7 @@ mod ext4;
 mod memcached;
 mod moto;
 mod mount;
+mod netns;
 mod python;
 #[cfg(feature = "s3")]
 mod s3;
@@ -32,6 +35,7 @@ pub use ext4::e2fsck_clean;
 pub use memcached::Memcached;
 pub use moto::Moto;
 pub use mount::{LoopMount, MountGuard, is_mounted};
+pub use netns::{NetOptions, TestNet, testnet_script};
 pub use python::{nbd_python_path, python_with_nbd};
 #[cfg(feature = "s3")]
 pub use s3::{S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, S3Fs};

@@ -1,13 +1,18 @@
 //! An S3 server in the test's own process: s3s-fs, which keeps each bucket as a directory
 //! and each object as a file (so a test can damage one behind the client's back), and
-//! checks every request's SigV4 signature against one access key.
+//! checks every request's SigV4 signature against one access key. It can also fail a
+//! seeded share of requests, as S3 does under load (503 SlowDown) or when it breaks (500).
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
-use s3s::service::S3ServiceBuilder;
+use s3s::service::{S3Service, S3ServiceBuilder};
 
 /// The access key the server accepts.
 pub const S3_ACCESS_KEY: &str = "lode-test-access";
@@ -24,6 +29,7 @@ pub struct S3Fs {
     endpoint: String,
     bucket_dir: PathBuf,
     listener: Option<std::net::TcpListener>,
+    faults: Arc<Faults>,
     runtime: Option<tokio::runtime::Runtime>,
     // Declared last: the runtime stops before the files go.
     root: tempfile::TempDir,
@@ -41,10 +47,16 @@ impl S3Fs {
     /// lode at the server through the process's environment sets it now, while no other
     /// thread can be reading it.
     pub fn bind(bucket: &str) -> S3Fs {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        S3Fs::on(bucket, listener)
+    }
+
+    /// As [`bind`](Self::bind), on a socket the caller bound: one in another network
+    /// namespace, say ([`TestNet::bind_tcp`](crate::TestNet::bind_tcp)).
+    pub fn on(bucket: &str, listener: std::net::TcpListener) -> S3Fs {
         let root = tempfile::tempdir().expect("a temporary directory for s3s-fs");
         let bucket_dir = root.path().join(bucket);
         std::fs::create_dir(&bucket_dir).expect("make the bucket's directory");
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
         listener
             .set_nonblocking(true)
             .expect("a non-blocking listener for tokio");
@@ -53,6 +65,7 @@ impl S3Fs {
             endpoint,
             bucket_dir,
             listener: Some(listener),
+            faults: Arc::new(Faults::default()),
             runtime: None,
             root,
         }
@@ -71,12 +84,16 @@ impl S3Fs {
             .build()
             .expect("a runtime for s3s-fs");
         let root = self.root.path().to_owned();
+        let faults = Arc::clone(&self.faults);
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
             let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs over its directory");
             let mut builder = S3ServiceBuilder::new(fs);
             builder.set_auth(SimpleAuth::from_single(S3_ACCESS_KEY, S3_SECRET_KEY));
-            let service = builder.build();
+            let service = Faulty {
+                inner: builder.build(),
+                faults,
+            };
             let http = ConnBuilder::new(TokioExecutor::new());
             loop {
                 let (socket, _) = listener.accept().await.expect("accept a connection");
@@ -91,7 +108,25 @@ impl S3Fs {
         self.runtime = Some(runtime);
     }
 
-    /// Its URL, `http://127.0.0.1:PORT`.
+    /// From now on, answers `per_million` of every million requests (drawn from `seed`)
+    /// with `status` (503: S3's `SlowDown`; 500: `InternalError`) without looking at
+    /// them; 0 stops that. Takes effect at once, also while serving.
+    pub fn fail_requests(&self, per_million: u32, status: u16, seed: u64) {
+        self.faults.state.store(seed | 1, Ordering::Relaxed);
+        self.faults
+            .status
+            .store(u32::from(status), Ordering::Relaxed);
+        self.faults
+            .per_million
+            .store(per_million, Ordering::Relaxed);
+    }
+
+    /// Requests answered with a failure so far.
+    pub fn failed_requests(&self) -> u64 {
+        self.faults.failed.load(Ordering::Relaxed)
+    }
+
+    /// Its URL, `http://ADDRESS:PORT`.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
@@ -109,5 +144,78 @@ impl S3Fs {
             ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY.to_owned()),
             ("AWS_REGION", S3_REGION.to_owned()),
         ]
+    }
+}
+
+/// The share of requests to fail, and a seeded generator to pick them.
+#[derive(Debug, Default)]
+struct Faults {
+    per_million: AtomicU32,
+    status: AtomicU32,
+    state: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Faults {
+    /// Whether to fail this request: xorshift64* steps, so a seed gives the same picks
+    /// in the same order of requests.
+    fn pick(&self) -> Option<hyper::StatusCode> {
+        let share = self.per_million.load(Ordering::Relaxed);
+        if share == 0 {
+            return None;
+        }
+        let step = |mut x: u64| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x
+        };
+        let prev = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| Some(step(x)))
+            .unwrap_or_else(|x| x);
+        let draw = step(prev).wrapping_mul(0x2545_f491_4f6c_dd1d) % 1_000_000;
+        if draw >= u64::from(share) {
+            return None;
+        }
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let status = u16::try_from(self.status.load(Ordering::Relaxed)).unwrap_or(503);
+        Some(hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::SERVICE_UNAVAILABLE))
+    }
+}
+
+/// The S3 service, with [`Faults`] in front.
+#[derive(Clone)]
+struct Faulty {
+    inner: S3Service,
+    faults: Arc<Faults>,
+}
+
+type Reply = Result<s3s::HttpResponse, s3s::HttpError>;
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Faulty {
+    type Response = s3s::HttpResponse;
+    type Error = s3s::HttpError;
+    type Future = Pin<Box<dyn Future<Output = Reply> + Send>>;
+
+    fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let Some(status) = self.faults.pick() else {
+            return Box::pin(hyper::service::Service::call(&self.inner, req));
+        };
+        let code = if status == hyper::StatusCode::SERVICE_UNAVAILABLE {
+            "SlowDown"
+        } else {
+            "InternalError"
+        };
+        let body = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+             <Message>injected by the test server</Message></Error>"
+        );
+        let reply = hyper::Response::builder()
+            .status(status)
+            .header("content-type", "application/xml")
+            .body(s3s::Body::from(body))
+            .map_err(|e| s3s::HttpError::new(Box::new(e)));
+        Box::pin(std::future::ready(reply))
     }
 }

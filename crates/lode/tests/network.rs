@@ -1,0 +1,370 @@
+//! Faults on a real network: each test makes its own test network (`scripts/testnet.sh`,
+//! docs/network.md), with the S3 origin on the origin host behind a link like S3's,
+//! `lode cache-node`s on the six cache hosts behind links like an availability zone's,
+//! and `lode agent` on a worker host. Then a cache node is partitioned or slowed in the
+//! middle of a replay, the origin is slowed, fails a share of requests or never answers,
+//! and every link loses packets: reads stay byte-exact, and fail only when the origin
+//! never answers, in bounded time, naming the store and the chunk.
+//!
+//! Root only (network namespaces); under `LODE_REQUIRE_TOOLS` a missing tool fails.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lode_testkit::{NetOptions, S3Fs, TestNet};
+use serde_json::Value;
+
+const LODE: &str = env!("CARGO_BIN_EXE_lode");
+const BUCKET: &str = "lode-net";
+const CHUNK: u64 = 512 * 1024;
+/// What a read asks for: one page of a chunk, so a read costs one chunk fetch.
+const PAGE: usize = 4096;
+const CACHE_PORT: u16 = 11211;
+
+/// A child process on a test host; killed and reaped on drop (the network's `down`
+/// would kill it too, but a test may want it gone sooner).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A test network with the S3 origin serving on its origin host, and a `$LODE_HOME`
+/// every host shares (the keyring, the state directories).
+struct World {
+    // Declared first: `down` runs before the S3 server and the files go.
+    net: TestNet,
+    s3: S3Fs,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new(opts: &NetOptions) -> Option<World> {
+        let net = TestNet::up(opts)?;
+        let mut s3 = S3Fs::on(BUCKET, net.bind_tcp("origin", 0));
+        s3.serve();
+        let dir = tempfile::tempdir().expect("temp dir");
+        Some(World { net, s3, dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn store(&self) -> String {
+        format!("s3://{BUCKET}")
+    }
+
+    /// `lode ARGS` on `host`, against the S3 origin.
+    fn lode(&self, host: &str, args: &[&str]) -> Command {
+        let mut c = self.net.command(host, LODE);
+        c.args(args)
+            .env("LODE_HOME", self.path("home"))
+            .env("LODE_STORE", self.store())
+            .envs(self.s3.env());
+        for var in [
+            "LODE_KMS",
+            "LODE_KMS_KEY",
+            "LODE_AGENT_CONTROL",
+            "LODE_PUT_ONLY",
+        ] {
+            c.env_remove(var);
+        }
+        c
+    }
+
+    fn ok(&self, host: &str, args: &[&str]) -> String {
+        let out = self
+            .lode(host, args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run lode");
+        assert!(
+            out.status.success(),
+            "lode {args:?} on {host} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8")
+    }
+
+    /// Imports `img` as tag `img` through worker1; returns its chunks' names.
+    fn import(&self, img: &[u8]) -> Vec<String> {
+        let raw = self.path("img.raw");
+        fs::write(&raw, img).expect("write the image");
+        self.ok(
+            "worker1",
+            &["import", raw.to_str().expect("path"), "--tag", "img", "-q"],
+        );
+        let inspect: Value =
+            serde_json::from_str(&self.ok("worker1", &["--json", "inspect", "img"])).expect("JSON");
+        inspect["chunks"]
+            .as_array()
+            .expect("chunks")
+            .iter()
+            .map(|c| c.as_str().expect("name").to_owned())
+            .collect()
+    }
+
+    /// `lode cache-node` on each cache host; their addresses.
+    fn cache_nodes(&self) -> (Vec<Proc>, Vec<String>) {
+        let mut procs = Vec::new();
+        let mut addrs = Vec::new();
+        for host in self.net.caches() {
+            let addr = format!("{}:{CACHE_PORT}", self.net.addr(&host));
+            let child = self
+                .lode(
+                    &host,
+                    &["cache-node", "--listen", &addr, "--memory", "128MiB"],
+                )
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(self.path(&format!("{host}.err"))).expect("log"))
+                .spawn()
+                .expect("spawn lode cache-node");
+            procs.push(Proc(child));
+            addrs.push(addr);
+        }
+        for addr in &addrs {
+            let started = Instant::now();
+            while self
+                .net
+                .command("worker1", "bash")
+                .args([
+                    "-c",
+                    &format!("exec 3<>/dev/tcp/{}", addr.replace(':', "/")),
+                ])
+                .status()
+                .map_or(true, |s| !s.success())
+            {
+                assert!(started.elapsed() < Duration::from_secs(20), "{addr} silent");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        (procs, addrs)
+    }
+
+    /// `lode agent` on `host` over a fresh state directory `name` (so empty local
+    /// caches), with the AZ fleet `az`, `img` attached; returns it and its state dir.
+    fn agent(&self, host: &str, name: &str, az: &[String]) -> (Proc, PathBuf) {
+        let state = self.path(name);
+        let mut args = vec![
+            "agent",
+            "--no-files",
+            "--state-dir",
+            state.to_str().expect("path"),
+        ];
+        for a in az {
+            args.extend(["--az-node", a]);
+        }
+        let child = self
+            .lode(host, &args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(self.path(&format!("{name}.err"))).expect("log"))
+            .spawn()
+            .expect("spawn lode agent");
+        let mut agent = Proc(child);
+        let control = state.join("control.sock");
+        let started = Instant::now();
+        loop {
+            let answered = self
+                .lode(host, &["ls", "--control", control.to_str().expect("path")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if answered {
+                break;
+            }
+            if let Some(st) = agent.0.try_wait().expect("wait") {
+                panic!("lode agent exited ({st:?}):\n{}", self.log(name));
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "agent silent for 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.ok(
+            host,
+            &[
+                "attach",
+                "img",
+                "--control",
+                control.to_str().expect("path"),
+            ],
+        );
+        (agent, state)
+    }
+
+    fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.path(&format!("{name}.err"))).unwrap_or_default()
+    }
+
+    fn stats(&self, host: &str, state: &Path) -> Value {
+        let control = state.join("control.sock");
+        serde_json::from_str(&self.ok(
+            host,
+            &[
+                "--json",
+                "stats",
+                "--control",
+                control.to_str().expect("path"),
+            ],
+        ))
+        .expect("JSON")
+    }
+}
+
+/// SIGTERM and wait: the agent settles its background writes (to the AZ fleet) first.
+fn stop(mut agent: Proc) {
+    let pid = libc::pid_t::try_from(agent.0.id()).expect("pid");
+    // SAFETY: kill(2) on our own child's pid, which is not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let started = Instant::now();
+    while agent.0.try_wait().expect("wait").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "agent did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tier_hits(v: &Value, name: &str) -> u64 {
+    v["tiers"]
+        .as_array()
+        .expect("tiers")
+        .iter()
+        .find(|t| t["name"] == name)
+        .and_then(|t| t["hits"].as_u64())
+        .unwrap_or_else(|| panic!("no tier {name} in {v}"))
+}
+
+fn nbd(state: &Path) -> lode_nbd::Client {
+    lode_nbd::Client::connect_unix(&state.join("nbd.sock"), "img").expect("NBD connect")
+}
+
+/// Reads one page of chunk `c` and checks it against the image.
+fn read_page(client: &mut lode_nbd::Client, img: &[u8], c: usize) -> std::io::Result<()> {
+    // A page in the chunk's middle, not at its start, where a prefetch of the previous
+    // chunk's neighbour would land.
+    let offset = u64::try_from(c).expect("index") * CHUNK + CHUNK / 2;
+    let mut buf = vec![0u8; PAGE];
+    client.read_at(offset, &mut buf)?;
+    let at = usize::try_from(offset).expect("offset");
+    assert!(buf == img[at..at + PAGE], "wrong bytes in chunk {c}");
+    Ok(())
+}
+
+/// A seeded shuffle of `0..n` (xorshift, Fisher-Yates).
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut x = seed | 1;
+    for i in (1..n).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let j = usize::try_from(x % u64::try_from(i + 1).expect("n")).expect("index");
+        order.swap(i, j);
+    }
+    order
+}
+
+fn percentile(samples: &[Duration], p: f64) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    let rank = (p * (s.len() as f64 - 1.0)).round();
+    // The rank is within 0..len by construction.
+    s[rank as usize]
+}
+
+#[test]
+fn a_cache_node_partitioned_or_slowed_mid_replay_costs_no_read_and_little_time() {
+    let Some(w) = World::new(&NetOptions {
+        workers: 1,
+        ..NetOptions::default()
+    }) else {
+        return;
+    };
+    const CHUNKS: usize = 48;
+    // Reads before the fault comes: the first ones of a pass also pay for connecting.
+    const BEFORE: usize = 8;
+    let img = lode_testkit::seeded_bytes(CHUNKS * 512 * 1024, 0x9e37_79b9_7f4a_7c15);
+    let chunks = w.import(&img);
+    assert_eq!(chunks.len(), CHUNKS);
+    let (_nodes, az) = w.cache_nodes();
+
+    // Warm the fleet: one read of every chunk from the origin; the agent writes each
+    // chunk's stripes to the fleet behind the read and settles them when stopped.
+    let (agent, state) = w.agent("worker1", "warm", &az);
+    let mut c = nbd(&state);
+    for i in 0..CHUNKS {
+        read_page(&mut c, &img, i).expect("cold read");
+    }
+    drop(c);
+    stop(agent);
+
+    // Passes of the replay, each on a fresh agent (empty local caches), the healthy and
+    // the faulted ones interleaved so that the machine's noise falls on both alike.
+    let victim = "cache3";
+    let faults: [(&str, &[&str]); 3] = [
+        ("healthy", &[]),
+        ("partitioned", &["partition", victim]),
+        ("slowed to 50 ms", &["slow", victim, "50ms"]),
+    ];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); faults.len()];
+    let mut pass = 0;
+    for round in 0..4 {
+        for (f, (_, fault)) in faults.iter().enumerate() {
+            pass += 1;
+            let (agent, state) = w.agent("worker1", &format!("pass{pass}"), &az);
+            let mut c = nbd(&state);
+            for (n, &i) in shuffled(CHUNKS, 7 + round).iter().enumerate() {
+                if n == BEFORE && !fault.is_empty() {
+                    w.net.fault(fault);
+                }
+                let t = Instant::now();
+                read_page(&mut c, &img, i).unwrap_or_else(|e| {
+                    panic!(
+                        "read of chunk {i} failed ({}): {e}\n{}",
+                        faults[f].0,
+                        w.log(&format!("pass{pass}"))
+                    )
+                });
+                if n >= BEFORE {
+                    samples[f].push(t.elapsed());
+                }
+            }
+            drop(c);
+            let v = w.stats("worker1", &state);
+            assert_eq!(tier_hits(&v, "origin"), 0, "{}: {v}", faults[f].0);
+            assert_eq!(tier_hits(&v, "az"), CHUNKS as u64, "{}: {v}", faults[f].0);
+            stop(agent);
+            w.net.fault(&["clear"]);
+        }
+    }
+    let healthy = percentile(&samples[0], 0.99);
+    for (f, (what, _)) in faults.iter().enumerate() {
+        eprintln!(
+            "AZ reads, {what}: {} reads, p50 {:?}, p99 {:?}, max {:?}",
+            samples[f].len(),
+            percentile(&samples[f], 0.5),
+            percentile(&samples[f], 0.99),
+            percentile(&samples[f], 1.0)
+        );
+    }
+    for (f, (what, _)) in faults.iter().enumerate().skip(1) {
+        let p99 = percentile(&samples[f], 0.99);
+        assert!(
+            p99 <= healthy * 2,
+            "with {victim} {what}, p99 {p99:?} is over twice the healthy {healthy:?}"
+        );
+    }
+}
