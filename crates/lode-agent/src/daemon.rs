@@ -112,12 +112,37 @@ impl Default for NbdLimits {
 const NBD_LOG_LINES_PER_SECOND: u32 = 10;
 
 /// The agent's NBD server over `exports`, bounded by `limits`; a connection it refuses
-/// or that ends in an error is logged to stderr with the peer (at most
-/// [`NBD_LOG_LINES_PER_SECOND`] lines a second, so a flood of bad connections is not
-/// a flood of log). A limit out of range is refused with its `[nbd]` key named.
+/// or that ends in an error is logged to stderr with the peer, and so is a request the
+/// device failed, with the whole error (a read the origin could not serve names the
+/// chunk and the store), at most [`NBD_LOG_LINES_PER_SECOND`] lines a second each, so
+/// a flood of bad connections or failing reads is not a flood of log. A limit out of
+/// range is refused with its `[nbd]` key named.
 pub fn nbd_server(exports: Exports, limits: &NbdLimits) -> Result<Server, AgentError> {
     let budget = LogBudget::new(NBD_LOG_LINES_PER_SECOND, Duration::from_secs(1));
-    let mut builder = Server::builder(exports);
+    let request_budget = LogBudget::new(NBD_LOG_LINES_PER_SECOND, Duration::from_secs(1));
+    let mut builder = Server::builder(exports).on_request_error(move |command, e| {
+        let Some(held_back) = request_budget.take(std::time::Instant::now()) else {
+            return;
+        };
+        let what = match command {
+            lode_nbd::proto::Command::Read { offset, length } => {
+                format!("read of {length} bytes at {offset}")
+            }
+            other => format!("{other:?}"),
+        };
+        let mut line = format!("lode agent: nbd {what} failed: {e}");
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            line.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        if held_back > 0 {
+            line.push_str(&format!(
+                " ({held_back} more failed requests not logged before this one)"
+            ));
+        }
+        eprintln!("{line}");
+    });
     if let Some(n) = limits.max_connections_per_peer {
         builder = builder.max_connections_per_peer(n);
     }

@@ -56,9 +56,11 @@ pub struct ServerBuilder {
     max_buffered_bytes: usize,
     handshake_timeout: Duration,
     on_error: Option<ErrorHook>,
+    on_request_error: Option<RequestErrorHook>,
 }
 
 type ErrorHook = Arc<dyn Fn(&Peer, &ConnectionError) + Send + Sync>;
+type RequestErrorHook = Arc<dyn Fn(&Command, &DeviceError) + Send + Sync>;
 
 impl fmt::Debug for ServerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -155,6 +157,17 @@ impl ServerBuilder {
         self
     }
 
+    /// Called with every request the device failed (a read whose chunk could not be
+    /// fetched, say) and its error, which the client gets only as an errno (or, with
+    /// structured replies, as a message it may not show): for the embedder's log.
+    pub fn on_request_error(
+        mut self,
+        hook: impl Fn(&Command, &DeviceError) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_request_error = Some(Arc::new(hook));
+        self
+    }
+
     pub fn build(self) -> Result<Server, ConfigError> {
         if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
             return Err(ConfigError::MaxConnections(self.max_connections));
@@ -192,6 +205,7 @@ impl ServerBuilder {
                 max_payload,
                 handshake_timeout: self.handshake_timeout,
                 on_error: self.on_error,
+                on_request_error: self.on_request_error,
                 shutdown: watch::channel(false).0,
                 tracker_tx: std::sync::Mutex::new(Some(tx)),
                 tracker_rx: Mutex::new(rx),
@@ -377,6 +391,7 @@ struct Inner {
     max_payload: u32,
     handshake_timeout: Duration,
     on_error: Option<ErrorHook>,
+    on_request_error: Option<RequestErrorHook>,
     shutdown: watch::Sender<bool>,
     // Every connection and accept loop holds a clone of this sender; shutdown drops
     // the original and waits for the receiver to see the channel close.
@@ -417,6 +432,7 @@ impl Server {
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             on_error: None,
+            on_request_error: None,
         }
     }
 
@@ -1083,6 +1099,9 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<W> {
                     Ok(Ok(reply)) => reply,
                     Ok(Err(e)) => {
                         bump(&self.server.stats.request_errors);
+                        if let Some(hook) = &self.server.on_request_error {
+                            hook(&command, &e);
+                        }
                         self.error_reply(job.handle, Errno::from(&e), &e.to_string())
                     }
                     Err(_) => {

@@ -112,7 +112,13 @@ impl S3Fs {
     /// with `status` (503: S3's `SlowDown`; 500: `InternalError`) without looking at
     /// them; 0 stops that. Takes effect at once, also while serving.
     pub fn fail_requests(&self, per_million: u32, status: u16, seed: u64) {
-        self.faults.state.store(seed | 1, Ordering::Relaxed);
+        // splitmix64 of the seed: xorshift from a small seed starts out small.
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        self.faults
+            .state
+            .store((z ^ (z >> 31)) | 1, Ordering::Relaxed);
         self.faults
             .status
             .store(u32::from(status), Ordering::Relaxed);

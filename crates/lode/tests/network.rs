@@ -139,6 +139,7 @@ impl World {
                     "-c",
                     &format!("exec 3<>/dev/tcp/{}", addr.replace(':', "/")),
                 ])
+                .stderr(Stdio::null())
                 .status()
                 .map_or(true, |s| !s.success())
             {
@@ -367,4 +368,170 @@ fn a_cache_node_partitioned_or_slowed_mid_replay_costs_no_read_and_little_time()
             "with {victim} {what}, p99 {p99:?} is over twice the healthy {healthy:?}"
         );
     }
+}
+
+/// Reads one page of each chunk in `chunks` at once, one NBD connection each; the time
+/// the slowest took.
+fn read_in_parallel(state: &Path, img: &[u8], chunks: &[usize]) -> Duration {
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for &i in chunks {
+            s.spawn(move || {
+                let mut c = nbd(state);
+                read_page(&mut c, img, i)
+                    .unwrap_or_else(|e| panic!("read of chunk {i} failed: {e}"));
+            });
+        }
+    });
+    t.elapsed()
+}
+
+#[test]
+fn a_slow_origin_and_one_failing_a_tenth_of_requests_slow_reads_but_fail_none() {
+    let Some(w) = World::new(&NetOptions {
+        workers: 1,
+        ..NetOptions::default()
+    }) else {
+        return;
+    };
+    const CHUNKS: usize = 40;
+    let img = lode_testkit::seeded_bytes(CHUNKS * 512 * 1024, 0x51ed_2701_aa55_0f0f);
+    w.import(&img);
+
+    // As made (20 ms each way), then slowed to 500 ms each way: 4 cold chunks each.
+    let (agent, state) = w.agent("worker1", "normal", &[]);
+    let normal = read_in_parallel(&state, &img, &[0, 1, 2, 3]);
+    stop(agent);
+    let (agent, state) = w.agent("worker1", "slow", &[]);
+    w.net.fault(&["slow", "origin", "500ms"]);
+    let slow = read_in_parallel(&state, &img, &[4, 5, 6, 7]);
+    w.net.fault(&["clear"]);
+    stop(agent);
+    eprintln!("4 cold chunks at once: origin 20 ms each way {normal:?}, 500 ms each way {slow:?}");
+    // A fetch is at least a round trip of 1 s on a connection made before the fault.
+    assert!(
+        slow >= Duration::from_secs(1),
+        "{slow:?}: the fault did not take"
+    );
+
+    // A tenth of requests answered 503 SlowDown, then a tenth 500 InternalError: every
+    // read still gets its bytes (the client retries), one chunk at a time.
+    for (status, seed, range) in [(503, 11, 8..24), (500, 12, 24..CHUNKS)] {
+        let name = format!("flaky{status}");
+        let (agent, state) = w.agent("worker1", &name, &[]);
+        let before = w.s3.failed_requests();
+        w.s3.fail_requests(100_000, status, seed);
+        let mut c = nbd(&state);
+        let t = Instant::now();
+        for i in range.clone() {
+            read_page(&mut c, &img, i).unwrap_or_else(|e| {
+                panic!(
+                    "read of chunk {i} failed with {status}s: {e}\n{}",
+                    w.log(&name)
+                )
+            });
+        }
+        let took = t.elapsed();
+        w.s3.fail_requests(0, status, seed);
+        let failed = w.s3.failed_requests() - before;
+        eprintln!(
+            "{} cold chunks with 10% answered {status}: {took:?}, {failed} requests failed",
+            range.len()
+        );
+        assert!(failed > 0, "no request was failed: the fault did not take");
+        let v = w.stats("worker1", &state);
+        assert_eq!(tier_hits(&v, "origin"), range.len() as u64, "{v}");
+        stop(agent);
+    }
+}
+
+#[test]
+fn an_origin_that_never_answers_fails_the_read_in_bounded_time_naming_store_and_chunk() {
+    let Some(w) = World::new(&NetOptions {
+        workers: 1,
+        ..NetOptions::default()
+    }) else {
+        return;
+    };
+    const CHUNKS: usize = 4;
+    const BOUND: Duration = Duration::from_secs(30);
+    let img = lode_testkit::seeded_bytes(CHUNKS * 512 * 1024, 0x0bad_cafe_1234_5678);
+    let chunks = w.import(&img);
+    let (_agent, state) = w.agent("worker1", "agent", &[]);
+
+    // Partitioned (after the attach, which read the manifest): nothing comes back.
+    w.net.fault(&["partition", "origin"]);
+    let mut c = nbd(&state);
+    let t = Instant::now();
+    let e = read_page(&mut c, &img, 1).expect_err("a read with the origin partitioned");
+    let partitioned = t.elapsed();
+    w.net.fault(&["clear"]);
+    // Every request answered 500: the same, sooner.
+    w.s3.fail_requests(1_000_000, 500, 3);
+    let t = Instant::now();
+    let e500 = read_page(&mut c, &img, 2).expect_err("a read with every request failing");
+    let failing = t.elapsed();
+    w.s3.fail_requests(0, 500, 3);
+    eprintln!(
+        "origin partitioned: failed after {partitioned:?} ({e}); every request 500: failed after {failing:?} ({e500})"
+    );
+    assert!(partitioned < BOUND, "{partitioned:?}");
+    assert!(failing < BOUND, "{failing:?}");
+
+    // The agent's log says which chunk, from which store.
+    let log = w.log("agent");
+    for chunk in [&chunks[1], &chunks[2]] {
+        let line = log
+            .lines()
+            .find(|l| l.contains(chunk.as_str()))
+            .unwrap_or_else(|| panic!("no log line names chunk {chunk}:\n{log}"));
+        eprintln!("{line}");
+        assert!(
+            line.contains(&format!("store {}", w.store())),
+            "the line does not name the store: {line}"
+        );
+    }
+    // And once the origin answers again, so do reads.
+    read_page(&mut c, &img, 3).expect("a read with the origin back");
+}
+
+#[test]
+fn a_cold_read_over_links_losing_one_packet_in_a_hundred_is_exact() {
+    let Some(w) = World::new(&NetOptions {
+        workers: 1,
+        ..NetOptions::default()
+    }) else {
+        return;
+    };
+    const CHUNKS: usize = 16;
+    let img = lode_testkit::seeded_bytes(CHUNKS * 512 * 1024, 0x1055_1055_1055_1055);
+    w.import(&img);
+    let (_nodes, az) = w.cache_nodes();
+    w.net.fault(&["loss", "all", "1%"]);
+    let (agent, state) = w.agent("worker1", "lossy", &az);
+    let mut c = nbd(&state);
+    let mut got = vec![0u8; img.len()];
+    let t = Instant::now();
+    c.read_at(0, &mut got)
+        .expect("the whole image over lossy links");
+    eprintln!(
+        "{} MiB cold over 1% loss: {:?}",
+        img.len() >> 20,
+        t.elapsed()
+    );
+    assert!(got == img, "wrong bytes over lossy links");
+    drop(c);
+    stop(agent);
+    // A second worker reads it again over the same links, from the fleet this time.
+    let (_agent, state) = w.agent("worker1", "lossy2", &az);
+    let mut c = nbd(&state);
+    let mut again = vec![0u8; img.len()];
+    c.read_at(0, &mut again).expect("the whole image again");
+    assert!(again == img, "wrong bytes from the fleet over lossy links");
+    let v = w.stats("worker1", &state);
+    eprintln!(
+        "second read: az hits {}, origin hits {}",
+        tier_hits(&v, "az"),
+        tier_hits(&v, "origin")
+    );
 }
