@@ -535,3 +535,151 @@ fn a_cold_read_over_links_losing_one_packet_in_a_hundred_is_exact() {
         tier_hits(&v, "origin")
     );
 }
+
+/// Runs `f` on a thread in `host`'s network namespace, with a tokio runtime whose
+/// threads (made from that thread) are there too: every connection it makes leaves from
+/// that host.
+fn on_host<T: Send>(net: &TestNet, host: &str, f: impl AsyncFnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    let path = PathBuf::from("/run/netns").join(net.netns(host));
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let ns = fs::File::open(&path).expect("open the namespace");
+            // SAFETY: setns(2) on an open namespace file changes only this thread.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(f())
+        })
+        .join()
+        .expect("the thread on the host")
+    })
+}
+
+/// One memcached-protocol request on `s`, whose reply ends with `end`; the reply.
+async fn mc(s: &mut tokio::net::TcpStream, req: &[u8], end: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(req).await.expect("send");
+    let mut reply = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    while !reply.ends_with(end) {
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed mid-reply");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    reply
+}
+
+#[test]
+#[ignore = "a measurement: cargo test -p lode --test network -- --ignored --nocapture"]
+fn measure_az_fetch_against_round_trip_and_plain_memcached_and_origin_fetch() {
+    let Some(w) = World::new(&NetOptions {
+        workers: 1,
+        ..NetOptions::default()
+    }) else {
+        return;
+    };
+    const CHUNKS: usize = 16;
+    const N: usize = 300;
+    let img = lode_testkit::seeded_bytes(CHUNKS * 512 * 1024, 0x3141_5926_5358_9793);
+    let chunks = w.import(&img);
+    let (_nodes, az) = w.cache_nodes();
+
+    // Origin: cold reads through agents without a fleet, one chunk at a time.
+    let mut origin = Vec::new();
+    for pass in 0..3 {
+        let (agent, state) = w.agent("worker1", &format!("origin{pass}"), &[]);
+        let mut c = nbd(&state);
+        read_page(&mut c, &img, 0).expect("read");
+        for i in 1..CHUNKS {
+            let t = Instant::now();
+            read_page(&mut c, &img, i).expect("read");
+            origin.push(t.elapsed());
+        }
+        drop(c);
+        stop(agent);
+    }
+    // Fill the fleet through an agent, as a worker would.
+    let (agent, state) = w.agent("worker1", "fill", &az);
+    let mut c = nbd(&state);
+    for i in 0..CHUNKS {
+        read_page(&mut c, &img, i).expect("read");
+    }
+    drop(c);
+    stop(agent);
+    // Warm AZ reads through agents (empty local caches): what a worker's read costs.
+    let mut via_agent = Vec::new();
+    for pass in 0..3 {
+        let (agent, state) = w.agent("worker1", &format!("az{pass}"), &az);
+        let mut c = nbd(&state);
+        read_page(&mut c, &img, 0).expect("read");
+        for i in 1..CHUNKS {
+            let t = Instant::now();
+            read_page(&mut c, &img, i).expect("read");
+            via_agent.push(t.elapsed());
+        }
+        drop(c);
+        stop(agent);
+    }
+
+    let names: Vec<lode_format::ChunkName> =
+        chunks.iter().map(|c| c.parse().expect("name")).collect();
+    let node = az[0].clone();
+    let (rtt, plain_stripe, plain_chunk, client) = on_host(&w.net, "worker1", async || {
+        let client = lode_az::AzClient::new(lode_az::AzConfig::new(az.clone())).expect("client");
+        let mut s = tokio::net::TcpStream::connect(&node)
+            .await
+            .expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        let key = lode_az::chunk_key(&names[0], 4, 2);
+        let stripe = mc(&mut s, format!("get {key}\r\n").as_bytes(), b"END\r\n").await;
+        assert!(
+            stripe.len() > 100_000,
+            "node {node} holds no stripe of chunk 0"
+        );
+        // One item of a whole chunk's size: a plain get of the same bytes.
+        let mut set = b"set plain 0 0 524288\r\n".to_vec();
+        set.extend_from_slice(&img[..524_288]);
+        set.extend_from_slice(b"\r\n");
+        mc(&mut s, &set, b"STORED\r\n").await;
+        let (mut rtt, mut plain_stripe, mut plain_chunk, mut az_get) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..N {
+            let t = Instant::now();
+            mc(&mut s, b"version\r\n", b"\r\n").await;
+            rtt.push(t.elapsed());
+            let t = Instant::now();
+            mc(&mut s, format!("get {key}\r\n").as_bytes(), b"END\r\n").await;
+            plain_stripe.push(t.elapsed());
+            let t = Instant::now();
+            mc(&mut s, b"get plain\r\n", b"END\r\n").await;
+            plain_chunk.push(t.elapsed());
+            let t = Instant::now();
+            let got = client.get(&names[i % CHUNKS]).await.expect("AZ get");
+            az_get.push(t.elapsed());
+            assert!(got.is_some(), "AZ miss for chunk {}", i % CHUNKS);
+        }
+        (rtt, plain_stripe, plain_chunk, az_get)
+    });
+    let p = |s: &[Duration]| {
+        format!(
+            "p50 {:.3} ms, p99 {:.3} ms",
+            percentile(s, 0.5).as_secs_f64() * 1e3,
+            percentile(s, 0.99).as_secs_f64() * 1e3
+        )
+    };
+    eprintln!("worker1 -> {}:", az[0]);
+    eprintln!("  round trip (memcached version):      {}", p(&rtt));
+    eprintln!(
+        "  plain get of one stripe (~128 KiB):  {}",
+        p(&plain_stripe)
+    );
+    eprintln!("  plain get of 512 KiB:                {}", p(&plain_chunk));
+    eprintln!("  AzClient::get of a chunk (k=4, m=2): {}", p(&client));
+    eprintln!("  agent read, chunk from the AZ tier:  {}", p(&via_agent));
+    eprintln!("  agent read, chunk from the origin:   {}", p(&origin));
+}
