@@ -278,12 +278,11 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     order
 }
 
-fn percentile(samples: &[Duration], p: f64) -> Duration {
+/// The `pct`-th percentile (nearest rank) of `samples`.
+fn percentile(samples: &[Duration], pct: usize) -> Duration {
     let mut s = samples.to_vec();
     s.sort();
-    let rank = (p * (s.len() as f64 - 1.0)).round();
-    // The rank is within 0..len by construction.
-    s[rank as usize]
+    s[((s.len() - 1) * pct + 50) / 100]
 }
 
 #[test]
@@ -351,18 +350,18 @@ fn a_cache_node_partitioned_or_slowed_mid_replay_costs_no_read_and_little_time()
             w.net.fault(&["clear"]);
         }
     }
-    let healthy = percentile(&samples[0], 0.99);
+    let healthy = percentile(&samples[0], 99);
     for (f, (what, _)) in faults.iter().enumerate() {
         eprintln!(
             "AZ reads, {what}: {} reads, p50 {:?}, p99 {:?}, max {:?}",
             samples[f].len(),
-            percentile(&samples[f], 0.5),
-            percentile(&samples[f], 0.99),
-            percentile(&samples[f], 1.0)
+            percentile(&samples[f], 50),
+            percentile(&samples[f], 99),
+            percentile(&samples[f], 100)
         );
     }
     for (f, (what, _)) in faults.iter().enumerate().skip(1) {
-        let p99 = percentile(&samples[f], 0.99);
+        let p99 = percentile(&samples[f], 99);
         assert!(
             p99 <= healthy * 2,
             "with {victim} {what}, p99 {p99:?} is over twice the healthy {healthy:?}"
@@ -668,8 +667,8 @@ fn measure_az_fetch_against_round_trip_and_plain_memcached_and_origin_fetch() {
     let p = |s: &[Duration]| {
         format!(
             "p50 {:.3} ms, p99 {:.3} ms",
-            percentile(s, 0.5).as_secs_f64() * 1e3,
-            percentile(s, 0.99).as_secs_f64() * 1e3
+            percentile(s, 50).as_secs_f64() * 1e3,
+            percentile(s, 99).as_secs_f64() * 1e3
         )
     };
     eprintln!("worker1 -> {}:", az[0]);
