@@ -13,10 +13,13 @@ cd "$(dirname "$0")/.."
 # memccapable) for the AZ cache node's conformance suite and the AZ client's fleet tests;
 # python3-matplotlib for the evaluation report's renderer (scripts/test_evaluation.py);
 # python3-cryptography and python3-lz4 for the test-vector generator, which checks the
-# chunk format's vectors (lz4-compressed chunks among them) apart from the Rust.
+# chunk format's vectors (lz4-compressed chunks among them) apart from the Rust;
+# iproute2 (ip, tc) and iptables for the test network of scripts/testnet.sh, on which
+# crates/lode/tests/network.rs injects faults (its link delays come from NFQUEUE and
+# python3, not netem, so no kernel module needs loading: docs/network.md).
 packages=(e2fsprogs umoci skopeo python3 nbdkit libnbd-bin python3-libnbd fio qemu-utils
   docker-registry apache2-utils openssl fuse3 crun busybox-static memcached libmemcached-tools
-  python3-matplotlib python3-cryptography python3-lz4)
+  python3-matplotlib python3-cryptography python3-lz4 iproute2 iptables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
