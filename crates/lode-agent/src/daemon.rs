@@ -133,7 +133,11 @@ pub fn nbd_server(exports: Exports, limits: &NbdLimits) -> Result<Server, AgentE
         let mut line = format!("lode agent: nbd {what} failed: {e}");
         let mut source = std::error::Error::source(e);
         while let Some(s) = source {
-            line.push_str(&format!(": {s}"));
+            // Most layers already print the one below them: say each cause once.
+            let cause = s.to_string();
+            if !line.contains(&cause) {
+                line.push_str(&format!(": {cause}"));
+            }
             source = s.source();
         }
         if held_back > 0 {

@@ -152,29 +152,39 @@ impl TestNet {
         c
     }
 
-    /// A listening socket on `host`'s address and `port` (0: any free one), bound from
-    /// a thread that entered the host's namespace: the socket stays there, wherever
-    /// the test then serves it from.
-    pub fn bind_tcp(&self, host: &str, port: u16) -> TcpListener {
+    /// Runs `f` on a thread that entered `host`'s network namespace, and returns what
+    /// it returns: sockets it makes (and threads it starts) belong to that host.
+    pub fn on_host<T: Send>(&self, host: &str, f: impl FnOnce() -> T + Send) -> T {
         let path = PathBuf::from("/run/netns").join(self.netns(host));
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let ns = std::fs::File::open(&path)
+                    .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+                // SAFETY: setns(2) on an open namespace file; it changes only this
+                // thread, which ends when `f` returns.
+                let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(
+                    r,
+                    0,
+                    "setns into {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
+    /// A listening socket on `host`'s address and `port` (0: any free one), bound from
+    /// inside the host's namespace: the socket stays there, wherever the test then
+    /// serves it from.
+    pub fn bind_tcp(&self, host: &str, port: u16) -> TcpListener {
         let addr = SocketAddrV4::new(self.addr(host), port);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path)
-                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-            // SAFETY: setns(2) on an open namespace file; it changes only this thread,
-            // which ends when the socket is bound.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(
-                r,
-                0,
-                "setns into {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
+        self.on_host(host, || {
             TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"))
         })
-        .join()
-        .expect("the binding thread")
     }
 
     /// `testnet.sh fault ARGS`, such as `["partition", "cache3"]` or `["clear"]`.

@@ -539,23 +539,13 @@ fn a_cold_read_over_links_losing_one_packet_in_a_hundred_is_exact() {
 /// threads (made from that thread) are there too: every connection it makes leaves from
 /// that host.
 fn on_host<T: Send>(net: &TestNet, host: &str, f: impl AsyncFnOnce() -> T + Send) -> T {
-    use std::os::fd::AsRawFd;
-    let path = PathBuf::from("/run/netns").join(net.netns(host));
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            let ns = fs::File::open(&path).expect("open the namespace");
-            // SAFETY: setns(2) on an open namespace file changes only this thread.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(f())
-        })
-        .join()
-        .expect("the thread on the host")
+    net.on_host(host, || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f())
     })
 }
 
