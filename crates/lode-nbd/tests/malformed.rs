@@ -426,3 +426,35 @@ fn random_bytes_never_stop_the_server() {
     // The junk reached the request parser, not just the handshake.
     assert!(stats.request_errors > 200, "{stats:?}");
 }
+
+#[test]
+fn failed_requests_reach_the_hook_with_their_command_and_error() {
+    let data = seeded_bytes(SIZE, 12);
+    let exports = Exports::new();
+    let faulty = Faulty {
+        inner: MemDevice::from_vec(data.clone()),
+    };
+    exports
+        .add("faulty", Export::new(Arc::new(faulty)))
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hooked = Arc::clone(&seen);
+    let srv = TestServer::start_with(exports, move |b| {
+        b.on_request_error(move |command, e| {
+            hooked.lock().unwrap().push(format!("{command:?}: {e}"));
+        })
+    });
+    let mut c = open(&srv, "faulty");
+    c.request(0, 0, 5, FAIL_AT, 4096);
+    assert_eq!(c.simple_reply(), (EIO, 5));
+    // A request that succeeds is not reported.
+    c.request(0, 0, 6, 0, 8);
+    assert_eq!(c.simple_reply(), (0, 6));
+    assert_eq!(c.read_exact(8), data[..8]);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [format!(
+            "Read {{ offset: {FAIL_AT}, length: 4096 }}: chunk 0123abcd failed verification"
+        )]
+    );
+}
