@@ -38,7 +38,7 @@ pub use mount::{LoopMount, MountGuard, is_mounted};
 pub use netns::{NetOptions, TestNet, testnet_script};
 pub use python::{nbd_python_path, python_with_nbd};
 #[cfg(feature = "s3")]
-pub use s3::{S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, S3Fs};
+pub use s3::{Faults, S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, S3Fs, serve_dir};
 
 /// The variable that turns skips into failures.
 pub const REQUIRE_TOOLS: &str = "LODE_REQUIRE_TOOLS";

@@ -87,23 +87,7 @@ impl S3Fs {
         let faults = Arc::clone(&self.faults);
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-            let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs over its directory");
-            let mut builder = S3ServiceBuilder::new(fs);
-            builder.set_auth(SimpleAuth::from_single(S3_ACCESS_KEY, S3_SECRET_KEY));
-            let service = Faulty {
-                inner: builder.build(),
-                faults,
-            };
-            let http = ConnBuilder::new(TokioExecutor::new());
-            loop {
-                let (socket, _) = listener.accept().await.expect("accept a connection");
-                let conn = http
-                    .serve_connection(TokioIo::new(socket), service.clone())
-                    .into_owned();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
+            serve_dir(root, listener, faults).await;
         });
         self.runtime = Some(runtime);
     }
@@ -153,9 +137,35 @@ impl S3Fs {
     }
 }
 
+/// Answers S3 requests on `listener` for ever: each directory under `root` a bucket,
+/// signatures checked against [`S3_ACCESS_KEY`], `faults` applied. The server of
+/// [`S3Fs`], and of the `lode-s3-server` binary (the origin of the evaluation's test
+/// network, which outlives any one test).
+pub async fn serve_dir(root: PathBuf, listener: tokio::net::TcpListener, faults: Arc<Faults>) {
+    let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs over its directory");
+    let mut builder = S3ServiceBuilder::new(fs);
+    builder.set_auth(SimpleAuth::from_single(S3_ACCESS_KEY, S3_SECRET_KEY));
+    let service = Faulty {
+        inner: builder.build(),
+        faults,
+    };
+    let http = ConnBuilder::new(TokioExecutor::new());
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            continue;
+        };
+        let conn = http
+            .serve_connection(TokioIo::new(socket), service.clone())
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
 /// The share of requests to fail, and a seeded generator to pick them.
 #[derive(Debug, Default)]
-struct Faults {
+pub struct Faults {
     per_million: AtomicU32,
     status: AtomicU32,
     state: AtomicU64,
