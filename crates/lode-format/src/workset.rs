@@ -109,7 +109,8 @@ impl ImageWorkSet {
     /// The record's bytes, sealed for image `id` of `chunk_count` chunks under `key`.
     /// Entries past [`MAX_ENTRIES`] are dropped (the start's first chunks are kept).
     pub fn seal(&self, id: &ManifestId, chunk_count: u64, key: &WorkSetKey) -> Vec<u8> {
-        let chunks = &self.chunks[..self.chunks.len().min(MAX_ENTRIES as usize)];
+        let most = usize::try_from(MAX_ENTRIES).unwrap_or(usize::MAX);
+        let chunks = &self.chunks[..self.chunks.len().min(most)];
         let mut b = Vec::with_capacity(NONCE_LEN + HEADER + 8 * chunks.len() + TAG_LEN);
         let mut nonce = [0u8; NONCE_LEN];
         // SystemRandom only fails when the OS has no randomness at all.
