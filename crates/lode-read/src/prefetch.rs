@@ -372,6 +372,8 @@ impl Prefetch {
     /// Ends the recording now and takes what it holds (`None` when there is none).
     pub fn take_recording(&self) -> Option<ImageWorkSet> {
         let r = lock(&self.state).recording.take()?;
+        // A caller waiting in `recorded` finds nothing left and returns now.
+        self.recorded.notify_one();
         Some(ImageWorkSet {
             chunks: r.chunks,
             rerecord: false,
