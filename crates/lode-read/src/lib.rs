@@ -39,6 +39,7 @@ mod overlay;
 mod prefetch;
 mod reference;
 mod tier;
+mod workset;
 
 pub use alarm::{ReadAlarm, check_read, check_read_in, reader_name, unix_now};
 pub use az::{AzTier, az_prometheus};
@@ -60,4 +61,7 @@ pub use reference::{
 pub use tier::{
     ChunkOrigin, ChunkRef, ChunkTier, DEFAULT_ORIGIN_CONCURRENCY, DiskTier, MemoryTier,
     OriginWatch, StoreOrigin,
+};
+pub use workset::{
+    StoredWorkSet, WorkSetStoreError, clear_working_set, mark_rerecord, stored_working_set,
 };
