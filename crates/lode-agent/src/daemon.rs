@@ -477,27 +477,26 @@ impl Agent {
     /// ignored with a warning (it only steers prefetch).
     async fn stored_working_set(&self, dev: &ImageDevice, name: &str) -> Option<ImageWorkSet> {
         let id = dev.id();
-        let max = lode_format::workset::max_sealed_len(dev.chunk_count());
-        let sealed = match self.store.get_working_set(dev.root(), &id, max).await {
-            Ok(Some(b)) => b,
-            Ok(None) => return None,
+        let loaded = lode_read::load_working_set(
+            &self.store,
+            dev.root(),
+            &id,
+            dev.chunk_count(),
+            dev.keys(),
+        )
+        .await;
+        match loaded {
+            Ok(None) => None,
+            Ok(Some(Ok(ws))) => Some(ws),
+            Ok(Some(Err(e))) => {
+                eprintln!(
+                    "lode agent: {name}: ignoring the working set stored for {id}: {e} (it is recorded again)"
+                );
+                None
+            }
             Err(e) => {
                 eprintln!(
                     "lode agent: {name}: reading the working set of {id}: {e} (attaching without prefetch)"
-                );
-                return None;
-            }
-        };
-        match ImageWorkSet::open(
-            &sealed,
-            &id,
-            dev.chunk_count(),
-            &WorkSetKey::new(dev.keys()),
-        ) {
-            Ok(ws) => Some(ws),
-            Err(e) => {
-                eprintln!(
-                    "lode agent: {name}: ignoring the working set stored for {id}: {e} (it is recorded again)"
                 );
                 None
             }

@@ -63,5 +63,6 @@ pub use tier::{
     OriginWatch, StoreOrigin,
 };
 pub use workset::{
-    StoredWorkSet, WorkSetStoreError, clear_working_set, mark_rerecord, stored_working_set,
+    StoredWorkSet, WorkSetStoreError, clear_working_set, load_working_set, mark_rerecord,
+    stored_working_set,
 };

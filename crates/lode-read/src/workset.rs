@@ -53,6 +53,30 @@ pub async fn stored_working_set(
         }))
 }
 
+/// The working set stored for image `id` (of `chunk_count` chunks, under root `root`),
+/// opened with `keys`: `Ok(None)` when there is none, `Ok(Some(Err(_)))` when there is
+/// one that does not open or parse (callers ignore it with a warning).
+pub async fn load_working_set(
+    store: &Store,
+    root: lode_format::RootId,
+    id: &ManifestId,
+    chunk_count: u64,
+    keys: &lode_format::KeyTable,
+) -> Result<Option<Result<ImageWorkSet, WorkSetError>>, StoreError> {
+    let Some(b) = store
+        .get_working_set(root, id, max_sealed_len(chunk_count))
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(ImageWorkSet::open(
+        &b,
+        id,
+        chunk_count,
+        &WorkSetKey::new(keys),
+    )))
+}
+
 /// Marks `image`'s working set to be recorded again at its next start (by an agent that
 /// may write to the store), which then replaces it; until then the listed chunks are
 /// still prefetched. With no record, or one that does not open, an empty record so
@@ -66,18 +90,13 @@ pub async fn mark_rerecord(
         .keys
         .as_ref()
         .ok_or(WorkSetStoreError::NoKeys(image.id))?;
-    let key = WorkSetKey::new(keys);
     let n = chunk_count(image);
-    let (mut ws, bad) = match store
-        .get_working_set(image.root, &image.id, max_sealed_len(n))
-        .await?
-    {
-        Some(b) => match ImageWorkSet::open(&b, &image.id, n, &key) {
-            Ok(ws) => (ws, None),
-            Err(e) => (ImageWorkSet::default(), Some(e)),
-        },
+    let (mut ws, bad) = match load_working_set(store, image.root, &image.id, n, keys).await? {
+        Some(Ok(ws)) => (ws, None),
+        Some(Err(e)) => (ImageWorkSet::default(), Some(e)),
         None => (ImageWorkSet::default(), None),
     };
+    let key = WorkSetKey::new(keys);
     ws.rerecord = true;
     store
         .put_working_set(image.root, &image.id, ws.seal(&image.id, n, &key).into())
