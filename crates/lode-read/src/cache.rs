@@ -245,6 +245,13 @@ impl ChunkCache {
         Ok(self.tiers.get(fetched.at).is_none_or(|t| t.remote()))
     }
 
+    /// Whether `chunk` is on this worker now (in flight, or held by a tier that is not
+    /// remote): what a prefetch brought is still there to be used.
+    pub fn holds_locally(&self, chunk: &ChunkRef) -> bool {
+        lock(&self.inflight).contains_key(&chunk.name)
+            || self.tiers.iter().any(|t| !t.remote() && t.contains(chunk))
+    }
+
     /// Whether the origin is at its fetch limit: prefetch waits while it is.
     pub fn origin_busy(&self) -> bool {
         self.origin.busy()

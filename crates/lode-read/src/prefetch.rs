@@ -129,8 +129,9 @@ struct KindCounters {
 }
 
 /// One kind of fetch ahead, as counted: chunks and plaintext bytes brought from off the
-/// worker, those a read then used, those never read while attached (wasted), those not
-/// read yet (pending), and fetches that failed.
+/// worker, those a read then used, those wasted (evicted from the worker's tiers before
+/// a read came, or never read while attached), those not read yet (pending), and
+/// fetches that failed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct AheadSnapshot {
     /// Chunks fetched ahead from the AZ cache or the origin.
@@ -139,7 +140,8 @@ pub struct AheadSnapshot {
     pub bytes: u64,
     /// Bytes of those chunks a read then touched.
     pub used_bytes: u64,
-    /// Bytes of those never read before the attachment ended.
+    /// Bytes of those evicted before a read came, or never read before the attachment
+    /// ended.
     pub wasted_bytes: u64,
     /// Bytes not read yet, on attachments still open.
     pub pending_bytes: u64,
@@ -395,10 +397,18 @@ impl Prefetch {
                     continue;
                 }
                 if let Some((bytes, kind)) = st.ahead.remove(&i) {
-                    self.counters
-                        .kind(kind)
-                        .used_bytes
-                        .fetch_add(bytes, Relaxed);
+                    // Evicted before this read came: the read fetches it again.
+                    let kept = dev
+                        .chunk_ref(i)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|(c, _)| dev.cache().holds_locally(&c));
+                    let c = self.counters.kind(kind);
+                    if kept {
+                        c.used_bytes.fetch_add(bytes, Relaxed);
+                    } else {
+                        c.wasted_bytes.fetch_add(bytes, Relaxed);
+                    }
                 }
                 if let Some(r) = st.recording.as_mut()
                     && !r.full

@@ -100,6 +100,13 @@ pub trait ChunkTier: Send + Sync + std::fmt::Debug + 'static {
     /// Drops everything held in memory (the disk keeps its own).
     fn drop_memory(&self) {}
 
+    /// Whether the tier holds `chunk` now, without reading it or touching its recency
+    /// (a tier that cannot tell cheaply says `false`).
+    fn contains(&self, chunk: &ChunkRef) -> bool {
+        let _ = chunk;
+        false
+    }
+
     /// Whether the tier is off this worker (the AZ cache): a prefetch counts what it
     /// brings from such a tier or the origin, not what was already on the worker.
     fn remote(&self) -> bool {
@@ -164,6 +171,10 @@ impl ChunkTier for MemoryTier {
 
     async fn remove(&self, chunk: &ChunkRef) {
         lock(&self.lru).remove(&chunk.name);
+    }
+
+    fn contains(&self, chunk: &ChunkRef) -> bool {
+        lock(&self.lru).contains(&chunk.name)
     }
 
     fn usage(&self) -> Option<(u64, u64)> {
@@ -318,6 +329,10 @@ impl ChunkTier for DiskTier {
     fn usage(&self) -> Option<(u64, u64)> {
         let l = lock(&self.index);
         Some((l.used(), l.capacity()))
+    }
+
+    fn contains(&self, chunk: &ChunkRef) -> bool {
+        lock(&self.index).contains(&chunk.name)
     }
 }
 

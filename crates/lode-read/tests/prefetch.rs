@@ -238,6 +238,24 @@ async fn used_and_wasted_bytes_are_counted() {
     assert_eq!(order, vec![0, 1, 2]);
 }
 
+/// A chunk fetched ahead and evicted before a read came is wasted, not used: the read
+/// fetched it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_evicted_before_its_read_is_wasted() {
+    let s = setup(1, config(4), false).await;
+    s.p.run_working_set(&s.dev, &chunks(&[0, 1])).await;
+    until_prefetched(&s.p, 2).await;
+    s.cache.settle().await;
+    s.cache.drop_memory();
+    read(&s.dev, 100, 100).await;
+    let ws = s.p.counters().snapshot().working_set;
+    assert_eq!(
+        (ws.used_bytes, ws.wasted_bytes, ws.pending_bytes),
+        (0, CHUNK, CHUNK)
+    );
+    assert_eq!(s.origin.order().iter().filter(|i| **i == 0).count(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_reads_fetch_the_next_chunks_ahead() {
     let s = setup(20, config(4), false).await;
