@@ -9,6 +9,9 @@
 #   LAYOUT  OCI layout (default /var/tmp/lode-family/family); IMAGE tag in it (default python)
 #   CMD     what the start runs (default: python3 -c 'import json, sqlite3, email')
 # Needs: moto_server (pip moto[server]), python3, crun or a chroot-capable kernel, fuse3.
+# The connections column counts what the proxy accepted: moto's server (werkzeug, HTTP/1.0)
+# closes every connection after its answer, so there it is one per request; against a
+# server that keeps them open lode reuses them (lode-read's tests/origin_s3.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -33,7 +36,7 @@ moto_port=$(free_port)
 moto_server -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
 pids+=($!)
 proxy_port=$(free_port)
-python3 "$repo/scripts/delay-proxy.py" "$proxy_port" "127.0.0.1:$moto_port" "$delay" &
+python3 "$repo/scripts/delay-proxy.py" "$proxy_port" "127.0.0.1:$moto_port" "$delay" >"$work/proxy.log" &
 pids+=($!)
 for _ in $(seq 100); do curl -s "http://127.0.0.1:$moto_port/" >/dev/null && break; sleep 0.1; done
 curl -s -X PUT "http://127.0.0.1:$moto_port/bench" >/dev/null
@@ -44,14 +47,17 @@ AWS_ENDPOINT_URL=http://127.0.0.1:$moto_port "$lode" -q flatten "oci:$layout:$im
 export AWS_ENDPOINT_URL=http://127.0.0.1:$proxy_port
 cmd=${CMD:-"python3 -c 'import json, sqlite3, email'"}
 
-# One cold start on a fresh agent started with "$@"; prints seconds and origin fetches.
+# One cold start on a fresh agent started with "$@"; prints seconds, origin fetches and
+# the connections the agent opened to the origin (its HTTP client reuses them).
+conns() { wc -l <"$work/proxy.log"; }
 start() {
     local state
     state=$(mktemp -d "$work/agent-XXXXXX")
     "$lode" agent --state-dir "$state" "$@" >"$state.log" 2>&1 &
     agent_pid=$!
     for _ in $(seq 300); do "$lode" ls --control "$state/control.sock" >/dev/null 2>&1 && break; sleep 0.05; done
-    local t0 t1
+    local t0 t1 c0
+    c0=$(conns)
     t0=$(date +%s.%N)
     if ! LODE_AGENT_CONTROL=$state/control.sock bash -c "\"$lode\" -q run \"$image\" -- $cmd" >"$state.run" 2>&1; then
         echo "lode run failed:" >&2; cat "$state.run" "$state.log" >&2; exit 1
@@ -61,30 +67,31 @@ start() {
     fetched=$("$lode" --json stats --control "$state/control.sock" |
         python3 -c 'import json,sys; v=json.load(sys.stdin); print(next(t["hits"] for t in v["tiers"] if t["name"]=="origin"))')
     kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=
-    echo "$(python3 -c "print(round($t1 - $t0, 3))") $fetched"
+    echo "$(python3 -c "print(round($t1 - $t0, 3))") $fetched $(($(conns) - c0))"
 }
 
 echo "recording the working set of $image (origin $delay ms away)"
 first=$(start --prefetch-record-window-ms 60000)
 "$lode" --json inspect "$image" | python3 -c 'import json,sys; print("working set:", json.load(sys.stdin)["working_set"])'
-echo "first start (recording, readahead on): $first s/fetches"
+echo "first start (recording, readahead on): $first (seconds, origin fetches, connections)"
 
 report() {
     local label=$1; shift
-    local times=() f=
+    local times=() f= c=
     for _ in $(seq "$runs"); do
-        read -r t f < <(start "$@")
+        read -r t f c < <(start "$@")
         times+=("$t")
     done
-    python3 - "$label" "$f" "${times[@]}" <<'EOF'
+    python3 - "$label" "$f" "$c" "${times[@]}" <<'EOF'
 import statistics, sys
-label, fetched, ts = sys.argv[1], sys.argv[2], sorted(map(float, sys.argv[3:]))
-print(f"| {label} | {statistics.median(ts)*1000:.0f} ms | {ts[0]*1000:.0f}-{ts[-1]*1000:.0f} ms | {fetched} |")
+label, fetched, conns = sys.argv[1:4]
+ts = sorted(map(float, sys.argv[4:]))
+print(f"| {label} | {statistics.median(ts)*1000:.0f} ms | {ts[0]*1000:.0f}-{ts[-1]*1000:.0f} ms | {fetched} | {conns} |")
 EOF
 }
 echo
-echo "| cold \`lode run $image -- $cmd\`, origin $delay ms away | median | range | origin fetches |"
-echo "|---|---|---|---|"
+echo "| cold \`lode run $image -- $cmd\`, origin $delay ms away | median | range | origin fetches | connections |"
+echo "|---|---|---|---|---|"
 report "demand only" --no-prefetch --readahead-max-chunks 0
 report "readahead" --no-prefetch
 report "working set prefetched + readahead" 

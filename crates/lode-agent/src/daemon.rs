@@ -386,7 +386,13 @@ impl Agent {
             let mut table = agent.table.lock().await;
             for att in saved {
                 match agent
-                    .open(&att.id, &att.name, att.writable, att.start.as_deref())
+                    .open(
+                        &att.id,
+                        &att.name,
+                        att.writable,
+                        att.start.as_deref(),
+                        false,
+                    )
                     .await
                 {
                     Ok(mut live) => {
@@ -503,16 +509,18 @@ impl Agent {
         }
     }
 
-    /// An attachment's prefetch: records when the image has no working set (or one
-    /// marked to re-record) and this agent may write to the store; the working set to
+    /// An attachment's prefetch: records when the attach is a start (`fresh`), the image
+    /// has no working set (or one marked to re-record) and this agent may write to the
+    /// store; the working set to
     /// fetch ahead, if any and if prefetch is on.
     async fn prefetch_for(
         &self,
         dev: &ImageDevice,
         name: &str,
+        fresh: bool,
     ) -> (Arc<Prefetch>, Option<ImageWorkSet>) {
         let stored = self.stored_working_set(dev, name).await;
-        let wanted = stored.as_ref().is_none_or(|w| w.rerecord);
+        let wanted = fresh && stored.as_ref().is_none_or(|w| w.rerecord);
         // A worker of a control service holds keys only as grants and never writes
         // to the store: the record is left to an agent with its own KMS.
         let may_write = matches!(self.keys, Keys::Kms(_));
@@ -622,12 +630,15 @@ impl Agent {
             .join(format!("{}.overlay", hex_name(name)))
     }
 
+    /// Opens `image` as attachment `name`; `fresh` when it is a new attach (a start),
+    /// not one the agent brings back after a restart, which is no start to record.
     async fn open(
         &self,
         image: &str,
         name: &str,
         writable: bool,
         start: Option<&str>,
+        fresh: bool,
     ) -> Result<Live, AgentError> {
         let opened = match (&self.keys, start) {
             (Keys::Kms(kms), _) => {
@@ -661,7 +672,7 @@ impl Agent {
             user: c.user.clone(),
         };
         let mut dev = ImageDevice::new(self.cache.clone(), opened)?;
-        let (prefetch, ws) = self.prefetch_for(&dev, name).await;
+        let (prefetch, ws) = self.prefetch_for(&dev, name, fresh).await;
         dev = dev.with_prefetch(prefetch);
         let size = lode_blockdev::BlockDevice::size(&dev);
         let overlay = if writable {
@@ -775,7 +786,7 @@ impl Agent {
                 g.config().capacity
             )));
         }
-        let live = self.open(image, name, writable, start).await?;
+        let live = self.open(image, name, writable, start, true).await?;
         self.touch_warm(&live.att.id);
         let att = live.att.clone();
         table.insert(name.to_string(), live);
