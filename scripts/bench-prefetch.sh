@@ -9,8 +9,8 @@
 #   LAYOUT  OCI layout (default /var/tmp/lode-family/family); IMAGE tag in it (default python)
 #   CMD     what the start runs (default: python3 -c 'import json, sqlite3, email')
 # Needs: moto_server (pip moto[server]), python3, crun or a chroot-capable kernel, fuse3.
-# The connections column counts what the proxy accepted: moto's server (werkzeug, HTTP/1.0)
-# closes every connection after its answer, so there it is one per request; against a
+# The connections column counts what the proxy accepted: moto's server answers every
+# request with `Connection: close`, so there it is one per request; against a
 # server that keeps them open lode reuses them (lode-read's tests/origin_s3.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
