@@ -359,7 +359,13 @@ impl Agent {
             ),
             None => None,
         };
-        let prefetcher = Prefetcher::new(config.prefetch.clone())?;
+        // Prefetch takes at most half the origin's slots, so demand fetches always have
+        // the other half.
+        let mut prefetch = config.prefetch.clone();
+        prefetch.concurrency = prefetch
+            .concurrency
+            .min((config.origin_concurrency / 2).max(1));
+        let prefetcher = Prefetcher::new(prefetch)?;
         let files = match &config.files {
             Some(dir) => Some(mount_files(dir)?),
             None => None,

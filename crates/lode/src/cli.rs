@@ -558,8 +558,8 @@ pub struct AgentArgs {
 /// Fetching ahead of demand (the config file's `[prefetch]`; flags win).
 #[derive(Debug, Args)]
 pub struct PrefetchArgs {
-    /// Prefetch and readahead fetches at once, over all attachments; keep it below
-    /// --origin-concurrency so demand fetches keep slots of their own. [default: 16]
+    /// Prefetch and readahead fetches at once, over all attachments; at most half of
+    /// --origin-concurrency, so demand fetches keep slots of their own. [default: 16]
     #[arg(long, value_name = "N")]
     pub prefetch_concurrency: Option<usize>,
     /// Do not fetch an image's recorded working set at attach (recording and readahead
