@@ -60,7 +60,9 @@ start() {
     c0=$(conns)
     t0=$(date +%s.%N)
     if ! LODE_AGENT_CONTROL=$state/control.sock bash -c "\"$lode\" -q run \"$image\" -- $cmd" >"$state.run" 2>&1; then
-        echo "lode run failed:" >&2; cat "$state.run" "$state.log" >&2; exit 1
+        echo "lode run failed:" >&2; cat "$state.run" "$state.log" >&2
+        kill "$agent_pid"; wait "$agent_pid" 2>/dev/null; umount -l "$state/files" 2>/dev/null
+        exit 1
     fi
     t1=$(date +%s.%N)
     local fetched
