@@ -33,6 +33,13 @@
 //!
 //! [origin]
 //! concurrency = 64                    # chunk fetches from the store at once
+//!
+//! [prefetch]
+//! concurrency = 16                    # prefetch and readahead fetches at once
+//! working_set = true                  # fetch an image's recorded working set at attach
+//! readahead_max_chunks = 8            # largest readahead window; 0 = no readahead
+//! record_window_ms = 10000            # how long after an attach its reads are recorded
+//! record_max_chunks = 4096            # the most chunks one recording keeps
 //! ```
 //!
 //! Every key is optional; unknown keys are refused by name so a typo is not silently
@@ -76,6 +83,9 @@ pub struct ConfigFile {
     /// The origin store.
     #[serde(default)]
     pub origin: OriginSection,
+    /// Prefetch, readahead and working-set recording.
+    #[serde(default)]
+    pub prefetch: PrefetchSection,
     /// The control service this agent works for, if any.
     pub worker: Option<WorkerSection>,
 }
@@ -146,6 +156,44 @@ impl AzSection {
 pub struct OriginSection {
     /// Chunk fetches from the store at once.
     pub concurrency: Option<usize>,
+}
+
+/// `[prefetch]`: what [`lode_read::PrefetchConfig`] says; keys left out keep its
+/// defaults.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchSection {
+    /// Prefetch and readahead fetches at once, over all attachments.
+    pub concurrency: Option<usize>,
+    /// Whether attaching fetches the recorded working set.
+    pub working_set: Option<bool>,
+    /// The largest readahead window, in chunks (0: none).
+    pub readahead_max_chunks: Option<u64>,
+    /// How long after an attach its reads are recorded, in milliseconds.
+    pub record_window_ms: Option<u64>,
+    /// The most chunks one recording keeps.
+    pub record_max_chunks: Option<usize>,
+}
+
+impl PrefetchSection {
+    /// Sets what the section gives in `c`.
+    pub fn apply(&self, c: &mut lode_read::PrefetchConfig) {
+        if let Some(n) = self.concurrency {
+            c.concurrency = n;
+        }
+        if let Some(b) = self.working_set {
+            c.working_set = b;
+        }
+        if let Some(n) = self.readahead_max_chunks {
+            c.readahead_max_chunks = n;
+        }
+        if let Some(ms) = self.record_window_ms {
+            c.record_window = std::time::Duration::from_millis(ms);
+        }
+        if let Some(n) = self.record_max_chunks {
+            c.record_max_chunks = n;
+        }
+    }
 }
 
 /// `[nbd]`.
@@ -341,6 +389,13 @@ mod tests {
         assert_eq!((az.nodes.len(), az.k, az.m), (6, 4, 2));
         assert_eq!(az.node_timeout, std::time::Duration::from_millis(200));
         assert_eq!(c.origin.concurrency, Some(64));
+        let mut prefetch = lode_read::PrefetchConfig::default();
+        c.prefetch.apply(&mut prefetch);
+        assert_eq!(
+            prefetch,
+            lode_read::PrefetchConfig::default(),
+            "the example shows the prefetch defaults"
+        );
         let mut nbd = crate::NbdLimits::default();
         c.nbd.apply(&mut nbd);
         assert_eq!(

@@ -12,10 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lode_control::api::{AttachOrder, AttachReply};
+use lode_format::{ImageWorkSet, WorkSetKey};
 use lode_fuse::{FuseMount, MountOptions};
 use lode_kms::Kms;
 use lode_nbd::{Export, Exports, Server};
-use lode_read::{AzTier, ChunkCache, DiskTier, ImageDevice, MemoryTier, Overlay, StoreOrigin};
+use lode_read::{
+    AzTier, ChunkCache, DiskTier, ImageDevice, MemoryTier, Overlay, Prefetch, PrefetchConfig,
+    PrefetchCounters, Prefetcher, StoreOrigin,
+};
 use lode_store::Store;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -51,6 +55,8 @@ pub struct AgentConfig {
     pub az: Option<lode_az::AzConfig>,
     /// Chunks fetched from the origin at once, at most.
     pub origin_concurrency: usize,
+    /// Working-set prefetch, readahead and recording.
+    pub prefetch: PrefetchConfig,
 }
 
 impl AgentConfig {
@@ -63,6 +69,7 @@ impl AgentConfig {
             files: Some(state_dir.join("files")),
             az: None,
             origin_concurrency: lode_read::DEFAULT_ORIGIN_CONCURRENCY,
+            prefetch: PrefetchConfig::default(),
             state_dir,
             nbd_tcp: None,
             nbd_limits: NbdLimits::default(),
@@ -272,6 +279,8 @@ pub struct RunConfig {
 struct Live {
     att: Attachment,
     dev: Arc<ImageDevice>,
+    /// The working-set prefetch under way, stopped at detach.
+    prefetching: Option<tokio::task::AbortHandle>,
 }
 
 /// Where the agent's image keys come from.
@@ -297,6 +306,11 @@ pub struct Agent {
     az: Option<Arc<AzTier>>,
     watch: Arc<RootWatch>,
     table: Mutex<BTreeMap<String, Live>>,
+    prefetcher: Arc<Prefetcher>,
+    /// Each image's prefetch figures, by manifest id, kept after it is detached.
+    prefetch_counters: std::sync::Mutex<BTreeMap<String, Arc<PrefetchCounters>>>,
+    /// Whether the agent said once that it does not record working sets.
+    said_no_record: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -374,11 +388,21 @@ impl Agent {
             ),
             None => None,
         };
+        // Prefetch takes at most half the origin's slots, so demand fetches always have
+        // the other half.
+        let mut prefetch = config.prefetch.clone();
+        prefetch.concurrency = prefetch
+            .concurrency
+            .min((config.origin_concurrency / 2).max(1));
+        let prefetcher = Prefetcher::new(prefetch)?;
         let files = match &config.files {
             Some(dir) => Some(mount_files(dir)?),
             None => None,
         };
         let agent = Arc::new(Agent {
+            prefetcher,
+            prefetch_counters: std::sync::Mutex::new(BTreeMap::new()),
+            said_no_record: std::sync::atomic::AtomicBool::new(false),
             store,
             keys,
             warm: std::sync::Mutex::new(VecDeque::new()),
@@ -397,7 +421,13 @@ impl Agent {
             let mut table = agent.table.lock().await;
             for att in saved {
                 match agent
-                    .open(&att.id, &att.name, att.writable, att.start.as_deref())
+                    .open(
+                        &att.id,
+                        &att.name,
+                        att.writable,
+                        att.start.as_deref(),
+                        false,
+                    )
                     .await
                 {
                     Ok(mut live) => {
@@ -458,7 +488,130 @@ impl Agent {
             v["key_grants"] = g.granted().into();
             v["key_refusals"] = g.refused().into();
         }
+        v["prefetch"] = self
+            .prefetch_snapshots()
+            .into_iter()
+            .map(|(id, s)| (id, serde_json::to_value(s).expect("metrics serialise")))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
         v
+    }
+
+    /// Each image's prefetch figures, by manifest id (hex), for images attached since
+    /// the agent started.
+    pub fn prefetch_snapshots(&self) -> BTreeMap<String, lode_read::PrefetchSnapshot> {
+        lock(&self.prefetch_counters)
+            .iter()
+            .map(|(id, c)| (id.clone(), c.snapshot()))
+            .collect()
+    }
+
+    fn counters_of(&self, id: &lode_format::ManifestId) -> Arc<PrefetchCounters> {
+        Arc::clone(
+            lock(&self.prefetch_counters)
+                .entry(id.to_hex())
+                .or_default(),
+        )
+    }
+
+    /// The image's stored working set, if it has one that opens; one that does not is
+    /// ignored with a warning (it only steers prefetch).
+    async fn stored_working_set(&self, dev: &ImageDevice, name: &str) -> Option<ImageWorkSet> {
+        let id = dev.id();
+        let loaded = lode_read::load_working_set(
+            &self.store,
+            dev.root(),
+            &id,
+            dev.chunk_count(),
+            dev.keys(),
+        )
+        .await;
+        match loaded {
+            Ok(None) => None,
+            Ok(Some(Ok(ws))) => Some(ws),
+            Ok(Some(Err(e))) => {
+                eprintln!(
+                    "lode agent: {name}: ignoring the working set stored for {id}: {e} (it is recorded again)"
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!(
+                    "lode agent: {name}: reading the working set of {id}: {e} (attaching without prefetch)"
+                );
+                None
+            }
+        }
+    }
+
+    /// An attachment's prefetch: records when the attach is a start (`fresh`), the image
+    /// has no working set (or one marked to re-record) and this agent may write to the
+    /// store; the working set to
+    /// fetch ahead, if any and if prefetch is on.
+    async fn prefetch_for(
+        &self,
+        dev: &ImageDevice,
+        name: &str,
+        fresh: bool,
+    ) -> (Arc<Prefetch>, Option<ImageWorkSet>) {
+        let stored = self.stored_working_set(dev, name).await;
+        let wanted = fresh && stored.as_ref().is_none_or(|w| w.rerecord);
+        // A worker of a control service holds keys only as grants and never writes
+        // to the store: the record is left to an agent with its own KMS.
+        let may_write = matches!(self.keys, Keys::Kms(_));
+        if wanted
+            && !may_write
+            && !self
+                .said_no_record
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            eprintln!(
+                "lode agent: not recording working sets: a worker of a control service does not write to the store"
+            );
+        }
+        let p = Prefetch::new(
+            Arc::clone(&self.prefetcher),
+            self.counters_of(&dev.id()),
+            wanted && may_write,
+        );
+        let ws = stored.filter(|w| self.config.prefetch.working_set && !w.chunks.is_empty());
+        (p, ws)
+    }
+
+    /// Starts an attachment's working-set prefetch and the task that stores its
+    /// recording when it ends; the prefetch's handle, to stop it at detach.
+    fn start_prefetch(
+        &self,
+        dev: &Arc<ImageDevice>,
+        ws: Option<ImageWorkSet>,
+    ) -> Option<tokio::task::AbortHandle> {
+        let p = Arc::clone(dev.prefetch_state()?);
+        if p.recording() {
+            let (p, dev, store) = (Arc::clone(&p), Arc::clone(dev), self.store.clone());
+            tokio::spawn(async move {
+                if let Some(ws) = p.recorded().await {
+                    store_working_set(&store, &dev, &ws, p.counters()).await;
+                }
+            });
+        }
+        let ws = ws?;
+        let dev = Arc::clone(dev);
+        Some(tokio::spawn(async move { p.run_working_set(&dev, &ws.chunks).await }).abort_handle())
+    }
+
+    /// Ends an attachment's prefetch: stops fetching ahead, counts what was never read as
+    /// wasted, and stores a recording still under way.
+    async fn end_prefetch(&self, live: &Live) {
+        if let Some(h) = &live.prefetching {
+            h.abort();
+        }
+        let Some(p) = live.dev.prefetch_state() else {
+            return;
+        };
+        p.close();
+        if let Some(ws) = p.take_recording() {
+            store_working_set(&self.store, &live.dev, &ws, p.counters()).await;
+        }
     }
 
     /// The metrics in Prometheus text, AZ counters and read alarms included.
@@ -469,6 +622,9 @@ impl Agent {
             &self.config.nbd_limits,
         ));
         text.push_str(&crate::stats::root_alarms_prometheus(&self.watch.reads()));
+        text.push_str(&crate::stats::prefetch_prometheus(
+            &self.prefetch_snapshots(),
+        ));
         if let Some(m) = self.az_metrics() {
             text.push_str(&lode_read::az_prometheus(&m));
         }
@@ -509,12 +665,15 @@ impl Agent {
             .join(format!("{}.overlay", hex_name(name)))
     }
 
+    /// Opens `image` as attachment `name`; `fresh` when it is a new attach (a start),
+    /// not one the agent brings back after a restart, which is no start to record.
     async fn open(
         &self,
         image: &str,
         name: &str,
         writable: bool,
         start: Option<&str>,
+        fresh: bool,
     ) -> Result<Live, AgentError> {
         let opened = match (&self.keys, start) {
             (Keys::Kms(kms), _) => {
@@ -548,6 +707,8 @@ impl Agent {
             user: c.user.clone(),
         };
         let mut dev = ImageDevice::new(self.cache.clone(), opened)?;
+        let (prefetch, ws) = self.prefetch_for(&dev, name, fresh).await;
+        dev = dev.with_prefetch(prefetch);
         let size = lode_blockdev::BlockDevice::size(&dev);
         let overlay = if writable {
             let p = self.overlay_path(name);
@@ -572,7 +733,9 @@ impl Agent {
             }
         };
         self.watch.attached(dev.id(), name);
+        let prefetching = self.start_prefetch(&dev, ws);
         Ok(Live {
+            prefetching,
             att: Attachment {
                 name: name.to_string(),
                 id,
@@ -658,7 +821,7 @@ impl Agent {
                 g.config().capacity
             )));
         }
-        let live = self.open(image, name, writable, start).await?;
+        let live = self.open(image, name, writable, start, true).await?;
         self.touch_warm(&live.att.id);
         let att = live.att.clone();
         table.insert(name.to_string(), live);
@@ -682,6 +845,7 @@ impl Agent {
         self.exports.remove(name);
         self.remove_file(name);
         self.watch.detached(live.dev.id(), name);
+        self.end_prefetch(&live).await;
         self.save_table(&table)?;
         drop(table);
         self.touch_warm(&live.att.id);
@@ -804,6 +968,7 @@ impl Agent {
             }
         }
         for live in self.table.lock().await.values() {
+            self.end_prefetch(live).await;
             if let Some(ov) = live.dev.overlay()
                 && let Err(e) = ov.flush().await
             {
@@ -812,6 +977,26 @@ impl Agent {
         }
         self.cache.settle().await;
         let _ = std::fs::remove_file(&self.config.nbd_unix);
+    }
+}
+
+/// Seals `ws` for `dev`'s image and stores it beside the manifest, replacing any
+/// earlier record; a start that read nothing stores nothing. A failure is reported and
+/// only loses the record.
+async fn store_working_set(
+    store: &Store,
+    dev: &ImageDevice,
+    ws: &ImageWorkSet,
+    counters: &PrefetchCounters,
+) {
+    if ws.chunks.is_empty() {
+        return;
+    }
+    let id = dev.id();
+    let sealed = ws.seal(&id, dev.chunk_count(), &WorkSetKey::new(dev.keys()));
+    match store.put_working_set(dev.root(), &id, sealed.into()).await {
+        Ok(()) => counters.record_stored(ws.chunks.len()),
+        Err(e) => eprintln!("lode agent: storing the working set of {id}: {e}"),
     }
 }
 

@@ -25,5 +25,8 @@ pub use daemon::{
     nbd_server,
 };
 pub use error::AgentError;
-pub use lode_read::{AzTier, ChunkCache, ReadError};
+pub use lode_read::{
+    AzTier, ChunkCache, ReadError, StoredWorkSet, clear_working_set, mark_rerecord,
+    stored_working_set,
+};
 pub use stats::{nbd_json, nbd_prometheus};

@@ -105,6 +105,61 @@ pub fn root_alarms_prometheus(
     o
 }
 
+/// Each image's prefetch figures in the Prometheus text format, labelled by manifest
+/// and kind (`working_set`, `readahead`); the HELP and TYPE lines even when there are none.
+pub fn prefetch_prometheus(
+    images: &std::collections::BTreeMap<String, lode_read::PrefetchSnapshot>,
+) -> String {
+    type Field = fn(&lode_read::AheadSnapshot) -> u64;
+    let rows: [(&str, &str, &str, Field); 5] = [
+        (
+            "chunks_total",
+            "counter",
+            "Chunks fetched ahead of demand from the AZ cache or the origin.",
+            |a| a.chunks,
+        ),
+        (
+            "bytes_total",
+            "counter",
+            "Plaintext bytes of the chunks fetched ahead.",
+            |a| a.bytes,
+        ),
+        (
+            "used_bytes_total",
+            "counter",
+            "Bytes fetched ahead that a read then touched.",
+            |a| a.used_bytes,
+        ),
+        (
+            "wasted_bytes_total",
+            "counter",
+            "Bytes fetched ahead and never read before the attachment ended.",
+            |a| a.wasted_bytes,
+        ),
+        (
+            "errors_total",
+            "counter",
+            "Fetches ahead that failed.",
+            |a| a.errors,
+        ),
+    ];
+    let mut o = String::new();
+    for (name, kind, help, field) in rows {
+        let _ = writeln!(o, "# HELP lode_prefetch_{name} {help}");
+        let _ = writeln!(o, "# TYPE lode_prefetch_{name} {kind}");
+        for (id, s) in images {
+            for (k, a) in [("working_set", &s.working_set), ("readahead", &s.readahead)] {
+                let _ = writeln!(
+                    o,
+                    "lode_prefetch_{name}{{manifest=\"{id}\",kind=\"{k}\"}} {}",
+                    field(a)
+                );
+            }
+        }
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +189,22 @@ mod tests {
         let j = nbd_json(&s, &limits);
         assert_eq!(j["connections_refused"], 3);
         assert_eq!(j["max_connections"], 64);
+    }
+
+    #[test]
+    fn prefetch_figures_render_per_image_and_kind() {
+        let mut s = lode_read::PrefetchSnapshot::default();
+        s.working_set.used_bytes = 4096;
+        s.readahead.chunks = 3;
+        let p = prefetch_prometheus(&std::collections::BTreeMap::from([("ab".to_owned(), s)]));
+        for line in [
+            "# TYPE lode_prefetch_used_bytes_total counter",
+            "lode_prefetch_used_bytes_total{manifest=\"ab\",kind=\"working_set\"} 4096",
+            "lode_prefetch_chunks_total{manifest=\"ab\",kind=\"readahead\"} 3",
+            "lode_prefetch_wasted_bytes_total{manifest=\"ab\",kind=\"readahead\"} 0",
+        ] {
+            assert!(p.lines().any(|l| l == line), "{line} missing from\n{p}");
+        }
     }
 
     #[test]

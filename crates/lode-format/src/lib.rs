@@ -12,6 +12,8 @@
 //! - [`manifest`]: the versioned binary record naming an image's chunks, with its key
 //!   table encrypted under a data key and the whole record authenticated. Version 1
 //!   names v1 chunks, version 2 v2 chunks of a given segment size and codec.
+//! - [`workset`]: an image's working-set record (the chunks a start read, in order),
+//!   sealed under a key derived from its key table.
 //! - [`ids`]: chunk names, manifest ids, root ids, chunk indexes, chunk and segment sizes.
 
 pub mod chunk;
@@ -19,6 +21,7 @@ pub mod ids;
 pub mod manifest;
 pub mod object;
 pub mod segment;
+pub mod workset;
 
 pub use chunk::{ChunkError, SealedChunk, open_chunk, seal_chunk, seal_chunk_in_place};
 pub use ids::{
@@ -35,3 +38,4 @@ pub use segment::{
     open_chunk_v2, open_segment, open_segment_in_place, open_segment_into, open_segment_unverified,
     seal_chunk_v2, verify_header, verify_object_v2, verify_segment,
 };
+pub use workset::{ImageWorkSet, WorkSetError, WorkSetKey};

@@ -365,6 +365,70 @@ fn a_failing_device_gives_eio_and_the_mount_keeps_serving() {
     );
 }
 
+/// A device 100 ms away: every read waits that long, and the most reads in flight at
+/// once is kept.
+#[derive(Debug, Default)]
+struct Distant {
+    now: AtomicU64,
+    peak: AtomicU64,
+}
+
+#[async_trait]
+impl BlockDevice for Distant {
+    fn size(&self) -> u64 {
+        16 << 20
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        buf.fill(u8::try_from(offset >> 20).unwrap_or(0xff));
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn write_at(&self, _offset: u64, _data: &[u8]) -> Result<(), DeviceError> {
+        Err(DeviceError::ReadOnly)
+    }
+}
+
+/// Reads from many threads reach the device together (the FUSE threads hand each to the
+/// runtime and go back for the next), so eight 100 ms reads take about 100 ms, not 800.
+#[test]
+fn concurrent_reads_of_one_file_are_served_concurrently() {
+    require_fuse!();
+    let fx = Fixture::new(|o| o);
+    let dev = Arc::new(Distant::default());
+    fx.fuse().add("far", dev.clone(), false).unwrap();
+    let path = fx.fuse().path("far");
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for i in 0..8u64 {
+            let path = &path;
+            s.spawn(move || {
+                let mut buf = [0u8; 4096];
+                File::open(path)
+                    .unwrap()
+                    .read_exact_at(&mut buf, i << 20)
+                    .unwrap();
+                assert!(buf.iter().all(|b| u64::from(*b) == i));
+            });
+        }
+    });
+    let took = started.elapsed();
+    assert!(
+        dev.peak.load(Ordering::SeqCst) >= 4,
+        "peak {}",
+        dev.peak.load(Ordering::SeqCst)
+    );
+    assert!(took < Duration::from_millis(400), "8 reads took {took:?}");
+}
+
 #[test]
 fn files_added_and_removed_at_runtime_show_in_the_directory() {
     require_fuse!();

@@ -40,6 +40,10 @@ impl ChunkTier for AzTier {
         "az"
     }
 
+    fn remote(&self) -> bool {
+        true
+    }
+
     async fn get(
         &self,
         chunk: &ChunkRef,

@@ -233,6 +233,30 @@ impl ChunkCache {
         Ok(Bytes::from(segments.concat()))
     }
 
+    /// Brings `chunk`'s object into the worker's tiers ahead of a read (prefetch), as a
+    /// demand miss would, without decrypting it: whether it came from off the worker (the
+    /// AZ cache or the origin). A chunk already being fetched is left to that fetch
+    /// (`false`); one found in memory or on disk is not fetched again (`false`).
+    pub async fn prefetch(self: &Arc<Self>, chunk: ChunkRef) -> Result<bool, ReadError> {
+        if lock(&self.inflight).contains_key(&chunk.name) {
+            return Ok(false);
+        }
+        let fetched = self.fetch(chunk, SegmentIndex(0)).await.map_err(shared)?;
+        Ok(self.tiers.get(fetched.at).is_none_or(|t| t.remote()))
+    }
+
+    /// Whether `chunk` is on this worker now (in flight, or held by a tier that is not
+    /// remote): what a prefetch brought is still there to be used.
+    pub fn holds_locally(&self, chunk: &ChunkRef) -> bool {
+        lock(&self.inflight).contains_key(&chunk.name)
+            || self.tiers.iter().any(|t| !t.remote() && t.contains(chunk))
+    }
+
+    /// Whether the origin is at its fetch limit: prefetch waits while it is.
+    pub fn origin_busy(&self) -> bool {
+        self.origin.busy()
+    }
+
     fn tier_name(&self, at: usize) -> &'static str {
         self.tiers.get(at).map_or("origin", |t| t.name())
     }

@@ -20,6 +20,7 @@ use lode_format::{
 };
 
 use crate::overlay::{BLOCK_SIZE, Overlay};
+use crate::prefetch::Prefetch;
 use crate::tier::ChunkRef;
 use crate::{ChunkCache, OpenedImage, ReadError};
 
@@ -38,6 +39,7 @@ pub struct ImageDevice {
     chunks: Vec<ChunkEntry>,
     keys: KeyTable,
     overlay: Option<Overlay>,
+    prefetch: Option<Arc<Prefetch>>,
 }
 
 fn dev_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DeviceError {
@@ -59,6 +61,7 @@ impl ImageDevice {
             chunks: image.manifest.chunks().to_vec(),
             keys,
             overlay: None,
+            prefetch: None,
         })
     }
 
@@ -75,6 +78,23 @@ impl ImageDevice {
         }
         self.overlay = Some(overlay);
         Ok(self)
+    }
+
+    /// Reports every read to `prefetch`, which records first touches, counts what was
+    /// fetched ahead and reads ahead of sequential runs.
+    pub fn with_prefetch(mut self, prefetch: Arc<Prefetch>) -> Self {
+        self.prefetch = Some(prefetch);
+        self
+    }
+
+    /// The attachment's prefetch, if it has one.
+    pub fn prefetch_state(&self) -> Option<&Arc<Prefetch>> {
+        self.prefetch.as_ref()
+    }
+
+    /// How many chunks the image has (its manifest's chunk table).
+    pub fn chunk_count(&self) -> u64 {
+        self.chunks.len() as u64
     }
 
     /// The manifest id.
@@ -403,6 +423,9 @@ impl BlockDevice for ImageDevice {
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         self.check_range(offset, buf.len())?;
         let started = Instant::now();
+        if let Some(p) = &self.prefetch {
+            p.on_read(self, offset, buf.len() as u64);
+        }
         let r = self.read_merged(offset, buf).await;
         self.cache
             .metrics()

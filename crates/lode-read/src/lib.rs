@@ -14,6 +14,11 @@
 //! with [`Checked`] objects only. Concurrent misses for one chunk share one fetch.
 //! Everything is counted in [`Metrics`].
 //!
+//! An attachment may also fetch ahead of demand ([`Prefetch`]): the chunks its image's
+//! first start read (a recorded working set, in order), and the next chunks of a
+//! sequential run (readahead), through worker-wide bounded [`Prefetcher`] permits that
+//! keep out of demand fetches' way.
+//!
 //! An image is opened by tag or manifest id with [`open_image`] (or [`open_image_with`]
 //! and a [`KeySource`]): its manifest fetched, checked against its id and parsed, and its
 //! key table opened with the data key a KMS unwraps or a control service grants. A reader
@@ -31,8 +36,10 @@ mod error;
 mod lru;
 mod metrics;
 mod overlay;
+mod prefetch;
 mod reference;
 mod tier;
+mod workset;
 
 pub use alarm::{ReadAlarm, check_read, check_read_in, reader_name, unix_now};
 pub use az::{AzTier, az_prometheus};
@@ -43,10 +50,19 @@ pub use error::{OpenError, ReadError};
 pub use lru::Lru;
 pub use metrics::{Histogram, LATENCY_BUCKETS_US, Metrics, MetricsSnapshot, TierSnapshot};
 pub use overlay::{BLOCK_SIZE, Overlay};
+pub use prefetch::{
+    AheadKind, AheadSnapshot, DEFAULT_PREFETCH_CONCURRENCY, DEFAULT_READAHEAD_MAX_CHUNKS,
+    DEFAULT_RECORD_MAX_CHUNKS, DEFAULT_RECORD_WINDOW, Prefetch, PrefetchConfig, PrefetchCounters,
+    PrefetchSnapshot, Prefetcher,
+};
 pub use reference::{
     KeySource, KmsKeys, OpenedImage, open_image, open_image_with, resolve, unwrap_data_key,
 };
 pub use tier::{
     ChunkOrigin, ChunkRef, ChunkTier, DEFAULT_ORIGIN_CONCURRENCY, DiskTier, MemoryTier,
     OriginWatch, StoreOrigin,
+};
+pub use workset::{
+    StoredWorkSet, WorkSetStoreError, clear_working_set, load_working_set, mark_rerecord,
+    stored_working_set,
 };

@@ -99,6 +99,19 @@ pub trait ChunkTier: Send + Sync + std::fmt::Debug + 'static {
 
     /// Drops everything held in memory (the disk keeps its own).
     fn drop_memory(&self) {}
+
+    /// Whether the tier holds `chunk` now, without reading it or touching its recency
+    /// (a tier that cannot tell cheaply says `false`).
+    fn contains(&self, chunk: &ChunkRef) -> bool {
+        let _ = chunk;
+        false
+    }
+
+    /// Whether the tier is off this worker (the AZ cache): a prefetch counts what it
+    /// brings from such a tier or the origin, not what was already on the worker.
+    fn remote(&self) -> bool {
+        false
+    }
 }
 
 /// Where a chunk comes from when no tier holds it: never filled, asked last.
@@ -107,6 +120,12 @@ pub trait ChunkOrigin: Send + Sync + std::fmt::Debug + 'static {
     /// The chunk's object as fetched, unchecked (the cache checks it), or `None` when the
     /// origin does not hold it.
     async fn fetch(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError>;
+
+    /// Whether a fetch started now would wait for a slot: prefetch holds back while it
+    /// is, so demand fetches never queue behind it.
+    fn busy(&self) -> bool {
+        false
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -152,6 +171,10 @@ impl ChunkTier for MemoryTier {
 
     async fn remove(&self, chunk: &ChunkRef) {
         lock(&self.lru).remove(&chunk.name);
+    }
+
+    fn contains(&self, chunk: &ChunkRef) -> bool {
+        lock(&self.lru).contains(&chunk.name)
     }
 
     fn usage(&self) -> Option<(u64, u64)> {
@@ -307,6 +330,10 @@ impl ChunkTier for DiskTier {
         let l = lock(&self.index);
         Some((l.used(), l.capacity()))
     }
+
+    fn contains(&self, chunk: &ChunkRef) -> bool {
+        lock(&self.index).contains(&chunk.name)
+    }
 }
 
 /// Told of every chunk the [`StoreOrigin`] fetches, or tries to: the agent raises read
@@ -360,6 +387,10 @@ impl StoreOrigin {
 
 #[async_trait]
 impl ChunkOrigin for StoreOrigin {
+    fn busy(&self) -> bool {
+        self.permits.available_permits() == 0
+    }
+
     async fn fetch(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
         let fetched = {
             let _permit = self

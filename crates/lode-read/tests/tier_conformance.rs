@@ -383,11 +383,24 @@ async fn put_again_keeps(h: &dyn Harness, format: ChunkFormat) {
     assert_whole(h, tier.name(), &s, &found, "after a second put");
 }
 
-/// Check 3: A chunk removed is a miss.
+/// Check 3: A chunk removed is a miss. A local tier says it holds a chunk put and not
+/// one removed (prefetch's accounting asks); a remote one never claims to.
 async fn remove_forgets(h: &dyn Harness, format: ChunkFormat) {
     let tier = h.tier();
     let s = Sample::new(format, seed(3, format, 0));
+    assert!(
+        !tier.contains(&s.chunk),
+        "{}: holds a chunk never put",
+        tier.name()
+    );
     tier.put(&s.chunk, &s.checked).await;
+    assert_eq!(
+        tier.contains(&s.chunk),
+        !tier.remote(),
+        "{} {}: contains after put",
+        tier.name(),
+        label(format)
+    );
     let before = tier.get(&s.chunk, SegmentIndex(0)).await.unwrap();
     assert!(
         before.is_some(),
@@ -396,6 +409,11 @@ async fn remove_forgets(h: &dyn Harness, format: ChunkFormat) {
         label(format)
     );
     tier.remove(&s.chunk).await;
+    assert!(
+        !tier.contains(&s.chunk),
+        "{}: holds a chunk removed",
+        tier.name()
+    );
     let after = tier.get(&s.chunk, SegmentIndex(0)).await;
     assert!(
         matches!(after, Ok(None)),

@@ -848,9 +848,9 @@ impl Store {
         })
     }
 
-    /// Stores the working-set record of the snapshot `id` (sealed by the caller; see
-    /// lode-snap), replacing any earlier one. It lives in the manifest's root, so it goes
-    /// when that root is retired.
+    /// Stores the working-set record of the snapshot or image `id` (sealed by the
+    /// caller; see lode-snap and lode-format's `workset`), replacing any earlier one. It
+    /// lives in the manifest's root, so it goes when that root is retired.
     pub async fn put_working_set(
         &self,
         root: RootId,
@@ -885,6 +885,25 @@ impl Store {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the working-set record stored beside manifest `id` in `root`; whether
+    /// there was one. Removing one that is not there is not an error.
+    pub async fn remove_working_set(
+        &self,
+        root: RootId,
+        id: &ManifestId,
+    ) -> Result<bool, StoreError> {
+        let path = self.working_set_path(root, id);
+        match self.os.head(&path).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(self.backend("head", &path, e)),
+        }
+        match self.os.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(self.backend("delete", &path, e)),
         }
     }
 
@@ -1615,6 +1634,22 @@ mod tests {
             let body = if newline { format!("{id}\n") } else { id.to_hex() };
             proptest::prop_assert_eq!(parse_tag_body(body.as_bytes()), Ok(id));
         }
+    }
+
+    #[tokio::test]
+    async fn a_working_set_is_put_read_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let (root, id) = (RootId(1), ManifestId::of(b"m"));
+        assert!(!store.remove_working_set(root, &id).await.unwrap());
+        store
+            .put_working_set(root, &id, Bytes::from_static(b"sealed"))
+            .await
+            .unwrap();
+        let got = store.get_working_set(root, &id, 100).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&b"sealed"[..]));
+        assert!(store.remove_working_set(root, &id).await.unwrap());
+        assert_eq!(store.get_working_set(root, &id, 100).await.unwrap(), None);
     }
 
     #[test]

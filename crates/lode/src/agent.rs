@@ -74,6 +74,20 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
     let (mut config, env) = worker_config(env, &a.cache, &file, agent_dir(home));
     let state_dir = config.state_dir.clone();
     file.nbd.apply(&mut config.nbd_limits);
+    file.prefetch.apply(&mut config.prefetch);
+    let p = &a.prefetch;
+    if let Some(n) = p.prefetch_concurrency {
+        config.prefetch.concurrency = n;
+    }
+    if p.no_prefetch {
+        config.prefetch.working_set = false;
+    }
+    if let Some(n) = p.readahead_max_chunks {
+        config.prefetch.readahead_max_chunks = n;
+    }
+    if let Some(ms) = p.prefetch_record_window_ms {
+        config.prefetch.record_window = std::time::Duration::from_millis(ms);
+    }
     if let Some(p) = a.nbd_unix.or(file.nbd.unix) {
         config.nbd_unix = p;
     }
@@ -426,7 +440,47 @@ pub fn stats(env: &Env, home: &Path, a: ControlArg) -> Result<()> {
     if v["az"].is_object() {
         print_az(&v["az"], "");
     }
+    print_prefetch(&v["prefetch"]);
     Ok(())
+}
+
+/// Each image's prefetch figures: what its working set and readahead fetched ahead,
+/// and how much of it reads used, wasted, or have not reached yet.
+fn print_prefetch(images: &Value) {
+    let Some(images) = images.as_object().filter(|m| !m.is_empty()) else {
+        return;
+    };
+    println!(
+        "{:<10} {:<12} {:<12} {:>7} {:>10} {:>10} {:>10} {:>10}",
+        "prefetch", "image", "kind", "chunks", "bytes", "used", "wasted", "pending"
+    );
+    for (id, s) in images {
+        for kind in ["working_set", "readahead"] {
+            let k = &s[kind];
+            let n = |f: &str| k[f].as_u64().unwrap_or_default();
+            println!(
+                "{:<10} {:<12} {:<12} {:>7} {:>10} {:>10} {:>10} {:>10}",
+                "",
+                id.get(..12).unwrap_or(id),
+                kind,
+                n("chunks"),
+                human_bytes(n("bytes")),
+                human_bytes(n("used_bytes")),
+                human_bytes(n("wasted_bytes")),
+                human_bytes(n("pending_bytes")),
+            );
+        }
+        let recorded = s["records_stored"].as_u64().unwrap_or_default();
+        if recorded > 0 {
+            println!(
+                "{:<10} {:<12} recorded {} chunks in {} record(s)",
+                "",
+                id.get(..12).unwrap_or(id),
+                s["recorded_chunks"].as_u64().unwrap_or_default(),
+                recorded
+            );
+        }
+    }
 }
 
 /// The AZ client's figures: the tier's totals, then one line per node.

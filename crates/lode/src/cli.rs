@@ -80,8 +80,14 @@ pub enum Command {
     #[command(after_help = "Example:\n  lode export myapp:1.0 rootfs.ext4")]
     Export(ExportArgs),
 
-    /// Print a manifest as JSON (never its keys).
+    /// Print a manifest as JSON (never its keys), and whether the image has a recorded
+    /// working set (`working_set`: its entries and bytes, or null).
     Inspect(ImageArg),
+
+    /// An image's recorded working set: the chunks its first start read, which later
+    /// starts fetch ahead of demand (docs/agent.md).
+    #[command(subcommand)]
+    Prefetch(PrefetchCommand),
 
     /// Check that every chunk of an image is present, matches its name and decrypts.
     ///
@@ -142,7 +148,7 @@ pub enum Command {
         after_help = "Example:\n  lode agent &\n  lode attach myapp:1.0 --name app\n  \
                             nbdcopy 'nbd+unix:///app?socket='$LODE_HOME/agent/nbd.sock out.img"
     )]
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
 
     /// The assignment service: its certificates, the service itself, its state.
     ///
@@ -545,6 +551,29 @@ pub struct AgentArgs {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub prefetch: PrefetchArgs,
+}
+
+/// Fetching ahead of demand (the config file's `[prefetch]`; flags win).
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// Prefetch and readahead fetches at once, over all attachments; at most half of
+    /// --origin-concurrency, so demand fetches keep slots of their own. [default: 16]
+    #[arg(long, value_name = "N")]
+    pub prefetch_concurrency: Option<usize>,
+    /// Do not fetch an image's recorded working set at attach (recording and readahead
+    /// go on).
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// The largest sequential readahead window, in chunks; 0 turns readahead off.
+    /// [default: 8]
+    #[arg(long, value_name = "CHUNKS")]
+    pub readahead_max_chunks: Option<u64>,
+    /// How long after an image's first attach its reads are recorded, in milliseconds
+    /// (the recording also ends at 4096 chunks or at detach). [default: 10000]
+    #[arg(long, value_name = "MS")]
+    pub prefetch_record_window_ms: Option<u64>,
 }
 
 /// Running as a worker of a control service (`lode control`): the agent then takes
@@ -834,6 +863,15 @@ pub struct FsckArgs {
     /// them.
     #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
     pub older_than: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PrefetchCommand {
+    /// Record the image's working set again at its next start, replacing the one stored
+    /// (which is still prefetched until then). Needs the image's keys (the KMS).
+    Record(ImageArg),
+    /// Remove the image's recorded working set (its next start records a new one).
+    Clear(ImageArg),
 }
 
 #[derive(Debug, Subcommand)]

@@ -20,7 +20,7 @@ use lode_image::{Progress, PublishOptions, Publisher};
 use lode_kms::Kms;
 use lode_store::Store;
 
-use crate::cli::{Cli, Command, KmsCommand, RootCommand, StoreCommand};
+use crate::cli::{Cli, Command, KmsCommand, PrefetchCommand, RootCommand, StoreCommand};
 use crate::output::{Bar, human_bytes, print_json};
 
 fn main() -> ExitCode {
@@ -233,7 +233,48 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => {
             let store = env.store()?;
             let img = lode_image::open_image(&store, None, &a.image).await?;
-            print_json(&lode_image::ManifestView::new(&img.manifest))?;
+            let mut v = serde_json::to_value(lode_image::ManifestView::new(&img.manifest))?;
+            v["working_set"] = serde_json::to_value(
+                lode_agent::stored_working_set(&store, &img)
+                    .await
+                    .with_context(|| format!("reading the working set of {}", img.id))?,
+            )?;
+            print_json(&v)?;
+        }
+        Command::Prefetch(PrefetchCommand::Record(a)) => {
+            let store = env.store()?;
+            let kms = env.kms_existing()?;
+            let img = lode_image::open_image(&store, Some(kms.as_ref()), &a.image).await?;
+            let (ws, bad) = lode_agent::mark_rerecord(&store, &img).await?;
+            if let Some(e) = bad {
+                eprintln!(
+                    "lode: the stored working set of {} did not open ({e}): replaced",
+                    img.id
+                );
+            }
+            if env.cli_json {
+                print_json(
+                    &serde_json::json!({"id": img.id, "rerecord": true, "chunks": ws.chunks.len()}),
+                )?;
+            } else {
+                println!(
+                    "{}: the next start records its working set again ({} chunks prefetched until then)",
+                    img.id,
+                    ws.chunks.len()
+                );
+            }
+        }
+        Command::Prefetch(PrefetchCommand::Clear(a)) => {
+            let store = env.store()?;
+            let img = lode_image::open_image(&store, None, &a.image).await?;
+            let removed = lode_agent::clear_working_set(&store, &img).await?;
+            if env.cli_json {
+                print_json(&serde_json::json!({"id": img.id, "removed": removed}))?;
+            } else if removed {
+                println!("{}: working set removed", img.id);
+            } else {
+                println!("{}: had no working set", img.id);
+            }
         }
         Command::Verify(a) => {
             let store = env.store()?;
@@ -581,7 +622,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Demo(a) => demo::run(&env_for_demo(&env), a).await?,
-        Command::Agent(a) => agent::run(&env, &home, a).await?,
+        Command::Agent(a) => agent::run(&env, &home, *a).await?,
         Command::Control(c) => control::run(&env, c).await?,
         Command::Start(a) => control::start(&env, a).await?,
         Command::Attach(a) => agent::attach(&env, &home, a)?,

@@ -16,7 +16,7 @@ use lode_store::Store;
 pub const CHUNK: u64 = 512 * 1024;
 
 /// An image of 9 chunks and 12 KiB (the last one short): random chunks, chunk 3 and
-/// chunk 7 all zero, chunk 5 a copy of chunk 1.
+/// chunk 7 all zero, chunk 5 a copy of chunk 0.
 pub fn image_bytes() -> Vec<u8> {
     let len = usize::try_from(9 * CHUNK + 12 * 1024).unwrap();
     let mut v = vec![0u8; len];
@@ -38,12 +38,12 @@ pub fn image_bytes() -> Vec<u8> {
 }
 
 /// Stored chunks of `image_bytes` that a range touches, by distinct name (chunk 5 is
-/// chunk 1 again, chunks 3 and 7 are zero).
+/// chunk 0 again, chunks 3 and 7 are zero).
 pub fn distinct_stored(chunks: impl IntoIterator<Item = u64>) -> u64 {
     let mut set: Vec<u64> = chunks
         .into_iter()
         .filter(|c| *c != 3 && *c != 7)
-        .map(|c| if c == 5 { 1 } else { c })
+        .map(|c| if c == 5 { 0 } else { c })
         .collect();
     set.sort_unstable();
     set.dedup();
