@@ -128,7 +128,25 @@ pub fn run(env: &Env, home: &Path, a: RunArgs) -> Result<ExitCode> {
         }
     };
     match lode_run::run(&sock, &opts, announce) {
-        Ok(status) => Ok(exit_code(status)),
+        Ok(report) => {
+            if a.timings {
+                eprint!("{}", report.timings.render());
+            }
+            if env.cli_json {
+                // After whatever the command printed on the same stdout.
+                crate::output::print_json(&json!({
+                    "image": a.image,
+                    "runtime": match report.runtime {
+                        lode_run::Runtime::Crun => "crun",
+                        _ => "chroot",
+                    },
+                    "exit_code": report.status.code(),
+                    "signal": std::os::unix::process::ExitStatusExt::signal(&report.status),
+                    "timings": report.timings.to_json(),
+                }))?;
+            }
+            Ok(exit_code(report.status))
+        }
         Err(e @ lode_run::RunError::Interrupted { signal }) => Ok(interrupted(&e, signal)),
         Err(e) => Err(e.into()),
     }
