@@ -14,6 +14,7 @@ Sections:
   replay    3, 4: a Zipf workload of functions on three agents sharing six cache nodes
   peers     5: NBD against nbdkit, cache node against memcached, the agent against nbdkit
   snapshot  7: memory snapshot restore, lazy against eager, with and without working set
+  startcost 8: the fixed cost of `lode run` of a tiny warm image against a chroot, step by step
 """
 
 import argparse
@@ -733,12 +734,92 @@ def section_snapshot(ctx):
     ctx.save("snapshot", {"latency": lat, "restore": restore, "knobs": env, "command": cmd, "secs": took, "raw": text})
 
 
+# ------------------------------------------------------------------ 8: the fixed cost of a start
+
+STARTCOST_STEPS = ["attach", "fuse_file", "loop_setup", "mount", "user_lookup", "runtime", "unmount",
+                   "loop_release", "detach", "other"]
+
+
+def tiny_tree(root):
+    """A root of busybox-static and nothing else: a start that reads almost nothing, so
+    what remains is lode's fixed cost."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not os.path.exists(busybox):
+        raise Fail("startcost needs busybox-static (apt-get install busybox-static)")
+    shutil.rmtree(root, ignore_errors=True)
+    for d in ("bin", "etc", "proc", "dev", "tmp"):
+        os.makedirs(os.path.join(root, d))
+    shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
+    for applet in ("sh", "true"):
+        os.symlink("busybox", os.path.join(root, "bin", applet))
+    with open(os.path.join(root, "etc", "passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\n")
+    with open(os.path.join(root, "etc", "group"), "w") as f:
+        f.write("root:x:0:\n")
+
+
+def section_startcost(ctx):
+    """`lode run` of a tiny image whose chunks are all warm in the agent, with the chroot
+    and the crun runtime, against a chroot of the same tree unpacked on local disk; the
+    three interleaved, so that load from elsewhere falls on all of them alike."""
+    rounds = 30 if ctx.quick else 100
+    tree = os.path.join(ctx.work, "startcost-tree")
+    tiny_tree(tree)
+    img = os.path.join(ctx.work, "startcost.ext4")
+    run(["mkfs.ext4", "-q", "-F", "-d", tree, img, "8M"])
+    ctx.lode_json("import", img, "--tag", "startcost-tiny")
+    os.unlink(img)
+    cmd = ["/bin/true"]
+    agent = Agent(ctx, "startcost").start()
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+
+    def lode_run(runtime):
+        t0 = time.perf_counter()
+        out = run([ctx.lode, "--json", "-q", "run", "--control", agent.control, "--runtime", runtime,
+                   "startcost-tiny", "--", *cmd], env=ctx.env)
+        wall = time.perf_counter() - t0
+        rep = json.loads(out)
+        if rep["exit_code"] != 0:
+            raise Fail(f"startcost: lode run ({runtime}) exited {rep['exit_code']}")
+        return {"wall_ms": wall * 1000, **rep["timings"]}
+
+    def plain_chroot():
+        t0 = time.perf_counter()
+        run([chroot, tree, *cmd])
+        return {"wall_ms": (time.perf_counter() - t0) * 1000}
+
+    def lode_version():
+        t0 = time.perf_counter()
+        run([ctx.lode, "--version"])
+        return {"wall_ms": (time.perf_counter() - t0) * 1000}
+
+    sides = {"chroot": plain_chroot, "lode_chroot": lambda: lode_run("chroot"),
+             "lode_crun": lambda: lode_run("crun"), "lode_version": lode_version}
+    out = {"rounds": rounds, "command": cmd, "image_size": 8 << 20,
+           "tree_bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tree) for f in fs
+                             if not os.path.islink(os.path.join(d, f))),
+           "samples": {k: [] for k in sides}}
+    try:
+        for f in sides.values():  # warm: chunks in the agent's caches, files in the page cache
+            f()
+            f()
+        for r in range(rounds):
+            if r % 10 == 0:
+                log(f"startcost: round {r + 1}/{rounds}")
+            for name, f in sides.items():
+                out["samples"][name].append(f())
+    finally:
+        agent.wipe()
+    ctx.save("startcost", out)
+
+
 SECTIONS = {
     "dedup": section_dedup,
     "starts": section_starts,
     "replay": section_replay,
     "peers": section_peers,
     "snapshot": section_snapshot,
+    "startcost": section_startcost,
 }
 
 

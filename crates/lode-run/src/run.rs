@@ -178,6 +178,7 @@ pub fn run(
         name: Some(name.clone()),
         readahead_kb: opts.readahead_kb,
         allow_setuid_and_devices: opts.allow_setuid_and_devices,
+        throwaway: true,
     };
     // Declared after `dir`, so dropped (unmounted) before it is removed.
     let mut mounted = match mount_timed(

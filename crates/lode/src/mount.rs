@@ -26,6 +26,7 @@ pub fn mount(env: &Env, home: &Path, a: MountArgs) -> Result<ExitCode> {
         name: a.name,
         readahead_kb: a.readahead_kb,
         allow_setuid_and_devices: a.allow_setuid_and_devices,
+        throwaway: false,
     };
     let signals = lode_run::SignalGuard::install();
     let m = match lode_run::mount(&sock, &a.dir, &opts, &signals) {
