@@ -232,8 +232,9 @@ def add_function_image(layout, base_tag, tag, files):
 
 
 class Agent:
-    def __init__(self, ctx, name, az=None, caches=None):
+    def __init__(self, ctx, name, az=None, caches=None, lode=None):
         self.ctx, self.name = ctx, name
+        self.lode = lode or ctx.lode
         self.state = os.path.join(ctx.work, "agents", name)
         self.control = os.path.join(self.state, "control.sock")
         self.az = az or []
@@ -242,7 +243,7 @@ class Agent:
 
     def start(self):
         os.makedirs(self.state, exist_ok=True)
-        cmd = [self.ctx.lode, "-q", "agent", "--state-dir", self.state]
+        cmd = [self.lode, "-q", "agent", "--state-dir", self.state]
         for k, v in self.caches.items():
             cmd += [f"--cache-{k}", v]
         for a in self.az:
@@ -268,7 +269,7 @@ class Agent:
         self.proc = None
 
     def stats(self):
-        out = run([self.ctx.lode, "stats", "--json", "--control", self.control], env=self.ctx.env)
+        out = run([self.lode, "stats", "--json", "--control", self.control], env=self.ctx.env)
         return json.loads(out)
 
     def start_fn(self, tag, cmd):
@@ -276,7 +277,7 @@ class Agent:
         the tier counters it moved."""
         before = self.stats()
         t0 = time.perf_counter()
-        run([self.ctx.lode, "run", "-q", "--control", self.control, tag, "--", *cmd], env=self.ctx.env)
+        run([self.lode, "run", "-q", "--control", self.control, tag, "--", *cmd], env=self.ctx.env)
         secs = time.perf_counter() - t0
         return secs, delta(before, self.stats())
 
@@ -757,7 +758,9 @@ def tiny_tree(root):
 def section_startcost(ctx):
     """`lode run` of a tiny image whose chunks are all warm in the agent, with the chroot
     and the crun runtime, against a chroot of the same tree unpacked on local disk; the
-    three interleaved, so that load from elsewhere falls on all of them alike."""
+    three interleaved, so that load from elsewhere falls on all of them alike.
+    STARTCOST_BASELINE=PATH adds the lode binary of an earlier commit, with an agent of
+    its own on the same store, timed from outside only (it may predate `run --json`)."""
     rounds = 30 if ctx.quick else 100
     tree = os.path.join(ctx.work, "startcost-tree")
     tiny_tree(tree)
@@ -767,6 +770,10 @@ def section_startcost(ctx):
     os.unlink(img)
     cmd = ["/bin/true"]
     agent = Agent(ctx, "startcost").start()
+    baseline = os.environ.get("STARTCOST_BASELINE")
+    old_agent = None
+    if baseline:
+        old_agent = Agent(ctx, "startcost-baseline", lode=os.path.realpath(baseline)).start()
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
 
     def lode_run(runtime):
@@ -789,8 +796,17 @@ def section_startcost(ctx):
         run([ctx.lode, "--version"])
         return {"wall_ms": (time.perf_counter() - t0) * 1000}
 
+    def baseline_run(runtime):
+        t0 = time.perf_counter()
+        run([old_agent.lode, "-q", "run", "--control", old_agent.control, "--runtime", runtime,
+             "startcost-tiny", "--", *cmd], env=ctx.env)
+        return {"wall_ms": (time.perf_counter() - t0) * 1000}
+
     sides = {"chroot": plain_chroot, "lode_chroot": lambda: lode_run("chroot"),
              "lode_crun": lambda: lode_run("crun"), "lode_version": lode_version}
+    if old_agent:
+        sides["baseline_chroot"] = lambda: baseline_run("chroot")
+        sides["baseline_crun"] = lambda: baseline_run("crun")
     out = {"rounds": rounds, "run_command": cmd, "image_size": 8 << 20,
            "bench_command": ctx.args.command or " ".join(sys.argv),
            "tree_bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tree) for f in fs
@@ -807,6 +823,10 @@ def section_startcost(ctx):
                 out["samples"][name].append(f())
     finally:
         agent.wipe()
+        if old_agent:
+            old_agent.wipe()
+    if baseline:
+        out["baseline"] = {"binary": baseline, "version": run([baseline, "--version"]).strip()}
     ctx.save("startcost", out)
 
 

@@ -621,6 +621,15 @@ def startcost_figures(sc):
     return out
 
 
+def baseline_note(sc, f):
+    """The earlier binary's figures, when the run had one (STARTCOST_BASELINE)."""
+    if "baseline_chroot" not in f:
+        return ""
+    return (f"\n- The same rounds with {sc['baseline']['binary']} ({sc['baseline']['version']}) and an agent of "
+            f"its own: {f['baseline_chroot']['wall_ms']:.2f} ms with the chroot runtime, "
+            f"{f['baseline_crun']['wall_ms']:.2f} ms with crun.")
+
+
 def fig_startcost(r, sc):
     f = startcost_figures(sc)
     base = f["chroot"]["wall_ms"]
@@ -658,7 +667,7 @@ and exit). Measured by `{sc['bench_command']}` at {sc['recorded_at']}.
 
 {plot}
 {table(["step (ms, median)", "lode run --runtime chroot", "lode run --runtime crun"], rows)}
-- chroot of the unpacked tree: {base:.2f} ms; `lode --version`: {f['lode_version']['wall_ms']:.2f} ms.
+- chroot of the unpacked tree: {base:.2f} ms; `lode --version`: {f['lode_version']['wall_ms']:.2f} ms.{baseline_note(sc, f)}
 - lode run over the chroot: **{over['lode_chroot']:.1f} ms** with the chroot runtime
   ({met(over['lode_chroot'])}), **{over['lode_crun']:.1f} ms** with crun ({met(over['lode_crun'])});
   goal: at most {STARTCOST_GOAL_MS} ms over the chroot (the paper starts functions in as little as 50 ms).
