@@ -312,6 +312,51 @@ mod tests {
         assert_eq!(c.info.lo_file_name[63], 0);
     }
 
+    fn sysfs(dev: &LoopDevice, file: &str) -> Option<String> {
+        let name = dev.path().trim_start_matches("/dev/");
+        std::fs::read_to_string(format!("/sys/block/{name}/{file}"))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    #[test]
+    fn a_device_is_set_up_in_one_step_and_released_even_when_dropped() {
+        if !lode_testkit::is_root() || !Path::new("/dev/loop-control").exists() {
+            lode_testkit::skip("loop devices need root and /dev/loop-control");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("image");
+        std::fs::write(&file, vec![7u8; 1 << 20]).expect("write");
+        let backing = open_backing(&file, false).expect("open");
+        let dev = attach(&backing, &file, false).expect("loop device");
+        drop(backing);
+        assert!(dev.path().starts_with("/dev/loop"), "{}", dev.path());
+        let want = file.display().to_string();
+        assert_eq!(
+            sysfs(&dev, "loop/backing_file").as_deref(),
+            Some(want.as_str())
+        );
+        assert_eq!(sysfs(&dev, "ro").as_deref(), Some("1"));
+        assert_eq!(sysfs(&dev, "loop/autoclear").as_deref(), Some("1"));
+        let path = dev.path().to_string();
+        release(Some(dev), &path).expect("release");
+        let name = path.trim_start_matches("/dev/");
+        assert!(!Path::new(&format!("/sys/block/{name}/loop")).exists());
+
+        // Dropped without a release, as when lode dies between the set-up and the mount:
+        // the kernel clears the device once its only opener is gone.
+        let backing = open_backing(&file, true).expect("open");
+        let dev = attach(&backing, &file, true).expect("loop device");
+        drop(backing);
+        assert_eq!(sysfs(&dev, "ro").as_deref(), Some("0"));
+        let path = dev.path().to_string();
+        drop(dev);
+        wait_released(&path, Duration::from_secs(5)).expect("auto-cleared");
+        // Released twice is not an error.
+        release(None, &path).expect("already released");
+    }
+
     #[test]
     fn a_missing_device_counts_as_released() {
         release(None, "/dev/loop-lode-test-none").expect("nothing to release");
