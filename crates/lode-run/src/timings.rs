@@ -152,10 +152,9 @@ impl Timings {
     }
 }
 
-/// Milliseconds, to the microsecond.
+/// Milliseconds, to the microsecond (a command may run for days: no cap).
 fn ms(d: Duration) -> f64 {
-    let micros = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
-    f64::from(micros) / 1000.0
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 #[cfg(test)]
@@ -191,6 +190,9 @@ mod tests {
             .collect();
         assert_eq!(first, ["attach", "mount", "other", "total"]);
         assert!(text.starts_with("attach            0.400 ms\n"), "{text}");
+        // A long-running command's time is not capped.
+        assert_eq!(ms(Duration::from_secs(3 * 86_400)), 259_200_000.0);
+        assert_eq!(ms(Duration::from_nanos(1_499)), 0.001);
     }
 
     #[test]
