@@ -43,7 +43,8 @@ say() { echo "== $*" >&2; }
 need=()
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
 for t in umoci:umoci mkfs.ext4:e2fsprogs fio:fio nbdkit:nbdkit nbdfuse:libnbd-bin nbdcopy:libnbd-bin \
-         fusermount3:fuse3 memcached:memcached crun:crun openssl:openssl debootstrap:debootstrap; do
+         fusermount3:fuse3 memcached:memcached crun:crun openssl:openssl debootstrap:debootstrap \
+         busybox:busybox-static; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 if ((${#need[@]})); then
