@@ -760,7 +760,8 @@ def section_startcost(ctx):
     and the crun runtime, against a chroot of the same tree unpacked on local disk; the
     three interleaved, so that load from elsewhere falls on all of them alike.
     STARTCOST_BASELINE=PATH adds the lode binary of an earlier commit, with an agent of
-    its own on the same store, timed from outside only (it may predate `run --json`)."""
+    its own on the same store, timed from outside only (it may predate `run --json`);
+    STARTCOST_BASELINE_NAME says in the report what it is."""
     rounds = 30 if ctx.quick else 100
     tree = os.path.join(ctx.work, "startcost-tree")
     tiny_tree(tree)
@@ -826,7 +827,8 @@ def section_startcost(ctx):
         if old_agent:
             old_agent.wipe()
     if baseline:
-        out["baseline"] = {"binary": baseline, "version": run([baseline, "--version"]).strip()}
+        out["baseline"] = {"binary": os.environ.get("STARTCOST_BASELINE_NAME", baseline),
+                           "version": run([baseline, "--version"]).strip()}
     ctx.save("startcost", out)
 
 
