@@ -307,17 +307,19 @@ pub fn mount_timed(
     let Some(file) = m.attachment["file"].as_str().map(PathBuf::from) else {
         return Err(MountError::NoFiles);
     };
-    let context = || format!("setting up a loop device on {}", file.display());
     let backing = m
         .timings
         .time(Step::File, || loopdev::open_backing(&file, opts.writable))
-        .map_err(plumbing(context()))?;
+        .map_err(plumbing("opening the attachment's file".into()))?;
     m.loopdev = Some(
         m.timings
             .time(Step::Loop, || {
                 loopdev::attach(&backing, &file, opts.writable)
             })
-            .map_err(plumbing(context()))?,
+            .map_err(plumbing(format!(
+                "setting up a loop device on {}",
+                file.display()
+            )))?,
     );
     // The loop device holds the file now.
     drop(backing);
