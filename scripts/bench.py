@@ -14,6 +14,7 @@ Sections:
   replay    3, 4: a Zipf workload of functions on three agents sharing six cache nodes
   peers     5: NBD against nbdkit, cache node against memcached, the agent against nbdkit
   snapshot  7: memory snapshot restore, lazy against eager, with and without working set
+  startcost 8: the fixed cost of `lode run` of a tiny warm image against a chroot, step by step
 """
 
 import argparse
@@ -231,8 +232,9 @@ def add_function_image(layout, base_tag, tag, files):
 
 
 class Agent:
-    def __init__(self, ctx, name, az=None, caches=None):
+    def __init__(self, ctx, name, az=None, caches=None, lode=None):
         self.ctx, self.name = ctx, name
+        self.lode = lode or ctx.lode
         self.state = os.path.join(ctx.work, "agents", name)
         self.control = os.path.join(self.state, "control.sock")
         self.az = az or []
@@ -241,7 +243,7 @@ class Agent:
 
     def start(self):
         os.makedirs(self.state, exist_ok=True)
-        cmd = [self.ctx.lode, "-q", "agent", "--state-dir", self.state]
+        cmd = [self.lode, "-q", "agent", "--state-dir", self.state]
         for k, v in self.caches.items():
             cmd += [f"--cache-{k}", v]
         for a in self.az:
@@ -267,7 +269,7 @@ class Agent:
         self.proc = None
 
     def stats(self):
-        out = run([self.ctx.lode, "stats", "--json", "--control", self.control], env=self.ctx.env)
+        out = run([self.lode, "stats", "--json", "--control", self.control], env=self.ctx.env)
         return json.loads(out)
 
     def start_fn(self, tag, cmd):
@@ -275,7 +277,7 @@ class Agent:
         the tier counters it moved."""
         before = self.stats()
         t0 = time.perf_counter()
-        run([self.ctx.lode, "run", "-q", "--control", self.control, tag, "--", *cmd], env=self.ctx.env)
+        run([self.lode, "run", "-q", "--control", self.control, tag, "--", *cmd], env=self.ctx.env)
         secs = time.perf_counter() - t0
         return secs, delta(before, self.stats())
 
@@ -733,12 +735,110 @@ def section_snapshot(ctx):
     ctx.save("snapshot", {"latency": lat, "restore": restore, "knobs": env, "command": cmd, "secs": took, "raw": text})
 
 
+# ------------------------------------------------------------------ 8: the fixed cost of a start
+
+def tiny_tree(root):
+    """A root of busybox-static and nothing else: a start that reads almost nothing, so
+    what remains is lode's fixed cost."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not os.path.exists(busybox):
+        raise Fail("startcost needs busybox-static (apt-get install busybox-static)")
+    shutil.rmtree(root, ignore_errors=True)
+    for d in ("bin", "etc", "proc", "dev", "tmp"):
+        os.makedirs(os.path.join(root, d))
+    shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
+    for applet in ("sh", "true"):
+        os.symlink("busybox", os.path.join(root, "bin", applet))
+    with open(os.path.join(root, "etc", "passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\n")
+    with open(os.path.join(root, "etc", "group"), "w") as f:
+        f.write("root:x:0:\n")
+
+
+def section_startcost(ctx):
+    """`lode run` of a tiny image whose chunks are all warm in the agent, with the chroot
+    and the crun runtime, against a chroot of the same tree unpacked on local disk; the
+    three interleaved, so that load from elsewhere falls on all of them alike.
+    STARTCOST_BASELINE=PATH adds the lode binary of an earlier commit, with an agent of
+    its own on the same store, timed from outside only (it may predate `run --json`);
+    STARTCOST_BASELINE_NAME says in the report what it is."""
+    rounds = 30 if ctx.quick else 100
+    tree = os.path.join(ctx.work, "startcost-tree")
+    tiny_tree(tree)
+    img = os.path.join(ctx.work, "startcost.ext4")
+    run(["mkfs.ext4", "-q", "-F", "-d", tree, img, "8M"])
+    ctx.lode_json("import", img, "--tag", "startcost-tiny")
+    os.unlink(img)
+    cmd = ["/bin/true"]
+    agent = Agent(ctx, "startcost").start()
+    baseline = os.environ.get("STARTCOST_BASELINE")
+    old_agent = None
+    if baseline:
+        old_agent = Agent(ctx, "startcost-baseline", lode=os.path.realpath(baseline)).start()
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+
+    def lode_run(runtime):
+        t0 = time.perf_counter()
+        out = run([ctx.lode, "--json", "-q", "run", "--control", agent.control, "--runtime", runtime,
+                   "startcost-tiny", "--", *cmd], env=ctx.env)
+        wall = time.perf_counter() - t0
+        rep = json.loads(out)
+        if rep["exit_code"] != 0:
+            raise Fail(f"startcost: lode run ({runtime}) exited {rep['exit_code']}")
+        return {"wall_ms": wall * 1000, **rep["timings"]}
+
+    def plain_chroot():
+        t0 = time.perf_counter()
+        run([chroot, tree, *cmd])
+        return {"wall_ms": (time.perf_counter() - t0) * 1000}
+
+    def lode_version():
+        t0 = time.perf_counter()
+        run([ctx.lode, "--version"])
+        return {"wall_ms": (time.perf_counter() - t0) * 1000}
+
+    def baseline_run(runtime):
+        t0 = time.perf_counter()
+        run([old_agent.lode, "-q", "run", "--control", old_agent.control, "--runtime", runtime,
+             "startcost-tiny", "--", *cmd], env=ctx.env)
+        return {"wall_ms": (time.perf_counter() - t0) * 1000}
+
+    sides = {"chroot": plain_chroot, "lode_chroot": lambda: lode_run("chroot"),
+             "lode_crun": lambda: lode_run("crun"), "lode_version": lode_version}
+    if old_agent:
+        sides["baseline_chroot"] = lambda: baseline_run("chroot")
+        sides["baseline_crun"] = lambda: baseline_run("crun")
+    out = {"rounds": rounds, "run_command": cmd, "image_size": 8 << 20,
+           "bench_command": ctx.args.command or " ".join(sys.argv),
+           "tree_bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tree) for f in fs
+                             if not os.path.islink(os.path.join(d, f))),
+           "samples": {k: [] for k in sides}}
+    try:
+        for f in sides.values():  # warm: chunks in the agent's caches, files in the page cache
+            f()
+            f()
+        for r in range(rounds):
+            if r % 10 == 0:
+                log(f"startcost: round {r + 1}/{rounds}")
+            for name, f in sides.items():
+                out["samples"][name].append(f())
+    finally:
+        agent.wipe()
+        if old_agent:
+            old_agent.wipe()
+    if baseline:
+        out["baseline"] = {"binary": os.environ.get("STARTCOST_BASELINE_NAME", baseline),
+                           "version": run([baseline, "--version"]).strip()}
+    ctx.save("startcost", out)
+
+
 SECTIONS = {
     "dedup": section_dedup,
     "starts": section_starts,
     "replay": section_replay,
     "peers": section_peers,
     "snapshot": section_snapshot,
+    "startcost": section_startcost,
 }
 
 

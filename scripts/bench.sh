@@ -6,7 +6,7 @@
 #   --quick          the quick subset: fewer runs, starts and seconds (about 6 minutes
 #                    with lode and the benches already built); without it the full set
 #                    (about 16 minutes)
-#   --sections LIST  comma-separated subset of dedup,starts,replay,peers,snapshot
+#   --sections LIST  comma-separated subset of dedup,starts,replay,peers,snapshot,startcost
 #                    (default: all; sections not run are listed as such in the report)
 #   --out FILE       the report (default docs/EVALUATION.md; plots go to evaluation/
 #                    beside it)
@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-quick= sections=dedup,starts,replay,peers,snapshot out=docs/EVALUATION.md keep=
+quick= sections=dedup,starts,replay,peers,snapshot,startcost out=docs/EVALUATION.md keep=
 args=("$@")
 while (($#)); do
   case $1 in
@@ -43,7 +43,8 @@ say() { echo "== $*" >&2; }
 need=()
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
 for t in umoci:umoci mkfs.ext4:e2fsprogs fio:fio nbdkit:nbdkit nbdfuse:libnbd-bin nbdcopy:libnbd-bin \
-         fusermount3:fuse3 memcached:memcached crun:crun openssl:openssl debootstrap:debootstrap; do
+         fusermount3:fuse3 memcached:memcached crun:crun openssl:openssl debootstrap:debootstrap \
+         busybox:busybox-static; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 if ((${#need[@]})); then

@@ -594,6 +594,86 @@ microVM; the lazy first answer above is that figure's counterpart here.
 """
 
 
+# ------------------------------------------------------------------ 8. the fixed cost of a start
+
+STARTCOST_STEPS = [("attach", "attach (control request)"), ("fuse_file", "open the FUSE file"),
+                   ("loop_setup", "loop device"), ("mount", "mount ext4"), ("user_lookup", "user lookup"),
+                   ("runtime", "runtime: set-up, command, teardown"), ("unmount", "unmount"),
+                   ("loop_release", "loop release"), ("detach", "detach (control request)"),
+                   ("other", "other, inside lode run"), ("process", "process: exec, exit, outside the steps")]
+STARTCOST_GOAL_MS = 50
+
+
+def startcost_figures(sc):
+    """Medians per side: wall time, and per step for lode's two runtimes (`process` is the
+    wall time outside lode run's own total: exec, dynamic linking, runtime start, exit)."""
+    out = {}
+    for side, xs in sc["samples"].items():
+        m = {"wall_ms": med([x["wall_ms"] for x in xs])}
+        if xs and "total_ms" in xs[0]:
+            for k, _ in STARTCOST_STEPS:
+                if k == "process":
+                    m[k] = med([x["wall_ms"] - x["total_ms"] for x in xs])
+                else:
+                    m[k] = med([x.get(k + "_ms") for x in xs])
+            m["total_ms"] = med([x["total_ms"] for x in xs])
+        out[side] = m
+    return out
+
+
+def baseline_note(sc, f):
+    """The earlier binary's figures, when the run had one (STARTCOST_BASELINE)."""
+    if "baseline_chroot" not in f:
+        return ""
+    return (f"\n- The same rounds with {sc['baseline']['binary']} ({sc['baseline']['version']}) and an agent of "
+            f"its own: {f['baseline_chroot']['wall_ms']:.2f} ms with the chroot runtime, "
+            f"{f['baseline_crun']['wall_ms']:.2f} ms with crun.")
+
+
+def fig_startcost(r, sc):
+    f = startcost_figures(sc)
+    base = f["chroot"]["wall_ms"]
+    sides = [("lode_chroot", "lode run, chroot runtime"), ("lode_crun", "lode run, crun runtime")]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    colors = plt.get_cmap("tab20").colors
+    for i, (side, label) in enumerate(sides):
+        left = 0.0
+        for j, (k, name) in enumerate(STARTCOST_STEPS):
+            v = f[side].get(k) or 0.0
+            ax.barh(i, v, left=left, color=colors[j % len(colors)], label=name if i == 0 else None)
+            left += v
+    ax.barh(len(sides), base, color="#444444", label="chroot of the unpacked tree")
+    ax.set_yticks(range(len(sides) + 1), [s[1] for s in sides] + ["chroot"])
+    ax.set_xlabel("ms (medians of each step)")
+    ax.set_title("The fixed cost of a start, step by step")
+    ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.45, -0.25))
+    ax.grid(alpha=0.3, axis="x")
+    plot = r.save(fig, "fig8-start-cost")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
+    rows = [[name, fmt(f["lode_chroot"].get(k)), fmt(f["lode_crun"].get(k))] for k, name in STARTCOST_STEPS]
+    rows.append(["**wall time (median)**", f"**{fmt(f['lode_chroot']['wall_ms'])}**", f"**{fmt(f['lode_crun']['wall_ms'])}**"])
+    over = {side: f[side]["wall_ms"] - base for side, _ in sides}
+    met = lambda d: "met" if d <= STARTCOST_GOAL_MS else "not met"
+    cmd = shell_words(sc["run_command"])
+    return f"""## 8. The fixed cost of a start
+
+What: `lode run` of a tiny image (busybox-static, {sc['tree_bytes'] / MIB:.1f} MiB of files in an
+{sc['image_size'] >> 20} MiB ext4) whose chunks are all in the agent's memory, running `{cmd}`, with
+the chroot runtime and with crun, against `chroot TREE {cmd}` of the same tree unpacked on
+local disk; {sc['rounds']} rounds, the three (and `lode --version`, a process start of the same
+binary) interleaved in each, medians. Each `lode run` reports its own steps
+(`lode run --json`); "process" is the wall time outside them (exec, the binary's start
+and exit). Measured by `{sc['bench_command']}` at {sc['recorded_at']}.
+
+{plot}
+{table(["step (ms, median)", "lode run --runtime chroot", "lode run --runtime crun"], rows)}
+- chroot of the unpacked tree: {base:.2f} ms; `lode --version`: {f['lode_version']['wall_ms']:.2f} ms.{baseline_note(sc, f)}
+- lode run over the chroot: **{over['lode_chroot']:.1f} ms** with the chroot runtime
+  ({met(over['lode_chroot'])}), **{over['lode_crun']:.1f} ms** with crun ({met(over['lode_crun'])});
+  goal: at most {STARTCOST_GOAL_MS} ms over the chroot (the paper starts functions in as little as 50 ms).
+"""
+
+
 # ------------------------------------------------------------------ headline
 
 
@@ -606,7 +686,7 @@ def tier_counts(rep, tier, key="hit_latency_counts"):
     return counts
 
 
-def headline(dedup, starts, replay, peers, snap):
+def headline(dedup, starts, replay, peers, snap, startcost=None):
     rows = []
     if dedup:
         im = dedup["images"]
@@ -658,6 +738,12 @@ def headline(dedup, starts, replay, peers, snap):
                      f"{min(g(t, 'eager', 'first_ms') for t in ('memory', 'disk', 'az', 'origin')):.0f}-"
                      f"{max(g(t, 'eager', 'first_ms') for t in ('memory', 'disk', 'az', 'origin')):.0f} ms)",
                      "REAP 3.7x; Firecracker restore <8 ms"])
+    if startcost:
+        f = startcost_figures(startcost)
+        base = f["chroot"]["wall_ms"]
+        rows.append(["8", "lode run of a tiny warm image over a chroot of its tree (chroot / crun runtime)",
+                     f"+{f['lode_chroot']['wall_ms'] - base:.1f} / +{f['lode_crun']['wall_ms'] - base:.1f} ms "
+                     f"(chroot {base:.1f} ms)", f"goal ≤ {STARTCOST_GOAL_MS} ms over; paper: starts in as little as 50 ms"])
     return "## Headline figures\n\n" + table(["fig.", "what", "measured here", "paper / reference"], rows)
 
 
@@ -671,8 +757,9 @@ def main():
     out_md = sys.argv[2] if len(sys.argv) == 3 else os.path.join(os.path.dirname(__file__), "..", "docs", "EVALUATION.md")
     r = Report(results, out_md)
     machine = r.load("machine") or {}
-    dedup, starts, replay, peers, snap = (r.load(n) for n in ("dedup", "starts", "replay", "peers", "snapshot"))
-    if not any((dedup, starts, replay, peers, snap)):
+    dedup, starts, replay, peers, snap, startcost = (
+        r.load(n) for n in ("dedup", "starts", "replay", "peers", "snapshot", "startcost"))
+    if not any((dedup, starts, replay, peers, snap, startcost)):
         sys.exit(f"evaluation: no section results in {results}")
     runs = machine.get("invocations", [])
     ran = "; ".join(f"`{i['command'].strip()}` on {i['date']} ({', '.join(i['sections'])}: {i['secs']} s"
@@ -703,7 +790,7 @@ Studies measured on their own, outside `scripts/bench.sh`: garbage collection
 
 """
     r.add(head)
-    r.add(headline(dedup, starts, replay, peers, snap))
+    r.add(headline(dedup, starts, replay, peers, snap, startcost))
     if dedup:
         r.add(fig_dedup(r, dedup, replay))
     if starts:
@@ -717,8 +804,10 @@ Studies measured on their own, outside `scripts/bench.sh`: garbage collection
         r.add(t6)
     if snap:
         r.add(fig_snapshot(r, snap))
+    if startcost:
+        r.add(fig_startcost(r, startcost))
     missing = [n for n, v in (("1 dedup", dedup), ("2/6 starts", starts), ("3/4 replay", replay), ("5 peers", peers),
-                              ("7 snapshot", snap)) if v is None]
+                              ("7 snapshot", snap), ("8 startcost", startcost)) if v is None]
     if missing:
         r.add("Sections not run this time: " + ", ".join(missing) + ".\n")
     with open(out_md + ".tmp", "w") as f:

@@ -12,20 +12,25 @@
 
 pub mod control;
 pub mod image;
+mod loopdev;
 pub mod mount;
 mod plumbing;
 pub mod run;
 pub mod runtime;
 pub mod signals;
+pub mod timings;
 pub mod user;
 
 pub use control::{ControlError, call};
 pub use image::{ImageError, ImageRoot, MAX_IMAGE_FILE};
-pub use mount::{MountError, MountOptions, Mounted, Unmounted, mount, umount};
+pub use mount::{
+    MountError, MountOptions, Mounted, Released, Unmounted, mount, mount_timed, umount,
+};
 pub use plumbing::PlumbingError;
-pub use run::{RunError, RunOptions, Runtime, run};
+pub use run::{RunError, RunOptions, RunReport, Runtime, run};
 pub use runtime::{Process, RemountHook, RuntimeError};
 pub use signals::SignalGuard;
+pub use timings::{Step, Timings};
 pub use user::{UserError, resolve_user};
 
 /// The first eight bytes of `b` in hex.

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use crate::control::{ControlError, call};
+use crate::loopdev::{self, LoopDevice};
 use crate::plumbing::{self, PlumbingError};
 use crate::signals::{self, SignalGuard};
+use crate::timings::{Step, Timings};
 
 /// A mount or an unmount that failed.
 #[derive(Debug, thiserror::Error)]
@@ -90,21 +92,36 @@ pub struct MountOptions {
     /// image you do not trust: any user who can reach the mount gets what the image's
     /// setuid binaries and device nodes give.
     pub allow_setuid_and_devices: bool,
+    /// The writes are dropped with the mount (`lode run`'s overlay), so the file system
+    /// is mounted without write barriers: nothing written needs to survive a crash.
+    pub throwaway: bool,
 }
 
 /// A mounted image: attachment, loop device, ext4 mount. Dropping it unmounts, releases
 /// the loop device and detaches (reporting failures on stderr); [`Mounted::keep`] leaves
-/// it in place for `lode mount`.
+/// it in place for `lode mount` (the mount then holds the loop device, which the kernel
+/// releases when it is unmounted).
 #[derive(Debug)]
 pub struct Mounted {
     socket: PathBuf,
     dir: PathBuf,
     name: String,
     attached: bool,
-    loopdev: Option<String>,
+    loopdev: Option<LoopDevice>,
     mounted: bool,
     attachment: Value,
     kept: bool,
+    timings: Timings,
+}
+
+/// What [`Mounted::release`] did: the failures (every one, not only the first) and the
+/// time each step took, the mount's own steps included.
+#[derive(Debug)]
+pub struct Released {
+    /// The failures, newest step first.
+    pub errors: Vec<String>,
+    /// Every step of the mount and of its release.
+    pub timings: Timings,
 }
 
 impl Mounted {
@@ -115,7 +132,20 @@ impl Mounted {
 
     /// The loop device.
     pub fn loopdev(&self) -> &str {
-        self.loopdev.as_deref().unwrap_or_default()
+        self.loopdev
+            .as_ref()
+            .map(LoopDevice::path)
+            .unwrap_or_default()
+    }
+
+    /// The steps taken so far and their times.
+    pub fn timings(&self) -> &Timings {
+        &self.timings
+    }
+
+    /// For a caller timing steps of its own (the user lookup, the runtime) among these.
+    pub fn timings_mut(&mut self) -> &mut Timings {
+        &mut self.timings
     }
 
     /// The attachment's name.
@@ -135,14 +165,21 @@ impl Mounted {
 
     /// Unmounts, releases the loop device and detaches, newest first; every failure is
     /// returned, not only the first.
-    pub fn release(mut self) -> Vec<String> {
-        self.undo()
+    pub fn release(mut self) -> Released {
+        let errors = self.undo();
+        Released {
+            errors,
+            timings: self.timings.clone(),
+        }
     }
 
     fn undo(&mut self) -> Vec<String> {
         let mut errors = Vec::new();
+        let dir = self.dir.clone();
         if std::mem::take(&mut self.mounted)
-            && let Err(e) = plumbing::unmount(&self.dir, 0)
+            && let Err(e) = self
+                .timings
+                .time(Step::Unmount, || plumbing::unmount(&dir, 0))
         {
             // A process the command left behind (chroot has no pid namespace) holds the
             // image: detach it from the tree now; the kernel lets go of it, and of the
@@ -153,19 +190,27 @@ impl Mounted {
                 Err(_) => e.to_string(),
             });
         }
-        if let Some(l) = self.loopdev.take()
-            && let Err(e) = plumbing::release_loop(&l)
-        {
-            errors.push(e.to_string());
+        if let Some(l) = self.loopdev.take() {
+            let path = l.path().to_string();
+            if let Err(e) = self
+                .timings
+                .time(Step::LoopRelease, || loopdev::release(Some(l), &path))
+            {
+                errors.push(e.to_string());
+            }
         }
         if std::mem::take(&mut self.attached) {
             let name = &self.name;
-            if let Err(e) = call(
-                &self.socket,
-                "POST",
-                "/detach",
-                Some(&json!({"name": name, "keep_overlay": false})),
-            ) {
+            let (socket, timings) = (&self.socket, &mut self.timings);
+            let detached = timings.time(Step::Detach, || {
+                call(
+                    socket,
+                    "POST",
+                    "/detach",
+                    Some(&json!({"name": name, "keep_overlay": false})),
+                )
+            });
+            if let Err(e) = detached {
                 errors.push(format!("detaching {name}: {e}"));
             }
         }
@@ -203,6 +248,17 @@ pub fn mount(
     opts: &MountOptions,
     signals: &SignalGuard,
 ) -> Result<Mounted, MountError> {
+    mount_timed(socket, dir, opts, signals, Timings::default())
+}
+
+/// [`mount`], its steps recorded in `timings` (which [`Mounted::timings`] then holds).
+pub fn mount_timed(
+    socket: &Path,
+    dir: &Path,
+    opts: &MountOptions,
+    signals: &SignalGuard,
+    mut timings: Timings,
+) -> Result<Mounted, MountError> {
     let interrupted = |m: Mounted| match signals.pending() {
         Some(signal) => {
             drop(m);
@@ -228,12 +284,14 @@ pub fn mount(
         return Err(MountError::Interrupted { signal });
     }
     let name = opts.name.clone().unwrap_or_else(|| mount_name(&dir));
-    let attachment = call(
-        socket,
-        "POST",
-        "/attach",
-        Some(&json!({"image": opts.image, "name": name, "writable": opts.writable})),
-    )?;
+    let attachment = timings.time(Step::Attach, || {
+        call(
+            socket,
+            "POST",
+            "/attach",
+            Some(&json!({"image": opts.image, "name": name, "writable": opts.writable})),
+        )
+    })?;
     let m = Mounted {
         socket: socket.to_path_buf(),
         dir,
@@ -243,17 +301,28 @@ pub fn mount(
         mounted: false,
         attachment,
         kept: false,
+        timings,
     };
     let mut m = interrupted(m)?;
     let Some(file) = m.attachment["file"].as_str().map(PathBuf::from) else {
         return Err(MountError::NoFiles);
     };
+    let backing = m
+        .timings
+        .time(Step::File, || loopdev::open_backing(&file, opts.writable))
+        .map_err(plumbing("opening the attachment's file".into()))?;
     m.loopdev = Some(
-        plumbing::attach_loop(&file, opts.writable).map_err(plumbing(format!(
-            "setting up a loop device on {}",
-            file.display()
-        )))?,
+        m.timings
+            .time(Step::Loop, || {
+                loopdev::attach(&backing, &file, opts.writable)
+            })
+            .map_err(plumbing(format!(
+                "setting up a loop device on {}",
+                file.display()
+            )))?,
     );
+    // The loop device holds the file now.
+    drop(backing);
     let mut m = interrupted(m)?;
     if let Some(kb) = opts.readahead_kb {
         plumbing::set_readahead(m.loopdev(), kb)
@@ -266,11 +335,20 @@ pub fn mount(
     if !opts.allow_setuid_and_devices {
         flags |= libc::MS_NOSUID | libc::MS_NODEV;
     }
-    plumbing::mount(m.loopdev(), &m.dir, "ext4", flags, None).map_err(plumbing(format!(
-        "mounting {} on {}",
-        opts.image,
-        m.dir.display()
-    )))?;
+    // Write barriers make ext4 flush the device's cache at each journal commit, and a
+    // flush of the loop device is an fsync of the FUSE file: the agent then syncs the
+    // overlay to its disk. For writes that are thrown away that buys nothing.
+    let data = (opts.writable && opts.throwaway).then_some("nobarrier");
+    let (dev, target) = (m.loopdev().to_string(), m.dir.clone());
+    m.timings
+        .time(Step::Mount, || {
+            plumbing::mount(&dev, &target, "ext4", flags, data)
+        })
+        .map_err(plumbing(format!(
+            "mounting {} on {}",
+            opts.image,
+            m.dir.display()
+        )))?;
     m.mounted = true;
     interrupted(m)
 }
@@ -321,7 +399,7 @@ pub fn umount(socket: &Path, dir: &Path, keep_overlay: bool) -> Result<Unmounted
         .and_then(|a| a["name"].as_str())
         .map(str::to_string);
     plumbing::unmount(&dir, 0).map_err(plumbing("unmounting".into()))?;
-    plumbing::release_loop(&source_name).map_err(plumbing(format!("releasing {source_name}")))?;
+    loopdev::release(None, &source_name).map_err(plumbing(format!("releasing {source_name}")))?;
     if let Some(n) = &name {
         call(
             socket,
@@ -360,6 +438,7 @@ mod tests {
             name: None,
             readahead_kb: None,
             allow_setuid_and_devices: false,
+            throwaway: false,
         };
         let sock = dir.path().join("control.sock");
         let missing = dir.path().join("missing");

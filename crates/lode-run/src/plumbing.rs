@@ -1,33 +1,23 @@
-//! The kernel plumbing under `lode mount` and `lode run`: `losetup` for loop devices (so
-//! what it says reaches the user as it is), mount(2) and umount2(2) called directly (so
-//! the flags are exactly the ones asked for), and the mount table.
+//! The kernel plumbing under `lode mount` and `lode run`: mount(2) and umount2(2) called
+//! directly (so the flags are exactly the ones asked for), sysfs, and the mount table.
+//! Loop devices are [`crate::loopdev`]'s.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 /// A plumbing step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PlumbingError {
-    /// A tool could not be started.
-    #[error("running `{command}` (is util-linux installed?): {source}")]
-    Spawn {
-        /// The command line.
-        command: String,
-        /// Why it did not start.
-        source: std::io::Error,
-    },
-    /// A tool ran and failed.
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Failed {
-        /// The command line.
-        command: String,
-        /// Its exit status.
-        status: std::process::ExitStatus,
-        /// What it said.
-        stderr: String,
+    /// A loop device step failed.
+    #[error("{op} {device}: {error}")]
+    Loop {
+        /// What was being done.
+        op: &'static str,
+        /// The device (or /dev/loop-control).
+        device: String,
+        /// The kernel's answer.
+        error: std::io::Error,
     },
     /// mount(2) refused.
     #[error("mounting {source_name} ({fstype}) on {}: {error}", target.display())]
@@ -49,9 +39,9 @@ pub enum PlumbingError {
         /// The kernel's answer.
         error: std::io::Error,
     },
-    /// A loop device kept its backing file after `losetup -d`.
+    /// A loop device kept its backing file after it was released.
     #[error(
-        "{loopdev} is still in use 5 s after `losetup -d`; it will detach when its last user closes it"
+        "{loopdev} is still in use 5 s after its release; it will detach when its last user closes it"
     )]
     LoopBusy {
         /// The loop device.
@@ -71,30 +61,6 @@ pub enum PlumbingError {
         /// The path.
         path: PathBuf,
     },
-}
-
-/// Runs a plumbing command, returning its stdout; a failure carries its stderr.
-pub(crate) fn tool(cmd: &mut Command) -> Result<String, PlumbingError> {
-    let command = format!(
-        "{} {}",
-        cmd.get_program().to_string_lossy(),
-        cmd.get_args()
-            .map(OsStr::to_string_lossy)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let out = match cmd.output() {
-        Ok(out) => out,
-        Err(source) => return Err(PlumbingError::Spawn { command, source }),
-    };
-    if !out.status.success() {
-        return Err(PlumbingError::Failed {
-            command,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 pub(crate) fn cstring(path: &Path) -> Result<CString, PlumbingError> {
@@ -148,37 +114,6 @@ pub(crate) fn unmount(target: &Path, flags: libc::c_int) -> Result<(), PlumbingE
             target: target.to_path_buf(),
             error: std::io::Error::last_os_error(),
         });
-    }
-    Ok(())
-}
-
-/// Attaches `file` to a free loop device (read-only unless `writable`) and returns the
-/// device's path.
-pub(crate) fn attach_loop(file: &Path, writable: bool) -> Result<String, PlumbingError> {
-    let mut losetup = Command::new("losetup");
-    losetup.args(["--find", "--show"]);
-    if !writable {
-        losetup.arg("--read-only");
-    }
-    tool(losetup.arg(file))
-}
-
-/// Detaches a loop device and waits until the kernel has let go of its backing file.
-/// `losetup -d` on a device whose last user is still closing (just after an unmount) only
-/// marks it for auto-clear and returns; detaching the attachment under it then would leave
-/// a loop device on a vanished file, so wait (5 s at most) for sysfs to show it released.
-pub(crate) fn release_loop(loopdev: &str) -> Result<(), PlumbingError> {
-    tool(Command::new("losetup").args(["-d", loopdev]))?;
-    let name = loopdev.trim_start_matches("/dev/");
-    let backing = Path::new("/sys/block").join(name).join("loop/backing_file");
-    let started = Instant::now();
-    while backing.exists() {
-        if started.elapsed() > Duration::from_secs(5) {
-            return Err(PlumbingError::LoopBusy {
-                loopdev: loopdev.to_string(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
 }
@@ -255,21 +190,6 @@ mod tests {
         assert_eq!(unescape(r"/trailing\04"), r"/trailing\04");
         // Octal above 0o377 wraps rather than overflowing.
         assert_eq!(unescape(r"\777x"), "\u{fffd}x");
-    }
-
-    #[test]
-    fn a_failed_tool_says_what_it_ran_and_what_it_said() {
-        let e = tool(Command::new("sh").args(["-c", "echo nope >&2; exit 3"])).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "`sh -c echo nope >&2; exit 3` failed (exit status: 3): nope"
-        );
-        let e = tool(&mut Command::new("/nonexistent/losetup")).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("running `/nonexistent/losetup ` (is util-linux installed?)"),
-            "{e}"
-        );
     }
 
     #[test]

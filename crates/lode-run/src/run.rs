@@ -5,13 +5,15 @@
 
 use std::path::Path;
 use std::process::ExitStatus;
+use std::time::Instant;
 
 use serde_json::Value;
 
 use crate::image::{ImageError, ImageRoot};
-use crate::mount::{MountError, MountOptions, mount};
+use crate::mount::{MountError, MountOptions, mount_timed};
 use crate::runtime::{Process, RuntimeError, run_chroot, run_crun};
 use crate::signals::{self, SignalGuard};
+use crate::timings::{Step, Timings};
 use crate::user::{UserError, resolve_user};
 
 /// A run that failed before or around its command.
@@ -141,13 +143,26 @@ pub fn process(root: &ImageRoot, config: &Value, opts: &RunOptions) -> Result<Pr
     })
 }
 
+/// What a run did.
+#[derive(Debug)]
+pub struct RunReport {
+    /// The command's exit status.
+    pub status: ExitStatus,
+    /// The runtime that ran it (never [`Runtime::Auto`]).
+    pub runtime: Runtime,
+    /// The time of each step, from the start of [`run`] to the end of the detach.
+    pub timings: Timings,
+}
+
 /// Runs a command in `opts.image` through the agent at `socket` and returns its exit
-/// status. `announce` is told what runs, and how, just before it starts.
+/// status and the time each step took. `announce` is told what runs, and how, just
+/// before it starts.
 pub fn run(
     socket: &Path,
     opts: &RunOptions,
     announce: impl FnOnce(&Process, Runtime),
-) -> Result<ExitStatus, RunError> {
+) -> Result<RunReport, RunError> {
+    let started = Instant::now();
     let signals = SignalGuard::install();
     let dir = tempfile::Builder::new()
         .prefix("lode-run-")
@@ -163,9 +178,16 @@ pub fn run(
         name: Some(name.clone()),
         readahead_kb: opts.readahead_kb,
         allow_setuid_and_devices: opts.allow_setuid_and_devices,
+        throwaway: true,
     };
     // Declared after `dir`, so dropped (unmounted) before it is removed.
-    let mounted = match mount(socket, dir.path(), &mount_opts, &signals) {
+    let mut mounted = match mount_timed(
+        socket,
+        dir.path(),
+        &mount_opts,
+        &signals,
+        Timings::starting_at(started),
+    ) {
         Ok(m) => m,
         Err(MountError::Interrupted { signal }) => return Err(RunError::Interrupted { signal }),
         Err(e) => return Err(e.into()),
@@ -174,8 +196,10 @@ pub fn run(
         Some(signal) => Err(RunError::Interrupted { signal }),
         None => Ok(()),
     };
+    let t0 = Instant::now();
     let root = ImageRoot::open(mounted.dir())?;
     let p = process(&root, &mounted.attachment()["config"], opts)?;
+    mounted.timings_mut().add(Step::User, t0.elapsed());
     interrupted()?;
     let runtime = match opts.runtime {
         Runtime::Auto if crate::runtime::find_program("crun").is_some() => Runtime::Crun,
@@ -183,6 +207,7 @@ pub fn run(
         r => r,
     };
     announce(&p, runtime);
+    let t0 = Instant::now();
     let status = match runtime {
         Runtime::Crun => run_crun(
             mounted.dir(),
@@ -193,11 +218,17 @@ pub fn run(
         )?,
         _ => run_chroot(&root, mounted.dir(), &p, &signals)?,
     };
+    mounted.timings_mut().add(Step::Runtime, t0.elapsed());
     drop(root);
-    for e in mounted.release() {
+    let released = mounted.release();
+    for e in released.errors {
         eprintln!("lode: {e}");
     }
-    Ok(status)
+    Ok(RunReport {
+        status,
+        runtime,
+        timings: released.timings,
+    })
 }
 
 #[cfg(test)]

@@ -230,6 +230,8 @@ pub enum Command {
     /// host's pids, network and IPC (docs/run.md). The image is mounted nosuid,nodev.
     /// Exits with the command's status; a SIGTERM, SIGINT or SIGHUP before the command
     /// starts undoes the mount and exits 128 + the signal. Needs root and a running agent.
+    /// With --json, an object with the exit status and the time of each step follows the
+    /// command's own output on stdout; --timings prints those times on stderr.
     #[command(
         after_help = "Example:\n  lode run python -- python3 -c 'import json; print(json.dumps([1]))'"
     )]
@@ -512,6 +514,10 @@ pub struct RunArgs {
     /// it gives root to whoever runs it; a device node in it reads the host's devices).
     #[arg(long)]
     pub allow_setuid_and_devices: bool,
+    /// Print the time of each step (attach, FUSE file, loop device, mount, user lookup,
+    /// runtime, unmount, loop release, detach) on stderr when the run ends.
+    #[arg(long)]
+    pub timings: bool,
     #[command(flatten)]
     pub control: ControlArg,
 }

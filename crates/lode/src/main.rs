@@ -78,6 +78,24 @@ fn render_error(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    // `lode run`, `mount` and `umount` are blocking from end to end: a start does not
+    // wait for an async runtime's worker threads to be made and joined.
+    if matches!(
+        cli.command,
+        Command::Run(_) | Command::Mount(_) | Command::Umount(_)
+    ) {
+        let (home, env) = env_of(&cli)?;
+        return match cli.command {
+            Command::Run(a) => mount::run(&env, &home, a),
+            Command::Mount(a) => mount::mount(&env, &home, a),
+            Command::Umount(a) => mount::umount(&env, &home, a).map(|()| ExitCode::SUCCESS),
+            command => with_runtime(Cli { command, ..cli }),
+        };
+    }
+    with_runtime(cli)
+}
+
+fn with_runtime(cli: Cli) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -125,7 +143,8 @@ impl Env {
     }
 }
 
-async fn dispatch(cli: Cli) -> Result<ExitCode> {
+/// `$LODE_HOME` and the pieces built from the global flags.
+fn env_of(cli: &Cli) -> Result<(std::path::PathBuf, Env)> {
     let home = cli::data_dir()?;
     let env = Env {
         cli_json: cli.json,
@@ -142,6 +161,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         store_given: cli.store.is_some(),
         kms_given: cli.kms.is_some(),
     };
+    Ok((home, env))
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let (home, env) = env_of(&cli)?;
     match cli.command {
         Command::Import(a) => {
             let put_only = a.put_only.put_only;

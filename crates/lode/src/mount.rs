@@ -26,6 +26,7 @@ pub fn mount(env: &Env, home: &Path, a: MountArgs) -> Result<ExitCode> {
         name: a.name,
         readahead_kb: a.readahead_kb,
         allow_setuid_and_devices: a.allow_setuid_and_devices,
+        throwaway: false,
     };
     let signals = lode_run::SignalGuard::install();
     let m = match lode_run::mount(&sock, &a.dir, &opts, &signals) {
@@ -128,7 +129,25 @@ pub fn run(env: &Env, home: &Path, a: RunArgs) -> Result<ExitCode> {
         }
     };
     match lode_run::run(&sock, &opts, announce) {
-        Ok(status) => Ok(exit_code(status)),
+        Ok(report) => {
+            if a.timings {
+                eprint!("{}", report.timings.render());
+            }
+            if env.cli_json {
+                // After whatever the command printed on the same stdout.
+                crate::output::print_json(&json!({
+                    "image": a.image,
+                    "runtime": match report.runtime {
+                        lode_run::Runtime::Crun => "crun",
+                        _ => "chroot",
+                    },
+                    "exit_code": report.status.code(),
+                    "signal": std::os::unix::process::ExitStatusExt::signal(&report.status),
+                    "timings": report.timings.to_json(),
+                }))?;
+            }
+            Ok(exit_code(report.status))
+        }
         Err(e @ lode_run::RunError::Interrupted { signal }) => Ok(interrupted(&e, signal)),
         Err(e) => Err(e.into()),
     }

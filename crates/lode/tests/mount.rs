@@ -234,6 +234,58 @@ fn run_uses_the_image_config_in_chroot_and_crun() {
         "echo $$",
     ]);
     assert_eq!(out, "1\n");
+    // --json reports the status and every step's time after the command's own output;
+    // --timings prints the same steps on stderr.
+    for runtime in ["chroot", "crun"] {
+        let o = h.run(&[
+            "--json",
+            "run",
+            "bb",
+            "--runtime",
+            runtime,
+            "--timings",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ]);
+        assert_eq!(o.status.code(), Some(3), "{runtime}");
+        let v: Value = serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
+        assert_eq!(v["exit_code"], 3);
+        assert_eq!(v["runtime"], runtime);
+        let t = &v["timings"];
+        let steps = [
+            "attach",
+            "fuse_file",
+            "loop_setup",
+            "mount",
+            "user_lookup",
+            "runtime",
+            "unmount",
+            "loop_release",
+            "detach",
+        ];
+        let mut sum = 0.0;
+        for step in steps {
+            let ms = t[format!("{step}_ms")].as_f64().unwrap_or(-1.0);
+            assert!(ms >= 0.0, "{runtime}: {step} missing from {t}");
+            sum += ms;
+        }
+        let total = t["total_ms"].as_f64().expect("total");
+        assert!(
+            sum <= total + 0.01 && total > 0.0,
+            "{runtime}: {sum} > {total}"
+        );
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        for step in steps.iter().chain(&["other", "total"]) {
+            assert!(
+                stderr
+                    .lines()
+                    .any(|l| l.starts_with(step) && l.ends_with(" ms")),
+                "{runtime}: no {step} line in {stderr}"
+            );
+        }
+    }
     // Nothing is left behind: no attachment, no loop device on the agent's files.
     assert!(h.ls().is_empty(), "{:?}", h.ls());
     assert!(loops_under(&h.home()).is_empty());
@@ -273,6 +325,43 @@ fn mistakes_are_named_and_leave_nothing_behind() {
     assert!(err.contains("NOEQUALS"), "{err}");
     assert!(h.ls().is_empty(), "{:?}", h.ls());
     assert!(loops_under(&h.home()).is_empty());
+}
+
+#[test]
+fn a_mount_that_fails_after_the_loop_device_releases_it_and_detaches() {
+    assert!(root_with_loop_and_fuse());
+    let h = Home::new();
+    // Not ext4: the attach and the loop device succeed, the mount(2) fails.
+    let junk = h.path("junk.img");
+    fs::write(&junk, harness::random_image(2, 7)).expect("write");
+    h.ok(&[
+        "import",
+        junk.to_str().expect("path"),
+        "--tag",
+        "junk",
+        "-q",
+    ]);
+    let _agent = h.start_agent();
+    let mnt = h.path("mnt");
+    fs::create_dir(&mnt).expect("mkdir");
+    let _guard = MountGuard(mnt.clone());
+    let err = h.fails(&["mount", "junk", mnt.to_str().expect("path")]);
+    assert!(err.contains("mounting junk on"), "{err}");
+    assert!(!is_mounted(&mnt));
+    for runtime in ["chroot", "crun"] {
+        let err = h.fails(&["run", "junk", "--runtime", runtime, "--", "true"]);
+        assert!(err.contains("mounting junk on"), "{runtime}: {err}");
+    }
+    assert!(h.ls().is_empty(), "{:?}", h.ls());
+    assert!(
+        loops_under(&h.home()).is_empty(),
+        "{:?}",
+        loops_under(&h.home())
+    );
+    // The loop devices were released, not only marked: a later mount finds one.
+    h.busybox_image();
+    let out = h.ok(&["run", "bb", "--runtime", "chroot", "--", "echo", "ok"]);
+    assert_eq!(out, "ok\n");
 }
 
 #[test]
