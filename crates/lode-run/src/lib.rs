@@ -23,7 +23,7 @@ pub use control::{ControlError, call};
 pub use image::{ImageError, ImageRoot, MAX_IMAGE_FILE};
 pub use mount::{MountError, MountOptions, Mounted, Unmounted, mount, umount};
 pub use plumbing::PlumbingError;
-pub use run::{RunError, RunOptions, Runtime, run};
+pub use run::{Plan, RunError, RunOptions, Runtime, plan, run};
 pub use runtime::{Process, RemountHook, RuntimeError};
 pub use signals::SignalGuard;
 pub use user::{UserError, resolve_user};
