@@ -13,10 +13,12 @@ cd "$(dirname "$0")/.."
 # memccapable) for the AZ cache node's conformance suite and the AZ client's fleet tests;
 # python3-matplotlib for the evaluation report's renderer (scripts/test_evaluation.py);
 # python3-cryptography and python3-lz4 for the test-vector generator, which checks the
-# chunk format's vectors (lz4-compressed chunks among them) apart from the Rust.
+# chunk format's vectors (lz4-compressed chunks among them) apart from the Rust;
+# qemu-system-x86 and linux-image-cloud-amd64 for `lode vm run`'s tests, which boot a
+# QEMU machine on Debian's cloud kernel (busybox-static makes its initramfs).
 packages=(e2fsprogs umoci skopeo python3 nbdkit libnbd-bin python3-libnbd fio qemu-utils
   docker-registry apache2-utils openssl fuse3 crun busybox-static memcached libmemcached-tools
-  python3-matplotlib python3-cryptography python3-lz4)
+  python3-matplotlib python3-cryptography python3-lz4 qemu-system-x86 linux-image-cloud-amd64)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -74,10 +74,12 @@ fn detail(stderr: &str, console: &str) -> String {
     if !stderr.is_empty() {
         s.push_str(&format!("; QEMU said: {stderr}"));
     }
-    let console = console.trim();
-    if !console.is_empty() {
+    let console = printable(console);
+    if !console.trim().is_empty() {
         let tail: String = console
             .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
             .rev()
             .take(5)
             .collect::<Vec<_>>()
@@ -88,6 +90,29 @@ fn detail(stderr: &str, console: &str) -> String {
         s.push_str(&format!("; the console's last lines: {tail}"));
     }
     s
+}
+
+/// `text` without terminal escape sequences and control characters other than newlines:
+/// the firmware clears the screen on the console before the kernel starts.
+fn printable(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                // CSI: ESC [ parameters final-byte; other escapes are two characters.
+                if chars.next_if_eq(&'[').is_some() {
+                    while chars.next().is_some_and(|c| !c.is_ascii_alphabetic()) {}
+                } else {
+                    chars.next();
+                }
+            }
+            '\n' => out.push('\n'),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// How a run ended, and when things happened (from the `since` given to [`run`]).
@@ -274,9 +299,7 @@ fn supervise(
                 }
                 Event::GuestError(message) => {
                     qemu.kill();
-                    return Err(BootError::Guest {
-                        message: with_console(message, &console.noise()),
-                    });
+                    return Err(BootError::Guest { message });
                 }
             }
         }
@@ -288,16 +311,6 @@ fn supervise(
         console: console.noise(),
         started: outcome.command_started.is_some(),
     })
-}
-
-/// A guest error's message; the console's last line before it when the message alone
-/// does not carry it (a kernel message about the disk, say).
-fn with_console(message: String, noise: &str) -> String {
-    let last = noise.lines().rev().map(str::trim).find(|l| !l.is_empty());
-    match last {
-        Some(l) if !message.contains(l) && l.len() < 300 => format!("{message} (console: {l})"),
-        _ => message,
-    }
 }
 
 /// QEMU, killed and reaped unless it has ended by itself.
@@ -329,5 +342,18 @@ impl Drop for KillOnDrop<'_> {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_tails_lose_escapes_and_blank_lines() {
+        let t = printable("c\x1b[?7l\x1b[2JSeaBIOS\r\n\n\x1bcKernel panic - not syncing\x07\n");
+        assert_eq!(t, "cSeaBIOS\n\nKernel panic - not syncing\n");
+        let d = detail("", "Booting\x1b[2J\nend Kernel panic\n");
+        assert_eq!(d, "; the console's last lines: Booting | end Kernel panic");
     }
 }

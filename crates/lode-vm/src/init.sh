@@ -94,7 +94,7 @@ esac
 printf '@lode:%s:start\n' "$LODE_TOKEN"
 lode_env $B nsenter -r/newroot "-w/newroot$LODE_CWD" -S "$uid" -G "$gid" -F -- "$prog" "$@" </dev/null
 status=$?
-printf '\n@lode:%s:exit:%d\n' "$LODE_TOKEN" "$status"
+printf '@lode:%s:exit:%d\n' "$LODE_TOKEN" "$status"
 for d in dev sys proc; do $B umount "/newroot/$d" 2>/dev/null; done
 $B mount -o remount,ro /newroot 2>/dev/null
 $B sync

@@ -9,11 +9,12 @@
 //!
 //! ```text
 //! <firmware and kernel noise>@lode:TOKEN:start\n
-//! <the command's output, byte for byte>\n@lode:TOKEN:exit:STATUS\n
+//! <the command's output, byte for byte>@lode:TOKEN:exit:STATUS\n
 //! ```
 //!
-//! The `\n` before the exit marker is always written by the init, so the command's output
-//! is exactly the bytes before it. An init that cannot start the command (no disk, a root
+//! The command's output is exactly the bytes before the exit marker, which may follow it
+//! on the same line. Output is passed on as it arrives, except a tail that could be the
+//! beginning of a marker (`@`, `@l`, ...), held until the next bytes settle it. An init that cannot start the command (no disk, a root
 //! that is not ext4, a program the image lacks) prints `@lode:TOKEN:error:MESSAGE\n`
 //! instead. [`Console`] is the one parser of these bytes: it takes any bytes, holds at most
 //! a bounded tail, and never panics.
@@ -98,7 +99,7 @@ impl Console {
         Console {
             start: format!("@lode:{t}:start\n").into_bytes(),
             error: format!("@lode:{t}:error:").into_bytes(),
-            exit: format!("\n@lode:{t}:exit:").into_bytes(),
+            exit: format!("@lode:{t}:exit:").into_bytes(),
             state: State::Boot,
             pending: Vec::new(),
             noise: Vec::new(),
@@ -278,7 +279,7 @@ mod tests {
         let mut s = b"\x1b[2JSeaBIOS\r\nBooting from ROM...\n".to_vec();
         s.extend_from_slice(format!("@lode:{T}:start\n").as_bytes());
         s.extend_from_slice(output);
-        s.extend_from_slice(format!("\n@lode:{T}:exit:{status}\n").as_bytes());
+        s.extend_from_slice(format!("@lode:{T}:exit:{status}\n").as_bytes());
         s.extend_from_slice(b"reboot: Power down\n");
         s
     }
@@ -288,6 +289,17 @@ mod tests {
         let (out, ev) = run(&[&stream(b"hi\n", 7)]);
         assert_eq!(out, b"hi\n");
         assert_eq!(ev, [Event::Started, Event::Exit(7)]);
+    }
+
+    #[test]
+    fn output_is_passed_on_at_once_but_a_marker_prefix() {
+        let mut c = Console::new(&Token::from_text(T));
+        assert_eq!(
+            c.feed(format!("noise@lode:{T}:start\ngo\n").as_bytes()),
+            [Event::Started, Event::Output(b"go\n".to_vec())]
+        );
+        assert_eq!(c.feed(b"mail me@"), [Event::Output(b"mail me".to_vec())]);
+        assert_eq!(c.feed(b"x.org\n"), [Event::Output(b"@x.org\n".to_vec())]);
     }
 
     #[test]
@@ -314,7 +326,7 @@ mod tests {
     #[test]
     fn bad_statuses_are_errors_not_numbers() {
         for bad in ["256", "-1", "", "12a", "9999"] {
-            let s = format!("@lode:{T}:start\nx\n@lode:{T}:exit:{bad}\n");
+            let s = format!("@lode:{T}:start\nx@lode:{T}:exit:{bad}\n");
             let (out, ev) = run(&[s.as_bytes()]);
             assert_eq!(out, b"x", "{bad}");
             assert!(
