@@ -229,4 +229,24 @@ mod tests {
             "flags\t: fpu vme sse vmxx\nmodel name: vmx\n"
         ));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_cpuinfo_parses(text in "\\PC{0,300}") {
+            let _ = cpu_has_virt(&text);
+        }
+
+        #[test]
+        fn the_flag_is_found_among_others(
+            before in proptest::collection::vec("[a-z0-9_]{1,8}", 0..6),
+            after in proptest::collection::vec("[a-z0-9_]{1,8}", 0..6),
+        ) {
+            let has = before.iter().chain(&after).any(|f| f == "vmx" || f == "svm");
+            let line = |mid: &str| {
+                format!("flags\t\t: {} {mid} {}\n", before.join(" "), after.join(" "))
+            };
+            proptest::prop_assert!(cpu_has_virt(&line("svm")));
+            proptest::prop_assert_eq!(cpu_has_virt(&line("")), has);
+        }
+    }
 }
