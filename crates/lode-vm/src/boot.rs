@@ -24,12 +24,14 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// The run took longer than its timeout; QEMU was killed.
-    #[error("the VM ran longer than the timeout ({timeout:?}) and was killed{}", started_note(*.started))]
+    #[error("the VM ran longer than the timeout ({timeout:?}) and was killed{}{}", started_note(*.started), detail("", .console))]
     Timeout {
         /// The timeout.
         timeout: Duration,
         /// Whether the command had started.
         started: bool,
+        /// The end of what the console printed outside the command's output.
+        console: String,
     },
     /// The caller asked to stop (a signal); QEMU was killed.
     #[error("interrupted by {reason}; the VM was killed")]
@@ -276,6 +278,7 @@ fn supervise(
             return Err(BootError::Timeout {
                 timeout,
                 started: outcome.command_started.is_some(),
+                console: console.noise(),
             });
         }
         let wait = (limit - now).min(Duration::from_millis(50));

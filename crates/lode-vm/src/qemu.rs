@@ -76,6 +76,22 @@ pub enum Disk {
     },
 }
 
+/// The host's TSC rate in kHz from a /proc/cpuinfo text (its first `cpu MHz` line).
+pub fn cpu_khz(cpuinfo: &str) -> Option<u64> {
+    let mhz = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split_once(':')?
+        .1
+        .trim();
+    let (whole, frac) = mhz.split_once('.').unwrap_or((mhz, ""));
+    let whole: u64 = whole.parse().ok()?;
+    let frac = format!("{frac:0<3}");
+    let frac: u64 = frac.get(..3)?.parse().ok()?;
+    let khz = whole.checked_mul(1000)?.checked_add(frac)?;
+    (khz > 0).then_some(khz)
+}
+
 /// Everything QEMU is started with.
 #[derive(Debug, Clone)]
 pub struct Machine {
@@ -95,6 +111,8 @@ pub struct Machine {
     pub initrd: PathBuf,
     /// The root disk.
     pub disk: Disk,
+    /// The host's TSC rate, kHz, handed to a microvm guest under TCG (see [`Machine::args`]).
+    pub host_tsc_khz: Option<u64>,
 }
 
 /// The kernel command line: console on the first serial port, as little said on it as
@@ -138,6 +156,15 @@ impl Machine {
         } else {
             "virtio-blk-pci,drive=root"
         };
+        // A microvm has no HPET or ACPI PM timer, only the PIT, to calibrate the TSC
+        // against; under TCG on a busy host that calibration fails now and then, and the
+        // kernel then stalls before printing a line (seen here in about one boot in
+        // ten). Under TCG the guest's TSC runs at the host's rate, so the kernel is told
+        // it instead of measuring it.
+        let mut cmdline = KERNEL_CMDLINE.to_string();
+        if let (true, Accel::Tcg, Some(khz)) = (self.mmio(), self.accel, self.host_tsc_khz) {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(s.into());
         for s in [
@@ -159,7 +186,7 @@ impl Machine {
             "-device",
             device,
             "-append",
-            KERNEL_CMDLINE,
+            &cmdline,
         ] {
             push(s);
         }
@@ -185,6 +212,7 @@ mod tests {
             kernel: "/boot/vmlinuz".into(),
             initrd: "/tmp/initrd".into(),
             disk,
+            host_tsc_khz: Some(2_596_120),
         }
     }
 
@@ -219,6 +247,12 @@ mod tests {
             .collect();
         assert!(a.contains(&"if=none,id=root,format=raw,file.driver=nbd,file.server.type=unix,file.server.path=/run/nbd.sock,file.export=vm-1,readonly=off".to_string()));
         assert!(a.contains(&"virtio-blk-device,drive=root".to_string()));
+        assert!(
+            a.contains(
+                &"console=ttyS0 quiet loglevel=0 panic=-1 rdinit=/init tsc_early_khz=2596120"
+                    .to_string()
+            )
+        );
     }
 
     #[test]
@@ -230,10 +264,24 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn the_tsc_rate_is_read_from_cpuinfo() {
+        assert_eq!(
+            cpu_khz("processor: 0\ncpu MHz\t\t: 2596.120\n"),
+            Some(2_596_120)
+        );
+        assert_eq!(cpu_khz("cpu MHz : 3000\n"), Some(3_000_000));
+        assert_eq!(cpu_khz("cpu MHz : 1.5\n"), Some(1_500));
+        assert_eq!(cpu_khz("cpu MHz : fast\n"), None);
+        assert_eq!(cpu_khz("cpu MHz : 0.000\n"), None);
+        assert_eq!(cpu_khz("no such line\n"), None);
+    }
+
     proptest::proptest! {
         #[test]
         fn any_cpuinfo_parses(text in "\\PC{0,300}") {
             let _ = cpu_has_virt(&text);
+            let _ = cpu_khz(&text);
         }
 
         #[test]

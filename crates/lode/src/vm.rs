@@ -171,6 +171,9 @@ pub fn run(env: &Env, home: &Path, a: VmRunArgs) -> Result<ExitCode> {
         kernel: kernel.image.clone(),
         initrd: initrd.path().to_path_buf(),
         disk,
+        host_tsc_khz: std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| lode_vm::qemu::cpu_khz(&c)),
     };
     let stop = || signals.pending().map(lode_run::signals::name);
     let mut stdout = std::io::stdout().lock();

@@ -162,6 +162,16 @@ fn a_command_runs_with_the_image_config_and_its_status_comes_back() {
             "--via {via}: {err}"
         );
     }
+    // A microvm: the disk on virtio-mmio.
+    let (status, out, err) = vm(
+        &h,
+        &["--machine", "microvm", "bb", "--", "sh", "-c", script],
+    );
+    assert_eq!(status, 7, "microvm: {err}");
+    assert!(
+        out.ends_with("hello from the image\nno newline"),
+        "microvm: {out} {err}"
+    );
     // The image's own cmd, another user, and the timings line.
     let (status, out, err) = vm(&h, &["--timings", "-u", "0:0", "bb"]);
     assert_eq!(
