@@ -310,6 +310,10 @@ fn supervise(
     if exited.is_some() {
         return Ok(Supervised::Exit(outcome));
     }
+    // A SIGINT from a terminal reaches QEMU too, which then ends first.
+    if let Some(reason) = stop() {
+        return Err(BootError::Interrupted { reason });
+    }
     Ok(Supervised::Ended {
         console: console.noise(),
         started: outcome.command_started.is_some(),
