@@ -17,9 +17,12 @@ cd "$(dirname "$0")/.."
 # iproute2 (ip, tc) and iptables for the test network of scripts/testnet.sh, on which
 # crates/lode/tests/network.rs injects faults (its link delays come from NFQUEUE and
 # python3, not netem, so no kernel module needs loading: docs/network.md).
+# qemu-system-x86 and linux-image-cloud-amd64 for `lode vm run`'s tests, which boot a
+# QEMU machine on Debian's cloud kernel (busybox-static makes its initramfs).
 packages=(e2fsprogs umoci skopeo python3 nbdkit libnbd-bin python3-libnbd fio qemu-utils
   docker-registry apache2-utils openssl fuse3 crun busybox-static memcached libmemcached-tools
-  python3-matplotlib python3-cryptography python3-lz4 iproute2 iptables)
+  python3-matplotlib python3-cryptography python3-lz4 iproute2 iptables qemu-system-x86
+  linux-image-cloud-amd64)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -27,7 +27,7 @@ pub use mount::{
     MountError, MountOptions, Mounted, Released, Unmounted, mount, mount_timed, umount,
 };
 pub use plumbing::PlumbingError;
-pub use run::{RunError, RunOptions, RunReport, Runtime, run};
+pub use run::{Plan, RunError, RunOptions, RunReport, Runtime, plan, run};
 pub use runtime::{Process, RemountHook, RuntimeError};
 pub use signals::SignalGuard;
 pub use timings::{Step, Timings};

@@ -92,9 +92,24 @@ pub struct RunOptions {
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The process to run, from the image `config` (as the agent reports it) and `opts`;
-/// names in the user are looked up inside the image at `root`.
-pub fn process(root: &ImageRoot, config: &Value, opts: &RunOptions) -> Result<Process, RunError> {
+/// What to run, before the user is resolved: the arguments, the environment, the working
+/// directory and the `user[:group]` spec, from the image `config` (as the agent reports
+/// it) and `opts`. `lode vm run` resolves the user inside the guest; `lode run` with
+/// [`process`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The program and its arguments.
+    pub args: Vec<String>,
+    /// KEY=VALUE entries: the image's, PATH if it had none, then `opts.env`.
+    pub env: Vec<String>,
+    /// The working directory in the image.
+    pub cwd: String,
+    /// `user[:group]`; empty for root.
+    pub user: String,
+}
+
+/// The [`Plan`] for `config` and `opts`.
+pub fn plan(config: &Value, opts: &RunOptions) -> Result<Plan, RunError> {
     let strings = |k: &str| -> Vec<String> {
         config[k]
             .as_array()
@@ -133,6 +148,23 @@ pub fn process(root: &ImageRoot, config: &Value, opts: &RunOptions) -> Result<Pr
         .user
         .clone()
         .unwrap_or_else(|| config["user"].as_str().unwrap_or_default().to_string());
+    Ok(Plan {
+        args,
+        env,
+        cwd,
+        user,
+    })
+}
+
+/// The process to run, from the image `config` (as the agent reports it) and `opts`;
+/// names in the user are looked up inside the image at `root`.
+pub fn process(root: &ImageRoot, config: &Value, opts: &RunOptions) -> Result<Process, RunError> {
+    let Plan {
+        args,
+        env,
+        cwd,
+        user,
+    } = plan(config, opts)?;
     let (uid, gid) = resolve_user(root, &user)?;
     Ok(Process {
         args,

@@ -240,6 +240,119 @@ pub enum Command {
     /// Memory snapshots: store them, serve their page faults, restore them lazily.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+
+    /// MicroVMs booted from an image the agent serves.
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Boot a QEMU machine whose root disk is an image, run a command in it, exit with its
+    /// status.
+    ///
+    /// Attaches the image through the running agent and hands QEMU the attachment as a
+    /// virtio disk: the agent's FUSE file of it (--via file), or its NBD export over the
+    /// agent's Unix socket (--via nbd). The guest boots Debian's cloud kernel with an
+    /// initramfs lode writes itself (busybox-static, the kernel's virtio modules, an
+    /// init), mounts the image's ext4 as its root (read-only unless --rw, whose writes go
+    /// to the attachment's overlay), applies the image config (env, working directory,
+    /// user looked up in the image) and runs the command; its output comes to stdout.
+    /// The machine has no network. Detaches afterwards unless --keep. Needs a running
+    /// agent, QEMU (qemu-system-x86) and a kernel (linux-image-cloud-amd64); see
+    /// docs/vm.md.
+    #[command(
+        after_help = "Examples:\n  lode vm run python -- python3 -c 'print(1)'\n  \
+                      lode vm run --via nbd --timings busybox -- sh -c 'echo hi; exit 7'"
+    )]
+    Run(VmRunArgs),
+}
+
+/// How the guest reaches the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// The agent's FUSE file of the attachment.
+    File,
+    /// The attachment's NBD export on the agent's Unix socket.
+    Nbd,
+}
+
+/// The accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelArg {
+    /// KVM if /dev/kvm opens and the CPU shows vmx or svm, else TCG.
+    Auto,
+    /// KVM.
+    Kvm,
+    /// TCG (QEMU's binary translation).
+    Tcg,
+}
+
+#[derive(Debug, Args)]
+pub struct VmRunArgs {
+    /// A tag, or a manifest id (64 hex digits).
+    #[arg(required_unless_present = "attachment")]
+    pub image: Option<String>,
+    /// The command and its arguments. [default: the image's entrypoint and cmd]
+    #[arg(last = true)]
+    pub command: Vec<String>,
+    /// How QEMU reads the image.
+    #[arg(long, value_enum, default_value_t = Via::File)]
+    pub via: Via,
+    /// Mount the image read-write: the guest's writes go to the attachment's overlay.
+    #[arg(long)]
+    pub rw: bool,
+    /// The attachment's name. [default: vm- and a random suffix]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Leave the attachment (and a --rw run's overlay) in place after the run.
+    #[arg(long)]
+    pub keep: bool,
+    /// Run on this existing attachment instead of attaching IMAGE (it stays attached).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["image", "name", "keep"])]
+    pub attachment: Option<String>,
+    /// Extra environment, KEY=VALUE (repeatable; wins over the image's).
+    #[arg(long, short, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Run as this user[:group] instead of the image's (names looked up in the image).
+    #[arg(long, short)]
+    pub user: Option<String>,
+    /// QEMU's machine type: pc, or microvm (virtio-mmio; needs the kernel's virtio_mmio).
+    #[arg(long, default_value = "pc", value_parser = ["pc", "microvm"])]
+    pub machine: String,
+    /// The accelerator.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 512, value_name = "MIB", value_parser = clap::value_parser!(u32).range(64..=65536))]
+    pub memory: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: u32,
+    /// Kill the VM after this many seconds.
+    #[arg(long, default_value_t = 600, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// The guest kernel. [default: the newest /boot/vmlinuz-*-cloud-amd64]
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// The kernel's modules directory. [default: /lib/modules/VERSION of the kernel]
+    #[arg(long, value_name = "DIR")]
+    pub modules: Option<PathBuf>,
+    /// A statically linked busybox for the initramfs.
+    #[arg(long, value_name = "FILE", default_value = "/bin/busybox")]
+    pub busybox: PathBuf,
+    /// The QEMU executable.
+    #[arg(long, value_name = "FILE", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// The agent's NBD socket, for --via nbd with --attachment. [default: nbd.sock beside
+    /// the control socket]
+    #[arg(long, value_name = "PATH")]
+    pub nbd_socket: Option<PathBuf>,
+    /// Print a line of timings and the share of the image fetched on stderr.
+    #[arg(long)]
+    pub timings: bool,
+    #[command(flatten)]
+    pub control: ControlArg,
 }
 
 #[derive(Debug, Subcommand)]

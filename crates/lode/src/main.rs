@@ -10,6 +10,7 @@ mod demo;
 mod mount;
 mod output;
 mod snapshot;
+mod vm;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -658,6 +659,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(a) => return mount::run(&env, &home, a),
         Command::CacheNode(a) => cache_node(&env, a).await?,
         Command::Snapshot(c) => return snapshot::run(&env, &home, c).await,
+        Command::Vm(cli::VmCommand::Run(a)) => return vm::run(&env, &home, a),
     }
     Ok(ExitCode::SUCCESS)
 }
