@@ -629,7 +629,9 @@ class TestNet:
             self.hosts[name] = (ns, addr)
         self.links = run(self.base + ["status"])
         origin = self.addr("origin")
-        keys = {"AWS_ACCESS_KEY_ID": "lode-eval", "AWS_SECRET_ACCESS_KEY": "lode-eval-secret", "AWS_REGION": "us-east-1"}
+        # lode-s3-server takes lode-testkit's test key.
+        keys = {"AWS_ACCESS_KEY_ID": "lode-test-access", "AWS_SECRET_ACCESS_KEY": "lode-test-secret",
+                "AWS_REGION": "us-east-1"}
         bucket = os.path.join(ctx.work, "s3", self.BUCKET)
         os.makedirs(bucket, exist_ok=True)
         env = dict(ctx.env, **keys)
@@ -650,6 +652,12 @@ class TestNet:
 
     def on(self, host):
         return ["ip", "netns", "exec", self.hosts[host][0]]
+
+    def net_only(self, host):
+        """Into the host's network namespace only: `ip netns exec` also gives the command a
+        mount namespace of its own, where an agent's FUSE mount would be out of `lode
+        run`'s sight."""
+        return ["nsenter", f"--net=/run/netns/{self.hosts[host][0]}"]
 
     def addr(self, host):
         return self.hosts[host][1]
@@ -694,7 +702,7 @@ class TestNet:
             # Demand only: no working set fetched, none recorded (readahead stays: it
             # follows demand).
             f.write("" if prefetch else "[prefetch]\nworking_set = false\n")
-        return Agent(self.ctx, name, az=az, caches=caches, host=self.on(host), env=self.env, config=conf)
+        return Agent(self.ctx, name, az=az, caches=caches, host=self.net_only(host), env=self.env, config=conf)
 
     def down(self):
         run(self.base + ["down"])

@@ -68,7 +68,7 @@ fi
 s3server=
 if [[ ",$sections," == *,network,* ]]; then
   # The origin of the test network (scripts/testnet.sh): the S3-protocol server the tests use.
-  cargo build --release -q --locked -p lode-testkit --bin lode-s3-server
+  cargo build --release -q --locked -p lode-testkit --features s3 --bin lode-s3-server
   s3server=$target/release/lode-s3-server
 fi
 if [[ ",$sections," == *,peers,* || ",$sections," == *,snapshot,* ]]; then
