@@ -699,9 +699,8 @@ class TestNet:
     def agent(self, name, host, az=None, caches=None, prefetch=True):
         conf = os.path.join(self.ctx.work, f"agent-{name}.toml")
         with open(conf, "w") as f:
-            # Demand only: no working set fetched, none recorded (readahead stays: it
-            # follows demand).
-            f.write("" if prefetch else "[prefetch]\nworking_set = false\n")
+            # Demand only: no working set fetched, no readahead.
+            f.write("" if prefetch else "[prefetch]\nworking_set = false\nreadahead_max_chunks = 0\n")
         return Agent(self.ctx, name, az=az, caches=caches, host=self.net_only(host), env=self.env, config=conf)
 
     def down(self):

@@ -718,9 +718,10 @@ def fig_network(r, net):
         def fetched(way):
             return med([x["tiers"]["origin"]["bytes"] for x in im[way]]) / size
 
-        pre = [x.get("prefetch") or {} for x in im["working_set"]]
-        used = med([p.get("used_bytes", 0) for p in pre])
-        wasted = med([p.get("wasted_bytes", 0) for p in pre])
+        # The agent's per-image figures (`lode stats --json`: prefetch, by manifest).
+        pre = [(x.get("prefetch") or {}).values() for x in im["working_set"]]
+        used = med([sum(m["working_set"]["used_bytes"] for m in p) for p in pre])
+        wasted = med([sum(m["working_set"]["wasted_bytes"] for m in p) for p in pre])
         rows.append([t, mib(size), *[f"{secs(im, way):.2f} s" for way, _, _ in ways],
                      f"**{pull / ws:.1f}x**", f"**{dem / ws:.1f}x**", pct(fetched("demand")), pct(fetched("working_set")),
                      f"{mib(used)} / {mib(wasted)}"])
@@ -765,9 +766,10 @@ with every local cache empty for each lazy start (`lode run`, as in section 2):
   layout on the worker, `umoci raw unpack`, the command in a chroot;
 - `lode export` + loop mount: the whole flattened image from the S3 origin, then the
   command from it;
-- lazy, on demand: the agent fetches what is read (readahead on, no working set);
-- lazy + working set: the same, with the working set an earlier start recorded
-  (`lode inspect` shows it; docs/agent.md) fetched ahead of demand;
+- lazy, on demand: the agent fetches what is read, nothing else (no working set, no
+  readahead);
+- lazy + working set: the agent's defaults: the working set an earlier start recorded
+  (`lode inspect` shows it; docs/agent.md) fetched ahead of demand, and readahead;
 - lazy, AZ cache warm: on demand, with the fleet filled by an earlier start.
 
 {plot}
