@@ -651,12 +651,10 @@ class TestNet:
         self.fleet_addrs = None
 
     def on(self, host):
-        return ["ip", "netns", "exec", self.hosts[host][0]]
-
-    def net_only(self, host):
-        """Into the host's network namespace only: `ip netns exec` also gives the command a
-        mount namespace of its own, where an agent's FUSE mount would be out of `lode
-        run`'s sight."""
+        """Into the host's network namespace only. `ip netns exec` would also give the
+        command a mount namespace of its own: an agent's FUSE mount would be out of `lode
+        run`'s sight there, and a server started so would hold copies of the agents' FUSE
+        mounts, which keeps those agents from ending."""
         return ["nsenter", f"--net=/run/netns/{self.hosts[host][0]}"]
 
     def addr(self, host):
@@ -701,7 +699,7 @@ class TestNet:
         with open(conf, "w") as f:
             # Demand only: no working set fetched, no readahead.
             f.write("" if prefetch else "[prefetch]\nworking_set = false\nreadahead_max_chunks = 0\n")
-        return Agent(self.ctx, name, az=az, caches=caches, host=self.net_only(host), env=self.env, config=conf)
+        return Agent(self.ctx, name, az=az, caches=caches, host=self.on(host), env=self.env, config=conf)
 
     def down(self):
         run(self.base + ["down"])
