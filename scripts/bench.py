@@ -15,6 +15,7 @@ Sections:
   peers     5: NBD against nbdkit, cache node against memcached, the agent against nbdkit
   snapshot  7: memory snapshot restore, lazy against eager, with and without working set
   startcost 8: the fixed cost of `lode run` of a tiny warm image against a chroot, step by step
+  network   9: the starts of 2 and the replay of 4 again on scripts/testnet.sh's hosts
 """
 
 import argparse
@@ -99,6 +100,7 @@ class Ctx:
         self.args = args
         self.quick = args.quick
         self.lode = os.path.realpath(args.lode)
+        self.s3_server = args.s3_server and os.path.realpath(args.s3_server)
         self.layout = os.path.realpath(args.layout)
         self.work = os.path.realpath(args.work)
         self.results = os.path.realpath(args.results)
@@ -131,9 +133,9 @@ class Ctx:
         with open(path) as f:
             return json.load(f)
 
-    def spawn(self, cmd, logname):
+    def spawn(self, cmd, logname, env=None):
         with open(os.path.join(self.work, logname), "ab") as logf:
-            p = subprocess.Popen(cmd, env=self.env, stdout=logf, stderr=logf, start_new_session=True)
+            p = subprocess.Popen(cmd, env=env or self.env, stdout=logf, stderr=logf, start_new_session=True)
         self.procs.append(p)
         return p
 
@@ -232,23 +234,32 @@ def add_function_image(layout, base_tag, tag, files):
 
 
 class Agent:
-    def __init__(self, ctx, name, az=None, caches=None, lode=None):
+    """A `lode agent` with its own state directory. On the test network (section 9) it
+    runs in a worker host's network namespace (`host`: the command's prefix), with the
+    store's environment and a configuration file of its own."""
+
+    def __init__(self, ctx, name, az=None, caches=None, lode=None, host=None, env=None, config=None):
         self.ctx, self.name = ctx, name
         self.lode = lode or ctx.lode
         self.state = os.path.join(ctx.work, "agents", name)
         self.control = os.path.join(self.state, "control.sock")
         self.az = az or []
         self.caches = caches or {}
+        self.host = host or []
+        self.env = env
+        self.config = config
         self.proc = None
 
     def start(self):
         os.makedirs(self.state, exist_ok=True)
-        cmd = [self.lode, "-q", "agent", "--state-dir", self.state]
+        cmd = [*self.host, self.lode, "-q", "agent", "--state-dir", self.state]
+        if self.config:
+            cmd += ["--config", self.config]
         for k, v in self.caches.items():
             cmd += [f"--cache-{k}", v]
         for a in self.az:
             cmd += ["--az-node", a]
-        self.proc = self.ctx.spawn(cmd, f"agent-{self.name}.log")
+        self.proc = self.ctx.spawn(cmd, f"agent-{self.name}.log", env=self.env)
         deadline = time.time() + 30
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -533,8 +544,13 @@ def zipf_weights(n, s):
 def section_replay(ctx):
     ensure_family(ctx)
     q = ctx.quick
-    nfun = 16 if q else 48
-    nstart = 120 if q else 480
+    ctx.save("replay", replay(ctx, nfun=16 if q else 48, nstart=120 if q else 480))
+
+
+def replay(ctx, nfun, nstart, net=None):
+    """The Zipf replay: `nfun` function images over the family, `nstart` starts on three
+    agents sharing six cache nodes. With `net` (a TestNet) the store is the S3 server on
+    the origin host, the nodes run on the cache hosts and the agents on the workers."""
     zipf_s = 1.1
     agents_n = 3
     caches = {"decrypted": "32MiB", "memory": "32MiB", "disk": "96MiB"}
@@ -552,7 +568,8 @@ def section_replay(ctx):
         tag = f"fn{i:02d}-{base}"
         add_function_image(layout, base, tag, [(name, code.encode()), ("data.bin", data)])
         log(f"replay: flattening function {tag} ({data_size >> 10} KiB of data)")
-        flat = ctx.lode_json("flatten", f"oci:{layout}:{tag}", "--tag", tag, "--work-dir", os.path.join(ctx.work, "tmp"))
+        flatten = ["flatten", f"oci:{layout}:{tag}", "--tag", tag, "--work-dir", os.path.join(ctx.work, "tmp")]
+        flat = net.publish_json(*flatten) if net else ctx.lode_json(*flatten)
         functions.append({"tag": tag, "base": base, "data_bytes": data_size, "image_size": flat["image_size"],
                           "dedup_share": flat["dedup_share"], "uploaded": flat["stats"]["uploaded_bytes"]})
     popularity = list(range(nfun))
@@ -560,8 +577,12 @@ def section_replay(ctx):
     weights = zipf_weights(nfun, zipf_s)
     fn_weights = [weights[popularity[i]] for i in range(nfun)]
 
-    fleet = Fleet(ctx, "replay")
-    agents = [Agent(ctx, f"replay-{i}", az=fleet.addrs, caches=caches).start() for i in range(agents_n)]
+    if net:
+        nodes = net.fleet()
+        agents = [net.agent(f"replay-{i}", f"worker{i + 1}", az=nodes, caches=caches).start() for i in range(agents_n)]
+    else:
+        nodes = Fleet(ctx, "replay").addrs
+        agents = [Agent(ctx, f"replay-{i}", az=nodes, caches=caches).start() for i in range(agents_n)]
     starts = []
     try:
         for n in range(nstart):
@@ -577,11 +598,201 @@ def section_replay(ctx):
     finally:
         ctx.stop_all()
     shutil.rmtree(layout, ignore_errors=True)
-    ctx.save("replay", {
+    return {
         "functions": functions, "popularity_rank": popularity, "zipf_s": zipf_s, "agents": agents_n,
         "caches": caches, "fleet": {"nodes": 6, "k": 4, "m": 2, "memory_per_node": "1GiB"},
         "starts": starts, "agent_stats": final, "seed": 7,
-    })
+    }
+
+
+# ------------------------------------------------------------------ 9: over a network
+
+
+class TestNet:
+    """scripts/testnet.sh's hosts, with the S3-protocol server on the origin (the store
+    every lode command here uses: `publish` from the origin's own loopback, the rest from
+    the workers over their links), a registry beside it, and cache nodes on demand."""
+
+    S3_PORT, REGISTRY_PORT, NODE_PORT = 9000, 5000, 11211
+    BUCKET = "lode-eval"
+
+    def __init__(self, ctx, prefix="lbench", subnet="198.18.80.0/24", workers=3):
+        if not ctx.s3_server:
+            raise Fail("section network needs --s3-server (scripts/bench.sh builds lode-s3-server)")
+        self.ctx = ctx
+        self.base = ["bash", os.path.join(ctx.repo, "scripts/testnet.sh"), "--prefix", prefix, "--subnet", subnet]
+        run(self.base + ["down"])  # what an interrupted run left
+        run(self.base + ["up", "--workers", str(workers)])
+        self.hosts = {}
+        for line in run(self.base + ["hosts"]).splitlines():
+            name, ns, addr = line.split()
+            self.hosts[name] = (ns, addr)
+        self.links = run(self.base + ["status"])
+        origin = self.addr("origin")
+        # lode-s3-server takes lode-testkit's test key.
+        keys = {"AWS_ACCESS_KEY_ID": "lode-test-access", "AWS_SECRET_ACCESS_KEY": "lode-test-secret",
+                "AWS_REGION": "us-east-1"}
+        bucket = os.path.join(ctx.work, "s3", self.BUCKET)
+        os.makedirs(bucket, exist_ok=True)
+        env = dict(ctx.env, **keys)
+        self.wait_ready(ctx.spawn([*self.on("origin"), ctx.s3_server, "--listen", f"0.0.0.0:{self.S3_PORT}",
+                                   "--dir", os.path.dirname(bucket)], "s3-server.log", env=env), "s3-server.log")
+        store = {"LODE_STORE": f"s3://{self.BUCKET}", **keys}
+        # The origin's own view (publishing: a flattener beside the store) and the workers'.
+        self.origin_env = dict(ctx.env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{self.S3_PORT}", **store)
+        self.env = dict(ctx.env, AWS_ENDPOINT_URL=f"http://{origin}:{self.S3_PORT}", **store)
+        reg = os.path.join(ctx.work, "registry")
+        os.makedirs(reg, exist_ok=True)
+        conf = os.path.join(ctx.work, "registry.yml")
+        with open(conf, "w") as f:
+            f.write(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {reg}\n"
+                    f"http:\n  addr: 0.0.0.0:{self.REGISTRY_PORT}\n")
+        ctx.spawn([*self.on("origin"), "docker-registry", "serve", conf], "registry.log")
+        self.fleet_addrs = None
+
+    def on(self, host):
+        """Into the host's network namespace only. `ip netns exec` would also give the
+        command a mount namespace of its own: an agent's FUSE mount would be out of `lode
+        run`'s sight there, and a server started so would hold copies of the agents' FUSE
+        mounts, which keeps those agents from ending."""
+        return ["nsenter", f"--net=/run/netns/{self.hosts[host][0]}"]
+
+    def addr(self, host):
+        return self.hosts[host][1]
+
+    def wait_ready(self, proc, logname, word="listening"):
+        path = os.path.join(self.ctx.work, logname)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise Fail(f"{logname[:-4]} exited {proc.returncode}; see {path}")
+            with open(path, errors="replace") as f:
+                if word in f.read():
+                    return
+            time.sleep(0.05)
+        raise Fail(f"{logname[:-4]} did not say {word!r} within 30 s; see {path}")
+
+    def wait_port(self, host, port):
+        probe = f"import socket,time\nfor _ in range(400):\n  try: socket.create_connection(('{self.addr(host)}', {port}), 1).close(); break\n  except OSError: time.sleep(0.05)\nelse: raise SystemExit(1)"
+        run([*self.on("worker1"), "/usr/bin/python3", "-c", probe])
+
+    def publish_json(self, *args):
+        return json.loads(run([*self.on("origin"), self.ctx.lode, "--json", "-q", *args], env=self.origin_env))
+
+    def lode(self, host, *args):
+        return run([*self.on(host), self.ctx.lode, "-q", *args], env=self.env)
+
+    def fleet(self):
+        if self.fleet_addrs is None:
+            self.fleet_addrs = []
+            for i in range(1, 7):
+                host = f"cache{i}"
+                self.ctx.spawn([*self.on(host), self.ctx.lode, "-q", "cache-node", "--listen",
+                                f"0.0.0.0:{self.NODE_PORT}", "--memory", "1GiB"], f"node-net-{i}.log")
+                self.fleet_addrs.append(f"{self.addr(host)}:{self.NODE_PORT}")
+            for i in range(1, 7):
+                self.wait_port(f"cache{i}", self.NODE_PORT)
+        return self.fleet_addrs
+
+    def agent(self, name, host, az=None, caches=None, prefetch=True):
+        conf = os.path.join(self.ctx.work, f"agent-{name}.toml")
+        with open(conf, "w") as f:
+            # Demand only: no working set fetched, no readahead.
+            f.write("" if prefetch else "[prefetch]\nworking_set = false\nreadahead_max_chunks = 0\n")
+        return Agent(self.ctx, name, az=az, caches=caches, host=self.on(host), env=self.env, config=conf)
+
+    def down(self):
+        run(self.base + ["down"])
+
+
+def pull_over_net(ctx, net, tag, how):
+    """A full pull on worker1 over its link, then the command from local disk:
+    `export` is `lode export` of the flattened image from the S3 origin, then a loop
+    mount; `registry` is `skopeo copy` from the registry on the origin host into a local
+    OCI layout, then `umoci raw unpack`. Scratch on tmpfs, as in section 5."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else ctx.work
+    root = os.path.join(base, f"lode-eval-net-{tag}")
+    img = os.path.join(base, f"lode-eval-net-{tag}.ext4")
+    oci = os.path.join(base, f"lode-eval-net-{tag}.oci")
+    mounted = []
+    try:
+        drop_caches()
+        t0 = time.perf_counter()
+        if how == "export":
+            net.lode("worker1", "export", tag, img)
+            os.makedirs(root, exist_ok=True)
+            run(["mount", "-o", "loop", img, root])
+            mounted.append(root)
+        else:
+            src = f"docker://{net.addr('origin')}:{net.REGISTRY_PORT}/lode/{tag}:latest"
+            run([*net.on("worker1"), "skopeo", "copy", "-q", "--src-tls-verify=false", src, f"oci:{oci}:{tag}"])
+            run(["umoci", "raw", "unpack", "--image", f"{oci}:{tag}", root])
+        pulled = time.perf_counter() - t0
+        for fs, where in (("proc", "proc"), ("tmpfs", "tmp")):
+            os.makedirs(os.path.join(root, where), exist_ok=True)
+            run(["mount", "-t", fs, fs, os.path.join(root, where)])
+            mounted.append(os.path.join(root, where))
+        run([shutil.which("chroot") or "/usr/sbin/chroot", root, *COMMANDS[tag]],
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root"})
+        return {"pull_secs": pulled, "total_secs": time.perf_counter() - t0}
+    finally:
+        for m in reversed(mounted):
+            subprocess.run(["umount", m], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(oci, ignore_errors=True)
+        if os.path.exists(img):
+            os.unlink(img)
+
+
+def section_network(ctx):
+    """9: section 2's starts and section 4's replay again, over scripts/testnet.sh."""
+    q = ctx.quick
+    runs = 2 if q else 3
+    net = TestNet(ctx)
+    out = {"runs": runs, "commands": COMMANDS, "links": net.links, "images": {}}
+    try:
+        for t in FAMILY:
+            log(f"network: publishing {t} to the origin (S3) and its registry")
+            net.publish_json("flatten", f"oci:{ctx.layout}:{t}", "--tag", t, "--work-dir", os.path.join(ctx.work, "tmp"))
+            run([*net.on("origin"), "skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{ctx.layout}:{t}",
+                 f"docker://127.0.0.1:{net.REGISTRY_PORT}/lode/{t}:latest"])
+        nodes = net.fleet()
+        for t in FAMILY:
+            size = net.publish_json("inspect", t)["device_size"]
+            rec = {"image_size": size, "demand": [], "working_set": [], "az": [], "export": [], "registry": []}
+            # The recording start: a fresh agent, no record yet, so it records this start.
+            net.lode("origin", "prefetch", "clear", t)
+            a = net.agent(f"net-record-{t}", "worker1").start()
+            secs, d = a.start_fn(t, COMMANDS[t])
+            a.wipe()
+            rec["recording"] = {"secs": secs, **d}
+            rec["inspect"] = net.publish_json("inspect", t).get("working_set")
+            # The AZ fleet filled with this image once.
+            a = net.agent(f"net-fill-{t}", "worker2", az=nodes).start()
+            a.start_fn(t, COMMANDS[t])
+            a.wipe()
+            for r in range(runs):
+                log(f"network: {t} run {r + 1}/{runs}")
+                for state, kw in (("demand", {"prefetch": False}), ("working_set", {}),
+                                  ("az", {"az": nodes, "prefetch": False})):
+                    a = net.agent(f"net-{state}-{t}", "worker1", **kw).start()
+                    drop_caches()
+                    secs, d = a.start_fn(t, COMMANDS[t])
+                    rec[state].append({"secs": secs, **d, "prefetch": a.stats().get("prefetch")})
+                    a.wipe()
+                rec["export"].append(pull_over_net(ctx, net, t, "export"))
+                rec["registry"].append(pull_over_net(ctx, net, t, "registry"))
+            out["images"][t] = rec
+        ctx.stop_all()
+        net.down()
+        net = None
+        net = TestNet(ctx)  # a fresh fleet (and origin server) for the replay
+        out["replay"] = replay(ctx, nfun=16 if q else 24, nstart=120 if q else 240, net=net)
+    finally:
+        ctx.stop_all()
+        if net:
+            net.down()
+    ctx.save("network", out)
 
 
 # ------------------------------------------------------------------ 5: peers
@@ -839,6 +1050,7 @@ SECTIONS = {
     "peers": section_peers,
     "snapshot": section_snapshot,
     "startcost": section_startcost,
+    "network": section_network,
 }
 
 
@@ -847,6 +1059,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="the quick subset (fewer runs, starts and seconds)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of: " + ", ".join(SECTIONS))
     p.add_argument("--lode", required=True, help="the lode binary")
+    p.add_argument("--s3-server", help="lode-testkit's lode-s3-server binary (section network)")
     p.add_argument("--layout", required=True, help="the image family's OCI layout")
     p.add_argument("--work", required=True, help="scratch directory (stores, agent state)")
     p.add_argument("--results", required=True, help="where each section's JSON goes")

@@ -6,7 +6,7 @@
 #   --quick          the quick subset: fewer runs, starts and seconds (about 6 minutes
 #                    with lode and the benches already built); without it the full set
 #                    (about 16 minutes)
-#   --sections LIST  comma-separated subset of dedup,starts,replay,peers,snapshot,startcost
+#   --sections LIST  comma-separated subset of dedup,starts,replay,peers,snapshot,startcost,network
 #                    (default: all; sections not run are listed as such in the report)
 #   --out FILE       the report (default docs/EVALUATION.md; plots go to evaluation/
 #                    beside it)
@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-quick= sections=dedup,starts,replay,peers,snapshot,startcost out=docs/EVALUATION.md keep=
+quick= sections=dedup,starts,replay,peers,snapshot,startcost,network out=docs/EVALUATION.md keep=
 args=("$@")
 while (($#)); do
   case $1 in
@@ -44,7 +44,7 @@ need=()
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
 for t in umoci:umoci mkfs.ext4:e2fsprogs fio:fio nbdkit:nbdkit nbdfuse:libnbd-bin nbdcopy:libnbd-bin \
          fusermount3:fuse3 memcached:memcached crun:crun openssl:openssl debootstrap:debootstrap \
-         busybox:busybox-static; do
+         busybox:busybox-static skopeo:skopeo docker-registry:docker-registry iptables:iptables ip:iproute2; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 if ((${#need[@]})); then
@@ -65,6 +65,12 @@ if [ -z "${LODE:-}" ]; then
   cargo build --release -q --locked -p lode
   LODE=$target/release/lode
 fi
+s3server=
+if [[ ",$sections," == *,network,* ]]; then
+  # The origin of the test network (scripts/testnet.sh): the S3-protocol server the tests use.
+  cargo build --release -q --locked -p lode-testkit --features s3 --bin lode-s3-server
+  s3server=$target/release/lode-s3-server
+fi
 if [[ ",$sections," == *,peers,* || ",$sections," == *,snapshot,* ]]; then
   cargo bench --no-run -q --locked -p lode-nbd -p lode-cache-node -p lode-snap -p lode-format -p lode-az
 fi
@@ -77,6 +83,7 @@ cleanup() {
 }
 trap cleanup EXIT
 if ! /usr/bin/python3 scripts/bench.py $quick --sections "$sections" --lode "$LODE" --layout "$layout" \
+  ${s3server:+--s3-server "$s3server"} \
   --work "$work/work" --results "$work/results" --command "$(echo scripts/bench.sh "${args[@]}")"; then
   keep=1  # the agents' and nodes' logs the error points to
   die "a section failed (above); its logs are in $work/work"

@@ -299,6 +299,29 @@ def quantile(bounds, counts, q):
 
 
 def fig_latency(r, rep):
+    plot, rows = latency_cdf(r, rep, "fig3-latency-cdf", "Read latency per tier over the replayed workload (section 4)")
+    return f"""## 3. Read-latency CDF per tier
+
+What: the agents' own histograms (`lode stats --json`: `hit_latency_counts` per tier, 32
+buckets from 1 µs to 1 s, six per decade; `read_latency_counts` for whole device reads),
+summed over the three agents at the end of the replay of section 4. A tier's latency is
+the time of a lookup it answered: for the decrypted tier a hash-map hit, for memory and
+disk the read of the segment a read needs plus its AES-256-GCM open, for the AZ tier k=4
+stripe gets over loopback plus the rebuild and the name check, for the origin a read of
+the chunk file from the local directory store, its checks and decryption. There is no
+network here: the origin is a local directory and the cache nodes share the two cores
+with everything else, so the AZ and origin curves are lode's own cost, not a network's
+(section 9 has them over a network).
+
+{plot}
+{table(["tier", "hits", "p50 (bucket)", "p90", "p99", "mean"], rows)}
+Paper: the agent's read-latency CDF has a mode under 100 µs (local hits) and one near
+2.75 ms (AZ hits, including decryption); worker-observed AZ GETs 550 µs median.
+"""
+
+
+def latency_cdf(r, rep, name, title):
+    """The per-tier hit-latency CDF of a replay's agents: the plot and its table rows."""
     stats = rep["agent_stats"]
     bounds = stats[0]["tiers"][0]["latency_buckets_us"]
     fig, a = plt.subplots(figsize=(7, 3.8))
@@ -326,27 +349,10 @@ def fig_latency(r, rep):
     a.set_xscale("log")
     a.set_xlabel("latency, µs (upper bound of the agent's histogram bucket)")
     a.set_ylabel("share of hits ≤ x")
-    a.set_title("Read latency per tier over the replayed workload (section 4)")
+    a.set_title(title)
     a.legend(fontsize=7, loc="lower right")
     a.grid(alpha=0.3)
-    plot = r.save(fig, "fig3-latency-cdf")
-    return f"""## 3. Read-latency CDF per tier
-
-What: the agents' own histograms (`lode stats --json`: `hit_latency_counts` per tier, 32
-buckets from 1 µs to 1 s, six per decade; `read_latency_counts` for whole device reads),
-summed over the three agents at the end of the replay of section 4. A tier's latency is
-the time of a lookup it answered: for the decrypted tier a hash-map hit, for memory and
-disk the read plus AES-256-GCM open of the 512 KiB chunk, for the AZ tier k=4 stripe gets
-over loopback plus the rebuild and the SHA-256 name check, for the origin a read of the
-chunk file from the local directory store, its name check and decryption. There is no
-network here: the origin is a local directory and the cache nodes share the two cores
-with everything else, so the AZ and origin curves are lode's own cost, not a network's.
-
-{plot}
-{table(["tier", "hits", "p50 (bucket)", "p90", "p99", "mean"], rows)}
-Paper: the agent's read-latency CDF has a mode under 100 µs (local hits) and one near
-2.75 ms (AZ hits, including decryption); worker-observed AZ GETs 550 µs median.
-"""
+    return r.save(fig, name), rows
 
 
 def never(counts):
@@ -677,6 +683,104 @@ and exit). Measured by `{sc['bench_command']}` at {sc['recorded_at']}.
 # ------------------------------------------------------------------ headline
 
 
+def fig_network(r, net):
+    """9: starts and the replay on scripts/testnet.sh's hosts."""
+    imgs = net["images"]
+    tags = list(imgs)
+    ways = [("registry", "registry pull + unpack", "#999999"), ("export", "`lode export` + loop mount", "#666666"),
+            ("demand", "lazy, on demand", "#e7298a"), ("working_set", "lazy + working set", "#1b9e77"),
+            ("az", "lazy, AZ cache warm", "#d95f02")]
+
+    def secs(im, way):
+        return med([x["total_secs"] if "total_secs" in x else x["secs"] for x in im[way]])
+
+    fig, a = plt.subplots(figsize=(8, 3.6))
+    w = 0.8 / len(ways)
+    for k, (way, label, color) in enumerate(ways):
+        a.bar([i - 0.4 + w * (k + 0.5) for i in range(len(tags))], [secs(imgs[t], way) for t in tags], w,
+              color=color, label=label)
+    a.set_xticks(range(len(tags)), tags)
+    a.set_ylabel("seconds to the command's exit (median)")
+    a.set_yscale("log")
+    a.set_title(f"Cold starts over the test network (median of {net['runs']})")
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3, axis="y")
+    plot = r.save(fig, "fig9-network-starts")
+    rows, vs_pull, vs_demand = [], [], []
+    for t in tags:
+        im = imgs[t]
+        size = im["image_size"]
+        pull = min(secs(im, "export"), secs(im, "registry"))
+        ws, dem = secs(im, "working_set"), secs(im, "demand")
+        vs_pull.append(pull / ws)
+        vs_demand.append(dem / ws)
+
+        def fetched(way):
+            return med([x["tiers"]["origin"]["bytes"] for x in im[way]]) / size
+
+        # The agent's per-image figures (`lode stats --json`: prefetch, by manifest).
+        pre = [(x.get("prefetch") or {}).values() for x in im["working_set"]]
+        used = med([sum(m["working_set"]["used_bytes"] for m in p) for p in pre])
+        wasted = med([sum(m["working_set"]["wasted_bytes"] for m in p) for p in pre])
+        rows.append([t, mib(size), *[f"{secs(im, way):.2f} s" for way, _, _ in ways],
+                     f"**{pull / ws:.1f}x**", f"**{dem / ws:.1f}x**", pct(fetched("demand")), pct(fetched("working_set")),
+                     f"{mib(used)} / {mib(wasted)}"])
+    rep = net.get("replay")
+    text_replay = ""
+    if rep:
+        lplot, lrows = latency_cdf(r, rep, "fig9-network-latency-cdf", "Read latency per tier, replay over the test network")
+        st = rep["starts"]
+        half = st[len(st) // 2:]
+        hits = {t: sum(x["tiers"].get(t, 0) for x in half) for t in TIERS}
+        below = sum(hits[t] for t in TIERS[1:]) or 1
+        text_replay = f"""### The replay over the network
+
+Section 4's replay ({len(rep['functions'])} functions, {len(st)} starts, the same seed and
+cache sizes) with the three agents on worker hosts, the six cache nodes on cache hosts
+and the store on the origin host. Second half of the starts: local
+{pct((hits['memory'] + hits['disk']) / below)}, AZ {pct(hits['az'] / below)}, origin
+{100 * hits['origin'] / below:.2f}% of the requests that reached the ciphertext tiers;
+start median {med([x['secs'] for x in st]):.2f} s (first start of each function
+{med([x['secs'] for i, x in enumerate(st) if all(p['fn'] != x['fn'] for p in st[:i])]):.2f} s).
+
+{lplot}
+{table(["tier", "hits", "p50 (bucket)", "p90", "p99", "mean"], lrows)}
+Paper: AZ mode near 2.75 ms (with decryption), worker-observed AZ GETs 550 µs median; S3
+fetch 36 ms median, 175 ms p99.9.
+"""
+    links = "\n".join("    " + line for line in net["links"].strip().splitlines())
+    return f"""## 9. Over a network
+
+What: section 2's cold starts and section 4's replay again, on the test network of
+[network.md](network.md) (`scripts/testnet.sh`): every host a network namespace behind a
+router namespace, the origin an S3-protocol server (the one the test suite uses) on its
+own host with a registry (Debian's `docker-registry`) beside it, six `lode cache-node`s
+on hosts of their own, the agents on worker hosts. Links as `scripts/testnet.sh status`
+printed them:
+
+{links}
+
+Per image, {net['runs']} runs each, medians, page cache dropped before each, a fresh agent
+with every local cache empty for each lazy start (`lode run`, as in section 2):
+- registry pull + unpack: `skopeo copy` from the origin's registry into a local OCI
+  layout on the worker, `umoci raw unpack`, the command in a chroot;
+- `lode export` + loop mount: the whole flattened image from the S3 origin, then the
+  command from it;
+- lazy, on demand: the agent fetches what is read, nothing else (no working set, no
+  readahead);
+- lazy + working set: the agent's defaults: the working set an earlier start recorded
+  (`lode inspect` shows it; docs/agent.md) fetched ahead of demand, and readahead;
+- lazy, AZ cache warm: on demand, with the fleet filled by an earlier start.
+
+{plot}
+{table(["image", "size", *[label for _, label, _ in ways], "working set vs the faster pull", "working set vs on demand",
+        "fetched, on demand", "fetched, working set", "prefetched used / wasted"], rows)}
+- Lazy with the working set against the faster full pull: {min(vs_pull):.1f}-{max(vs_pull):.1f}x
+  (target ≥ 5x); against lazy on demand only: {min(vs_demand):.1f}-{max(vs_demand):.1f}x (target ≥ 2x).
+
+{text_replay}"""
+
+
 def tier_counts(rep, tier, key="hit_latency_counts"):
     counts = None
     for st in rep["agent_stats"]:
@@ -686,7 +790,7 @@ def tier_counts(rep, tier, key="hit_latency_counts"):
     return counts
 
 
-def headline(dedup, starts, replay, peers, snap, startcost=None):
+def headline(dedup, starts, replay, peers, snap, startcost=None, net=None):
     rows = []
     if dedup:
         im = dedup["images"]
@@ -744,6 +848,15 @@ def headline(dedup, starts, replay, peers, snap, startcost=None):
         rows.append(["8", "lode run of a tiny warm image over a chroot of its tree (chroot / crun runtime)",
                      f"+{f['lode_chroot']['wall_ms'] - base:.1f} / +{f['lode_crun']['wall_ms'] - base:.1f} ms "
                      f"(chroot {base:.1f} ms)", f"goal ≤ {STARTCOST_GOAL_MS} ms over; paper: starts in as little as 50 ms"])
+    if net:
+        vp, vd = [], []
+        for im in net["images"].values():
+            sec = {w: med([x["total_secs"] if "total_secs" in x else x["secs"] for x in im[w]])
+                   for w in ("export", "registry", "demand", "working_set")}
+            vp.append(min(sec["export"], sec["registry"]) / sec["working_set"])
+            vd.append(sec["demand"] / sec["working_set"])
+        rows.append(["9", "cold start over a network: lazy + working set against a full pull / lazy on demand",
+                     f"{min(vp):.1f}-{max(vp):.1f}x / {min(vd):.1f}-{max(vd):.1f}x faster", "targets ≥ 5x / ≥ 2x"])
     return "## Headline figures\n\n" + table(["fig.", "what", "measured here", "paper / reference"], rows)
 
 
@@ -757,9 +870,9 @@ def main():
     out_md = sys.argv[2] if len(sys.argv) == 3 else os.path.join(os.path.dirname(__file__), "..", "docs", "EVALUATION.md")
     r = Report(results, out_md)
     machine = r.load("machine") or {}
-    dedup, starts, replay, peers, snap, startcost = (
-        r.load(n) for n in ("dedup", "starts", "replay", "peers", "snapshot", "startcost"))
-    if not any((dedup, starts, replay, peers, snap, startcost)):
+    dedup, starts, replay, peers, snap, startcost, net = (
+        r.load(n) for n in ("dedup", "starts", "replay", "peers", "snapshot", "startcost", "network"))
+    if not any((dedup, starts, replay, peers, snap, startcost, net)):
         sys.exit(f"evaluation: no section results in {results}")
     runs = machine.get("invocations", [])
     ran = "; ".join(f"`{i['command'].strip()}` on {i['date']} ({', '.join(i['sections'])}: {i['secs']} s"
@@ -778,10 +891,12 @@ figures (`scripts/bench.sh --quick` for the quick subset; see the README's "Eval
         if k in machine:
             head += f"| {k} | {machine[k]} |\n"
     head += """
-This is a 2-core VM with no network: the origin store is a local directory and the AZ
-fleet is six lode cache nodes on loopback sharing the same two cores, so latencies are
-lode's own costs, not a network's, and ratios measured in the same run mean more than any
-absolute figure.
+This is a 2-core VM with no network: in sections 1-7 the origin store is a local
+directory and the AZ fleet is six lode cache nodes on loopback sharing the same two
+cores, so latencies are lode's own costs, not a network's, and ratios measured in the
+same run mean more than any absolute figure. Section 8 puts a network back: hosts in
+network namespaces on this machine, with S3-like and AZ-like link delays
+([network.md](network.md)); the hosts still share the two cores.
 
 Studies measured on their own, outside `scripts/bench.sh`: garbage collection
 ([evaluation/gc.md](evaluation/gc.md)), the control plane's start latency and throughput
@@ -790,7 +905,7 @@ Studies measured on their own, outside `scripts/bench.sh`: garbage collection
 
 """
     r.add(head)
-    r.add(headline(dedup, starts, replay, peers, snap, startcost))
+    r.add(headline(dedup, starts, replay, peers, snap, startcost, net))
     if dedup:
         r.add(fig_dedup(r, dedup, replay))
     if starts:
@@ -806,8 +921,10 @@ Studies measured on their own, outside `scripts/bench.sh`: garbage collection
         r.add(fig_snapshot(r, snap))
     if startcost:
         r.add(fig_startcost(r, startcost))
+    if net:
+        r.add(fig_network(r, net))
     missing = [n for n, v in (("1 dedup", dedup), ("2/6 starts", starts), ("3/4 replay", replay), ("5 peers", peers),
-                              ("7 snapshot", snap), ("8 startcost", startcost)) if v is None]
+                              ("7 snapshot", snap), ("8 startcost", startcost), ("9 network", net)) if v is None]
     if missing:
         r.add("Sections not run this time: " + ", ".join(missing) + ".\n")
     with open(out_md + ".tmp", "w") as f:

@@ -236,8 +236,11 @@ EOF
   done
   write_links
   # The kernel here may lack netem, so delay is a user-space NFQUEUE daemon in the
-  # router: every forwarded packet waits there for its two links' delays.
-  setsid ip netns exec "$router" python3 "$here/testnet-delay.py" "$state/links" 0 \
+  # router: every forwarded packet waits there for its two links' delays. It enters the
+  # router's network namespace only: `ip netns exec` would also give it a mount
+  # namespace of its own, holding copies of whatever FUSE mounts (lode agents') exist
+  # now, for as long as it runs, and an agent cannot end while its mount lives on there.
+  setsid nsenter --net="/run/netns/$router" python3 "$here/testnet-delay.py" "$state/links" 0 \
     </dev/null >"$state/delay.log" 2>&1 &
   echo $! >"$state/delay.pid"
   local tries=0
