@@ -16,6 +16,7 @@ Sections:
   snapshot  7: memory snapshot restore, lazy against eager, with and without working set
   startcost 8: the fixed cost of `lode run` of a tiny warm image against a chroot, step by step
   network   9: the starts of 2 and the replay of 4 again on scripts/testnet.sh's hosts
+  vm       10: `lode vm run` of the python image (QEMU) beside `lode run` of it
 """
 
 import argparse
@@ -605,6 +606,60 @@ def replay(ctx, nfun, nstart, net=None):
     }
 
 
+# ------------------------------------------------------------------ 10: a microVM start
+
+
+VM_IMAGE = "python"
+VM_COMMAND = ["python3", "-c", "print(1)"]
+
+
+def timed_first_output(cmd, env):
+    """Runs cmd; returns (seconds to its first byte on stdout, seconds to its exit)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.read(1)
+    t_first = time.perf_counter() - t0
+    rest = p.stdout.read()
+    err = p.stderr.read()
+    if p.wait() != 0 or not first:
+        raise Fail(f"{' '.join(cmd)} exited {p.returncode} with output {(first + rest)[-500:]!r}: {err[-2000:]!r}")
+    return t_first, time.perf_counter() - t0
+
+
+def section_vm(ctx):
+    """10: `lode vm run` of the python image (QEMU, TCG here) beside `lode run` of it."""
+    try:
+        ctx.lode_json("inspect", VM_IMAGE)
+    except Fail:
+        ctx.lode_json("flatten", f"oci:{ctx.layout}:{VM_IMAGE}", "--tag", VM_IMAGE, "--work-dir",
+                      os.path.join(ctx.work, "tmp"))
+    size = ctx.lode_json("inspect", VM_IMAGE)["device_size"]
+    runs = 2 if ctx.quick else 3
+    ways = {
+        "vm_file": ["vm", "run", "-q"],
+        "vm_nbd": ["vm", "run", "-q", "--via", "nbd"],
+        "run": ["run", "-q"],
+    }
+    out = {"image": VM_IMAGE, "image_size": size, "command": VM_COMMAND, "runs": runs,
+           "accel": "tcg" if "vmx" not in open("/proc/cpuinfo").read() else "auto", "ways": {w: [] for w in ways}}
+    try:
+        for r in range(runs):
+            for way, args in ways.items():
+                log(f"vm: {way} run {r + 1}/{runs}")
+                a = Agent(ctx, f"vm-{way}").start()
+                drop_caches()
+                before = a.stats()
+                first, total = timed_first_output([ctx.lode, *args, "--control", a.control, VM_IMAGE, "--", *VM_COMMAND],
+                                                  ctx.env)
+                d = delta(before, a.stats())
+                out["ways"][way].append({"first_output_secs": first, "total_secs": total,
+                                         "fetched_bytes": d["tiers"]["origin"]["bytes"]})
+                a.wipe()
+    finally:
+        ctx.stop_all()
+    ctx.save("vm", out)
+
+
 # ------------------------------------------------------------------ 9: over a network
 
 
@@ -1051,6 +1106,7 @@ SECTIONS = {
     "snapshot": section_snapshot,
     "startcost": section_startcost,
     "network": section_network,
+    "vm": section_vm,
 }
 
 
