@@ -799,6 +799,29 @@ def pull_over_net(ctx, net, tag, how):
             os.unlink(img)
 
 
+AZ_FETCH_TEST = "measure_az_fetch_against_round_trip_and_plain_memcached_and_origin_fetch"
+
+
+def az_fetch_on_network(ctx):
+    """The AZ tier's chunk fetch against the link's round trip and a plain memcached get
+    of the same bytes, on a test network of its own: the measurement in
+    crates/lode/tests/network.rs (release build), its printed p50/p99 parsed."""
+    e = dict(os.environ, CARGO_TARGET_DIR=os.environ.get("CARGO_TARGET_DIR", os.path.join(ctx.repo, "target")),
+             LODE_REQUIRE_TOOLS="1")
+    cmd = ["cargo", "test", "-q", "--release", "--locked", "-p", "lode", "--test", "network", AZ_FETCH_TEST, "--",
+           "--ignored", "--nocapture", "--exact"]
+    log(f"network: {' '.join(cmd)}")
+    p = subprocess.run(cmd, env=e, cwd=ctx.repo, text=True, capture_output=True)
+    if p.returncode != 0:
+        raise Fail(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr[-2000:]}")
+    rows = {}
+    for m in re.finditer(r"^\s+(.+?):\s+p50 ([\d.]+) ms, p99 ([\d.]+) ms$", p.stderr, re.M):
+        rows[m[1]] = {"p50_ms": float(m[2]), "p99_ms": float(m[3])}
+    if len(rows) < 6:
+        raise Fail(f"the AZ fetch measurement printed {len(rows)} of 6 rows: {p.stderr[-2000:]}")
+    return {"command": " ".join(cmd), "rows": rows}
+
+
 def section_network(ctx):
     """9: section 2's starts and section 4's replay again, over scripts/testnet.sh."""
     q = ctx.quick
@@ -847,6 +870,7 @@ def section_network(ctx):
         ctx.stop_all()
         if net:
             net.down()
+    out["az_fetch"] = az_fetch_on_network(ctx)
     ctx.save("network", out)
 
 
