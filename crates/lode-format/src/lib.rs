@@ -12,6 +12,7 @@
 //! - [`manifest`]: the versioned binary record naming an image's chunks, with its key
 //!   table encrypted under a data key and the whole record authenticated. Version 1
 //!   names v1 chunks, version 2 v2 chunks of a given segment size and codec.
+//! - [`record`]: the sealed envelope of the records kept beside a manifest, and their list;
 //! - [`workset`]: an image's working-set record (the chunks a start read, in order),
 //!   sealed under a key derived from its key table.
 //! - [`ids`]: chunk names, manifest ids, root ids, chunk indexes, chunk and segment sizes.
@@ -20,6 +21,7 @@ pub mod chunk;
 pub mod ids;
 pub mod manifest;
 pub mod object;
+pub mod record;
 pub mod segment;
 pub mod workset;
 
@@ -33,6 +35,7 @@ pub use manifest::{
     WrappedKey, binding_of,
 };
 pub use object::{ObjectError, ObjectFormat, check_object};
+pub use record::RecordSealKey;
 pub use segment::{
     CheckedHeader, ChunkHeader, ChunkV2Error, Codec, DecodeError, HeaderError, SealedChunkV2,
     open_chunk_v2, open_segment, open_segment_in_place, open_segment_into, open_segment_unverified,

@@ -16,7 +16,7 @@
 //! 32   8 × N  chunk indexes in first-touch order, each below the chunk count, no repeats
 //! ```
 //!
-//! The unit is the chunk, not the segment: a chunk is what the AZ cache and the origin
+//! The envelope is [`crate::record`]'s. The unit is the chunk, not the segment: a chunk is what the AZ cache and the origin
 //! hand out (a v2 object is fetched whole and its segments checked one by one), so a
 //! finer record would fetch the same objects. The record says what a start read, which
 //! is as private as the image, so it is sealed under a key only holders of the image's
@@ -24,18 +24,14 @@
 //! opens as the other). A record that fails to open or parse only loses its prefetch:
 //! callers ignore it with a warning, and every chunk is still checked by its name.
 
-use std::collections::HashSet;
-
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use ring::rand::{SecureRandom, SystemRandom};
 use thiserror::Error;
 
+use crate::record::{OVERHEAD, RecordSealKey, distinct_entries};
 use crate::{ChunkIndex, KeyTable, ManifestId};
 
 const MAGIC: [u8; 8] = *b"LODEIMWS";
 const VERSION: u16 = 1;
 const HEADER: usize = 32;
-const TAG_LEN: usize = 16;
 /// The most chunks a record lists (512 GiB of 512 KiB chunks).
 pub const MAX_ENTRIES: u64 = 1 << 20;
 const KEY_LABEL: &[u8] = b"lode image working set v1";
@@ -71,37 +67,27 @@ pub struct ImageWorkSet {
 }
 
 /// The key that seals an image's working-set records, derived from its key table.
-pub struct WorkSetKey(LessSafeKey);
-
-impl std::fmt::Debug for WorkSetKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WorkSetKey(..)")
-    }
-}
+#[derive(Debug)]
+pub struct WorkSetKey(RecordSealKey);
 
 impl WorkSetKey {
     /// The record key of the image whose chunk keys are `keys`.
     pub fn new(keys: &KeyTable) -> Self {
-        let secret = keys.derive(KEY_LABEL);
-        // A 32-byte key is always valid for AES-256-GCM.
-        let Ok(key) = UnboundKey::new(&AES_256_GCM, secret.expose()) else {
-            unreachable!("AES-256-GCM takes 32-byte keys")
-        };
-        Self(LessSafeKey::new(key))
+        Self(RecordSealKey::new(keys, KEY_LABEL))
     }
 }
 
 /// The most bytes a sealed record of an image of `chunk_count` chunks may be: the bound
 /// on reading one back from a store.
 pub fn max_sealed_len(chunk_count: u64) -> u64 {
-    (NONCE_LEN + HEADER + TAG_LEN) as u64 + 8 * chunk_count.min(MAX_ENTRIES)
+    (OVERHEAD + HEADER) as u64 + 8 * chunk_count.min(MAX_ENTRIES)
 }
 
 /// How many chunks a sealed record of `sealed_len` bytes lists, read from its length
 /// alone (which the encryption does not hide): what `lode inspect` shows without keys.
 /// `None` when the length is not one a record can have.
 pub fn entries_in_sealed_len(sealed_len: u64) -> Option<u64> {
-    let body = sealed_len.checked_sub((NONCE_LEN + HEADER + TAG_LEN) as u64)?;
+    let body = sealed_len.checked_sub((OVERHEAD + HEADER) as u64)?;
     (body % 8 == 0).then_some(body / 8)
 }
 
@@ -111,13 +97,7 @@ impl ImageWorkSet {
     pub fn seal(&self, id: &ManifestId, chunk_count: u64, key: &WorkSetKey) -> Vec<u8> {
         let most = usize::try_from(MAX_ENTRIES).unwrap_or(usize::MAX);
         let chunks = &self.chunks[..self.chunks.len().min(most)];
-        let mut b = Vec::with_capacity(NONCE_LEN + HEADER + 8 * chunks.len() + TAG_LEN);
-        let mut nonce = [0u8; NONCE_LEN];
-        // SystemRandom only fails when the OS has no randomness at all.
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .expect("the operating system's random source failed");
-        b.extend_from_slice(&nonce);
+        let mut b = Vec::with_capacity(HEADER + 8 * chunks.len() + OVERHEAD);
         b.extend_from_slice(&MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
         let flags = if self.rerecord { FLAG_RERECORD } else { 0 };
@@ -128,16 +108,7 @@ impl ImageWorkSet {
         for c in chunks {
             b.extend_from_slice(&c.0.to_le_bytes());
         }
-        let mut body = b.split_off(NONCE_LEN);
-        let Ok(()) = key.0.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(id.as_bytes()),
-            &mut body,
-        ) else {
-            unreachable!("sealing fails only for inputs over 64 GiB")
-        };
-        b.extend_from_slice(&body);
-        b
+        key.0.seal(id, b)
     }
 
     /// Opens and parses a stored record of image `id` (`chunk_count` chunks).
@@ -147,17 +118,8 @@ impl ImageWorkSet {
         chunk_count: u64,
         key: &WorkSetKey,
     ) -> Result<ImageWorkSet, WorkSetError> {
-        let (nonce, body) = sealed
-            .split_at_checked(NONCE_LEN)
-            .ok_or(WorkSetError::Unauthentic)?;
-        let mut body = body.to_vec();
-        let nonce =
-            Nonce::try_assume_unique_for_key(nonce).map_err(|_| WorkSetError::Unauthentic)?;
-        let plain = key
-            .0
-            .open_in_place(nonce, Aad::from(id.as_bytes()), &mut body)
-            .map_err(|_| WorkSetError::Unauthentic)?;
-        Self::parse(plain, chunk_count)
+        let plain = key.0.open(id, sealed).ok_or(WorkSetError::Unauthentic)?;
+        Self::parse(&plain, chunk_count)
     }
 
     /// Parses a decrypted record: the one place its bytes are read.
@@ -201,20 +163,11 @@ impl ImageWorkSet {
         if rest.len() as u64 != n * 8 {
             return Err(bad("entry list length does not match its count"));
         }
-        let mut seen = HashSet::with_capacity(rest.len() / 8);
-        let mut chunks = Vec::with_capacity(rest.len() / 8);
-        for i in 0..rest.len() / 8 {
-            let c = u64_at(rest, i * 8);
-            if c >= chunk_count {
-                return Err(WorkSetError::Corrupt(format!(
-                    "chunk {c} is past the end of the image"
-                )));
-            }
-            if !seen.insert(c) {
-                return Err(WorkSetError::Corrupt(format!("chunk {c} is listed twice")));
-            }
-            chunks.push(ChunkIndex(c));
-        }
+        let chunks = distinct_entries(rest, chunk_count, "chunk", "image")
+            .map_err(WorkSetError::Corrupt)?
+            .into_iter()
+            .map(ChunkIndex)
+            .collect();
         Ok(ImageWorkSet {
             chunks,
             rerecord: flags & FLAG_RERECORD != 0,
@@ -230,6 +183,7 @@ mod tests {
         Manifest, ManifestHeader, RootId, WrappedKey,
     };
     use proptest::prelude::*;
+    use std::collections::HashSet;
 
     fn keys(seed: u8) -> (ManifestId, WorkSetKey, KeyTable) {
         let header = ManifestHeader {
@@ -309,8 +263,7 @@ mod tests {
     fn a_snapshot_key_does_not_open_an_image_record() {
         let (id, k, table) = keys(3);
         // The label lode-snap seals snapshot records with.
-        let snap = table.derive(b"lode working set v1");
-        let snap = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, snap.expose()).unwrap());
+        let snap = RecordSealKey::new(&table, b"lode working set v1");
         let sealed = ws(&[1], false).seal(&id, 4, &k);
         assert_eq!(
             ImageWorkSet::open(&sealed, &id, 4, &WorkSetKey(snap)),

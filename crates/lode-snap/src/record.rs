@@ -19,11 +19,8 @@
 //! encrypted like everything else in the store; a record that fails to open or parse is
 //! ignored with a warning (it only steers prefetch; every chunk is still verified).
 
-use std::collections::HashSet;
-
+use lode_format::record::{OVERHEAD, RecordSealKey, distinct_entries};
 use lode_format::{KeyTable, ManifestId};
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use ring::rand::{SecureRandom, SystemRandom};
 use thiserror::Error;
 
 use crate::mapping::PAGE_SIZE;
@@ -62,23 +59,13 @@ pub struct WorkingSet {
 }
 
 /// The key that seals a snapshot's working-set records, derived from its key table.
-pub struct RecordKey(LessSafeKey);
-
-impl std::fmt::Debug for RecordKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RecordKey(..)")
-    }
-}
+#[derive(Debug)]
+pub struct RecordKey(RecordSealKey);
 
 impl RecordKey {
     /// The record key of the snapshot whose chunk keys are `keys`.
     pub fn new(keys: &KeyTable) -> Self {
-        let secret = keys.derive(KEY_LABEL);
-        // A 32-byte key is always valid for AES-256-GCM.
-        let Ok(key) = UnboundKey::new(&AES_256_GCM, secret.expose()) else {
-            unreachable!("AES-256-GCM takes 32-byte keys")
-        };
-        Self(LessSafeKey::new(key))
+        Self(RecordSealKey::new(keys, KEY_LABEL))
     }
 }
 
@@ -86,19 +73,13 @@ impl RecordKey {
 /// per page, at most [`MAX_PAGES`]): the bound on reading one back from a store.
 pub fn max_sealed_len(snapshot_size: u64) -> u64 {
     let pages = (snapshot_size / PAGE_SIZE).min(MAX_PAGES);
-    (NONCE_LEN + HEADER + 16) as u64 + 8 * pages
+    (OVERHEAD + HEADER) as u64 + 8 * pages
 }
 
 impl WorkingSet {
     /// The record's bytes, sealed for snapshot `id` under its key table.
     pub fn seal(&self, id: &ManifestId, snapshot_size: u64, key: &RecordKey) -> Vec<u8> {
-        let mut b = Vec::with_capacity(HEADER + 8 * self.pages.len() + NONCE_LEN + 16);
-        let mut nonce = [0u8; NONCE_LEN];
-        // SystemRandom only fails when the OS has no randomness at all.
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .expect("the operating system's random source failed");
-        b.extend_from_slice(&nonce);
+        let mut b = Vec::with_capacity(HEADER + 8 * self.pages.len() + OVERHEAD);
         b.extend_from_slice(&MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
         b.extend_from_slice(&0u16.to_le_bytes());
@@ -108,16 +89,7 @@ impl WorkingSet {
         for p in &self.pages {
             b.extend_from_slice(&p.to_le_bytes());
         }
-        let mut body = b.split_off(NONCE_LEN);
-        let Ok(()) = key.0.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(id.as_bytes()),
-            &mut body,
-        ) else {
-            unreachable!("sealing fails only for inputs over 64 GiB")
-        };
-        b.extend_from_slice(&body);
-        b
+        key.0.seal(id, b)
     }
 
     /// Opens and parses a stored record of snapshot `id` (`snapshot_size` bytes).
@@ -127,17 +99,8 @@ impl WorkingSet {
         snapshot_size: u64,
         key: &RecordKey,
     ) -> Result<WorkingSet, RecordError> {
-        let (nonce, body) = sealed
-            .split_at_checked(NONCE_LEN)
-            .ok_or(RecordError::Unauthentic)?;
-        let mut body = body.to_vec();
-        let nonce =
-            Nonce::try_assume_unique_for_key(nonce).map_err(|_| RecordError::Unauthentic)?;
-        let plain = key
-            .0
-            .open_in_place(nonce, Aad::from(id.as_bytes()), &mut body)
-            .map_err(|_| RecordError::Unauthentic)?;
-        Self::parse(plain, snapshot_size)
+        let plain = key.0.open(id, sealed).ok_or(RecordError::Unauthentic)?;
+        Self::parse(&plain, snapshot_size)
     }
 
     /// Parses a decrypted record: the one place its bytes are read.
@@ -178,21 +141,8 @@ impl WorkingSet {
         if rest.len() as u64 != count * 8 {
             return Err(bad("page list length does not match its count"));
         }
-        let limit = snapshot_size.div_ceil(PAGE_SIZE);
-        let mut seen = HashSet::with_capacity(rest.len() / 8);
-        let mut pages = Vec::with_capacity(rest.len() / 8);
-        for i in 0..rest.len() / 8 {
-            let p = u64_at(rest, i * 8);
-            if p >= limit {
-                return Err(RecordError::Corrupt(format!(
-                    "page {p} is past the end of the snapshot"
-                )));
-            }
-            if !seen.insert(p) {
-                return Err(RecordError::Corrupt(format!("page {p} is listed twice")));
-            }
-            pages.push(p);
-        }
+        let pages = distinct_entries(rest, snapshot_size.div_ceil(PAGE_SIZE), "page", "snapshot")
+            .map_err(RecordError::Corrupt)?;
         Ok(WorkingSet { pages })
     }
 }
@@ -204,6 +154,7 @@ mod tests {
         ChunkEntry, ChunkKey, ChunkName, DataKey, ImageConfig, Manifest, ManifestHeader,
     };
     use proptest::prelude::*;
+    use std::collections::HashSet;
 
     fn keys(seed: u8) -> (ManifestId, RecordKey) {
         let header = ManifestHeader {

@@ -154,9 +154,14 @@ impl World {
     /// caches), with the AZ fleet `az`, `img` attached; returns it and its state dir.
     fn agent(&self, host: &str, name: &str, az: &[String]) -> (Proc, PathBuf) {
         let state = self.path(name);
+        // Every read here is a demand read: these tests measure and break the AZ tier and
+        // the origin, so no working set is fetched ahead and nothing is read ahead.
         let mut args = vec![
             "agent",
             "--no-files",
+            "--no-prefetch",
+            "--readahead-max-chunks",
+            "0",
             "--state-dir",
             state.to_str().expect("path"),
         ];
