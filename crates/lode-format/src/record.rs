@@ -87,7 +87,7 @@ pub fn distinct_entries(
     unit: &str,
     whole: &str,
 ) -> Result<Vec<u64>, String> {
-    if list.len() % 8 != 0 {
+    if !list.len().is_multiple_of(8) {
         return Err(format!("{unit} list is not a whole number of entries"));
     }
     let mut seen = HashSet::with_capacity(list.len() / 8);
