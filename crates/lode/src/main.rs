@@ -259,11 +259,20 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let store = env.store()?;
             let img = lode_image::open_image(&store, None, &a.image).await?;
             let mut v = serde_json::to_value(lode_image::ManifestView::new(&img.manifest))?;
-            v["working_set"] = serde_json::to_value(
-                lode_agent::stored_working_set(&store, &img)
-                    .await
-                    .with_context(|| format!("reading the working set of {}", img.id))?,
-            )?;
+            // The working set is a hint beside the manifest: a store handle that may not
+            // read it (the control service's role, say) still inspects the manifest, and
+            // says what it could not read.
+            match lode_agent::stored_working_set(&store, &img).await {
+                Ok(ws) => v["working_set"] = serde_json::to_value(ws)?,
+                Err(e) => {
+                    let e = format!("reading the working set of {}: {e}", img.id);
+                    if !env.quiet {
+                        eprintln!("lode: warning: {e}");
+                    }
+                    v["working_set"] = serde_json::Value::Null;
+                    v["working_set_error"] = e.into();
+                }
+            }
             print_json(&v)?;
         }
         Command::Prefetch(PrefetchCommand::Record(a)) => {
