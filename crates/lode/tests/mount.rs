@@ -30,7 +30,7 @@ fn loops_under(dir: &Path) -> Vec<String> {
 
 trait MountHome {
     fn ls(&self) -> Vec<String>;
-    fn busybox_image(&self) -> Vec<u8>;
+    fn data_image(&self) -> Vec<u8>;
 }
 
 impl MountHome for Home {
@@ -43,64 +43,16 @@ impl MountHome for Home {
             .collect()
     }
 
-    /// A busybox image built with umoci, flattened as tag `bb`. Returns the bytes of
-    /// the data file put at /work/data.bin.
-    fn busybox_image(&self) -> Vec<u8> {
-        let layout = self.path("layout");
-        let bundle = self.path("bundle");
-        let image = format!("{}:t", layout.display());
-        let umoci = |args: &[&str]| {
-            let out = Command::new("umoci").args(args).output().expect("umoci");
-            assert!(
-                out.status.success(),
-                "umoci {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        umoci(&["init", "--layout", layout.to_str().expect("path")]);
-        umoci(&["new", "--image", &image]);
-        umoci(&["unpack", "--image", &image, bundle.to_str().expect("path")]);
-        let root = bundle.join("rootfs");
-        for d in ["bin", "etc", "work", "proc", "dev", "sys", "tmp"] {
-            fs::create_dir_all(root.join(d)).expect("mkdir");
-        }
-        fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-        for applet in ["sh", "id", "cat", "ls", "echo", "pwd"] {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("ln");
-        }
-        fs::write(
-            root.join("etc/passwd"),
-            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/work:/bin/sh\n",
-        )
-        .expect("passwd");
-        fs::write(root.join("etc/group"), "root:x:0:\napp:x:1001:\n").expect("group");
+    /// The harness's busybox image with a data file at /work/data.bin, whose bytes it
+    /// returns.
+    fn data_image(&self) -> Vec<u8> {
         let data: Vec<u8> = (0..3_000_000u32)
             .map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[1])
             .collect();
-        fs::write(root.join("work/data.bin"), &data).expect("data");
-        // The working dir is writable by the image's user.
-        Command::new("chown")
-            .args(["1000:1001"])
-            .arg(root.join("work"))
-            .status()
-            .expect("chown");
-        umoci(&["repack", "--image", &image, bundle.to_str().expect("path")]);
-        umoci(&[
-            "config",
-            "--image",
-            &image,
-            "--config.env",
-            "GREETING=hello from the image",
-            "--config.workingdir",
-            "/work",
-            "--config.user",
-            "app",
-            "--config.cmd",
-            "/bin/cat",
-            "--config.cmd",
-            "/etc/group",
-        ]);
-        self.ok(&["flatten", &format!("oci:{image}"), "--tag", "bb", "-q"]);
+        self.busybox_image(
+            &["sh", "id", "cat", "ls", "echo", "pwd"],
+            &[("work/data.bin", &data)],
+        );
         data
     }
 }
@@ -118,7 +70,7 @@ fn root_with_loop_and_fuse() -> bool {
 fn mount_reads_back_rw_goes_to_the_overlay_and_umount_cleans_up() {
     assert!(root_with_loop_and_fuse());
     let h = Home::new();
-    let data = h.busybox_image();
+    let data = h.data_image();
     let original = h.path("original.img");
     h.ok(&["export", "bb", original.to_str().expect("path")]);
     let _agent = h.start_agent();
@@ -192,7 +144,7 @@ fn mount_reads_back_rw_goes_to_the_overlay_and_umount_cleans_up() {
 fn run_uses_the_image_config_in_chroot_and_crun() {
     assert!(root_with_loop_and_fuse());
     let h = Home::new();
-    h.busybox_image();
+    h.data_image();
     let _agent = h.start_agent();
     let script = "echo \"$GREETING\"; pwd; id -u; id -g; echo scratch > /work/out && cat /work/out";
     for runtime in ["chroot", "crun"] {
@@ -298,7 +250,7 @@ fn run_uses_the_image_config_in_chroot_and_crun() {
 fn mistakes_are_named_and_leave_nothing_behind() {
     assert!(root_with_loop_and_fuse());
     let h = Home::new();
-    h.busybox_image();
+    h.data_image();
     let mnt = h.path("mnt");
     fs::create_dir(&mnt).expect("mkdir");
     let err = h.fails(&["mount", "bb", mnt.to_str().expect("path")]);
@@ -359,7 +311,7 @@ fn a_mount_that_fails_after_the_loop_device_releases_it_and_detaches() {
         loops_under(&h.home())
     );
     // The loop devices were released, not only marked: a later mount finds one.
-    h.busybox_image();
+    h.data_image();
     let out = h.ok(&["run", "bb", "--runtime", "chroot", "--", "echo", "ok"]);
     assert_eq!(out, "ok\n");
 }
@@ -369,7 +321,7 @@ fn sigterm_reaches_the_command_and_lode_still_cleans_up() {
     use std::io::{BufRead, BufReader};
     assert!(root_with_loop_and_fuse());
     let h = Home::new();
-    h.busybox_image();
+    h.data_image();
     let _agent = h.start_agent();
     for runtime in ["chroot", "crun"] {
         let mut child = h

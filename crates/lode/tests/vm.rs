@@ -7,7 +7,7 @@
 use std::fs;
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -56,71 +56,24 @@ fn sha256_hex(b: &[u8]) -> String {
         .collect()
 }
 
-/// A busybox image built with umoci (config: env GREETING, working dir /work, user app,
-/// cmd `cat /etc/group`), with BIG bytes that do not compress at /work/big.bin, flattened
-/// as tag `bb`. Returns the SHA-256 of big.bin.
+/// The harness's busybox image (config: env GREETING, working dir /work, user app, cmd
+/// `cat /etc/group`), with BIG bytes that do not compress at /work/big.bin, flattened as
+/// tag `bb`. Returns the SHA-256 of big.bin.
 fn busybox_image(h: &Home) -> String {
-    let layout = h.path("layout");
-    let bundle = h.path("bundle");
-    let image = format!("{}:t", layout.display());
-    let umoci = |args: &[&str]| {
-        let out = Command::new("umoci").args(args).output().expect("umoci");
-        assert!(
-            out.status.success(),
-            "umoci {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    umoci(&["init", "--layout", layout.to_str().expect("path")]);
-    umoci(&["new", "--image", &image]);
-    umoci(&["unpack", "--image", &image, bundle.to_str().expect("path")]);
-    let root = bundle.join("rootfs");
-    for d in ["bin", "etc", "work", "proc", "dev", "sys", "tmp"] {
-        fs::create_dir_all(root.join(d)).expect("mkdir");
-    }
-    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-    for applet in [
-        "sh",
-        "id",
-        "cat",
-        "echo",
-        "pwd",
-        "sleep",
-        "head",
-        "sha256sum",
-    ] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("ln");
-    }
-    fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/work:/bin/sh\n",
-    )
-    .expect("passwd");
-    fs::write(root.join("etc/group"), "root:x:0:\napp:x:1001:\n").expect("group");
     let big = lode_testkit::seeded_bytes(BIG, 7);
-    fs::write(root.join("work/big.bin"), &big).expect("big");
-    Command::new("chown")
-        .arg("1000:1001")
-        .arg(root.join("work"))
-        .status()
-        .expect("chown");
-    umoci(&["repack", "--image", &image, bundle.to_str().expect("path")]);
-    umoci(&[
-        "config",
-        "--image",
-        &image,
-        "--config.env",
-        "GREETING=hello from the image",
-        "--config.workingdir",
-        "/work",
-        "--config.user",
-        "app",
-        "--config.cmd",
-        "/bin/cat",
-        "--config.cmd",
-        "/etc/group",
-    ]);
-    h.ok(&["flatten", &format!("oci:{image}"), "--tag", "bb", "-q"]);
+    h.busybox_image(
+        &[
+            "sh",
+            "id",
+            "cat",
+            "echo",
+            "pwd",
+            "sleep",
+            "head",
+            "sha256sum",
+        ],
+        &[("work/big.bin", &big)],
+    );
     sha256_hex(&big)
 }
 

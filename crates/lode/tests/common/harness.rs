@@ -209,6 +209,70 @@ impl Home {
 
 pub use lode_testkit::is_mounted;
 
+impl Home {
+    /// A busybox image built with umoci and flattened as tag `bb`: busybox-static with
+    /// `applets` linked in /bin, users root and app (1000:1001, home /work, which app
+    /// owns), `files` (paths relative to the root) written in, and the config env
+    /// GREETING, working dir /work, user app, cmd `cat /etc/group`.
+    pub fn busybox_image(&self, applets: &[&str], files: &[(&str, &[u8])]) {
+        let layout = self.path("layout");
+        let bundle = self.path("bundle");
+        let image = format!("{}:t", layout.display());
+        let umoci = |args: &[&str]| {
+            let out = Command::new("umoci").args(args).output().expect("umoci");
+            assert!(
+                out.status.success(),
+                "umoci {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        umoci(&["init", "--layout", layout.to_str().expect("path")]);
+        umoci(&["new", "--image", &image]);
+        umoci(&["unpack", "--image", &image, bundle.to_str().expect("path")]);
+        let root = bundle.join("rootfs");
+        for d in ["bin", "etc", "work", "proc", "dev", "sys", "tmp"] {
+            fs::create_dir_all(root.join(d)).expect("mkdir");
+        }
+        fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+        for applet in applets {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("ln");
+        }
+        fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/work:/bin/sh\n",
+        )
+        .expect("passwd");
+        fs::write(root.join("etc/group"), "root:x:0:\napp:x:1001:\n").expect("group");
+        for (path, bytes) in files {
+            fs::write(root.join(path), bytes).expect("write a file into the image");
+        }
+        // The working dir is writable by the image's user.
+        let chown = Command::new("chown")
+            .arg("1000:1001")
+            .arg(root.join("work"))
+            .status()
+            .expect("chown");
+        assert!(chown.success(), "chown of /work failed");
+        umoci(&["repack", "--image", &image, bundle.to_str().expect("path")]);
+        umoci(&[
+            "config",
+            "--image",
+            &image,
+            "--config.env",
+            "GREETING=hello from the image",
+            "--config.workingdir",
+            "/work",
+            "--config.user",
+            "app",
+            "--config.cmd",
+            "/bin/cat",
+            "--config.cmd",
+            "/etc/group",
+        ]);
+        self.ok(&["flatten", &format!("oci:{image}"), "--tag", "bb", "-q"]);
+    }
+}
+
 /// `chunks` 512 KiB chunks of bytes that neither repeat nor compress, the same for
 /// the same `seed`.
 pub fn random_image(chunks: usize, seed: u64) -> Vec<u8> {
