@@ -114,19 +114,20 @@ impl Default for NbdLimits {
     }
 }
 
-/// NBD connection errors logged a second, at most; the rest are counted in the
-/// metrics and summed up in the next line logged.
-const NBD_LOG_LINES_PER_SECOND: u32 = 10;
+/// Lines of one kind of failure (NBD connections, NBD requests, FUSE file calls) logged
+/// a second, at most; the rest are counted in the metrics and summed up in the next line
+/// logged.
+const LOG_LINES_PER_SECOND: u32 = 10;
 
 /// The agent's NBD server over `exports`, bounded by `limits`; a connection it refuses
 /// or that ends in an error is logged to stderr with the peer, and so is a request the
 /// device failed, with the whole error (a read the origin could not serve names the
-/// chunk and the store), at most [`NBD_LOG_LINES_PER_SECOND`] lines a second each, so
+/// chunk and the store), at most [`LOG_LINES_PER_SECOND`] lines a second each, so
 /// a flood of bad connections or failing reads is not a flood of log. A limit out of
 /// range is refused with its `[nbd]` key named.
 pub fn nbd_server(exports: Exports, limits: &NbdLimits) -> Result<Server, AgentError> {
-    let budget = LogBudget::new(NBD_LOG_LINES_PER_SECOND, Duration::from_secs(1));
-    let request_budget = LogBudget::new(NBD_LOG_LINES_PER_SECOND, Duration::from_secs(1));
+    let budget = LogBudget::new(LOG_LINES_PER_SECOND, Duration::from_secs(1));
+    let request_budget = LogBudget::new(LOG_LINES_PER_SECOND, Duration::from_secs(1));
     let mut builder = Server::builder(exports).on_request_error(move |command, e| {
         let Some(held_back) = request_budget.take(std::time::Instant::now()) else {
             return;
@@ -137,22 +138,10 @@ pub fn nbd_server(exports: Exports, limits: &NbdLimits) -> Result<Server, AgentE
             }
             other => format!("{other:?}"),
         };
-        let mut line = format!("lode agent: nbd {what} failed: {e}");
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            // Most layers already print the one below them: say each cause once.
-            let cause = s.to_string();
-            if !line.contains(&cause) {
-                line.push_str(&format!(": {cause}"));
-            }
-            source = s.source();
-        }
-        if held_back > 0 {
-            line.push_str(&format!(
-                " ({held_back} more failed requests not logged before this one)"
-            ));
-        }
-        eprintln!("{line}");
+        eprintln!(
+            "{}",
+            failure_line(format!("lode agent: nbd {what} failed"), e, held_back)
+        );
     });
     if let Some(n) = limits.max_connections_per_peer {
         builder = builder.max_connections_per_peer(n);
@@ -1061,8 +1050,41 @@ fn mount_files(dir: &Path) -> Result<FuseMount, AgentError> {
     std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let options = MountOptions::new(tokio::runtime::Handle::current()).allow_other(root);
+    // A read of a FUSE file that fails (the loop device's, a VMM's) is logged like a
+    // failed NBD request: the file, the offset and every cause (the chunk, the store).
+    let budget = LogBudget::new(LOG_LINES_PER_SECOND, Duration::from_secs(1));
+    let options = MountOptions::new(tokio::runtime::Handle::current())
+        .allow_other(root)
+        .on_error(move |e| {
+            if let Some(held_back) = budget.take(std::time::Instant::now()) {
+                eprintln!(
+                    "{}",
+                    failure_line("lode agent: files".to_owned(), e, held_back)
+                );
+            }
+        });
     FuseMount::mount(dir, options).map_err(|e| AgentError::Listen(e.to_string()))
+}
+
+/// `what`, then `e` and each of its causes that the ones above do not already print,
+/// then how many failures the log budget held back before this one.
+fn failure_line(what: String, e: &dyn std::error::Error, held_back: u64) -> String {
+    let mut line = format!("{what}: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        // Most layers already print the one below them: say each cause once.
+        let cause = s.to_string();
+        if !line.contains(&cause) {
+            line.push_str(&format!(": {cause}"));
+        }
+        source = s.source();
+    }
+    if held_back > 0 {
+        line.push_str(&format!(
+            " ({held_back} more failures not logged before this one)"
+        ));
+    }
+    line
 }
 
 /// Removes a Unix socket left by an agent that died; refuses if one still answers.

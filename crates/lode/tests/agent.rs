@@ -920,3 +920,49 @@ fn nbd_limits_from_the_config_file_bound_clients() {
         .read_exact(&mut b)
         .expect("greeting after the others left");
 }
+
+/// A read of an attachment's FUSE file that the store cannot serve fails with EIO, and
+/// the agent's log says which file, which offset and which chunk, as it does for NBD.
+#[test]
+fn a_failed_read_of_a_fuse_file_is_logged_with_its_chunk() {
+    if !have("fusermount3", &["-V"], "fuse3") {
+        return;
+    }
+    let h = Home::new();
+    let (_, _) = h.import("app:1");
+    // Every chunk object goes from the store: the first read must fail.
+    let mut gone = 0;
+    let mut dirs = vec![h.home().join("store")];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).expect("read the store") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p
+                .parent()
+                .is_some_and(|d| d.components().any(|c| c.as_os_str() == "chunks"))
+            {
+                fs::remove_file(&p).expect("remove a chunk object");
+                gone += 1;
+            }
+        }
+    }
+    assert!(gone > 0, "no chunk objects found under the store");
+    let _agent = h.start_agent();
+    h.ok(&["attach", "app:1", "--name", "app"]);
+    let file = h.home().join("agent/files/app");
+    let mut buf = vec![0u8; 4096];
+    let err = fs::File::open(&file)
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0))
+        .expect_err("a read of a chunk the store lost");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = fs::read_to_string(h.path("agent.err")).expect("agent log");
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("lode agent: files:"))
+        .unwrap_or_else(|| panic!("no line about the failed read in:\n{log}"));
+    assert!(
+        line.contains("at offset 0 of") && line.contains("files/app") && line.contains("chunk"),
+        "{line}"
+    );
+}
