@@ -569,7 +569,7 @@ async fn mc(s: &mut tokio::net::TcpStream, req: &[u8], end: &[u8]) -> Vec<u8> {
 }
 
 #[test]
-#[ignore = "a measurement: cargo test -p lode --test network -- --ignored --nocapture"]
+#[ignore = "a measurement with no pass mark: scripts/bench.sh --sections network runs it (release build) and records its figures"]
 fn measure_az_fetch_against_round_trip_and_plain_memcached_and_origin_fetch() {
     let Some(w) = World::new(&NetOptions {
         workers: 1,
