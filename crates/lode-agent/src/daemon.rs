@@ -57,6 +57,20 @@ pub struct AgentConfig {
     pub origin_concurrency: usize,
     /// Working-set prefetch, readahead and recording.
     pub prefetch: PrefetchConfig,
+    /// A read trace to record (`lode sim` replays it), if any.
+    pub trace: Option<TraceConfig>,
+}
+
+/// Where and as whom the agent records its read trace: every attach, and each chunk's
+/// first read by it with the tier that served it (docs/scale.md, "Traces").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceConfig {
+    /// The file, created (or truncated) at start.
+    pub path: PathBuf,
+    /// The worker's name in the trace's header.
+    pub worker: String,
+    /// The file's bound: past it the trace ends and later events are dropped.
+    pub max_bytes: u64,
 }
 
 impl AgentConfig {
@@ -70,6 +84,7 @@ impl AgentConfig {
             az: None,
             origin_concurrency: lode_read::DEFAULT_ORIGIN_CONCURRENCY,
             prefetch: PrefetchConfig::default(),
+            trace: None,
             state_dir,
             nbd_tcp: None,
             nbd_limits: NbdLimits::default(),
@@ -300,6 +315,8 @@ pub struct Agent {
     prefetch_counters: std::sync::Mutex<BTreeMap<String, Arc<PrefetchCounters>>>,
     /// Whether the agent said once that it does not record working sets.
     said_no_record: std::sync::atomic::AtomicBool,
+    /// The read trace being recorded, if any.
+    trace: Option<Arc<lode_read::TraceWriter>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -388,7 +405,15 @@ impl Agent {
             Some(dir) => Some(mount_files(dir)?),
             None => None,
         };
+        let trace = match &config.trace {
+            Some(t) => Some(
+                lode_read::TraceWriter::create(&t.path, &t.worker, t.max_bytes)
+                    .map_err(io("creating the read trace", t.path.clone()))?,
+            ),
+            None => None,
+        };
         let agent = Arc::new(Agent {
+            trace,
             prefetcher,
             prefetch_counters: std::sync::Mutex::new(BTreeMap::new()),
             said_no_record: std::sync::atomic::AtomicBool::new(false),
@@ -696,6 +721,10 @@ impl Agent {
             user: c.user.clone(),
         };
         let mut dev = ImageDevice::new(self.cache.clone(), opened)?;
+        if let Some(t) = &self.trace {
+            let (size, chunks) = (lode_blockdev::BlockDevice::size(&dev), dev.chunk_count());
+            dev = dev.with_trace(t.start(image, size, chunks));
+        }
         let (prefetch, ws) = self.prefetch_for(&dev, name, fresh).await;
         dev = dev.with_prefetch(prefetch);
         let size = lode_blockdev::BlockDevice::size(&dev);
@@ -965,6 +994,9 @@ impl Agent {
             }
         }
         self.cache.settle().await;
+        if let Some(t) = &self.trace {
+            t.finish();
+        }
         let _ = std::fs::remove_file(&self.config.nbd_unix);
     }
 }

@@ -21,12 +21,12 @@ pub mod worker;
 
 pub use alarm::{ALARM_LOG_INTERVAL, ATTACHED_CHECK_INTERVAL, ROOT_STATE_TTL};
 pub use daemon::{
-    Agent, AgentConfig, Attachment, Keys, MAX_NAME_LEN, NbdLimits, RunConfig, build_cache,
-    nbd_server,
+    Agent, AgentConfig, Attachment, Keys, MAX_NAME_LEN, NbdLimits, RunConfig, TraceConfig,
+    build_cache, nbd_server,
 };
 pub use error::AgentError;
 pub use lode_read::{
-    AzTier, ChunkCache, ReadError, StoredWorkSet, clear_working_set, mark_rerecord,
-    stored_working_set,
+    AzTier, ChunkCache, DEFAULT_TRACE_MAX_BYTES, ReadError, StoredWorkSet, clear_working_set,
+    mark_rerecord, stored_working_set,
 };
 pub use stats::{nbd_json, nbd_prometheus};

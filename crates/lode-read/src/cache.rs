@@ -35,6 +35,7 @@ use crate::device::segment_index;
 use crate::error::blocking;
 use crate::metrics::Metrics;
 use crate::tier::{ChunkOrigin, ChunkRef, ChunkTier};
+use crate::trace::{DECRYPTED, Served};
 use crate::{Lru, MetricsSnapshot, ReadError};
 
 /// Where a fetch found a chunk, and how far it is checked.
@@ -164,10 +165,22 @@ impl ChunkCache {
         key: &ChunkKey,
         j: SegmentIndex,
     ) -> Result<Bytes, ReadError> {
+        self.segment_served(chunk, key, j).await.map(|(b, _)| b)
+    }
+
+    /// As [`segment`](Self::segment), and where the segment came from: `decrypted`, or
+    /// the tier its chunk's fetch found the chunk in (a fetch this read joined counts
+    /// as where that fetch found it).
+    pub async fn segment_served(
+        self: &Arc<Self>,
+        chunk: ChunkRef,
+        key: &ChunkKey,
+        j: SegmentIndex,
+    ) -> Result<(Bytes, Served), ReadError> {
         let started = Instant::now();
         if let Some(b) = lock(&self.decrypted).get(&(chunk.name, j.0)) {
             self.metrics.decrypted.hit(b.len(), started.elapsed());
-            return Ok(b);
+            return Ok((b, DECRYPTED));
         }
         self.metrics.decrypted.miss(started.elapsed());
         // Each failed copy is dropped from its tier before the next try, so this ends:
@@ -186,7 +199,11 @@ impl ChunkCache {
                     }
                     let len = plain.len() as u64;
                     lock(&self.decrypted).insert((chunk.name, j.0), plain.clone(), len);
-                    return Ok(plain);
+                    let served = Served {
+                        tier: self.tier_name(fetched.at),
+                        object_bytes: held_bytes(&fetched.source).map(|b| b as u64),
+                    };
+                    return Ok((plain, served));
                 }
                 Err(OpenFailure::Fatal(e)) => return Err(e),
                 Err(OpenFailure::Copy(e)) => {
@@ -238,11 +255,27 @@ impl ChunkCache {
     /// AZ cache or the origin). A chunk already being fetched is left to that fetch
     /// (`false`); one found in memory or on disk is not fetched again (`false`).
     pub async fn prefetch(self: &Arc<Self>, chunk: ChunkRef) -> Result<bool, ReadError> {
+        self.prefetch_served(chunk)
+            .await
+            .map(|s| s.is_some_and(|(remote, _)| remote))
+    }
+
+    /// As [`prefetch`](Self::prefetch): `None` when the chunk was left to a fetch in
+    /// flight, else whether it came from off the worker and where it was found.
+    pub async fn prefetch_served(
+        self: &Arc<Self>,
+        chunk: ChunkRef,
+    ) -> Result<Option<(bool, Served)>, ReadError> {
         if lock(&self.inflight).contains_key(&chunk.name) {
-            return Ok(false);
+            return Ok(None);
         }
         let fetched = self.fetch(chunk, SegmentIndex(0)).await.map_err(shared)?;
-        Ok(self.tiers.get(fetched.at).is_none_or(|t| t.remote()))
+        let remote = self.tiers.get(fetched.at).is_none_or(|t| t.remote());
+        let served = Served {
+            tier: self.tier_name(fetched.at),
+            object_bytes: held_bytes(&fetched.source).map(|b| b as u64),
+        };
+        Ok(Some((remote, served)))
     }
 
     /// Whether `chunk` is on this worker now (in flight, or held by a tier that is not
@@ -353,6 +386,13 @@ impl ChunkCache {
             match checked {
                 Ok(source) => {
                     if let Some(bytes) = held_bytes(&source) {
+                        // A local tier serves the segment asked for from what it holds;
+                        // a remote one moves the whole object.
+                        let bytes = if tier.remote() {
+                            bytes
+                        } else {
+                            chunk.segment_plain_len(j)
+                        };
                         m.hit(bytes, started.elapsed());
                     }
                     return Ok(self.found(at, chunk, source).await);

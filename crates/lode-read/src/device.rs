@@ -8,7 +8,7 @@
 //! parallel.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use lode_format::{
 use crate::overlay::{BLOCK_SIZE, Overlay};
 use crate::prefetch::Prefetch;
 use crate::tier::ChunkRef;
+use crate::trace::{DECRYPTED, StartTrace};
 use crate::{ChunkCache, OpenedImage, ReadError};
 
 /// The largest piece a trim or write-zeroes is split into, bounding its buffer.
@@ -40,6 +41,7 @@ pub struct ImageDevice {
     keys: KeyTable,
     overlay: Option<Overlay>,
     prefetch: Option<Arc<Prefetch>>,
+    trace: Option<Arc<StartTrace>>,
 }
 
 fn dev_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DeviceError {
@@ -62,6 +64,7 @@ impl ImageDevice {
             keys,
             overlay: None,
             prefetch: None,
+            trace: None,
         })
     }
 
@@ -85,6 +88,18 @@ impl ImageDevice {
     pub fn with_prefetch(mut self, prefetch: Arc<Prefetch>) -> Self {
         self.prefetch = Some(prefetch);
         self
+    }
+
+    /// Records this attachment's first read of each chunk, and where it came from, in
+    /// `trace` (the worker's read trace); its drop, with the device's, ends the start.
+    pub fn with_trace(mut self, trace: StartTrace) -> Self {
+        self.trace = Some(Arc::new(trace));
+        self
+    }
+
+    /// The attachment's part of the read trace, if the worker records one.
+    pub fn trace(&self) -> Option<&Arc<StartTrace>> {
+        self.trace.as_ref()
     }
 
     /// The attachment's prefetch, if it has one.
@@ -195,7 +210,19 @@ impl ImageDevice {
             self.cache.metrics().zero_chunk();
             return Ok(None);
         };
-        self.cache.segment(chunk, key, j).await.map(Some)
+        let Some(trace) = &self.trace else {
+            return self.cache.segment(chunk, key, j).await.map(Some);
+        };
+        let started = Instant::now();
+        let (b, served) = self.cache.segment_served(chunk, key, j).await?;
+        trace.read(
+            index,
+            &chunk.name,
+            chunk.max_bytes,
+            served,
+            started.elapsed(),
+        );
+        Ok(Some(b))
     }
 
     /// The bytes of the image each segment holds but a short last one: the segment size
@@ -250,6 +277,9 @@ impl ImageDevice {
             match hits.next().flatten() {
                 Some(d) if d.len() >= from + dst.len() => {
                     dst.copy_from_slice(&d[from..from + dst.len()]);
+                    if let (Some(t), Ok(Some((chunk, _)))) = (&self.trace, self.chunk_ref(i)) {
+                        t.read(i, &chunk.name, chunk.max_bytes, DECRYPTED, Duration::ZERO);
+                    }
                 }
                 _ => misses.push((i, j, from as u64, dst)),
             }

@@ -39,6 +39,7 @@ mod overlay;
 mod prefetch;
 mod reference;
 mod tier;
+mod trace;
 mod workset;
 
 pub use alarm::{ReadAlarm, check_read, check_read_in, reader_name, unix_now};
@@ -62,6 +63,7 @@ pub use tier::{
     ChunkOrigin, ChunkRef, ChunkTier, DEFAULT_ORIGIN_CONCURRENCY, DiskTier, MemoryTier,
     OriginWatch, StoreOrigin,
 };
+pub use trace::{DEFAULT_TRACE_MAX_BYTES, Served, StartTrace, TRACE_VERSION, TraceWriter};
 pub use workset::{
     StoredWorkSet, WorkSetStoreError, clear_working_set, load_working_set, mark_rerecord,
     stored_working_set,

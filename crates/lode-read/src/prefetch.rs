@@ -537,6 +537,7 @@ struct Job {
     chunk: crate::ChunkRef,
     index: u64,
     kind: AheadKind,
+    trace: Option<Arc<crate::StartTrace>>,
 }
 
 impl Job {
@@ -548,14 +549,20 @@ impl Job {
             chunk,
             index: i,
             kind,
+            trace: dev.trace().cloned(),
         })
     }
 
     /// Fetches the chunk, holding `permit` until it is in the tiers.
     async fn run(self, p: &Prefetch, permit: OwnedSemaphorePermit) {
-        let r = self.cache.prefetch(self.chunk).await;
+        let started = std::time::Instant::now();
+        let r = self.cache.prefetch_served(self.chunk).await;
         drop(permit);
-        match r {
+        if let (Some(t), Ok(Some((_, served)))) = (&self.trace, &r) {
+            let c = &self.chunk;
+            t.read(self.index, &c.name, c.max_bytes, *served, started.elapsed());
+        }
+        match r.map(|s| s.is_some_and(|(remote, _)| remote)) {
             Ok(remote) => p.fetched(
                 self.index,
                 u64::from(self.chunk.plain_len),

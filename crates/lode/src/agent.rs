@@ -116,6 +116,21 @@ pub async fn run(env: &Env, home: &Path, a: AgentArgs) -> Result<()> {
         }
         None => None,
     };
+    if let Some(path) = &a.trace.trace {
+        let name = match (&a.trace.trace_worker, &worker) {
+            (Some(n), _) => n.clone(),
+            (None, Some(w)) => w.grants.config().worker.clone(),
+            (None, None) => host_name(),
+        };
+        config.trace = Some(lode_agent::TraceConfig {
+            path: path.clone(),
+            worker: name,
+            max_bytes: a
+                .trace
+                .trace_max_bytes
+                .unwrap_or(lode_agent::DEFAULT_TRACE_MAX_BYTES),
+        });
+    }
     let keys = match &worker {
         Some(w) => lode_agent::Keys::Grants(w.grants.clone()),
         None => lode_agent::Keys::Kms(Arc::from(env.kms_existing()?)),
@@ -551,4 +566,13 @@ pub(crate) fn print_tiers(v: &Value, indent: &str) {
             p(99)
         );
     }
+}
+
+/// This machine's name (the kernel's), or `worker` when it has none.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".into())
 }

@@ -672,6 +672,24 @@ pub struct AgentArgs {
     pub cache: CacheArgs,
     #[command(flatten)]
     pub prefetch: PrefetchArgs,
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+/// Recording a read trace for `lode sim` and `lode advise` (docs/scale.md, "Traces").
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Record every attach, and each chunk's first read by it with the tier that served
+    /// it, in FILE (created or truncated; the trace ends at a clean shutdown).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// The worker's name in the trace. [default: the worker id, else the host name]
+    #[arg(long, value_name = "NAME", requires = "trace")]
+    pub trace_worker: Option<String>,
+    /// The trace file's bound, e.g. 1GiB: past it the trace ends and later events are
+    /// dropped. [default: 1GiB]
+    #[arg(long, value_name = "SIZE", value_parser = lode_agent::config::parse_size, requires = "trace")]
+    pub trace_max_bytes: Option<u64>,
 }
 
 /// Fetching ahead of demand (the config file's `[prefetch]`; flags win).

@@ -966,3 +966,109 @@ fn a_failed_read_of_a_fuse_file_is_logged_with_its_chunk() {
         "{line}"
     );
 }
+
+/// `--trace`: every attach is a start, each stored chunk's first read by it is one
+/// record with the tier that served it, a detach ends it, and a clean shutdown writes
+/// the trailer with the count: the file `lode sim --trace` replays.
+#[test]
+fn a_read_trace_records_each_start_and_its_first_reads() {
+    if !have_nbdcopy() {
+        return;
+    }
+    let h = Home::new();
+    let (_, exported) = h.import("app:1");
+    let want = fs::read(&exported).expect("read export");
+    let trace = h.path("w1.trace");
+    let agent = h.start_agent_with(&[
+        "--trace",
+        trace.to_str().expect("path"),
+        "--trace-worker",
+        "w1",
+        "--no-files",
+    ]);
+    for name in ["first", "second"] {
+        h.ok(&["attach", "app:1", "--name", name]);
+        assert!(h.nbdcopy(name) == want, "{name} differs");
+        h.ok(&["detach", name]);
+    }
+    // SIGTERM: a clean shutdown ends the trace.
+    let pid = i32::try_from(agent.child.id()).expect("pid");
+    // SAFETY: kill(2) on our own child's pid; no memory is shared.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut agent = agent;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "agent did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let text = fs::read_to_string(&trace).expect("read trace");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "lode-trace 1 worker w1");
+    assert_eq!(lines[1], format!("image app:1 {}", want.len()));
+    // 6 MiB in 512 KiB chunks, three of them all zero (1..2 MiB and the last half
+    // MiB), which are never read from a tier.
+    let stored = 9;
+    // (start id, its reads as (chunk, tier), whether it ended)
+    type Start = (String, Vec<(String, String)>, bool);
+    let mut starts: Vec<Start> = Vec::new();
+    let mut events = 0;
+    let mut last_t = 0u128;
+    for l in &lines[2..lines.len() - 1] {
+        let w: Vec<&str> = l.split(' ').collect();
+        let t: u128 = w[0].parse().expect("time");
+        assert!(t >= last_t, "time goes back at {l}");
+        last_t = t;
+        events += 1;
+        match w[1] {
+            "start" => {
+                assert_eq!(w[3], "app:1");
+                starts.push((w[2].to_owned(), Vec::new(), false));
+            }
+            "read" => {
+                let s = starts
+                    .iter_mut()
+                    .find(|s| s.0 == w[2])
+                    .expect("read of a known start");
+                assert!(!s.2, "read after end: {l}");
+                assert_eq!(w[3].len(), 64, "chunk name: {l}");
+                let bytes: u64 = w[4].parse().expect("bytes");
+                assert!(bytes > 0 && bytes <= (1 << 20), "{l}");
+                s.1.push((w[3].to_owned(), w[5].to_owned()));
+            }
+            "end" => {
+                let s = starts
+                    .iter_mut()
+                    .find(|s| s.0 == w[2])
+                    .expect("end of a known start");
+                s.2 = true;
+            }
+            other => panic!("unexpected record {other}: {l}"),
+        }
+    }
+    assert_eq!(lines[lines.len() - 1], format!("end {events}"));
+    assert_eq!(starts.len(), 2, "{text}");
+    for (id, reads, ended) in &starts {
+        assert!(*ended, "start {id} has no end");
+        let mut chunks: Vec<&String> = reads.iter().map(|r| &r.0).collect();
+        chunks.sort();
+        chunks.dedup();
+        assert_eq!(chunks.len(), reads.len(), "a chunk twice in start {id}");
+        assert_eq!(reads.len(), stored, "start {id}: {reads:?}");
+    }
+    // The first start fetched every chunk from the store; the second found them all on
+    // this worker.
+    assert!(
+        starts[0].1.iter().all(|r| r.1 == "origin"),
+        "{:?}",
+        starts[0].1
+    );
+    assert!(
+        starts[1]
+            .1
+            .iter()
+            .all(|r| ["decrypted", "memory", "disk"].contains(&r.1.as_str())),
+        "{:?}",
+        starts[1].1
+    );
+}
