@@ -17,6 +17,9 @@ Sections:
   startcost 8: the fixed cost of `lode run` of a tiny warm image against a chroot, step by step
   network   9: the starts of 2 and the replay of 4 again on scripts/testnet.sh's hosts
   vm       10: `lode vm run` of the python image (QEMU) beside `lode run` of it
+  scale    11: the fleet simulator calibrated, checked against a traced replay and run at
+              fleet scale; caches sized by `lode advise`; eviction policies under bursts;
+              AZ hedging; snapshot session bursts
 """
 
 import argparse
@@ -239,8 +242,9 @@ class Agent:
     runs in a worker host's network namespace (`host`: the command's prefix), with the
     store's environment and a configuration file of its own."""
 
-    def __init__(self, ctx, name, az=None, caches=None, lode=None, host=None, env=None, config=None):
+    def __init__(self, ctx, name, az=None, caches=None, lode=None, host=None, env=None, config=None, extra=None):
         self.ctx, self.name = ctx, name
+        self.extra = extra or []
         self.lode = lode or ctx.lode
         self.state = os.path.join(ctx.work, "agents", name)
         self.control = os.path.join(self.state, "control.sock")
@@ -260,6 +264,7 @@ class Agent:
             cmd += [f"--cache-{k}", v]
         for a in self.az:
             cmd += ["--az-node", a]
+        cmd += self.extra
         self.proc = self.ctx.spawn(cmd, f"agent-{self.name}.log", env=self.env)
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -552,58 +557,263 @@ def replay(ctx, nfun, nstart, net=None):
     """The Zipf replay: `nfun` function images over the family, `nstart` starts on three
     agents sharing six cache nodes. With `net` (a TestNet) the store is the S3 server on
     the origin host, the nodes run on the cache hosts and the agents on the workers."""
-    zipf_s = 1.1
-    agents_n = 3
-    caches = {"decrypted": "32MiB", "memory": "32MiB", "disk": "96MiB"}
-    rng = random.Random(7)
-
+    rng = random.Random(REPLAY_SEED)
     layout = os.path.join(ctx.work, "fn-layout")
     shutil.rmtree(layout, ignore_errors=True)
-    run(["cp", "-al", ctx.layout, layout])
+    functions = make_functions(ctx, layout, nfun, rng, net)
+    fn_weights = popularity(functions, rng)
+    try:
+        out = run_starts(ctx, functions, fn_weights, rng, nstart, REPLAY_CACHES, net=net)
+    finally:
+        shutil.rmtree(layout, ignore_errors=True)
+    return out
+
+
+REPLAY_SEED = 7
+REPLAY_ZIPF = 1.1
+REPLAY_AGENTS = 3
+REPLAY_CACHES = {"decrypted": "32MiB", "memory": "32MiB", "disk": "96MiB"}
+
+
+def make_functions(ctx, layout, nfun, rng, net=None, prefix="fn", bases=None, data_bits=(17, 23)):
+    """`nfun` function images over the family, flattened into the store: each a family
+    image plus its code and a data file of log-uniform size (2**data_bits bytes)."""
+    if not os.path.exists(layout):
+        run(["cp", "-al", ctx.layout, layout])
     functions = []
     for i in range(nfun):
-        base = rng.choice(FAMILY)
-        data_size = int(2 ** rng.uniform(17, 23))  # 128 KiB .. 8 MiB, log-uniform
+        base = rng.choice(bases or FAMILY)
+        data_size = int(2 ** rng.uniform(*data_bits))
         data = rng.getrandbits(8 * data_size).to_bytes(data_size, "little")
         name, code = FUNCTION_CODE[base]
-        tag = f"fn{i:02d}-{base}"
+        tag = f"{prefix}{i:02d}-{base}"
         add_function_image(layout, base, tag, [(name, code.encode()), ("data.bin", data)])
-        log(f"replay: flattening function {tag} ({data_size >> 10} KiB of data)")
+        log(f"flattening function {tag} ({data_size >> 10} KiB of data)")
         flatten = ["flatten", f"oci:{layout}:{tag}", "--tag", tag, "--work-dir", os.path.join(ctx.work, "tmp")]
         flat = net.publish_json(*flatten) if net else ctx.lode_json(*flatten)
         functions.append({"tag": tag, "base": base, "data_bytes": data_size, "image_size": flat["image_size"],
                           "dedup_share": flat["dedup_share"], "uploaded": flat["stats"]["uploaded_bytes"]})
-    popularity = list(range(nfun))
-    rng.shuffle(popularity)  # popularity rank of each function
-    weights = zipf_weights(nfun, zipf_s)
-    fn_weights = [weights[popularity[i]] for i in range(nfun)]
+    return functions
 
+
+def popularity(functions, rng, s=REPLAY_ZIPF):
+    """Each function's Zipf weight, by a shuffled popularity rank (kept in `functions`)."""
+    n = len(functions)
+    rank = list(range(n))
+    rng.shuffle(rank)
+    weights = zipf_weights(n, s)
+    for f, r in zip(functions, rank):
+        f["rank"] = r
+    return [weights[rank[i]] for i in range(n)]
+
+
+def run_starts(ctx, functions, fn_weights, rng, nstart, caches, net=None, label="replay", trace_dir=None,
+               policy=None, bursts=None):
+    """`nstart` starts of functions drawn by weight, each on a random one of three agents
+    sharing a fresh fleet of six cache nodes. `trace_dir`: each agent records a read
+    trace there. `policy`: the agents' local eviction policy. `bursts`: (every, one_offs,
+    per_tick) — after every `every` starts, the next `per_tick` of the one-off functions
+    `one_offs` are started once each (a cron job's images, never seen again)."""
+    agents_n = REPLAY_AGENTS
+    extra = []
+    if policy:
+        extra += ["--cache-policy", policy]
+    traces = []
     if net:
         nodes = net.fleet()
-        agents = [net.agent(f"replay-{i}", f"worker{i + 1}", az=nodes, caches=caches).start() for i in range(agents_n)]
+        agents = [net.agent(f"{label}-{i}", f"worker{i + 1}", az=nodes, caches=caches).start() for i in range(agents_n)]
     else:
-        nodes = Fleet(ctx, "replay").addrs
-        agents = [Agent(ctx, f"replay-{i}", az=nodes, caches=caches).start() for i in range(agents_n)]
+        nodes = Fleet(ctx, label).addrs
+        agents = []
+        for i in range(agents_n):
+            args = list(extra)
+            if trace_dir:
+                path = os.path.join(trace_dir, f"{label}-{i}.trace")
+                traces.append(path)
+                args += ["--trace", path, "--trace-worker", f"{label}-{i}"]
+            agents.append(Agent(ctx, f"{label}-{i}", az=nodes, caches=caches, extra=args).start())
     starts = []
+    pending = list(bursts[1]) if bursts else []
     try:
-        for n in range(nstart):
-            f = rng.choices(range(nfun), fn_weights)[0]
+        n = 0
+        while n < nstart:
+            if bursts and n and n % bursts[0] == 0 and pending:
+                # A cron tick: a batch of one-off images, each started once.
+                batch, pending = pending[:bursts[2]], pending[bursts[2]:]
+                for fn in batch:
+                    a = rng.randrange(agents_n)
+                    secs, d = agents[a].start_fn(fn["tag"], FUNCTION_COMMANDS[fn["base"]])
+                    starts.append({"fn": fn["tag"], "agent": a, "secs": secs, "one_off": True,
+                                   "tiers": {k: v["hits"] for k, v in d["tiers"].items()},
+                                   "bytes": {k: v["bytes"] for k, v in d["tiers"].items()}})
+            f = rng.choices(range(len(functions)), fn_weights)[0]
             a = rng.randrange(agents_n)
             fn = functions[f]
             secs, d = agents[a].start_fn(fn["tag"], FUNCTION_COMMANDS[fn["base"]])
             starts.append({"fn": f, "agent": a, "secs": secs, "tiers": {k: v["hits"] for k, v in d["tiers"].items()},
                            "bytes": {k: v["bytes"] for k, v in d["tiers"].items()}})
-            if n % 20 == 19:
-                log(f"replay: {n + 1}/{nstart} starts")
+            n += 1
+            if n % 20 == 0:
+                log(f"{label}: {n}/{nstart} starts")
         final = [a.stats() for a in agents]
     finally:
         ctx.stop_all()
-    shutil.rmtree(layout, ignore_errors=True)
     return {
-        "functions": functions, "popularity_rank": popularity, "zipf_s": zipf_s, "agents": agents_n,
-        "caches": caches, "fleet": {"nodes": 6, "k": 4, "m": 2, "memory_per_node": "1GiB"},
-        "starts": starts, "agent_stats": final, "seed": 7,
+        "functions": functions, "popularity_rank": [f["rank"] for f in functions], "zipf_s": REPLAY_ZIPF,
+        "agents": agents_n, "caches": caches, "fleet": {"nodes": 6, "k": 4, "m": 2, "memory_per_node": "1GiB"},
+        "starts": starts, "agent_stats": final, "seed": REPLAY_SEED, "traces": traces, "policy": policy,
     }
+
+
+# ------------------------------------------------------------------ 11: fleet scale
+
+
+# Example prices for `lode advise` (USD): about what a cloud charges for memory and local
+# flash by the GiB-hour and an object store per request and per GiB out of the region.
+PRICES = {"memory_gib_hour": 0.005, "flash_gib_hour": 0.0002, "origin_per_1000_requests": 0.0004,
+          "origin_per_gib": 0.02}
+# The paper's shares of chunks served: worker-local, AZ cache, S3.
+PAPER_SHARES = {"local": 0.67, "az": 0.32, "origin": 0.0006}
+
+
+def trace_shares(paths):
+    """Chunk reads per tier class in read traces: each chunk's first read by each start."""
+    counts = {"local": 0, "az": 0, "origin": 0}
+    for p in paths:
+        with open(p) as f:
+            for line in f:
+                w = line.split()
+                if len(w) == 7 and w[1] == "read":
+                    t = w[5]
+                    counts["local" if t in LOCAL_TIERS else t if t in ("az", "origin") else "local"] += 1
+    total = sum(counts.values()) or 1
+    return {"reads": sum(counts.values()), **{k: v / total for k, v in counts.items()}}
+
+
+def calibrate(ctx, functions, path):
+    """The simulator's calibration, measured apart from the replay it predicts: each
+    function started cold on one agent (from the origin, filling a fleet of its own),
+    then on a fresh agent (from that AZ fleet) and again (warm); per-tier latency
+    histograms from those agents' stats, each function's warm start time, and the
+    per-worker read bandwidth of the AZ tier and of the origin (a whole image file read
+    through a fresh agent)."""
+    fleet = Fleet(ctx, "calib")
+    caches = REPLAY_CACHES
+    cold = Agent(ctx, "calib-cold", az=fleet.addrs, caches=caches).start()
+    for fn in functions:
+        cold.start_fn(fn["tag"], FUNCTION_COMMANDS[fn["base"]])
+    warm = Agent(ctx, "calib-warm", az=fleet.addrs, caches=caches).start()
+    warm_ms = {}
+    for fn in functions:
+        warm.start_fn(fn["tag"], FUNCTION_COMMANDS[fn["base"]])
+        secs, _ = warm.start_fn(fn["tag"], FUNCTION_COMMANDS[fn["base"]])
+        warm_ms[fn["tag"]] = round(secs * 1000, 1)
+    stats = [cold.stats(), warm.stats()]
+    cold.wipe()
+    warm.wipe()
+    big = max(functions, key=lambda f: f["image_size"])["tag"]
+    bandwidth = {}
+    for tier, az in (("az", fleet.addrs), ("origin", [])):
+        a = Agent(ctx, f"calib-bw-{tier}", az=az, caches=caches).start()
+        bandwidth[tier] = read_whole_file(ctx, a, big)
+        a.wipe()
+    ctx.stop_all()
+    for fn in functions:
+        # The replay starts as section 4's did: each function's first start records.
+        ctx.lode_json("prefetch", "clear", fn["tag"])
+    bounds = stats[0]["read_latency_buckets_us"]
+    counts = {}
+    for t in ("memory", "disk", "az", "origin"):
+        counts[t] = [sum(x) for x in zip(*[tier_map(st)[t]["hit_latency_counts"] for st in stats])]
+    cal = {
+        "format": "lode-calibration", "version": 1,
+        "source": f"scripts/bench.py calibrate: {len(functions)} functions cold, from the AZ tier and warm",
+        "chunk_size": 524288,
+        "read_latency_buckets_us": bounds,
+        "hit_latency_counts": counts,
+        "bandwidth_bytes_per_s": {k: round(v) for k, v in bandwidth.items()},
+        "lanes": 16,
+        "warm_start_ms": {"default": round(med(list(warm_ms.values())), 1), "images": warm_ms},
+    }
+    with open(path, "w") as f:
+        json.dump(cal, f, indent=1)
+    return cal
+
+
+def med(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2) if n else 0
+
+
+def read_whole_file(ctx, agent, tag):
+    """Bytes per second of reading `tag`'s attachment file whole, 1 MiB at a time."""
+    name = "bw"
+    run([ctx.lode, "-q", "attach", tag, "--name", name, "--control", agent.control], env=ctx.env)
+    path = os.path.join(agent.state, "files", name)
+    drop_caches()
+    t0 = time.perf_counter()
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            n += len(b)
+    secs = time.perf_counter() - t0
+    run([ctx.lode, "-q", "detach", name, "--control", agent.control], env=ctx.env)
+    return n / secs
+
+
+def sim_json(ctx, *args):
+    t0 = time.perf_counter()
+    out = run([ctx.lode, "-q", "sim", "--json", *args], env=ctx.env)
+    r = json.loads(out)
+    r["bench_wall_secs"] = time.perf_counter() - t0
+    return r
+
+
+def sim_tiers(caches):
+    """`lode sim --tier` arguments for an agent's caches: its ciphertext memory and disk
+    (decrypted segments are part of what those hold, at chunk granularity)."""
+    return ["--tier", f"memory:{caches['memory']}", "--tier", f"disk:{caches['disk']}"]
+
+
+def section_scale(ctx):
+    q = ctx.quick
+    nfun, nstart = (16, 120) if q else (48, 480)
+    out = {"prices": PRICES, "paper_shares": PAPER_SHARES}
+    rng = random.Random(REPLAY_SEED)
+    layout = os.path.join(ctx.work, "fn-layout")
+    shutil.rmtree(layout, ignore_errors=True)
+    functions = make_functions(ctx, layout, nfun, rng)
+    fn_weights = popularity(functions, rng)
+    after_functions = rng.getstate()
+    cal_path = os.path.join(ctx.results, "calibration.json")
+    log("scale: calibrating the simulator")
+    out["calibration"] = calibrate(ctx, functions, cal_path)
+
+    # The replay of section 4 (same seed, workload, agents, caches), with read traces.
+    tdir = os.path.join(ctx.work, "traces")
+    os.makedirs(tdir, exist_ok=True)
+    rng.setstate(after_functions)
+    rep = run_starts(ctx, functions, fn_weights, rng, nstart, REPLAY_CACHES, label="traced", trace_dir=tdir)
+    measured = {"shares": trace_shares(rep["traces"]), "start_p50": med([s["secs"] for s in rep["starts"]]),
+                "start_secs": [s["secs"] for s in rep["starts"]]}
+    pred = sim_json(ctx, *sum((["--trace", t] for t in rep["traces"]), []), "--calibration", cal_path,
+                    *sim_tiers(REPLAY_CACHES), "--nodes", "6", "--node-memory", "1GiB")
+    out["validation"] = {"measured": measured, "predicted": pred, "caches": REPLAY_CACHES, "nstart": nstart}
+    out["scale"] = scale_run(ctx, cal_path)
+    ctx.save("scale", out)
+    shutil.rmtree(layout, ignore_errors=True)
+
+
+def scale_run(ctx, cal_path):
+    """10,000 workers at 15,000 starts/s for a simulated hour (quick: five minutes)."""
+    duration = "5m" if ctx.quick else "1h"
+    args = ["--workers", "10000", "--rate", "15000", "--duration", duration, "--calibration", cal_path]
+    r = sim_json(ctx, *args)
+    return {"args": args, "report": r}
 
 
 # ------------------------------------------------------------------ 10: a microVM start
@@ -1131,6 +1341,7 @@ SECTIONS = {
     "startcost": section_startcost,
     "network": section_network,
     "vm": section_vm,
+    "scale": section_scale,
 }
 
 

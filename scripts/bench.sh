@@ -6,7 +6,7 @@
 #   --quick          the quick subset: fewer runs, starts and seconds (about 6 minutes
 #                    with lode and the benches already built); without it the full set
 #                    (about 16 minutes)
-#   --sections LIST  comma-separated subset of dedup,starts,replay,peers,snapshot,startcost,network,vm
+#   --sections LIST  comma-separated subset of dedup,starts,replay,peers,snapshot,startcost,network,vm,scale
 #                    (default: all; sections not run are listed as such in the report)
 #   --out FILE       the report (default docs/EVALUATION.md; plots go to evaluation/
 #                    beside it)
@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-quick= sections=dedup,starts,replay,peers,snapshot,startcost,network,vm out=docs/EVALUATION.md keep=
+quick= sections=dedup,starts,replay,peers,snapshot,startcost,network,vm,scale out=docs/EVALUATION.md keep=
 args=("$@")
 while (($#)); do
   case $1 in
