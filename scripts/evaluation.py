@@ -840,6 +840,67 @@ virtualisation was not measured.
 """
 
 
+def sim_shares(report):
+    """A `lode sim` report's shares as local / az / origin."""
+    sh = {"local": 0.0, "az": 0.0, "origin": 0.0}
+    for t in report["tiers"]:
+        sh[t["name"] if t["name"] in ("az", "origin") else "local"] += t["share"]
+    return sh
+
+
+def fig_scale(r, sc):
+    """11: the fleet simulator, cache sizing, eviction, the AZ fleet at scale, bursts."""
+    parts = []
+    v = sc["validation"]
+    m, p = v["measured"], v["predicted"]
+    ps = sim_shares(p)
+    rows = [[k, pct(m["shares"][k]), pct(ps[k]), f"{(ps[k] - m['shares'][k]) * 100:+.1f} pp"]
+            for k in ("local", "az", "origin")]
+    mp50, pp50 = m["start_p50"] * 1000, p["start_latency"]["p50_ms"]
+    rows.append(["start p50", f"{mp50:.0f} ms", f"{pp50:.0f} ms", f"{(pp50 / mp50 - 1) * 100:+.0f}%"])
+    cal = sc["calibration"]
+    bw = cal["bandwidth_bytes_per_s"]
+    parts.append(f"""## 11. Fleet scale
+
+What: `lode sim` ([scale.md](scale.md)), a discrete-event model of a fleet (workers with
+their local tiers, the AZ fleet with k+m erasure coding and its placement, the origin),
+calibrated by this run and checked against a real replay before it is trusted at scale.
+
+### Calibration
+
+Measured apart from the replay it predicts: each of the {len(cal['warm_start_ms']['images'])} function images
+started cold on one agent (from the origin, filling an AZ fleet of its own), then on a
+fresh agent (from that fleet) and again (warm, every chunk local). From those agents:
+the per-tier hit latency histograms, each image's warm start time (median
+{cal['warm_start_ms']['default']:.0f} ms), and per-worker read bandwidth, a whole image file read through a
+fresh agent: {bw['az'] / 1e6:.0f} MB/s from the AZ tier, {bw['origin'] / 1e6:.0f} MB/s from the origin. The file is
+[evaluation/calibration.json](evaluation/calibration.json) (`lode sim --calibration`).
+
+### Predicted beside measured
+
+The replay of section 4 again (the same seed, {v['nstart']} starts of the same functions on three
+agents, six cache nodes of 1 GiB, caches {', '.join(f'{k} {x}' for k, x in v['caches'].items())}), each agent
+recording a read trace (`lode agent --trace`). Measured: each chunk's first read by each
+start, by the tier that served it (decrypted, memory and disk are local), and the
+median of the starts' wall time. Predicted: `lode sim --trace` over those traces (the
+same starts on the same workers; the recorded tiers are not used), with the calibration
+above, memory {v['caches']['memory']} and disk {v['caches']['disk']} per worker.
+
+{table(["", "measured", "predicted", "difference"], rows)}""")
+    s = sc["scale"]["report"]
+    parts.append(f"""### A fleet
+
+`lode sim {' '.join(sc['scale']['args'][:-2])} --calibration calibration.json` (the synthetic Zipf
+workload's defaults): {s['starts']:,} starts, {s['reads']:,} chunk reads over {s['simulated_s'] / 3600:.2f} simulated
+hours took {s.get('wall_s', s.get('bench_wall_secs', 0)):.0f} s of wall time and peaked at {mib(s.get('peak_rss_bytes', 0))} resident.
+Predicted: local {pct(sim_shares(s)['local'])}, AZ {pct(sim_shares(s)['az'])}, origin {pct(sim_shares(s)['origin'], )};
+origin {s['origin']['requests_per_s_mean']:.0f} requests/s (peak second {s['origin']['requests_per_s_peak']}), {s['origin']['bytes_per_s_mean'] / 1e6:.0f} MB/s;
+AZ nodes {s['az']['nodes']}, busiest over mean {s['az']['imbalance']:.2f}; start p50 {s['start_latency']['p50_ms']:.0f} ms, p99
+{s['start_latency']['p99_ms']:.0f} ms.
+""")
+    return "\n".join(parts)
+
+
 def tier_counts(rep, tier, key="hit_latency_counts"):
     counts = None
     for st in rep["agent_stats"]:
@@ -929,9 +990,9 @@ def main():
     out_md = sys.argv[2] if len(sys.argv) == 3 else os.path.join(os.path.dirname(__file__), "..", "docs", "EVALUATION.md")
     r = Report(results, out_md)
     machine = r.load("machine") or {}
-    dedup, starts, replay, peers, snap, startcost, net, vm = (
-        r.load(n) for n in ("dedup", "starts", "replay", "peers", "snapshot", "startcost", "network", "vm"))
-    if not any((dedup, starts, replay, peers, snap, startcost, net, vm)):
+    dedup, starts, replay, peers, snap, startcost, net, vm, scale = (
+        r.load(n) for n in ("dedup", "starts", "replay", "peers", "snapshot", "startcost", "network", "vm", "scale"))
+    if not any((dedup, starts, replay, peers, snap, startcost, net, vm, scale)):
         sys.exit(f"evaluation: no section results in {results}")
     runs = machine.get("invocations", [])
     ran = "; ".join(f"`{i['command'].strip()}` on {i['date']} ({', '.join(i['sections'])}: {i['secs']} s"
@@ -984,9 +1045,11 @@ Studies measured on their own, outside `scripts/bench.sh`: garbage collection
         r.add(fig_network(r, net))
     if vm:
         r.add(fig_vm(r, vm))
+    if scale:
+        r.add(fig_scale(r, scale))
     missing = [n for n, v in (("1 dedup", dedup), ("2/6 starts", starts), ("3/4 replay", replay), ("5 peers", peers),
                               ("7 snapshot", snap), ("8 startcost", startcost), ("9 network", net),
-                              ("10 vm", vm)) if v is None]
+                              ("10 vm", vm), ("11 scale", scale)) if v is None]
     if missing:
         r.add("Sections not run this time: " + ", ".join(missing) + ".\n")
     with open(out_md + ".tmp", "w") as f:
