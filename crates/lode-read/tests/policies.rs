@@ -12,6 +12,9 @@ use lode_read::{
     CacheBuilder, ChunkCache, ChunkTier, DiskTier, MemoryTier, PolicyKind, StoreOrigin,
 };
 
+/// A ciphertext tier under test.
+type Tier = Arc<dyn ChunkTier>;
+
 /// Reads the whole image through `cache`, checking its bytes, and returns the snapshot.
 async fn read_all(fx: &Fixture, cache: &Arc<ChunkCache>) -> lode_read::MetricsSnapshot {
     let dev = fx.device(cache).await;
@@ -22,12 +25,7 @@ async fn read_all(fx: &Fixture, cache: &Arc<ChunkCache>) -> lode_read::MetricsSn
     cache.snapshot()
 }
 
-fn cache(
-    fx: &Fixture,
-    decrypted: u64,
-    policy: PolicyKind,
-    tier: Option<Arc<dyn ChunkTier>>,
-) -> Arc<ChunkCache> {
+fn cache(fx: &Fixture, decrypted: u64, policy: PolicyKind, tier: Option<Tier>) -> Arc<ChunkCache> {
     let mut b = CacheBuilder::new()
         .decrypted_bytes(decrypted)
         .decrypted_policy(policy);
@@ -45,7 +43,7 @@ async fn every_policy_serves_hits_from_every_local_tier() {
     let stored = distinct_stored(0..10);
     for &policy in PolicyKind::ALL {
         let disk_dir = tempfile::tempdir().unwrap();
-        let tiers: [(&str, u64, Option<Arc<dyn ChunkTier>>); 3] = [
+        let tiers: [(&str, u64, Option<Tier>); 3] = [
             ("decrypted", 64 << 20, None),
             (
                 "memory",
