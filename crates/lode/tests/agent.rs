@@ -112,6 +112,11 @@ fn attach_read_restart_detach() {
         .expect("origin tier");
     assert!(origin["hits"].as_u64().expect("hits") > 0, "{stats}");
     assert!(h.ok(&["stats"]).contains("origin"));
+    assert_eq!(
+        stats["cache_policy"], "s3-fifo",
+        "the default eviction policy"
+    );
+    assert!(h.ok(&["stats"]).contains("eviction   s3-fifo"));
 
     // A second attachment of the same image, and the errors.
     h.ok(&["attach", &id, "--name", "byid", "--rw"]);
