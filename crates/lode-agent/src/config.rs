@@ -23,6 +23,7 @@
 //! decrypted = "256MiB"                # decrypted segments in memory
 //! memory = "512MiB"                   # ciphertext in memory
 //! disk = "10GiB"                      # ciphertext on local disk
+//! policy = "s3-fifo"                  # eviction in all three: lru, lru-2, s3-fifo, w-tinylfu
 //!
 //! [az]                                # the AZ cache fleet (memcached protocol)
 //! nodes = ["10.0.1.5:11211", "10.0.2.5:11211", "10.0.3.5:11211",
@@ -51,6 +52,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 
 use crate::AgentError;
+
+/// An eviction policy by name, as `[cache] policy` gives it.
+pub use lode_read::PolicyKind;
 
 /// Largest configuration file read.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -247,10 +251,13 @@ pub struct MetricsSection {
     pub listen: Option<SocketAddr>,
 }
 
-/// `[cache]`, in bytes.
+/// `[cache]`: the local tiers' sizes, in bytes, and their eviction policy.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSection {
+    /// The eviction policy of the decrypted, memory and disk tiers.
+    #[serde(default, deserialize_with = "policy_opt")]
+    pub policy: Option<PolicyKind>,
     /// Decrypted chunks in memory.
     #[serde(default, deserialize_with = "size_opt")]
     pub decrypted: Option<u64>,
@@ -304,6 +311,13 @@ fn size_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         RawSize::Bytes(n) => Ok(Some(n)),
         RawSize::Text(s) => parse_size(&s).map(Some).map_err(serde::de::Error::custom),
     }
+}
+
+fn policy_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PolicyKind>, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// Parses a byte count: a number, optionally followed by `K`, `M`, `G` or `T` (with or
@@ -384,6 +398,7 @@ mod tests {
         assert_eq!(c.cache.decrypted, Some(256 << 20));
         assert_eq!(c.cache.memory, Some(512 << 20));
         assert_eq!(c.cache.disk, Some(10 << 30));
+        assert_eq!(c.cache.policy, Some(lode_read::PolicyKind::default()));
         assert_eq!(c.files, Some(PathBuf::from("/run/lode/files")));
         let az = c.az.expect("[az]").to_config();
         assert_eq!((az.nodes.len(), az.k, az.m), (6, 4, 2));
@@ -443,6 +458,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("lots") && e.contains("not a size"), "{e}");
+        let e = ConfigFile::parse("[cache]\ndisk = \"1GiB\"\npolicy = \"lfu\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3") && e.contains("policy = \"lfu\"") && e.contains("unknown eviction policy \"lfu\": expected one of lru, lru-2, s3-fifo, w-tinylfu"),
+            "{e}"
+        );
+        for &kind in lode_read::PolicyKind::ALL {
+            let text = format!("[cache]\npolicy = \"{kind}\"\n");
+            assert_eq!(
+                ConfigFile::parse(&text, p).unwrap().cache.policy,
+                Some(kind)
+            );
+        }
         let e = ConfigFile::parse("[nbd]\ntcp = \"localhost\"\n", p)
             .unwrap_err()
             .to_string();

@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub cache_disk: u64,
     /// Decrypted bytes kept in memory.
     pub decrypted: u64,
+    /// How the decrypted, memory and disk tiers evict.
+    pub cache_policy: lode_read::PolicyKind,
     /// Where the FUSE filesystem of attachment files is mounted, if anywhere.
     pub files: Option<PathBuf>,
     /// The AZ cache fleet, if any (between the disk cache and the origin).
@@ -75,7 +77,7 @@ pub struct TraceConfig {
 
 impl AgentConfig {
     /// Defaults under `state_dir`: sockets `nbd.sock`, files in `files/`, 256 MiB
-    /// decrypted, 512 MiB memory, 10 GiB disk, no TCP.
+    /// decrypted, 512 MiB memory, 10 GiB disk, the default eviction policy, no TCP.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         let state_dir = state_dir.into();
         Self {
@@ -91,6 +93,7 @@ impl AgentConfig {
             cache_memory: 512 << 20,
             cache_disk: 10 << 30,
             decrypted: 256 << 20,
+            cache_policy: lode_read::PolicyKind::default(),
         }
     }
 }
@@ -482,11 +485,12 @@ impl Agent {
         self.server.stats()
     }
 
-    /// The metrics snapshot as JSON, with the NBD server's counters under `nbd`, the
-    /// AZ client's under `az`, and the reads that raised a read alarm, per root, under
-    /// `root_alarm_reads`.
+    /// The metrics snapshot as JSON, with the local tiers' eviction policy under
+    /// `cache_policy`, the NBD server's counters under `nbd`, the AZ client's under
+    /// `az`, and the reads that raised a read alarm, per root, under `root_alarm_reads`.
     pub fn stats_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self.cache.snapshot()).expect("metrics serialise");
+        v["cache_policy"] = self.config.cache_policy.name().into();
         v["nbd"] = crate::stats::nbd_json(&self.nbd_stats(), &self.config.nbd_limits);
         v["root_alarm_reads"] = self
             .watch
@@ -1044,10 +1048,15 @@ fn build_tiers(
     };
     let mut cache = ChunkCache::builder()
         .decrypted_bytes(config.decrypted)
-        .tier(Arc::new(MemoryTier::new(config.cache_memory)))
-        .tier(Arc::new(DiskTier::open(
+        .decrypted_policy(config.cache_policy)
+        .tier(Arc::new(MemoryTier::with_policy(
+            config.cache_memory,
+            config.cache_policy,
+        )))
+        .tier(Arc::new(DiskTier::open_with_policy(
             config.state_dir.join("cache"),
             config.cache_disk,
+            config.cache_policy,
         )?));
     if let Some(az) = &az {
         cache = cache.tier(az.clone());

@@ -36,7 +36,8 @@ use crate::error::blocking;
 use crate::metrics::Metrics;
 use crate::tier::{ChunkOrigin, ChunkRef, ChunkTier};
 use crate::trace::{DECRYPTED, Served};
-use crate::{Lru, MetricsSnapshot, ReadError};
+use crate::{MetricsSnapshot, ReadError};
+use lode_evict::{Cache, PolicyKind};
 
 /// Where a fetch found a chunk, and how far it is checked.
 #[derive(Debug)]
@@ -77,6 +78,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Default)]
 pub struct CacheBuilder {
     decrypted_bytes: u64,
+    decrypted_policy: PolicyKind,
     tiers: Vec<Arc<dyn ChunkTier>>,
     origin: Option<Arc<dyn ChunkOrigin>>,
 }
@@ -86,6 +88,7 @@ impl CacheBuilder {
     pub fn new() -> Self {
         Self {
             decrypted_bytes: 256 << 20,
+            decrypted_policy: PolicyKind::default(),
             tiers: Vec::new(),
             origin: None,
         }
@@ -94,6 +97,12 @@ impl CacheBuilder {
     /// Bounds the decrypted segments kept in memory (0 keeps none).
     pub fn decrypted_bytes(mut self, bytes: u64) -> Self {
         self.decrypted_bytes = bytes;
+        self
+    }
+
+    /// Evicts decrypted segments by `policy` (the default: [`PolicyKind::default`]).
+    pub fn decrypted_policy(mut self, policy: PolicyKind) -> Self {
+        self.decrypted_policy = policy;
         self
     }
 
@@ -127,7 +136,7 @@ impl CacheBuilder {
         let mut names: Vec<&'static str> = self.tiers.iter().map(|t| t.name()).collect();
         names.push("origin");
         Ok(Arc::new(ChunkCache {
-            decrypted: Mutex::new(Lru::new(self.decrypted_bytes)),
+            decrypted: Mutex::new(Cache::new(self.decrypted_policy, self.decrypted_bytes)),
             metrics: Metrics::new(&names),
             tiers: self.tiers,
             origin,
@@ -142,7 +151,7 @@ impl CacheBuilder {
 /// worker, shared by every attached image.
 #[derive(Debug)]
 pub struct ChunkCache {
-    decrypted: Mutex<Lru<(ChunkName, u32), Bytes>>,
+    decrypted: Mutex<Cache<(ChunkName, u32), Bytes>>,
     tiers: Vec<Arc<dyn ChunkTier>>,
     origin: Arc<dyn ChunkOrigin>,
     inflight: Mutex<HashMap<ChunkName, (u64, SharedFetch)>>,

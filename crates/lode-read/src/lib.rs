@@ -33,7 +33,6 @@ mod cache;
 mod checked;
 mod device;
 mod error;
-mod lru;
 mod metrics;
 mod overlay;
 mod prefetch;
@@ -48,7 +47,7 @@ pub use cache::{CacheBuilder, ChunkCache};
 pub use checked::{Checked, Found, HeaderChecked, LocalError, LocalObject};
 pub use device::ImageDevice;
 pub use error::{OpenError, ReadError};
-pub use lru::Lru;
+pub use lode_evict::{PolicyKind, UnknownPolicy};
 pub use metrics::{Histogram, LATENCY_BUCKETS_US, Metrics, MetricsSnapshot, TierSnapshot};
 pub use overlay::{BLOCK_SIZE, Overlay};
 pub use prefetch::{

@@ -18,9 +18,10 @@ use bytes::Bytes;
 use lode_format::{ChunkFormat, ChunkIndex, ChunkName, ManifestId, RootId, SegmentIndex};
 use lode_store::{Store, StoreError};
 
+use crate::ReadError;
 use crate::checked::{Checked, Found, LocalError, LocalObject};
 use crate::error::{blocking, io};
-use crate::{Lru, ReadError};
+use lode_evict::{Cache, PolicyKind};
 
 /// A chunk as the tiers know it: its name, the store root it lives under, the manifest
 /// that asked for it and where in that image it sits (the origin needs the root, and
@@ -134,18 +135,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Checked chunk objects in worker memory, byte-bounded LRU: only [`Checked`] objects
-/// go in, so what comes out is [`Found::Checked`].
+/// Checked chunk objects in worker memory, byte-bounded, evicted by a [`PolicyKind`]:
+/// only [`Checked`] objects go in, so what comes out is [`Found::Checked`].
 #[derive(Debug)]
 pub struct MemoryTier {
-    lru: Mutex<Lru<ChunkName, Checked>>,
+    lru: Mutex<Cache<ChunkName, Checked>>,
 }
 
 impl MemoryTier {
-    /// A tier holding at most `capacity` bytes.
+    /// A tier holding at most `capacity` bytes, under the default policy.
     pub fn new(capacity: u64) -> Self {
+        Self::with_policy(capacity, PolicyKind::default())
+    }
+
+    /// A tier holding at most `capacity` bytes, evicting by `policy`.
+    pub fn with_policy(capacity: u64, policy: PolicyKind) -> Self {
         Self {
-            lru: Mutex::new(Lru::new(capacity)),
+            lru: Mutex::new(Cache::new(policy, capacity)),
         }
     }
 }
@@ -190,22 +196,32 @@ impl ChunkTier for MemoryTier {
 /// Checked chunk objects on local disk: one file per chunk, named by the chunk's hex name, in one
 /// directory; written to a temporary name and renamed, so a crash never leaves a
 /// half-written file under a chunk's name (and a rotted one is caught by the name
-/// check). Byte-bounded LRU over an in-memory index; files found in the directory at
-/// open are indexed in no particular order.
+/// check). Byte-bounded, evicted by a [`PolicyKind`] over an in-memory index; files found
+/// in the directory at open are indexed in no particular order.
 #[derive(Debug)]
 pub struct DiskTier {
     dir: PathBuf,
-    index: Arc<Mutex<Lru<ChunkName, ()>>>,
+    index: Arc<Mutex<Cache<ChunkName, ()>>>,
     tmp_seq: AtomicU64,
 }
 
 impl DiskTier {
     /// Opens (creating) a cache directory bounded to `capacity` bytes, indexing the
-    /// chunk files already there and removing leftover temporary files.
+    /// chunk files already there and removing leftover temporary files; the default
+    /// policy.
     pub fn open(dir: impl Into<PathBuf>, capacity: u64) -> Result<Self, ReadError> {
+        Self::open_with_policy(dir, capacity, PolicyKind::default())
+    }
+
+    /// [`open`](Self::open), evicting by `policy`.
+    pub fn open_with_policy(
+        dir: impl Into<PathBuf>,
+        capacity: u64,
+        policy: PolicyKind,
+    ) -> Result<Self, ReadError> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(io("create cache directory", &dir))?;
-        let mut lru = Lru::new(capacity);
+        let mut lru = Cache::new(policy, capacity);
         let mut stale = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io("list cache directory", &dir))? {
             let entry = entry.map_err(io("list cache directory", &dir))?;

@@ -43,6 +43,7 @@ pub(crate) fn worker_config(
         .unwrap_or(config.decrypted);
     config.cache_memory = a.cache_memory.or(c.memory).unwrap_or(config.cache_memory);
     config.cache_disk = a.cache_disk.or(c.disk).unwrap_or(config.cache_disk);
+    config.cache_policy = a.cache_policy.or(c.policy).unwrap_or(config.cache_policy);
     let mut az = file.az.clone().unwrap_or_default();
     if !a.az_nodes.is_empty() {
         az.nodes = a.az_nodes.clone();
@@ -438,6 +439,9 @@ pub fn stats(env: &Env, home: &Path, a: ControlArg) -> Result<()> {
         println!("latency    p50 {p}, p99 {p99}");
     }
     print_tiers(&v, "");
+    if let Some(p) = v["cache_policy"].as_str() {
+        println!("eviction   {p} (decrypted, memory and disk)");
+    }
     if v["nbd"].is_object() {
         let nbd = &v["nbd"];
         let n = |k: &str| nbd[k].as_u64().unwrap_or_default();

@@ -112,6 +112,11 @@ fn attach_read_restart_detach() {
         .expect("origin tier");
     assert!(origin["hits"].as_u64().expect("hits") > 0, "{stats}");
     assert!(h.ok(&["stats"]).contains("origin"));
+    assert_eq!(
+        stats["cache_policy"], "s3-fifo",
+        "the default eviction policy"
+    );
+    assert!(h.ok(&["stats"]).contains("eviction   s3-fifo"));
 
     // A second attachment of the same image, and the errors.
     h.ok(&["attach", &id, "--name", "byid", "--rw"]);
@@ -120,14 +125,16 @@ fn attach_read_restart_detach() {
     let err = h.fails(&["attach", "app:1", "--name", "app"]);
     assert!(err.contains("already exists"), "{err}");
 
-    // kill -9 and restart: the attachments come back and read the same.
+    // kill -9 and restart (under another eviction policy, over the same disk cache):
+    // the attachments come back and read the same.
     let _dead = agent.kill_hard();
     let err = h.fails(&["ls"]);
     assert!(err.contains("no agent listening on"), "{err}");
-    let _agent = h.start_agent();
+    let _agent = h.start_agent_with(&["--cache-memory", "1048576", "--cache-policy", "w-tinylfu"]);
     assert_eq!(names(&h.json(&["ls"])), ["app", "byid"]);
     assert!(h.nbdcopy("app") == want, "nbdcopy differs after restart");
     assert!(h.nbdcopy("byid") == want, "writable attachment differs");
+    assert_eq!(h.json(&["stats"])["cache_policy"], "w-tinylfu");
 
     // Detach: gone from ls and from NBD; the overlay file is deleted.
     let overlays = h.home().join("agent/overlays");
