@@ -676,16 +676,22 @@ PRICES = {"memory_gib_hour": 0.005, "flash_gib_hour": 0.0002, "origin_per_1000_r
 PAPER_SHARES = {"local": 0.67, "az": 0.32, "origin": 0.0006}
 
 
-def trace_shares(paths):
-    """Chunk reads per tier class in read traces: each chunk's first read by each start."""
+def trace_shares(paths, skip=None):
+    """Chunk reads per tier class in read traces: each chunk's first read by each start
+    (`skip`: a predicate on image names whose starts are left out)."""
     counts = {"local": 0, "az": 0, "origin": 0}
     for p in paths:
+        images = {}
         with open(p) as f:
             for line in f:
                 w = line.split()
-                if len(w) == 7 and w[1] == "read":
+                if len(w) == 4 and w[1] == "start":
+                    images[w[2]] = w[3]
+                elif len(w) == 7 and w[1] == "read":
+                    if skip and skip(images.get(w[2], "")):
+                        continue
                     t = w[5]
-                    counts["local" if t in LOCAL_TIERS else t if t in ("az", "origin") else "local"] += 1
+                    counts[t if t in ("az", "origin") else "local"] += 1
     total = sum(counts.values()) or 1
     return {"reads": sum(counts.values()), **{k: v / total for k, v in counts.items()}}
 
@@ -805,7 +811,53 @@ def section_scale(ctx):
     out["validation"] = {"measured": measured, "predicted": pred, "caches": REPLAY_CACHES, "nstart": nstart}
     out["scale"] = scale_run(ctx, cal_path)
     ctx.save("scale", out)
+    out["eviction"] = eviction_study(ctx, functions, fn_weights, after_functions, cal_path)
+    ctx.save("scale", out)
     shutil.rmtree(layout, ignore_errors=True)
+
+
+POLICIES = ["lru", "lru-2", "s3-fifo", "w-tinylfu"]
+
+
+def eviction_study(ctx, functions, fn_weights, rng_state, cal_path):
+    """Every local eviction policy on the replay's Zipf workload with cron-like bursts of
+    one-off images, in the simulator and on real agents (same caches, same starts)."""
+    q = ctx.quick
+    out = {"policies": POLICIES, "sim": {}, "agents": {}}
+    # The simulator: the replay's functions and caches on three workers, a start every
+    # second for two simulated hours, and every minute a burst of 20 one-off images.
+    sim_args = ["--functions", str(len(functions)), "--zipf", str(REPLAY_ZIPF), "--seed", str(REPLAY_SEED),
+                "--workers", "3", "--rate", "1", "--duration", "2h", "--burst-every", "1m", "--burst-images", "20",
+                "--nodes", "6", "--node-memory", "1GiB", "--calibration", cal_path]
+    out["sim_args"] = sim_args
+    for pol in POLICIES:
+        tiers = ["--tier", f"memory:{REPLAY_CACHES['memory']}:{pol}", "--tier", f"disk:{REPLAY_CACHES['disk']}:{pol}"]
+        out["sim"][pol] = sim_json(ctx, *sim_args, *tiers)
+    # Real agents: the replay's starts, and after every 40 a cron tick of 6 one-off
+    # images (the base image plus 8-16 MiB of data the start reads whole).
+    nstart, every, per_tick = (120, 40, 6) if q else (240, 40, 6)
+    layout = os.path.join(ctx.work, "fn-layout")
+    one_offs = make_functions(ctx, layout, (nstart // every) * per_tick, random.Random(99), prefix="cron",
+                              bases=["base"], data_bits=(23, 24))
+    out["agents_setup"] = {"nstart": nstart, "every": every, "per_tick": per_tick, "one_offs": len(one_offs),
+                           "caches": REPLAY_CACHES}
+    tdir = os.path.join(ctx.work, "evict-traces")
+    for pol in POLICIES:
+        for fn in functions + one_offs:
+            ctx.lode_json("prefetch", "clear", fn["tag"])
+        os.makedirs(tdir, exist_ok=True)
+        rng = random.Random()
+        rng.setstate(rng_state)
+        rep = run_starts(ctx, functions, fn_weights, rng, nstart, REPLAY_CACHES, label=f"evict-{pol}",
+                         trace_dir=tdir, policy=pol, bursts=(every, one_offs, per_tick))
+        zipf = [s for s in rep["starts"] if not s.get("one_off")]
+        out["agents"][pol] = {
+            "shares": trace_shares(rep["traces"], skip=lambda img: img.startswith("cron")),
+            "shares_all": trace_shares(rep["traces"]),
+            "start_p50": med([s["secs"] for s in zipf]),
+            "starts": len(rep["starts"]),
+        }
+    return out
 
 
 def scale_run(ctx, cal_path):
