@@ -74,6 +74,7 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
         },
         prefetch_concurrency: a.prefetch_concurrency.max(1),
         generation_id_offset: a.generation_id_offset,
+        max_sessions: a.max_sessions.max(1),
         ..Default::default()
     };
     opts.check(snapshot.size())?;
@@ -109,9 +110,10 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
     loop {
         tokio::select! {
             Some(r) = rx.recv() => {
-                failed |= r.error.is_some();
+                failed |= r.error.is_some() && !r.refused;
                 print_report(&env, &r)?;
-                if a.once { break; }
+                // A refused connection is not the one restore --once waits for.
+                if a.once && !r.refused { break; }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -124,7 +126,7 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
     // two seconds.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
         while let Some(r) = rx.recv().await {
-            failed |= r.error.is_some();
+            failed |= r.error.is_some() && !r.refused;
             let _ = print_report(&env, &r);
         }
     })
@@ -146,6 +148,13 @@ fn print_report(env: &Env, r: &SessionReport) -> Result<()> {
         v["fault_p50_us"] = json!(p50);
         v["fault_p99_us"] = json!(p99);
         return print_json(&v);
+    }
+    if r.refused {
+        eprintln!(
+            "lode snapshot serve: refused a restore: {}",
+            r.error.as_deref().unwrap_or("no slot")
+        );
+        return Ok(());
     }
     let us = |x: Option<u32>| x.map(|x| format!("{x} µs")).unwrap_or_else(|| "-".into());
     println!(
