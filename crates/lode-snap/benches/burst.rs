@@ -455,18 +455,13 @@ fn main() {
             }
 
             let f = |g: fn(&CloneResult) -> f64| results.iter().map(g).collect::<Vec<_>>();
-            let (first, all, hs) = (
-                f(|c| c.first_ms),
-                f(|c| c.all_ms),
-                f(|c| c.handshake_ms),
-            );
+            let (first, all, hs) = (f(|c| c.first_ms), f(|c| c.all_ms), f(|c| c.handshake_ms));
             let faults: Vec<f64> = reports
                 .iter()
                 .flat_map(|r| r.fault_us.iter().map(|u| f64::from(*u)))
                 .collect();
-            let per = |g: fn(&SessionReport) -> u64| {
-                reports.iter().map(g).sum::<u64>() as f64 / n as f64
-            };
+            let per =
+                |g: fn(&SessionReport) -> u64| reports.iter().map(g).sum::<u64>() as f64 / n as f64;
             let mut tier_hits = serde_json::Map::new();
             let mut tier_us = serde_json::Map::new();
             for t in TIERS {
@@ -475,6 +470,8 @@ fn main() {
                 let mean = (hit > 0).then(|| us as f64 / hit as f64);
                 tier_us.insert(t.into(), json!(mean));
             }
+            let misses = |m: &MetricsSnapshot| m.tier("decrypted").map_or(0, |t| t.misses);
+            let decrypted = misses(&after) - misses(&before);
             let row = json!({
                 "bench": "burst",
                 "mode": mode,
@@ -498,6 +495,7 @@ fn main() {
                 "origin_max_fetches_per_chunk": most,
                 "tier_hits": tier_hits,
                 "tier_hit_us_mean": tier_us,
+                "segments_decrypted": decrypted,
                 "segment_fetches": stats.segment_fetches,
                 "joined_segment_fetches": stats.joined_segment_fetches,
                 "peak_sessions": stats.peak_sessions,
@@ -540,16 +538,16 @@ fn main() {
     println!();
     println!(
         "| mode | clones | first answer p50 / p99 ms | all answers p50 / p99 ms | burst ms | \
-         origin fetches (chunks) | disk hits | memory hits | segment fetches / joined | \
-         fault p50 / p99 µs | handler peak RSS MiB (before) |"
+         origin fetches (chunks) | disk hits | memory hits | segments decrypted | segment \
+         fetches / joined | fault p50 / p99 µs | handler peak RSS MiB (before) |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let num = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         let hit = |t: &str| r["tier_hits"][t].as_u64().unwrap_or(0);
         println!(
-            "| {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} | {} ({}) | {} | {} | {} / {} | \
-             {:.0} / {:.0} | {:.0} ({:.0}) |",
+            "| {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} | {} ({}) | {} | {} | {} | {} / {} \
+             | {:.0} / {:.0} | {:.0} ({:.0}) |",
             r["mode"].as_str().unwrap_or("?"),
             r["clones"],
             num("first_answer_ms_p50"),
@@ -561,6 +559,7 @@ fn main() {
             r["origin_distinct_chunks"],
             hit("disk"),
             hit("memory"),
+            r["segments_decrypted"],
             r["segment_fetches"],
             r["joined_segment_fetches"],
             num("fault_us_p50"),
