@@ -770,8 +770,14 @@ impl Session {
                     })
                 }
             };
-            if let Err(e) = r {
-                break Err(e);
+            match r {
+                Ok(()) => {}
+                // The VMM exited before its socket's close was read (or with installs
+                // still queued): the restore ended as if it had closed the socket.
+                Err(SnapError::Uffd(crate::uffd::UffdError::AddressSpaceGone { .. })) => {
+                    break Ok(());
+                }
+                Err(e) => break Err(e),
             }
         };
         prefetcher.abort();
