@@ -290,6 +290,10 @@ pub async fn serve(
     on_report: Arc<dyn Fn(SessionReport) + Send + Sync>,
 ) -> Result<(), SnapError> {
     let slots = Arc::new(Semaphore::new(opts.max_sessions.max(1)));
+    // Refusals read a handshake too (up to the timeout each); as many at once as
+    // sessions, so a flood of connections cannot hold threads and memory without bound.
+    // Past that a connection is closed unanswered.
+    let refusals = Arc::new(Semaphore::new(opts.max_sessions.max(1)));
     loop {
         let (stream, _) = listener.accept().await.map_err(|source| SnapError::Io {
             what: "accepting a VMM connection".into(),
@@ -305,8 +309,13 @@ pub async fn serve(
             }
             Err(_) => {
                 snapshot.shared.refused.fetch_add(1, Ordering::Relaxed);
+                let Ok(permit) = refusals.clone().try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
                 tokio::spawn(async move {
                     on_report(refuse(stream, &opts).await);
+                    drop(permit);
                 });
             }
         }
