@@ -212,8 +212,9 @@ type Flight = futures::future::Shared<BoxFuture<'static, Result<Option<Bytes>, S
 /// What the restores of one snapshot share, held by the [`Snapshot`].
 #[derive(Default)]
 pub(crate) struct SharedState {
-    /// The working-set record once read: `Some(None)` when there is none.
-    pub(crate) working_set: tokio::sync::Mutex<Option<Option<Arc<crate::WorkingSet>>>>,
+    /// The working-set record as last read or stored, and when (inner `None`: there was
+    /// none).
+    pub(crate) working_set: tokio::sync::Mutex<Option<(Instant, Option<Arc<crate::WorkingSet>>)>>,
     /// Segment fetches in flight, by unit.
     flights: std::sync::Mutex<HashMap<u64, Flight>>,
     /// Set by the restore that stores the record under [`RecordPolicy::Auto`], so a burst

@@ -27,6 +27,7 @@ pub mod uffd;
 pub mod workload;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 // userfaultfd exists on 64-bit Linux only, and offsets into guest memory are u64
 // throughout; `usize_of` relies on this.
@@ -49,6 +50,10 @@ use thiserror::Error;
 pub use handler::{BurstStats, Prefetch, RecordPolicy, ServeOptions, SessionReport, serve};
 pub use mapping::{Mapping, MappingError};
 pub use record::{RecordError, RecordKey, WorkingSet};
+
+/// How long a working-set record read from the store serves the restores that start
+/// after it before it is read again.
+pub const RECORD_REUSE: Duration = Duration::from_secs(10);
 
 /// The chunk size `lode snapshot import` uses unless told otherwise: memory is read in
 /// scattered pages, so a smaller fetch unit than a disk's 512 KiB wastes less (see
@@ -202,22 +207,25 @@ impl Snapshot {
         self.store
             .put_working_set(self.device.root(), &self.id(), sealed.into())
             .await?;
-        *self.shared.working_set.lock().await = Some(Some(Arc::new(ws.clone())));
+        *self.shared.working_set.lock().await = Some((Instant::now(), Some(Arc::new(ws.clone()))));
         Ok(())
     }
 
-    /// The working-set record for a restore: read from the store by the first restore
-    /// and kept, so a burst of restores reads and opens it once (the first restore waits
-    /// for the read, the others for it). A record that does not open is reported to that
-    /// first restore and then treated as absent.
+    /// The working-set record for a restore: read from the store and opened once for
+    /// all the restores that start within [`RECORD_REUSE`] of the read (a burst's wait for
+    /// the first one's read rather than each reading it), then read again, so a record
+    /// another worker stores is seen. A record that does not open is reported to the
+    /// restore that read it and treated as absent by the others.
     pub async fn working_set_for_restore(&self) -> Result<Option<Arc<WorkingSet>>, SnapError> {
         let mut held = self.shared.working_set.lock().await;
-        if let Some(ws) = &*held {
+        if let Some((at, ws)) = &*held
+            && at.elapsed() < RECORD_REUSE
+        {
             return Ok(ws.clone());
         }
         let read = self.working_set().await;
         let ws = read.as_ref().ok().cloned().flatten().map(Arc::new);
-        *held = Some(ws.clone());
+        *held = Some((Instant::now(), ws.clone()));
         read.map(|_| ws)
     }
 
