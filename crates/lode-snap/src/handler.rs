@@ -19,6 +19,14 @@
 //!        client socket closed ─► end; store the working set (first restore by default)
 //! ```
 //!
+//! Restores of one snapshot run at once, each its own session (its own userfaultfd,
+//! regions, generation id and installs), up to [`ServeOptions::max_sessions`]; a
+//! connection past that is refused with [`SnapError::Busy`] after its handshake is read.
+//! They share the worker's chunk cache and, through the [`Snapshot`], the working-set
+//! record (read once) and the fetches of segments in flight: a segment that another
+//! restore is fetching (a fault or its prefetch) is joined, not fetched and decrypted
+//! again, so a burst of clones reads each segment once and installs it in each clone.
+//!
 //! One loop owns every install, so an install never races a remove it has not seen: the
 //! kernel holds the madvise until its REMOVE event is read, and copies fail with EAGAIN
 //! meanwhile. A fetch is polled once as its fault is read: a segment that is ready at once
@@ -34,12 +42,15 @@ use std::future::Future;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use lode_format::SegmentIndex;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
@@ -98,7 +109,13 @@ pub struct ServeOptions {
     pub generation_id_offset: Option<u64>,
     /// How long to wait for the handshake after a client connects.
     pub handshake_timeout: Duration,
+    /// Restores served at once; a connection past this is refused ([`SnapError::Busy`]).
+    /// Each holds a few bits per page of the snapshot and a word per page it faults.
+    pub max_sessions: usize,
 }
+
+/// The default of [`ServeOptions::max_sessions`].
+pub const DEFAULT_MAX_SESSIONS: usize = 128;
 
 impl ServeOptions {
     /// Checks the options against a snapshot of `snapshot_size` bytes.
@@ -126,6 +143,7 @@ impl Default for ServeOptions {
             prefetch_concurrency: 16,
             generation_id_offset: None,
             handshake_timeout: Duration::from_secs(10),
+            max_sessions: DEFAULT_MAX_SESSIONS,
         }
     }
 }
@@ -172,6 +190,9 @@ pub struct SessionReport {
     pub seconds: f64,
     /// Why the restore ended abnormally, if it did.
     pub error: Option<String>,
+    /// Whether it was refused because `max_sessions` restores were being served (no
+    /// generation id, nothing installed).
+    pub refused: bool,
 }
 
 impl SessionReport {
@@ -185,24 +206,142 @@ impl SessionReport {
     }
 }
 
-/// Serves restores of `snapshot` on `listener` until the task is dropped; each finished
-/// restore is passed to `on_report`.
+/// A segment's fetch that restores join: its plaintext (`None`: a zero chunk) or why not.
+type Flight = futures::future::Shared<BoxFuture<'static, Result<Option<Bytes>, String>>>;
+
+/// What the restores of one snapshot share, held by the [`Snapshot`].
+#[derive(Default)]
+pub(crate) struct SharedState {
+    /// The working-set record as last read or stored, and when (inner `None`: there was
+    /// none).
+    pub(crate) working_set: tokio::sync::Mutex<Option<(Instant, Option<Arc<crate::WorkingSet>>)>>,
+    /// Segment fetches in flight, by unit.
+    flights: std::sync::Mutex<HashMap<u64, Flight>>,
+    /// Set by the restore that stores the record under [`RecordPolicy::Auto`], so a burst
+    /// of first restores stores it once.
+    record_claimed: AtomicBool,
+    started: AtomicU64,
+    joined: AtomicU64,
+    sessions: AtomicUsize,
+    peak_sessions: AtomicUsize,
+    refused: AtomicU64,
+}
+
+impl std::fmt::Debug for SharedState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedState")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedState {
+    pub(crate) fn stats(&self) -> BurstStats {
+        BurstStats {
+            segment_fetches: self.started.load(Ordering::Relaxed),
+            joined_segment_fetches: self.joined.load(Ordering::Relaxed),
+            sessions: self.sessions.load(Ordering::Relaxed),
+            peak_sessions: self.peak_sessions.load(Ordering::Relaxed),
+            refused_sessions: self.refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the restores of one snapshot shared, since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BurstStats {
+    /// Segment fetches started through the chunk cache (a fault's or a prefetch's).
+    pub segment_fetches: u64,
+    /// Times a restore joined a fetch of a segment already in flight (another
+    /// restore's, usually) instead of starting its own.
+    pub joined_segment_fetches: u64,
+    /// Restores being served now (past their handshake or in it).
+    pub sessions: usize,
+    /// The most restores served at once.
+    pub peak_sessions: usize,
+    /// Connections refused because `max_sessions` restores were being served.
+    pub refused_sessions: u64,
+}
+
+/// Counts a session in [`SharedState`] while it lives.
+struct SessionSlot(Arc<Snapshot>);
+
+impl SessionSlot {
+    fn new(snapshot: &Arc<Snapshot>) -> Self {
+        let s = &snapshot.shared;
+        let now = s.sessions.fetch_add(1, Ordering::AcqRel) + 1;
+        s.peak_sessions.fetch_max(now, Ordering::AcqRel);
+        Self(snapshot.clone())
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.shared.sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves restores of `snapshot` on `listener` until the task is dropped, at most
+/// `opts.max_sessions` at once; each finished (or refused) restore is passed to
+/// `on_report`.
 pub async fn serve(
     listener: UnixListener,
     snapshot: Arc<Snapshot>,
     opts: ServeOptions,
     on_report: Arc<dyn Fn(SessionReport) + Send + Sync>,
 ) -> Result<(), SnapError> {
+    let slots = Arc::new(Semaphore::new(opts.max_sessions.max(1)));
+    // Refusals read a handshake too (up to the timeout each); as many at once as
+    // sessions, so a flood of connections cannot hold threads and memory without bound.
+    // Past that a connection is closed unanswered.
+    let refusals = Arc::new(Semaphore::new(opts.max_sessions.max(1)));
     loop {
         let (stream, _) = listener.accept().await.map_err(|source| SnapError::Io {
             what: "accepting a VMM connection".into(),
             source,
         })?;
         let (snapshot, opts, on_report) = (snapshot.clone(), opts.clone(), on_report.clone());
-        tokio::spawn(async move {
-            on_report(session(stream, snapshot, opts).await);
-        });
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    on_report(session(stream, snapshot, opts).await);
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                snapshot.shared.refused.fetch_add(1, Ordering::Relaxed);
+                let Ok(permit) = refusals.clone().try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
+                tokio::spawn(async move {
+                    on_report(refuse(stream, &opts).await);
+                    drop(permit);
+                });
+            }
+        }
     }
+}
+
+/// Refuses a restore past the limit: reads its handshake (so the VMM's send completes
+/// and it reads the reason rather than a reset connection), answers with the reason,
+/// and closes. The userfaultfd it sent is closed unused.
+async fn refuse(stream: UnixStream, opts: &ServeOptions) -> SessionReport {
+    let started = Instant::now();
+    let busy = SnapError::Busy {
+        limit: opts.max_sessions.max(1),
+    };
+    let mut report = SessionReport {
+        error: Some(busy.to_string()),
+        refused: true,
+        ..Default::default()
+    };
+    if let Ok((std, _)) = handshake(stream, opts.handshake_timeout).await {
+        let line = format!("{}\n", serde_json::json!({"error": busy.to_string()}));
+        let _ = std::io::Write::write_all(&mut &std, line.as_bytes());
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report
 }
 
 /// Binds `path` (replacing a stale socket file) for [`serve`].
@@ -236,6 +375,7 @@ pub async fn session(
     opts: ServeOptions,
 ) -> SessionReport {
     let started = Instant::now();
+    let _slot = SessionSlot::new(&snapshot);
     let mut report = SessionReport::default();
     let mut generation = [0u8; 16];
     // SystemRandom only fails when the OS has no randomness at all.
@@ -315,7 +455,7 @@ async fn run_session(
     let _ = stream.write_all(format!("{line}\n").as_bytes()).await;
 
     let working_set = if opts.prefetch == Prefetch::Recorded || opts.record == RecordPolicy::Auto {
-        match snapshot.working_set().await {
+        match snapshot.working_set_for_restore().await {
             Ok(ws) => ws,
             Err(e) => {
                 eprintln!("lode snapshot serve: ignoring the working-set record: {e}");
@@ -346,18 +486,32 @@ async fn run_session(
             report,
         )
         .await;
+    let worth_storing = result.is_ok() && !s.recorded.is_empty();
+    let claimed = &snapshot.shared.record_claimed;
     let store = match opts.record {
         RecordPolicy::Never => false,
-        RecordPolicy::Always => true,
-        RecordPolicy::Auto => working_set.is_none(),
+        RecordPolicy::Always => worth_storing,
+        // The first restore of a burst to end stores it; the others ran the same
+        // snapshot without a record, and one record is all REAP keeps.
+        RecordPolicy::Auto => {
+            worth_storing
+                && working_set.is_none()
+                && claimed
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+        }
     };
-    if store && result.is_ok() && !s.recorded.is_empty() {
+    if store {
         let ws = WorkingSet {
             pages: std::mem::take(&mut s.recorded),
         };
         match snapshot.store_working_set(&ws).await {
             Ok(()) => report.recorded = true,
-            Err(e) => eprintln!("lode snapshot serve: could not store the working set: {e}"),
+            Err(e) => {
+                // Let a later restore try.
+                claimed.store(false, Ordering::Release);
+                eprintln!("lode snapshot serve: could not store the working set: {e}");
+            }
         }
     }
     if let Err(e) = &result {
@@ -626,8 +780,14 @@ impl Session {
                     })
                 }
             };
-            if let Err(e) = r {
-                break Err(e);
+            match r {
+                Ok(()) => {}
+                // The VMM exited before its socket's close was read (or with installs
+                // still queued): the restore ended as if it had closed the socket.
+                Err(SnapError::Uffd(crate::uffd::UffdError::AddressSpaceGone { .. })) => {
+                    break Ok(());
+                }
+                Err(e) => break Err(e),
             }
         };
         prefetcher.abort();
@@ -657,9 +817,9 @@ impl Session {
                 {
                     continue;
                 }
-                let (snapshot, tx) = (snapshot.clone(), tx.clone());
+                let (flight, tx) = (fetch_shared(&snapshot, u, unit), tx.clone());
                 tokio::spawn(async move {
-                    let r = fetch(&snapshot, u, unit).await;
+                    let r = flight.await;
                     let _ = tx.send((u, r, true));
                     drop(permit);
                 });
@@ -751,14 +911,13 @@ impl Session {
                     report.demand_chunks += 1;
                 }
             }
-            let (snapshot, len) = (self.snapshot.clone(), self.unit);
-            let mut fetching = Box::pin(async move { fetch(&snapshot, unit, len).await });
+            let mut fetching = fetch_shared(&self.snapshot, unit, self.unit);
             // Polled once here: a segment in decrypted memory, or one a local tier reads
             // in place, is ready at once and installed now, without a task and a channel
             // between. One that has to wait (the origin, the AZ fleet) goes on as a task
             // of its own, which polls it again with a waker that counts.
             let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-            match fetching.as_mut().poll(&mut cx) {
+            match Pin::new(&mut fetching).poll(&mut cx) {
                 Poll::Ready(Ok(data)) => {
                     let units = unit..unit + 1;
                     self.install(Install { units, data }, report)?;
@@ -929,6 +1088,39 @@ fn count(report: &mut SessionReport, copied: bool, pages: u64) {
 
 fn micros(since: Instant) -> u32 {
     u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX)
+}
+
+/// The fetch of unit `unit` (units of `len` bytes) that restores of `snapshot` share: the
+/// one in flight, joined, or a new one. The cache joins fetches of one chunk from its
+/// tiers; this joins the reads of one segment, so a burst of restores faulting the same
+/// segment decrypts it once, not once each.
+fn fetch_shared(snapshot: &Arc<Snapshot>, unit: u64, len: u64) -> Flight {
+    let shared = &snapshot.shared;
+    let mut flights = shared
+        .flights
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(f) = flights.get(&unit) {
+        shared.joined.fetch_add(1, Ordering::Relaxed);
+        return f.clone();
+    }
+    shared.started.fetch_add(1, Ordering::Relaxed);
+    let snap = snapshot.clone();
+    let flight = async move {
+        let r = fetch(&snap, unit, len).await;
+        // Only this fetch removes its entry, and no other fetch of the unit starts
+        // while it is there, so the entry is this one.
+        snap.shared
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&unit);
+        r
+    }
+    .boxed()
+    .shared();
+    flights.insert(unit, flight.clone());
+    flight
 }
 
 /// The plaintext of unit `unit` (units of `len` bytes): segment `j` of its chunk, or

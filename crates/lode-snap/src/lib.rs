@@ -27,6 +27,7 @@ pub mod uffd;
 pub mod workload;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 // userfaultfd exists on 64-bit Linux only, and offsets into guest memory are u64
 // throughout; `usize_of` relies on this.
@@ -46,9 +47,13 @@ use lode_read::{ChunkCache, ImageDevice, OpenError, ReadError};
 use lode_store::{Store, StoreError};
 use thiserror::Error;
 
-pub use handler::{Prefetch, RecordPolicy, ServeOptions, SessionReport, serve};
+pub use handler::{BurstStats, Prefetch, RecordPolicy, ServeOptions, SessionReport, serve};
 pub use mapping::{Mapping, MappingError};
 pub use record::{RecordError, RecordKey, WorkingSet};
+
+/// How long a working-set record read from the store serves the restores that start
+/// after it before it is read again.
+pub const RECORD_REUSE: Duration = Duration::from_secs(10);
 
 /// The chunk size `lode snapshot import` uses unless told otherwise: memory is read in
 /// scattered pages, so a smaller fetch unit than a disk's 512 KiB wastes less (see
@@ -93,6 +98,15 @@ pub enum SnapError {
     /// The guest did something lode does not follow.
     #[error("{0}")]
     Unsupported(String),
+    /// Every restore slot of the handler is taken.
+    #[error(
+        "refused the VMM's handshake: the handler is serving {limit} restores, its limit \
+         (--max-sessions); retry when one ends, or start another handler"
+    )]
+    Busy {
+        /// The handler's limit on restores at once.
+        limit: usize,
+    },
     /// A chunk could not be read, so its pages cannot be served.
     #[error("cannot serve snapshot offset {offset}: chunk {index}: {reason}")]
     Chunk {
@@ -113,12 +127,15 @@ pub enum SnapError {
     },
 }
 
-/// An opened snapshot: its manifest and keys, read through a worker's chunk cache.
+/// An opened snapshot: its manifest and keys, read through a worker's chunk cache, and
+/// what the restores served from it at once share (the working-set record, read once,
+/// and the fetches of segments in flight: see [`handler`]).
 #[derive(Debug)]
 pub struct Snapshot {
     device: ImageDevice,
     record_key: RecordKey,
     store: Store,
+    shared: handler::SharedState,
 }
 
 impl Snapshot {
@@ -137,6 +154,7 @@ impl Snapshot {
             device,
             record_key,
             store: store.clone(),
+            shared: handler::SharedState::default(),
         })
     }
 
@@ -182,12 +200,37 @@ impl Snapshot {
             })
     }
 
-    /// Stores `ws` as the snapshot's working-set record, replacing any earlier one.
+    /// Stores `ws` as the snapshot's working-set record, replacing any earlier one; the
+    /// restores that start from now on prefetch it.
     pub async fn store_working_set(&self, ws: &WorkingSet) -> Result<(), SnapError> {
         let sealed = ws.seal(&self.id(), self.size(), &self.record_key);
         self.store
             .put_working_set(self.device.root(), &self.id(), sealed.into())
             .await?;
+        *self.shared.working_set.lock().await = Some((Instant::now(), Some(Arc::new(ws.clone()))));
         Ok(())
+    }
+
+    /// The working-set record for a restore: read from the store and opened once for
+    /// all the restores that start within [`RECORD_REUSE`] of the read (a burst's wait for
+    /// the first one's read rather than each reading it), then read again, so a record
+    /// another worker stores is seen. A record that does not open is reported to the
+    /// restore that read it and treated as absent by the others.
+    pub async fn working_set_for_restore(&self) -> Result<Option<Arc<WorkingSet>>, SnapError> {
+        let mut held = self.shared.working_set.lock().await;
+        if let Some((at, ws)) = &*held
+            && at.elapsed() < RECORD_REUSE
+        {
+            return Ok(ws.clone());
+        }
+        let read = self.working_set().await;
+        let ws = read.as_ref().ok().cloned().flatten().map(Arc::new);
+        *held = Some((Instant::now(), ws.clone()));
+        read.map(|_| ws)
+    }
+
+    /// What the restores of this snapshot shared so far.
+    pub fn burst_stats(&self) -> BurstStats {
+        self.shared.stats()
     }
 }

@@ -111,6 +111,13 @@ pub enum UffdError {
     /// An event record from the kernel did not parse.
     #[error("userfaultfd event is malformed: {0}")]
     BadEvent(String),
+    /// The VMM's address space is gone (ESRCH: its process exited), so there is nothing
+    /// left to install into; the restore is over.
+    #[error("userfaultfd {op}: the VMM's address space is gone (its process exited)")]
+    AddressSpaceGone {
+        /// The call.
+        op: &'static str,
+    },
 }
 
 /// What one `uffd_msg` says.
@@ -355,6 +362,9 @@ fn fill_outcome(r: libc::c_int, count: i64, op: &'static str) -> Result<Fill, Uf
         libc::EEXIST => Ok(Fill::Exists),
         libc::EAGAIN => Ok(Fill::Again),
         libc::ENOENT | libc::EFAULT => Ok(Fill::Gone),
+        // The kernel found no live mm behind the descriptor: the VMM exited (a clone
+        // that finished while its prefetch was still installing).
+        libc::ESRCH => Err(UffdError::AddressSpaceGone { op }),
         _ => Err(UffdError::Sys { op, source: err }),
     }
 }

@@ -462,6 +462,11 @@ pub struct SnapshotServeArgs {
     /// 64).
     #[arg(long, value_name = "OFFSET")]
     pub generation_id_offset: Option<u64>,
+    /// Restores served at once; a VMM connecting past this is refused with the reason
+    /// (each restore holds a few bits per page of the snapshot and a word per page it
+    /// faults; the cache is shared).
+    #[arg(long, default_value_t = lode_snap::handler::DEFAULT_MAX_SESSIONS, value_name = "N")]
+    pub max_sessions: usize,
     /// Exit after one restore (its report is the output).
     #[arg(long)]
     pub once: bool,

@@ -74,6 +74,7 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
         },
         prefetch_concurrency: a.prefetch_concurrency.max(1),
         generation_id_offset: a.generation_id_offset,
+        max_sessions: a.max_sessions.max(1),
         ..Default::default()
     };
     opts.check(snapshot.size())?;
@@ -97,9 +98,10 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
             a.socket.display()
         );
     }
+    let snapshot = Arc::new(snapshot);
     let server = tokio::spawn(lode_snap::serve(
         listener,
-        Arc::new(snapshot),
+        snapshot.clone(),
         opts,
         on_report,
     ));
@@ -109,9 +111,10 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
     loop {
         tokio::select! {
             Some(r) = rx.recv() => {
-                failed |= r.error.is_some();
-                print_report(&env, &r)?;
-                if a.once { break; }
+                failed |= r.error.is_some() && !r.refused;
+                print_report(&env, &r, &snapshot)?;
+                // A refused connection is not the one restore --once waits for.
+                if a.once && !r.refused { break; }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -124,8 +127,8 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
     // two seconds.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
         while let Some(r) = rx.recv().await {
-            failed |= r.error.is_some();
-            let _ = print_report(&env, &r);
+            failed |= r.error.is_some() && !r.refused;
+            let _ = print_report(&env, &r, &snapshot);
         }
     })
     .await;
@@ -135,7 +138,7 @@ async fn serve(env: &Env, home: &Path, a: SnapshotServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_report(env: &Env, r: &SessionReport) -> Result<()> {
+fn print_report(env: &Env, r: &SessionReport, snapshot: &Snapshot) -> Result<()> {
     let p50 = r.fault_percentile(50);
     let p99 = r.fault_percentile(99);
     if env.cli_json {
@@ -145,7 +148,20 @@ fn print_report(env: &Env, r: &SessionReport) -> Result<()> {
         })?;
         v["fault_p50_us"] = json!(p50);
         v["fault_p99_us"] = json!(p99);
+        // The handler's totals since it started, shared by every restore: what a burst
+        // fetched from the origin, and how much the restores shared.
+        let mut handler = serde_json::to_value(snapshot.burst_stats())?;
+        let cache = snapshot.device().cache().snapshot();
+        handler["origin_fetches"] = json!(cache.tier("origin").map_or(0, |t| t.hits));
+        v["handler"] = handler;
         return print_json(&v);
+    }
+    if r.refused {
+        eprintln!(
+            "lode snapshot serve: refused a restore: {}",
+            r.error.as_deref().unwrap_or("no slot")
+        );
+        return Ok(());
     }
     let us = |x: Option<u32>| x.map(|x| format!("{x} µs")).unwrap_or_else(|| "-".into());
     println!(

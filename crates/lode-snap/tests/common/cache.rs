@@ -3,11 +3,53 @@
 //! on disk under `STATE_DIR/cache`, the AZ fleet when given, and the origin store.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use lode_read::{ChunkCache, DiskTier, MemoryTier, StoreOrigin};
+use bytes::Bytes;
+use lode_format::ChunkName;
+use lode_read::{ChunkCache, ChunkOrigin, ChunkRef, DiskTier, MemoryTier, ReadError, StoreOrigin};
 use lode_store::Store;
+
+/// The store as origin, counting the fetches of each chunk (to check that a burst of
+/// restores fetches each chunk once).
+#[derive(Debug)]
+pub struct CountingOrigin {
+    inner: StoreOrigin,
+    fetches: Mutex<HashMap<ChunkName, u64>>,
+}
+
+impl CountingOrigin {
+    pub fn new(store: &Store) -> Arc<Self> {
+        Arc::new(Self {
+            inner: StoreOrigin::new(store.clone()),
+            fetches: Mutex::default(),
+        })
+    }
+
+    /// (fetches, distinct chunks fetched, most fetches of one chunk) so far.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let f = self.fetches.lock().unwrap();
+        (
+            f.values().sum(),
+            f.len() as u64,
+            f.values().copied().max().unwrap_or(0),
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl ChunkOrigin for CountingOrigin {
+    async fn fetch(&self, chunk: &ChunkRef) -> Result<Option<Bytes>, ReadError> {
+        *self.fetches.lock().unwrap().entry(chunk.name).or_default() += 1;
+        self.inner.fetch(chunk).await
+    }
+
+    fn busy(&self) -> bool {
+        self.inner.busy()
+    }
+}
 
 /// The tiers of one worker.
 pub struct CacheConfig {
@@ -38,6 +80,11 @@ impl CacheConfig {
 
     /// The cache over `store`.
     pub fn build(&self, store: &Store) -> Arc<ChunkCache> {
+        self.build_with_origin(Arc::new(StoreOrigin::new(store.clone())))
+    }
+
+    /// The cache over `origin`.
+    pub fn build_with_origin(&self, origin: Arc<dyn ChunkOrigin>) -> Arc<ChunkCache> {
         let mut cache = ChunkCache::builder()
             .decrypted_bytes(self.decrypted)
             .tier(Arc::new(MemoryTier::new(self.cache_memory)))
@@ -50,9 +97,6 @@ impl CacheConfig {
                 lode_read::AzTier::new(az.clone()).expect("the AZ fleet's config"),
             ));
         }
-        cache
-            .origin(Arc::new(StoreOrigin::new(store.clone())))
-            .build()
-            .expect("build the chunk cache")
+        cache.origin(origin).build().expect("build the chunk cache")
     }
 }
