@@ -811,6 +811,8 @@ def section_scale(ctx):
     out["validation"] = {"measured": measured, "predicted": pred, "caches": REPLAY_CACHES, "nstart": nstart}
     out["scale"] = scale_run(ctx, cal_path)
     ctx.save("scale", out)
+    out["bursts"] = snapshot_bursts(ctx)
+    ctx.save("scale", out)
     out["eviction"] = eviction_study(ctx, functions, fn_weights, after_functions, cal_path)
     ctx.save("scale", out)
     shutil.rmtree(layout, ignore_errors=True)
@@ -858,6 +860,25 @@ def eviction_study(ctx, functions, fn_weights, rng_state, cal_path):
             "starts": len(rep["starts"]),
         }
     return out
+
+
+def snapshot_bursts(ctx):
+    """1, 8, 32 and 64 clones restored at once from one snapshot through one handler,
+    cold (the origin) and warm (the local disk): lode-snap's burst bench."""
+    env = {"BURSTS": "1,8,32,64", "MODES": "cold,warm", "SNAP_MIB": "32" if ctx.quick else "64",
+           "QUERIES": "300" if ctx.quick else "1000"}
+    text, took, cmd = cargo_bench(ctx, "lode-snap", "burst", env)
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"bench":"burst"' in line.replace(" ", ""):
+            rows.append(json.loads(line))
+    if len(rows) != 8:
+        raise Fail(f"unexpected lode-snap burst bench output ({len(rows)} rows):\n{text}")
+    bad = [r for r in rows if r["distinct_generation_ids"] != r["clones"]]
+    if bad:
+        raise Fail(f"clones shared a generation id: {bad}")
+    return {"rows": rows, "command": cmd, "secs": took}
 
 
 def scale_run(ctx, cal_path):

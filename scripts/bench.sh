@@ -71,7 +71,7 @@ if [[ ",$sections," == *,network,* ]]; then
   cargo build --release -q --locked -p lode-testkit --features s3 --bin lode-s3-server
   s3server=$target/release/lode-s3-server
 fi
-if [[ ",$sections," == *,peers,* || ",$sections," == *,snapshot,* ]]; then
+if [[ ",$sections," == *,peers,* || ",$sections," == *,snapshot,* || ",$sections," == *,scale,* ]]; then
   cargo bench --no-run -q --locked -p lode-nbd -p lode-cache-node -p lode-snap -p lode-format -p lode-az
 fi
 
