@@ -244,6 +244,14 @@ pub enum Command {
     /// MicroVMs booted from an image the agent serves.
     #[command(subcommand)]
     Vm(VmCommand),
+
+    /// Simulate a fleet: workers' local tiers, the AZ cache and the origin under a
+    /// synthetic Zipf workload or recorded traces; prints hit rates, origin load, AZ node
+    /// load and start latency percentiles (docs/scale.md).
+    #[command(
+        after_help = "Example:\n  lode sim --workers 10000 --rate 15000 --duration 1h\n  lode sim --trace w1.trace --trace w2.trace --calibration calibration.json"
+    )]
+    Sim(Box<crate::sim::SimArgs>),
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,6 +9,7 @@ mod control;
 mod demo;
 mod mount;
 mod output;
+mod sim;
 mod snapshot;
 mod vm;
 
@@ -83,13 +84,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
     // wait for an async runtime's worker threads to be made and joined.
     if matches!(
         cli.command,
-        Command::Run(_) | Command::Mount(_) | Command::Umount(_)
+        Command::Run(_) | Command::Mount(_) | Command::Umount(_) | Command::Sim(_)
     ) {
         let (home, env) = env_of(&cli)?;
         return match cli.command {
             Command::Run(a) => mount::run(&env, &home, a),
             Command::Mount(a) => mount::mount(&env, &home, a),
             Command::Umount(a) => mount::umount(&env, &home, a).map(|()| ExitCode::SUCCESS),
+            Command::Sim(a) => sim::run(env.cli_json, env.quiet, *a).map(|()| ExitCode::SUCCESS),
             command => with_runtime(Cli { command, ..cli }),
         };
     }
@@ -669,6 +671,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::CacheNode(a) => cache_node(&env, a).await?,
         Command::Snapshot(c) => return snapshot::run(&env, &home, c).await,
         Command::Vm(cli::VmCommand::Run(a)) => return vm::run(&env, &home, a),
+        Command::Sim(a) => sim::run(env.cli_json, env.quiet, *a)?,
     }
     Ok(ExitCode::SUCCESS)
 }
