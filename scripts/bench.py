@@ -733,7 +733,6 @@ def calibrate(ctx, functions, path):
         counts[t] = [sum(x) for x in zip(*[tier_map(st)[t]["hit_latency_counts"] for st in stats])]
     cal = {
         "format": "lode-calibration", "version": 1,
-        "source": f"scripts/bench.py calibrate: {len(functions)} functions cold, from the AZ tier and warm",
         "chunk_size": 524288,
         "read_latency_buckets_us": bounds,
         "hit_latency_counts": counts,
