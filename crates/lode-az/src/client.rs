@@ -20,17 +20,19 @@
 //! all at once; a node that is down is skipped.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lode_format::ChunkName;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use crate::config::AzConfig;
+use crate::config::{AzConfig, Hedge};
 use crate::error::AzError;
+use crate::latency::Latencies;
 use crate::metrics::{AzMetrics, ClientCounters};
 use crate::node::{Failure, Node};
-use crate::placement::Rendezvous;
+use crate::placement::Placement;
 use crate::stripe::{Codec, MAX_STRIPES, Rebuilt, Stripe};
 
 /// Background read repairs allowed at once; past that a repair is skipped (the next
@@ -101,8 +103,9 @@ pub struct AzClient {
 struct Inner {
     cfg: Arc<AzConfig>,
     codec: Arc<Codec>,
-    placement: Rendezvous,
+    placement: Placement,
     nodes: Vec<Arc<Node>>,
+    latencies: Latencies,
     counters: ClientCounters,
     repairs: Semaphore,
 }
@@ -165,6 +168,94 @@ impl Gather {
     }
 }
 
+/// One request of a read that has not answered yet.
+#[derive(Debug)]
+struct Flight {
+    rank: usize,
+    since: Instant,
+    /// Still counted on to bring a stripe: false once another node was asked in its
+    /// place because it was slow (its answer is still taken if it comes).
+    live: bool,
+}
+
+/// Sends a read's stripe requests, in placement order (the data stripes' nodes first),
+/// and keeps track of those out.
+struct Asker<'a> {
+    inner: Arc<Inner>,
+    placed: &'a [usize],
+    key: Arc<str>,
+    name: ChunkName,
+    tx: mpsc::UnboundedSender<(usize, Answer)>,
+    /// The next rank to ask.
+    next: usize,
+    /// Requests sent and not answered.
+    pending: usize,
+    flights: Vec<Flight>,
+}
+
+impl Asker<'_> {
+    /// Asks the next node in placement order that is up; whether there was one.
+    fn next(&mut self) -> bool {
+        while let Some(&n) = self.placed.get(self.next) {
+            let rank = self.next;
+            self.next += 1;
+            let node = &self.inner.nodes[n];
+            if !node.available() {
+                continue;
+            }
+            let (inner, key, tx, name) = (
+                Arc::clone(&self.inner),
+                Arc::clone(&self.key),
+                self.tx.clone(),
+                self.name,
+            );
+            self.inner.counters.stripe_requests.inc();
+            tokio::spawn(async move {
+                let answer = fetch(&inner, n, &key, &name).await;
+                // The read may be over already; the answer still counted on the node.
+                let _ = tx.send((rank, answer));
+            });
+            self.pending += 1;
+            self.flights.push(Flight {
+                rank,
+                since: Instant::now(),
+                live: true,
+            });
+            return true;
+        }
+        false
+    }
+
+    /// Requests out that are still counted on.
+    fn live(&self) -> usize {
+        self.flights.iter().filter(|f| f.live).count()
+    }
+
+    /// When the oldest request still counted on was sent.
+    fn first_live_since(&self) -> Option<Instant> {
+        self.flights
+            .iter()
+            .filter(|f| f.live)
+            .map(|f| f.since)
+            .min()
+    }
+
+    /// The requests still counted on that were sent `delay` or more before `now`.
+    fn overdue(&self, now: Instant, delay: Duration) -> Vec<usize> {
+        (0..self.flights.len())
+            .filter(|&i| self.flights[i].live && self.flights[i].since + delay <= now)
+            .collect()
+    }
+
+    /// The node of `rank` answered.
+    fn answered(&mut self, rank: usize) {
+        if let Some(i) = self.flights.iter().position(|f| f.rank == rank) {
+            self.flights.swap_remove(i);
+            self.pending -= 1;
+        }
+    }
+}
+
 impl AzClient {
     /// A client for `config`, which is checked here: an error names the bad field.
     /// Connects lazily; needs a tokio runtime only when used.
@@ -182,7 +273,8 @@ impl AzClient {
             .collect();
         Ok(Self {
             inner: Arc::new(Inner {
-                placement: Rendezvous::new(&cfg.nodes),
+                placement: Placement::new(cfg.placement, &cfg.nodes, codec.total(), cfg.epsilon),
+                latencies: Latencies::new(cfg.nodes.len(), cfg.node_timeout),
                 codec: Arc::new(codec),
                 nodes,
                 counters: ClientCounters::default(),
@@ -233,32 +325,73 @@ impl AzClient {
         inner.counters.gets.inc();
         let (k, m) = (inner.codec.k(), inner.codec.m());
         let placed = inner.placement.place(name, k + m);
-        let key: Arc<str> = Arc::from(chunk_key(name, k, m));
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut pending = 0usize;
-        for (rank, &n) in placed.iter().enumerate() {
-            let node = &inner.nodes[n];
-            if !node.available() {
-                continue;
-            }
-            pending += 1;
-            let (node, key, tx, name) = (Arc::clone(node), Arc::clone(&key), tx.clone(), *name);
-            tokio::spawn(async move {
-                let answer = fetch(&node, &key, &name, k, m).await;
-                // The read may be over already; the answer still counted on the node.
-                let _ = tx.send((rank, answer));
-            });
+        let mut ask = Asker {
+            inner: Arc::clone(inner),
+            placed: &placed,
+            key: Arc::from(chunk_key(name, k, m)),
+            name: *name,
+            tx,
+            next: 0,
+            pending: 0,
+            flights: Vec::with_capacity(k + m),
+        };
+        let start = Instant::now();
+        let hedge = inner.cfg.hedge;
+        match hedge {
+            Hedge::All => while ask.next() {},
+            Hedge::Off | Hedge::P95 => while ask.live() < k && ask.next() {},
         }
-        drop(tx);
+        let delay = (hedge == Hedge::P95).then(|| inner.latencies.delay());
+        let escalate_at = start + inner.cfg.node_timeout / 2;
+        let give_up_at = start + inner.cfg.node_timeout;
 
         let mut g = Gather::new(k, k + m);
         // Wait for k distinct stripes, or until they cannot come.
-        while !g.enough() && g.distinct + pending >= k {
-            let Some((rank, answer)) = rx.recv().await else {
+        while !g.enough() {
+            // Keep enough requests that may yet bring a new stripe.
+            while g.distinct + ask.live() < k && ask.next() {
+                inner.counters.fallbacks.inc();
+            }
+            if g.distinct + ask.pending < k {
                 break;
+            }
+            let hedge_at = delay.and_then(|d| ask.first_live_since().map(|t| t + d));
+            let escalated = Instant::now() >= escalate_at;
+            let wake = match hedge_at {
+                Some(h) if !escalated => h.min(escalate_at),
+                _ if !escalated => escalate_at,
+                _ => give_up_at,
             };
-            pending -= 1;
-            g.add(rank, answer);
+            tokio::select! {
+                got = rx.recv() => {
+                    let Some((rank, answer)) = got else {
+                        break;
+                    };
+                    ask.answered(rank);
+                    g.add(rank, answer);
+                }
+                () = tokio::time::sleep_until(wake.into()) => {
+                    let now = Instant::now();
+                    if now >= give_up_at {
+                        break;
+                    }
+                    if now >= escalate_at {
+                        // Half the time is gone: ask everyone left.
+                        while ask.next() {
+                            inner.counters.hedges.inc();
+                        }
+                    } else if let Some(d) = delay {
+                        // One more node for each request slower than the delay.
+                        for late in ask.overdue(now, d) {
+                            ask.flights[late].live = false;
+                            if ask.next() {
+                                inner.counters.hedges.inc();
+                            }
+                        }
+                    }
+                }
+            }
         }
         if !g.enough() {
             inner.counters.misses.inc();
@@ -269,11 +402,14 @@ impl AzClient {
             // A stripe that passed its own checks is wrong. Hear from every node, then
             // try the combinations the newcomers make possible.
             let before = g.candidates.len();
-            while pending > 0 {
+            while ask.next() {
+                inner.counters.fallbacks.inc();
+            }
+            while ask.pending > 0 {
                 let Some((rank, answer)) = rx.recv().await else {
                     break;
                 };
-                pending -= 1;
+                ask.answered(rank);
                 g.add(rank, answer);
             }
             if g.candidates.len() > before {
@@ -302,6 +438,8 @@ impl AzClient {
                 .iter()
                 .any(|a| matches!(a, Some(Answer::Miss | Answer::Invalid)));
         // Replies still out may also call for repair; hear them in the background.
+        let pending = ask.pending;
+        drop(ask);
         if inner.cfg.read_repair && (pending > 0 || something_to_fix) {
             let bad_ranks: Vec<usize> = rebuilt.bad.iter().map(|&i| g.ranks[i]).collect();
             let this = Arc::clone(inner);
@@ -456,14 +594,32 @@ impl AzClient {
             puts: c.puts.get(),
             incomplete_puts: c.incomplete_puts.get(),
             repairs: c.repairs.get(),
+            stripe_requests: c.stripe_requests.get(),
+            stripe_bytes: c.stripe_bytes.get(),
+            hedges: c.hedges.get(),
+            fallbacks: c.fallbacks.get(),
+            hedge_delay_us: if self.inner.cfg.hedge == Hedge::P95 {
+                u64::try_from(self.inner.latencies.delay().as_micros()).unwrap_or(u64::MAX)
+            } else {
+                0
+            },
             nodes: self.inner.nodes.iter().map(|n| n.metrics()).collect(),
         }
     }
 }
 
 /// One node's answer to a read of one chunk, counted on the node.
-async fn fetch(node: &Node, key: &str, name: &ChunkName, k: usize, m: usize) -> Answer {
-    match node.get(key).await {
+async fn fetch(inner: &Inner, n: usize, key: &str, name: &ChunkName) -> Answer {
+    let (node, k, m) = (&inner.nodes[n], inner.codec.k(), inner.codec.m());
+    let start = Instant::now();
+    let got = node.get(key).await;
+    if got.is_ok() {
+        inner.latencies.record(n, start.elapsed());
+    }
+    if let Ok(Some(value)) = &got {
+        inner.counters.stripe_bytes.add(value.len());
+    }
+    match got {
         Ok(Some(value)) => match Stripe::parse(value).and_then(|s| s.check(name, k, m).map(|()| s))
         {
             Ok(s) => {

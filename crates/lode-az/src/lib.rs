@@ -35,6 +35,7 @@
 mod client;
 mod config;
 mod error;
+mod latency;
 pub mod memcache;
 mod metrics;
 mod node;
@@ -43,6 +44,7 @@ pub mod proto;
 pub mod stripe;
 
 pub use client::{Accept, AzClient, chunk_key};
-pub use config::AzConfig;
+pub use config::{AzConfig, Hedge};
 pub use error::AzError;
 pub use metrics::{AzMetrics, NodeMetrics};
+pub use placement::{Placement, PlacementKind};
