@@ -48,8 +48,9 @@ pub struct AzConfig {
     pub hedge: Hedge,
 }
 
-/// Which nodes a read asks for stripes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which nodes a read asks for stripes; `p95`, `off` or `all` in configuration files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Hedge {
     /// The `k` nodes of the data stripes; one more node for each request that fails,
     /// misses, is invalid, or has not answered within the p95 of recent stripe

@@ -21,7 +21,7 @@ pub(crate) const WINDOW: usize = 64;
 /// Records between recomputations of a node's p95 (and the fleet's delay).
 pub(crate) const EVERY: usize = 16;
 /// The shortest hedge delay: below it a hedge costs more than the wait it saves.
-pub(crate) const MIN_DELAY: Duration = Duration::from_millis(1);
+pub(crate) const MIN_DELAY: Duration = Duration::from_micros(250);
 /// The hedge delay before enough latencies are known.
 pub(crate) const DEFAULT_DELAY: Duration = Duration::from_millis(5);
 

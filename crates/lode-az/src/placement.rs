@@ -50,8 +50,10 @@ use lode_format::ChunkName;
 /// size (see the module doc).
 pub const BUCKETS: usize = 1 << 16;
 
-/// Which placement a client uses (`AzConfig::placement`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which placement a client uses (`AzConfig::placement`); `rendezvous` or `bounded` in
+/// configuration files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PlacementKind {
     /// Rendezvous hashing: each chunk on its own `k + m` highest-scoring nodes. The
     /// default: as even and as stable under node changes as bounded placement at every

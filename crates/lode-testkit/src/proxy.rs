@@ -132,7 +132,11 @@ mod tests {
         c.write_all(b"again").await.unwrap();
         c.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"again");
-        assert!(t.elapsed() >= Duration::from_millis(50), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(50),
+            "{:?}",
+            t.elapsed()
+        );
         assert!(fast < Duration::from_millis(50), "{fast:?}");
         drop(proxy);
     }
