@@ -186,7 +186,9 @@ struct Asker<'a> {
     key: Arc<str>,
     name: ChunkName,
     tx: mpsc::UnboundedSender<(usize, Answer)>,
-    /// The next rank to ask.
+    /// The ranks in the order they are asked.
+    order: Vec<usize>,
+    /// The next position in `order`.
     next: usize,
     /// Requests sent and not answered.
     pending: usize,
@@ -196,9 +198,9 @@ struct Asker<'a> {
 impl Asker<'_> {
     /// Asks the next node in placement order that is up; whether there was one.
     fn next(&mut self) -> bool {
-        while let Some(&n) = self.placed.get(self.next) {
-            let rank = self.next;
+        while let Some(&rank) = self.order.get(self.next) {
             self.next += 1;
+            let n = self.placed[rank];
             let node = &self.inner.nodes[n];
             if !node.available() {
                 continue;
@@ -326,18 +328,28 @@ impl AzClient {
         let (k, m) = (inner.codec.k(), inner.codec.m());
         let placed = inner.placement.place(name, k + m);
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let hedge = inner.cfg.hedge;
+        let mut order: Vec<usize> = (0..placed.len()).collect();
+        if hedge == Hedge::P95 && inner.latencies.reorder() {
+            // Nodes much slower than the rest lately go last (a stable sort: the data
+            // stripes' nodes stay first among the others).
+            order.sort_by_key(|&rank| inner.latencies.is_slow(placed[rank]));
+            if order[..k].iter().any(|&r| r >= k) {
+                inner.counters.slow_skips.inc();
+            }
+        }
         let mut ask = Asker {
             inner: Arc::clone(inner),
             placed: &placed,
             key: Arc::from(chunk_key(name, k, m)),
             name: *name,
             tx,
+            order,
             next: 0,
             pending: 0,
             flights: Vec::with_capacity(k + m),
         };
         let start = Instant::now();
-        let hedge = inner.cfg.hedge;
         match hedge {
             Hedge::All => while ask.next() {},
             Hedge::Off | Hedge::P95 => while ask.live() < k && ask.next() {},
@@ -598,6 +610,7 @@ impl AzClient {
             stripe_bytes: c.stripe_bytes.get(),
             hedges: c.hedges.get(),
             fallbacks: c.fallbacks.get(),
+            slow_skips: c.slow_skips.get(),
             hedge_delay_us: if self.inner.cfg.hedge == Hedge::P95 {
                 u64::try_from(self.inner.latencies.delay().as_micros()).unwrap_or(u64::MAX)
             } else {

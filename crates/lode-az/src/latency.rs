@@ -7,6 +7,10 @@
 //! [`MIN_DELAY`] … `node_timeout`; [`DEFAULT_DELAY`] (clamped the same way) until at
 //! least half the nodes have one.
 //!
+//! The same windows say which nodes are slow lately: one whose p95 is over
+//! [`SLOW_FACTOR`] times that median. A `p95` read asks such a node after the others (a parity stripe's node
+//! first), except one read in [`PROBE_EVERY`], which keeps its window current.
+//!
 //! Why per node and a median, not one p95 over every request: one persistently slow
 //! node of six serves about a sixth of all stripe requests, more than the 5% a p95
 //! ignores, so a single window's p95 would be the slow node's latency and hedging would
@@ -22,6 +26,13 @@ pub(crate) const WINDOW: usize = 64;
 pub(crate) const EVERY: usize = 16;
 /// The shortest hedge delay: below it a hedge costs more than the wait it saves.
 pub(crate) const MIN_DELAY: Duration = Duration::from_micros(250);
+/// A node is slow lately when its p95 is over this many times the median node's. Three,
+/// not two: on a busy host a healthy node's p95 strays to twice the median often
+/// enough that reads would decode for nothing.
+pub(crate) const SLOW_FACTOR: u64 = 3;
+/// One read in this many asks in placement order even when a node looks slow, so a
+/// slow node's latencies keep being measured and it is seen to recover.
+pub(crate) const PROBE_EVERY: u64 = 8;
 /// The hedge delay before enough latencies are known.
 pub(crate) const DEFAULT_DELAY: Duration = Duration::from_millis(5);
 
@@ -80,6 +91,7 @@ pub(crate) struct Latencies {
     /// The median of the nodes' p95s, µs; 0 until half the nodes have one.
     median: AtomicU64,
     max: Duration,
+    reads: AtomicU64,
 }
 
 impl Latencies {
@@ -89,6 +101,7 @@ impl Latencies {
             nodes: (0..nodes).map(|_| Window::default()).collect(),
             median: AtomicU64::new(0),
             max,
+            reads: AtomicU64::new(0),
         }
     }
 
@@ -107,6 +120,20 @@ impl Latencies {
         let mid = p.len() / 2;
         let (_, m, _) = p.select_nth_unstable(mid);
         self.median.store(u64::from(*m), Ordering::Relaxed);
+    }
+
+    /// Whether node `node`'s recent p95 is over [`SLOW_FACTOR`] times the median of the
+    /// nodes' p95s.
+    pub(crate) fn is_slow(&self, node: usize) -> bool {
+        let median = self.median.load(Ordering::Relaxed);
+        let p = self.nodes.get(node).and_then(Window::p95);
+        median > 0 && p.is_some_and(|p| u64::from(p) > SLOW_FACTOR * median)
+    }
+
+    /// Whether this read may put slow nodes last: all but one read in
+    /// [`PROBE_EVERY`].
+    pub(crate) fn reorder(&self) -> bool {
+        !(self.reads.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(PROBE_EVERY)
     }
 
     /// The hedge delay now.
@@ -162,6 +189,11 @@ mod tests {
             }
         }
         assert_eq!(l.delay(), ms(3));
+        assert!(l.is_slow(3));
+        assert!((0..6).filter(|&n| n != 3).all(|n| !l.is_slow(n)));
+        // Seven reads in eight may reorder; the eighth asks in placement order.
+        let reorders = (0..16).filter(|_| l.reorder()).count();
+        assert_eq!(reorders, 14);
         // Clamped: to the floor, and to the node timeout.
         let fast = Latencies::new(2, ms(200));
         let slow = Latencies::new(2, ms(20));

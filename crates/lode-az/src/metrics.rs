@@ -55,6 +55,9 @@ pub struct AzMetrics {
     /// Stripe requests sent because others failed, missed, returned an invalid or
     /// repeated stripe, or (after a failed name check) to hear from every node.
     pub fallbacks: u64,
+    /// Reads (`hedge = "p95"`) that asked a parity stripe's node before a data stripe's
+    /// because the latter's recent p95 was over three times the median node's.
+    pub slow_skips: u64,
     /// The hedge delay in force, µs (`hedge = "p95"`; 0 otherwise).
     pub hedge_delay_us: u64,
     /// Per node, in configuration order.
@@ -112,4 +115,5 @@ pub(crate) struct ClientCounters {
     pub(crate) stripe_bytes: Counter,
     pub(crate) hedges: Counter,
     pub(crate) fallbacks: Counter,
+    pub(crate) slow_skips: Counter,
 }
