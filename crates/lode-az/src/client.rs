@@ -1,16 +1,24 @@
 //! The AZ cache client: tier 4 of the read path (docs/agent.md).
 //!
-//! **Read.** The chunk's `k + m` nodes come from rendezvous hashing; every one that is
-//! up is asked for the chunk's key at once, each request in its own task with its own
-//! timeout. Each reply is checked as it arrives (stripe header, checksum, chunk name,
-//! code). As soon as `k` checked stripes with distinct indices are in, they are decoded
-//! (a concatenation when all are data stripes) and the result is hashed: the chunk is
-//! returned only if it matches its name. Slower nodes are not waited for; their
-//! requests finish in the background (so their connections stay pooled and their
-//! counters stay true). A read gives up as soon as too few nodes are left to reach `k`.
-//! If the name check fails, the read waits for the remaining replies and tries other
-//! combinations of stripes; stripes that disagree with the chunk that checks out are
-//! counted against their nodes. No combination that checks out is a miss.
+//! **Read.** The chunk's `k + m` nodes come from the placement (`placement.rs`), in
+//! stripe order: the `k` data stripes' nodes first. With `hedge = "p95"` (the default)
+//! and `"off"`, a read asks only the first `k` nodes that are up, so a healthy read
+//! moves one chunk's bytes and decodes nothing (a concatenation). It asks the next node
+//! in order whenever a request fails, misses, brings an invalid stripe or one whose
+//! index it already has; with `"p95"` also whenever a request has not answered within
+//! the hedge delay (the p95 of recent stripe latencies, `latency.rs`), and it asks a
+//! node that has lately been far slower than the rest after the others. Every mode asks
+//! all nodes left once half the node timeout has passed, and a read ends at the node
+//! timeout. `"all"` asks all `k + m` at once. Each request runs in its own task with
+//! its own timeout; each reply is checked as it arrives (stripe header, checksum, chunk
+//! name, code). As soon as `k` checked stripes with distinct indices are in, they are
+//! decoded and the result is hashed: the chunk is returned only if it matches its name.
+//! Requests still out are not waited for: they finish in the background (so their
+//! connections stay pooled and their counters and latencies stay true). A read gives up
+//! as soon as too few nodes are left to reach `k`. If the name check fails, the read
+//! asks every node left, waits for every reply and tries other combinations of
+//! stripes; stripes that disagree with the chunk that checks out are counted against
+//! their nodes. No combination that checks out is a miss.
 //!
 //! **Read repair.** After a hit, nodes that answered with no stripe, an invalid one or
 //! a wrong one get the right stripe written back, in the background (bounded: when too
