@@ -63,7 +63,8 @@ impl Window {
             .max(1);
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         self.samples[i % WINDOW].store(us, Ordering::Relaxed);
-        let n = i.wrapping_add(1);
+        // Past usize::MAX records the count wraps to a full window again.
+        let n = i.checked_add(1).unwrap_or(WINDOW);
         if !n.is_multiple_of(EVERY) {
             return false;
         }
