@@ -7,7 +7,8 @@
 //! in order whenever a request fails, misses, brings an invalid stripe or one whose
 //! index it already has; with `"p95"` also whenever a request has not answered within
 //! the hedge delay (the p95 of recent stripe latencies, `latency.rs`), and it asks a
-//! node that has lately been far slower than the rest after the others. Every mode asks
+//! node that has lately been far slower than the rest after the others; until that
+//! delay is known (a fresh client), it asks all `k + m` at once. Every mode asks
 //! all nodes left once half the node timeout has passed, and a read ends at the node
 //! timeout. `"all"` asks all `k + m` at once. Each request runs in its own task with
 //! its own timeout; each reply is checked as it arrives (stripe header, checksum, chunk
@@ -358,11 +359,16 @@ impl AzClient {
             flights: Vec::with_capacity(k + m),
         };
         let start = Instant::now();
-        match hedge {
-            Hedge::All => while ask.next() {},
-            Hedge::Off | Hedge::P95 => while ask.live() < k && ask.next() {},
+        let delay = match hedge {
+            Hedge::P95 => inner.latencies.delay(),
+            Hedge::Off | Hedge::All => None,
+        };
+        // A p95 read with no delay yet (a fresh client) asks everyone, as `all` does.
+        if hedge == Hedge::All || (hedge == Hedge::P95 && delay.is_none()) {
+            while ask.next() {}
+        } else {
+            while ask.live() < k && ask.next() {}
         }
-        let delay = (hedge == Hedge::P95).then(|| inner.latencies.delay());
         let escalate_at = start + inner.cfg.node_timeout / 2;
         let give_up_at = start + inner.cfg.node_timeout;
 
@@ -405,6 +411,7 @@ impl AzClient {
                         // One more node for each request slower than the delay.
                         for late in ask.overdue(now, d) {
                             ask.flights[late].live = false;
+                            inner.latencies.late(placed[ask.flights[late].rank]);
                             if ask.next() {
                                 inner.counters.hedges.inc();
                             }
@@ -619,10 +626,9 @@ impl AzClient {
             hedges: c.hedges.get(),
             fallbacks: c.fallbacks.get(),
             slow_skips: c.slow_skips.get(),
-            hedge_delay_us: if self.inner.cfg.hedge == Hedge::P95 {
-                u64::try_from(self.inner.latencies.delay().as_micros()).unwrap_or(u64::MAX)
-            } else {
-                0
+            hedge_delay_us: match (self.inner.cfg.hedge, self.inner.latencies.delay()) {
+                (Hedge::P95, Some(d)) => u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+                _ => 0,
             },
             nodes: self.inner.nodes.iter().map(|n| n.metrics()).collect(),
         }

@@ -54,7 +54,7 @@ pub struct AzConfig {
 pub enum Hedge {
     /// The `k` nodes of the data stripes; one more node for each request that fails,
     /// misses, is invalid, or has not answered within the p95 of recent stripe
-    /// latencies.
+    /// latencies (all `k + m` at once until those are known).
     #[default]
     P95,
     /// The `k` nodes of the data stripes; one more node only for each request that

@@ -4,11 +4,14 @@
 //! (a record is one `fetch_add` and one store: no lock on the read path); every
 //! [`EVERY`] records its p95 is recomputed from the ring and published. The hedge delay
 //! is the median, over the nodes that have a p95, of their p95s, clamped to
-//! [`MIN_DELAY`] … `node_timeout`; [`DEFAULT_DELAY`] (clamped the same way) until at
-//! least half the nodes have one.
+//! [`MIN_DELAY`] … `node_timeout`. Until at least half the nodes have one there is no
+//! delay, and a `p95` read asks every node at once (as `all` does): a fresh client
+//! knows nothing of the fleet's latencies, and any fixed delay would be too long for
+//! some fleets and too short for others (the windows fill within a few reads).
 //!
 //! The same windows say which nodes are slow lately: one whose p95 is over
-//! [`SLOW_FACTOR`] times that median. A `p95` read asks such a node after the others (a parity stripe's node
+//! [`SLOW_FACTOR`] times that median, or one that a read stopped waiting for (hedged
+//! around) and that has not answered within the delay since. A `p95` read asks such a node after the others (a parity stripe's node
 //! first), except one read in [`PROBE_EVERY`], which keeps its window current.
 //!
 //! Why per node and a median, not one p95 over every request: one persistently slow
@@ -17,7 +20,7 @@
 //! wait for it. The median of the nodes' p95s is a healthy node's p95 as long as fewer
 //! than half the nodes are slow.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Latencies kept per node.
@@ -33,8 +36,6 @@ pub(crate) const SLOW_FACTOR: u64 = 3;
 /// One read in this many asks in placement order even when a node looks slow, so a
 /// slow node's latencies keep being measured and it is seen to recover.
 pub(crate) const PROBE_EVERY: u64 = 8;
-/// The hedge delay before enough latencies are known.
-pub(crate) const DEFAULT_DELAY: Duration = Duration::from_millis(5);
 
 /// One node's recent latencies, in microseconds.
 #[derive(Debug)]
@@ -43,6 +44,9 @@ pub(crate) struct Window {
     next: AtomicUsize,
     /// The last p95 computed, µs; 0 before the first.
     p95: AtomicU32,
+    /// A read gave up waiting for this node (asked another in its place) since it last
+    /// answered within the hedge delay.
+    late: AtomicBool,
 }
 
 impl Default for Window {
@@ -51,6 +55,7 @@ impl Default for Window {
             samples: std::array::from_fn(|_| AtomicU32::new(0)),
             next: AtomicUsize::new(0),
             p95: AtomicU32::new(0),
+            late: AtomicBool::new(false),
         }
     }
 }
@@ -111,6 +116,9 @@ impl Latencies {
         let Some(w) = self.nodes.get(node) else {
             return;
         };
+        if self.delay().is_some_and(|d| latency <= d) {
+            w.late.store(false, Ordering::Relaxed);
+        }
         if !w.record(latency) {
             return;
         }
@@ -126,9 +134,22 @@ impl Latencies {
     /// Whether node `node`'s recent p95 is over [`SLOW_FACTOR`] times the median of the
     /// nodes' p95s.
     pub(crate) fn is_slow(&self, node: usize) -> bool {
+        let Some(w) = self.nodes.get(node) else {
+            return false;
+        };
         let median = self.median.load(Ordering::Relaxed);
-        let p = self.nodes.get(node).and_then(Window::p95);
-        median > 0 && p.is_some_and(|p| u64::from(p) > SLOW_FACTOR * median)
+        w.late.load(Ordering::Relaxed)
+            || (median > 0 && w.p95().is_some_and(|p| u64::from(p) > SLOW_FACTOR * median))
+    }
+
+    /// A read stopped waiting for node `node` and asked another: it counts as slow until
+    /// it answers a request within the hedge delay. This reacts within one read, where
+    /// the node's p95 needs [`EVERY`] answers, and a node that does not answer at all
+    /// (partitioned) has none.
+    pub(crate) fn late(&self, node: usize) {
+        if let Some(w) = self.nodes.get(node) {
+            w.late.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Whether this read may put slow nodes last: all but one read in
@@ -137,15 +158,10 @@ impl Latencies {
         !(self.reads.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(PROBE_EVERY)
     }
 
-    /// The hedge delay now.
-    pub(crate) fn delay(&self) -> Duration {
+    /// The hedge delay now; `None` until half the nodes have a p95.
+    pub(crate) fn delay(&self) -> Option<Duration> {
         let us = self.median.load(Ordering::Relaxed);
-        let d = if us == 0 {
-            DEFAULT_DELAY
-        } else {
-            Duration::from_micros(us)
-        };
-        d.clamp(MIN_DELAY.min(self.max), self.max)
+        (us > 0).then(|| Duration::from_micros(us).clamp(MIN_DELAY.min(self.max), self.max))
     }
 }
 
@@ -177,7 +193,7 @@ mod tests {
     #[test]
     fn one_slow_node_does_not_set_the_delay() {
         let l = Latencies::new(6, ms(200));
-        assert_eq!(l.delay(), DEFAULT_DELAY);
+        assert_eq!(l.delay(), None);
         for _ in 0..WINDOW {
             for n in 0..6 {
                 // Node 3 takes 40 ms; the others 2 to 3 ms.
@@ -189,9 +205,16 @@ mod tests {
                 l.record(n, t);
             }
         }
-        assert_eq!(l.delay(), ms(3));
+        assert_eq!(l.delay(), Some(ms(3)));
         assert!(l.is_slow(3));
         assert!((0..6).filter(|&n| n != 3).all(|n| !l.is_slow(n)));
+        // Hedged around: slow until an answer within the delay.
+        l.late(1);
+        assert!(l.is_slow(1));
+        l.record(1, ms(40));
+        assert!(l.is_slow(1));
+        l.record(1, ms(2));
+        assert!(!l.is_slow(1));
         // Seven reads in eight may reorder; the eighth asks in placement order.
         let reorders = (0..16).filter(|_| l.reorder()).count();
         assert_eq!(reorders, 14);
@@ -204,21 +227,21 @@ mod tests {
                 slow.record(n, ms(90));
             }
         }
-        assert_eq!(fast.delay(), MIN_DELAY);
-        assert_eq!(slow.delay(), ms(20));
+        assert_eq!(fast.delay(), Some(MIN_DELAY));
+        assert_eq!(slow.delay(), Some(ms(20)));
     }
 
     #[test]
-    fn the_default_holds_until_half_the_nodes_are_measured() {
+    fn no_delay_until_half_the_nodes_are_measured() {
         let l = Latencies::new(6, ms(200));
         for _ in 0..EVERY {
             l.record(0, ms(9));
             l.record(1, ms(9));
         }
-        assert_eq!(l.delay(), DEFAULT_DELAY);
+        assert_eq!(l.delay(), None);
         for _ in 0..EVERY {
             l.record(2, ms(9));
         }
-        assert_eq!(l.delay(), ms(9));
+        assert_eq!(l.delay(), Some(ms(9)));
     }
 }

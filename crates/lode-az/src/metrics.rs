@@ -58,7 +58,8 @@ pub struct AzMetrics {
     /// Reads (`hedge = "p95"`) that asked a parity stripe's node before a data stripe's
     /// because the latter's recent p95 was over three times the median node's.
     pub slow_skips: u64,
-    /// The hedge delay in force, µs (`hedge = "p95"`; 0 otherwise).
+    /// The hedge delay in force, µs (`hedge = "p95"`, once half the nodes have a p95; 0
+    /// otherwise).
     pub hedge_delay_us: u64,
     /// Per node, in configuration order.
     pub nodes: Vec<NodeMetrics>,

@@ -160,10 +160,11 @@ async fn a_slow_node_is_hedged_around() {
     // Node 0 holds a data stripe of about two thirds of the chunks: without hedging,
     // those reads would wait for it.
     assert!(p99 < slow / 2, "p99 {p99:?} with a node {slow:?} slow");
-    // Hedged until its p95 shows it slow, then asked last (by most reads).
-    assert!(hedges >= 10, "{hedges} hedges");
+    // Hedged around once, then asked last (by seven reads in eight, the eighth hedging
+    // around it again).
+    assert!(hedges >= 1, "{hedges} hedges");
     assert!(
-        hedges + skips >= 50,
+        hedges + skips >= 30,
         "{hedges} hedges, {skips} reads around it"
     );
     // The slow node stays up: slow is not dead.
@@ -181,19 +182,29 @@ async fn a_slow_node_is_hedged_around() {
 async fn a_dead_node_is_read_around_in_every_mode() {
     let mut fleet = Fleet::start().await;
     let cs = chunks(12);
-    put_all(&AzClient::new(fleet.config(Hedge::All)).unwrap(), &cs).await;
+    let modes = [Hedge::P95, Hedge::Off, Hedge::All];
+    let clients: Vec<AzClient> = modes
+        .iter()
+        .map(|&h| AzClient::new(fleet.config(h)).unwrap())
+        .collect();
+    put_all(&clients[0], &cs).await;
+    // Warm: a p95 client with no latencies yet asks every node.
+    for az in &clients {
+        timed_reads(az, &cs, 24).await;
+    }
     fleet.kill(2);
-    for hedge in [Hedge::P95, Hedge::Off, Hedge::All] {
-        let az = AzClient::new(fleet.config(hedge)).unwrap();
-        timed_reads(&az, &cs, 36).await;
+    for (az, hedge) in clients.iter().zip(modes) {
+        let before = az.metrics();
+        timed_reads(az, &cs, 36).await;
         let m = az.metrics();
-        assert_eq!((m.hits, m.misses), (36, 0), "{hedge}: {m:?}");
+        assert_eq!((m.hits - before.hits, m.misses), (36, 0), "{hedge}: {m:?}");
         assert!(!m.nodes[2].up, "{hedge}: the dead node is marked down");
-        if hedge != Hedge::All {
-            // The reads that asked the dead node asked another instead.
-            assert!(m.fallbacks >= 3, "{hedge}: {m:?}");
+        if hedge == Hedge::Off {
+            // The reads that asked the dead node asked another instead. (A p95 read may
+            // have put it last already, if it was ever late.)
+            assert!(m.fallbacks - before.fallbacks >= 3, "{hedge}: {m:?}");
         }
-        assert!(m.rebuilds > 0, "{hedge}: {m:?}");
+        assert!(m.rebuilds > before.rebuilds, "{hedge}: {m:?}");
     }
 }
 
