@@ -205,8 +205,14 @@ struct Asker<'a> {
 }
 
 impl Asker<'_> {
-    /// Asks the next node in placement order that is up; whether there was one.
+    /// Asks the next node in order that is up; whether there was one.
     fn next(&mut self) -> bool {
+        self.next_as(true)
+    }
+
+    /// As `next`; a request that is not `live` is not counted on (a probe of a slow
+    /// node: its answer is taken if it comes first).
+    fn next_as(&mut self, live: bool) -> bool {
         while let Some(&rank) = self.order.get(self.next) {
             self.next += 1;
             let n = self.placed[rank];
@@ -230,7 +236,7 @@ impl Asker<'_> {
             self.flights.push(Flight {
                 rank,
                 since: Instant::now(),
-                live: true,
+                live,
             });
             return true;
         }
@@ -338,13 +344,32 @@ impl AzClient {
         let placed = inner.placement.place(name, k + m);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let hedge = inner.cfg.hedge;
+        let delay = match hedge {
+            Hedge::P95 => inner.latencies.delay(),
+            Hedge::Off | Hedge::All => None,
+        };
         let mut order: Vec<usize> = (0..placed.len()).collect();
-        if hedge == Hedge::P95 && inner.latencies.reorder() {
-            // Nodes much slower than the rest lately go last (a stable sort: the data
-            // stripes' nodes stay first among the others).
-            order.sort_by_key(|&rank| inner.latencies.is_slow(placed[rank]));
-            if order[..k].iter().any(|&r| r >= k) {
-                inner.counters.slow_skips.inc();
+        let mut probes = 0;
+        if delay.is_some() {
+            // Nodes slow lately go after the others (the data stripes' nodes stay first
+            // among the rest). One such read in PROBE_EVERY also asks them at once, not
+            // counted on, so their latencies stay measured and a recovered node is seen.
+            let (fast, slow): (Vec<usize>, Vec<usize>) = order
+                .iter()
+                .partition(|&&rank| !inner.latencies.is_slow(placed[rank]));
+            if !slow.is_empty() && fast.len() >= k {
+                if slow.iter().any(|&r| r < k) {
+                    inner.counters.slow_skips.inc();
+                }
+                order = fast[..k].to_vec();
+                if inner.latencies.probe_due() {
+                    probes = slow.len();
+                    order.extend(&slow);
+                    order.extend(&fast[k..]);
+                } else {
+                    order.extend(&fast[k..]);
+                    order.extend(&slow);
+                }
             }
         }
         let mut ask = Asker {
@@ -359,15 +384,14 @@ impl AzClient {
             flights: Vec::with_capacity(k + m),
         };
         let start = Instant::now();
-        let delay = match hedge {
-            Hedge::P95 => inner.latencies.delay(),
-            Hedge::Off | Hedge::All => None,
-        };
         // A p95 read with no delay yet (a fresh client) asks everyone, as `all` does.
         if hedge == Hedge::All || (hedge == Hedge::P95 && delay.is_none()) {
             while ask.next() {}
         } else {
             while ask.live() < k && ask.next() {}
+            for _ in 0..probes {
+                ask.next_as(false);
+            }
         }
         let escalate_at = start + inner.cfg.node_timeout / 2;
         let give_up_at = start + inner.cfg.node_timeout;

@@ -11,8 +11,10 @@
 //!
 //! The same windows say which nodes are slow lately: one whose p95 is over
 //! [`SLOW_FACTOR`] times that median, or one that a read stopped waiting for (hedged
-//! around) and that has not answered within the delay since. A `p95` read asks such a node after the others (a parity stripe's node
-//! first), except one read in [`PROBE_EVERY`], which keeps its window current.
+//! around) and that has not answered within the delay since. A `p95` read asks such a
+//! node after the others (a parity stripe's node first); one such read in
+//! [`PROBE_EVERY`] also asks it at once, without waiting for it, which keeps its window
+//! current.
 //!
 //! Why per node and a median, not one p95 over every request: one persistently slow
 //! node of six serves about a sixth of all stripe requests, more than the 5% a p95
@@ -33,8 +35,9 @@ pub(crate) const MIN_DELAY: Duration = Duration::from_micros(250);
 /// not two: on a busy host a healthy node's p95 strays to twice the median often
 /// enough that reads would decode for nothing.
 pub(crate) const SLOW_FACTOR: u64 = 3;
-/// One read in this many asks in placement order even when a node looks slow, so a
-/// slow node's latencies keep being measured and it is seen to recover.
+/// One read in this many of those that put a slow node last also asks it at once, not
+/// counted on, so a slow node's latencies keep being measured and it is seen to
+/// recover, at no wait to the read.
 pub(crate) const PROBE_EVERY: u64 = 8;
 
 /// One node's recent latencies, in microseconds.
@@ -152,10 +155,10 @@ impl Latencies {
         }
     }
 
-    /// Whether this read may put slow nodes last: all but one read in
+    /// Whether this read, which puts a slow node last, should also probe it: one read in
     /// [`PROBE_EVERY`].
-    pub(crate) fn reorder(&self) -> bool {
-        !(self.reads.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(PROBE_EVERY)
+    pub(crate) fn probe_due(&self) -> bool {
+        (self.reads.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(PROBE_EVERY)
     }
 
     /// The hedge delay now; `None` until half the nodes have a p95.
@@ -215,9 +218,9 @@ mod tests {
         assert!(l.is_slow(1));
         l.record(1, ms(2));
         assert!(!l.is_slow(1));
-        // Seven reads in eight may reorder; the eighth asks in placement order.
-        let reorders = (0..16).filter(|_| l.reorder()).count();
-        assert_eq!(reorders, 14);
+        // One read in eight probes.
+        let probes = (0..16).filter(|_| l.probe_due()).count();
+        assert_eq!(probes, 2);
         // Clamped: to the floor, and to the node timeout.
         let fast = Latencies::new(2, ms(200));
         let slow = Latencies::new(2, ms(20));
