@@ -31,6 +31,9 @@
 //! k = 4                               # data stripes; any k rebuild a chunk
 //! m = 2                               # parity stripes
 //! timeout_ms = 200                    # per node request
+//! placement = "rendezvous"            # or "bounded": capped at (1 + epsilon) x mean
+//! epsilon = 0.25                      # bounded placement's slack
+//! hedge = "p95"                       # ask k nodes, more when one is late; "off", "all"
 //!
 //! [origin]
 //! concurrency = 64                    # chunk fetches from the store at once
@@ -135,7 +138,27 @@ pub struct AzSection {
     pub m: Option<usize>,
     /// Per-node request timeout.
     pub timeout_ms: Option<u64>,
+    /// Placement: `rendezvous` or `bounded`.
+    pub placement: Option<lode_az::PlacementKind>,
+    /// Bounded placement's ε.
+    pub epsilon: Option<Float>,
+    /// Which nodes a read asks: `p95`, `off` or `all`.
+    pub hedge: Option<lode_az::Hedge>,
 }
+
+/// A float key, compared bit for bit so the sections stay `Eq`; its range is checked
+/// where it is used.
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(transparent)]
+pub struct Float(pub f64);
+
+impl PartialEq for Float {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for Float {}
 
 impl AzSection {
     /// The client configuration: these fields over the client's defaults.
@@ -149,6 +172,15 @@ impl AzSection {
         }
         if let Some(t) = self.timeout_ms {
             c.node_timeout = std::time::Duration::from_millis(t);
+        }
+        if let Some(p) = self.placement {
+            c.placement = p;
+        }
+        if let Some(Float(e)) = self.epsilon {
+            c.epsilon = e;
+        }
+        if let Some(h) = self.hedge {
+            c.hedge = h;
         }
         c
     }
@@ -403,6 +435,12 @@ mod tests {
         let az = c.az.expect("[az]").to_config();
         assert_eq!((az.nodes.len(), az.k, az.m), (6, 4, 2));
         assert_eq!(az.node_timeout, std::time::Duration::from_millis(200));
+        let defaults = lode_az::AzConfig::default();
+        assert_eq!(
+            (az.placement, az.epsilon, az.hedge),
+            (defaults.placement, defaults.epsilon, defaults.hedge),
+            "the example shows the AZ defaults"
+        );
         assert_eq!(c.origin.concurrency, Some(64));
         let mut prefetch = lode_read::PrefetchConfig::default();
         c.prefetch.apply(&mut prefetch);
@@ -417,6 +455,29 @@ mod tests {
             nbd,
             crate::NbdLimits::default(),
             "the example shows the defaults"
+        );
+    }
+
+    #[test]
+    fn the_az_placement_and_hedging_keys_parse() {
+        let text =
+            "[az]\nnodes = [\"a:1\"]\nplacement = \"bounded\"\nepsilon = 0.1\nhedge = \"all\"\n";
+        let az = ConfigFile::parse(text, Path::new("a.toml"))
+            .unwrap()
+            .az
+            .expect("[az]")
+            .to_config();
+        assert_eq!(
+            (az.placement, az.epsilon, az.hedge),
+            (lode_az::PlacementKind::Bounded, 0.1, lode_az::Hedge::All)
+        );
+        let bad = "[az]\nnodes = [\"a:1\"]\nhedge = \"fast\"\n";
+        let e = ConfigFile::parse(bad, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a.toml") && e.contains("hedge") && e.contains("unknown variant `fast`"),
+            "{e}"
         );
     }
 

@@ -1,16 +1,25 @@
 //! The AZ cache client: tier 4 of the read path (docs/agent.md).
 //!
-//! **Read.** The chunk's `k + m` nodes come from rendezvous hashing; every one that is
-//! up is asked for the chunk's key at once, each request in its own task with its own
-//! timeout. Each reply is checked as it arrives (stripe header, checksum, chunk name,
-//! code). As soon as `k` checked stripes with distinct indices are in, they are decoded
-//! (a concatenation when all are data stripes) and the result is hashed: the chunk is
-//! returned only if it matches its name. Slower nodes are not waited for; their
-//! requests finish in the background (so their connections stay pooled and their
-//! counters stay true). A read gives up as soon as too few nodes are left to reach `k`.
-//! If the name check fails, the read waits for the remaining replies and tries other
-//! combinations of stripes; stripes that disagree with the chunk that checks out are
-//! counted against their nodes. No combination that checks out is a miss.
+//! **Read.** The chunk's `k + m` nodes come from the placement (`placement.rs`), in
+//! stripe order: the `k` data stripes' nodes first. With `hedge = "p95"` (the default)
+//! and `"off"`, a read asks only the first `k` nodes that are up, so a healthy read
+//! moves one chunk's bytes and decodes nothing (a concatenation). It asks the next node
+//! in order whenever a request fails, misses, brings an invalid stripe or one whose
+//! index it already has; with `"p95"` also whenever a request has not answered within
+//! the hedge delay (the p95 of recent stripe latencies, `latency.rs`), and it asks a
+//! node that has lately been far slower than the rest after the others; until that
+//! delay is known (a fresh client), it asks all `k + m` at once. Every mode asks
+//! all nodes left once half the node timeout has passed, and a read ends at the node
+//! timeout. `"all"` asks all `k + m` at once. Each request runs in its own task with
+//! its own timeout; each reply is checked as it arrives (stripe header, checksum, chunk
+//! name, code). As soon as `k` checked stripes with distinct indices are in, they are
+//! decoded and the result is hashed: the chunk is returned only if it matches its name.
+//! Requests still out are not waited for: they finish in the background (so their
+//! connections stay pooled and their counters and latencies stay true). A read gives up
+//! as soon as too few nodes are left to reach `k`. If the name check fails, the read
+//! asks every node left, waits for every reply and tries other combinations of
+//! stripes; stripes that disagree with the chunk that checks out are counted against
+//! their nodes. No combination that checks out is a miss.
 //!
 //! **Read repair.** After a hit, nodes that answered with no stripe, an invalid one or
 //! a wrong one get the right stripe written back, in the background (bounded: when too
@@ -20,17 +29,19 @@
 //! all at once; a node that is down is skipped.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lode_format::ChunkName;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use crate::config::AzConfig;
+use crate::config::{AzConfig, Hedge};
 use crate::error::AzError;
+use crate::latency::Latencies;
 use crate::metrics::{AzMetrics, ClientCounters};
 use crate::node::{Failure, Node};
-use crate::placement::Rendezvous;
+use crate::placement::Placement;
 use crate::stripe::{Codec, MAX_STRIPES, Rebuilt, Stripe};
 
 /// Background read repairs allowed at once; past that a repair is skipped (the next
@@ -101,8 +112,9 @@ pub struct AzClient {
 struct Inner {
     cfg: Arc<AzConfig>,
     codec: Arc<Codec>,
-    placement: Rendezvous,
+    placement: Placement,
     nodes: Vec<Arc<Node>>,
+    latencies: Latencies,
     counters: ClientCounters,
     repairs: Semaphore,
 }
@@ -165,6 +177,102 @@ impl Gather {
     }
 }
 
+/// One request of a read that has not answered yet.
+#[derive(Debug)]
+struct Flight {
+    rank: usize,
+    since: Instant,
+    /// Still counted on to bring a stripe: false once another node was asked in its
+    /// place because it was slow (its answer is still taken if it comes).
+    live: bool,
+}
+
+/// Sends a read's stripe requests, in placement order (the data stripes' nodes first),
+/// and keeps track of those out.
+struct Asker<'a> {
+    inner: Arc<Inner>,
+    placed: &'a [usize],
+    key: Arc<str>,
+    name: ChunkName,
+    tx: mpsc::UnboundedSender<(usize, Answer)>,
+    /// The ranks in the order they are asked.
+    order: Vec<usize>,
+    /// The next position in `order`.
+    next: usize,
+    /// Requests sent and not answered.
+    pending: usize,
+    flights: Vec<Flight>,
+}
+
+impl Asker<'_> {
+    /// Asks the next node in order that is up; whether there was one.
+    fn next(&mut self) -> bool {
+        self.next_as(true)
+    }
+
+    /// As `next`; a request that is not `live` is not counted on (a probe of a slow
+    /// node: its answer is taken if it comes first).
+    fn next_as(&mut self, live: bool) -> bool {
+        while let Some(&rank) = self.order.get(self.next) {
+            self.next += 1;
+            let n = self.placed[rank];
+            let node = &self.inner.nodes[n];
+            if !node.available() {
+                continue;
+            }
+            let (inner, key, tx, name) = (
+                Arc::clone(&self.inner),
+                Arc::clone(&self.key),
+                self.tx.clone(),
+                self.name,
+            );
+            self.inner.counters.stripe_requests.inc();
+            tokio::spawn(async move {
+                let answer = fetch(&inner, n, &key, &name).await;
+                // The read may be over already; the answer still counted on the node.
+                let _ = tx.send((rank, answer));
+            });
+            self.pending += 1;
+            self.flights.push(Flight {
+                rank,
+                since: Instant::now(),
+                live,
+            });
+            return true;
+        }
+        false
+    }
+
+    /// Requests out that are still counted on.
+    fn live(&self) -> usize {
+        self.flights.iter().filter(|f| f.live).count()
+    }
+
+    /// When the oldest request still counted on was sent.
+    fn first_live_since(&self) -> Option<Instant> {
+        self.flights
+            .iter()
+            .filter(|f| f.live)
+            .map(|f| f.since)
+            .min()
+    }
+
+    /// The requests still counted on that were sent `delay` or more before `now`.
+    fn overdue(&self, now: Instant, delay: Duration) -> Vec<usize> {
+        (0..self.flights.len())
+            .filter(|&i| self.flights[i].live && self.flights[i].since + delay <= now)
+            .collect()
+    }
+
+    /// The node of `rank` answered.
+    fn answered(&mut self, rank: usize) {
+        if let Some(i) = self.flights.iter().position(|f| f.rank == rank) {
+            self.flights.swap_remove(i);
+            self.pending -= 1;
+        }
+    }
+}
+
 impl AzClient {
     /// A client for `config`, which is checked here: an error names the bad field.
     /// Connects lazily; needs a tokio runtime only when used.
@@ -182,7 +290,8 @@ impl AzClient {
             .collect();
         Ok(Self {
             inner: Arc::new(Inner {
-                placement: Rendezvous::new(&cfg.nodes),
+                placement: Placement::new(cfg.placement, &cfg.nodes, codec.total(), cfg.epsilon),
+                latencies: Latencies::new(cfg.nodes.len(), cfg.node_timeout),
                 codec: Arc::new(codec),
                 nodes,
                 counters: ClientCounters::default(),
@@ -233,32 +342,107 @@ impl AzClient {
         inner.counters.gets.inc();
         let (k, m) = (inner.codec.k(), inner.codec.m());
         let placed = inner.placement.place(name, k + m);
-        let key: Arc<str> = Arc::from(chunk_key(name, k, m));
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut pending = 0usize;
-        for (rank, &n) in placed.iter().enumerate() {
-            let node = &inner.nodes[n];
-            if !node.available() {
-                continue;
+        let hedge = inner.cfg.hedge;
+        let delay = match hedge {
+            Hedge::P95 => inner.latencies.delay(),
+            Hedge::Off | Hedge::All => None,
+        };
+        let mut order: Vec<usize> = (0..placed.len()).collect();
+        let mut probes = 0;
+        if delay.is_some() {
+            // Nodes slow lately go after the others (the data stripes' nodes stay first
+            // among the rest). One such read in PROBE_EVERY also asks them at once, not
+            // counted on, so their latencies stay measured and a recovered node is seen.
+            let (fast, slow): (Vec<usize>, Vec<usize>) = order
+                .iter()
+                .partition(|&&rank| !inner.latencies.is_slow(placed[rank]));
+            if !slow.is_empty() && fast.len() >= k {
+                if slow.iter().any(|&r| r < k) {
+                    inner.counters.slow_skips.inc();
+                }
+                order = fast[..k].to_vec();
+                if inner.latencies.probe_due() {
+                    probes = slow.len();
+                    order.extend(&slow);
+                    order.extend(&fast[k..]);
+                } else {
+                    order.extend(&fast[k..]);
+                    order.extend(&slow);
+                }
             }
-            pending += 1;
-            let (node, key, tx, name) = (Arc::clone(node), Arc::clone(&key), tx.clone(), *name);
-            tokio::spawn(async move {
-                let answer = fetch(&node, &key, &name, k, m).await;
-                // The read may be over already; the answer still counted on the node.
-                let _ = tx.send((rank, answer));
-            });
         }
-        drop(tx);
+        let mut ask = Asker {
+            inner: Arc::clone(inner),
+            placed: &placed,
+            key: Arc::from(chunk_key(name, k, m)),
+            name: *name,
+            tx,
+            order,
+            next: 0,
+            pending: 0,
+            flights: Vec::with_capacity(k + m),
+        };
+        let start = Instant::now();
+        // A p95 read with no delay yet (a fresh client) asks everyone, as `all` does.
+        if hedge == Hedge::All || (hedge == Hedge::P95 && delay.is_none()) {
+            while ask.next() {}
+        } else {
+            while ask.live() < k && ask.next() {}
+            for _ in 0..probes {
+                ask.next_as(false);
+            }
+        }
+        let escalate_at = start + inner.cfg.node_timeout / 2;
+        let give_up_at = start + inner.cfg.node_timeout;
 
         let mut g = Gather::new(k, k + m);
         // Wait for k distinct stripes, or until they cannot come.
-        while !g.enough() && g.distinct + pending >= k {
-            let Some((rank, answer)) = rx.recv().await else {
+        while !g.enough() {
+            // Keep enough requests that may yet bring a new stripe.
+            while g.distinct + ask.live() < k && ask.next() {
+                inner.counters.fallbacks.inc();
+            }
+            if g.distinct + ask.pending < k {
                 break;
+            }
+            let hedge_at = delay.and_then(|d| ask.first_live_since().map(|t| t + d));
+            let escalated = Instant::now() >= escalate_at;
+            let wake = match hedge_at {
+                Some(h) if !escalated => h.min(escalate_at),
+                _ if !escalated => escalate_at,
+                _ => give_up_at,
             };
-            pending -= 1;
-            g.add(rank, answer);
+            tokio::select! {
+                got = rx.recv() => {
+                    let Some((rank, answer)) = got else {
+                        break;
+                    };
+                    ask.answered(rank);
+                    g.add(rank, answer);
+                }
+                () = tokio::time::sleep_until(wake.into()) => {
+                    let now = Instant::now();
+                    if now >= give_up_at {
+                        break;
+                    }
+                    if now >= escalate_at {
+                        // Half the time is gone: ask everyone left.
+                        while ask.next() {
+                            inner.counters.hedges.inc();
+                        }
+                    } else if let Some(d) = delay {
+                        // One more node for each request slower than the delay.
+                        for late in ask.overdue(now, d) {
+                            ask.flights[late].live = false;
+                            inner.latencies.late(placed[ask.flights[late].rank]);
+                            if ask.next() {
+                                inner.counters.hedges.inc();
+                            }
+                        }
+                    }
+                }
+            }
         }
         if !g.enough() {
             inner.counters.misses.inc();
@@ -269,11 +453,14 @@ impl AzClient {
             // A stripe that passed its own checks is wrong. Hear from every node, then
             // try the combinations the newcomers make possible.
             let before = g.candidates.len();
-            while pending > 0 {
+            while ask.next() {
+                inner.counters.fallbacks.inc();
+            }
+            while ask.pending > 0 {
                 let Some((rank, answer)) = rx.recv().await else {
                     break;
                 };
-                pending -= 1;
+                ask.answered(rank);
                 g.add(rank, answer);
             }
             if g.candidates.len() > before {
@@ -302,6 +489,8 @@ impl AzClient {
                 .iter()
                 .any(|a| matches!(a, Some(Answer::Miss | Answer::Invalid)));
         // Replies still out may also call for repair; hear them in the background.
+        let pending = ask.pending;
+        drop(ask);
         if inner.cfg.read_repair && (pending > 0 || something_to_fix) {
             let bad_ranks: Vec<usize> = rebuilt.bad.iter().map(|&i| g.ranks[i]).collect();
             let this = Arc::clone(inner);
@@ -456,14 +645,32 @@ impl AzClient {
             puts: c.puts.get(),
             incomplete_puts: c.incomplete_puts.get(),
             repairs: c.repairs.get(),
+            stripe_requests: c.stripe_requests.get(),
+            stripe_bytes: c.stripe_bytes.get(),
+            hedges: c.hedges.get(),
+            fallbacks: c.fallbacks.get(),
+            slow_skips: c.slow_skips.get(),
+            hedge_delay_us: match (self.inner.cfg.hedge, self.inner.latencies.delay()) {
+                (Hedge::P95, Some(d)) => u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+                _ => 0,
+            },
             nodes: self.inner.nodes.iter().map(|n| n.metrics()).collect(),
         }
     }
 }
 
 /// One node's answer to a read of one chunk, counted on the node.
-async fn fetch(node: &Node, key: &str, name: &ChunkName, k: usize, m: usize) -> Answer {
-    match node.get(key).await {
+async fn fetch(inner: &Inner, n: usize, key: &str, name: &ChunkName) -> Answer {
+    let (node, k, m) = (&inner.nodes[n], inner.codec.k(), inner.codec.m());
+    let start = Instant::now();
+    let got = node.get(key).await;
+    if got.is_ok() {
+        inner.latencies.record(n, start.elapsed());
+    }
+    if let Ok(Some(value)) = &got {
+        inner.counters.stripe_bytes.add(value.len());
+    }
+    match got {
         Ok(Some(value)) => match Stripe::parse(value).and_then(|s| s.check(name, k, m).map(|()| s))
         {
             Ok(s) => {

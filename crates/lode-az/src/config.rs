@@ -5,11 +5,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::error::AzError;
+use crate::placement::PlacementKind;
 use crate::proto::MAX_KEY_LEN;
 use crate::stripe::{HEADER_LEN, MAX_STRIPES};
 
 /// How the client reaches the AZ cache fleet and codes chunks for it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AzConfig {
     /// The cache nodes, `host:port` each. A node's address string is its identity for
     /// placement: every worker must list the same nodes the same way (in any order).
@@ -37,6 +38,62 @@ pub struct AzConfig {
     /// After a read that found stripes missing or bad on nodes that answered, write the
     /// right stripes back to those nodes (in the background). Default true.
     pub read_repair: bool,
+    /// How chunks are placed on nodes: rendezvous hashing, or bounded loads over it
+    /// (`placement.rs`). Every worker must use the same. Default rendezvous.
+    pub placement: PlacementKind,
+    /// Bounded placement's ε: no node holds more than `ceil((1 + ε) · mean)` stripe
+    /// slots. From 0.01 to 10; every worker must use the same. Default 0.25.
+    pub epsilon: f64,
+    /// Which nodes a read asks, and when it asks more (`client.rs`). Default `p95`.
+    pub hedge: Hedge,
+}
+
+/// Which nodes a read asks for stripes; `p95`, `off` or `all` in configuration files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hedge {
+    /// The `k` nodes of the data stripes; one more node for each request that fails,
+    /// misses, is invalid, or has not answered within the p95 of recent stripe
+    /// latencies (all `k + m` at once until those are known).
+    #[default]
+    P95,
+    /// The `k` nodes of the data stripes; one more node only for each request that
+    /// fails, misses or is invalid.
+    Off,
+    /// All `k + m` nodes at once; done with the first `k` valid stripes.
+    All,
+}
+
+impl Hedge {
+    /// Its name in configuration: `p95`, `off` or `all`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hedge::P95 => "p95",
+            Hedge::Off => "off",
+            Hedge::All => "all",
+        }
+    }
+}
+
+impl std::fmt::Display for Hedge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Hedge {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "p95" => Ok(Hedge::P95),
+            "off" => Ok(Hedge::Off),
+            "all" => Ok(Hedge::All),
+            _ => Err(format!(
+                "unknown hedge {s:?}: expected \"p95\", \"off\" or \"all\""
+            )),
+        }
+    }
 }
 
 impl Default for AzConfig {
@@ -51,6 +108,9 @@ impl Default for AzConfig {
             max_value: 1 << 20,
             connections_per_node: 8,
             read_repair: true,
+            placement: PlacementKind::Rendezvous,
+            epsilon: 0.25,
+            hedge: Hedge::P95,
         }
     }
 }
@@ -132,6 +192,12 @@ impl AzConfig {
         }
         if self.connections_per_node == 0 {
             return bad("connections_per_node", "must be at least 1".into());
+        }
+        if !(0.01..=10.0).contains(&self.epsilon) {
+            return bad(
+                "epsilon",
+                format!("must be from 0.01 to 10 (got {})", self.epsilon),
+            );
         }
         Ok(())
     }
@@ -239,6 +305,21 @@ mod tests {
         let mut c = six();
         c.down_after = 0;
         assert!(err(&c).starts_with("AZ cache config `down_after`"));
+        let mut c = six();
+        c.epsilon = f64::NAN;
+        assert_eq!(
+            err(&c),
+            "AZ cache config `epsilon`: must be from 0.01 to 10 (got NaN)"
+        );
+        c.epsilon = 0.0;
+        assert!(err(&c).starts_with("AZ cache config `epsilon`"));
+        assert_eq!("p95".parse::<Hedge>(), Ok(Hedge::P95));
+        assert_eq!("all".parse::<Hedge>(), Ok(Hedge::All));
+        assert_eq!(Hedge::Off.to_string().parse::<Hedge>(), Ok(Hedge::Off));
+        assert_eq!(
+            "fast".parse::<Hedge>(),
+            Err("unknown hedge \"fast\": expected \"p95\", \"off\" or \"all\"".into())
+        );
         let mut c = AzConfig::new(["[::1]:11211"]);
         (c.k, c.m) = (1, 0);
         c.validate().unwrap();

@@ -5,9 +5,10 @@
 //! Between a worker's local cache and the origin store sits a fleet of cache nodes in
 //! the worker's availability zone, speaking the memcached text protocol (plain memcached
 //! works). A chunk's ciphertext is cut into `k` data stripes and `m` Reed-Solomon parity
-//! stripes, stored on `k + m` distinct nodes picked by rendezvous hashing; any `k`
-//! stripes rebuild it, so a read asks all `k + m` nodes at once and finishes with the
-//! first `k` valid stripes to arrive: one slow or dead node changes nothing.
+//! stripes, stored on `k + m` distinct nodes picked by rendezvous hashing (or bounded
+//! loads over it); any `k` stripes rebuild it. A read asks the `k` data stripes' nodes
+//! and hedges: it asks the next node when one fails or misses, or is slower than the
+//! p95 of recent stripe latencies, so one slow or dead node costs a read little.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), lode_az::AzError> {
@@ -27,7 +28,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Modules: [`placement`] (rendezvous hashing), [`stripe`] (the stripe format and the
+//! Modules: [`placement`] (rendezvous hashing and bounded loads), [`stripe`] (the stripe format and the
 //! Reed-Solomon code), [`proto`] and [`memcache`] (the memcached protocol, the only
 //! parser of node bytes), and the client itself. The crate does not depend on the
 //! agent; an adapter there implements the agent's tier trait over [`AzClient`].
@@ -35,6 +36,7 @@
 mod client;
 mod config;
 mod error;
+mod latency;
 pub mod memcache;
 mod metrics;
 mod node;
@@ -43,6 +45,7 @@ pub mod proto;
 pub mod stripe;
 
 pub use client::{Accept, AzClient, chunk_key};
-pub use config::AzConfig;
+pub use config::{AzConfig, Hedge};
 pub use error::AzError;
 pub use metrics::{AzMetrics, NodeMetrics};
+pub use placement::{Placement, PlacementKind};

@@ -14,6 +14,11 @@ impl Counter {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn add(&self, n: usize) {
+        self.0
+            .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
     pub(crate) fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -40,6 +45,22 @@ pub struct AzMetrics {
     pub incomplete_puts: u64,
     /// Stripes written back by read repair.
     pub repairs: u64,
+    /// Stripe requests sent by gets.
+    pub stripe_requests: u64,
+    /// Bytes of stripes (headers included) nodes returned to gets.
+    pub stripe_bytes: u64,
+    /// Stripe requests sent because others had not answered in time: past the hedge
+    /// delay (`hedge = "p95"`), or past half the node timeout (any mode).
+    pub hedges: u64,
+    /// Stripe requests sent because others failed, missed, returned an invalid or
+    /// repeated stripe, or (after a failed name check) to hear from every node.
+    pub fallbacks: u64,
+    /// Reads (`hedge = "p95"`) that asked a parity stripe's node before a data stripe's
+    /// because the latter's recent p95 was over three times the median node's.
+    pub slow_skips: u64,
+    /// The hedge delay in force, µs (`hedge = "p95"`, once half the nodes have a p95; 0
+    /// otherwise).
+    pub hedge_delay_us: u64,
     /// Per node, in configuration order.
     pub nodes: Vec<NodeMetrics>,
 }
@@ -91,4 +112,9 @@ pub(crate) struct ClientCounters {
     pub(crate) puts: Counter,
     pub(crate) incomplete_puts: Counter,
     pub(crate) repairs: Counter,
+    pub(crate) stripe_requests: Counter,
+    pub(crate) stripe_bytes: Counter,
+    pub(crate) hedges: Counter,
+    pub(crate) fallbacks: Counter,
+    pub(crate) slow_skips: Counter,
 }

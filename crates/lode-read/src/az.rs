@@ -96,7 +96,7 @@ impl ChunkTier for AzTier {
 pub fn az_prometheus(m: &AzMetrics) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let totals: [(&str, &str, u64); 8] = [
+    let totals: [(&str, &str, u64); 12] = [
         ("gets", "Chunk lookups in the AZ cache.", m.gets),
         (
             "hits",
@@ -117,6 +117,26 @@ pub fn az_prometheus(m: &AzMetrics) -> String {
             m.incomplete_puts,
         ),
         ("repairs", "Stripes written back by read repair.", m.repairs),
+        (
+            "stripe_requests",
+            "Stripe requests sent by lookups.",
+            m.stripe_requests,
+        ),
+        (
+            "stripe_bytes",
+            "Stripe bytes nodes returned to lookups.",
+            m.stripe_bytes,
+        ),
+        (
+            "hedges",
+            "Stripe requests sent because others were late.",
+            m.hedges,
+        ),
+        (
+            "fallbacks",
+            "Stripe requests sent because others failed or missed.",
+            m.fallbacks,
+        ),
     ];
     for (name, help, v) in totals {
         let _ = writeln!(out, "# HELP lode_az_{name}_total {help}");

@@ -26,6 +26,8 @@ mod memcached;
 mod moto;
 mod mount;
 mod netns;
+#[cfg(feature = "proxy")]
+mod proxy;
 mod python;
 #[cfg(feature = "s3")]
 mod s3;
@@ -36,6 +38,8 @@ pub use memcached::Memcached;
 pub use moto::Moto;
 pub use mount::{LoopMount, MountGuard, is_mounted};
 pub use netns::{NetOptions, TestNet, testnet_script};
+#[cfg(feature = "proxy")]
+pub use proxy::DelayProxy;
 pub use python::{nbd_python_path, python_with_nbd};
 #[cfg(feature = "s3")]
 pub use s3::{Faults, S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, S3Fs, serve_dir};

@@ -517,6 +517,13 @@ pub(crate) fn print_az(az: &Value, indent: &str) {
         n(az, "repairs")
     );
     println!(
+        "{indent}az reads: {} stripe requests, {} hedged (delay {} µs), {} after a failure or miss",
+        n(az, "stripe_requests"),
+        n(az, "hedges"),
+        n(az, "hedge_delay_us"),
+        n(az, "fallbacks")
+    );
+    println!(
         "{indent}{:<22} {:>4} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "node", "up", "hits", "misses", "timeouts", "errors", "corrupt", "stores"
     );

@@ -179,11 +179,13 @@ fn the_fleet_serves_a_second_worker_and_survives_lost_and_lying_nodes() {
     // A lying node: one stripe of the first chunk overwritten with garbage of its size.
     // The read rebuilds from the other five, counts the liar, and serves right bytes.
     let key = format!("lode-az1:k4m2:{}", chunks[0]);
+    // The node of data stripe 0 (byte 7 of a stripe is its index): a hedged read asks
+    // the data stripes' nodes, so this one is read.
     let liar = nodes
         .iter()
         .flatten()
-        .position(|n| n.get(&key).is_some())
-        .expect("a node holds a stripe of chunk 0");
+        .position(|n| n.get(&key).is_some_and(|s| s.get(7) == Some(&0)))
+        .expect("a node holds data stripe 0 of chunk 0");
     let n = nodes[liar].as_ref().expect("node");
     let len = n.get(&key).expect("stripe").len();
     n.set(&key, &vec![0xA5; len]);
