@@ -812,6 +812,8 @@ def section_scale(ctx):
     ctx.save("scale", out)
     out["bursts"] = snapshot_bursts(ctx)
     ctx.save("scale", out)
+    out["az_tail"] = az_tail(ctx)
+    ctx.save("scale", out)
     out["eviction"] = eviction_study(ctx, functions, fn_weights, after_functions, cal_path)
     ctx.save("scale", out)
     shutil.rmtree(layout, ignore_errors=True)
@@ -878,6 +880,27 @@ def snapshot_bursts(ctx):
     if bad:
         raise Fail(f"clones shared a generation id: {bad}")
     return {"rows": rows, "command": cmd, "secs": took}
+
+
+def az_tail(ctx):
+    """The AZ client's chunk fetch with one of six nodes slowed to ten times the healthy
+    stripe latency (at least 5 ms), asking every node (`all`), the data nodes only
+    (`off`) and the data nodes with hedging past the p95 (`p95`): lode-az's measurement."""
+    cmd = ["cargo", "test", "-q", "--release", "--locked", "-p", "lode-az", "--test", "hedge", "--",
+           "--ignored", "--nocapture", "--exact", "hedging_figures"]
+    e = dict(os.environ, CARGO_TARGET_DIR=os.environ.get("CARGO_TARGET_DIR", os.path.join(ctx.repo, "target")))
+    t0 = time.perf_counter()
+    text = run(cmd, env=e, cwd=ctx.repo)
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"^(all|off|p95)\s+(healthy|one slow)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)", line)
+        if m:
+            rows.append({"hedge": m[1], "fleet": m[2], "p50_us": int(m[3]), "p99_us": int(m[4]), "mean_us": int(m[5]),
+                         "requests_per_read": float(m[6]), "kib_per_read": float(m[7]), "hedges": int(m[8])})
+    head = next((l for l in text.splitlines() if l.startswith("healthy stripe p50")), "")
+    if len(rows) != 6:
+        raise Fail(f"unexpected lode-az hedging output ({len(rows)} rows):\n{text}")
+    return {"rows": rows, "setup": head, "command": " ".join(cmd), "secs": time.perf_counter() - t0}
 
 
 def scale_run(ctx, cal_path):
