@@ -898,6 +898,56 @@ origin {s['origin']['requests_per_s_mean']:.0f} requests/s (peak second {s['orig
 AZ nodes {s['az']['nodes']}, busiest over mean {s['az']['imbalance']:.2f}; start p50 {s['start_latency']['p50_ms']:.0f} ms, p99
 {s['start_latency']['p99_ms']:.0f} ms.
 """)
+    ev = sc.get("eviction")
+    if ev:
+        rows = []
+        for pol in ev["policies"]:
+            sm, ag = ev["sim"][pol], ev["agents"][pol]
+            rows.append([pol, pct(sim_shares(sm)["local"]), pct(ag["shares"]["local"]), pct(ag["shares_all"]["local"]),
+                         pct(ag["shares"]["origin"]), f"{ag['start_p50'] * 1000:.0f} ms"])
+        st = ev["agents_setup"]
+        parts.append(f"""### Eviction in the worker's local tiers under cron bursts
+
+The same caches on every row; only the local tiers' eviction policy changes
+(`--cache-policy`). Simulator: `lode sim {' '.join(ev['sim_args'][:-2])}` with each policy
+on both local tiers (every minute, 20 one-off images started once each). Real agents:
+the replay's starts ({st['nstart']}, the same seed) on three agents with after every
+{st['every']} starts a cron tick of {st['per_tick']} one-off images ({st['one_offs']} in all: the base image plus 8-16
+MiB of data each start reads whole), read traces recorded; local share of the Zipf
+starts' chunk reads, and of all reads.
+
+{table(["policy", "simulated local", "agents: local (Zipf starts)", "agents: local (all)", "agents: origin (Zipf)", "agents: start p50"], rows)}""")
+    az = sc.get("az_tail")
+    if az:
+        rows = [[r["hedge"], r["fleet"], f"{r['p50_us'] / 1000:.2f} ms", f"{r['p99_us'] / 1000:.2f} ms",
+                 f"{r['requests_per_read']:.2f}", f"{r['kib_per_read']:.0f} KiB"] for r in az["rows"]]
+        parts.append(f"""### The AZ tail with one slow node
+
+`{az['command']}`: 512 KiB chunks, k=4 m=2, six lode cache nodes on loopback each behind a
+delaying proxy; {az['setup']}. The three modes read in turn, read by read. `all` asks
+all six nodes and takes the first four stripes (the client before hedging); `off` asks
+the four data nodes and more only on a failure; `p95` asks the data nodes and hedges a
+stripe request slower than the p95 to a parity node (the default).
+
+{table(["hedge", "fleet", "p50", "p99", "requests per read", "read per chunk"], rows)}""")
+    b = sc.get("bursts")
+    if b:
+        rows = [[r["mode"], r["clones"], f"{r['first_answer_ms_p50']:.1f} / {r['first_answer_ms_p99']:.1f} ms",
+                 f"{r['all_answers_ms_p50']:.0f} / {r['all_answers_ms_p99']:.0f} ms",
+                 f"{r['origin_fetches']} of {r['nonzero_chunks']}", r["segments_decrypted"],
+                 f"{r['handler_rss_peak_mib'] - r['handler_rss_before_mib']:.1f} MiB", r["distinct_generation_ids"]]
+                for r in b["rows"]]
+        r0 = b["rows"][0]
+        parts.append(f"""### Bursts of sessions from one snapshot
+
+`{b['command']}`: N clones of one {mib(r0['snapshot_bytes'])} memory snapshot ({r0['nonzero_chunks']} stored chunks of
+{r0['chunk_bytes'] >> 10} KiB) restored at once through one `lode snapshot serve` handler, each clone its
+own process running {r0['queries']} index queries; cold (the origin, a local directory) and warm (the
+local disk). Per clone: time to the first and to the last answer (p50 / p99 over the
+clones). Per burst: chunks fetched from the origin beside the snapshot's stored chunks,
+segments decrypted, the handler's memory growth, and distinct generation ids.
+
+{table(["mode", "clones", "first answer p50 / p99", "all answers p50 / p99", "origin fetches", "segments decrypted", "handler memory", "generation ids"], rows)}""")
     return "\n".join(parts)
 
 
