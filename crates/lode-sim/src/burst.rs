@@ -300,6 +300,10 @@ impl Curve {
             .position(|w| clones <= w[1].0)
             .unwrap_or(p.len() - 2);
         let ((a, va), (b, vb)) = (p[i], p[i + 1]);
+        if clones == b {
+            // A measured count gives back its value exactly, without rounding.
+            return vb;
+        }
         va + (vb - va) * (clones - a) / (b - a)
     }
 
@@ -888,8 +892,19 @@ mod tests {
 
     proptest! {
         #[test]
-        fn parse_never_panics(lines in proptest::collection::vec(".{0,80}", 0..8)) {
-            let _ = parse(&lines.join("\n"), "p");
+        fn parse_never_panics(lines in proptest::collection::vec(
+            prop_oneof![
+                ".{0,80}",
+                "\\{.{0,80}",
+                "\\{\"bench\":\"burst\".{0,80}",
+                (1u32..100).prop_map(|n| line("warm", n, 1.0)),
+            ],
+            0..8,
+        )) {
+            if let Ok(rows) = parse(&lines.join("\n"), "p") {
+                prop_assert!(!rows.is_empty());
+                let _ = Model::fit(&rows, Mode::Warm, "p");
+            }
         }
 
         #[test]
@@ -933,6 +948,29 @@ mod tests {
             prop_assert!(pl.first_answer_ms_p50 <= ph.first_answer_ms_p50);
             prop_assert!(pl.burst_ms <= ph.burst_ms);
             prop_assert!(pl.handler_rss_mib <= ph.handler_rss_mib);
+        }
+
+        #[test]
+        fn monotone_rows_are_given_back(
+            counts in proptest::collection::btree_set(1u32..500, 2..6),
+            values in proptest::collection::vec(0.0f64..1e4, 6),
+        ) {
+            let mut values = values;
+            values.sort_by(f64::total_cmp);
+            let rows: Vec<Row> = counts
+                .iter()
+                .zip(&values)
+                .map(|(&n, &v)| row(Mode::Cold, n, v))
+                .collect();
+            let m = Model::fit(&rows, Mode::Cold, "p").unwrap();
+            prop_assert!(m.raised.is_empty());
+            for r in &rows {
+                let p = m.predict(r.clones);
+                prop_assert_eq!(p.first_answer_ms_p99, r.first_p99_ms);
+                prop_assert_eq!(p.first_answer_ms_p50, r.first_p50_ms);
+                prop_assert_eq!(p.burst_ms, r.burst_ms);
+                prop_assert_eq!(p.handler_rss_mib, r.rss_peak_mib);
+            }
         }
     }
 }
