@@ -245,6 +245,17 @@ pub enum Command {
     #[command(subcommand)]
     Vm(VmCommand),
 
+    /// Predict a fleet's snapshot burst capacity: how many clones of one memory snapshot
+    /// its workers can restore at once within a first-answer goal, from lode-snap's burst
+    /// bench; prints the clones per worker, the fleet's capacity, and for a burst of N
+    /// sessions the workers it spreads over, the first-answer times and the origin's load
+    /// (docs/scale.md, "Snapshot bursts").
+    #[command(
+        name = "sim-burst",
+        after_help = "Example:\n  BURSTS=1,8,32 cargo bench -p lode-snap --bench burst > burst.jsonl\n  lode sim-burst --measured burst.jsonl --workers 100 --goal p99=300ms --sessions 1000..10000/1000"
+    )]
+    SimBurst(Box<crate::simburst::SimBurstArgs>),
+
     /// Simulate a fleet: workers' local tiers, the AZ cache and the origin under a
     /// synthetic Zipf workload or recorded traces; prints hit rates, origin load, AZ node
     /// load and start latency percentiles (docs/scale.md).

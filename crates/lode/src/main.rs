@@ -10,6 +10,7 @@ mod demo;
 mod mount;
 mod output;
 mod sim;
+mod simburst;
 mod snapshot;
 mod vm;
 
@@ -80,6 +81,10 @@ fn render_error(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    // A calculation over a file: no store, no keys, no runtime.
+    if let Command::SimBurst(a) = &cli.command {
+        return simburst::run(cli.json, a).map(|()| ExitCode::SUCCESS);
+    }
     // `lode run`, `mount` and `umount` are blocking from end to end: a start does not
     // wait for an async runtime's worker threads to be made and joined.
     if matches!(
@@ -664,6 +669,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Attach(a) => agent::attach(&env, &home, a)?,
         Command::Detach(a) => agent::detach(&env, &home, a)?,
         Command::Ls(a) => agent::ls(&env, &home, a)?,
+        Command::SimBurst(a) => simburst::run(env.cli_json, &a)?,
         Command::Stats(a) => agent::stats(&env, &home, a)?,
         Command::Mount(a) => return mount::mount(&env, &home, a),
         Command::Umount(a) => mount::umount(&env, &home, a)?,
