@@ -217,8 +217,8 @@ struct Shard {
 /// What a shard's walk of one batch left for the AZ stage.
 #[derive(Default)]
 struct ShardOut {
-    /// Per start of this shard (in batch order): the end of its misses in `misses`.
-    ends: Vec<u32>,
+    /// Per start of this shard (in batch order): its misses' range in `misses`.
+    ranges: Vec<(u32, u32)>,
     /// (chunk, bytes) of every miss.
     misses: Vec<(u32, u32)>,
 }
@@ -237,11 +237,20 @@ impl Shard {
         catalog: &Catalog,
     ) -> ShardOut {
         let mut out = ShardOut::default();
-        for s in batch {
+        let mine: Vec<&Start> = batch
+            .iter()
+            .filter(|s| usize::try_from(s.worker).unwrap_or(0) % shards == shard)
+            .collect();
+        // One worker's starts one after the other (in their time order): its policies
+        // stay in the CPU's caches, where walking the starts in time order would visit
+        // another worker's every time.
+        let mut order: Vec<usize> = (0..mine.len()).collect();
+        order.sort_by_key(|&i| mine[i].worker);
+        out.ranges = vec![(0, 0); mine.len()];
+        for i in order {
+            let s = mine[i];
+            let begin = u32::try_from(out.misses.len()).unwrap_or(u32::MAX);
             let w = usize::try_from(s.worker).unwrap_or(0);
-            if w % shards != shard {
-                continue;
-            }
             let worker = &mut self.workers[w / shards];
             for &c in &catalog.lists[usize::try_from(s.list).unwrap_or(0)] {
                 let bytes = catalog.chunk_bytes[usize::try_from(c).unwrap_or(0)];
@@ -264,8 +273,7 @@ impl Shard {
                     self.evicted.clear();
                 }
             }
-            out.ends
-                .push(u32::try_from(out.misses.len()).unwrap_or(u32::MAX));
+            out.ranges[i] = (begin, u32::try_from(out.misses.len()).unwrap_or(u32::MAX));
         }
         out
     }
@@ -380,11 +388,11 @@ impl Shared<'_> {
             self.tick(s.t_us);
             let sh = usize::try_from(s.worker).unwrap_or(0) % shards;
             let out = &b.shards[sh];
-            let begin = match cursor[sh] {
-                0 => 0,
-                i => usize::try_from(out.ends[i - 1]).unwrap_or(0),
-            };
-            let end = usize::try_from(out.ends[cursor[sh]]).unwrap_or(0);
+            let (begin, end) = out.ranges[cursor[sh]];
+            let (begin, end) = (
+                usize::try_from(begin).unwrap_or(0),
+                usize::try_from(end).unwrap_or(0),
+            );
             cursor[sh] += 1;
             // The fetches over the lanes: each to the lane free first.
             self.lanes.iter_mut().for_each(|l| *l = 0);
@@ -415,9 +423,7 @@ impl Shared<'_> {
 pub fn estimate_memory(config: &Config, w: &Workload) -> u64 {
     let mean = w.catalog.mean_chunk_bytes().max(1);
     // Synthetic bursts add chunks as they run: count those the run will make.
-    let chunks = (w.catalog.chunk_bytes.len() as f64
-        + (w.expected_starts * w.reads_per_start).min(1e12))
-    .max(1.0);
+    let chunks = (w.catalog.chunk_bytes.len() as f64 + w.new_chunks).max(1.0);
     let keys = |capacity: u64, size: u64| (capacity / size.max(1)).min(crate::f2u(chunks));
     let local: u64 = config.tiers.iter().map(|t| keys(t.capacity, mean)).sum();
     let stripe = mean.div_ceil(u64::from(config.k.max(1))) + STRIPE_HEADER;
@@ -535,9 +541,14 @@ pub fn run(
             }
             shared
         });
+        // A batch spans enough simulated time for each worker to start a few images
+        // (locality, above), between 1 and 60 s.
+        let rate = workload.expected_starts / workload.duration_s;
+        let span_us =
+            crate::f2u((8.0 * f64::from(workload.workers) / rate.max(1e-9)).clamp(1.0, 60.0) * 1e6);
         let mut until = 0u64;
         loop {
-            until += 1_000_000;
+            until += span_us;
             let mut starts = Vec::new();
             let more = workload.next_batch(until, &mut starts);
             let catalog = &workload.catalog;
@@ -664,6 +675,11 @@ fn report(config: &Config, w: &Workload, shards: &[Shard], s: &Shared<'_>) -> Re
         },
         simulated_s: w.duration_s,
     }
+}
+
+/// A window of `window_s` in µs, at most the whole run of `duration_s` (and at least 1).
+pub(crate) fn window_us(window_s: f64, duration_s: f64) -> u64 {
+    crate::f2u((window_s.min(duration_s + 1.0) * 1e6).ceil()).max(1)
 }
 
 /// The process's peak resident memory (VmHWM), when the system tells it.
