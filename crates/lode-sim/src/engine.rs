@@ -65,9 +65,10 @@ pub struct Config {
 
 /// The nodes' eviction policy: LRU-K once lode-evict has it, LRU until then.
 pub fn default_node_policy() -> PolicyKind {
-    "lru-k"
-        .parse()
-        .or_else(|_| "lruk".parse())
+    PolicyKind::ALL
+        .iter()
+        .copied()
+        .find(|k| k.name().replace(['-', '_'], "").eq_ignore_ascii_case("lruk"))
         .unwrap_or(PolicyKind::Lru)
 }
 

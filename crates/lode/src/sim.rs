@@ -278,6 +278,7 @@ pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
     let cal = calibration(&a, quiet)?;
     let mut workload = workload(&a, &cal)?;
     let config = config(&a)?;
+    let estimate = lode_sim::estimate_memory(&config, &workload);
     let started = Instant::now();
     let mut progress = |p: lode_sim::Progress| {
         if !quiet {
@@ -305,6 +306,7 @@ pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
         let mut v = serde_json::to_value(&report)?;
         v["wall_s"] = json!(wall);
         v["peak_rss_bytes"] = json!(rss);
+        v["estimated_memory_bytes"] = json!(estimate);
         v["calibration"] = json!(cal.source);
         v["config"] = json!({
             "tiers": config.tiers.iter().map(|t| json!({"name": t.name, "capacity": t.capacity, "policy": t.policy.name()})).collect::<Vec<_>>(),
@@ -314,7 +316,7 @@ pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
         });
         print_json(&v)?;
     } else {
-        print_text(&report, &config, wall, rss);
+        print_text(&report, &config, wall, rss, estimate);
     }
     Ok(())
 }
@@ -323,7 +325,7 @@ fn pct(x: f64) -> String {
     format!("{:.2}%", x * 100.0)
 }
 
-fn print_text(r: &Report, c: &Config, wall: f64, rss: Option<u64>) {
+fn print_text(r: &Report, c: &Config, wall: f64, rss: Option<u64>, estimate: u64) {
     println!(
         "{} starts, {} chunk reads on {} workers over {:.0} simulated s",
         r.starts, r.reads, r.workers, r.simulated_s
@@ -387,9 +389,10 @@ fn print_text(r: &Report, c: &Config, wall: f64, rss: Option<u64>) {
         human_bytes(az.bytes_held_max)
     );
     println!(
-        "wall time {:.1} s, peak RSS {}",
+        "wall time {:.1} s, peak RSS {} (estimated before the run: {})",
         wall,
-        rss.map_or_else(|| "unknown".to_owned(), human_bytes)
+        rss.map_or_else(|| "unknown".to_owned(), human_bytes),
+        human_bytes(estimate)
     );
 }
 
