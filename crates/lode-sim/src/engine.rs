@@ -68,7 +68,11 @@ pub fn default_node_policy() -> PolicyKind {
     PolicyKind::ALL
         .iter()
         .copied()
-        .find(|k| k.name().replace(['-', '_'], "").eq_ignore_ascii_case("lruk"))
+        .find(|k| {
+            k.name()
+                .replace(['-', '_'], "")
+                .eq_ignore_ascii_case("lruk")
+        })
         .unwrap_or(PolicyKind::Lru)
 }
 
