@@ -344,8 +344,9 @@ impl Shared<'_> {
     /// Fetches chunk `c` of `bytes` from the AZ fleet or the origin; returns its latency
     /// (µs) and whether the origin served it.
     fn fetch(&mut self, c: u32, bytes: u32) -> (u64, bool) {
-        let stripe = u64::from(bytes).div_ceil(u64::try_from(self.k).unwrap_or(1)) + STRIPE_HEADER;
         if self.per_chunk > 0 {
+            let k = u64::try_from(self.k).unwrap_or(1).max(1);
+            let stripe = u64::from(bytes).div_ceil(k) + STRIPE_HEADER;
             let mut placed = [0u16; 64];
             let n = self.per_chunk;
             placed[..n].copy_from_slice(self.placed_of(c));
@@ -844,6 +845,40 @@ mod tests {
             local(&sticky),
             local(&random)
         );
+    }
+
+    #[test]
+    fn no_nodes_needs_no_valid_code() {
+        let mut c = config(1 << 20, 0, 0, 1);
+        c.k = 0;
+        c.m = 0;
+        let r = sim(&c, spec(1));
+        assert_eq!(share(&r, "az"), 0.0);
+        c.nodes = 3;
+        let cal = Calibration::built_in();
+        let mut w = Workload::synthetic(spec(1), &cal).unwrap();
+        let e = run(
+            &c,
+            &cal,
+            &mut w,
+            u64::MAX,
+            Duration::from_secs(9),
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("k must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn fewer_nodes_than_k_never_hit() {
+        let mut c = config(0, 0, 3, 1);
+        c.k = 4;
+        let r = sim(&c, spec(1));
+        assert_eq!(share(&r, "az"), 0.0);
+        assert_eq!(share(&r, "origin"), 1.0);
+        // Every origin fetch wrote a stripe to each of the three nodes.
+        assert_eq!(r.az.stripe_writes, 3 * r.origin.requests);
     }
 
     #[test]

@@ -247,6 +247,25 @@ fn workload(a: &SimArgs, cal: &Calibration) -> Result<Workload, lode_sim::Worklo
     }
 }
 
+/// Refuses traces that could not be held under --max-memory: a parsed trace takes about
+/// as much memory as its text.
+fn check_trace_sizes(a: &SimArgs) -> Result<()> {
+    let mut total = 0u64;
+    for p in &a.trace {
+        total += std::fs::metadata(p)
+            .with_context(|| p.display().to_string())?
+            .len();
+    }
+    if total > a.max_memory {
+        bail!(
+            "the traces hold {} of records, over --max-memory {}",
+            human_bytes(total),
+            human_bytes(a.max_memory)
+        );
+    }
+    Ok(())
+}
+
 fn config(a: &SimArgs) -> Result<Config> {
     let mut tiers = if a.tiers.is_empty() {
         default_tiers()
@@ -276,6 +295,7 @@ fn config(a: &SimArgs) -> Result<Config> {
 
 pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
     let cal = calibration(&a, quiet)?;
+    check_trace_sizes(&a)?;
     let mut workload = workload(&a, &cal)?;
     let config = config(&a)?;
     let estimate = lode_sim::estimate_memory(&config, &workload);
@@ -410,6 +430,7 @@ pub fn advise(json_out: bool, quiet: bool, a: AdviseArgs) -> Result<()> {
     };
     prices.check()?;
     let cal = calibration(&a.sim, quiet)?;
+    check_trace_sizes(&a.sim)?;
     let config = config(&a.sim)?;
     let make = || workload(&a.sim, &cal);
     let advice = lode_sim::advise::advise(
