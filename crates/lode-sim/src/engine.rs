@@ -425,6 +425,13 @@ impl Shared<'_> {
     }
 }
 
+/// The simulated time a batch spans: enough for each worker to start a few images (the
+/// shards walk one worker's starts of a batch together, for locality), 1 to 60 s.
+fn batch_span_us(w: &Workload) -> u64 {
+    let rate = w.expected_starts / w.duration_s;
+    crate::f2u((8.0 * f64::from(w.workers) / rate.max(1e-9)).clamp(1.0, 60.0) * 1e6)
+}
+
 /// Estimated peak memory (bytes) of simulating `w` on `config`.
 pub fn estimate_memory(config: &Config, w: &Workload) -> u64 {
     let mean = w.catalog.mean_chunk_bytes().max(1);
@@ -435,13 +442,15 @@ pub fn estimate_memory(config: &Config, w: &Workload) -> u64 {
     let stripe = mean.div_ceil(u64::from(config.k.max(1))) + STRIPE_HEADER;
     let az = keys(config.node_capacity, stripe);
     let workers = u64::from(w.workers);
-    let per_start_batch = (w.expected_starts / w.duration_s).ceil() * w.reads_per_start;
+    let starts_per_batch =
+        (w.expected_starts / w.duration_s * batch_span_us(w) as f64 / 1e6).ceil();
     local.saturating_mul(BYTES_PER_KEY).saturating_mul(workers)
         + workers * 256
         + u64::from(config.nodes).saturating_mul(az).saturating_mul(BYTES_PER_KEY)
         + crate::f2u(chunks * (4.0 + 2.0 * f64::from(config.k + config.m) + 4.0))
-        // Three batches in flight (a walked one, one in the AZ stage, one being built).
-        + crate::f2u(per_start_batch * 3.0 * 8.0)
+        // Four batches in flight (two queued, one in the AZ stage, one being walked):
+        // each start and each read's miss record.
+        + crate::f2u(starts_per_batch * (32.0 + w.reads_per_start * 8.0) * 4.0)
         + (64 << 20)
 }
 
@@ -547,11 +556,7 @@ pub fn run(
             }
             shared
         });
-        // A batch spans enough simulated time for each worker to start a few images
-        // (locality, above), between 1 and 60 s.
-        let rate = workload.expected_starts / workload.duration_s;
-        let span_us =
-            crate::f2u((8.0 * f64::from(workload.workers) / rate.max(1e-9)).clamp(1.0, 60.0) * 1e6);
+        let span_us = batch_span_us(workload);
         let mut until = 0u64;
         loop {
             until += span_us;
