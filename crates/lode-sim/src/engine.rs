@@ -65,9 +65,14 @@ pub struct Config {
 
 /// The nodes' eviction policy: LRU-K once lode-evict has it, LRU until then.
 pub fn default_node_policy() -> PolicyKind {
-    "lru-k"
-        .parse()
-        .or_else(|_| "lruk".parse())
+    PolicyKind::ALL
+        .iter()
+        .copied()
+        .find(|k| {
+            k.name()
+                .replace(['-', '_'], "")
+                .eq_ignore_ascii_case("lruk")
+        })
         .unwrap_or(PolicyKind::Lru)
 }
 
@@ -217,8 +222,8 @@ struct Shard {
 /// What a shard's walk of one batch left for the AZ stage.
 #[derive(Default)]
 struct ShardOut {
-    /// Per start of this shard (in batch order): the end of its misses in `misses`.
-    ends: Vec<u32>,
+    /// Per start of this shard (in batch order): its misses' range in `misses`.
+    ranges: Vec<(u32, u32)>,
     /// (chunk, bytes) of every miss.
     misses: Vec<(u32, u32)>,
 }
@@ -237,11 +242,20 @@ impl Shard {
         catalog: &Catalog,
     ) -> ShardOut {
         let mut out = ShardOut::default();
-        for s in batch {
+        let mine: Vec<&Start> = batch
+            .iter()
+            .filter(|s| usize::try_from(s.worker).unwrap_or(0) % shards == shard)
+            .collect();
+        // One worker's starts one after the other (in their time order): its policies
+        // stay in the CPU's caches, where walking the starts in time order would visit
+        // another worker's every time.
+        let mut order: Vec<usize> = (0..mine.len()).collect();
+        order.sort_by_key(|&i| mine[i].worker);
+        out.ranges = vec![(0, 0); mine.len()];
+        for i in order {
+            let s = mine[i];
+            let begin = u32::try_from(out.misses.len()).unwrap_or(u32::MAX);
             let w = usize::try_from(s.worker).unwrap_or(0);
-            if w % shards != shard {
-                continue;
-            }
             let worker = &mut self.workers[w / shards];
             for &c in &catalog.lists[usize::try_from(s.list).unwrap_or(0)] {
                 let bytes = catalog.chunk_bytes[usize::try_from(c).unwrap_or(0)];
@@ -264,8 +278,7 @@ impl Shard {
                     self.evicted.clear();
                 }
             }
-            out.ends
-                .push(u32::try_from(out.misses.len()).unwrap_or(u32::MAX));
+            out.ranges[i] = (begin, u32::try_from(out.misses.len()).unwrap_or(u32::MAX));
         }
         out
     }
@@ -331,8 +344,9 @@ impl Shared<'_> {
     /// Fetches chunk `c` of `bytes` from the AZ fleet or the origin; returns its latency
     /// (µs) and whether the origin served it.
     fn fetch(&mut self, c: u32, bytes: u32) -> (u64, bool) {
-        let stripe = u64::from(bytes).div_ceil(u64::try_from(self.k).unwrap_or(1)) + STRIPE_HEADER;
         if self.per_chunk > 0 {
+            let k = u64::try_from(self.k).unwrap_or(1).max(1);
+            let stripe = u64::from(bytes).div_ceil(k) + STRIPE_HEADER;
             let mut placed = [0u16; 64];
             let n = self.per_chunk;
             placed[..n].copy_from_slice(self.placed_of(c));
@@ -380,11 +394,11 @@ impl Shared<'_> {
             self.tick(s.t_us);
             let sh = usize::try_from(s.worker).unwrap_or(0) % shards;
             let out = &b.shards[sh];
-            let begin = match cursor[sh] {
-                0 => 0,
-                i => usize::try_from(out.ends[i - 1]).unwrap_or(0),
-            };
-            let end = usize::try_from(out.ends[cursor[sh]]).unwrap_or(0);
+            let (begin, end) = out.ranges[cursor[sh]];
+            let (begin, end) = (
+                usize::try_from(begin).unwrap_or(0),
+                usize::try_from(end).unwrap_or(0),
+            );
             cursor[sh] += 1;
             // The fetches over the lanes: each to the lane free first.
             self.lanes.iter_mut().for_each(|l| *l = 0);
@@ -411,25 +425,32 @@ impl Shared<'_> {
     }
 }
 
+/// The simulated time a batch spans: enough for each worker to start a few images (the
+/// shards walk one worker's starts of a batch together, for locality), 1 to 60 s.
+fn batch_span_us(w: &Workload) -> u64 {
+    let rate = w.expected_starts / w.duration_s;
+    crate::f2u((8.0 * f64::from(w.workers) / rate.max(1e-9)).clamp(1.0, 60.0) * 1e6)
+}
+
 /// Estimated peak memory (bytes) of simulating `w` on `config`.
 pub fn estimate_memory(config: &Config, w: &Workload) -> u64 {
     let mean = w.catalog.mean_chunk_bytes().max(1);
     // Synthetic bursts add chunks as they run: count those the run will make.
-    let chunks = (w.catalog.chunk_bytes.len() as f64
-        + (w.expected_starts * w.reads_per_start).min(1e12))
-    .max(1.0);
+    let chunks = (w.catalog.chunk_bytes.len() as f64 + w.new_chunks).max(1.0);
     let keys = |capacity: u64, size: u64| (capacity / size.max(1)).min(crate::f2u(chunks));
     let local: u64 = config.tiers.iter().map(|t| keys(t.capacity, mean)).sum();
     let stripe = mean.div_ceil(u64::from(config.k.max(1))) + STRIPE_HEADER;
     let az = keys(config.node_capacity, stripe);
     let workers = u64::from(w.workers);
-    let per_start_batch = (w.expected_starts / w.duration_s).ceil() * w.reads_per_start;
+    let starts_per_batch =
+        (w.expected_starts / w.duration_s * batch_span_us(w) as f64 / 1e6).ceil();
     local.saturating_mul(BYTES_PER_KEY).saturating_mul(workers)
         + workers * 256
         + u64::from(config.nodes).saturating_mul(az).saturating_mul(BYTES_PER_KEY)
         + crate::f2u(chunks * (4.0 + 2.0 * f64::from(config.k + config.m) + 4.0))
-        // Three batches in flight (a walked one, one in the AZ stage, one being built).
-        + crate::f2u(per_start_batch * 3.0 * 8.0)
+        // Four batches in flight (two queued, one in the AZ stage, one being walked):
+        // each start and each read's miss record.
+        + crate::f2u(starts_per_batch * (32.0 + w.reads_per_start * 8.0) * 4.0)
         + (64 << 20)
 }
 
@@ -535,9 +556,10 @@ pub fn run(
             }
             shared
         });
+        let span_us = batch_span_us(workload);
         let mut until = 0u64;
         loop {
-            until += 1_000_000;
+            until += span_us;
             let mut starts = Vec::new();
             let more = workload.next_batch(until, &mut starts);
             let catalog = &workload.catalog;
@@ -664,6 +686,11 @@ fn report(config: &Config, w: &Workload, shards: &[Shard], s: &Shared<'_>) -> Re
         },
         simulated_s: w.duration_s,
     }
+}
+
+/// A window of `window_s` in µs, at most the whole run of `duration_s` (and at least 1).
+pub(crate) fn window_us(window_s: f64, duration_s: f64) -> u64 {
+    crate::f2u((window_s.min(duration_s + 1.0) * 1e6).ceil()).max(1)
 }
 
 /// The process's peak resident memory (VmHWM), when the system tells it.
@@ -823,6 +850,40 @@ mod tests {
             local(&sticky),
             local(&random)
         );
+    }
+
+    #[test]
+    fn no_nodes_needs_no_valid_code() {
+        let mut c = config(1 << 20, 0, 0, 1);
+        c.k = 0;
+        c.m = 0;
+        let r = sim(&c, spec(1));
+        assert_eq!(share(&r, "az"), 0.0);
+        c.nodes = 3;
+        let cal = Calibration::built_in();
+        let mut w = Workload::synthetic(spec(1), &cal).unwrap();
+        let e = run(
+            &c,
+            &cal,
+            &mut w,
+            u64::MAX,
+            Duration::from_secs(9),
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("k must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn fewer_nodes_than_k_never_hit() {
+        let mut c = config(0, 0, 3, 1);
+        c.k = 4;
+        let r = sim(&c, spec(1));
+        assert_eq!(share(&r, "az"), 0.0);
+        assert_eq!(share(&r, "origin"), 1.0);
+        // Every origin fetch wrote a stripe to each of the three nodes.
+        assert_eq!(r.az.stripe_writes, 3 * r.origin.requests);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! latency percentiles (from a calibration file of measured latencies). docs/scale.md
 //! gives the model, its limits, the calibration and trace formats.
 
+pub mod advise;
 pub mod burst;
 pub mod calibration;
 pub mod engine;

@@ -344,6 +344,8 @@ pub struct Workload {
     pub expected_starts: f64,
     /// Mean chunk reads per start.
     pub reads_per_start: f64,
+    /// Chunks the run will add to the catalog (the bursts' one-off images).
+    pub new_chunks: f64,
     source: Source,
 }
 
@@ -406,9 +408,14 @@ impl Workload {
             + spec.burst_every_s.map_or(0.0, |e| {
                 (duration_s / e).floor() * f64::from(spec.burst_images)
             });
+        let bursts = spec.burst_every_s.map_or(0.0, |e| {
+            (duration_s / e).floor() * f64::from(spec.burst_images)
+        });
         let syn = Synthetic::new(spec, cal, &mut catalog);
         let reads: usize = catalog.lists.iter().map(Vec::len).sum();
         let reads_per_start = reads as f64 / catalog.lists.len().max(1) as f64;
+        let base_chunks: usize = syn.bases.iter().map(|b| b.0.len()).sum();
+        let new_chunks = bursts * base_chunks as f64 / syn.bases.len().max(1) as f64;
         Ok(Workload {
             catalog,
             workers,
@@ -416,6 +423,7 @@ impl Workload {
             recorded: None,
             expected_starts,
             reads_per_start,
+            new_chunks,
             source: Source::Synthetic(Box::new(syn)),
         })
     }
@@ -495,6 +503,7 @@ impl Workload {
         Ok(Workload {
             reads_per_start: reads as f64 / starts.len().max(1) as f64,
             expected_starts: starts.len() as f64,
+            new_chunks: 0.0,
             catalog,
             workers: u32::try_from(workers.len()).unwrap_or(u32::MAX).max(1),
             duration_s: (span_us as f64 / 1e6).max(1.0),

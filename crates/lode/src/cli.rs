@@ -263,6 +263,14 @@ pub enum Command {
         after_help = "Example:\n  lode sim --workers 10000 --rate 15000 --duration 1h\n  lode sim --trace w1.trace --trace w2.trace --calibration calibration.json"
     )]
     Sim(Box<crate::sim::SimArgs>),
+
+    /// Size the tiers (worker memory, worker disk, the AZ fleet's memory) for a workload
+    /// at given prices: the five-minute rule's size, the size a latency goal needs, and
+    /// what the simulator predicts at the larger (docs/scale.md).
+    #[command(
+        after_help = "Example:\n  lode advise --workers 100 --rate 200 --memory-price 0.005 --flash-price 0.0002 \\\n    --origin-request-price 0.0004 --origin-gib-price 0.02 --latency-goal p99=300ms"
+    )]
+    Advise(Box<crate::sim::AdviseArgs>),
 }
 
 #[derive(Debug, Subcommand)]

@@ -89,7 +89,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     // wait for an async runtime's worker threads to be made and joined.
     if matches!(
         cli.command,
-        Command::Run(_) | Command::Mount(_) | Command::Umount(_) | Command::Sim(_)
+        Command::Run(_)
+            | Command::Mount(_)
+            | Command::Umount(_)
+            | Command::Sim(_)
+            | Command::Advise(_)
     ) {
         let (home, env) = env_of(&cli)?;
         return match cli.command {
@@ -97,6 +101,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Command::Mount(a) => mount::mount(&env, &home, a),
             Command::Umount(a) => mount::umount(&env, &home, a).map(|()| ExitCode::SUCCESS),
             Command::Sim(a) => sim::run(env.cli_json, env.quiet, *a).map(|()| ExitCode::SUCCESS),
+            Command::Advise(a) => {
+                sim::advise(env.cli_json, env.quiet, *a).map(|()| ExitCode::SUCCESS)
+            }
             command => with_runtime(Cli { command, ..cli }),
         };
     }
@@ -678,6 +685,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Snapshot(c) => return snapshot::run(&env, &home, c).await,
         Command::Vm(cli::VmCommand::Run(a)) => return vm::run(&env, &home, a),
         Command::Sim(a) => sim::run(env.cli_json, env.quiet, *a)?,
+        Command::Advise(a) => sim::advise(env.cli_json, env.quiet, *a)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use lode_evict::PolicyKind;
+use lode_sim::advise::{Goal, Prices};
 use lode_sim::engine::default_node_policy;
 use lode_sim::{Calibration, Config, Placement, Report, SyntheticSpec, TierSpec, Workload};
 use serde_json::json;
@@ -181,8 +182,35 @@ fn default_tiers() -> Vec<TierSpec> {
     ]
 }
 
-pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
-    let cal = match &a.calibration {
+/// `lode advise`: a workload (as `lode sim` takes it) and prices.
+#[derive(Debug, Args)]
+pub struct AdviseArgs {
+    #[command(flatten)]
+    pub sim: SimArgs,
+
+    /// Price of memory (worker memory, AZ nodes), per GiB-hour.
+    #[arg(long, value_name = "PRICE", allow_negative_numbers = true)]
+    pub memory_price: f64,
+
+    /// Price of flash (worker disk), per GiB-hour.
+    #[arg(long, value_name = "PRICE", allow_negative_numbers = true)]
+    pub flash_price: f64,
+
+    /// Price of origin requests, per 1000.
+    #[arg(long, value_name = "PRICE", allow_negative_numbers = true)]
+    pub origin_request_price: f64,
+
+    /// Price of origin transfer, per GiB.
+    #[arg(long, value_name = "PRICE", allow_negative_numbers = true)]
+    pub origin_gib_price: f64,
+
+    /// A start latency goal: p50=, p90= or p99= a time (200ms, 1s).
+    #[arg(long, value_parser = Goal::parse, value_name = "pN=TIME")]
+    pub latency_goal: Option<Goal>,
+}
+
+fn calibration(a: &SimArgs, quiet: bool) -> Result<Calibration> {
+    Ok(match &a.calibration {
         Some(p) => Calibration::load(p)?,
         None => {
             if !quiet {
@@ -192,19 +220,11 @@ pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
             }
             Calibration::built_in()
         }
-    };
-    let mut tiers = if a.tiers.is_empty() {
-        default_tiers()
-    } else {
-        a.tiers.clone()
-    };
-    for (i, t) in tiers.iter().enumerate() {
-        if tiers[..i].iter().any(|o| o.name == t.name) {
-            bail!("--tier {}: two tiers of one name", t.name);
-        }
-    }
-    tiers.shrink_to_fit();
-    let mut workload = if a.trace.is_empty() {
+    })
+}
+
+fn workload(a: &SimArgs, cal: &Calibration) -> Result<Workload, lode_sim::WorkloadError> {
+    if a.trace.is_empty() {
         Workload::synthetic(
             SyntheticSpec {
                 functions: a.functions,
@@ -220,12 +240,45 @@ pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
                 burst_every_s: a.burst_every.map(|d| d.as_secs_f64()),
                 burst_images: a.burst_images,
             },
-            &cal,
-        )?
+            cal,
+        )
     } else {
-        Workload::traces(&a.trace, a.speed, &cal)?
+        Workload::traces(&a.trace, a.speed, cal)
+    }
+}
+
+/// Refuses traces that could not be held under --max-memory: a parsed trace takes about
+/// as much memory as its text.
+fn check_trace_sizes(a: &SimArgs) -> Result<()> {
+    let mut total = 0u64;
+    for p in &a.trace {
+        total += std::fs::metadata(p)
+            .with_context(|| p.display().to_string())?
+            .len();
+    }
+    if total > a.max_memory {
+        bail!(
+            "the traces hold {} of records, over --max-memory {}",
+            human_bytes(total),
+            human_bytes(a.max_memory)
+        );
+    }
+    Ok(())
+}
+
+fn config(a: &SimArgs) -> Result<Config> {
+    let mut tiers = if a.tiers.is_empty() {
+        default_tiers()
+    } else {
+        a.tiers.clone()
     };
-    let config = Config {
+    for (i, t) in tiers.iter().enumerate() {
+        if tiers[..i].iter().any(|o| o.name == t.name) {
+            bail!("--tier {}: two tiers of one name", t.name);
+        }
+    }
+    tiers.shrink_to_fit();
+    Ok(Config {
         tiers,
         nodes: a.nodes,
         node_capacity: a.node_memory,
@@ -237,7 +290,15 @@ pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         seed: a.seed,
-    };
+    })
+}
+
+pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
+    let cal = calibration(&a, quiet)?;
+    check_trace_sizes(&a)?;
+    let mut workload = workload(&a, &cal)?;
+    let config = config(&a)?;
+    let estimate = lode_sim::estimate_memory(&config, &workload);
     let started = Instant::now();
     let mut progress = |p: lode_sim::Progress| {
         if !quiet {
@@ -265,6 +326,7 @@ pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
         let mut v = serde_json::to_value(&report)?;
         v["wall_s"] = json!(wall);
         v["peak_rss_bytes"] = json!(rss);
+        v["estimated_memory_bytes"] = json!(estimate);
         v["calibration"] = json!(cal.source);
         v["config"] = json!({
             "tiers": config.tiers.iter().map(|t| json!({"name": t.name, "capacity": t.capacity, "policy": t.policy.name()})).collect::<Vec<_>>(),
@@ -274,7 +336,7 @@ pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
         });
         print_json(&v)?;
     } else {
-        print_text(&report, &config, wall, rss);
+        print_text(&report, &config, wall, rss, estimate);
     }
     Ok(())
 }
@@ -283,7 +345,7 @@ fn pct(x: f64) -> String {
     format!("{:.2}%", x * 100.0)
 }
 
-fn print_text(r: &Report, c: &Config, wall: f64, rss: Option<u64>) {
+fn print_text(r: &Report, c: &Config, wall: f64, rss: Option<u64>, estimate: u64) {
     println!(
         "{} starts, {} chunk reads on {} workers over {:.0} simulated s",
         r.starts, r.reads, r.workers, r.simulated_s
@@ -347,13 +409,72 @@ fn print_text(r: &Report, c: &Config, wall: f64, rss: Option<u64>) {
         human_bytes(az.bytes_held_max)
     );
     println!(
-        "wall time {:.1} s, peak RSS {}",
+        "wall time {:.1} s, peak RSS {} (estimated before the run: {})",
         wall,
-        rss.map_or_else(|| "unknown".to_owned(), human_bytes)
+        rss.map_or_else(|| "unknown".to_owned(), human_bytes),
+        human_bytes(estimate)
     );
 }
 
 /// A non-negative mean as whole bytes.
 fn lode_sim_u64(x: f64) -> u64 {
     format!("{x:.0}").parse().unwrap_or(0)
+}
+
+pub fn advise(json_out: bool, quiet: bool, a: AdviseArgs) -> Result<()> {
+    let prices = Prices {
+        memory_gib_hour: a.memory_price,
+        flash_gib_hour: a.flash_price,
+        origin_per_1000_requests: a.origin_request_price,
+        origin_per_gib: a.origin_gib_price,
+    };
+    prices.check()?;
+    let cal = calibration(&a.sim, quiet)?;
+    check_trace_sizes(&a.sim)?;
+    let config = config(&a.sim)?;
+    let make = || workload(&a.sim, &cal);
+    let advice = lode_sim::advise::advise(
+        &config,
+        &cal,
+        &make,
+        &prices,
+        a.latency_goal,
+        a.sim.max_memory,
+    )
+    .context("lode advise")?;
+    if json_out {
+        return print_json(
+            &json!({ "tiers": advice, "goal": a.latency_goal.map(|g| format!("p{}={}ms", g.percentile, g.ms)) }),
+        );
+    }
+    for t in &advice {
+        let goal = match (t.goal_bytes, t.goal_unreachable) {
+            (Some(b), _) => human_bytes(b),
+            (None, true) => "not reachable".to_owned(),
+            (None, false) => "no goal".to_owned(),
+        };
+        println!(
+            "{} ({}): five-minute rule {} (break-even {:.0} s), latency goal {}, advised {}",
+            t.tier,
+            t.scope,
+            human_bytes(t.rule_bytes),
+            t.break_even_s,
+            goal,
+            human_bytes(t.bytes)
+        );
+        let shares: Vec<String> = t
+            .shares
+            .iter()
+            .map(|(n, s)| format!("{n} {}", pct(*s)))
+            .collect();
+        println!(
+            "  at that size: {}; start p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms; {:.4} per hour",
+            shares.join(", "),
+            t.latency_ms[0],
+            t.latency_ms[1],
+            t.latency_ms[2],
+            t.cost_per_hour
+        );
+    }
+    Ok(())
 }
