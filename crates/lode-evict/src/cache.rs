@@ -1,6 +1,8 @@
 //! A byte-bounded map: values kept beside a [`Policy`] that decides which keys stay.
 
 use std::collections::HashMap;
+
+use crate::hash::KeyHash;
 use std::fmt;
 use std::hash::Hash;
 
@@ -11,7 +13,7 @@ use crate::{Policy, PolicyKind};
 pub struct Cache<K, V> {
     kind: PolicyKind,
     policy: Box<dyn Policy<K>>,
-    values: HashMap<K, V>,
+    values: HashMap<K, V, KeyHash>,
     evicted: Vec<K>,
 }
 
@@ -37,7 +39,7 @@ where
         Self {
             kind,
             policy: kind.build(capacity),
-            values: HashMap::new(),
+            values: HashMap::with_hasher(KeyHash::new()),
             evicted: Vec::new(),
         }
     }

@@ -14,6 +14,7 @@
 //! evictions of keys read K times, O(log n).
 
 mod cache;
+mod hash;
 mod list;
 mod lru;
 mod lruk;

@@ -2,6 +2,8 @@
 //! insert and an eviction are O(1).
 
 use std::collections::HashMap;
+
+use crate::hash::KeyHash;
 use std::fmt;
 use std::hash::Hash;
 
@@ -21,7 +23,7 @@ struct Node<K> {
 pub struct Lru<K> {
     capacity: u64,
     used: u64,
-    index: HashMap<K, u32>,
+    index: HashMap<K, u32, KeyHash>,
     nodes: Vec<Node<K>>,
     free: Vec<u32>,
     /// Most recently used.
@@ -46,7 +48,7 @@ impl<K: Hash + Eq + Clone> Lru<K> {
         Self {
             capacity,
             used: 0,
-            index: HashMap::new(),
+            index: HashMap::with_hasher(KeyHash::new()),
             nodes: Vec::new(),
             free: Vec::new(),
             head: NIL,

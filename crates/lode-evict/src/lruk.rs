@@ -13,6 +13,8 @@
 //! kept for evicted keys (the paper's retained information period is zero).
 
 use std::collections::HashMap;
+
+use crate::hash::KeyHash;
 use std::fmt;
 use std::hash::Hash;
 
@@ -58,7 +60,7 @@ pub struct LruK<K> {
     capacity: u64,
     used: u64,
     tick: u64,
-    index: HashMap<K, u32>,
+    index: HashMap<K, u32, KeyHash>,
     slab: Slab<Node<K>>,
     /// Keys read fewer than K times, last accessed at the front.
     young: List,
@@ -86,7 +88,7 @@ impl<K: Hash + Eq + Clone> LruK<K> {
             capacity,
             used: 0,
             tick: 0,
-            index: HashMap::new(),
+            index: HashMap::with_hasher(KeyHash::new()),
             slab: Slab::new(),
             young: List::default(),
             heap: Vec::new(),

@@ -23,6 +23,8 @@
 //! a frequency unit that a hit paid for).
 
 use std::collections::HashMap;
+
+use crate::hash::KeyHash;
 use std::fmt;
 use std::hash::Hash;
 
@@ -72,7 +74,7 @@ pub struct S3Fifo<K> {
     capacity: u64,
     small_share: u64,
     main_share: u64,
-    index: HashMap<K, u32>,
+    index: HashMap<K, u32, KeyHash>,
     slab: Slab<Node<K>>,
     small: List,
     main: List,
@@ -98,7 +100,7 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
             capacity,
             small_share,
             main_share: capacity - small_share,
-            index: HashMap::new(),
+            index: HashMap::with_hasher(KeyHash::new()),
             slab: Slab::new(),
             small: List::default(),
             main: List::default(),

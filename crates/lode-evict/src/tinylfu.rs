@@ -19,6 +19,8 @@
 //! ten reads per word).
 
 use std::collections::HashMap;
+
+use crate::hash::KeyHash;
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
@@ -136,7 +138,7 @@ pub struct WTinyLfu<K> {
     window_share: u64,
     main_share: u64,
     protected_share: u64,
-    index: HashMap<K, u32>,
+    index: HashMap<K, u32, KeyHash>,
     slab: Slab<Node<K>>,
     window: List,
     probation: List,
@@ -168,7 +170,7 @@ impl<K: Hash + Eq + Clone> WTinyLfu<K> {
             window_share,
             main_share,
             protected_share: main_share / 5 * 4,
-            index: HashMap::new(),
+            index: HashMap::with_hasher(KeyHash::new()),
             slab: Slab::new(),
             window: List::default(),
             probation: List::default(),

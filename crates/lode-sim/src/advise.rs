@@ -421,6 +421,8 @@ mod tests {
             nodes: 6,
             node_capacity: 256 << 20,
             node_policy: PolicyKind::Lru,
+            placement: lode_az::PlacementKind::Rendezvous,
+            epsilon: 0.25,
             k: 4,
             m: 2,
             read_repair: true,

@@ -12,7 +12,7 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use lode_az::placement::Rendezvous;
+use lode_az::{Placement, PlacementKind};
 use lode_evict::{Policy, PolicyKind};
 use serde::Serialize;
 
@@ -51,6 +51,10 @@ pub struct Config {
     pub node_capacity: u64,
     /// The nodes' eviction policy.
     pub node_policy: PolicyKind,
+    /// How stripes are placed on the nodes.
+    pub placement: PlacementKind,
+    /// Bounded placement's ε.
+    pub epsilon: f64,
     /// Data stripes of a chunk.
     pub k: u32,
     /// Parity stripes.
@@ -63,32 +67,26 @@ pub struct Config {
     pub seed: u64,
 }
 
-/// The nodes' eviction policy: LRU-K once lode-evict has it, LRU until then.
+/// The nodes' eviction policy: LRU-2, as `lode cache-node`'s default LRU-K.
 pub fn default_node_policy() -> PolicyKind {
-    PolicyKind::ALL
-        .iter()
-        .copied()
-        .find(|k| {
-            k.name()
-                .replace(['-', '_'], "")
-                .eq_ignore_ascii_case("lruk")
-        })
-        .unwrap_or(PolicyKind::Lru)
+    PolicyKind::Lru2
 }
 
-/// Where the simulated fleet places a chunk's stripes: the one place to change to try
-/// another placement.
+/// Where the simulated fleet places a chunk's stripes: lode-az's own placement (either
+/// kind) over node names, so the simulator places exactly as the AZ client does.
 #[derive(Debug)]
-struct StripePlacement(Rendezvous);
+struct StripePlacement(Placement);
 
 impl StripePlacement {
-    fn new(nodes: u32) -> Self {
+    fn new(nodes: u32, kind: PlacementKind, epsilon: f64, slots: usize) -> Self {
         let names: Vec<String> = (0..nodes).map(|n| format!("node-{n}:11211")).collect();
-        Self(Rendezvous::new(&names))
+        Self(Placement::new(kind, &names, slots, epsilon))
     }
 
     fn place(&self, names: Option<&[[u8; 32]]>, chunk: u32, count: usize) -> Vec<usize> {
-        self.0.place(&Catalog::name_of(names, chunk), count)
+        let name = Catalog::name_of(names, chunk);
+        self.0
+            .place_key(lode_az::placement::chunk_key(&name), count)
     }
 }
 
@@ -524,7 +522,12 @@ pub fn run(
             .collect(),
         node_gets: vec![0; usize::try_from(config.nodes).unwrap_or(0)],
         stripe_writes: 0,
-        placement: StripePlacement::new(config.nodes),
+        placement: StripePlacement::new(
+            config.nodes,
+            config.placement,
+            config.epsilon,
+            usize::try_from(config.k + config.m).unwrap_or(usize::MAX),
+        ),
         placed: Vec::new(),
         per_chunk,
         k: usize::try_from(config.k).unwrap_or(1),
@@ -737,6 +740,8 @@ mod tests {
             nodes,
             node_capacity: 64 << 20,
             node_policy: PolicyKind::Lru,
+            placement: lode_az::PlacementKind::Rendezvous,
+            epsilon: 0.25,
             k: 4,
             m: 2,
             read_repair: true,

@@ -88,9 +88,18 @@ pub struct SimArgs {
     #[arg(long, default_value = "1GiB", value_parser = lode_agent::config::parse_size, value_name = "SIZE")]
     pub node_memory: u64,
 
-    /// The AZ nodes' eviction policy. [default: lru-k when lode-evict has it, else lru]
+    /// The AZ nodes' eviction policy. [default: lru-2, as `lode cache-node`'s]
     #[arg(long, value_name = "POLICY")]
     pub node_policy: Option<PolicyKind>,
+
+    /// How stripes are placed on the AZ nodes: `rendezvous` or `bounded` (consistent
+    /// hashing with bounded loads, lode-az's).
+    #[arg(long, default_value = "rendezvous", value_name = "KIND")]
+    pub az_placement: lode_az::PlacementKind,
+
+    /// Bounded placement's ε: no node holds more than (1+ε) of the mean stripe slots.
+    #[arg(long, default_value_t = 0.25, value_name = "E")]
+    pub epsilon: f64,
 
     /// Data stripes per chunk.
     #[arg(long, default_value_t = 4)]
@@ -283,6 +292,8 @@ fn config(a: &SimArgs) -> Result<Config> {
         nodes: a.nodes,
         node_capacity: a.node_memory,
         node_policy: a.node_policy.unwrap_or_else(default_node_policy),
+        placement: a.az_placement,
+        epsilon: a.epsilon,
         k: a.k,
         m: a.m,
         read_repair: !a.no_read_repair,
@@ -331,7 +342,7 @@ pub fn run(json_out: bool, quiet: bool, a: SimArgs) -> Result<()> {
         v["config"] = json!({
             "tiers": config.tiers.iter().map(|t| json!({"name": t.name, "capacity": t.capacity, "policy": t.policy.name()})).collect::<Vec<_>>(),
             "nodes": config.nodes, "node_capacity": config.node_capacity,
-            "node_policy": config.node_policy.name(), "k": config.k, "m": config.m,
+            "node_policy": config.node_policy.name(), "placement": config.placement.to_string(), "epsilon": config.epsilon, "k": config.k, "m": config.m,
             "threads": config.threads,
         });
         print_json(&v)?;
@@ -395,10 +406,11 @@ fn print_text(r: &Report, c: &Config, wall: f64, rss: Option<u64>, estimate: u64
     );
     let az = &r.az;
     println!(
-        "AZ fleet: {} nodes ({} each, {}, k={} m={}): stripe requests per node mean {:.0}, max {}, imbalance {:.3}; {} stripe writes; holds {} (fullest node {})",
+        "AZ fleet: {} nodes ({} each, {}, {} placement, k={} m={}): stripe requests per node mean {:.0}, max {}, imbalance {:.3}; {} stripe writes; holds {} (fullest node {})",
         az.nodes,
         human_bytes(c.node_capacity),
         c.node_policy,
+        c.placement,
         c.k,
         c.m,
         az.requests_mean,
