@@ -75,8 +75,10 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub burst_images: u32,
 
-    /// A worker's local tier, fastest first, as NAME:SIZE[:POLICY] (repeat for each).
-    /// [default: memory:32MiB:lru disk:96MiB:lru, the replay's]
+    /// A worker's local tier, fastest first, as NAME:SIZE[:POLICY] (repeat for each;
+    /// POLICY defaults to the agent's, s3-fifo).
+    /// [default: memory:32MiB:s3-fifo disk:96MiB:s3-fifo, the replay's sizes with the
+    /// agent's default policy]
     #[arg(long = "tier", value_name = "NAME:SIZE[:POLICY]", value_parser = parse_tier)]
     pub tiers: Vec<TierSpec>,
 
@@ -163,7 +165,9 @@ pub fn parse_tier(s: &str) -> Result<TierSpec, String> {
         .ok_or_else(|| format!("{s:?}: expected NAME:SIZE[:POLICY]"))?;
     let capacity = lode_agent::config::parse_size(size)?;
     let policy = match parts.next() {
-        None => PolicyKind::Lru,
+        // The agent's default, so a tier given as the agent's caches are is simulated as
+        // the agent runs it.
+        None => PolicyKind::default(),
         Some(p) => p.parse().map_err(|e| format!("{s:?}: {e}"))?,
     };
     if parts.next().is_some() {
@@ -181,12 +185,12 @@ fn default_tiers() -> Vec<TierSpec> {
         TierSpec {
             name: "memory".into(),
             capacity: 32 << 20,
-            policy: PolicyKind::Lru,
+            policy: PolicyKind::default(),
         },
         TierSpec {
             name: "disk".into(),
             capacity: 96 << 20,
-            policy: PolicyKind::Lru,
+            policy: PolicyKind::default(),
         },
     ]
 }
