@@ -883,7 +883,13 @@ def snapshot_bursts(ctx):
     bad = [r for r in rows if r["distinct_generation_ids"] != r["clones"]]
     if bad:
         raise Fail(f"clones shared a generation id: {bad}")
-    return {"rows": rows, "command": cmd, "secs": took}
+    # The fleet's burst capacity, predicted from these rows.
+    measured = os.path.join(ctx.results, "burst.jsonl")
+    with open(measured, "w") as f:
+        f.write(text)
+    sim_args = ["--workers", "100", "--goal", "p99=300ms", "--sessions", "1000,5000"]
+    fleet = json.loads(run([ctx.lode, "-q", "sim-burst", "--json", "--measured", measured, *sim_args], env=ctx.env))
+    return {"rows": rows, "command": cmd, "secs": took, "fleet": fleet, "fleet_args": sim_args}
 
 
 def az_tail(ctx):

@@ -999,6 +999,20 @@ clones). Per burst: chunks fetched from the origin beside the snapshot's stored 
 segments decrypted, the handler's memory growth, and distinct generation ids.
 
 {table(["mode", "clones", "first answer p50 / p99", "all answers p50 / p99", "origin fetches", "segments decrypted", "handler memory", "generation ids"], rows)}""")
+        fl = b.get("fleet")
+        if fl:
+            rows = []
+            for md in fl["modes"]:
+                cap = md["capacity"]
+                for bu in md["bursts"]:
+                    rows.append([md["mode"], cap["clones_per_worker"], f"{md['fleet_capacity']:,}", f"{bu['sessions']:,}",
+                                 bu["workers"], f"{bu['at']['first_answer_ms_p50']:.0f} / {bu['at']['first_answer_ms_p99']:.0f} ms",
+                                 "yes" if bu["fits"] else "no", f"{bu['origin_requests']:,.0f}", mib(bu["origin_bytes"])])
+            parts.append(f"""Fed to `lode sim-burst {' '.join(b['fleet_args'])}` ([scale.md](scale.md),
+"Snapshot bursts"): per worker the most clones whose first-answer p99 stays within
+300 ms, the fleet's capacity, and a burst of N sessions spread over the fleet.
+
+{table(["mode", "clones per worker", "fleet capacity", "burst", "workers", "first answer p50 / p99", "within goal", "origin requests", "origin bytes"], rows)}""")
     return "\n".join(parts)
 
 
