@@ -998,7 +998,7 @@ local disk). Per clone: time to the first and to the last answer (p50 / p99 over
 clones). Per burst: chunks fetched from the origin beside the snapshot's stored chunks,
 segments decrypted, the handler's memory growth, and distinct generation ids.
 
-{table(["mode", "clones", "first answer p50 / p99", "all answers p50 / p99", "origin fetches", "segments decrypted", "handler memory", "generation ids"], rows)}""")
+{table(["mode", "clones", "first answer p50 / p99", "all answers p50 / p99", "origin fetches", "segments decrypted", "handler memory growth", "generation ids"], rows)}""")
         fl = b.get("fleet")
         if fl:
             rows = []
