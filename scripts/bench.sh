@@ -4,8 +4,8 @@
 #
 # Usage (as root):  scripts/bench.sh [--quick] [--sections LIST] [--out FILE] [--keep]
 #   --quick          the quick subset: fewer runs, starts and seconds (about 6 minutes
-#                    with lode and the benches already built); without it the full set
-#                    (about 16 minutes)
+#                    with lode and the benches already built, section 11 aside); without
+#                    it the full set (about 16 minutes, and section 11 about 45 more)
 #   --sections LIST  comma-separated subset of dedup,starts,replay,peers,snapshot,startcost,network,vm,scale
 #                    (default: all; sections not run are listed as such in the report)
 #   --out FILE       the report (default docs/EVALUATION.md; plots go to evaluation/
@@ -71,8 +71,13 @@ if [[ ",$sections," == *,network,* ]]; then
   cargo build --release -q --locked -p lode-testkit --features s3 --bin lode-s3-server
   s3server=$target/release/lode-s3-server
 fi
-if [[ ",$sections," == *,peers,* || ",$sections," == *,snapshot,* || ",$sections," == *,scale,* ]]; then
+if [[ ",$sections," == *,peers,* || ",$sections," == *,snapshot,* ]]; then
   cargo bench --no-run -q --locked -p lode-nbd -p lode-cache-node -p lode-snap -p lode-format -p lode-az
+fi
+if [[ ",$sections," == *,scale,* ]]; then
+  # Section 11 runs lode-snap's burst bench and lode-az's hedging measurement.
+  cargo bench --no-run -q --locked -p lode-snap --bench burst
+  cargo test --release --no-run -q --locked -p lode-az --test hedge
 fi
 
 work=$(mktemp -d /var/tmp/lode-eval.XXXXXX)
