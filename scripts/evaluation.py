@@ -932,7 +932,7 @@ the local disk swept (memory {v['caches']['memory']}, six 1 GiB nodes).
         parts.append(f"""### A fleet
 
 `lode sim {' '.join(sc['scale']['args'][:-2])} --calibration calibration.json` (the synthetic Zipf
-workload's defaults): {s['starts']:,} starts, {s['reads']:,} chunk reads over {s['simulated_s'] / 3600:.2f} simulated
+workload: Zipf 1.1, seed 7, the default local tiers): {s['starts']:,} starts, {s['reads']:,} chunk reads over {s['simulated_s'] / 3600:.2f} simulated
 hours took {s.get('wall_s', s.get('bench_wall_secs', 0)):.0f} s of wall time and peaked at {mib(s.get('peak_rss_bytes', 0))} resident.
 Predicted: local {pct(sim_shares(s)['local'])}, AZ {pct(sim_shares(s)['az'])}, origin {pct(sim_shares(s)['origin'], )};
 origin {s['origin']['requests_per_s_mean']:.0f} requests/s (peak second {s['origin']['requests_per_s_peak']}), {s['origin']['bytes_per_s_mean'] / 1e6:.0f} MB/s;
@@ -975,8 +975,7 @@ starts' chunk reads, and of all reads.
                  f"{r['requests_per_read']:.2f}", f"{r['kib_per_read']:.0f} KiB"] for r in az["rows"]]
         parts.append(f"""### The AZ tail with one slow node
 
-`{az['command']}`: 512 KiB chunks, k=4 m=2, six lode cache nodes on loopback each behind a
-delaying proxy; {az['setup']}. The three modes read in turn, read by read. `all` asks
+`{az['command']}`: 512 KiB chunks, k=4 m=2, {az['setup'].replace('; slow node', '; the slow node')}. The three modes read in turn, read by read. `all` asks
 all six nodes and takes the first four stripes (the client before hedging); `off` asks
 the four data nodes and more only on a failure; `p95` asks the data nodes and hedges a
 stripe request slower than the p95 to a parity node (the default).
@@ -1006,12 +1005,14 @@ segments decrypted, the handler's memory growth, and distinct generation ids.
             for md in fl["modes"]:
                 cap = md["capacity"]
                 for bu in md["bursts"]:
-                    rows.append([md["mode"], cap["clones_per_worker"], f"{md['fleet_capacity']:,}", f"{bu['sessions']:,}",
+                    rows.append([md["mode"], f"{cap['clones_per_worker']}" + (" (extrapolated)" if cap["extrapolated"] else ""),
+                                 f"{md['fleet_capacity']:,}", f"{bu['sessions']:,}",
                                  bu["workers"], f"{bu['at']['first_answer_ms_p50']:.0f} / {bu['at']['first_answer_ms_p99']:.0f} ms",
                                  "yes" if bu["fits"] else "no", f"{bu['origin_requests']:,.0f}", mib(bu["origin_bytes"])])
             parts.append(f"""Fed to `lode sim-burst {' '.join(b['fleet_args'])}` ([scale.md](scale.md),
 "Snapshot bursts"): per worker the most clones whose first-answer p99 stays within
-300 ms, the fleet's capacity, and a burst of N sessions spread over the fleet.
+300 ms (extrapolated: past the largest burst measured, along the last measured slope),
+the fleet's capacity, and a burst of N sessions spread over the fleet.
 
 {table(["mode", "clones per worker", "fleet capacity", "burst", "workers", "first answer p50 / p99", "within goal", "origin requests", "origin bytes"], rows)}""")
     return "\n".join(parts)

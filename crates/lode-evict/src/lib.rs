@@ -74,13 +74,13 @@ pub enum PolicyKind {
     Lru,
     /// LRU-2: by the second most recent read, keys read once first.
     Lru2,
-    /// S3-FIFO: small, main and ghost FIFO queues. The default: on the study bench
-    /// (`benches/study.rs`) it keeps within about a point of W-TinyLFU's hit rate, well
-    /// above LRU's, loses nothing to bursts of one-off keys, and admits every key (a
-    /// prefetched chunk is kept until it is read, then promoted), at LRU's speed.
-    #[default]
+    /// S3-FIFO: small, main and ghost FIFO queues.
     S3Fifo,
-    /// W-TinyLFU: window LRU, segmented LRU main, frequency-sketch admission.
+    /// W-TinyLFU: window LRU, segmented LRU main, frequency-sketch admission. The
+    /// default: it kept the most chunks local of the four, in the simulator and on
+    /// real agents, on the replay's workload with cron bursts of one-off images
+    /// (docs/scale.md, "Eviction in the worker's local tiers").
+    #[default]
     WTinyLfu,
 }
 
