@@ -23,7 +23,7 @@
 //! decrypted = "256MiB"                # decrypted segments in memory
 //! memory = "512MiB"                   # ciphertext in memory
 //! disk = "10GiB"                      # ciphertext on local disk
-//! policy = "w-tinylfu"                # eviction in all three: lru, lru-2, s3-fifo, w-tinylfu
+//! policy = "s3-fifo"                  # eviction in all three: lru, lru-2, s3-fifo, w-tinylfu
 //!
 //! [az]                                # the AZ cache fleet (memcached protocol)
 //! nodes = ["10.0.1.5:11211", "10.0.2.5:11211", "10.0.3.5:11211",

@@ -789,7 +789,7 @@ pub struct CacheArgs {
     #[arg(long, value_name = "SIZE", value_parser = lode_agent::config::parse_size)]
     pub cache_disk: Option<u64>,
     /// How the decrypted, memory and disk caches evict: lru, lru-2, s3-fifo or
-    /// w-tinylfu. [default: w-tinylfu]
+    /// w-tinylfu. [default: s3-fifo]
     #[arg(long, value_name = "POLICY")]
     pub cache_policy: Option<lode_agent::config::PolicyKind>,
     /// An AZ cache node, host:port (repeat for each node of the fleet; replaces the

@@ -76,8 +76,8 @@ pub struct SimArgs {
     pub burst_images: u32,
 
     /// A worker's local tier, fastest first, as NAME:SIZE[:POLICY] (repeat for each;
-    /// POLICY defaults to the agent's, w-tinylfu).
-    /// [default: memory:32MiB:w-tinylfu disk:96MiB:w-tinylfu, the replay's sizes with the
+    /// POLICY defaults to the agent's, s3-fifo).
+    /// [default: memory:32MiB:s3-fifo disk:96MiB:s3-fifo, the replay's sizes with the
     /// agent's default policy]
     #[arg(long = "tier", value_name = "NAME:SIZE[:POLICY]", value_parser = parse_tier)]
     pub tiers: Vec<TierSpec>,
