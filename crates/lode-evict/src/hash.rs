@@ -23,6 +23,14 @@ impl KeyHash {
     }
 }
 
+impl KeyHash {
+    /// A builder with a fixed seed: the same hashes in every process, for decisions
+    /// that must repeat from run to run (a frequency sketch's counts).
+    pub const fn with_seed(seed: u64) -> Self {
+        Self { seed: seed | 1 }
+    }
+}
+
 impl Default for KeyHash {
     fn default() -> Self {
         Self::new()

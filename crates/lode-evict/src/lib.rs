@@ -77,8 +77,7 @@ pub enum PolicyKind {
     /// S3-FIFO: small, main and ghost FIFO queues. The default: second only to W-TinyLFU
     /// in every hit-rate measurement (the study bench, the simulator, real agents under
     /// cron bursts), well above LRU's, at LRU's speed; and, unlike W-TinyLFU, it always
-    /// keeps the key just inserted (a tier's fill is found by the next read) and decides
-    /// the same way in every process (no randomly seeded sketch).
+    /// keeps the key just inserted (a tier's fill is found by the next read).
     #[default]
     S3Fifo,
     /// W-TinyLFU: window LRU, segmented LRU main, frequency-sketch admission.

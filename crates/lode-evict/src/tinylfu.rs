@@ -21,12 +21,14 @@
 use std::collections::HashMap;
 
 use crate::hash::KeyHash;
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 
 use crate::Policy;
 use crate::list::{Linked, List, NIL, Slab};
+
+/// The frequency sketch's hash seed.
+const SKETCH_SEED: u64 = 0x2545_f491_4f6c_dd1d;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Segment {
@@ -144,7 +146,7 @@ pub struct WTinyLfu<K> {
     probation: List,
     protected: List,
     sketch: Sketch,
-    hasher: RandomState,
+    hasher: KeyHash,
 }
 
 impl<K> fmt::Debug for WTinyLfu<K> {
@@ -176,7 +178,9 @@ impl<K: Hash + Eq + Clone> WTinyLfu<K> {
             probation: List::default(),
             protected: List::default(),
             sketch: Sketch::new(16),
-            hasher: RandomState::new(),
+            // A fixed seed: the sketch counts, and so admits, the same way in every
+            // process, so a simulation repeats.
+            hasher: KeyHash::with_seed(SKETCH_SEED),
         }
     }
 
